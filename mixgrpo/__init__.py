@@ -1,0 +1,11 @@
+"""mixgrpo: GRPO fine-tuning of flow-matching text-to-image models with mixed ODE-SDE rollouts.
+
+Data flows one way through the package:
+
+    sampling (step math) -> plan (which step is ODE / SDE / DPM, which is trained)
+    -> rollout -> rewards -> grpo (advantages, loss) -> trainer -> dist -> cli
+
+The math modules (`sampling`, `plan`, `grpo`) import nothing from the rest of the package.
+"""
+
+__version__ = "0.1.0"

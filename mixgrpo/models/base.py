@@ -1,0 +1,69 @@
+"""The model-adapter interface: the only thing the rollout and the trainer know about a base model.
+
+An adapter maps (x, sigma, conditioning) to a velocity v ~= eps - x0 (see docs/notation.md). Everything
+model-specific (patchifying, position ids, timestep scaling, guidance embedding, VAE) lives behind it.
+
+Shapes: B = batch, latent_shape = the per-sample shape the rollout integrates (C, H, W).
+Conditioning (`Cond`) is a dict of batch-first tensors, so it can be indexed, repeated and concatenated
+generically with the helpers below.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from mixgrpo.registry import Registry
+
+Cond = dict[str, torch.Tensor]
+
+MODELS: Registry["FlowModel"] = Registry("base model")
+
+
+class FlowModel(nn.Module):
+    """Base class of every model adapter.
+
+    Subclasses set `latent_shape` and implement `forward`, `encode_prompts` and `decode`.
+    `denoiser` is the network that is trained (LoRA or full); text encoders and VAEs stay frozen.
+    """
+
+    latent_shape: tuple[int, ...]
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Velocity. x: [B, *latent_shape]; sigma: [B] in [0, 1] (1 = noise); returns [B, *latent_shape]."""
+        raise NotImplementedError
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """Text conditioning for a list of prompts; "" is the unconditional (empty) prompt."""
+        raise NotImplementedError
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents [B, *latent_shape] -> images [B, 3, H, W], float in [0, 1]."""
+        raise NotImplementedError
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The trainable network (the transformer)."""
+        raise NotImplementedError
+
+
+def cond_index(cond: Cond, index: torch.Tensor | slice) -> Cond:
+    """Select rows of every tensor of `cond`."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def cond_repeat_interleave(cond: Cond, repeats: int) -> Cond:
+    """[P, ...] -> [P * repeats, ...], each row repeated `repeats` times in place (group layout)."""
+    return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
+
+
+def cond_cat(conds: Sequence[Cond]) -> Cond:
+    """Concatenate conditionings along the batch dimension."""
+    keys = conds[0].keys()
+    return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
+
+
+def cond_to(cond: Cond, device: torch.device | str) -> Cond:
+    return {k: v.to(device) for k, v in cond.items()}

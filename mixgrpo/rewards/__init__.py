@@ -1,0 +1,5 @@
+"""Rewards: a registry of named reward factories (see `mixgrpo.rewards.base`)."""
+
+from mixgrpo.rewards.base import REWARDS, RewardError, RewardFn
+
+__all__ = ["REWARDS", "RewardError", "RewardFn"]
