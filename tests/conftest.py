@@ -1,0 +1,5 @@
+import os
+
+# Tests never reach a model hub: every model is built from a tiny config or shipped in the repo.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
