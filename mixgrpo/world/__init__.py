@@ -1,0 +1,23 @@
+"""The embedded shapes world: prompt grammar and renderer (`scene`), programmatic verifier (`verifier`)."""
+
+from mixgrpo.world.scene import (
+    BACKGROUND,
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    ObjectSpec,
+    PromptParseError,
+    Scene,
+    format_prompt,
+    is_heldout,
+    load_prompts,
+    parse_prompt,
+    random_scene,
+    render,
+    render_batch,
+)
+
+__all__ = [
+    "BACKGROUND", "COLORS", "RELATIONS", "SHAPES", "ObjectSpec", "PromptParseError", "Scene", "format_prompt",
+    "is_heldout", "load_prompts", "parse_prompt", "random_scene", "render", "render_batch",
+]
