@@ -1,0 +1,111 @@
+"""Atomic training checkpoints.
+
+A checkpoint is a directory `<run>/checkpoints/iter_NNNNNN/` holding
+    model.safetensors   trainable weights (the full denoiser, or only the LoRA weights)
+    ema.safetensors     EMA of the trainable weights (when EMA is on)
+    optimizer.pt        optimizer and LR-scheduler state
+    state.json          iteration, config fingerprint, number of metric lines written
+    COMPLETE            written last
+It is written under a temporary name and renamed into place, so a crash (even kill -9) in the middle of a
+save never leaves a directory that `latest_checkpoint` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or from another configuration."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def save_checkpoint(run_dir: str | Path, iteration: int, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any], state: dict[str, Any],
+                    ema_state: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
+    """Write checkpoint `iteration` atomically; keep the newest `keep` complete checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"iter_{iteration:06d}"
+    tmp = root / f".tmp-iter_{iteration:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        save_file(_contiguous(model_state), tmp / "model.safetensors")
+        if ema_state is not None:
+            save_file(_contiguous(ema_state), tmp / "ema.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "iteration": iteration}, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        (tmp / MARKER).write_text("ok\n")
+        _fsync_dir(tmp)
+        if final.exists():  # a re-run of the same iteration after a resume: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}. The previous checkpoint "
+                              f"is intact; free disk space or fix the permissions of {root}, then resume") from None
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary and unmarked directories are ignored)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("iter_*") if p.is_dir() and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint directory: {"model", "ema" (or None), "optimizer", "state"}."""
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): it was interrupted "
+                              f"while being written; resume from an older one")
+    try:
+        model = load_file(path / "model.safetensors")
+        ema = load_file(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        state = json.loads((path / "state.json").read_text())
+    except Exception as e:  # any decoding failure means corruption
+        raise CheckpointError(f"checkpoint {path} is corrupted ({type(e).__name__}: {e}); delete it to "
+                              f"resume from the previous one") from None
+    return {"model": model, "ema": ema, "optimizer": optimizer, "state": state}

@@ -1,0 +1,309 @@
+"""Typed configuration: dataclasses are the source of truth, YAML files hold recipes, and
+`key.sub=value` overrides come from the command line.
+
+    cfg = load_config("configs/mixgrpo.yaml", ["train.iterations=10", "sampler.window.size=2"])
+
+Unknown keys and values of the wrong type are errors that name the field and suggest the fix.
+`algorithm: NAME` selects a sampler preset from `mixgrpo.plan.ALGORITHMS`; `sampler.*` keys then
+override single fields of that preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mixgrpo.plan import ALGORITHMS, SamplerConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # a name registered in mixgrpo.models.MODELS, or "package.module:factory"
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
+
+
+@dataclass
+class RewardConfig:
+    name: str = "verifier"  # a name registered in mixgrpo.rewards.REWARDS, or "package.module:function"
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # 0 = full fine-tuning of the denoiser
+    alpha: float = 0.0  # 0 = same as rank
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class RewardPolicyConfig:
+    """What to do when a reward fails (raises, times out, or returns NaN/inf)."""
+
+    retries: int = 2  # extra attempts per reward call before the failure counts
+    max_failed_groups: float = 0.25  # abort when more than this fraction of an iteration's groups fail
+
+
+@dataclass
+class TrainConfig:
+    algorithm: str = "mixgrpo"  # sampler preset: a key of mixgrpo.plan.ALGORITHMS
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    reward_mode: str = "advantage"  # "advantage": normalise each reward then sum; "reward": sum then normalise
+    advantage_std: str = "group"  # "group" or "global"
+    advantage_clip: float = 5.0
+    train_prompts: str = "world:train"  # a prompt file (txt/jsonl/csv) or world:SPLIT
+    eval_prompts: str = "world:heldout"
+
+    iterations: int = 60
+    prompts_per_iteration: int = 8  # P, per rank
+    group_size: int = 8  # G
+    shared_noise: bool = True  # one initial noise per group (paper: +0.18 ImageReward)
+    guidance_scale: float = 1.0  # classifier-free guidance in rollout and update; 1 = off
+    image_size: int = 0  # 0 = the model's own
+
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    warmup_iterations: int = 0
+    updates_per_iteration: int = 2  # optimizer steps per iteration; each sees G / updates images of every group
+    micro_batch_size: int = 32  # samples per forward/backward (memory only: the update does not depend on it)
+    clip_range: float = 1e-4
+    kl_beta: float = 0.0
+    ema_decay: float = 0.0  # 0 = no EMA
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; fp32 master weights)
+    grad_checkpointing: bool = False
+
+    seed: int = 0
+    out_dir: str = "runs/mixgrpo"
+    checkpoint_every: int = 20
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0 = only before and after training
+    eval_num_prompts: int = 64
+    eval_images_per_prompt: int = 1
+    eval_guidance_scale: float = -1.0  # -1 = same as guidance_scale
+    log_tensorboard: bool = True  # when tensorboard is installed
+    wandb_project: str = ""  # non-empty = log to Weights & Biases
+    reward_policy: RewardPolicyConfig = field(default_factory=RewardPolicyConfig)
+
+    def __post_init__(self):
+        checks = [
+            (self.algorithm in ALGORITHMS, "algorithm", f"one of {sorted(ALGORITHMS)}"),
+            (self.reward_mode in ("advantage", "reward"), "reward_mode", "'advantage' or 'reward'"),
+            (self.advantage_std in ("group", "global"), "advantage_std", "'group' or 'global'"),
+            (self.iterations >= 1, "iterations", "an integer >= 1"),
+            (self.prompts_per_iteration >= 1, "prompts_per_iteration", "an integer >= 1"),
+            (self.group_size >= 2, "group_size", "an integer >= 2 (GRPO compares images within a group)"),
+            (self.micro_batch_size >= 1, "micro_batch_size", "an integer >= 1"),
+            (self.updates_per_iteration >= 1, "updates_per_iteration", "an integer >= 1"),
+            (self.lr > 0, "lr", "a positive number"),
+            (self.clip_range > 0, "clip_range", "a positive number"),
+            (self.kl_beta >= 0, "kl_beta", "a number >= 0"),
+            (0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)"),
+            (self.precision in ("fp32", "bf16"), "precision", "'fp32' or 'bf16'"),
+            (self.guidance_scale >= 1, "guidance_scale", "a number >= 1 (1 = no guidance)"),
+            (len(self.rewards) >= 1, "rewards", "a list with at least one reward"),
+            (self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1"),
+            (self.lora.rank >= 0, "lora.rank", "an integer >= 0 (0 = full fine-tuning)"),
+        ]
+        for ok, name, want in checks:
+            if not ok:
+                raise ConfigError(f"{name} = {getattr_path(self, name)!r} is invalid: use {want}")
+        if self.group_size % self.updates_per_iteration:
+            raise ConfigError(
+                f"group_size = {self.group_size} is not a multiple of updates_per_iteration = "
+                f"{self.updates_per_iteration}: every optimizer step takes the same share of each group; "
+                f"choose updates_per_iteration among {[d for d in range(1, self.group_size + 1) if self.group_size % d == 0]}")
+
+
+def getattr_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------
+# dict -> dataclass with type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert a YAML value to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: unexpected value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of {_type_name(tp)} fields, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        kwargs[key] = _convert(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclass -> plain YAML-able structure (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# files and overrides
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: check the path (recipes live in configs/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `key.sub=value` override in place; the value is parsed as YAML ("3" -> 3, "[a, b]")."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(data: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a raw mapping: the algorithm preset, then `sampler` overrides on top."""
+    data = dict(data)
+    algorithm = data.get("algorithm", TrainConfig.algorithm)
+    if algorithm not in ALGORITHMS:
+        close = difflib.get_close_matches(str(algorithm), list(ALGORITHMS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"algorithm {algorithm!r} is unknown{hint}; choose one of {sorted(ALGORITHMS)}")
+    sampler = data.get("sampler") or {}
+    if not isinstance(sampler, dict):
+        raise ConfigError(f"sampler must be a mapping of SamplerConfig fields, got {sampler!r}")
+    data["sampler"] = _deep_merge(to_dict(ALGORITHMS[algorithm]), sampler)
+    return from_dict(TrainConfig, data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    data = read_yaml(path) if path else {}
+    for override in overrides:
+        apply_override(data, override)
+    return build_config(data)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

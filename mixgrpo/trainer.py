@@ -1,0 +1,547 @@
+"""The GRPO trainer: one rollout loop and one update loop for every algorithm.
+
+Flow-GRPO, DanceGRPO, MixGRPO, MixGRPO-Flash and Flash* differ only in their step plan
+(`mixgrpo.plan`): which steps are SDE, ODE or DPM-Solver++, and which are trained. Each iteration:
+
+1. plan      = build_plan(sampler, iteration, seed)        the window position is a pure function of both
+2. rollout   P prompts x G images, shared initial noise per group, old log-probs from the rollout itself
+3. rewards   scored on the decoded images, fused into group-normalised advantages
+4. update    `updates_per_iteration` optimizer steps; step u sees the u-th share of every group; each
+             trained transition is re-scored with the current weights under the clipped GRPO loss
+5. log       one line of metrics.jsonl; a checkpoint every `checkpoint_every` iterations
+
+All randomness derives from (seed, iteration, global prompt index), so a resumed run reproduces the
+uninterrupted one and the result does not depend on how prompts are spread over ranks.
+
+Simplifications: the frozen reference for the KL term and the EMA hold copies of the trainable weights only
+(the rest of the model is shared), and are evaluated with `torch.func.functional_call`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.func import functional_call
+
+from mixgrpo import dist
+from mixgrpo.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from mixgrpo.config import ConfigError, RewardConfig, TrainConfig, save_config, to_dict
+from mixgrpo.evaluate import derive_seed, evaluate, ode_plan
+from mixgrpo.grpo import combine_rewards, kl_to_reference, policy_loss
+from mixgrpo.images import plot_lines, save_grid
+from mixgrpo.models import MODELS, FlowModel, cond_cat, cond_index, cond_repeat_interleave, cond_to
+from mixgrpo.plan import build_plan, train_mask
+from mixgrpo.prompts import read_prompts
+from mixgrpo.rewards import REWARDS, RewardError
+from mixgrpo.rollout import Trajectory, guided_velocity, rollout
+from mixgrpo.sampling import gaussian_log_prob, sde_mean_std
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (too many failed rewards, non-finite loss, ...); the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> FlowModel:
+    factory = MODELS.get(cfg.model.name)
+    try:
+        model = factory(**cfg.model.args)
+    except TypeError as e:
+        raise ConfigError(f"model.args do not fit model {cfg.model.name!r}: {e}") from None
+    return model.to(device)
+
+
+def build_rewards(specs: list[RewardConfig]) -> list[tuple[str, float, Callable]]:
+    """[(label, weight, fn)]; labels are unique ("verifier", "verifier_strict", "verifier_2", ...);
+    weight 0 = logged only."""
+    out, seen = [], {}
+    for spec in specs:
+        factory = REWARDS.get(spec.name)
+        try:
+            fn = factory(**spec.args)
+        except TypeError as e:
+            raise ConfigError(f"reward {spec.name!r}: its args {spec.args} do not fit: {e}") from None
+        base = spec.name.split(":")[-1]
+        if spec.args.get("score") and spec.args["score"] != "dense":
+            base = f"{base}_{spec.args['score']}"
+        seen[base] = seen.get(base, 0) + 1
+        out.append((base if seen[base] == 1 else f"{base}_{seen[base]}", spec.weight, fn))
+    if all(w == 0 for _, w, _ in out):
+        raise ConfigError("every reward has weight 0: give at least one reward a non-zero weight")
+    return out
+
+
+def trainable_parameters(model: FlowModel, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
+    """Freeze everything, then unfreeze the denoiser (full) or add and unfreeze LoRA weights."""
+    model.requires_grad_(False)
+    if cfg.lora.rank > 0:
+        from mixgrpo.models.lora import apply_lora
+
+        apply_lora(model.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha or cfg.lora.rank,
+                   target_modules=list(cfg.lora.target_modules))
+    else:
+        model.denoiser.requires_grad_(True)
+    if cfg.grad_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
+        model.denoiser.enable_gradient_checkpointing()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ConfigError("no trainable parameters: check lora.target_modules against the model's module names")
+    return params
+
+
+def prompt_indices(iteration: int, num_prompts: int, count: int, seed: int) -> list[int]:
+    """Global prompt indices of one iteration: a stream of seeded permutations (epochs), sliced."""
+    start = iteration * count
+    out: list[int] = []
+    epoch = start // num_prompts
+    offset = start % num_prompts
+    while len(out) < count:
+        g = torch.Generator().manual_seed(derive_seed(seed, 0xE90C, epoch))
+        perm = torch.randperm(num_prompts, generator=g).tolist()
+        out.extend(perm[offset:])
+        epoch, offset = epoch + 1, 0
+    return out[:count]
+
+
+def score_with_policy(rewards: list[tuple[str, float, Callable]], images: torch.Tensor, prompts: list[str],
+                      group_size: int, retries: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Score B images with every reward -> ({label: [P, G]}, failed [P] bool).
+
+    A reward call that raises is retried `retries` times; if it still fails, or returns NaN/inf for an
+    image, that image's group is marked failed (its advantages become 0 and it is counted).
+    """
+    num_prompts = len(prompts) // group_size
+    failed = torch.zeros(num_prompts, dtype=torch.bool)
+    scores = {}
+    for label, _, fn in rewards:
+        result = None
+        for attempt in range(retries + 1):
+            try:
+                result = torch.as_tensor(fn(images, prompts), dtype=torch.float32).flatten().cpu()
+                if result.numel() != len(prompts):
+                    raise RewardError(f"returned {result.numel()} scores for {len(prompts)} images")
+                break
+            except RewardError as e:
+                last = e
+                result = None
+                time.sleep(min(2.0 ** attempt * 0.1, 2.0))
+        if result is None:
+            dist.print0(f"warning: reward {label!r} failed after {retries + 1} attempts ({last}); "
+                        f"its groups are skipped this iteration")
+            result = torch.full((len(prompts),), float("nan"))
+        result = result.view(num_prompts, group_size)
+        failed |= ~torch.isfinite(result).all(1)
+        scores[label] = result
+    return scores, failed
+
+
+class EMA:
+    """Exponential moving average of the trainable weights (kept in float32)."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for n, p in params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+
+def model_with(model: FlowModel, weights: dict[str, torch.Tensor] | None) -> Callable:
+    """A callable (x, sigma, cond) -> v that runs `model` with some parameters replaced (e.g. the frozen base)."""
+    if weights is None:
+        return model
+    return lambda x, sigma, cond: functional_call(model, weights, (x, sigma, cond), strict=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# the update
+
+
+@dataclass
+class UpdateStats:
+    sums: dict[str, float] = field(default_factory=dict)
+    weight: float = 0.0
+    grad_norms: list[float] = field(default_factory=list)
+    onpolicy_ratio_error: float = 0.0
+    model_calls: int = 0
+
+    def add(self, stats: dict[str, torch.Tensor], w: float) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * w
+        self.weight += w
+
+    def means(self) -> dict[str, float]:
+        out = {k: v / self.weight for k, v in self.sums.items()} if self.weight else {}
+        out["grad_norm"] = sum(self.grad_norms) / max(len(self.grad_norms), 1)
+        out["onpolicy_ratio_error"] = self.onpolicy_ratio_error
+        return out
+
+
+def update(model: FlowModel, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+           traj: Trajectory, advantages: torch.Tensor, cond: torch.Tensor | dict, uncond: dict | None,
+           plan, cfg: TrainConfig, shares: list[torch.Tensor], ref_weights: dict[str, torch.Tensor] | None,
+           ema: EMA | None, autocast: Callable[[], Any]) -> UpdateStats:
+    """Optimizer steps over the stored transitions.
+
+    advantages: [B]; cond, uncond: [B, ...] rows; shares: one index tensor per optimizer step (the samples
+    it sees). Within a step the loss is the mean over its samples and trained steps, whatever the
+    micro-batch size, so `micro_batch_size` changes memory only.
+    """
+    stats = UpdateStats()
+    device = traj.x.device
+    num_trained = traj.x.shape[1]
+    reference = model_with(model, ref_weights)
+    for u, share in enumerate(shares):
+        optimizer.zero_grad(set_to_none=True)
+        n_share = dist.all_reduce_mean(torch.tensor(float(len(share)))).item() * dist.world_size()
+        for mb in share.split(cfg.micro_batch_size):
+            mb = mb.to(device)
+            mb_cond = cond_index(cond, mb)
+            mb_uncond = None if uncond is None else cond_index(uncond, mb)
+            adv = advantages[mb]
+            for k in range(num_trained):
+                x, x_next = traj.x[mb, k], traj.x_next[mb, k]
+                sigma, sigma_next = traj.sigma[mb, k], traj.sigma_next[mb, k]
+                with autocast():
+                    v = guided_velocity(model, x, sigma.float(), mb_cond, mb_uncond, cfg.guidance_scale)
+                stats.model_calls += 1
+                mean, std = sde_mean_std(x, v, sigma, sigma_next, form=plan.sde_form, eta=plan.eta)
+                logp = gaussian_log_prob(x_next, mean, std)
+                loss, step_stats = policy_loss(logp, traj.log_prob[mb, k], adv, cfg.clip_range)
+                if cfg.kl_beta > 0:
+                    with torch.no_grad(), autocast():
+                        v_ref = guided_velocity(reference, x, sigma.float(), mb_cond, mb_uncond, cfg.guidance_scale)
+                    mean_ref, _ = sde_mean_std(x, v_ref, sigma, sigma_next, form=plan.sde_form, eta=plan.eta)
+                    kl = kl_to_reference(mean, mean_ref, std).mean()
+                    loss = loss + cfg.kl_beta * kl
+                    step_stats = {**step_stats, "kl_to_base": kl.detach()}
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"the loss became {loss.item()} at optimizer step {u}, trained step {k}: "
+                                        f"lower lr or clip_range, or check the rewards for extreme values")
+                weight = len(mb) / (n_share * num_trained)
+                (loss * weight * dist.world_size()).backward()
+                stats.add({"loss": loss.detach(), **step_stats}, weight)
+                if u == 0:
+                    ratio_err = (logp.detach() - traj.log_prob[mb, k]).abs().max().exp().item() - 1
+                    stats.onpolicy_ratio_error = max(stats.onpolicy_ratio_error, ratio_err)
+        grads = [p for p in params.values() if p.grad is not None]
+        if dist.is_distributed():
+            for p in grads:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= dist.world_size()
+        norm = torch.nn.utils.clip_grad_norm_(grads, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        stats.grad_norms.append(float(norm))
+        optimizer.step()
+        if ema is not None:
+            ema.update(params)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------------
+# the run
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag: the loop finishes the iteration, checkpoints and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        dist.print0(f"\nreceived {signal.Signals(signum).name}: finishing this iteration, then checkpointing")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _eval_and_save(model, weights, prompts, rewards, cfg, tag: str, run_dir: Path) -> dict[str, float]:
+    plan = ode_plan(cfg.sampler.num_steps, cfg.sampler.shift)
+    guidance = cfg.guidance_scale if cfg.eval_guidance_scale < 0 else cfg.eval_guidance_scale
+    net = model
+    if weights is not None:  # evaluate with EMA weights without touching the live ones
+        backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in weights}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in weights:
+                    p.copy_(weights[n])
+    try:
+        res = evaluate(net, prompts, [(n, fn) for n, _, fn in rewards], plan, cfg.eval_images_per_prompt,
+                       seed=cfg.seed + 1, guidance_scale=guidance)
+    finally:
+        if weights is not None:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in backup:
+                        p.copy_(backup[n])
+    if dist.is_main():
+        save_grid(res.images[:64, 0], run_dir / f"samples_{tag}.png", nrow=8, scale=2)
+    return {f"eval/{k}": v["mean"] for k, v in res.summary().items()}
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> Path:
+    """Run GRPO training; returns the run directory. `stop_after` ends early after that many iterations
+    of this call (tests use it to simulate an interruption)."""
+    dist.init()
+    device = dist.device()
+    run_dir = Path(cfg.out_dir)
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    latest = latest_checkpoint(run_dir)
+    if latest is not None and not resume:
+        raise ConfigError(f"{run_dir} already holds checkpoints ({latest.name}): pass --resume to continue "
+                          f"that run, or choose another out_dir")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, device)
+    params = trainable_parameters(model, cfg)
+    base_weights = {n: p.detach().clone() for n, p in params.items()} if cfg.kl_beta > 0 else None
+    rewards = build_rewards(cfg.rewards)
+    train_prompts = read_prompts(cfg.train_prompts)
+    eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    warmup = max(cfg.warmup_iterations, 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
+    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    start, metric_lines = 0, 0
+    if resume and latest is not None:
+        ckpt = load_checkpoint(latest)
+        state = ckpt["state"]
+        if state.get("config") != _fingerprint(cfg):
+            raise CheckpointError(f"checkpoint {latest} was written with a different configuration: resume with "
+                                  f"the run's own config ({run_dir / 'config.yaml'}) or start a new out_dir")
+        missing = set(params) - set(ckpt["model"])
+        if missing:
+            raise CheckpointError(f"checkpoint {latest} lacks weights {sorted(missing)[:3]}...: it is from "
+                                  f"another model configuration")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(ckpt["model"][n])
+        optimizer.load_state_dict(ckpt["optimizer"]["optimizer"])
+        scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
+        if ema is not None and ckpt["ema"] is not None:
+            ema.shadow = {n: t.float() for n, t in ckpt["ema"].items()}
+        start, metric_lines = state["iteration"], state["metric_lines"]
+        dist.print0(f"resumed from {latest} at iteration {start}")
+    if dist.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+        _truncate_lines(run_dir / "metrics.jsonl", metric_lines)
+
+    amp = cfg.precision == "bf16"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
+    uncond_row = cond_to(model.encode_prompts([""]), device) if cfg.guidance_scale != 1.0 else None
+    rank, world = dist.rank(), dist.world_size()
+    P, G = cfg.prompts_per_iteration, cfg.group_size
+
+    if start == 0 and dist.is_main():
+        before = _eval_and_save(model, None, eval_prompts, rewards, cfg, "before", run_dir)
+        _append_json(run_dir / "eval.jsonl", {"iteration": 0, **before})
+        dist.print0("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+
+    t_run = time.perf_counter()
+    done_here = 0
+    with _StopRequest() as stop:
+        for it in range(start, cfg.iterations):
+            t0 = time.perf_counter()
+            plan = build_plan(cfg.sampler, it, cfg.seed)
+            glob = prompt_indices(it, len(train_prompts), P * world, cfg.seed)
+            mine = glob[rank * P:(rank + 1) * P]
+            prompts = [train_prompts[i] for i in mine]
+            cond = cond_to(model.encode_prompts(prompts), device)
+            uncond = None if uncond_row is None else {k: v.expand(P, *v.shape[1:]) for k, v in uncond_row.items()}
+            mask = train_mask(plan, P * G, cfg.seed, it, sample_offset=rank * P * G)
+            group_seeds = [derive_seed(cfg.seed, it, i) for i in range(rank * P, (rank + 1) * P)]
+            model.eval()
+            with autocast():
+                traj = rollout(model, plan, cond, G, group_seeds, mask, uncond, cfg.guidance_scale, cfg.shared_noise)
+            t1 = time.perf_counter()
+
+            with torch.no_grad():
+                images = model.decode(traj.final).float()
+            flat_prompts = [p for p in prompts for _ in range(G)]
+            scores, failed = score_with_policy(rewards, images, flat_prompts, G, cfg.reward_policy.retries)
+            all_failed = dist.all_gather_cat(failed)
+            if all_failed.float().mean().item() > cfg.reward_policy.max_failed_groups:
+                raise TrainingError(f"{int(all_failed.sum())} of {all_failed.numel()} groups failed to get rewards at "
+                                    f"iteration {it} (limit: reward_policy.max_failed_groups = "
+                                    f"{cfg.reward_policy.max_failed_groups}): check the reward models/endpoints")
+            fused = {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in scores.items()}
+            weights = {label: w for label, w, _ in rewards}
+            active = {k: v for k, v in fused.items() if weights[k] != 0}
+            if cfg.advantage_std == "global":
+                gathered = {k: dist.all_gather_cat(v) for k, v in active.items()}
+                adv_all = combine_rewards(gathered, weights, cfg.reward_mode, std="global", clip=cfg.advantage_clip)
+                advantages = adv_all[rank * P:(rank + 1) * P]
+            else:
+                advantages = combine_rewards(active, weights, cfg.reward_mode, clip=cfg.advantage_clip)
+            advantages = advantages.masked_fill(failed[:, None], 0.0)
+            t2 = time.perf_counter()
+
+            model.train()
+            shares = _update_shares(cfg, it, rank)
+            ustats = update(model, params, optimizer, traj, advantages.flatten().to(device),
+                            cond_repeat_interleave(cond, G),
+                            None if uncond is None else cond_repeat_interleave(uncond, G),
+                            plan, cfg, shares, base_weights, ema, autocast)
+            scheduler.step()
+            t3 = time.perf_counter()
+
+            record = {"iteration": it + 1, "window_start": plan.window[0] if plan.window else None,
+                      "window_end": plan.window[1] if plan.window else None,
+                      "nfe_rollout": traj.nfe, "nfe_trained": traj.x.shape[1],
+                      "lr": optimizer.param_groups[0]["lr"],
+                      "failed_groups": int(all_failed.sum())}
+            for label, s in scores.items():
+                s_all = dist.all_gather_cat(s)
+                record[f"reward/{label}"] = float(torch.nanmean(s_all))
+                record[f"reward/{label}_std"] = float(s_all[torch.isfinite(s_all)].std()) if s_all.numel() > 1 else 0.0
+            record["advantage_abs_mean"] = float(advantages.abs().mean())
+            record["zero_advantage_groups"] = float((advantages.abs().sum(1) == 0).float().mean())
+            record.update({k: v for k, v in ustats.means().items()})
+            record.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+                           "time/iteration": t3 - t0})
+            done_here += 1
+            metric_lines += 1
+            if dist.is_main():
+                _append_json(run_dir / "metrics.jsonl", record)
+                if progress:
+                    elapsed = time.perf_counter() - t_run
+                    eta = elapsed / done_here * (cfg.iterations - it - 1)
+                    main_reward = next(k for k in record if k.startswith("reward/"))
+                    window = f"{record['window_start']}-{record['window_end'] - 1}" if plan.window else "all"
+                    print(f"it {it + 1:4d}/{cfg.iterations} | {main_reward[7:]} {record[main_reward]:.4f} | "
+                          f"window {window} | nfe {traj.nfe} | loss {record.get('loss', 0):+.4f} | "
+                          f"clip {record.get('clip_fraction', 0):.3f} | {t3 - t0:5.2f} s/it | ETA {_format_eta(eta)}",
+                          flush=True)
+            last = it + 1 == cfg.iterations
+            stopping = stop.signal is not None or (stop_after is not None and done_here >= stop_after)
+            if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
+                _save(run_dir, it + 1, params, optimizer, scheduler, ema, cfg, metric_lines)
+            if stopping and not last:
+                dist.print0(f"stopped after iteration {it + 1}; continue with --resume")
+                return run_dir
+
+    if dist.is_main():
+        after = _eval_and_save(model, ema.shadow if ema else None, eval_prompts, rewards, cfg, "after", run_dir)
+        _append_json(run_dir / "eval.jsonl", {"iteration": cfg.iterations, **after})
+        _export(model, params, ema, run_dir / "final")
+        _write_summary(run_dir, cfg)
+        dist.print0("after training: " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
+        dist.print0(f"run directory: {run_dir}")
+    return run_dir
+
+
+def _update_shares(cfg: TrainConfig, iteration: int, rank: int) -> list[torch.Tensor]:
+    """Sample indices of each optimizer step: step u takes the u-th slice of a seeded permutation of every
+    group, so the split is the same whatever the number of ranks."""
+    P, G, U = cfg.prompts_per_iteration, cfg.group_size, cfg.updates_per_iteration
+    chunk = G // U
+    perms = []
+    for p in range(P):
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, iteration, rank * P + p, 0x5A5A))
+        perms.append(p * G + torch.randperm(G, generator=g))
+    return [torch.cat([perm[u * chunk:(u + 1) * chunk] for perm in perms]) for u in range(U)]
+
+
+def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """The parts of the config a resumed run must share with the original (not iterations or logging)."""
+    d = to_dict(cfg)
+    for key in ("iterations", "out_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "log_tensorboard",
+                "wandb_project", "reward_policy"):
+        d.pop(key, None)
+    return json.loads(json.dumps(d))
+
+
+def _save(run_dir, iteration, params, optimizer, scheduler, ema, cfg, metric_lines) -> None:
+    if not dist.is_main():
+        return
+    save_checkpoint(run_dir, iteration, {n: p.detach() for n, p in params.items()},
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                    {"config": _fingerprint(cfg), "metric_lines": metric_lines},
+                    ema_state=ema.shadow if ema else None, keep=cfg.keep_checkpoints)
+
+
+def _export(model: FlowModel, params, ema: EMA | None, path: Path) -> None:
+    """The final model in the adapter's own format (loadable by its factory), EMA weights when present."""
+    if not hasattr(model, "save_pretrained"):
+        return
+    if ema is not None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(ema.shadow[n])
+    model.save_pretrained(path)
+
+
+def _append_json(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _write_summary(run_dir: Path, cfg: TrainConfig) -> None:
+    metrics = read_metrics(run_dir)
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+    reward_keys = [k for k in metrics[0] if k.startswith("reward/") and not k.endswith("_std")] if metrics else []
+    plot_lines({k[7:]: [(m["iteration"], m[k]) for m in metrics] for k in reward_keys},
+               run_dir / "reward_curve.png", title=f"{cfg.algorithm}: training reward", xlabel="iteration")
+    lines = [f"# Run summary: {cfg.algorithm}", "",
+             f"- iterations: {cfg.iterations}, prompts x group: {cfg.prompts_per_iteration} x {cfg.group_size}",
+             f"- median seconds per iteration: {_median([m['time/iteration'] for m in metrics]):.2f}", ""]
+    if len(evals) >= 2:
+        lines += ["| held-out metric | before | after |", "|---|---|---|"]
+        for k in evals[0]:
+            if k != "iteration" and k in evals[-1]:
+                lines.append(f"| {k[5:]} | {evals[0][k]:.4f} | {evals[-1][k]:.4f} |")
+    (run_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2] if values else math.nan
