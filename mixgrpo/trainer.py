@@ -41,7 +41,7 @@ from mixgrpo.images import plot_lines, save_grid
 from mixgrpo.models import MODELS, FlowModel, cond_cat, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.plan import build_plan, train_mask
 from mixgrpo.prompts import read_prompts
-from mixgrpo.rewards import REWARDS, RewardError
+from mixgrpo.rewards import RewardError, build_reward
 from mixgrpo.rollout import Trajectory, guided_velocity, rollout
 from mixgrpo.sampling import gaussian_log_prob, sde_mean_std
 
@@ -68,11 +68,7 @@ def build_rewards(specs: list[RewardConfig]) -> list[tuple[str, float, Callable]
     weight 0 = logged only."""
     out, seen = [], {}
     for spec in specs:
-        factory = REWARDS.get(spec.name)
-        try:
-            fn = factory(**spec.args)
-        except TypeError as e:
-            raise ConfigError(f"reward {spec.name!r}: its args {spec.args} do not fit: {e}") from None
+        fn = build_reward(spec.name, spec.args)
         base = spec.name.split(":")[-1]
         if spec.args.get("score") and spec.args["score"] != "dense":
             base = f"{base}_{spec.args['score']}"

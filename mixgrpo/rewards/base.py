@@ -9,12 +9,14 @@ A reward that cannot score raises `RewardError` (never returns 0 for a failure);
 single image it could not score. The trainer applies the failure policy (retry, skip the group, abort).
 
 Factories are registered by name in `REWARDS`; configs name them, with keyword arguments. A user reward is
-named "package.module:function" and is called with the same keyword arguments.
+named "package.module:function": that function is the reward itself, called as
+`function(images, prompts, **args)`. `build_reward` resolves both kinds.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import functools
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -30,3 +32,15 @@ class RewardFn(Protocol):
 
 
 REWARDS: Registry[RewardFn] = Registry("reward")
+
+
+def build_reward(name: str, args: dict[str, Any] | None = None) -> RewardFn:
+    """A ready reward from a registered factory name or a user "package.module:function" reward."""
+    args = dict(args or {})
+    target = REWARDS.get(name)
+    if ":" in name and name not in REWARDS.names():
+        return functools.partial(target, **args)
+    try:
+        return target(**args)
+    except TypeError as e:
+        raise ValueError(f"reward {name!r}: arguments {args} do not fit its factory: {e}") from None
