@@ -1,0 +1,172 @@
+"""FLUX.1 (dev, schnell, or any `FluxTransformer2DModel` checkpoint) loaded from a local diffusers directory.
+
+The directory is what `FluxPipeline.save_pretrained` writes and what the hub's FLUX.1 repositories hold:
+model_index.json, transformer/, vae/, text_encoder/ (CLIP-L), tokenizer/, text_encoder_2/ (T5-XXL),
+tokenizer_2/. Nothing is ever downloaded: every component is read with local_files_only=True.
+
+The model is the generic `FluxAdapter` (packing, image ids, guidance embedding) with:
+- `FluxTextEncoder`: CLIP-L's pooled output + T5's token states, exactly as `FluxPipeline.encode_prompt`;
+- `VaeDecoder`: latents -> images with the VAE's scaling and shift factors, as the pipeline decodes.
+With `embedding_cache` (a directory written by `mixgrpo preprocess`) the text encoders are not loaded at all.
+
+The helpers shared with the SD3 loader (dtype names, directory checks, the VAE decoder, tokenisation with
+a truncation warning) live here too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from mixgrpo.models.base import MODELS, Cond
+from mixgrpo.models.flux import FluxAdapter
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """"bfloat16" / "bf16" / "float16" / "fp16" / "float32" / "fp32" (or a torch.dtype) -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"model dtype {dtype!r} is not known; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_pipeline_dir(path: str | Path, pipeline: str, components: Sequence[str], example: str) -> Path:
+    """The local diffusers pipeline directory `path`, after checking that it holds `components`."""
+    path = Path(path).expanduser()
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"{pipeline}: {path} is not a local diffusers pipeline directory (no model_index.json). "
+                         f"Point model.args.path at a downloaded checkpoint, e.g. "
+                         f"`huggingface-cli download {example} --local-dir DIR`; nothing is downloaded by mixgrpo.")
+    missing = [c for c in components if not (path / c).is_dir()]
+    if missing:
+        raise ValueError(f"{pipeline}: {path} lacks the component folders {missing}; is the download complete?")
+    return path
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
+    """Token ids [B, max_length] padded to max_length, truncating (with a warning) like the diffusers pipelines."""
+    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+    if full.shape[-1] > max_length:
+        longest = prompts[int((full != tokenizer.pad_token_id).sum(1).argmax())]
+        warnings.warn(f"prompt {longest[:80]!r}... has {full.shape[-1]} tokens and was truncated to {max_length} "
+                      f"by {type(tokenizer).__name__} (as the diffusers pipeline does)", stacklevel=3)
+    return ids
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+class VaeDecoder(nn.Module):
+    """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1], as the FLUX / SD3 pipelines decode:
+
+    images = clamp(vae.decode(latents / scaling_factor + shift_factor) / 2 + 1/2, 0, 1), returned in float32.
+    """
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(vae.config.shift_factor or 0.0)
+
+    def train(self, mode: bool = True) -> "VaeDecoder":
+        return super().train(False)  # frozen: never switches to training mode with the adapter
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
+        images = self.vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+class FluxTextEncoder(nn.Module):
+    """Frozen CLIP-L + T5 of FLUX.1, encoding like `FluxPipeline.encode_prompt`.
+
+    encode(prompts) -> {"prompt_embeds": [B, L, D_t5] T5 last hidden states (L = max_sequence_length),
+                        "pooled": [B, D_clip] CLIP pooled output (77 CLIP tokens)}.
+    """
+
+    def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module,
+                 max_sequence_length: int = 512):
+        super().__init__()
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.clip = text_encoder.eval().requires_grad_(False)
+        self.t5 = text_encoder_2.eval().requires_grad_(False)
+        self.max_sequence_length = max_sequence_length
+
+    def train(self, mode: bool = True) -> "FluxTextEncoder":
+        return super().train(False)  # frozen: dropout must never switch on
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        prompts = list(prompts)
+        clip_ids = tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length)
+        pooled = self.clip(clip_ids.to(module_device(self.clip)), output_hidden_states=False).pooler_output
+        t5_ids = tokenize(self.tokenizer_2, prompts, self.max_sequence_length)
+        states = self.t5(t5_ids.to(module_device(self.t5)), output_hidden_states=False)[0]
+        return {"prompt_embeds": states.to(self.t5.dtype), "pooled": pooled.to(self.clip.dtype)}
+
+
+def load_flux_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
+                           max_sequence_length: int = 512) -> FluxTextEncoder:
+    """The CLIP-L + T5 text encoder of a local FLUX.1 pipeline directory (used by `mixgrpo preprocess`)."""
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    path = check_pipeline_dir(path, "flux", ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
+                              "black-forest-labs/FLUX.1-dev")
+    dtype = parse_dtype(dtype)
+    kw = dict(torch_dtype=dtype, local_files_only=True)
+    return FluxTextEncoder(
+        CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
+        CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw).to(device),
+        T5TokenizerFast.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True),
+        T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **kw).to(device),
+        max_sequence_length=max_sequence_length,
+    )
+
+
+@MODELS.register("flux")
+def load_flux(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu", height: int = 1024,
+              width: int = 1024, guidance: float | None = 3.5, max_sequence_length: int = 512,
+              embedding_cache: str | None = None) -> FluxAdapter:
+    """A FLUX.1 `FluxAdapter` from a local diffusers pipeline directory, in eval mode.
+
+    path: the pipeline directory (model_index.json, transformer/, vae/, text encoders, tokenizers).
+    dtype: weights dtype of every component ("bfloat16" for FLUX.1-dev on GPUs).
+    height, width: image size in pixels (multiples of 16: VAE factor 8 x patch 2); latents are
+        [16, height / 8, width / 8].
+    guidance: FLUX.1-dev's distilled guidance value (the pipeline's guidance_scale); None for a transformer
+        without a guidance embedding (FLUX.1-schnell).
+    max_sequence_length: T5 tokens per prompt (512 for dev, 256 for schnell).
+    embedding_cache: a directory written by `mixgrpo preprocess`; when given, CLIP and T5 are not loaded and
+        prompts are looked up in the cache.
+    """
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    path = check_pipeline_dir(path, "flux", ["transformer", "vae"], "black-forest-labs/FLUX.1-dev")
+    torch_dtype = parse_dtype(dtype)
+    kw = dict(torch_dtype=torch_dtype, local_files_only=True)
+    transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).to(device)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if height % (2 * factor) or width % (2 * factor):
+        raise ValueError(f"flux: height {height} and width {width} must be multiples of {2 * factor} "
+                         f"(VAE factor {factor} x patch 2)")
+    if embedding_cache is not None:
+        from mixgrpo.preprocess import EmbeddingCache
+
+        text_encoder = EmbeddingCache(embedding_cache, device=device)
+    else:
+        text_encoder = load_flux_text_encoder(path, torch_dtype, device, max_sequence_length)
+    latent_shape = (transformer.config.in_channels // 4, height // factor, width // factor)
+    return FluxAdapter(transformer, text_encoder, patch_size=2, latent_shape=latent_shape,
+                       decoder=VaeDecoder(vae), guidance=guidance).eval()

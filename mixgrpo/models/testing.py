@@ -1,0 +1,165 @@
+"""Tiny random FLUX.1 and SD3.5 diffusers pipelines, built offline, for tests and benchmarks.
+
+Every component has the real architecture class (FluxTransformer2DModel / SD3Transformer2DModel,
+AutoencoderKL, CLIPTextModel(WithProjection), T5EncoderModel) at a toy width, random weights, and the real
+checkpoint layout once saved with `save_pretrained`: the loaders of `mixgrpo.models.flux_pipeline` and
+`mixgrpo.models.sd3` read these directories exactly as they read FLUX.1-dev or SD3.5.
+
+Tokenizers are constructed in code (transformers >= 5 accepts a vocabulary directly): CLIP gets a
+byte-level BPE vocabulary with no merges (one token per byte), T5 a unigram vocabulary of single
+characters. They tokenise any text, which is all a random model needs.
+
+The component widths are deliberately different from each other (CLIP-L 8, CLIP-G 16, T5 32 in SD3), so a
+wrong concatenation, padding or pooling order fails a shape check or an equality test instead of passing
+by accident.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+CLIP_MAX_LENGTH = 77  # the CLIP context length of every real FLUX / SD3 checkpoint
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable characters GPT-2 / CLIP byte-level BPE uses to stand for the 256 byte values."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def tiny_clip_tokenizer(model_max_length: int = CLIP_MAX_LENGTH):
+    """A `CLIPTokenizer` with one token per byte (514 tokens: 256 bytes, 256 word-final bytes, bos, eos)."""
+    from transformers import CLIPTokenizer
+
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def tiny_t5_tokenizer():
+    """A T5 tokenizer (unigram) over lowercase letters, digits and punctuation, with pad=0, eos=1, unk=2."""
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(c, -2.0) for c in chars] + [("▁" + c, -1.5) for c in string.ascii_lowercase]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0)
+
+
+def _clip_text_model(tokenizer, hidden: int, projection: int | None, seed: int):
+    """A 2-layer CLIP text encoder; with `projection` it is a CLIPTextModelWithProjection (SD3), else CLIPTextModel."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection or hidden, hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _t5_encoder(tokenizer, d_model: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=2 * d_model, d_kv=8, num_layers=2,
+                      num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()  # eval: T5 dropout would make encodings random otherwise
+
+
+def _vae(latent_channels: int, scaling_factor: float, shift_factor: float, seed: int):
+    """A 2-level AutoencoderKL (downsampling factor 2), configured like FLUX's / SD3's (no quant convs)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=latent_channels, scaling_factor=scaling_factor, shift_factor=shift_factor,
+        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+    ).eval()
+
+
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A random `FluxPipeline` at toy size (FLUX.1-dev layout: guidance embedding, 16 latent channels).
+
+    VAE factor 2, so a 32x32 image has 16x16x16 latents packed into 8x8 = 64 tokens of 64 channels.
+    The scheduler uses FLUX.1's resolution-dependent (dynamic) shift.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    clip_tok, t5_tok = tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=_vae(16, scaling_factor=0.3611, shift_factor=0.1159, seed=seed + 1),
+        text_encoder=_clip_text_model(clip_tok, hidden=16, projection=None, seed=seed + 2),
+        tokenizer=clip_tok,
+        text_encoder_2=_t5_encoder(t5_tok, d_model=32, seed=seed + 3),
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """A random `StableDiffusion3Pipeline` at toy size (SD3.5-Medium layout: qk RMS-norm, a dual-attention layer).
+
+    CLIP-L (hidden 8, projection 12) and CLIP-G (hidden 16, projection 20) give pooled 12 + 20 = 32 and token
+    states 8 + 16 = 24 wide, zero-padded to T5's 32. VAE factor 2 (32x32 images -> 16x16x16 latents),
+    transformer patch 2 (64 tokens). The scheduler uses SD3's static shift 3.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    clip_tok_l, clip_tok_g, t5_tok = tiny_clip_tokenizer(), tiny_clip_tokenizer(), tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).eval()
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(16, scaling_factor=1.5305, shift_factor=0.0609, seed=seed + 1),
+        text_encoder=_clip_text_model(clip_tok_l, hidden=8, projection=12, seed=seed + 2),
+        tokenizer=clip_tok_l,
+        text_encoder_2=_clip_text_model(clip_tok_g, hidden=16, projection=20, seed=seed + 3),
+        tokenizer_2=clip_tok_g,
+        text_encoder_3=_t5_encoder(t5_tok, d_model=32, seed=seed + 4),
+        tokenizer_3=t5_tok,
+        transformer=transformer,
+    )
+
+
+def save_tiny_flux(directory: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """Build `tiny_flux_pipeline` and save it as a diffusers pipeline directory (model_index.json + folders)."""
+    tiny_flux_pipeline(seed, guidance_embeds).save_pretrained(directory)
+    return Path(directory)
+
+
+def save_tiny_sd3(directory: str | Path, seed: int = 0) -> Path:
+    """Build `tiny_sd3_pipeline` and save it as a diffusers pipeline directory (model_index.json + folders)."""
+    tiny_sd3_pipeline(seed).save_pretrained(directory)
+    return Path(directory)
