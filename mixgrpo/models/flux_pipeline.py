@@ -165,6 +165,8 @@ def load_flux(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "c
         from mixgrpo.preprocess import EmbeddingCache
 
         text_encoder = EmbeddingCache(embedding_cache, device=device)
+        text_encoder.check_widths("flux", prompt_embeds=transformer.config.joint_attention_dim,
+                                  pooled=transformer.config.pooled_projection_dim)
     else:
         text_encoder = load_flux_text_encoder(path, torch_dtype, device, max_sequence_length)
     latent_shape = (transformer.config.in_channels // 4, height // factor, width // factor)

@@ -182,6 +182,8 @@ def load_sd3(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
         from mixgrpo.preprocess import EmbeddingCache
 
         text_encoder = EmbeddingCache(embedding_cache, device=device)
+        text_encoder.check_widths("sd3", prompt_embeds=transformer.config.joint_attention_dim,
+                                  pooled=transformer.config.pooled_projection_dim)
     else:
         text_encoder = load_sd3_text_encoder(path, torch_dtype, device, max_sequence_length, use_t5)
     latent_shape = (transformer.config.in_channels, height // factor, width // factor)
