@@ -265,7 +265,7 @@ def _rasterise(batch_index: np.ndarray, centres: np.ndarray, radii: np.ndarray, 
     """Draw N non-overlapping instances into [batch, 3, size, size] images.
 
     batch_index [N] image of each instance; centres [N, 2]; radii [N]; shapes [N] index into SHAPES;
-    colors [N, 3] in [0, 1]; batch_index sorted, each image with at least one instance. A pixel belongs to an instance when its centre (i + 0.5) lies inside the shape:
+    colors [N, 3] in [0, 1]; batch_index sorted. A pixel belongs to an instance when its centre (i + 0.5) lies inside the shape:
     circle |p - c| <= r; square |p - c|_inf <= 0.886 r (the circle's area); triangle apex up, base 2r,
     height 2r, inside the box of half-size r. No anti-aliasing: colours stay exact.
     """
@@ -279,11 +279,14 @@ def _rasterise(batch_index: np.ndarray, centres: np.ndarray, radii: np.ndarray, 
     triangle = (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
     mask = np.where(s == 0, circle, np.where(s == 1, square, triangle))  # [N, H, W]
     background = np.array(BACKGROUND, dtype=np.float32) / 255.0
-    # Instances do not overlap, so an image is the background plus each instance's colour offset on its mask;
-    # reduceat sums the instances of each image (batch_index is sorted and every image has one).
-    paint = mask[:, None] * (colors.astype(np.float32) - background)[:, :, None, None]  # [N, 3, H, W]
-    starts = np.searchsorted(batch_index, np.arange(batch))
-    images = np.add.reduceat(paint, starts, axis=0) + background[None, :, None, None]
+    # Instances do not overlap, so an image is the background plus each instance's colour offset on its mask.
+    # Instances go into per-image slots (slot = rank within its image) so one einsum sums them.
+    slot = np.arange(len(batch_index)) - np.searchsorted(batch_index, batch_index)  # [N]
+    masks = np.zeros((batch, MAX_INSTANCES, size, size), dtype=np.float32)
+    offsets = np.zeros((batch, MAX_INSTANCES, 3), dtype=np.float32)
+    masks[batch_index, slot] = mask
+    offsets[batch_index, slot] = colors - background
+    images = np.einsum("bkhw,bkc->bchw", masks, offsets) + background[None, :, None, None]
     return torch.from_numpy(images)
 
 
