@@ -1,0 +1,281 @@
+"""Rectified-flow pre-training of the tiny model on the train split of the shapes world.
+
+    mixgrpo pretrain --out runs/pretrain --minutes 30          (or: python -m mixgrpo.pretrain --out ...)
+
+Each step draws `batch_size` prompts uniformly from the train prompt file, parses them and renders a fresh
+random layout of each (so the model never sees the same image twice), then takes one AdamW step on
+
+    x0 = 2 * image - 1,  eps ~ N(0, I),  t ~ logit-normal = sigmoid(N(0, 1)),
+    x_t = (1 - t) x0 + t eps,            loss = mean |v_theta(x_t, t, c) - (eps - x0)|^2
+
+with the prompt replaced by "" with probability `prompt_dropout`, so that classifier-free guidance works.
+The learning rate warms up linearly, stays constant, and decays linearly to 0 over the last `decay_fraction`
+of the budget; the budget is `steps` or `minutes`, whichever runs out first (progress = the larger of the two
+fractions). An exponential moving average (EMA) of the weights is what gets evaluated and saved.
+
+Every `eval_every` steps the EMA model samples one image per held-out prompt (a fixed subset) with the
+default 25-step Euler ODE grid (shift 3), with and without guidance, and the shapes-world verifier scores
+them; a sample grid is written to out/samples/. Output: out/model (the checkpoint, `load_tiny(out/model)`),
+out/metrics.jsonl, out/curve_loss.png, out/curve_accuracy.png. Evaluation runs in the training process, so
+it costs wall time (~5% at the defaults); set eval_every = 0 to skip it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from mixgrpo.images import plot_lines, save_grid
+from mixgrpo.models.base import FlowModel
+from mixgrpo.models.flux import FluxAdapter
+from mixgrpo.models.tiny import TinyConfig, build_tiny, save_tiny
+from mixgrpo.sampling import euler_step, sigma_grid
+from mixgrpo.world.scene import load_prompts, parse_prompt, render_batch
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 20000                 # step budget (the run also stops when `minutes` are used up)
+    minutes: float = 30.0              # wall-clock budget
+    batch_size: int = 64
+    lr: float = 8e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2        # linear decay to 0 over the last 20% of the budget
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    prompt_dropout: float = 0.1        # probability of training on "" (unconditional) instead of the prompt
+    seed: int = 0
+    threads: int = 0                   # torch intra-op threads; 0 = torch's default. 1 is faster when other
+                                       # jobs share the cores (2 threads on a busy 2-core machine spin-wait)
+    log_every: int = 50
+    eval_every: int = 1000             # steps between evaluations; 0 = never
+    eval_prompts: int = 64             # held-out prompts per evaluation (a fixed, evenly spaced subset)
+    eval_guidance: float = 3.0         # classifier-free guidance scale of the guided evaluation
+    sample_steps: int = 25             # the default Euler ODE grid ...
+    sample_shift: float = 3.0          # ... and its time shift
+    model: TinyConfig = field(default_factory=TinyConfig)
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = TinyConfig.from_dict(self.model)
+        for name in ("steps", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name} = {getattr(self, name)} must be >= 1")
+        if self.minutes <= 0:
+            raise ValueError(f"PretrainConfig.minutes = {self.minutes} must be > 0")
+        if not 0 <= self.prompt_dropout < 1:
+            raise ValueError(f"PretrainConfig.prompt_dropout = {self.prompt_dropout} must be in [0, 1)")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"PretrainConfig.decay_fraction = {self.decay_fraction} must be in [0, 1]")
+
+
+def rectified_flow_loss(model: FlowModel, x0: torch.Tensor, cond: dict, t: torch.Tensor,
+                        eps: torch.Tensor) -> torch.Tensor:
+    """Scalar loss mean |v(x_t, t) - (eps - x0)|^2 with x_t = (1 - t) x0 + t eps.
+
+    x0, eps: [B, C, H, W]; t: [B] in (0, 1) (sigma: 1 = noise, see docs/notation.md).
+    """
+    t_ = t.view(-1, *([1] * (x0.dim() - 1)))                                  # [B, 1, 1, 1]
+    x_t = (1 - t_) * x0 + t_ * eps                                            # [B, C, H, W]
+    v = model(x_t, t, cond)                                                   # [B, C, H, W]
+    return (v - (eps - x0)).pow(2).mean()
+
+
+def learning_rate(cfg: PretrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up over `warmup_steps`, constant, then linear decay to 0 as progress goes 1 - decay_fraction -> 1."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    decay = 1.0 if cfg.decay_fraction == 0 else min(1.0, (1.0 - progress) / cfg.decay_fraction)
+    return cfg.lr * warm * max(0.0, decay)
+
+
+@torch.no_grad()
+def sample_euler(model: FlowModel, prompts: Sequence[str], seed: int, num_steps: int = 25, shift: float = 3.0,
+                 guidance: float = 1.0) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1] from the Euler ODE on the shifted grid, with classifier-free guidance
+    v = v_u + guidance (v_c - v_u) (guidance 1 = the conditional model alone). Noise from torch seed `seed`."""
+    n = len(prompts)
+    x = torch.randn(n, *model.latent_shape, generator=torch.Generator().manual_seed(seed))
+    sigmas = sigma_grid(num_steps, shift).tolist()
+    guided = guidance != 1.0
+    cond = model.encode_prompts(list(prompts) + [""] * n if guided else list(prompts))
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        xin = torch.cat([x, x]) if guided else x
+        v = model(xin, torch.full((xin.shape[0],), sigma), cond)
+        if guided:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + guidance * (v_cond - v_uncond)
+        x = euler_step(x, v, sigma, sigma_next)
+    return model.decode(x)
+
+
+def verify_prompts(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verifier scores of images [N, 3, H, W] against their prompts: (strict [N], dense [N]) in [0, 1]."""
+    from mixgrpo.world.verifier import verify
+
+    result = verify(images, [parse_prompt(p) for p in prompts])
+    return result.strict, result.dense
+
+
+def heldout_accuracy(model: FlowModel, prompts: Sequence[str], images_per_prompt: int = 1, guidance: float = 1.0,
+                     seed: int = 0, num_steps: int = 25, shift: float = 3.0, batch_size: int = 128) -> dict:
+    """Verifier accuracy of `images_per_prompt` samples per prompt.
+
+    Returns strict (mean strict accuracy over all images), dense (mean dense score), best_of_n (fraction of
+    prompts with at least one strictly correct image), mixed (fraction of prompts whose images disagree:
+    the groups where GRPO gets a learning signal), and the per-image strict scores [N, n].
+    """
+    jobs = [p for p in prompts for _ in range(images_per_prompt)]
+    strict, dense = [], []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        images = sample_euler(model, chunk, seed + start, num_steps, shift, guidance)
+        s, d = verify_prompts(images, chunk)
+        strict.append(s)
+        dense.append(d)
+    s = torch.cat(strict).view(len(prompts), images_per_prompt)
+    d = torch.cat(dense)
+    best = s.max(1).values
+    mixed = (s.max(1).values != s.min(1).values).float()
+    return {"strict": s.mean().item(), "dense": d.mean().item(), "best_of_n": best.mean().item(),
+            "mixed": mixed.mean().item(), "scores": s}
+
+
+def _eval_subset(prompts: list[str], n: int) -> list[str]:
+    """`n` evenly spaced prompts (deterministic, covers the whole file, which is ordered by composition)."""
+    if n >= len(prompts):
+        return prompts
+    return [prompts[int(i * len(prompts) / n)] for i in range(n)]
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """Pre-train a tiny model from scratch; returns the checkpoint directory out_dir/model (EMA weights)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.eval_every:
+        import mixgrpo.world.verifier  # noqa: F401  (fail now, not after the first eval_every steps)
+    model: FluxAdapter = build_tiny(cfg.model)
+    ema: FluxAdapter = build_tiny(cfg.model, model.text_encoder)
+    ema.transformer.load_state_dict(model.transformer.state_dict())
+    net = model.transformer.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    ema_params = list(ema.transformer.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_params = sum(p.numel() for p in params)
+
+    train_prompts = load_prompts("train")
+    train_scenes = [parse_prompt(p) for p in train_prompts]
+    eval_prompts = _eval_subset(load_prompts("heldout"), cfg.eval_prompts)
+    log(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(train_prompts)} train prompts, budget "
+        f"{cfg.steps} steps or {cfg.minutes:g} min, out {out}")
+
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    history: dict[str, list[tuple[float, float]]] = {"loss": [], "strict": [], f"strict_g{cfg.eval_guidance:g}": []}
+    start = time.perf_counter()
+    eval_time = 0.0
+    loss_sum, loss_n, last_log = 0.0, 0, start
+
+    def evaluate(step: int) -> None:
+        nonlocal eval_time
+        t0 = time.perf_counter()
+        ema.eval()
+        plain = heldout_accuracy(ema, eval_prompts, 1, 1.0, cfg.seed, cfg.sample_steps, cfg.sample_shift)
+        guided = heldout_accuracy(ema, eval_prompts, 1, cfg.eval_guidance, cfg.seed, cfg.sample_steps,
+                                  cfg.sample_shift)
+        grid = sample_euler(ema, eval_prompts[:32], cfg.seed, cfg.sample_steps, cfg.sample_shift, cfg.eval_guidance)
+        save_grid(grid, out / "samples" / f"step_{step:06d}.png", nrow=8, scale=2)
+        save_tiny(ema, out / "model")
+        eval_time += time.perf_counter() - t0
+        minutes = (time.perf_counter() - start) / 60
+        row = {"step": step, "minutes": minutes, "eval_strict": plain["strict"], "eval_dense": plain["dense"],
+               "eval_strict_guided": guided["strict"], "eval_dense_guided": guided["dense"],
+               "guidance": cfg.eval_guidance, "eval_prompts": len(eval_prompts)}
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        history["strict"].append((step, plain["strict"]))
+        history[f"strict_g{cfg.eval_guidance:g}"].append((step, guided["strict"]))
+        log(f"eval step {step}: held-out strict {plain['strict']:.3f} (guidance {cfg.eval_guidance:g}: "
+            f"{guided['strict']:.3f}), dense {plain['dense']:.3f} / {guided['dense']:.3f} "
+            f"[{time.perf_counter() - t0:.0f} s]")
+
+    step = 0
+    while True:
+        progress = max(step / cfg.steps, (time.perf_counter() - start) / (60 * cfg.minutes))
+        if progress >= 1:
+            break
+        idx = rng.integers(len(train_prompts), size=cfg.batch_size)
+        images = render_batch([train_scenes[i] for i in idx], rng, cfg.model.image_size)      # [B, 3, H, W]
+        drop = rng.random(cfg.batch_size) < cfg.prompt_dropout
+        cond = model.encode_prompts(["" if d else train_prompts[i] for i, d in zip(idx, drop)])
+        x0 = images * 2 - 1
+        t = torch.sigmoid(torch.randn(cfg.batch_size))                                       # logit-normal
+        loss = rectified_flow_loss(model, x0, cond, t, torch.randn_like(x0))
+        lr = learning_rate(cfg, step, progress)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        # EMA with a warm-up (decay (1 + k) / (10 + k) early on), so early evaluations are not the random init.
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        step += 1
+        loss_sum += loss.item()
+        loss_n += 1
+        if step % cfg.log_every == 0:
+            now = time.perf_counter()
+            mean_loss = loss_sum / loss_n
+            history["loss"].append((step, mean_loss))
+            metrics.write(json.dumps({"step": step, "minutes": (now - start) / 60, "loss": mean_loss, "lr": lr})
+                          + "\n")
+            metrics.flush()
+            log(f"step {step} loss {mean_loss:.4f} lr {lr:.2e} {cfg.log_every / (now - last_log):.2f} steps/s "
+                f"{(now - start) / 60:.1f} min")
+            loss_sum, loss_n, last_log = 0.0, 0, now
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            evaluate(step)
+            last_log = time.perf_counter()
+    total = (time.perf_counter() - start) / 60
+    log(f"pretrain: {step} steps in {total:.1f} min ({eval_time / 60:.1f} min evaluating)")
+    if cfg.eval_every:
+        evaluate(step)
+    else:
+        save_tiny(ema, out / "model")
+    metrics.close()
+    plot_lines({"loss": history["loss"]}, out / "curve_loss.png", title="rectified-flow loss", xlabel="step")
+    if cfg.eval_every:
+        plot_lines({k: v for k, v in history.items() if k != "loss"}, out / "curve_accuracy.png",
+                   title="held-out strict accuracy (EMA, 25-step ODE)", xlabel="step")
+    return out / "model"
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """`python -m mixgrpo.pretrain --out DIR [--minutes M] [--steps N] [--field value ...]`: every scalar
+    field of PretrainConfig is a flag (underscores as dashes)."""
+    parser = argparse.ArgumentParser(prog="mixgrpo pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output directory (checkpoint in OUT/model)")
+    for f in dataclasses.fields(PretrainConfig):
+        if f.name != "model":
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    return pretrain(PretrainConfig(**args), out, log=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+    main()
