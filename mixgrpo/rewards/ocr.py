@@ -20,10 +20,9 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
+from mixgrpo.images import to_pil
 from mixgrpo.rewards.base import REWARDS, RewardError
 
 _QUOTED = re.compile(r'"([^"]*)"|\u201c([^\u201d]*)\u201d')  # straight or curly double quotes
@@ -62,9 +61,8 @@ def text_similarity(recognised: str, target: str) -> float:
 
 def to_png(image: torch.Tensor) -> bytes:
     """[3, H, W] in [0, 1] -> PNG bytes (8-bit RGB)."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    to_pil(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

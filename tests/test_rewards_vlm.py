@@ -1,0 +1,149 @@
+"""VLM judge against a local OpenAI-compatible server started by the test (http.server, 127.0.0.1, random port).
+
+The server's answer to each request is decided by the test's `respond(prompt, n) -> (status, text, delay)`,
+where n counts the requests received so far (1-based).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mixgrpo.rewards import REWARDS, RewardError
+from mixgrpo.rewards.vlm import parse_score
+
+
+@pytest.fixture
+def server():
+    state = SimpleNamespace(respond=lambda prompt, n: (200, "Final Score: 3", 0.0), requests=[],
+                            lock=threading.Lock())
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with state.lock:
+                state.requests.append(SimpleNamespace(path=self.path, headers=dict(self.headers), body=body))
+                n = len(state.requests)
+            status, text, delay = state.respond(body["messages"][0]["content"][1]["text"], n)
+            time.sleep(delay)
+            payload = {"choices": [{"message": {"role": "assistant", "content": text}}]} if status == 200 \
+                else {"error": {"message": text}}
+            data = json.dumps(payload).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:  # the client gave up (timeout test)
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def judge(server, **kwargs):
+    return REWARDS.get("vlm")(base_url=server.base_url, model="judge-model", backoff=0.01, **kwargs)
+
+
+IMAGES = torch.rand(3, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+
+
+def test_parse_score_takes_the_last_final_score_within_range():
+    assert parse_score("Final Score: 4.5") == 4.5
+    assert parse_score("**Final Score:** 3") == 3.0
+    assert parse_score("format: 'Final Score: 1' ... my verdict. final score = 4") == 4.0
+    assert parse_score("Final Score: 7") is None
+    assert parse_score("looks great, 5/5") is None
+
+
+def test_scores_follow_the_answers_and_requests_carry_image_prompt_model_and_key(server, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "secret")
+    server.respond = lambda prompt, n: (200, f"Looks fine.\nFinal Score: {prompt.count('x') + 1}.5", 0.0)
+    prompts = ["a", "x", "xx"]
+    scores = judge(server, api_key_env="TEST_JUDGE_KEY", template="Rate: {prompt}", concurrency=3)(IMAGES, prompts)
+    assert scores.dtype == torch.float32 and scores.tolist() == [1.5, 2.5, 3.5]
+
+    assert len(server.requests) == 3
+    for request in server.requests:
+        assert request.path == "/v1/chat/completions"
+        assert request.headers["Authorization"] == "Bearer secret"
+        assert request.body["model"] == "judge-model"
+        image_part, text_part = request.body["messages"][0]["content"]
+        i = prompts.index(text_part["text"].removeprefix("Rate: "))
+        header, _, data = image_part["image_url"]["url"].partition(",")
+        assert header == "data:image/png;base64"
+        sent = np.array(Image.open(io.BytesIO(base64.b64decode(data))))
+        expected = (IMAGES[i] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(sent, expected)
+
+
+def test_an_unparseable_answer_is_retried_then_raises_with_the_answer(server):
+    server.respond = lambda prompt, n: (200, "I quite like this picture.", 0.0)
+    with pytest.raises(RewardError, match="3 of 3 judge calls failed.*I quite like this picture"):
+        judge(server, retries=1)(IMAGES, ["p"] * 3)
+    assert len(server.requests) == 3 * 2  # each image: 1 attempt + 1 retry
+
+
+def test_nan_policy_marks_unscorable_images_but_raises_when_all_fail(server):
+    server.respond = lambda prompt, n: (200, "Final Score: 4" if prompt == "good" else "Final Score: 9", 0.0)
+    reward = judge(server, retries=0, on_failure="nan", template="{prompt}")
+    scores = reward(IMAGES, ["good", "bad", "good"])
+    assert scores[0] == 4.0 and math.isnan(scores[1]) and scores[2] == 4.0
+    with pytest.raises(RewardError, match="no score in \\[1.0, 5.0\\]"):
+        reward(IMAGES[:2], ["bad", "bad"])
+
+
+def test_http_500_is_retried_until_success(server):
+    server.respond = lambda prompt, n: (500, "overloaded", 0.0) if n <= 2 else (200, "Final Score: 5", 0.0)
+    assert judge(server, retries=2)(IMAGES[:1], ["p"]).tolist() == [5.0]
+    assert len(server.requests) == 3
+
+
+def test_http_401_fails_at_once_with_the_servers_message(server):
+    server.respond = lambda prompt, n: (401, "invalid api key", 0.0)
+    with pytest.raises(RewardError, match="HTTP 401.*invalid api key"):
+        judge(server, retries=3)(IMAGES[:1], ["p"])
+    assert len(server.requests) == 1
+
+
+def test_a_slow_server_times_out(server):
+    server.respond = lambda prompt, n: (200, "Final Score: 5", 1.0)
+    with pytest.raises(RewardError, match="timeout"):
+        judge(server, timeout=0.2, retries=1)(IMAGES[:1], ["p"])
+    assert len(server.requests) == 2
+
+
+def test_an_unreachable_endpoint_says_so():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reward = REWARDS.get("vlm")(base_url=f"http://127.0.0.1:{port}/v1", model="m", retries=1, backoff=0.01)
+    with pytest.raises(RewardError, match=f"cannot reach http://127.0.0.1:{port}/v1/chat/completions.*base_url"):
+        reward(IMAGES[:1], ["p"])
+
+
+def test_a_missing_api_key_variable_is_a_config_error(monkeypatch):
+    monkeypatch.delenv("TEST_JUDGE_KEY", raising=False)
+    with pytest.raises(ValueError, match="TEST_JUDGE_KEY"):
+        REWARDS.get("vlm")(base_url="http://127.0.0.1:1/v1", model="m", api_key_env="TEST_JUDGE_KEY")
