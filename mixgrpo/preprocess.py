@@ -165,6 +165,8 @@ def _load_text_encoder(model: str, path: str | None, dtype: str, device: str, ma
         module, _, fn = TEXT_ENCODERS[model].partition(":")
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         return getattr(importlib.import_module(module), fn)(path, dtype=dtype, device=device, **kw, **args)
+    import mixgrpo.models.sd3  # noqa: F401  (registers "flux" and "sd3" among the built-in models)
+    import mixgrpo.models.tiny  # noqa: F401  (registers "tiny")
     from mixgrpo.models import MODELS
 
     kw = dict(args) | ({"path": path} if path else {})
