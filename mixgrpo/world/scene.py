@@ -219,45 +219,66 @@ def relation_holds(relation: str, a_xy: Sequence[float], b_xy: Sequence[float], 
     The relation's axis must dominate: "A left of B" iff (x_B - x_A) - |y_B - y_A| > margin, and likewise
     for the other three, so at most one relation holds for a pair of centres.
     """
-    return bool(_relation_margin(relation, np.asarray(a_xy, dtype=float), np.asarray(b_xy, dtype=float)) > margin)
+    margins = _relation_margins(np.asarray(a_xy, dtype=float), np.asarray(b_xy, dtype=float))
+    return bool(margins[RELATIONS.index(relation)] > margin)
 
 
-def _relation_margin(relation: str, a_xy: np.ndarray, b_xy: np.ndarray) -> np.ndarray:
-    """(offset along the relation's axis) - |offset across it| for centres [..., 2]; > 0 iff the relation holds."""
+def _relation_margins(a_xy: np.ndarray, b_xy: np.ndarray) -> np.ndarray:
+    """(offset along each relation's axis) - |offset across it| for centres [..., 2]: [..., 4] in RELATIONS
+    order; a relation holds iff its entry is > 0."""
     dx, dy = b_xy[..., 0] - a_xy[..., 0], b_xy[..., 1] - a_xy[..., 1]
-    along, across = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
-    return along - np.abs(across)
+    return np.stack([dx - np.abs(dy), -dx - np.abs(dy), dy - np.abs(dx), -dy - np.abs(dx)], axis=-1)
 
 
-def _layout(scene: Scene, rng: np.random.Generator, size: int, tries: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Centres [N, 2] (x, y in pixels) and half-sizes [N] of the scene's N instances, objects in order.
+def _layout(scenes: Sequence[Scene], rng: np.random.Generator, size: int,
+            tries: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Centres [N, 2] (x, y in pixels) and half-sizes [N] of all N instances, scene after scene, each scene's
+    objects in order. Vectorised over scenes.
 
     One or two instances: the first valid of `tries` uniform candidate layouts (boxes inside the border, at
-    least GAP apart, the relation held with RELATION_MARGIN); radii shrink by 5% (never below MIN_RADIUS)
-    when none is valid. Three or four instances (no relation) fill too much of the canvas for rejection
-    sampling: each gets its own random quadrant and a uniform position inside it.
+    least GAP apart, the relation held with RELATION_MARGIN); a scene without a valid candidate shrinks its
+    radii by 5% (never below MIN_RADIUS) and draws again. Three or four instances (no relation) fill too much
+    of the canvas for rejection sampling: each gets its own random quadrant and a uniform position inside it.
     """
-    n = scene.n_instances
-    radii = rng.uniform(MIN_RADIUS, MAX_RADIUS, size=n) * size
+    n = np.array([s.n_instances for s in scenes])  # [B]
+    first = np.cumsum(n) - n  # [B] index of each scene's first instance
+    radii = rng.uniform(MIN_RADIUS, MAX_RADIUS, size=n.sum()) * size  # [N]
+    centres = np.empty((n.sum(), 2))
     gap, border, margin = GAP * size, BORDER * size, RELATION_MARGIN * size
-    if n >= 3:
+
+    crowded = np.flatnonzero(n >= 3)
+    if crowded.size:
+        quadrants = np.argsort(rng.random((crowded.size, 4)), axis=1)  # a random permutation per scene
+        quadrant = quadrants[np.arange(4)[None] < n[crowded, None]]  # [instances of crowded scenes]
+        idx = np.concatenate([np.arange(first[b], first[b] + n[b]) for b in crowded])
         half, pad = size / 2, max(border, gap / 2)  # boxes in adjacent quadrants are >= 2 pad >= GAP apart
-        corner = half * np.stack(np.divmod(rng.permutation(4)[:n], 2), axis=1)[:, ::-1]  # [N, 2] (x, y)
-        room = half - 2 * pad - 2 * radii  # [N] free play of the box inside its quadrant, >= 0 at MAX_RADIUS
-        return corner + pad + radii[:, None] + rng.random((n, 2)) * room[:, None], radii
+        corner = half * np.stack([quadrant % 2, quadrant // 2], axis=1)  # [M, 2] (x, y)
+        room = half - 2 * pad - 2 * radii[idx]  # [M] free play of a box in its quadrant, >= 0 at MAX_RADIUS
+        centres[idx] = corner + pad + radii[idx, None] + rng.random((idx.size, 2)) * room[:, None]
+
+    pending = np.flatnonzero(n <= 2)
+    pair = n == 2
+    relation = np.array([RELATIONS.index(s.relation) if s.relation else -1 for s in scenes])
     for _ in range(20):
-        lo, hi = radii + border, size - radii - border  # [N]
-        cand = lo[None, :, None] + rng.random((tries, n, 2)) * (hi - lo)[None, :, None]  # [tries, N, 2]
-        ok = np.ones(tries, dtype=bool)
-        if n == 2:
-            ok &= np.abs(cand[:, 0] - cand[:, 1]).max(axis=1) >= radii.sum() + gap  # Chebyshev distance
-        if scene.relation is not None:
-            ok &= _relation_margin(scene.relation, cand[:, 0], cand[:, 1]) > margin
-        valid = np.flatnonzero(ok)
-        if valid.size:
-            return cand[valid[0]], radii
-        radii = np.maximum(radii * 0.95, MIN_RADIUS * size)
-    raise RuntimeError(f"could not lay out {format_prompt(scene)!r} at size {size}")
+        if not pending.size:
+            return centres, radii
+        second = np.where(pair[pending], first[pending] + 1, first[pending])  # singles: a dummy copy
+        r = np.stack([radii[first[pending]], radii[second]], axis=1)  # [P, 2]
+        lo = r + border
+        cand = lo[:, None, :, None] + rng.random((pending.size, tries, 2, 2)) * (size - 2 * lo)[:, None, :, None]
+        # cand [P, tries, 2 instances, (x, y)]; Chebyshev distance between the two boxes' centres.
+        ok = ~pair[pending, None] | (np.abs(cand[:, :, 0] - cand[:, :, 1]).max(-1) >= r.sum(1)[:, None] + gap)
+        rel = relation[pending]
+        margins = _relation_margins(cand[:, :, 0], cand[:, :, 1])  # [P, tries, 4]
+        ok &= (rel[:, None] < 0) | (np.take_along_axis(margins, np.maximum(rel, 0)[:, None, None], 2)[..., 0] > margin)
+        found = ok.any(1)
+        pick = cand[np.arange(pending.size), ok.argmax(1)]  # [P, 2, 2] first valid candidate
+        centres[first[pending[found]]] = pick[found, 0]
+        centres[second[found]] = pick[found, 1]
+        shrink = np.unique(np.concatenate([first[pending[~found]], second[~found]]))
+        radii[shrink] = np.maximum(radii[shrink] * 0.95, MIN_RADIUS * size)
+        pending = pending[~found]
+    raise RuntimeError(f"could not lay out {format_prompt(scenes[pending[0]])!r} at size {size}")
 
 
 def _rasterise(batch_index: np.ndarray, centres: np.ndarray, radii: np.ndarray, shapes: np.ndarray,
@@ -296,19 +317,14 @@ _COLOR_TABLE = {name: np.array(rgb, dtype=np.float32) / 255.0 for name, rgb in C
 def render_batch(scenes: Sequence[Scene], seed: int | np.random.Generator, size: int = 32) -> torch.Tensor:
     """Render scenes with random layouts: [B, 3, size, size] float32 in [0, 1]; deterministic in `seed`."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    batch_index, centres, radii, shapes, colors = [], [], [], [], []
-    for b, scene in enumerate(scenes):
-        c, r = _layout(scene, rng, size)
-        centres.append(c)
-        radii.append(r)
-        for o in scene.objects:
-            batch_index += [b] * o.count
-            shapes += [SHAPES.index(o.shape)] * o.count
-            colors += [_COLOR_TABLE[o.color]] * o.count
     if not scenes:
         return torch.zeros(0, 3, size, size)
-    return _rasterise(np.array(batch_index), np.concatenate(centres), np.concatenate(radii), np.array(shapes),
-                      np.stack(colors), len(scenes), size)
+    centres, radii = _layout(scenes, rng, size)
+    instances = [(b, o) for b, scene in enumerate(scenes) for o in scene.objects for _ in range(o.count)]
+    batch_index = np.array([b for b, _ in instances])
+    shapes = np.array([SHAPES.index(o.shape) for _, o in instances])
+    colors = np.stack([_COLOR_TABLE[o.color] for _, o in instances])
+    return _rasterise(batch_index, centres, radii, shapes, colors, len(scenes), size)
 
 
 def render(scene: Scene, rng: np.random.Generator, size: int = 32) -> torch.Tensor:
