@@ -117,3 +117,16 @@ def test_bad_inputs_name_the_fix(flux_dir, tmp_path):
         load_flux(str(tmp_path))
     with pytest.raises(ValueError, match="multiples of 4"):
         load_flux(str(flux_dir), dtype="float32", height=32, width=34)
+
+
+def test_reference_copy_shares_the_text_encoder(flux_dir, model):
+    """A frozen reference model (KL term) reuses the policy's text encoder instead of loading T5 again."""
+    ref = load_flux(str(flux_dir), dtype="float32", height=SIZE, width=SIZE, guidance=GUIDANCE,
+                    text_encoder=model.text_encoder)
+    assert ref.text_encoder is model.text_encoder and ref.transformer is not model.transformer
+    x = torch.randn(1, *model.latent_shape)
+    with torch.no_grad():
+        cond = model.encode_prompts(PROMPTS[:1])
+        torch.testing.assert_close(ref(x, torch.tensor([0.5]), cond), model(x, torch.tensor([0.5]), cond))
+    with pytest.raises(ValueError, match="not both"):
+        load_flux(str(flux_dir), text_encoder=model.text_encoder, embedding_cache="cache")

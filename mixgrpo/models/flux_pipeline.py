@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mixgrpo.models.base import MODELS, Cond
-from mixgrpo.models.flux import FluxAdapter
+from mixgrpo.models.flux import FluxAdapter, TextEncoder
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -137,7 +137,7 @@ def load_flux_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat1
 @MODELS.register("flux")
 def load_flux(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu", height: int = 1024,
               width: int = 1024, guidance: float | None = 3.5, max_sequence_length: int = 512,
-              embedding_cache: str | None = None) -> FluxAdapter:
+              embedding_cache: str | None = None, text_encoder: TextEncoder | None = None) -> FluxAdapter:
     """A FLUX.1 `FluxAdapter` from a local diffusers pipeline directory, in eval mode.
 
     path: the pipeline directory (model_index.json, transformer/, vae/, text encoders, tokenizers).
@@ -149,9 +149,13 @@ def load_flux(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "c
     max_sequence_length: T5 tokens per prompt (512 for dev, 256 for schnell).
     embedding_cache: a directory written by `mixgrpo preprocess`; when given, CLIP and T5 are not loaded and
         prompts are looked up in the cache.
+    text_encoder: an already loaded text encoder (anything with encode(prompts) -> Cond) to share, e.g. the
+        policy's with a frozen reference copy; then none is loaded.
     """
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
+    if text_encoder is not None and embedding_cache is not None:
+        raise ValueError("flux: give text_encoder or embedding_cache, not both")
     path = check_pipeline_dir(path, "flux", ["transformer", "vae"], "black-forest-labs/FLUX.1-dev")
     torch_dtype = parse_dtype(dtype)
     kw = dict(torch_dtype=torch_dtype, local_files_only=True)
@@ -167,7 +171,7 @@ def load_flux(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "c
         text_encoder = EmbeddingCache(embedding_cache, device=device)
         text_encoder.check_widths("flux", prompt_embeds=transformer.config.joint_attention_dim,
                                   pooled=transformer.config.pooled_projection_dim)
-    else:
+    elif text_encoder is None:
         text_encoder = load_flux_text_encoder(path, torch_dtype, device, max_sequence_length)
     latent_shape = (transformer.config.in_channels // 4, height // factor, width // factor)
     return FluxAdapter(transformer, text_encoder, patch_size=2, latent_shape=latent_shape,

@@ -67,7 +67,7 @@ def apply_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
     """Add a LoRA adapter to a diffusers transformer in place; only the LoRA weights stay trainable.
 
     rank: r, the inner dimension of the update B A. alpha: scale numerator (update scaled by alpha / rank);
-    None = rank. target_modules: names (or name suffixes) of the linear layers to adapt.
+    None or 0 = rank (scale 1, the config's convention). target_modules: names (or name suffixes) of the linear layers to adapt.
     init: peft's init_lora_weights; True = Kaiming A, zero B (the model is unchanged at start); "gaussian",
     "pissa", ... are passed through. dtype: of the LoRA weights (float32 master weights under bf16 autocast,
     whatever the base weights' dtype). Returns `transformer`.
@@ -78,7 +78,7 @@ def apply_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
         raise ValueError(f"LoRA rank must be >= 1 (got {rank}); use rank 0 in the config for full fine-tuning")
     if has_lora(transformer):
         raise ValueError("the transformer already has a LoRA adapter; apply_lora once per model")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank,
                         target_modules=list(target_modules), init_lora_weights=init)
     try:
         transformer.add_adapter(config, adapter_name=ADAPTER)

@@ -155,7 +155,7 @@ def load_sd3_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16
 @MODELS.register("sd3")
 def load_sd3(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu", height: int = 1024,
              width: int = 1024, max_sequence_length: int = 256, use_t5: bool = True,
-             embedding_cache: str | None = None) -> SD3Adapter:
+             embedding_cache: str | None = None, text_encoder: TextEncoder | None = None) -> SD3Adapter:
     """An `SD3Adapter` from a local SD3 / SD3.5 diffusers pipeline directory, in eval mode.
 
     path: the pipeline directory (model_index.json, transformer/, vae/, three text encoders, tokenizers).
@@ -165,9 +165,13 @@ def load_sd3(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
     max_sequence_length: T5 tokens per prompt (the pipeline's default 256).
     use_t5: False drops T5-XXL (zeros in its place, as the pipeline does with text_encoder_3=None).
     embedding_cache: a directory written by `mixgrpo preprocess`; when given, no text encoder is loaded.
+    text_encoder: an already loaded text encoder (anything with encode(prompts) -> Cond) to share, e.g. the
+        policy's with a frozen reference copy; then none is loaded.
     """
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
+    if text_encoder is not None and embedding_cache is not None:
+        raise ValueError("sd3: give text_encoder or embedding_cache, not both")
     path = check_pipeline_dir(path, "sd3", ["transformer", "vae"], "stabilityai/stable-diffusion-3.5-medium")
     torch_dtype = parse_dtype(dtype)
     kw = dict(torch_dtype=torch_dtype, local_files_only=True)
@@ -184,7 +188,7 @@ def load_sd3(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
         text_encoder = EmbeddingCache(embedding_cache, device=device)
         text_encoder.check_widths("sd3", prompt_embeds=transformer.config.joint_attention_dim,
                                   pooled=transformer.config.pooled_projection_dim)
-    else:
+    elif text_encoder is None:
         text_encoder = load_sd3_text_encoder(path, torch_dtype, device, max_sequence_length, use_t5)
     latent_shape = (transformer.config.in_channels, height // factor, width // factor)
     return SD3Adapter(transformer, text_encoder, latent_shape, VaeDecoder(vae)).eval()
