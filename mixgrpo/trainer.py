@@ -111,35 +111,37 @@ def prompt_indices(iteration: int, num_prompts: int, count: int, seed: int) -> l
     return out[:count]
 
 
-def score_with_policy(rewards: list[tuple[str, float, Callable]], images: torch.Tensor, prompts: list[str],
-                      group_size: int, retries: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Score B images with every reward -> ({label: [P, G]}, failed [P] bool).
+def with_retries(label: str, fn: Callable, retries: int) -> Callable:
+    """Wrap a reward: a call that raises RewardError is retried `retries` times (with backoff); if it still
+    fails, a warning is printed and every image gets NaN, which the caller counts as failed groups."""
 
-    A reward call that raises is retried `retries` times; if it still fails, or returns NaN/inf for an
-    image, that image's group is marked failed (its advantages become 0 and it is counted).
-    """
-    num_prompts = len(prompts) // group_size
-    failed = torch.zeros(num_prompts, dtype=torch.bool)
-    scores = {}
-    for label, _, fn in rewards:
-        result = None
+    def call(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         for attempt in range(retries + 1):
             try:
                 result = torch.as_tensor(fn(images, prompts), dtype=torch.float32).flatten().cpu()
                 if result.numel() != len(prompts):
                     raise RewardError(f"returned {result.numel()} scores for {len(prompts)} images")
-                break
+                return result
             except RewardError as e:
-                last = e
-                result = None
-                time.sleep(min(2.0 ** attempt * 0.1, 2.0))
-        if result is None:
-            dist.print0(f"warning: reward {label!r} failed after {retries + 1} attempts ({last}); "
-                        f"its groups are skipped this iteration")
-            result = torch.full((len(prompts),), float("nan"))
-        result = result.view(num_prompts, group_size)
-        failed |= ~torch.isfinite(result).all(1)
-        scores[label] = result
+                error = e
+                if attempt < retries:
+                    time.sleep(min(0.1 * 2.0**attempt, 2.0))
+        dist.print0(f"warning: reward {label!r} failed after {retries + 1} attempts ({error}); "
+                    f"its images are scored NaN and their groups skipped")
+        return torch.full((len(prompts),), float("nan"))
+
+    return call
+
+
+def score_groups(rewards: list[tuple[str, float, Callable]], images: torch.Tensor, prompts: list[str],
+                 group_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Score B images with every reward -> ({label: [P, G]}, failed [P] bool): a group fails when any of
+    its images got a NaN or infinite score from any reward."""
+    num_prompts = len(prompts) // group_size
+    scores = {label: fn(images, prompts).view(num_prompts, group_size) for label, _, fn in rewards}
+    failed = torch.zeros(num_prompts, dtype=torch.bool)
+    for s in scores.values():
+        failed |= ~torch.isfinite(s).all(1)
     return scores, failed
 
 
@@ -323,7 +325,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     model = build_model(cfg, device)
     params = trainable_parameters(model, cfg)
     base_weights = {n: p.detach().clone() for n, p in params.items()} if cfg.kl_beta > 0 else None
-    rewards = build_rewards(cfg.rewards)
+    rewards = [(label, w, with_retries(label, fn, cfg.reward_policy.retries))
+               for label, w, fn in build_rewards(cfg.rewards)]
     train_prompts = read_prompts(cfg.train_prompts)
     eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -387,7 +390,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             with torch.no_grad():
                 images = model.decode(traj.final).float()
             flat_prompts = [p for p in prompts for _ in range(G)]
-            scores, failed = score_with_policy(rewards, images, flat_prompts, G, cfg.reward_policy.retries)
+            scores, failed = score_groups(rewards, images, flat_prompts, G)
             all_failed = dist.all_gather_cat(failed)
             if all_failed.float().mean().item() > cfg.reward_policy.max_failed_groups:
                 raise TrainingError(f"{int(all_failed.sum())} of {all_failed.numel()} groups failed to get rewards at "

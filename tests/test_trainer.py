@@ -1,0 +1,115 @@
+"""The trainer end to end on the analytic Gaussian model: learning, invariances, resume, failure policy."""
+
+import json
+
+import pytest
+import torch
+
+from mixgrpo.checkpoint import latest_checkpoint, load_checkpoint
+from mixgrpo.config import ConfigError, build_config
+from mixgrpo.trainer import TrainingError, read_metrics, train
+
+
+def _cfg(tmp_path, **over):
+    data = {
+        "algorithm": "mixgrpo",
+        "sampler": {"num_steps": 8, "window": {"size": 2, "tau": 2}},
+        "model": {"name": "gaussian", "args": {"size": 4}},
+        "rewards": [{"name": "toy_rewards:brightness", "weight": 1.0}],
+        "train_prompts": "world:train",
+        "eval_prompts": "world:heldout",
+        "iterations": 6,
+        "prompts_per_iteration": 2,
+        "group_size": 4,
+        "updates_per_iteration": 2,
+        "micro_batch_size": 4,
+        "lr": 0.05,
+        "clip_range": 0.2,
+        "out_dir": str(tmp_path / "run"),
+        "checkpoint_every": 2,
+        "eval_num_prompts": 4,
+    }
+    data.update(over)
+    return build_config(data)
+
+
+@pytest.mark.parametrize("algorithm", ["mixgrpo", "mixgrpo_flash_star", "flow_grpo", "dance_grpo"])
+def test_reward_rises_and_only_trainable_weights_change(tmp_path, algorithm):
+    cfg = _cfg(tmp_path, algorithm=algorithm, iterations=12)
+    run = train(cfg, progress=False)
+    metrics = read_metrics(run)
+    rewards = [m["reward/brightness"] for m in metrics]
+    assert len(rewards) == 12
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert evals[-1]["eval/brightness"] > evals[0]["eval/brightness"]
+    final = load_checkpoint(latest_checkpoint(run))["model"]
+    assert set(final) == {"mu"}
+    assert not torch.equal(final["mu"], torch.zeros_like(final["mu"]))
+    for name in ("reward_curve.png", "samples_before.png", "samples_after.png", "summary.md", "config.yaml"):
+        assert (run / name).is_file(), name
+
+
+def test_on_policy_ratio_is_one_on_the_first_optimizer_step(tmp_path):
+    run = train(_cfg(tmp_path, iterations=2), progress=False)
+    for m in read_metrics(run):
+        assert m["onpolicy_ratio_error"] < 1e-5
+
+
+def test_micro_batch_size_does_not_change_the_update(tmp_path):
+    a = train(_cfg(tmp_path / "a", iterations=2, micro_batch_size=1), progress=False)
+    b = train(_cfg(tmp_path / "b", iterations=2, micro_batch_size=4), progress=False)
+    wa = load_checkpoint(latest_checkpoint(a))["model"]["mu"]
+    wb = load_checkpoint(latest_checkpoint(b))["model"]["mu"]
+    torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = train(_cfg(tmp_path / "full"), progress=False)
+    cfg = _cfg(tmp_path / "cut")
+    train(cfg, progress=False, stop_after=3)  # interrupted after iteration 3 (checkpointed on stop)
+    assert latest_checkpoint(cfg.out_dir).name == "iter_000003"
+    resumed = train(cfg, resume=True, progress=False)
+    wf = load_checkpoint(latest_checkpoint(full))["model"]["mu"]
+    wr = load_checkpoint(latest_checkpoint(resumed))["model"]["mu"]
+    assert torch.equal(wf, wr)
+    mf, mr = read_metrics(full), read_metrics(resumed)
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    assert [drop(m) for m in mf] == [drop(m) for m in mr]
+
+
+def test_existing_run_needs_resume(tmp_path):
+    cfg = _cfg(tmp_path, iterations=2)
+    train(cfg, progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg, progress=False)
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    train(_cfg(tmp_path, iterations=2), progress=False)
+    from mixgrpo.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="different configuration"):
+        train(_cfg(tmp_path, iterations=4, lr=0.01), resume=True, progress=False)
+
+
+def test_nan_rewards_skip_their_groups_and_are_counted(tmp_path):
+    cfg = _cfg(tmp_path, iterations=2, rewards=[{"name": "toy_rewards:flaky", "args": {"fail_every": 8}}],
+               reward_policy={"max_failed_groups": 0.5})
+    run = train(cfg, progress=False)
+    assert all(m["failed_groups"] == 1 for m in read_metrics(run))  # image 0 of 8: one group of 2
+
+
+def test_failing_reward_aborts_with_a_clear_message(tmp_path):
+    cfg = _cfg(tmp_path, iterations=2, rewards=[{"name": "toy_rewards:broken"}], reward_policy={"retries": 1})
+    with pytest.raises(TrainingError, match="failed to get rewards"):
+        train(cfg, progress=False)
+
+
+def test_kl_to_the_base_pulls_towards_it(tmp_path):
+    free = train(_cfg(tmp_path / "free", iterations=6), progress=False)
+    tied = train(_cfg(tmp_path / "tied", iterations=6, kl_beta=50.0), progress=False)
+    wf = load_checkpoint(latest_checkpoint(free))["model"]["mu"].abs().mean()
+    wt = load_checkpoint(latest_checkpoint(tied))["model"]["mu"].abs().mean()
+    assert "kl_to_base" in read_metrics(tied)[-1]
+    assert wt < wf
