@@ -55,7 +55,8 @@ def _violations(scene: Scene, rng: np.random.Generator) -> dict[str, Scene]:
 
     out = {}
     colors = [c for c in COLORS if c != o.color and (c, o.shape) not in taken]
-    out["wrong colour"] = Scene(replace(dataclasses.replace(o, color=colors[rng.integers(len(colors))])), scene.relation)
+    out["wrong colour"] = Scene(replace(dataclasses.replace(o, color=colors[rng.integers(len(colors))])),
+                                scene.relation)
     shapes = [s for s in SHAPES if s != o.shape and (o.color, s) not in taken]
     if shapes:
         out["wrong shape"] = Scene(replace(dataclasses.replace(o, shape=shapes[rng.integers(len(shapes))])),

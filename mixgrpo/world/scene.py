@@ -270,7 +270,8 @@ def _layout(scenes: Sequence[Scene], rng: np.random.Generator, size: int,
         ok = ~pair[pending, None] | (np.abs(cand[:, :, 0] - cand[:, :, 1]).max(-1) >= r.sum(1)[:, None] + gap)
         rel = relation[pending]
         margins = _relation_margins(cand[:, :, 0], cand[:, :, 1])  # [P, tries, 4]
-        ok &= (rel[:, None] < 0) | (np.take_along_axis(margins, np.maximum(rel, 0)[:, None, None], 2)[..., 0] > margin)
+        held = np.take_along_axis(margins, np.maximum(rel, 0)[:, None, None], 2)[..., 0] > margin  # [P, tries]
+        ok &= (rel[:, None] < 0) | held
         found = ok.any(1)
         pick = cand[np.arange(pending.size), ok.argmax(1)]  # [P, 2, 2] first valid candidate
         centres[first[pending[found]]] = pick[found, 0]
@@ -286,9 +287,9 @@ def _rasterise(batch_index: np.ndarray, centres: np.ndarray, radii: np.ndarray, 
     """Draw N non-overlapping instances into [batch, 3, size, size] images.
 
     batch_index [N] image of each instance; centres [N, 2]; radii [N]; shapes [N] index into SHAPES;
-    colors [N, 3] in [0, 1]; batch_index sorted. A pixel belongs to an instance when its centre (i + 0.5) lies inside the shape:
-    circle |p - c| <= r; square |p - c|_inf <= 0.886 r (the circle's area); triangle apex up, base 2r,
-    height 2r, inside the box of half-size r. No anti-aliasing: colours stay exact.
+    colors [N, 3] in [0, 1]; batch_index sorted. A pixel belongs to an instance when its centre (i + 0.5) lies
+    inside the shape: circle |p - c| <= r; square |p - c|_inf <= 0.886 r (the circle's area); triangle apex up,
+    base 2r, height 2r, inside the box of half-size r. No anti-aliasing: colours stay exact.
     """
     grid = np.arange(size, dtype=np.float32) + 0.5
     dx = grid[None, None, :] - centres[:, 0, None, None].astype(np.float32)  # [N, 1, W]
