@@ -82,18 +82,20 @@ def test_splits_are_the_generator_output_and_disjoint():
     assert len(set(train)) == len(train) > 1000 and len(set(heldout)) == len(heldout) > 150
 
 
+def _pairs(scene: Scene) -> set[frozenset]:
+    """The unordered colour-shape pairs that a scene shows together."""
+    return {frozenset(p) for p in itertools.combinations([(o.color, o.shape) for o in scene.objects], 2)}
+
+
 def test_heldout_compositions_never_appear_in_train():
     train = [parse_prompt(p) for p in load_prompts("train")]
     heldout = [parse_prompt(p) for p in load_prompts("heldout")]
     assert all(is_heldout(s) for s in heldout) and not any(is_heldout(s) for s in train)
-    def pairs(s):
-        return {frozenset(p) for p in itertools.combinations([(o.color, o.shape) for o in s.objects], 2)}
-
-    train_pairs = set().union(*map(pairs, train))
+    train_pairs = set().union(*map(_pairs, train))
     train_counts = {(o.count, o.color, o.shape) for s in train for o in s.objects}
     for s in heldout:
         counts = {(o.count, o.color, o.shape) for o in s.objects}
-        assert (pairs(s) - train_pairs) or (counts - train_counts), format_prompt(s)
+        assert (_pairs(s) - train_pairs) or (counts - train_counts), format_prompt(s)
     # ... while every held-out prompt is built from parts that train does show: objects, counts, relations.
     assert {(o.color, o.shape) for s in train for o in s.objects} == {(c, s) for c in COLORS for s in W.SHAPES}
     assert {k for k, _, _ in train_counts} == {1, 2, 3} and {s.relation for s in train} >= set(RELATIONS)
