@@ -130,3 +130,28 @@ def test_reference_copy_shares_the_text_encoder(flux_dir, model):
         torch.testing.assert_close(ref(x, torch.tensor([0.5]), cond), model(x, torch.tensor([0.5]), cond))
     with pytest.raises(ValueError, match="not both"):
         load_flux(str(flux_dir), text_encoder=model.text_encoder, embedding_cache="cache")
+
+
+@torch.no_grad()
+def test_rollout_ode_plan_equals_pipeline(flux_dir, model):
+    """mixgrpo's rollout with the SDE off (plan of ODE steps, static shift 3) equals the stock FluxPipeline."""
+    from diffusers import FluxPipeline
+
+    from mixgrpo.plan import SamplerConfig, build_plan
+    from mixgrpo.rollout import sample
+
+    plan = build_plan(SamplerConfig(num_steps=6, shift=3.0, sde_steps="none", train_steps="none"))
+    sigmas = [s.sigma for s in plan.steps]
+    seeds = [11, 12]
+    ours = sample(model, plan, model.encode_prompts(PROMPTS), seeds)
+    noise = torch.cat([torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(s))
+                       for s in seeds])
+    pipe = FluxPipeline.from_pretrained(flux_dir, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    # No dynamic shift, shift 1: the scheduler takes our (already shifted) grid as is.
+    pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False, shift=1.0)
+    expected = pipe(PROMPTS, height=SIZE, width=SIZE, num_inference_steps=len(sigmas), sigmas=sigmas,
+                    guidance_scale=GUIDANCE, latents=pack(noise, 2), max_sequence_length=MAX_SEQ,
+                    output_type="latent").images
+    torch.testing.assert_close(pipe.scheduler.sigmas[:-1], torch.tensor(sigmas, dtype=torch.float32))
+    torch.testing.assert_close(pack(ours, 2), expected, rtol=1e-5, atol=1e-5)
