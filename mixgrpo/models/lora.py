@@ -67,7 +67,8 @@ def apply_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
     """Add a LoRA adapter to a diffusers transformer in place; only the LoRA weights stay trainable.
 
     rank: r, the inner dimension of the update B A. alpha: scale numerator (update scaled by alpha / rank);
-    None or 0 = rank (scale 1, the config's convention). target_modules: names (or name suffixes) of the linear layers to adapt.
+    None or 0 = rank (scale 1, the config's convention).
+    target_modules: names (or name suffixes) of the linear layers to adapt.
     init: peft's init_lora_weights; True = Kaiming A, zero B (the model is unchanged at start); "gaussian",
     "pissa", ... are passed through. dtype: of the LoRA weights (float32 master weights under bf16 autocast,
     whatever the base weights' dtype). Returns `transformer`.
