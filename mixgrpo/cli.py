@@ -52,8 +52,6 @@ def _resolve_model(name: str, path: str | None):
     from mixgrpo.config import read_yaml
     from mixgrpo.models import MODELS
 
-    import mixgrpo.models.tiny  # noqa: F401  (registers "tiny")
-
     args = {}
     if path:
         p = Path(path)

@@ -397,8 +397,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                                     f"iteration {it} (limit: reward_policy.max_failed_groups = "
                                     f"{cfg.reward_policy.max_failed_groups}): check the reward models/endpoints")
             fused = {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in scores.items()}
-            weights = {label: w for label, w, _ in rewards}
-            active = {k: v for k, v in fused.items() if weights[k] != 0}
+            weights = {label: w for label, w, _ in rewards if w != 0}
+            active = {k: v for k, v in fused.items() if k in weights}
             if cfg.advantage_std == "global":
                 gathered = {k: dist.all_gather_cat(v) for k, v in active.items()}
                 adv_all = combine_rewards(gathered, weights, cfg.reward_mode, std="global", clip=cfg.advantage_clip)
