@@ -99,6 +99,7 @@ class TrainConfig:
     log_tensorboard: bool = True  # when tensorboard is installed
     wandb_project: str = ""  # non-empty = log to Weights & Biases
     reward_policy: RewardPolicyConfig = field(default_factory=RewardPolicyConfig)
+    profile: bool = False  # count model calls and time spent inside them (metrics model_calls/*, time/model_*)
 
     def __post_init__(self):
         checks = [

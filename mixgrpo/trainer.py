@@ -145,6 +145,41 @@ def score_groups(rewards: list[tuple[str, float, Callable]], images: torch.Tenso
     return scores, failed
 
 
+class ModelClock:
+    """Counts model calls and the seconds spent inside them (forward via hooks; the trainer adds backward).
+
+    On CUDA each call is synchronised so that the time is the kernel time: enabled by `profile: true` only.
+    """
+
+    def __init__(self, model: torch.nn.Module, sync: bool):
+        self.calls, self.seconds, self._start, self.sync = 0, 0.0, 0.0, sync
+        model.register_forward_pre_hook(lambda *a: self._begin())
+        model.register_forward_hook(lambda *a: self._end(count=True))
+
+    def _begin(self) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def _end(self, count: bool) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - self._start
+        self.calls += int(count)
+
+    @contextlib.contextmanager
+    def measure(self):
+        """Time a block (the backward pass) as model time without counting a call."""
+        self._begin()
+        yield
+        self._end(count=False)
+
+    def take(self) -> tuple[int, float]:
+        out = (self.calls, self.seconds)
+        self.calls, self.seconds = 0, 0.0
+        return out
+
+
 class EMA:
     """Exponential moving average of the trainable weights (kept in float32)."""
 
@@ -192,7 +227,7 @@ class UpdateStats:
 def update(model: FlowModel, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
            traj: Trajectory, advantages: torch.Tensor, cond: torch.Tensor | dict, uncond: dict | None,
            plan, cfg: TrainConfig, shares: list[torch.Tensor], ref_weights: dict[str, torch.Tensor] | None,
-           ema: EMA | None, autocast: Callable[[], Any]) -> UpdateStats:
+           ema: EMA | None, autocast: Callable[[], Any], clock: ModelClock | None = None) -> UpdateStats:
     """Optimizer steps over the stored transitions.
 
     advantages: [B]; cond, uncond: [B, ...] rows; shares: one index tensor per optimizer step (the samples
@@ -231,7 +266,8 @@ def update(model: FlowModel, params: dict[str, torch.nn.Parameter], optimizer: t
                     raise TrainingError(f"the loss became {loss.item()} at optimizer step {u}, trained step {k}: "
                                         f"lower lr or clip_range, or check the rewards for extreme values")
                 weight = len(mb) / (n_share * num_trained)
-                (loss * weight * dist.world_size()).backward()
+                with clock.measure() if clock is not None else contextlib.nullcontext():
+                    (loss * weight * dist.world_size()).backward()
                 stats.add({"loss": loss.detach(), **step_stats}, weight)
                 if u == 0:
                     ratio_err = (logp.detach() - traj.log_prob[mb, k]).abs().max().exp().item() - 1
@@ -363,6 +399,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     uncond_row = cond_to(model.encode_prompts([""]), device) if cfg.guidance_scale != 1.0 else None
     rank, world = dist.rank(), dist.world_size()
     P, G = cfg.prompts_per_iteration, cfg.group_size
+    clock = ModelClock(model, sync=device.type == "cuda") if cfg.profile else None
 
     if start == 0 and dist.is_main():
         before = _eval_and_save(model, None, eval_prompts, rewards, cfg, "before", run_dir)
@@ -382,10 +419,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             uncond = None if uncond_row is None else {k: v.expand(P, *v.shape[1:]) for k, v in uncond_row.items()}
             mask = train_mask(plan, P * G, cfg.seed, it, sample_offset=rank * P * G)
             group_seeds = [derive_seed(cfg.seed, it, i) for i in range(rank * P, (rank + 1) * P)]
+            if clock is not None:
+                clock.take()
             model.eval()
             with autocast():
                 traj = rollout(model, plan, cond, G, group_seeds, mask, uncond, cfg.guidance_scale, cfg.shared_noise)
             t1 = time.perf_counter()
+            rollout_calls, rollout_model_s = clock.take() if clock is not None else (0, 0.0)
 
             with torch.no_grad():
                 images = model.decode(traj.final).float()
@@ -413,7 +453,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             ustats = update(model, params, optimizer, traj, advantages.flatten().to(device),
                             cond_repeat_interleave(cond, G),
                             None if uncond is None else cond_repeat_interleave(uncond, G),
-                            plan, cfg, shares, base_weights, ema, autocast)
+                            plan, cfg, shares, base_weights, ema, autocast, clock)
             scheduler.step()
             t3 = time.perf_counter()
 
@@ -431,6 +471,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             record.update({k: v for k, v in ustats.means().items()})
             record.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
                            "time/iteration": t3 - t0})
+            if clock is not None:
+                update_calls, update_model_s = clock.take()
+                record.update({"model_calls/rollout": rollout_calls, "model_calls/update": update_calls,
+                               "time/model_rollout": rollout_model_s, "time/model_update": update_model_s})
             done_here += 1
             metric_lines += 1
             if dist.is_main():

@@ -113,3 +113,19 @@ def test_kl_to_the_base_pulls_towards_it(tmp_path):
     wt = load_checkpoint(latest_checkpoint(tied))["model"]["mu"].abs().mean()
     assert "kl_to_base" in read_metrics(tied)[-1]
     assert wt < wf
+
+
+@pytest.mark.parametrize("algorithm", ["mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo"])
+def test_counted_model_calls_match_the_plan(tmp_path, algorithm):
+    """Calls are counted by hooks on the model; the plan's NFE is what the paper counts."""
+    from mixgrpo.plan import build_plan
+
+    cfg = _cfg(tmp_path, algorithm=algorithm, iterations=3, profile=True, sampler={"num_steps": 10})
+    run = train(cfg, progress=False)
+    for m in read_metrics(run):
+        plan = build_plan(cfg.sampler, m["iteration"] - 1, cfg.seed)
+        assert m["model_calls/rollout"] == plan.nfe == m["nfe_rollout"]
+        micro_batches = cfg.updates_per_iteration * -(-cfg.prompts_per_iteration * cfg.group_size
+                                                      // cfg.updates_per_iteration // cfg.micro_batch_size)
+        assert m["model_calls/update"] == plan.num_trained * micro_batches
+        assert m["time/model_rollout"] <= m["time/rollout"]
