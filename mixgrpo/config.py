@@ -93,7 +93,7 @@ class TrainConfig:
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
     eval_every: int = 0  # 0 = only before and after training
-    eval_num_prompts: int = 64
+    eval_num_prompts: int = 64  # held-out prompts evaluated before and after training; 0 = no evaluation
     eval_images_per_prompt: int = 1
     eval_guidance_scale: float = -1.0  # -1 = same as guidance_scale
     log_tensorboard: bool = True  # when tensorboard is installed

@@ -401,7 +401,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     P, G = cfg.prompts_per_iteration, cfg.group_size
     clock = ModelClock(model, sync=device.type == "cuda") if cfg.profile else None
 
-    if start == 0 and dist.is_main():
+    if start == 0 and dist.is_main() and eval_prompts:  # eval_num_prompts = 0 skips evaluation
         before = _eval_and_save(model, None, eval_prompts, rewards, cfg, "before", run_dir)
         _append_json(run_dir / "eval.jsonl", {"iteration": 0, **before})
         dist.print0("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
@@ -497,11 +497,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 return run_dir
 
     if dist.is_main():
-        after = _eval_and_save(model, ema.shadow if ema else None, eval_prompts, rewards, cfg, "after", run_dir)
-        _append_json(run_dir / "eval.jsonl", {"iteration": cfg.iterations, **after})
+        if eval_prompts:
+            after = _eval_and_save(model, ema.shadow if ema else None, eval_prompts, rewards, cfg, "after", run_dir)
+            _append_json(run_dir / "eval.jsonl", {"iteration": cfg.iterations, **after})
+            dist.print0("after training: " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
         _export(model, params, ema, run_dir / "final")
         _write_summary(run_dir, cfg)
-        dist.print0("after training: " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
         dist.print0(f"run directory: {run_dir}")
     return run_dir
 
@@ -570,7 +571,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def _write_summary(run_dir: Path, cfg: TrainConfig) -> None:
     metrics = read_metrics(run_dir)
-    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+    eval_file = run_dir / "eval.jsonl"
+    evals = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()] if eval_file.exists() else []
     reward_keys = [k for k in metrics[0] if k.startswith("reward/") and not k.endswith("_std")] if metrics else []
     plot_lines({k[7:]: [(m["iteration"], m[k]) for m in metrics] for k in reward_keys},
                run_dir / "reward_curve.png", title=f"{cfg.algorithm}: training reward", xlabel="iteration")
