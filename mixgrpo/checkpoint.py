@@ -50,12 +50,12 @@ def save_checkpoint(run_dir: str | Path, iteration: int, model_state: dict[str, 
                     ema_state: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
     """Write checkpoint `iteration` atomically; keep the newest `keep` complete checkpoints."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"iter_{iteration:06d}"
     tmp = root / f".tmp-iter_{iteration:06d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
         tmp.mkdir()
         save_file(_contiguous(model_state), tmp / "model.safetensors")
         if ema_state is not None:
@@ -68,16 +68,25 @@ def save_checkpoint(run_dir: str | Path, iteration: int, model_state: dict[str, 
         (tmp / MARKER).write_text("ok\n")
         _fsync_dir(tmp)
         if final.exists():  # a re-run of the same iteration after a resume: replace it
-            shutil.rmtree(final)
+            _remove(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-    except OSError as e:
+    except Exception as e:  # OSError, and safetensors' SafetensorError for I/O errors (disk full, ...)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}. The previous checkpoint "
-                              f"is intact; free disk space or fix the permissions of {root}, then resume") from None
+        reason = getattr(e, "strerror", None) or str(e)
+        raise CheckpointError(f"could not write checkpoint {final}: {reason}. The previous checkpoint is intact; "
+                              f"free disk space or fix the permissions of {root}, then resume") from e
     for old in complete_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+    for stale in root.glob(".tmp-iter_*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint, marker first: a deletion cut short leaves a directory that is never picked up."""
+    (checkpoint / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -56,6 +56,19 @@ class RewardPolicyConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run is spread over ranks (docs/distributed.md). None of it changes the update, except that
+    param_dtype "bf16" computes with bf16 weights; a run may resume with other values."""
+
+    strategy: str = "ddp"  # "ddp": replicated weights, gradients all-reduced; "fsdp": FSDP2, sharded per block
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after each training forward, re-gather in backward
+    param_dtype: str = "fp32"  # fsdp: dtype of the gathered weights that forwards compute with ("bf16" or "fp32")
+    reduce_dtype: str = "fp32"  # fsdp: dtype of the gradient reduce-scatter
+    checkpoint_format: str = "full"  # "full": rank 0 writes gathered weights; "sharded": every rank writes its shard (DCP)
+    rewards_on: str = "every_rank"  # "rank0": only rank 0 builds the reward models and scores every rank's images
+
+
+@dataclass
 class TrainConfig:
     algorithm: str = "mixgrpo"  # sampler preset: a key of mixgrpo.plan.ALGORITHMS
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -99,6 +112,7 @@ class TrainConfig:
     log_tensorboard: bool = True  # when tensorboard is installed
     wandb_project: str = ""  # non-empty = log to Weights & Biases
     reward_policy: RewardPolicyConfig = field(default_factory=RewardPolicyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     profile: bool = False  # count model calls and time spent inside them (metrics model_calls/*, time/model_*)
 
     def __post_init__(self):
@@ -121,10 +135,22 @@ class TrainConfig:
             (self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1"),
             (self.lora.rank >= 0, "lora.rank", "an integer >= 0 (0 = full fine-tuning)"),
+            (self.parallel.strategy in ("ddp", "fsdp"), "parallel.strategy", "'ddp' or 'fsdp'"),
+            (self.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "'fp32' or 'bf16'"),
+            (self.parallel.reduce_dtype in ("fp32", "bf16"), "parallel.reduce_dtype", "'fp32' or 'bf16'"),
+            (self.parallel.checkpoint_format in ("full", "sharded"), "parallel.checkpoint_format",
+             "'full' or 'sharded'"),
+            (self.parallel.rewards_on in ("every_rank", "rank0"), "parallel.rewards_on", "'every_rank' or 'rank0'"),
         ]
         for ok, name, want in checks:
             if not ok:
                 raise ConfigError(f"{name} = {getattr_path(self, name)!r} is invalid: use {want}")
+        if self.parallel.strategy == "ddp" and (self.parallel.param_dtype, self.parallel.reduce_dtype) != ("fp32",) * 2:
+            raise ConfigError("parallel.param_dtype / reduce_dtype apply to parallel.strategy 'fsdp' only: with 'ddp' "
+                              "use precision: bf16 for bf16 compute, or set parallel.strategy: fsdp")
+        if self.parallel.strategy == "fsdp" and (self.kl_beta > 0 or self.ema_decay > 0):
+            raise ConfigError("kl_beta > 0 and ema_decay > 0 are not supported with parallel.strategy 'fsdp' yet (the "
+                              "reference and EMA copies are not sharded): use strategy 'ddp', or set them to 0")
         if self.group_size % self.updates_per_iteration:
             raise ConfigError(
                 f"group_size = {self.group_size} is not a multiple of updates_per_iteration = "
@@ -307,4 +333,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write the config as YAML, atomically (a kill mid-write leaves the previous file, which --resume reads)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
