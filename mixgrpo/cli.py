@@ -10,6 +10,7 @@ Errors in the user's input print one line naming the problem and the fix, and ex
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -63,7 +64,17 @@ def _resolve_model(name: str, path: str | None):
         elif not p.exists():
             raise UsageError(f"model path {path!r} does not exist: give a model directory or a run directory")
         args["path"] = str(p)
-    return MODELS.get(name)(**args).eval()
+    from safetensors import SafetensorError
+
+    factory = MODELS.get(name)
+    try:
+        return factory(**args).eval()
+    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
+        if not path:
+            raise
+        raise UsageError(f"cannot load model {name!r} from {path!r} ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                         f"the files are corrupted or from another model or size; pass the matching --model, "
+                         f"or the run directory itself") from e
 
 
 def _sampling_plan(args: argparse.Namespace):
@@ -155,11 +166,14 @@ def _reward_spec(text: str):
     import yaml
 
     from mixgrpo.config import RewardConfig, from_dict
+    from mixgrpo.rewards import REWARDS
 
     name, rest = text, ""
     head, sep, tail = text.rpartition(":")
     if sep and "=" in tail and "=" not in head:
         name, rest = head, tail
+    elif sep and head in REWARDS.names():
+        raise UsageError(f"--reward {text!r}: {tail!r} is not key=value (e.g. {head}:score=strict)")
     kwargs = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -243,11 +257,35 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001  (user-facing boundary: one line, no traceback)
+        from mixgrpo.trainer import TrainingStopped
+
+        if isinstance(e, TrainingStopped):  # preempted: checkpointed and resumable, but not finished
+            print(f"stopped by {e}", file=sys.stderr)
+            return 128 + e.signum
         if args.debug or not _is_user_error(e):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_os_error_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     return 0
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "free disk space (quota exceeded)",
+    errno.EACCES: "fix its permissions or choose another path",
+    errno.EPERM: "fix its permissions or choose another path",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.ENOTDIR: "a part of the path is a file: choose another path",
+    errno.EEXIST: "a file is in the way: choose another path",
+    errno.EISDIR: "it is a directory: give a file",
+    errno.ENOENT: "check the path",
+}
+
+
+def _os_error_message(e: OSError) -> str:
+    """One line for an operating-system error: what failed, on which path, and the usual fix."""
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}: {_OS_FIXES.get(e.errno, 'check the path, its permissions and free space')}"
 
 
 def _is_user_error(e: BaseException) -> bool:
@@ -256,7 +294,7 @@ def _is_user_error(e: BaseException) -> bool:
     from mixgrpo.rewards import RewardError
     from mixgrpo.trainer import TrainingError
 
-    return isinstance(e, (ValueError, FileNotFoundError, PermissionError, CheckpointError, RewardError, TrainingError))
+    return isinstance(e, (ValueError, OSError, CheckpointError, RewardError, TrainingError))
 
 
 if __name__ == "__main__":
