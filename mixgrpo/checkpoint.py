@@ -8,6 +8,10 @@ A checkpoint is a directory `<run>/checkpoints/iter_NNNNNN/` holding
     COMPLETE            written last
 It is written under a temporary name and renamed into place, so a crash (even kill -9) in the middle of a
 save never leaves a directory that `latest_checkpoint` would pick up.
+
+The sharded format (`save_sharded_checkpoint`, for models too large to gather on one rank) replaces
+model / ema / optimizer files by `dcp/`, a torch.distributed.checkpoint directory in which every rank
+writes its own shards; DCP reshards on load, so a run may resume with another world size.
 """
 
 from __future__ import annotations
@@ -118,3 +122,69 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupted ({type(e).__name__}: {e}); delete it to "
                               f"resume from the previous one") from None
     return {"model": model, "ema": ema, "optimizer": optimizer, "state": state}
+
+
+def save_sharded_checkpoint(run_dir: str | Path, iteration: int, app_state: dict[str, Any], state: dict[str, Any],
+                            keep: int = 2) -> Path:
+    """Write checkpoint `iteration` in the sharded format; a collective: every rank calls it.
+
+    app_state: what `torch.distributed.checkpoint.save` takes (tensors, DTensors, nested dicts, picklable
+    values). Every rank writes its shards to `dcp/` in a temporary directory (the same path on every rank: the
+    run directory must be on a filesystem all nodes share); then rank 0 writes state.json and COMPLETE and
+    renames the directory into place.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from mixgrpo import dist
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"iter_{iteration:06d}"
+    tmp = root / f".tmp-iter_{iteration:06d}-sharded"
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(app_state, checkpoint_id=tmp / "dcp")
+    dist.barrier()  # every rank's shards are on disk
+    if dist.is_main():
+        try:
+            (tmp / "state.json").write_text(json.dumps({**state, "iteration": iteration}, indent=1))
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            (tmp / MARKER).write_text("ok\n")
+            _fsync_dir(tmp)
+            if final.exists():
+                _remove(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}. The previous checkpoint "
+                                  f"is intact; free disk space or fix the permissions of {root}, then resume") from e
+        for old in complete_checkpoints(run_dir)[:-keep]:
+            _remove(old)
+    dist.barrier()
+    return final
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "dcp").is_dir()
+
+
+def load_sharded_checkpoint(path: str | Path, app_state: dict[str, Any]) -> dict[str, Any]:
+    """Load a sharded checkpoint in place into `app_state` (the structure it was saved from, built for the
+    current world size and strategy: DCP reshards); returns state.json. Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): it was interrupted "
+                              f"while being written; resume from an older one")
+    try:
+        dcp.load(app_state, checkpoint_id=path / "dcp")
+        return json.loads((path / "state.json").read_text())
+    except Exception as e:  # any read failure means corruption or another model
+        raise CheckpointError(f"sharded checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); it is "
+                              f"corrupted or from another model configuration") from None
