@@ -51,6 +51,15 @@ class TrainingError(RuntimeError):
     """Training cannot go on (too many failed rewards, non-finite loss, ...); the message says why."""
 
 
+class TrainingStopped(Exception):
+    """SIGTERM/SIGINT stopped the run after a checkpoint; `--resume` continues it. The CLI exits 128 + signum
+    (143 for SIGTERM, 130 for SIGINT), so a job scheduler sees an unfinished run, not a success."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 # --------------------------------------------------------------------------------------------------
 # building blocks
 
@@ -86,6 +95,9 @@ def trainable_parameters(model: FlowModel, cfg: TrainConfig) -> dict[str, torch.
     if cfg.lora.rank > 0:
         from mixgrpo.models.lora import apply_lora
 
+        if not hasattr(model.denoiser, "add_adapter"):  # LoRA goes through diffusers' peft integration
+            raise ConfigError(f"lora.rank = {cfg.lora.rank}: model {cfg.model.name!r} does not support LoRA "
+                              f"adapters (its denoiser is not a diffusers model): use lora.rank=0")
         apply_lora(model.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha or cfg.lora.rank,
                    target_modules=list(cfg.lora.target_modules))
     else:
@@ -112,26 +124,40 @@ def prompt_indices(iteration: int, num_prompts: int, count: int, seed: int) -> l
     return out[:count]
 
 
-def with_retries(label: str, fn: Callable, retries: int) -> Callable:
-    """Wrap a reward: a call that raises RewardError is retried `retries` times (with backoff); if it still
-    fails, a warning is printed and every image gets NaN, which the caller counts as failed groups."""
+TRANSIENT_ERRORS = (RewardError, TimeoutError, ConnectionError)
+"""Reward failures worth retrying. Anything else (a TypeError, a prompt the reward cannot parse) is a bug or
+bad input that a retry cannot fix: it propagates at once."""
 
-    def call(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        for attempt in range(retries + 1):
+
+class RetryingReward:
+    """A reward under the failure policy. A call that raises one of TRANSIENT_ERRORS (a reward's own timeout
+    included) or returns the wrong number of scores is retried `retries` times with backoff; if it still fails,
+    a warning is printed and every image gets NaN, which the caller counts as failed groups. NaN/inf scores
+    are not retried (the reward's verdict on those images). `last_error` keeps the reason of the latest
+    call's failure or non-finite scores (None when clean), for the abort message."""
+
+    def __init__(self, label: str, fn: Callable, retries: int):
+        self.label, self.fn, self.retries = label, fn, retries
+        self.last_error: str | None = None
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.last_error = None
+        for attempt in range(self.retries + 1):
             try:
-                result = torch.as_tensor(fn(images, prompts), dtype=torch.float32).flatten().cpu()
+                result = torch.as_tensor(self.fn(images, prompts), dtype=torch.float32).flatten().cpu()
                 if result.numel() != len(prompts):
                     raise RewardError(f"returned {result.numel()} scores for {len(prompts)} images")
-                return result
-            except RewardError as e:
-                error = e
-                if attempt < retries:
+            except TRANSIENT_ERRORS as e:
+                self.last_error = f"{type(e).__name__}: {e}"
+                if attempt < self.retries:
                     time.sleep(min(0.1 * 2.0**attempt, 2.0))
-        dist.print0(f"warning: reward {label!r} failed after {retries + 1} attempts ({error}); "
+                continue
+            bad = int((~torch.isfinite(result)).sum())
+            self.last_error = f"{bad} of {result.numel()} scores were NaN or inf" if bad else None
+            return result
+        dist.print0(f"warning: reward {self.label!r} failed after {self.retries + 1} attempts ({self.last_error}); "
                     f"its images are scored NaN and their groups skipped")
         return torch.full((len(prompts),), float("nan"))
-
-    return call
 
 
 def score_groups(rewards: list[tuple[str, float, Callable]], images: torch.Tensor, prompts: list[str],
@@ -276,6 +302,9 @@ def update(model: FlowModel, params: dict[str, torch.nn.Parameter], optimizer: t
         grads = [p for p in params.values() if p.grad is not None]
         dist.average_gradients([p.grad for p in grads])
         norm = torch.nn.utils.clip_grad_norm_(grads, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(norm):  # stepping would write NaN into the weights (and the next checkpoint)
+            raise TrainingError(f"the gradient norm became {float(norm)} at optimizer step {u}; the weights were "
+                                f"not updated: lower lr or clip_range, or check the rewards for extreme values")
         stats.grad_norms.append(float(norm))
         optimizer.step()
         if ema is not None:
@@ -349,12 +378,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     dist.init()
     device = dist.device()
     run_dir = Path(cfg.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"out_dir {str(run_dir)!r} is a file, not a directory: choose another out_dir")
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     latest = latest_checkpoint(run_dir)
     if latest is not None and not resume:
         raise ConfigError(f"{run_dir} already holds checkpoints ({latest.name}): pass --resume to continue "
                           f"that run, or choose another out_dir")
+    if resume and latest is None:  # the first launch of a job that always passes --resume
+        dist.print0(f"--resume: no complete checkpoint in {run_dir}; starting a new run")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
     params = trainable_parameters(model, cfg)
@@ -362,7 +395,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     model = dist.wrap_model(model, cfg.parallel)  # FSDP replaces the parameters by their shards: collect them again
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     builds = cfg.parallel.rewards_on == "every_rank" or dist.is_main()  # "rank0": no reward model elsewhere
-    rewards = [(label, w, with_retries(label, fn, cfg.reward_policy.retries))
+    rewards = [(label, w, RetryingReward(label, fn, cfg.reward_policy.retries))
                for label, w, fn in build_rewards(cfg.rewards, build=builds)]
     # the training images of every rank are scored where the rewards live; evaluation runs on rank 0 only
     served = rewards if cfg.parallel.rewards_on == "every_rank" else [(k, w, dist.on_rank0(fn)) for k, w, fn in rewards]
@@ -376,14 +409,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     start, metric_lines = 0, 0
     if resume and latest is not None:
         state = _restore(latest, model, params, optimizer, scheduler, ema)
-        if state.get("config") != _fingerprint(cfg):
-            raise CheckpointError(f"checkpoint {latest} was written with a different configuration: resume with "
-                                  f"the run's own config ({run_dir / 'config.yaml'}) or start a new out_dir")
+        changed = _config_diff(state.get("config") or {}, _fingerprint(cfg))
+        if changed:
+            raise CheckpointError(f"checkpoint {latest} was written with a different configuration "
+                                  f"({', '.join(changed[:4])}): "
+                                  f"resume with the run's own config ({run_dir / 'config.yaml'}) or start a new "
+                                  f"out_dir")
         start, metric_lines = state["iteration"], state["metric_lines"]
         dist.print0(f"resumed from {latest} at iteration {start}")
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
         _truncate_lines(run_dir / "metrics.jsonl", metric_lines)
+        _drop_evals_from(run_dir / "eval.jsonl", start)
 
     amp = cfg.precision == "bf16"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
@@ -426,9 +463,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             scores, failed = score_groups(served, images, flat_prompts, G)
             all_failed = dist.all_gather_cat(failed)
             if all_failed.float().mean().item() > cfg.reward_policy.max_failed_groups:
+                reasons = "; ".join(f"{label}: {fn.last_error}" for label, _, fn in rewards if fn.last_error)
                 raise TrainingError(f"{int(all_failed.sum())} of {all_failed.numel()} groups failed to get rewards at "
                                     f"iteration {it} (limit: reward_policy.max_failed_groups = "
-                                    f"{cfg.reward_policy.max_failed_groups}): check the reward models/endpoints")
+                                    f"{cfg.reward_policy.max_failed_groups}); {reasons or 'NaN or inf scores'}. "
+                                    f"Fix the reward (model path, endpoint, binary), then resume")
             fused = {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in scores.items()}
             weights = {label: w for label, w, _ in rewards if w != 0}
             active = {k: v for k, v in fused.items() if k in weights}
@@ -482,11 +521,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                           f"clip {record.get('clip_fraction', 0):.3f} | {t3 - t0:5.2f} s/it | ETA {_format_eta(eta)}",
                           flush=True)
             last = it + 1 == cfg.iterations
-            stopping = stop.signal is not None or (stop_after is not None and done_here >= stop_after)
+            # every rank stops at the same iteration, even when only some of them got the signal
+            signalled = dist.all_reduce_mean(torch.tensor(float(stop.signal is not None), device=device)).item() > 0
+            stopping = signalled or (stop_after is not None and done_here >= stop_after)
             if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
                 _save(run_dir, it + 1, model, optimizer, scheduler, ema, cfg, metric_lines)
             if stopping and not last:
-                dist.print0(f"stopped after iteration {it + 1}; continue with --resume")
+                message = f"stopped after iteration {it + 1}; continue with --resume"
+                if signalled:
+                    signum = stop.signal or signal.SIGTERM
+                    raise TrainingStopped(f"{signal.Signals(signum).name}: checkpoint saved, {message}", signum)
+                dist.print0(message)
                 return run_dir
 
     with dist.unsharded(model, cfg.parallel):  # FSDP: every rank gathers the weights, rank 0 evaluates and exports
@@ -572,11 +617,14 @@ def _export(model: FlowModel, params, ema: EMA | None, path: Path) -> None:
     """The final model in the adapter's own format (loadable by its factory), EMA weights when present."""
     if not hasattr(model, "save_pretrained"):
         return
+    from mixgrpo.models.lora import atomic_directory
+
     if ema is not None:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(ema.shadow[n])
-    model.save_pretrained(path)
+    with atomic_directory(path) as tmp:  # a kill mid-export never leaves a half-written final model
+        model.save_pretrained(tmp)
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:
@@ -593,6 +641,31 @@ def _truncate_lines(path: Path, keep: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(lines), encoding="utf-8")
     tmp.replace(path)
+
+
+def _drop_evals_from(path: Path, iteration: int) -> None:
+    """Drop evaluations at or after `iteration` (the one we resume from): this run writes them again."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if json.loads(line)["iteration"] < iteration:
+                keep.append(line)
+        except ValueError:  # blank, or cut short by a crash mid-write
+            pass
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """'key.sub: old -> new' for every leaf that differs between two config fingerprints. A key the old one
+    lacks is a field added by a newer mixgrpo (its default keeps the old behaviour): not a difference."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str) if k in old
+                for d in _config_diff(old[k], new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
