@@ -107,6 +107,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_state(path: str | Path) -> dict[str, Any]:
+    """state.json of a checkpoint (iteration, config fingerprint, metric lines), without loading any weights."""
+    path = Path(path)
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupted (state.json: {e}); delete it to resume from the "
+                              f"previous one") from None
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint directory: {"model", "ema" (or None), "optimizer", "state"}."""
     path = Path(path)

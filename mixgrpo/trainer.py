@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 from mixgrpo import dist
 from mixgrpo.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_checkpoint, load_checkpoint,
-                                 load_sharded_checkpoint, save_checkpoint, save_sharded_checkpoint)
+                                 load_sharded_checkpoint, read_state, save_checkpoint, save_sharded_checkpoint)
 from mixgrpo.config import ConfigError, RewardConfig, TrainConfig, save_config, to_dict
 from mixgrpo.evaluate import derive_seed, evaluate, ode_plan
 from mixgrpo.grpo import combine_rewards, kl_to_reference, policy_loss
@@ -408,13 +408,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
     start, metric_lines = 0, 0
     if resume and latest is not None:
-        state = _restore(latest, model, params, optimizer, scheduler, ema)
-        changed = _config_diff(state.get("config") or {}, _fingerprint(cfg))
+        # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
+        changed = _config_diff(read_state(latest).get("config") or {}, _fingerprint(cfg))
         if changed:
             raise CheckpointError(f"checkpoint {latest} was written with a different configuration "
                                   f"({', '.join(changed[:4])}): "
                                   f"resume with the run's own config ({run_dir / 'config.yaml'}) or start a new "
                                   f"out_dir")
+        state = _restore(latest, model, params, optimizer, scheduler, ema)
         start, metric_lines = state["iteration"], state["metric_lines"]
         dist.print0(f"resumed from {latest} at iteration {start}")
     if dist.is_main():

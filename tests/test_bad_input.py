@@ -1,0 +1,209 @@
+"""The bad-input catalogue: every case goes through the real CLI (`mixgrpo.cli.main`, a few as subprocesses) and
+must end with exit status 2 and one line on stderr, `error: ...`, that names the problem and the fix; no
+traceback unless `--debug`. docs/reliability.md lists the same cases."""
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mixgrpo.cli import main
+from mixgrpo.config import load_config
+from mixgrpo.trainer import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE_YAML = """\
+algorithm: mixgrpo
+sampler: {num_steps: 8, window: {size: 2, tau: 2}}
+model: {name: gaussian, args: {size: 4}}
+rewards: [{name: "toy_rewards:brightness"}]
+iterations: 2
+prompts_per_iteration: 2
+group_size: 4
+updates_per_iteration: 2
+micro_batch_size: 4
+lr: 0.05
+clip_range: 0.2
+checkpoint_every: 1
+eval_num_prompts: 0
+log_tensorboard: false
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """Input files of the catalogue, and a finished 2-iteration run (plus a corrupted copy of it)."""
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "base.yaml").write_text(BASE_YAML)
+    (d / "bad.yaml").write_text("sampler: {num_steps: 8\nlr: 0.1\n")
+    (d / "list.yaml").write_text("- iterations: 3\n")
+    (d / "latin1.yaml").write_bytes("# caf\xe9\niterations: 3\n".encode("latin-1"))
+    (d / "empty.txt").write_text("\n  \n")
+    (d / "latin1.txt").write_bytes("a red circle\ncaf\xe9\n".encode("latin-1"))
+    (d / "hexagon.txt").write_text("a purple hexagon\n")
+    (d / "sign.txt").write_text('a sign that says "hello"\n')
+    (d / "bad.jsonl").write_text('{"prompt": "a red circle"}\n{prompt: oops}\n')
+    (d / "bad.csv").write_text("text\na red circle\n")
+    (d / "a_file").write_text("not a directory\n")
+    cfg = load_config(d / "base.yaml", [f"out_dir={d / 'run'}"])
+    train(cfg, progress=False)
+    shutil.copytree(d / "run", d / "corrupt")
+    for f in (d / "corrupt" / "checkpoints" / "iter_000002" / "model.safetensors",
+              d / "corrupt" / "final" / "model.safetensors"):
+        f.write_bytes(f.read_bytes()[:40])  # truncated: what a full disk or a killed copy leaves
+    return d
+
+
+@dataclass
+class Case:
+    name: str
+    argv: list[str]  # {d} = the input directory, {out} = a fresh output path
+    expect: list[str]  # substrings of the message (case-insensitive): the problem and the fix
+
+
+def train_args(*overrides: str) -> list[str]:
+    return ["train", "--config", "{d}/base.yaml", "--out", "{out}", "--quiet", *overrides]
+
+
+def sample_args(*extra: str) -> list[str]:
+    return ["sample", "--model", "gaussian", "--prompt", "a red circle", "--steps", "4", "--out", "{out}", *extra]
+
+
+CASES = [
+    # configuration files and overrides
+    Case("malformed YAML", ["train", "--config", "{d}/bad.yaml"], ["not valid YAML", "line 2"]),
+    Case("missing config file", ["train", "--config", "{d}/nope.yaml"], ["does not exist", "check the path"]),
+    Case("config is not a mapping", ["train", "--config", "{d}/list.yaml"], ["must hold a mapping", "got list"]),
+    Case("non-UTF-8 config", ["train", "--config", "{d}/latin1.yaml"], ["not UTF-8", "save it as UTF-8"]),
+    Case("unknown config key", train_args("iteratons=3"), ["unknown config key 'iteratons'", "did you mean 'iterations'"]),
+    Case("unknown nested key", train_args("sampler.windw.size=3"), ["'sampler.windw'", "did you mean 'window'"]),
+    Case("wrong type (int)", train_args("iterations=abc"), ["iterations must be an integer", "'abc'"]),
+    Case("wrong type (bool)", train_args("shared_noise=maybe"), ["shared_noise must be true or false"]),
+    Case("wrong type (section)", train_args("rewards=verifier"), ["rewards must be a list"]),
+    Case("tuple of wrong length", train_args("betas=[0.9]"), ["betas must be a list of 2 values"]),
+    Case("bad override syntax", train_args("iterations"), ["'iterations' is not of the form key.sub=value"]),
+    Case("override into a value", train_args("lr.x=3"), ["'lr' is not a section"]),
+    # values out of range
+    Case("window larger than the steps", train_args("sampler.window.size=20"),
+         ["window.size = 20 exceeds the 8 steps", "lower window.size or raise num_steps"]),
+    Case("group size below 2", train_args("group_size=1", "updates_per_iteration=1"),
+         ["group_size = 1 is invalid", "integer >= 2"]),
+    Case("group not divisible by updates", train_args("updates_per_iteration=3"),
+         ["not a multiple of updates_per_iteration", "choose updates_per_iteration among [1, 2, 4]"]),
+    Case("negative lr", train_args("lr=-1"), ["lr = -1.0 is invalid", "positive number"]),
+    Case("zero steps", train_args("sampler.num_steps=0"), ["num_steps = 0", "at least one step"]),
+    Case("unknown precision", train_args("precision=fp16"), ["precision = 'fp16' is invalid", "'fp32' or 'bf16'"]),
+    Case("every reward weight 0", train_args("rewards=[{name: 'toy_rewards:brightness', weight: 0}]"),
+         ["every reward has weight 0", "non-zero weight"]),
+    # names
+    Case("unknown algorithm", train_args("algorithm=mixgrp"), ["algorithm 'mixgrp' is unknown", "did you mean 'mixgrpo'"]),
+    Case("unknown reward name", train_args("rewards=[{name: verifer}]"), ["unknown reward 'verifer'", "did you mean 'verifier'"]),
+    Case("unknown model name", train_args("model.name=gausian"), ["unknown base model 'gausian'", "did you mean 'gaussian'"]),
+    Case("model args that do not fit", train_args("model.args={sizee: 3}"), ["model.args do not fit", "'sizee'"]),
+    Case("reward args that do not fit", train_args("rewards=[{name: verifier, args: {scor: strict}}]"),
+         ["arguments {'scor': 'strict'} do not fit", "unexpected keyword argument 'scor'"]),
+    Case("user reward module missing", train_args("rewards=[{name: 'nomod:score'}]"),
+         ["cannot import module 'nomod'", "PYTHONPATH"]),
+    Case("user reward function missing", train_args("rewards=[{name: 'toy_rewards:nope'}]"),
+         ["module 'toy_rewards' has no attribute 'nope'"]),
+    Case("LoRA on a model without adapters", train_args("lora.rank=4"), ["does not support LoRA", "use lora.rank=0"]),
+    # prompt files
+    Case("empty prompt file", train_args("train_prompts={d}/empty.txt"), ["holds no prompts", "add at least one"]),
+    Case("non-UTF-8 prompt file", train_args("train_prompts={d}/latin1.txt"), ["is not UTF-8", "re-save it as UTF-8"]),
+    Case("missing prompt file", train_args("train_prompts={d}/nope.txt"), ["does not exist", "world:train"]),
+    Case("malformed JSONL prompt file", train_args("train_prompts={d}/bad.jsonl"), ["bad.jsonl:2", "one JSON object per line"]),
+    Case("CSV without a prompt column", train_args("train_prompts={d}/bad.csv"), ["no 'prompt' column", "['text']"]),
+    Case("unknown world split", train_args("train_prompts=world:test"), ["unknown split 'test'", "'train' or 'heldout'"]),
+    Case("prompt the verifier cannot parse", train_args("train_prompts={d}/hexagon.txt", "rewards=[{name: verifier}]"),
+         ["cannot parse prompt 'a purple hexagon'", "use another reward for free text"]),
+    # reward back-ends
+    Case("missing OCR binary", train_args("train_prompts={d}/sign.txt", "reward_policy.retries=0",
+                                          "rewards=[{name: ocr, args: {binary: /nonexistent}}]"),
+         ["groups failed to get rewards", "'/nonexistent' is not on PATH", "install it"]),
+    Case("unreachable VLM endpoint",
+         train_args("reward_policy.retries=0",
+                    "rewards=[{name: vlm, args: {base_url: 'http://127.0.0.1:1', model: judge, retries: 0}}]"),
+         ["groups failed to get rewards", "cannot reach http://127.0.0.1:1", "check base_url"]),
+    # run directories and checkpoints
+    Case("out_dir is a file", ["train", "--config", "{d}/base.yaml", "--out", "{d}/a_file"],
+         ["out_dir", "is a file", "choose another out_dir"]),
+    Case("out_dir under a file", ["train", "--config", "{d}/base.yaml", "--out", "{d}/a_file/run"],
+         ["not a directory", "a_file/run", "choose another path"]),
+    Case("existing run without --resume", ["train", "--config", "{d}/base.yaml", "--out", "{d}/run"],
+         ["already holds checkpoints", "pass --resume"]),
+    Case("corrupted checkpoint", ["train", "--config", "{d}/base.yaml", "--out", "{d}/corrupt", "--resume", "iterations=3"],
+         ["iter_000002 is corrupted", "delete it"]),
+    Case("checkpoint from another model config",
+         ["train", "--config", "{d}/base.yaml", "--out", "{d}/run", "--resume", "model.args.size=8"],
+         ["different configuration", "model.args.size: 4 -> 8", "resume with the run's own config"]),
+    # sample / eval
+    Case("missing model path", sample_args("--path", "{d}/nope"), ["does not exist", "give a model directory"]),
+    Case("corrupted model file", sample_args("--path", "{d}/corrupt/final"), ["cannot load model", "corrupted"]),
+    Case("model file of another size", sample_args("--path", "{d}/run/final"),
+         ["cannot load model", "size of tensor", "another model or size"]),
+    Case("unknown sampling plan", sample_args("--plan", "mixgrp"), ["--plan 'mixgrp' is unknown", "use 'ode'"]),
+    Case("no prompts", ["sample", "--model", "gaussian", "--out", "{out}"], ["no prompts", "--prompt TEXT"]),
+    Case("sample output is a file", ["sample", "--model", "gaussian", "--prompt", "a red circle", "--out", "{d}/a_file"],
+         ["file exists", "choose another path"]),
+    Case("bad --reward spec", ["eval", "--model", "gaussian", "--prompt", "a red circle", "--reward", "verifier:score",
+                               "base=base", "--out", "{out}"], ["'score' is not key=value", "verifier:score=strict"]),
+]
+
+
+def _fill(argv: list[str], d: Path, out: Path) -> list[str]:
+    return [a.replace("{d}", str(d)).replace("{out}", str(out)) for a in argv]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gives_one_line_naming_problem_and_fix(case, files, tmp_path, capsys):
+    rc = main(_fill(case.argv, files, tmp_path / "out"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("error: ") and "\n" not in err, err
+    for text in case.expect:
+        assert text.lower() in err.lower(), f"{text!r} not in {err!r}"
+
+
+def test_catalogue_has_at_least_20_kinds():
+    assert len({c.name for c in CASES}) == len(CASES) >= 20
+
+
+def test_debug_shows_the_traceback(files):
+    from mixgrpo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'iterations'"):
+        main(["--debug", *_fill(train_args("iteratons=3"), files, files / "unused")])
+
+
+def test_unknown_subcommand_is_an_argparse_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trian"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'trian'" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoints_starts_a_new_run_and_says_so(files, tmp_path, capsys):
+    """The decision: `--resume` on an empty run directory is the first launch of a job that always passes
+    --resume (a preemptible job's command line), so it starts fresh, with a notice."""
+    out = tmp_path / "fresh"
+    assert main(_fill(train_args("--resume"), files, out)) == 0
+    assert "no complete checkpoint" in capsys.readouterr().out
+    assert (out / "checkpoints" / "iter_000002" / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["train", "--config", "{d}/bad.yaml"], "is not valid YAML at line 2"),
+    (["train", "--config", "{d}/base.yaml", "--out", "{d}/corrupt", "--resume", "iterations=3"], "is corrupted"),
+], ids=["malformed YAML", "corrupted checkpoint"])
+def test_bad_input_in_a_real_process(argv, expect, files, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mixgrpo", *_fill(argv, files, tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], proc.stderr
