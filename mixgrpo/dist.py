@@ -78,6 +78,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / world_size()
 
 
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average rank-local scalar metrics over ranks in one all-reduce (float64); identity at world size 1."""
+    if not is_distributed() or not values:
+        return dict(values)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device())
+    torch_dist.all_reduce(t)
+    return dict(zip(values, (t / world_size()).tolist()))
+
+
 def barrier() -> None:
     if is_distributed():
         torch_dist.barrier()

@@ -499,9 +499,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 s_all = dist.all_gather_cat(s)
                 record[f"reward/{label}"] = float(torch.nanmean(s_all))
                 record[f"reward/{label}_std"] = float(s_all[torch.isfinite(s_all)].std()) if s_all.numel() > 1 else 0.0
-            record["advantage_abs_mean"] = float(advantages.abs().mean())
-            record["zero_advantage_groups"] = float((advantages.abs().sum(1) == 0).float().mean())
-            record.update({k: v for k, v in ustats.means().items()})
+            local = {"advantage_abs_mean": float(advantages.abs().mean()),
+                     "zero_advantage_groups": float((advantages.abs().sum(1) == 0).float().mean()), **ustats.means()}
+            record.update(dist.mean_over_ranks(local))  # every rank holds the same number of samples
             record.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
                            "time/iteration": t3 - t0})
             if clock is not None:

@@ -1,0 +1,238 @@
+"""Distributed training on CPU with gloo: world-size invariance, data and reward placement, checkpoints that
+resume on another world size, and a two-"node" launch.
+
+A 2-process run with P = 2 prompts per rank and a 1-process run with P = 4 see the same global batch (the
+same prompts, noise, trained steps and optimizer-step shares), so they must end with the same weights and log
+the same losses, for MixGRPO and DanceGRPO, with parallel.strategy "ddp" and "fsdp" (FSDP2 shards the
+Gaussian model's 3 x 4 x 4 mean unevenly over the 2 ranks). The 2-process runs share one torchrun launch:
+this file is also the launched script (`__main__` at the end trains each configuration of a JSON list).
+Every process uses one thread (the machine has 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+CALLS: list[tuple[int, list[str]]] = []  # (rank, prompts) of every call of `recorded_brightness` in this process
+
+
+def recorded_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The brightness reward of tests/toy_rewards.py, remembering which rank scored which prompts."""
+    from mixgrpo import dist
+
+    CALLS.append((dist.rank(), list(prompts)))
+    return -(images.mean(dim=(1, 2, 3)) - 1.0).abs()
+
+
+def _config(out_dir: Path, **over) -> dict:
+    data = {
+        "algorithm": "mixgrpo",
+        "sampler": {"num_steps": 8, "window": {"size": 2, "tau": 2}},
+        "model": {"name": "gaussian", "args": {"size": 4}},
+        "rewards": [{"name": "test_distributed:recorded_brightness"}],
+        "iterations": 2,
+        "prompts_per_iteration": 2,
+        "group_size": 4,
+        "updates_per_iteration": 2,
+        "micro_batch_size": 4,
+        "lr": 0.05,
+        "clip_range": 0.2,
+        "out_dir": str(out_dir),
+        "checkpoint_every": 1,
+        "keep_checkpoints": 3,
+        "eval_num_prompts": 2,
+        "log_tensorboard": False,
+    }
+    for key, value in over.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
+    return data
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+
+
+def _check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+def _torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
+    _check(subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout))
+
+
+def _train_here(data: dict, resume: bool = False) -> Path:
+    from mixgrpo.config import build_config
+    from mixgrpo.trainer import train
+
+    torch.set_num_threads(1)
+    return train(build_config(data), resume=resume, progress=False)
+
+
+def _weights(run: Path) -> torch.Tensor:
+    return load_file(str(run / "final" / "model.safetensors"))["mu"]
+
+
+def _losses(run: Path) -> list[float]:
+    from mixgrpo.trainer import read_metrics
+
+    return [m["loss"] for m in read_metrics(run)]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    torch.testing.assert_close(_weights(a), _weights(b), rtol=1e-5, atol=1e-6)
+    la, lb = _losses(a), _losses(b)
+    assert len(la) == len(lb) and la
+    # the loss is a mean of O(1) terms +-A * ratio that nearly cancel (advantages have mean 0): float32
+    # summation order leaves ~1e-7 absolute differences on a value of ~1e-4
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), rtol=1e-4, atol=2e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# one torchrun launch: every 2-process configuration
+
+
+TWO_RANKS = {  # name -> overrides of _config, run with 2 processes x P = 2
+    "mixgrpo_ddp": {},
+    "mixgrpo_fsdp": {"parallel": {"strategy": "fsdp", "checkpoint_format": "sharded"}},
+    "dance_ddp": {"algorithm": "dance_grpo"},
+    "dance_fsdp": {"algorithm": "dance_grpo", "parallel": {"strategy": "fsdp"}},
+    "mixgrpo_rank0_rewards": {"parallel": {"rewards_on": "rank0"}},
+}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """Run every TWO_RANKS configuration in one 2-process torchrun; returns the directory of the runs."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    configs = [_config(root / name, **over) for name, over in TWO_RANKS.items()]
+    (root / "configs.json").write_text(json.dumps(configs))
+    _torchrun([str(Path(__file__)), str(root / "configs.json")])
+    return root
+
+
+@pytest.mark.parametrize("name", ["mixgrpo_ddp", "mixgrpo_fsdp", "dance_ddp", "dance_fsdp"])
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(two_ranks, tmp_path, name):
+    over = TWO_RANKS[name]
+    one = _train_here(_config(tmp_path / "one", prompts_per_iteration=4,
+                              **{k: v for k, v in over.items() if k != "parallel"}))
+    _assert_same_run(two_ranks / name, one)
+    assert not torch.equal(_weights(one), torch.zeros_like(_weights(one)))  # it trained
+
+
+def test_rewards_on_rank0_give_the_same_run(two_ranks):
+    _assert_same_run(two_ranks / "mixgrpo_rank0_rewards", two_ranks / "mixgrpo_ddp")
+    calls = json.loads((two_ranks / "mixgrpo_rank0_rewards" / "calls.json").read_text())
+    ranks = {rank for rank, _ in calls}
+    assert ranks == {0}  # only rank 0 scored anything ...
+    train_calls = [prompts for _, prompts in calls if len(prompts) == 2 * 2 * 4]
+    assert len(train_calls) == 2  # ... and it scored both ranks' images (2 ranks x P x G) in each iteration
+
+
+def test_each_rank_draws_distinct_prompts_and_keeps_whole_groups(two_ranks):
+    from mixgrpo.prompts import read_prompts
+    from mixgrpo.trainer import prompt_indices
+
+    calls = json.loads((two_ranks / "mixgrpo_ddp" / "calls.json").read_text())
+    train_prompts = read_prompts("world:train")
+    train_calls = {r: [prompts for rank, prompts in calls if rank == r and len(prompts) == 2 * 4] for r in (0, 1)}
+    assert [len(train_calls[r]) for r in (0, 1)] == [2, 2]  # one scoring call per rank and iteration
+    for it in range(2):
+        per_rank = {r: train_calls[r][it] for r in (0, 1)}
+        for prompts in per_rank.values():  # group layout: G consecutive images of one prompt, on one rank
+            groups = [prompts[i:i + 4] for i in range(0, 8, 4)]
+            assert all(len(set(g)) == 1 for g in groups)
+        drawn = [g for rank in (0, 1) for g in per_rank[rank][::4]]
+        assert len(set(drawn)) == 4  # distinct prompts across ranks
+        assert drawn == [train_prompts[i] for i in prompt_indices(it, len(train_prompts), 4, seed=0)]
+
+
+def test_resume_on_another_world_size(two_ranks, tmp_path):
+    """A sharded (DCP) checkpoint of the 2-process FSDP run and a full checkpoint gathered from FSDP, resumed
+    by one process with twice the prompts per rank, continue exactly as an uninterrupted 1-process run."""
+    import shutil
+
+    for name, over in (("mixgrpo_fsdp", {}), ("dance_fsdp", {"algorithm": "dance_grpo"})):
+        run = tmp_path / name
+        shutil.copytree(two_ranks / name, run, ignore=shutil.ignore_patterns("final"))
+        cfg = _config(run, prompts_per_iteration=4, iterations=3, **over)
+        assert (run / "checkpoints" / "iter_000002" / ("dcp" if name == "mixgrpo_fsdp" else "model.safetensors")).exists()
+        resumed = _train_here(cfg, resume=True)
+        uninterrupted = _train_here(_config(tmp_path / f"{name}_one", prompts_per_iteration=4, iterations=3, **over))
+        _assert_same_run(resumed, uninterrupted)
+
+
+# --------------------------------------------------------------------------------------------------
+# two "nodes" on localhost through the CLI
+
+
+@pytest.mark.slow
+def test_two_nodes_train_checkpoint_and_resume(tmp_path):
+    """Two torchrun invocations (--nnodes 2, one process each) run `-m mixgrpo train`, stop after 2 of 3
+    iterations, and resume; the result equals one uninterrupted process with the same global batch."""
+    from mixgrpo.config import build_config, save_config
+
+    config = tmp_path / "config.yaml"
+    save_config(build_config(_config(tmp_path / "nodes", iterations=3, parallel={"strategy": "fsdp"})), config)
+
+    def launch(*extra: str) -> None:
+        port = _free_port()
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+             "-m", "mixgrpo", "train", "--config", str(config), "--quiet", *extra],
+            env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+        for p in procs:
+            out, err = p.communicate(timeout=240)
+            _check(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+
+    launch("iterations=2")
+    from mixgrpo.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "nodes").name == "iter_000002"
+    launch("--resume")
+    assert latest_checkpoint(tmp_path / "nodes").name == "iter_000003"
+    one = _train_here(_config(tmp_path / "one", iterations=3, prompts_per_iteration=4))
+    _assert_same_run(tmp_path / "nodes", one)
+
+
+# --------------------------------------------------------------------------------------------------
+# the launched script
+
+
+def _main(configs_file: str) -> None:
+    from mixgrpo import dist
+
+    torch.set_num_threads(1)
+    sys.modules.setdefault("test_distributed", sys.modules["__main__"])  # the reward resolves to this module
+    for data in json.loads(Path(configs_file).read_text()):
+        CALLS.clear()
+        run = _train_here(data)
+        calls = [None] * dist.world_size()
+        torch.distributed.all_gather_object(calls, CALLS)
+        if dist.is_main():
+            (run / "calls.json").write_text(json.dumps([c for part in calls for c in part]))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
