@@ -36,7 +36,7 @@ import torch
 from mixgrpo.images import plot_lines, save_grid
 from mixgrpo.models.base import FlowModel
 from mixgrpo.models.flux import FluxAdapter
-from mixgrpo.models.tiny import TinyConfig, build_tiny, save_tiny
+from mixgrpo.models.tiny import TinyConfig, build_tiny, load_tiny, save_tiny
 from mixgrpo.sampling import euler_step, sigma_grid
 from mixgrpo.world.scene import load_prompts, parse_prompt, render_batch
 
@@ -54,6 +54,8 @@ class PretrainConfig:
     ema_decay: float = 0.999
     prompt_dropout: float = 0.1        # probability of training on "" (unconditional) instead of the prompt
     seed: int = 0
+    init: str = ""                     # start from this tiny checkpoint (its weights; config must match) instead of
+                                       # a random init: continues a run under a fresh schedule
     threads: int = 0                   # torch intra-op threads; 0 = torch's default. 1 is faster when other
                                        # jobs share the cores (2 threads on a busy 2-core machine spin-wait)
     log_every: int = 50
@@ -168,6 +170,12 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
     if cfg.eval_every:
         import mixgrpo.world.verifier  # noqa: F401  (fail now, not after the first eval_every steps)
     model: FluxAdapter = build_tiny(cfg.model)
+    if cfg.init:
+        start_from = load_tiny(cfg.init, model.text_encoder)
+        if start_from.config != cfg.model:
+            raise ValueError(f"PretrainConfig.init: {cfg.init} has config {start_from.config}, the run has "
+                             f"{cfg.model}; pre-train with the checkpoint's model config")
+        model.transformer.load_state_dict(start_from.transformer.state_dict())
     ema: FluxAdapter = build_tiny(cfg.model, model.text_encoder)
     ema.transformer.load_state_dict(model.transformer.state_dict())
     net = model.transformer.train()

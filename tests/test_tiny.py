@@ -61,6 +61,7 @@ def test_save_load_round_trip(tmp_path, encoder):
     path = save_tiny(model, tmp_path / "ckpt")
     save_tiny(model, path)  # overwriting an existing checkpoint works
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporary directories left behind
+    assert (path / "model.safetensors").stat().st_mode & 0o044 == 0o044  # readable by others
     loaded = MODELS.get("tiny")(str(path))
     assert loaded.config == SMALL and not loaded.training
     x = torch.randn(2, 3, 32, 32)
@@ -71,6 +72,15 @@ def test_save_load_round_trip(tmp_path, encoder):
         torch.manual_seed(1)
         other = build_tiny(SMALL, encoder)
         assert not torch.allclose(other(x, sigma, cond), model(x, sigma, cond))
+
+
+def test_shipped_base_checkpoint_loads(encoder):
+    model = load_tiny(text_encoder=encoder)
+    assert model.config == TinyConfig() and model.latent_shape == (3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        v = model(x, torch.tensor([1.0, 0.5]), model.encode_prompts(["a red circle", ""]))
+    assert torch.isfinite(v).all() and v.std() > 0.1
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path, encoder):

@@ -109,6 +109,10 @@ def save_tiny(model: FluxAdapter, path: str | os.PathLike) -> Path:
         state = {k: v.detach().float().cpu().contiguous() for k, v in model.transformer.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+        # mkdtemp and safetensors create owner-only files; a checkpoint is meant to be shared.
+        tmp.chmod(0o755)
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            (tmp / f).chmod(0o644)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
