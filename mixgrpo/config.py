@@ -64,7 +64,7 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # fsdp: free gathered weights after each training forward, re-gather in backward
     param_dtype: str = "fp32"  # fsdp: dtype of the gathered weights that forwards compute with ("bf16" or "fp32")
     reduce_dtype: str = "fp32"  # fsdp: dtype of the gradient reduce-scatter
-    checkpoint_format: str = "full"  # "full": rank 0 writes gathered weights; "sharded": every rank writes its shard (DCP)
+    checkpoint_format: str = "full"  # "full": rank 0 writes gathered weights; "sharded": each rank its shard (DCP)
     rewards_on: str = "every_rank"  # "rank0": only rank 0 builds the reward models and scores every rank's images
 
 

@@ -181,7 +181,8 @@ def test_resume_on_another_world_size(two_ranks, tmp_path):
         run = tmp_path / name
         shutil.copytree(two_ranks / name, run, ignore=shutil.ignore_patterns("final"))
         cfg = _config(run, prompts_per_iteration=4, iterations=3, **over)
-        assert (run / "checkpoints" / "iter_000002" / ("dcp" if name == "mixgrpo_fsdp" else "model.safetensors")).exists()
+        written = "dcp" if name == "mixgrpo_fsdp" else "model.safetensors"
+        assert (run / "checkpoints" / "iter_000002" / written).exists()
         resumed = _train_here(cfg, resume=True)
         uninterrupted = _train_here(_config(tmp_path / f"{name}_one", prompts_per_iteration=4, iterations=3, **over))
         _assert_same_run(resumed, uninterrupted)
