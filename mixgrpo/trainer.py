@@ -466,7 +466,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             if all_failed.float().mean().item() > cfg.reward_policy.max_failed_groups:
                 reasons = "; ".join(f"{label}: {fn.last_error}" for label, _, fn in rewards if fn.last_error)
                 raise TrainingError(f"{int(all_failed.sum())} of {all_failed.numel()} groups failed to get rewards at "
-                                    f"iteration {it} (limit: reward_policy.max_failed_groups = "
+                                    f"iteration {it + 1} (limit: reward_policy.max_failed_groups = "
                                     f"{cfg.reward_policy.max_failed_groups}); {reasons or 'NaN or inf scores'}. "
                                     f"Fix the reward (model path, endpoint, binary), then resume")
             fused = {k: torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0) for k, v in scores.items()}

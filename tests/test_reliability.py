@@ -1,0 +1,455 @@
+"""Faults during training: kill -9 (also inside a checkpoint save), SIGTERM/SIGINT, a full or unwritable disk,
+failing rewards and non-finite losses. The process tests run the real `mixgrpo train` CLI in child processes
+(the analytic Gaussian model on the CPU); the end state of a run that was killed and resumed must equal that of
+an uninterrupted run: weights, metrics.jsonl (without timings) and eval.jsonl. docs/reliability.md has the table.
+"""
+
+import errno
+import json
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+import mixgrpo.checkpoint as checkpoint
+import mixgrpo.trainer as trainer
+from mixgrpo.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from mixgrpo.cli import main
+from mixgrpo.config import load_config
+from mixgrpo.rewards import RewardError
+from mixgrpo.trainer import TrainingError, read_metrics, train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The child's entry point: the real CLI, plus a reward that can be slowed down or hung and a hook that stalls
+# inside save_checkpoint (after the weights file of the temporary directory is written), so that kill -9 is
+# sure to land in the middle of a save.
+FAULTS_PY = '''\
+import os
+import sys
+import time
+
+
+def brightness(images, prompts):
+    """tests/toy_rewards.brightness, after sleeping FAULT_REWARD_SLEEP seconds (a slow or hung reward)."""
+    seconds = float(os.environ.get("FAULT_REWARD_SLEEP", "0"))
+    if seconds > 5:
+        print("FAULT: reward hangs", flush=True)
+    time.sleep(seconds)
+    return -(images.mean(dim=(1, 2, 3)) - 1.0).abs()
+
+
+def flaky(images, prompts, error="RewardError", every=2):
+    """brightness, but every `every`-th call raises `error` first (transient: the retry succeeds)."""
+    from mixgrpo.rewards import RewardError
+
+    CALLS.append(len(prompts))
+    if len(CALLS) % every == 1:
+        raise {"RewardError": RewardError, "TimeoutError": TimeoutError, "ConnectionError": ConnectionError}[error](
+            "transient failure")
+    return brightness(images, prompts)
+
+
+def non_finite(images, prompts, nan_at=(0,), inf_at=()):
+    """brightness with NaN at the indices `nan_at` and -inf at `inf_at` (the reward cannot score those images)."""
+    scores = brightness(images, prompts).clone()
+    scores[[i for i in nan_at if i < len(prompts)]] = float("nan")
+    scores[[i for i in inf_at if i < len(prompts)]] = -float("inf")
+    return scores
+
+
+def buggy(images, prompts):
+    CALLS.append(len(prompts))
+    raise TypeError("a bug in the reward")
+
+
+CALLS = []
+
+if __name__ == "__main__":
+    stall = os.environ.get("FAULT_STALL_SAVE_AT")
+    if stall:
+        import mixgrpo.checkpoint as checkpoint
+
+        real_save_file = checkpoint.save_file
+
+        def save_file(tensors, filename, *args, **kwargs):
+            real_save_file(tensors, filename, *args, **kwargs)
+            if f".tmp-iter_{int(stall):06d}" in str(filename):
+                print("FAULT: inside save_checkpoint", flush=True)
+                time.sleep(3600)
+
+        checkpoint.save_file = save_file
+    from mixgrpo.cli import main
+
+    sys.exit(main(sys.argv[1:]))
+'''
+
+CONFIG_YAML = """\
+algorithm: mixgrpo
+sampler: {num_steps: 8, window: {size: 2, tau: 2}}
+model: {name: gaussian, args: {size: 4}}
+rewards: [{name: "faults:brightness"}]
+iterations: 8
+prompts_per_iteration: 2
+group_size: 4
+updates_per_iteration: 2
+micro_batch_size: 4
+lr: 0.05
+clip_range: 0.2
+checkpoint_every: 1
+eval_num_prompts: 4
+log_tensorboard: false
+"""
+
+
+@pytest.fixture(scope="module")
+def faults_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    (d / "faults.py").write_text(FAULTS_PY)
+    (d / "config.yaml").write_text(CONFIG_YAML)
+    sys.path.insert(0, str(d))  # the in-process runs name the same rewards
+    yield d
+    sys.path.remove(str(d))
+    sys.modules.pop("faults", None)
+
+
+@pytest.fixture(scope="module")
+def reference(faults_dir):
+    """The uninterrupted run, in-process (the same computation as the CLI in a child process)."""
+    return train(load_config(faults_dir / "config.yaml", [f"out_dir={faults_dir / 'reference'}"]), progress=False)
+
+
+def _end_state(run: Path) -> dict:
+    """What must not depend on interruptions: final weights, metrics without timings, evaluations."""
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    return {"weights": load_file(run / "final" / "model.safetensors")["mu"],
+            "checkpoint": load_checkpoint(latest_checkpoint(run))["model"]["mu"],
+            "metrics": [drop(m) for m in read_metrics(run)],
+            "evals": [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]}
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+    got, want = _end_state(run), _end_state(reference)
+    assert torch.equal(got["weights"], want["weights"])
+    assert torch.equal(got["checkpoint"], want["checkpoint"])
+    assert got["metrics"] == want["metrics"]
+    assert got["evals"] == want["evals"]
+    assert not list((run / "checkpoints").glob(".tmp-*")), "a stale temporary checkpoint was left behind"
+
+
+class Child:
+    """`python -m faults train ...` (the real CLI) with its output read line by line in a thread."""
+
+    def __init__(self, faults_dir: Path, args: list[str], **env: str):
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(faults_dir)]),
+                   "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "faults", "train", *args], cwd=faults_dir, env=environ,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.lines: queue.Queue = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, *texts: str, timeout: float = 120) -> bool:
+        """Block until a line containing one of `texts` (True) or the end of the output (False)."""
+        while True:
+            line = self.lines.get(timeout=timeout)
+            if line is None:
+                return False
+            if any(text in line for text in texts):
+                return True
+
+    def finish(self, timeout: float = 120) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def kill9(self) -> None:
+        self.proc.kill()  # SIGKILL: no handler, no cleanup
+        self.proc.wait(timeout=30)
+
+
+def _run_args(run: Path, resume: bool) -> list[str]:
+    return ["--config", "config.yaml", "--out", str(run)] + (["--resume"] if resume else [])
+
+
+# --------------------------------------------------------------------------------------------------
+# 1-2. kill -9, SIGINT, SIGTERM, then resume
+
+
+def _stop_with(sig: signal.Signals, child: Child, after: int, run: Path) -> int:
+    """Send `sig` once iteration `after` is logged; check the exit status, the message and the checkpoint."""
+    assert child.wait_for(f"it {after:4d}/"), "".join(child.output)
+    child.proc.send_signal(sig)
+    assert child.finish(timeout=60) == 128 + sig  # bounded: the rest of one iteration and a save
+    output = "".join(child.output)
+    assert f"received {sig.name}: finishing this iteration" in output
+    assert f"stopped by {sig.name}: checkpoint saved" in output
+    stopped = int(output.split("stopped after iteration ")[1].split(";")[0])
+    assert stopped in (after, after + 1)
+    assert latest_checkpoint(run).name == f"iter_{stopped:06d}"
+    assert len(read_metrics(run)) == stopped
+    return stopped
+
+
+def test_kill9_inside_a_save_then_sigint_then_sigterm_and_the_resumed_run_equals_the_uninterrupted_one(
+        faults_dir, reference):
+    """One run, interrupted three times (four real processes, to keep the suite short): kill -9 inside the save of
+    checkpoint 3, SIGINT, SIGTERM; each resume continues from the last complete checkpoint."""
+    run = faults_dir / "interrupted"
+    child = Child(faults_dir, _run_args(run, resume=False), FAULT_STALL_SAVE_AT="3")
+    assert child.wait_for("FAULT: inside save_checkpoint"), "".join(child.output)
+    child.kill9()
+    # the half-written checkpoint is on disk, but never picked up
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-iter_000003")]
+    assert latest_checkpoint(run).name == "iter_000002"
+    assert len(read_metrics(run)) == 3  # iteration 3 was logged before its save: the resume drops the line
+
+    slow = {"FAULT_REWARD_SLEEP": "0.2"}  # the signals land inside an iteration
+    stopped = _stop_with(signal.SIGINT, Child(faults_dir, _run_args(run, resume=True), **slow), 3, run)
+    _stop_with(signal.SIGTERM, Child(faults_dir, _run_args(run, resume=True), **slow), stopped + 1, run)
+    child = Child(faults_dir, _run_args(run, resume=True))
+    assert child.finish() == 0, "".join(child.output)
+    _assert_same_run(run, reference)
+
+
+@pytest.mark.slow  # about 90 s: 9 child processes on 2 busy cores
+def test_kill9_at_random_moments_then_resume_equals_uninterrupted(faults_dir, reference):
+    rng = random.Random(1234)
+    run = faults_dir / "killed_at_random"
+    progress = []  # (complete checkpoint, metric lines) at each kill: where the kills landed
+    for attempt in range(8):
+        child = Child(faults_dir, _run_args(run, resume=attempt > 0), FAULT_REWARD_SLEEP="0.1")
+        # the clock starts with training (the imports take seconds): kill within the next few iterations
+        child.wait_for("before training", "resumed from")
+        threading.Event().wait(rng.uniform(0.0, 0.4))
+        if child.proc.poll() is not None:  # finished before the kill
+            break
+        child.kill9()
+        latest = latest_checkpoint(run)
+        progress.append((latest.name if latest else None, len(read_metrics(run))))
+    assert len(progress) >= 4, progress
+    child = Child(faults_dir, _run_args(run, resume=True))
+    assert child.finish() == 0, "".join(child.output)
+    _assert_same_run(run, reference)
+
+
+@pytest.mark.slow  # about 8 s: one child process
+def test_second_signal_stops_a_hung_reward(faults_dir, tmp_path):
+    child = Child(faults_dir, _run_args(tmp_path / "run", resume=False) + ["eval_num_prompts=0"],
+                  FAULT_REWARD_SLEEP="3600")
+    assert child.wait_for("FAULT: reward hangs"), "".join(child.output)
+    child.proc.send_signal(signal.SIGTERM)  # would wait for the iteration to end: never
+    assert child.wait_for("received SIGTERM")
+    child.proc.send_signal(signal.SIGTERM)
+    assert child.finish(timeout=60) == 130
+    assert "interrupted" in "".join(child.output)
+    assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_incomplete_and_temporary_checkpoints_are_never_picked_up(faults_dir, reference, tmp_path):
+    cfg = load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'run'}"])
+    train(cfg, progress=False, stop_after=2)
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / "iter_000005").mkdir()  # a newer directory without the COMPLETE marker (cut-short delete or copy)
+    (ckpts / "iter_000005" / "model.safetensors").write_bytes(b"garbage")
+    (ckpts / ".tmp-iter_000003-999999").mkdir()  # what kill -9 inside a save leaves
+    (ckpts / ".tmp-iter_000003-999999" / "model.safetensors").write_bytes(b"garbage")
+    assert latest_checkpoint(tmp_path / "run").name == "iter_000002"
+    with pytest.raises(CheckpointError, match="no COMPLETE marker"):
+        load_checkpoint(ckpts / "iter_000005")
+    train(cfg, resume=True, progress=False)
+    assert torch.equal(_end_state(tmp_path / "run")["weights"], _end_state(reference)["weights"])
+    assert not (ckpts / ".tmp-iter_000003-999999").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. full disk, unwritable run directory
+
+
+def _fail_third_save(monkeypatch, where: str) -> None:
+    """Make the save of checkpoint 3 fail the way a full disk or a read-only directory does."""
+    def on_third(real, error):
+        def wrapped(*args, **kwargs):
+            target = str(args[1] if len(args) > 1 else args[0])
+            if "iter_000003" in target:
+                raise error
+            return real(*args, **kwargs)
+        return wrapped
+
+    if where == "weights (safetensors, disk full)":  # safetensors reports I/O errors as SafetensorError
+        monkeypatch.setattr(checkpoint, "save_file", on_third(checkpoint.save_file, SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)")))
+    elif where == "optimizer (torch.save, disk full)":
+        monkeypatch.setattr(torch, "save", on_third(torch.save, OSError(errno.ENOSPC, "No space left on device")))
+    elif where == "rename (read-only directory)":
+        fake_os = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
+        fake_os.rename = on_third(os.rename, PermissionError(errno.EACCES, "Permission denied"))
+        monkeypatch.setattr(checkpoint, "os", fake_os)
+
+
+@pytest.mark.parametrize("where, reason", [
+    ("weights (safetensors, disk full)", "No space left on device"),
+    ("optimizer (torch.save, disk full)", "No space left on device"),
+    ("rename (read-only directory)", "Permission denied"),
+])
+def test_failed_save_keeps_the_previous_checkpoint_and_stops_clearly(where, reason, faults_dir, reference, tmp_path,
+                                                                      monkeypatch, capsys):
+    run = tmp_path / "run"
+    _fail_third_save(monkeypatch, where)
+    assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: could not write checkpoint")
+    assert "iter_000003" in err and reason in err and "previous checkpoint is intact" in err
+    assert latest_checkpoint(run).name == "iter_000002"
+    assert load_checkpoint(run / "checkpoints" / "iter_000002")["state"]["iteration"] == 2
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    monkeypatch.undo()  # the disk has space again: nothing was lost
+    assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--resume", "--quiet"]) == 0
+    _assert_same_run(run, reference)
+
+
+def test_unwritable_checkpoint_directory_on_the_real_filesystem(faults_dir, tmp_path, capsys):
+    """As root, chmod cannot make a directory unwritable: a file where the checkpoints directory goes can."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("in the way")
+    assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write checkpoint" in err and "File exists" in err and "fix the permissions" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. rewards that fail, and non-finite losses
+
+
+def _cfg(faults_dir, tmp_path, *overrides):
+    return load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'run'}", "iterations=3", *overrides])
+
+
+@pytest.mark.parametrize("error", ["RewardError", "TimeoutError", "ConnectionError"])
+def test_transient_reward_failures_are_retried_transparently(error, faults_dir, reference, tmp_path):
+    import faults
+
+    faults.CALLS.clear()
+    run = train(_cfg(faults_dir, tmp_path, f"rewards=[{{name: 'faults:flaky', args: {{error: {error}}}}}]"),
+                progress=False)
+    assert len(faults.CALLS) > 3  # every other call failed once and was retried
+    assert all(m["failed_groups"] == 0 for m in read_metrics(run))
+    want = train(_cfg(faults_dir, tmp_path / "ref"), progress=False)
+    assert torch.equal(load_file(run / "final" / "model.safetensors")["mu"],
+                       load_file(want / "final" / "model.safetensors")["mu"])
+
+
+def test_a_reward_bug_is_not_retried(faults_dir, tmp_path):
+    import faults
+
+    faults.CALLS.clear()
+    cfg = _cfg(faults_dir, tmp_path, "rewards=[{name: 'faults:buggy'}]", "eval_num_prompts=0")
+    with pytest.raises(TypeError, match="a bug in the reward"):
+        train(cfg, progress=False)
+    assert len(faults.CALLS) == 1
+
+
+def test_nan_and_inf_scores_skip_their_groups_and_are_counted(faults_dir, tmp_path):
+    # 4 prompts x 4 images: NaN on image 0 (group 0) and -inf on image 5 (group 1): 2 of 4 groups fail
+    run = train(_cfg(faults_dir, tmp_path, "prompts_per_iteration=4", "reward_policy.max_failed_groups=0.5",
+                     "rewards=[{name: 'faults:non_finite', args: {nan_at: [0], inf_at: [5]}}]"), progress=False)
+    metrics = read_metrics(run)
+    assert [m["failed_groups"] for m in metrics] == [2, 2, 2]
+    assert all(m["zero_advantage_groups"] >= 0.5 for m in metrics)  # skipped groups train nothing
+    assert torch.isfinite(load_file(run / "final" / "model.safetensors")["mu"]).all()
+
+
+def test_too_many_failed_groups_abort_with_the_reason(faults_dir, tmp_path, capsys):
+    rc = main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(tmp_path / "run"), "--quiet",
+               "prompts_per_iteration=4", "rewards=[{name: 'faults:non_finite', args: {nan_at: [0], inf_at: [5]}}]"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert "2 of 4 groups failed to get rewards" in err
+    assert "reward_policy.max_failed_groups = 0.25" in err and "non_finite: 2 of 16 scores were NaN or inf" in err
+
+
+class _SlowJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint that answers after 2 s: every call of a judge with timeout 0.2 s times out."""
+
+    hits = 0
+
+    def do_POST(self):  # noqa: N802
+        type(self).hits += 1
+        threading.Event().wait(2.0)
+        try:
+            body = json.dumps({"choices": [{"message": {"content": "Final Score: 5"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client gave up
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_reward_timeout_is_retried_then_aborts_with_the_reason(faults_dir, tmp_path):
+    _SlowJudge.hits = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowJudge)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        cfg = _cfg(faults_dir, tmp_path, "eval_num_prompts=0", "reward_policy.retries=1",
+                   f"rewards=[{{name: vlm, args: {{base_url: '{url}', model: judge, timeout: 0.2, retries: 0}}}}]")
+        with pytest.raises(TrainingError, match=r"vlm: RewardError: .*within 0.2 s \(timeout\)"):
+            train(cfg, progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert _SlowJudge.hits == 2 * 8  # 8 images, 2 attempts (the policy's retry)
+
+
+def _break_the_loss(monkeypatch, kind: str) -> None:
+    """From iteration 3 on, the loss is NaN or inf, or finite with a NaN gradient."""
+    real = trainer.policy_loss
+    calls = {"n": 0}
+
+    def policy_loss(logp, old_logp, adv, clip):
+        loss, stats = real(logp, old_logp, adv, clip)
+        calls["n"] += 1
+        if calls["n"] > 2 * 2 * 2:  # 2 iterations x 2 optimizer steps x 2 trained steps
+            if kind == "nan loss":
+                loss = loss * float("nan")
+            elif kind == "inf loss":
+                loss = loss + float("inf")
+            else:  # d/dx sqrt(|x|) at x = 0 is 0 * inf = NaN, while the value stays 0
+                loss = loss + (logp - logp.detach()).abs().sqrt().sum()
+        return loss, stats
+
+    monkeypatch.setattr(trainer, "policy_loss", policy_loss)
+
+
+@pytest.mark.parametrize("kind, message", [("nan loss", "the loss became nan"), ("inf loss", "the loss became inf"),
+                                           ("nan gradient", "the gradient norm became nan")])
+def test_non_finite_loss_stops_before_touching_the_weights(kind, message, faults_dir, tmp_path, monkeypatch, capsys):
+    _break_the_loss(monkeypatch, kind)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err and "lower lr" in err
+    latest = load_checkpoint(latest_checkpoint(run))
+    assert latest["state"]["iteration"] == 2 and torch.isfinite(latest["model"]["mu"]).all()
+    assert len(read_metrics(run)) == 2
