@@ -27,7 +27,6 @@ import mixgrpo.trainer as trainer
 from mixgrpo.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from mixgrpo.cli import main
 from mixgrpo.config import load_config
-from mixgrpo.rewards import RewardError
 from mixgrpo.trainer import TrainingError, read_metrics, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -387,10 +386,7 @@ def test_too_many_failed_groups_abort_with_the_reason(faults_dir, tmp_path, caps
 class _SlowJudge(BaseHTTPRequestHandler):
     """An OpenAI-compatible endpoint that answers after 2 s: every call of a judge with timeout 0.2 s times out."""
 
-    hits = 0
-
     def do_POST(self):  # noqa: N802
-        type(self).hits += 1
         threading.Event().wait(2.0)
         try:
             body = json.dumps({"choices": [{"message": {"content": "Final Score: 5"}}]}).encode()
@@ -405,10 +401,23 @@ class _SlowJudge(BaseHTTPRequestHandler):
         pass
 
 
-def test_reward_timeout_is_retried_then_aborts_with_the_reason(faults_dir, tmp_path):
-    _SlowJudge.hits = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowJudge)
-    server.daemon_threads = True
+class _JudgeServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 16  # the 8 concurrent calls of an attempt all connect
+
+
+def test_reward_timeout_is_retried_then_aborts_with_the_reason(faults_dir, tmp_path, monkeypatch):
+    from mixgrpo.rewards.vlm import VlmJudge
+
+    batches = []  # reward calls, counted on the client side (server-side counts depend on scheduling)
+    real_call = VlmJudge.__call__
+
+    def counted(self, images, prompts):
+        batches.append(len(prompts))
+        return real_call(self, images, prompts)
+
+    monkeypatch.setattr(VlmJudge, "__call__", counted)
+    server = _JudgeServer(("127.0.0.1", 0), _SlowJudge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
@@ -419,7 +428,7 @@ def test_reward_timeout_is_retried_then_aborts_with_the_reason(faults_dir, tmp_p
     finally:
         server.shutdown()
         server.server_close()
-    assert _SlowJudge.hits == 2 * 8  # 8 images, 2 attempts (the policy's retry)
+    assert batches == [8, 8]  # 8 images, 2 attempts (the policy's retry)
 
 
 def _break_the_loss(monkeypatch, kind: str) -> None:
