@@ -226,7 +226,7 @@ def test_kill9_inside_a_save_then_sigint_then_sigterm_and_the_resumed_run_equals
     _assert_same_run(run, reference)
 
 
-@pytest.mark.slow  # about 90 s: 9 child processes on 2 busy cores
+@pytest.mark.slow  # 35-50 s: 9 child processes on 2 busy cores
 def test_kill9_at_random_moments_then_resume_equals_uninterrupted(faults_dir, reference):
     rng = random.Random(1234)
     run = faults_dir / "killed_at_random"
@@ -247,7 +247,7 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(faults_dir, re
     _assert_same_run(run, reference)
 
 
-@pytest.mark.slow  # about 8 s: one child process
+@pytest.mark.slow  # 6-9 s (one child process): slow only to keep the default suite short
 def test_second_signal_stops_a_hung_reward(faults_dir, tmp_path):
     child = Child(faults_dir, _run_args(tmp_path / "run", resume=False) + ["eval_num_prompts=0"],
                   FAULT_REWARD_SLEEP="3600")
