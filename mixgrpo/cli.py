@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 -m mixgrpo train --config configs/flux_mixgrpo.yaml
 
 Errors in the user's input print one line naming the problem and the fix, and exit with status 2
-(`--debug` shows the traceback instead).
+(`--debug` shows the traceback instead). A run stopped by SIGTERM/SIGINT exits 128 + the signal number after
+writing its checkpoint (see docs/reliability.md).
 """
 
 from __future__ import annotations
