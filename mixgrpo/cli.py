@@ -155,7 +155,7 @@ def _eval(args: argparse.Namespace) -> None:
         switch_at = round(args.p_mix * len(plan.steps))
         results[f"hybrid p_mix={args.p_mix}"] = evaluate(tuned, prompts, rewards, plan, args.num_images, args.seed,
                                                           args.guidance, switch_model=base, switch_at=switch_at)
-        print(f"hybrid: " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in
+        print("hybrid: " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in
                                       results[f"hybrid p_mix={args.p_mix}"].summary().items()), flush=True)
     report = write_report(results, args.out)
     print(report.read_text())
@@ -250,8 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PASSTHROUGH = ("pretrain", "preprocess")  # subcommands with their own argument parsers
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse.REMAINDER does not capture "--option" arguments of a subcommand: hand them over explicitly.
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    rest: list[str] = []
+    if command is not None and argv[command] in _PASSTHROUGH:
+        argv, rest = argv[:command + 1], argv[command + 1:]
     args = build_parser().parse_args(argv)
+    if args.command in _PASSTHROUGH:
+        args.rest = rest
     try:
         args.func(args)
     except KeyboardInterrupt:

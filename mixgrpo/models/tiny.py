@@ -18,8 +18,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from mixgrpo.models.base import MODELS
 from mixgrpo.models.flux import FluxAdapter, decode_pixels
 from mixgrpo.models.text import MiniLMEncoder
