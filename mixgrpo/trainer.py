@@ -614,17 +614,21 @@ def _restore(path: Path, model, params, optimizer, scheduler, ema) -> dict[str, 
 
 
 def _export(model: FlowModel, params, ema: EMA | None, path: Path) -> None:
-    """The final model in the adapter's own format (loadable by its factory), EMA weights when present."""
-    if not hasattr(model, "save_pretrained"):
-        return
-    from mixgrpo.models.lora import atomic_directory
+    """The final model, EMA weights when present: in the adapter's own format when it has one (loadable by
+    its factory), else diffusers' LoRA format or a diffusers transformer directory (stock pipelines load both)."""
+    from mixgrpo.models.lora import atomic_directory, has_lora, save_full, save_lora
 
     if ema is not None:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(ema.shadow[n])
-    with atomic_directory(path) as tmp:  # a kill mid-export never leaves a half-written final model
-        model.save_pretrained(tmp)
+    if hasattr(model, "save_pretrained"):
+        with atomic_directory(path) as tmp:  # a kill mid-export never leaves a half-written final model
+            model.save_pretrained(tmp)
+    elif has_lora(model.denoiser):
+        save_lora(model, path)
+    else:
+        save_full(model.denoiser, path)
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:

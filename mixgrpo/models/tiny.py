@@ -67,6 +67,15 @@ def shared_minilm(max_length: int) -> MiniLMEncoder:
     return MiniLMEncoder(max_length=max_length)
 
 
+class TinyModel(FluxAdapter):
+    """The embedded default: a FluxAdapter on pixel patches that knows its TinyConfig and saves itself."""
+
+    config: "TinyConfig"
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        return save_tiny(self, path)
+
+
 def build_tiny(config: TinyConfig = TinyConfig(), text_encoder: MiniLMEncoder | None = None) -> FluxAdapter:
     """A randomly initialised tiny model (seed with torch.manual_seed beforehand), in eval mode."""
     from diffusers import FluxTransformer2DModel
@@ -88,7 +97,7 @@ def build_tiny(config: TinyConfig = TinyConfig(), text_encoder: MiniLMEncoder | 
     elif text_encoder.max_length != config.text_max_length:
         raise ValueError(f"text encoder max_length {text_encoder.max_length} != config.text_max_length "
                          f"{config.text_max_length}")
-    model = FluxAdapter(transformer, text_encoder, patch_size=config.patch_size,
+    model = TinyModel(transformer, text_encoder, patch_size=config.patch_size,
                         latent_shape=(3, config.image_size, config.image_size), decoder=decode_pixels)
     model.config = config
     return model.eval()
