@@ -37,7 +37,7 @@ from mixgrpo.images import plot_lines, save_grid
 from mixgrpo.models.base import FlowModel
 from mixgrpo.models.flux import FluxAdapter
 from mixgrpo.models.tiny import TinyConfig, build_tiny, load_tiny, save_tiny
-from mixgrpo.sampling import euler_step, sigma_grid
+from mixgrpo.evaluate import generate, ode_plan
 from mixgrpo.world.scene import load_prompts, parse_prompt, render_batch
 
 
@@ -99,34 +99,6 @@ def learning_rate(cfg: PretrainConfig, step: int, progress: float) -> float:
     return cfg.lr * warm * max(0.0, decay)
 
 
-@torch.no_grad()
-def sample_euler(model: FlowModel, prompts: Sequence[str], seed: int, num_steps: int = 25, shift: float = 3.0,
-                 guidance: float = 1.0) -> torch.Tensor:
-    """Images [N, 3, H, W] in [0, 1] from the Euler ODE on the shifted grid, with classifier-free guidance
-    v = v_u + guidance (v_c - v_u) (guidance 1 = the conditional model alone). Noise from torch seed `seed`."""
-    n = len(prompts)
-    x = torch.randn(n, *model.latent_shape, generator=torch.Generator().manual_seed(seed))
-    sigmas = sigma_grid(num_steps, shift).tolist()
-    guided = guidance != 1.0
-    cond = model.encode_prompts(list(prompts) + [""] * n if guided else list(prompts))
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        xin = torch.cat([x, x]) if guided else x
-        v = model(xin, torch.full((xin.shape[0],), sigma), cond)
-        if guided:
-            v_cond, v_uncond = v.chunk(2)
-            v = v_uncond + guidance * (v_cond - v_uncond)
-        x = euler_step(x, v, sigma, sigma_next)
-    return model.decode(x)
-
-
-def verify_prompts(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verifier scores of images [N, 3, H, W] against their prompts: (strict [N], dense [N]) in [0, 1]."""
-    from mixgrpo.world.verifier import verify
-
-    result = verify(images, [parse_prompt(p) for p in prompts])
-    return result.strict, result.dense
-
-
 def heldout_accuracy(model: FlowModel, prompts: Sequence[str], images_per_prompt: int = 1, guidance: float = 1.0,
                      seed: int = 0, num_steps: int = 25, shift: float = 3.0, batch_size: int = 128) -> dict:
     """Verifier accuracy of `images_per_prompt` samples per prompt.
@@ -135,16 +107,12 @@ def heldout_accuracy(model: FlowModel, prompts: Sequence[str], images_per_prompt
     prompts with at least one strictly correct image), mixed (fraction of prompts whose images disagree:
     the groups where GRPO gets a learning signal), and the per-image strict scores [N, n].
     """
-    jobs = [p for p in prompts for _ in range(images_per_prompt)]
-    strict, dense = [], []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        images = sample_euler(model, chunk, seed + start, num_steps, shift, guidance)
-        s, d = verify_prompts(images, chunk)
-        strict.append(s)
-        dense.append(d)
-    s = torch.cat(strict).view(len(prompts), images_per_prompt)
-    d = torch.cat(dense)
+    from mixgrpo.world.verifier import verify
+
+    images = generate(model, prompts, ode_plan(num_steps, shift), images_per_prompt, seed, guidance, batch_size)
+    result = verify(images.flatten(0, 1), [parse_prompt(p) for p in prompts for _ in range(images_per_prompt)])
+    s = result.strict.view(len(prompts), images_per_prompt)
+    d = result.dense
     best = s.max(1).values
     mixed = (s.max(1).values != s.min(1).values).float()
     return {"strict": s.mean().item(), "dense": d.mean().item(), "best_of_n": best.mean().item(),
@@ -203,7 +171,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
         plain = heldout_accuracy(ema, eval_prompts, 1, 1.0, cfg.seed, cfg.sample_steps, cfg.sample_shift)
         guided = heldout_accuracy(ema, eval_prompts, 1, cfg.eval_guidance, cfg.seed, cfg.sample_steps,
                                   cfg.sample_shift)
-        grid = sample_euler(ema, eval_prompts[:32], cfg.seed, cfg.sample_steps, cfg.sample_shift, cfg.eval_guidance)
+        grid = generate(ema, eval_prompts[:32], ode_plan(cfg.sample_steps, cfg.sample_shift), 1, cfg.seed,
+                        cfg.eval_guidance)[:, 0]
         save_grid(grid, out / "samples" / f"step_{step:06d}.png", nrow=8, scale=2)
         save_tiny(ema, out / "model")
         eval_time += time.perf_counter() - t0
