@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mixgrpo.models.base import Cond
-from mixgrpo.models.lora import atomic_directory
+from mixgrpo.fileio import atomic_directory
 from mixgrpo.prompts import read_prompts
 
 INDEX = "index.json"

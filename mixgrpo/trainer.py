@@ -616,7 +616,8 @@ def _restore(path: Path, model, params, optimizer, scheduler, ema) -> dict[str, 
 def _export(model: FlowModel, params, ema: EMA | None, path: Path) -> None:
     """The final model, EMA weights when present: in the adapter's own format when it has one (loadable by
     its factory), else diffusers' LoRA format or a diffusers transformer directory (stock pipelines load both)."""
-    from mixgrpo.models.lora import atomic_directory, has_lora, save_full, save_lora
+    from mixgrpo.fileio import atomic_directory
+    from mixgrpo.models.lora import has_lora, save_full, save_lora
 
     if ema is not None:
         with torch.no_grad():

@@ -13,16 +13,14 @@ Every save is atomic: it goes to a temporary sibling directory that is renamed i
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from mixgrpo.fileio import atomic_directory
 from mixgrpo.models.base import FlowModel
 
 ADAPTER = "default"  # the peft adapter name; one adapter per model
@@ -31,26 +29,6 @@ WEIGHTS_PATTERN = "diffusion_pytorch_model{suffix}.safetensors"  # diffusers' (s
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 # Attention projections of the joint (image + text) blocks: what Flow-GRPO and the diffusers LoRA scripts adapt.
 ATTENTION_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces `path` (removed on error, `path` untouched)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            path.rename(old / path.name)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _transformer(model: nn.Module) -> nn.Module:

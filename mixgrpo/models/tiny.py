@@ -13,11 +13,10 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixgrpo.fileio import atomic_directory
 from mixgrpo.models.base import MODELS
 from mixgrpo.models.flux import FluxAdapter, decode_pixels
 from mixgrpo.models.text import MiniLMEncoder
@@ -110,27 +109,12 @@ def save_tiny(model: FluxAdapter, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     config: TinyConfig = model.config
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        state = {k: v.detach().float().cpu().contiguous() for k, v in model.transformer.state_dict().items()}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.transformer.state_dict().items()}
+    with atomic_directory(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-        # mkdtemp and safetensors create owner-only files; a checkpoint is meant to be shared.
-        tmp.chmod(0o755)
-        for f in (CONFIG_FILE, WEIGHTS_FILE):
+        for f in (CONFIG_FILE, WEIGHTS_FILE):  # safetensors writes owner-only files; a checkpoint is shared
             (tmp / f).chmod(0o644)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
