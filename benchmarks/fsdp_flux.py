@@ -170,7 +170,7 @@ def main() -> None:
         "grad_checkpointing": args.grad_checkpointing,
         "parallel": {"strategy": "fsdp", "param_dtype": args.param_dtype,
                      "reshard_after_forward": not args.no_reshard},
-        "out_dir": out_dirs[0], "checkpoint_every": 10**6, "eval_num_prompts": 0, "log_tensorboard": False,
+        "out_dir": out_dirs[0], "checkpoint_every": 10**6, "eval_num_prompts": 0,
         "profile": True,
     })
     if device.type == "cuda":

@@ -105,12 +105,9 @@ class TrainConfig:
     out_dir: str = "runs/mixgrpo"
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
-    eval_every: int = 0  # 0 = only before and after training
     eval_num_prompts: int = 64  # held-out prompts evaluated before and after training; 0 = no evaluation
     eval_images_per_prompt: int = 1
     eval_guidance_scale: float = -1.0  # -1 = same as guidance_scale
-    log_tensorboard: bool = True  # when tensorboard is installed
-    wandb_project: str = ""  # non-empty = log to Weights & Biases
     reward_policy: RewardPolicyConfig = field(default_factory=RewardPolicyConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     profile: bool = False  # count model calls and time spent inside them (metrics model_calls/*, time/model_*)

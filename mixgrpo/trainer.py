@@ -562,8 +562,7 @@ def _update_shares(cfg: TrainConfig, iteration: int, rank: int) -> list[torch.Te
 def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     """The parts of the config a resumed run must share with the original (not iterations or logging)."""
     d = to_dict(cfg)
-    for key in ("iterations", "out_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "log_tensorboard",
-                "wandb_project", "reward_policy", "parallel"):
+    for key in ("iterations", "out_dir", "checkpoint_every", "keep_checkpoints", "reward_policy", "parallel"):
         d.pop(key, None)
     d["prompts_per_iteration"] *= dist.world_size()  # the global batch: a run may resume on another world size
     return json.loads(json.dumps(d))

@@ -31,7 +31,6 @@ lr: 0.05
 clip_range: 0.2
 checkpoint_every: 1
 eval_num_prompts: 0
-log_tensorboard: false
 """
 
 

@@ -52,7 +52,6 @@ def _config(out_dir: Path, **over) -> dict:
         "checkpoint_every": 1,
         "keep_checkpoints": 3,
         "eval_num_prompts": 2,
-        "log_tensorboard": False,
     }
     for key, value in over.items():
         data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
