@@ -21,6 +21,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from mixgrpo.dtypes import parse_dtype
+
 if TYPE_CHECKING:
     from mixgrpo.config import ParallelConfig
 
@@ -100,7 +102,6 @@ def shutdown() -> None:
 # --------------------------------------------------------------------------------------------------
 # model placement
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def shard_units(module: nn.Module) -> list[nn.Module]:
@@ -130,7 +131,7 @@ def wrap_model(model: nn.Module, cfg: "ParallelConfig") -> nn.Module:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+    policy = MixedPrecisionPolicy(param_dtype=parse_dtype(cfg.param_dtype), reduce_dtype=parse_dtype(cfg.reduce_dtype))
     denoiser = model.denoiser
     for block in shard_units(denoiser):
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, mp_policy=policy)

@@ -22,20 +22,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from mixgrpo.dtypes import parse_dtype
 from mixgrpo.models.base import MODELS, Cond
 from mixgrpo.models.flux import FluxAdapter, TextEncoder
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """"bfloat16" / "bf16" / "float16" / "fp16" / "float32" / "fp32" (or a torch.dtype) -> torch.dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"model dtype {dtype!r} is not known; use one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def check_pipeline_dir(path: str | Path, pipeline: str, components: Sequence[str], example: str) -> Path:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from mixgrpo.dtypes import parse_dtype  # noqa: F401  (re-exported to the reward modules)
 from mixgrpo.rewards.base import REWARDS, RewardError
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 """Per-channel mean of OpenAI CLIP's normalisation, shared by open_clip ViT-H-14 (HPS), PickScore, BLIP."""
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def clip_preprocess(images: torch.Tensor, size: int, mean: Sequence[float] = CLIP_MEAN,
@@ -54,13 +54,6 @@ def clip_preprocess(images: torch.Tensor, size: int, mean: Sequence[float] = CLI
     return (x - mean_t) / std_t
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """'float32' | 'float16' | 'bfloat16' (or a torch.dtype) -> torch.dtype."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def existing_path(path: str | Path | None, reward: str, what: str) -> Path:
