@@ -108,7 +108,9 @@ def _sample(args: argparse.Namespace) -> None:
     from mixgrpo.images import save_grid, to_pil
 
     model = _resolve_model(args.model, args.path)
-    base = _resolve_model(args.model, args.base_path) if args.base_path else None
+    base = None
+    if args.base_path:  # "base" = the registered default model (e.g. the shipped tiny base)
+        base = _resolve_model(args.model, None if args.base_path == "base" else args.base_path)
     plan = _sampling_plan(args)
     switch_at = round(args.p_mix * len(plan.steps)) if base is not None else None
     prompts = _prompts_from(args)
@@ -227,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="prompts in, images out (any plan, hybrid inference)")
     _add_sampling_args(p)
     p.add_argument("--path", help="model directory, or a run directory (uses its final model)")
-    p.add_argument("--base-path", help="hybrid inference: the base model for the last (1 - p_mix) of the steps "
-                                       "('' = off); e.g. the shipped base: leave --path empty there")
+    p.add_argument("--base-path", help="hybrid inference: the base model for the last (1 - p_mix) of the steps: "
+                                       "a model directory, or 'base' for the registered default (the shipped base)")
     p.add_argument("--out", default="samples")
     p.set_defaults(func=_sample)
 
