@@ -120,14 +120,16 @@ def main() -> None:
     results = {}
     for a, cfg in cfgs.items():
         metrics = read_metrics(work / a)[1:]  # drop the warm-up iteration
+        for m in metrics:  # per-iteration derived values, so that their medians are medians of real iterations
+            m["time/other"] = m["time/iteration"] - m["time/rollout"] - m["time/reward"] - m["time/update"]
+            m["model_share"] = (m["time/model_rollout"] + m["time/model_update"]) / m["time/iteration"]
         med = lambda k: statistics.median(m[k] for m in metrics)  # noqa: E731
         plan = build_plan(cfg.sampler, 1, cfg.seed)
         it = med("time/iteration")
-        model_s = med("time/model_rollout") + med("time/model_update")
         results[a] = {
             "seconds_per_iteration": it, "rollout": med("time/rollout"), "reward": med("time/reward"),
-            "update": med("time/update"), "other": it - med("time/rollout") - med("time/reward") - med("time/update"),
-            "model_share": model_s / it, "rollout_calls": med("model_calls/rollout"),
+            "update": med("time/update"), "other": med("time/other"),
+            "model_share": med("model_share"), "rollout_calls": med("model_calls/rollout"),
             "update_calls": med("model_calls/update"), "nfe_rollout": plan.nfe, "nfe_trained": plan.num_trained,
             "theory_seconds": _theory(plan, costs, cfg),
         }
