@@ -10,7 +10,7 @@ generically with the helpers below.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -47,6 +47,34 @@ class FlowModel(nn.Module):
     def denoiser(self) -> nn.Module:
         """The trainable network (the transformer)."""
         raise NotImplementedError
+
+
+class TextEncoder(Protocol):
+    def encode(self, prompts: Sequence[str]) -> Cond: ...
+
+
+class TransformerAdapter(FlowModel):
+    """A FlowModel made of a diffusers transformer (the denoiser), a frozen text encoder (anything with
+    `encode(prompts) -> Cond`, e.g. an embedding cache) and a decoder (latents -> images in [0, 1]).
+    Subclasses implement `forward` for their transformer's calling convention."""
+
+    def __init__(self, transformer: nn.Module, text_encoder: TextEncoder,
+                 decoder: Callable[[torch.Tensor], torch.Tensor], latent_shape: tuple[int, ...]):
+        super().__init__()
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.decoder = decoder
+        self.latent_shape = tuple(latent_shape)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.transformer
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        return self.text_encoder.encode(list(prompts))
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x)
 
 
 def cond_index(cond: Cond, index: torch.Tensor | slice) -> Cond:

@@ -14,18 +14,12 @@ v ~= eps - x0, which is what FLUX's transformer predicts.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
-from mixgrpo.models.base import Cond, FlowModel
-
-
-class TextEncoder(Protocol):
-    def encode(self, prompts: Sequence[str]) -> Cond:
-        """{"prompt_embeds": [B, L, D], "pooled": [B, Dp], ...} for a list of prompts ("" = unconditional)."""
-        ...
+from mixgrpo.models.base import Cond, TextEncoder, TransformerAdapter
 
 
 def pack(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -53,7 +47,7 @@ def decode_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
-class FluxAdapter(FlowModel):
+class FluxAdapter(TransformerAdapter):
     """(x, sigma, cond) -> velocity for a `FluxTransformer2DModel`.
 
     transformer: the diffusers model (in_channels must equal C * patch^2).
@@ -67,7 +61,6 @@ class FluxAdapter(FlowModel):
     def __init__(self, transformer: nn.Module, text_encoder: TextEncoder, patch_size: int,
                  latent_shape: tuple[int, int, int], decoder: Callable[[torch.Tensor], torch.Tensor] = decode_pixels,
                  guidance: float | None = None):
-        super().__init__()
         c, h, w = latent_shape
         patch = patch_size
         if h % patch or w % patch:
@@ -80,23 +73,10 @@ class FluxAdapter(FlowModel):
         if has_guidance != (guidance is not None):
             raise ValueError(f"transformer guidance_embeds={has_guidance} but guidance={guidance}: a guidance "
                              f"value is needed exactly when the transformer has a guidance embedding")
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-        self.latent_shape = (c, h, w)
+        super().__init__(transformer, text_encoder, decoder, (c, h, w))
         self.patch_size = patch
-        self.decoder = decoder
         self.guidance = guidance
         self.register_buffer("img_ids", image_ids(h // patch, w // patch), persistent=False)
-
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.transformer
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        return self.text_encoder.encode(list(prompts))
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(x)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Velocity. x: [B, C, H, W]; sigma: [B] (or a scalar) in [0, 1]; returns [B, C, H, W] in x's dtype."""

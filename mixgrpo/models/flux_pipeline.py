@@ -24,7 +24,8 @@ from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.models.base import MODELS, Cond
-from mixgrpo.models.flux import FluxAdapter, TextEncoder
+from mixgrpo.models.base import TextEncoder
+from mixgrpo.models.flux import FluxAdapter
 
 
 

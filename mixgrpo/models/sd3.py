@@ -21,8 +21,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from mixgrpo.models.base import MODELS, Cond, FlowModel
-from mixgrpo.models.flux import TextEncoder
+from mixgrpo.models.base import MODELS, Cond, TextEncoder, TransformerAdapter
 from mixgrpo.models.flux_pipeline import VaeDecoder, check_pipeline_dir, module_device, parse_dtype, tokenize
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD3's transformer takes timestep = 1000 sigma
@@ -76,7 +75,7 @@ class SD3TextEncoder(nn.Module):
                 "pooled": torch.cat([pooled_l, pooled_g], dim=-1)}                     # [B, P_L + P_G]
 
 
-class SD3Adapter(FlowModel):
+class SD3Adapter(TransformerAdapter):
     """(x, sigma, cond) -> velocity for an `SD3Transformer2DModel` on VAE latents.
 
     transformer: the diffusers model; latent_shape (C, H, W) with C = in_channels, H and W divisible by its patch.
@@ -87,7 +86,6 @@ class SD3Adapter(FlowModel):
 
     def __init__(self, transformer: nn.Module, text_encoder: TextEncoder, latent_shape: tuple[int, int, int],
                  decoder: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__()
         c, h, w = latent_shape
         patch = transformer.config.patch_size
         if c != transformer.config.in_channels:
@@ -95,20 +93,7 @@ class SD3Adapter(FlowModel):
                              f"{transformer.config.in_channels}")
         if h % patch or w % patch:
             raise ValueError(f"latent_shape {latent_shape}: H and W must be divisible by the patch size {patch}")
-        self.transformer = transformer
-        self.text_encoder = text_encoder
-        self.decoder = decoder
-        self.latent_shape = (c, h, w)
-
-    @property
-    def denoiser(self) -> nn.Module:
-        return self.transformer
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        return self.text_encoder.encode(list(prompts))
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(x)
+        super().__init__(transformer, text_encoder, decoder, (c, h, w))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Velocity. x: [B, C, H, W]; sigma: [B] (or a scalar) in [0, 1]; returns [B, C, H, W] in x's dtype."""
