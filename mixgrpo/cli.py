@@ -39,6 +39,9 @@ def _train(args: argparse.Namespace) -> None:
         config = str(Path(args.out) / "config.yaml")
     cfg = load_config(config or _default_config(), overrides)
     train(cfg, resume=args.resume, progress=not args.quiet)
+    from mixgrpo import dist
+
+    dist.shutdown()
 
 
 def _default_config() -> str:

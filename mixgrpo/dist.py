@@ -95,7 +95,10 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group. The barrier first: a rank that tears gloo down while another is still in a
+    collective can abort the process at exit ("terminate called without an active exception")."""
     if is_distributed():
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
