@@ -541,7 +541,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                                        run_dir)
                 _append_json(run_dir / "eval.jsonl", {"iteration": cfg.iterations, **after})
                 dist.print0("after training: " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
-            _export(model, params, ema, run_dir / "final")
+            _export(model, params, ema, run_dir / "final",
+                    sharded=cfg.parallel.strategy == "fsdp" and dist.world_size() > 1)
             _write_summary(run_dir, cfg)
             dist.print0(f"run directory: {run_dir}")
     return run_dir
@@ -612,7 +613,7 @@ def _restore(path: Path, model, params, optimizer, scheduler, ema) -> dict[str, 
     return ckpt["state"]
 
 
-def _export(model: FlowModel, params, ema: EMA | None, path: Path) -> None:
+def _export(model: FlowModel, params, ema: EMA | None, path: Path, sharded: bool = False) -> None:
     """The final model, EMA weights when present: in the adapter's own format when it has one (loadable by
     its factory), else diffusers' LoRA format or a diffusers transformer directory (stock pipelines load both)."""
     from mixgrpo.fileio import atomic_directory
@@ -622,11 +623,15 @@ def _export(model: FlowModel, params, ema: EMA | None, path: Path) -> None:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(ema.shadow[n])
-    if hasattr(model, "save_pretrained"):
+    if has_lora(model.denoiser):  # only the adapter: the base weights are the user's own checkpoint
+        if sharded:  # peft's LoRA state dict holds FSDP shards here; gathering it needs every rank
+            dist.print0(f"note: a LoRA trained under FSDP on several ranks is not exported to {path}; its weights "
+                        f"are in the last checkpoint (checkpoints/iter_*/model.safetensors)")
+            return
+        save_lora(model, path)
+    elif hasattr(model, "save_pretrained"):
         with atomic_directory(path) as tmp:  # a kill mid-export never leaves a half-written final model
             model.save_pretrained(tmp)
-    elif has_lora(model.denoiser):
-        save_lora(model, path)
     else:
         save_full(model.denoiser, path)
 
