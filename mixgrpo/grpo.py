@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from mixgrpo.sampling import reduce_latent
+
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, std: str = "group",
                      clip: float | None = 5.0) -> torch.Tensor:
@@ -104,9 +106,4 @@ def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tenso
     dtype = torch.float64 if torch.float64 in (mean.dtype, mean_ref.dtype) else torch.float32
     std_t = torch.as_tensor(std, device=mean.device).to(dtype)
     elem = (mean.to(dtype) - mean_ref.to(dtype)) ** 2 / (2 * std_t ** 2)  # [B, ...]
-    flat = elem.reshape(mean.shape[0], -1)
-    if reduce == "mean":
-        return flat.mean(dim=1)
-    if reduce == "sum":
-        return flat.sum(dim=1)
-    raise ValueError(f"unknown reduce {reduce!r}: use 'mean' or 'sum'")
+    return reduce_latent(elem, reduce)  # the same reduction as gaussian_log_prob, so beta shares its scale

@@ -191,8 +191,8 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: Sigma, sigma_next: Sigma, 
 # ----------------------------------------------------------------------------------------------------
 
 
-def _reduce(t: torch.Tensor, reduce: str) -> torch.Tensor:
-    """[B, ...] -> [B] by the mean or sum over all non-batch elements."""
+def reduce_latent(t: torch.Tensor, reduce: str) -> torch.Tensor:
+    """[B, ...] -> [B] by the mean or sum over all non-batch elements (the log-prob and KL reduction)."""
     flat = t.reshape(t.shape[0], -1)
     if reduce == "mean":
         return flat.mean(dim=1)
@@ -220,7 +220,7 @@ def gaussian_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     """
     x_next, mean, std = _upcast(x_next, mean, std)
     elem = -((x_next - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return _reduce(elem.expand(torch.broadcast_shapes(elem.shape, x_next.shape)), reduce)
+    return reduce_latent(elem.expand(torch.broadcast_shapes(elem.shape, x_next.shape)), reduce)
 
 
 # ----------------------------------------------------------------------------------------------------
