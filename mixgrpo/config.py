@@ -81,6 +81,8 @@ class TrainConfig:
     eval_prompts: str = "world:heldout"
 
     iterations: int = 60
+    time_limit_minutes: float = 0.0  # > 0: end (checkpoint, evaluate, export) after the iteration that reaches
+                                     # this many minutes of training in this launch; 0 = no limit
     prompts_per_iteration: int = 8  # P, per rank
     group_size: int = 8  # G
     shared_noise: bool = True  # one initial noise per group (paper: +0.18 ImageReward)
@@ -118,6 +120,7 @@ class TrainConfig:
             (self.reward_mode in ("advantage", "reward"), "reward_mode", "'advantage' or 'reward'"),
             (self.advantage_std in ("group", "global"), "advantage_std", "'group' or 'global'"),
             (self.iterations >= 1, "iterations", "an integer >= 1"),
+            (self.time_limit_minutes >= 0, "time_limit_minutes", "a number >= 0 (0 = no limit)"),
             (self.prompts_per_iteration >= 1, "prompts_per_iteration", "an integer >= 1"),
             (self.group_size >= 2, "group_size", "an integer >= 2 (GRPO compares images within a group)"),
             (self.micro_batch_size >= 1, "micro_batch_size", "an integer >= 1"),

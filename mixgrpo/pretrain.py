@@ -45,8 +45,8 @@ from mixgrpo.world.scene import load_prompts, parse_prompt, render_batch
 class PretrainConfig:
     steps: int = 20000                 # step budget (the run also stops when `minutes` are used up)
     minutes: float = 30.0              # wall-clock budget
-    batch_size: int = 64
-    lr: float = 8e-4
+    batch_size: int = 32
+    lr: float = 1.2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 100
     decay_fraction: float = 0.2        # linear decay to 0 over the last 20% of the budget

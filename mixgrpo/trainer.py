@@ -437,7 +437,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 dist.print0("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
 
     t_run = time.perf_counter()
-    done_here = 0
+    done_here, end = 0, start
     with _StopRequest() as stop:
         for it in range(start, cfg.iterations):
             t0 = time.perf_counter()
@@ -509,6 +509,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                                "time/model_rollout": rollout_model_s, "time/model_update": update_model_s})
             done_here += 1
             metric_lines += 1
+            end = it + 1
             if dist.is_main():
                 _append_json(run_dir / "metrics.jsonl", record)
                 if progress:
@@ -520,13 +521,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                           f"window {window} | nfe {traj.nfe} | loss {record.get('loss', 0):+.4f} | "
                           f"clip {record.get('clip_fraction', 0):.3f} | {t3 - t0:5.2f} s/it | ETA {_format_eta(eta)}",
                           flush=True)
-            last = it + 1 == cfg.iterations
-            # every rank stops at the same iteration, even when only some of them got the signal
-            signalled = dist.all_reduce_mean(torch.tensor(float(stop.signal is not None), device=device)).item() > 0
+            # every rank stops at the same iteration, even when only some of them got the signal or ran out of time
+            out_of_time = cfg.time_limit_minutes > 0 and time.perf_counter() - t_run >= 60 * cfg.time_limit_minutes
+            flags = dist.all_reduce_mean(torch.tensor([float(stop.signal is not None), float(out_of_time)],
+                                                      device=device))
+            signalled = flags[0].item() > 0
+            last = it + 1 == cfg.iterations or flags[1].item() > 0
             stopping = signalled or (stop_after is not None and done_here >= stop_after)
             if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
                 _save(run_dir, it + 1, model, optimizer, scheduler, ema, cfg, metric_lines)
-            if stopping and not last:
+            if last:
+                break
+            if stopping:
                 message = f"stopped after iteration {it + 1}; continue with --resume"
                 if signalled:
                     signum = stop.signal or signal.SIGTERM
@@ -539,7 +545,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             if eval_prompts:
                 after = _eval_and_save(model, ema.shadow if ema else None, eval_prompts, rewards, cfg, "after",
                                        run_dir)
-                _append_json(run_dir / "eval.jsonl", {"iteration": cfg.iterations, **after})
+                _append_json(run_dir / "eval.jsonl", {"iteration": end, **after})
                 dist.print0("after training: " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
             _export(model, params, ema, run_dir / "final",
                     sharded=cfg.parallel.strategy == "fsdp" and dist.world_size() > 1)
@@ -563,7 +569,8 @@ def _update_shares(cfg: TrainConfig, iteration: int, rank: int) -> list[torch.Te
 def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     """The parts of the config a resumed run must share with the original (not iterations or logging)."""
     d = to_dict(cfg)
-    for key in ("iterations", "out_dir", "checkpoint_every", "keep_checkpoints", "reward_policy", "parallel"):
+    for key in ("iterations", "time_limit_minutes", "out_dir", "checkpoint_every", "keep_checkpoints", "reward_policy",
+                "parallel"):
         d.pop(key, None)
     d["prompts_per_iteration"] *= dist.world_size()  # the global batch: a run may resume on another world size
     return json.loads(json.dumps(d))

@@ -79,7 +79,9 @@ def test_splits_are_the_generator_output_and_disjoint():
     train, heldout = load_prompts("train"), load_prompts("heldout")
     assert train == generated["train"] and heldout == generated["heldout"]
     assert not set(train) & set(heldout)
-    assert len(set(train)) == len(train) > 1000 and len(set(heldout)) == len(heldout) > 150
+    assert len(set(train)) == len(train) > 800 and len(set(heldout)) == len(heldout) > 100
+    assert max(parse_prompt(p).n_instances for p in train + heldout) == W.DEFAULT_INSTANCES
+    assert len(W.split_prompts(max_instances=4)["train"]) > len(train)
 
 
 def _pairs(scene: Scene) -> set[frozenset]:
@@ -109,6 +111,8 @@ def test_random_scene_stays_in_train_unless_asked():
     assert {len(s.objects) for s in scenes} == {1, 2} and {s.relation for s in scenes} == {None, *RELATIONS}
     assert any(is_heldout(random_scene(rng, allow_heldout=True)) for _ in range(500))
     assert {len(random_scene(rng, max_objects=3).objects) for _ in range(100)} == {1, 2, 3}
+    assert max(s.n_instances for s in scenes) == W.DEFAULT_INSTANCES
+    assert max(random_scene(rng, max_instances=4).n_instances for _ in range(200)) == 4
 
 
 def test_relations_are_mutually_exclusive():
@@ -131,7 +135,7 @@ def _centre(box: tuple[slice, slice]) -> tuple[float, float]:
 @pytest.mark.parametrize("size", [32, 64])
 def test_renders_draw_every_instance_separate_and_legible(size):
     rng = np.random.default_rng(3)
-    scenes = [random_scene(rng, max_objects=3, allow_heldout=True) for _ in range(300)]
+    scenes = [random_scene(rng, max_objects=3, allow_heldout=True, max_instances=4) for _ in range(300)]
     images = render_batch(scenes, seed=4, size=size)
     assert images.shape == (300, 3, size, size) and images.dtype == torch.float32
     palette = torch.tensor([W.BACKGROUND, *COLORS.values()], dtype=torch.float32) / 255

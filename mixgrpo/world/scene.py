@@ -48,6 +48,9 @@ MAX_OBJECTS = 3
 """Most distinct object specs in a scene (the default prompt files use 1 or 2)."""
 MAX_INSTANCES = 4
 """Most drawn instances in a scene (sum of counts): four objects of radius >= 5 px still fit 32 x 32."""
+DEFAULT_INSTANCES = 3
+"""Most drawn instances in the scenes of the shipped prompt files (`split_prompts`, `random_scene`): a tiny
+model learns uncrowded scenes in minutes; prompts with four instances parse, render and verify all the same."""
 
 MIN_RADIUS = 5.0 / 32
 MAX_RADIUS = 7.0 / 32
@@ -346,14 +349,17 @@ def is_heldout(scene: Scene) -> bool:
     return any((o.count, o.color, o.shape) in HELDOUT_COUNTS for o in scene.objects)
 
 
-def all_scenes(max_objects: int = 2) -> list[Scene]:
-    """Every scene of 1..max_objects objects, in a fixed order (ordered objects: "A and B" != "B and A")."""
+def all_scenes(max_objects: int = 2, max_instances: int = DEFAULT_INSTANCES) -> list[Scene]:
+    """Every scene of 1..max_objects objects and at most max_instances drawn instances, in a fixed order
+    (ordered objects: "A and B" != "B and A")."""
+    if not 1 <= max_instances <= MAX_INSTANCES:
+        raise ValueError(f"max_instances must be in 1..{MAX_INSTANCES}, got {max_instances}")
     objects = [(c, s) for c in COLORS for s in SHAPES]
     scenes: list[Scene] = []
     for n in range(1, max_objects + 1):
         for keys in itertools.permutations(objects, n):
             for counts in itertools.product((1, 2, 3), repeat=n):
-                if sum(counts) > MAX_INSTANCES:
+                if sum(counts) > max_instances:
                     continue
                 specs = tuple(ObjectSpec(c, s, k) for (c, s), k in zip(keys, counts))
                 scenes.append(Scene(specs))
@@ -362,19 +368,19 @@ def all_scenes(max_objects: int = 2) -> list[Scene]:
     return scenes
 
 
-def split_prompts(max_objects: int = 2) -> dict[str, list[str]]:
+def split_prompts(max_objects: int = 2, max_instances: int = DEFAULT_INSTANCES) -> dict[str, list[str]]:
     """The prompt files: {"train": [...], "heldout": [...]}, every scene of `all_scenes` in one of them."""
     out: dict[str, list[str]] = {"train": [], "heldout": []}
-    for scene in all_scenes(max_objects):
+    for scene in all_scenes(max_objects, max_instances):
         out["heldout" if is_heldout(scene) else "train"].append(format_prompt(scene))
     return out
 
 
 def random_scene(rng: np.random.Generator, max_objects: int = 2, relation_prob: float = 0.5,
-                 allow_heldout: bool = False) -> Scene:
+                 allow_heldout: bool = False, max_instances: int = DEFAULT_INSTANCES) -> Scene:
     """A random scene of 1..max_objects objects (uniform); a two-object scene gets a uniform relation with
-    probability `relation_prob` (counts 1), otherwise uniform counts within MAX_INSTANCES. Held-out
-    compositions are redrawn unless `allow_heldout`."""
+    probability `relation_prob` (counts 1), otherwise uniform counts within max_instances (at least the
+    number of objects). Held-out compositions are redrawn unless `allow_heldout`."""
     if not 1 <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
     objects = [(c, s) for c in COLORS for s in SHAPES]
@@ -385,7 +391,7 @@ def random_scene(rng: np.random.Generator, max_objects: int = 2, relation_prob: 
             scene = Scene(tuple(ObjectSpec(c, s) for c, s in keys), RELATIONS[int(rng.integers(len(RELATIONS)))])
         else:
             counts = rng.integers(1, 4, size=n)
-            if counts.sum() > MAX_INSTANCES:
+            if counts.sum() > max(max_instances, n):
                 continue
             scene = Scene(tuple(ObjectSpec(c, s, int(k)) for (c, s), k in zip(keys, counts)))
         if allow_heldout or not is_heldout(scene):
