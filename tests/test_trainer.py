@@ -78,6 +78,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [drop(m) for m in mf] == [drop(m) for m in mr]
 
 
+def test_time_limit_ends_the_run_like_its_last_iteration(tmp_path):
+    # a budget of ~0 minutes: the first iteration reaches it; the run checkpoints, evaluates and exports there
+    run = train(_cfg(tmp_path, iterations=6, time_limit_minutes=1e-9), progress=False)
+    assert len(read_metrics(run)) == 1 and latest_checkpoint(run).name == "iter_000001"
+    evals = [json.loads(line)["iteration"] for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert evals == [0, 1] and (run / "final").is_dir()
+    # the limit counts per launch and is not part of the run's identity: a resumed run may change it
+    again = train(_cfg(tmp_path, iterations=6, time_limit_minutes=0), resume=True, progress=False)
+    assert len(read_metrics(again)) == 6
+
+
 def test_existing_run_needs_resume(tmp_path):
     cfg = _cfg(tmp_path, iterations=2)
     train(cfg, progress=False)
