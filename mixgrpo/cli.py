@@ -309,9 +309,10 @@ def _is_user_error(e: BaseException) -> bool:
     """Errors caused by input the user can fix: shown as one line. Anything else is a bug: traceback."""
     from mixgrpo.checkpoint import CheckpointError
     from mixgrpo.rewards import RewardError
+    from mixgrpo.tracking import TrackingError
     from mixgrpo.trainer import TrainingError
 
-    return isinstance(e, (ValueError, OSError, CheckpointError, RewardError, TrainingError))
+    return isinstance(e, (ValueError, OSError, CheckpointError, RewardError, TrainingError, TrackingError))
 
 
 if __name__ == "__main__":

@@ -112,6 +112,8 @@ class TrainConfig:
     eval_guidance_scale: float = -1.0  # -1 = same as guidance_scale
     reward_policy: RewardPolicyConfig = field(default_factory=RewardPolicyConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tensorboard: bool = True  # event files in OUT/tensorboard when the tensorboard package is installed
+    wandb_project: str = ""  # log to this Weights & Biases project (needs the wandb package); "" = off
     profile: bool = False  # count model calls and time spent inside them (metrics model_calls/*, time/model_*)
 
     def __post_init__(self):

@@ -44,6 +44,7 @@ from mixgrpo.prompts import read_prompts
 from mixgrpo.rewards import RewardError, build_reward
 from mixgrpo.rollout import Trajectory, guided_velocity, rollout
 from mixgrpo.sampling import gaussian_log_prob, sde_mean_std
+from mixgrpo.tracking import Trackers
 
 
 class TrainingError(RuntimeError):
@@ -417,10 +418,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
         state = _restore(latest, model, params, optimizer, scheduler, ema)
         start, metric_lines = state["iteration"], state["metric_lines"]
         dist.print0(f"resumed from {latest} at iteration {start}")
+    tracker = None
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
         _truncate_lines(run_dir / "metrics.jsonl", metric_lines)
         _drop_evals_from(run_dir / "eval.jsonl", start)
+        tracker = Trackers(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
 
     amp = cfg.precision == "bf16"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
@@ -434,6 +437,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             if dist.is_main():
                 before = _eval_and_save(model, None, eval_prompts, rewards, cfg, "before", run_dir)
                 _append_json(run_dir / "eval.jsonl", {"iteration": 0, **before})
+                tracker.log(before, 0)
                 dist.print0("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
 
     t_run = time.perf_counter()
@@ -512,6 +516,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             end = it + 1
             if dist.is_main():
                 _append_json(run_dir / "metrics.jsonl", record)
+                tracker.log(record, it + 1)
                 if progress:
                     elapsed = time.perf_counter() - t_run
                     eta = elapsed / done_here * (cfg.iterations - it - 1)
@@ -538,6 +543,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                     signum = stop.signal or signal.SIGTERM
                     raise TrainingStopped(f"{signal.Signals(signum).name}: checkpoint saved, {message}", signum)
                 dist.print0(message)
+                if tracker is not None:
+                    tracker.close()
                 return run_dir
 
     with dist.unsharded(model, cfg.parallel):  # FSDP: every rank gathers the weights, rank 0 evaluates and exports
@@ -546,10 +553,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 after = _eval_and_save(model, ema.shadow if ema else None, eval_prompts, rewards, cfg, "after",
                                        run_dir)
                 _append_json(run_dir / "eval.jsonl", {"iteration": end, **after})
+                tracker.log(after, end)
                 dist.print0("after training: " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
             _export(model, params, ema, run_dir / "final",
                     sharded=cfg.parallel.strategy == "fsdp" and dist.world_size() > 1)
             _write_summary(run_dir, cfg)
+            tracker.close()
             dist.print0(f"run directory: {run_dir}")
     return run_dir
 
@@ -570,7 +579,7 @@ def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     """The parts of the config a resumed run must share with the original (not iterations or logging)."""
     d = to_dict(cfg)
     for key in ("iterations", "time_limit_minutes", "out_dir", "checkpoint_every", "keep_checkpoints", "reward_policy",
-                "parallel"):
+                "parallel", "tensorboard", "wandb_project"):
         d.pop(key, None)
     d["prompts_per_iteration"] *= dist.world_size()  # the global batch: a run may resume on another world size
     return json.loads(json.dumps(d))

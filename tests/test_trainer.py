@@ -1,6 +1,7 @@
 """The trainer end to end on the analytic Gaussian model: learning, invariances, resume, failure policy."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -140,3 +141,40 @@ def test_counted_model_calls_match_the_plan(tmp_path, algorithm):
                                                       // cfg.updates_per_iteration // cfg.micro_batch_size)
         assert m["model_calls/update"] == plan.num_trained * micro_batches
         assert m["time/model_rollout"] <= m["time/rollout"]
+
+
+def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged, inits = [], []
+
+    class FakeRun:
+        def log(self, values, step):
+            logged.append((step, values))
+
+        def finish(self):
+            logged.append("finished")
+
+    fake = type(sys)("wandb")
+    fake.init = lambda **kw: inits.append(kw) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = train(_cfg(tmp_path, iterations=3, wandb_project="proj"), progress=False)
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    rewards = [(e.step, e.value) for e in events.Scalars("reward/brightness")]
+    assert rewards == [(m["iteration"], pytest.approx(m["reward/brightness"])) for m in read_metrics(run)]
+    assert [e.step for e in events.Scalars("eval/brightness")] == [0, 3]
+    assert inits[0]["project"] == "proj" and inits[0]["config"]["iterations"] == 3
+    steps = [s for s, v in logged[:-1] if "reward/brightness" in v]
+    assert steps == [1, 2, 3] and logged[-1] == "finished"
+    # a resumed run continues the same W&B run
+    train(_cfg(tmp_path, iterations=4, wandb_project="proj"), resume=True, progress=False)
+    assert inits[1]["id"] == inits[0]["id"] == (run / "wandb_id").read_text().strip()
+
+
+def test_wandb_without_the_package_is_refused_by_name(tmp_path, monkeypatch):
+    from mixgrpo.tracking import TrackingError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(TrackingError, match="pip install wandb"):
+        train(_cfg(tmp_path, iterations=1, wandb_project="proj"), progress=False)

@@ -1,0 +1,58 @@
+"""Experiment trackers beside metrics.jsonl: TensorBoard when installed, Weights & Biases when asked for.
+
+metrics.jsonl stays the record of a run (resume truncates it to the checkpoint); trackers get a copy of
+every numeric metric of every iteration (step = iteration) and of each evaluation. Only rank 0 tracks.
+
+- TensorBoard (`tensorboard: true`, the default): event files in RUN/tensorboard when the `tensorboard`
+  package is installed (`pip install tensorboard`); silently off otherwise.
+- Weights & Biases (`wandb_project: NAME`): needs the `wandb` package and a login (or WANDB_MODE=offline).
+  The W&B run id is kept in RUN/wandb_id, so a resumed run continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import uuid
+from pathlib import Path
+from typing import Any
+
+
+class TrackingError(RuntimeError):
+    """A tracker that was asked for cannot start."""
+
+
+class Trackers:
+    def __init__(self, run_dir: Path, config: dict[str, Any], tensorboard: bool, wandb_project: str):
+        self._tb = None
+        self._wandb = None
+        if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise TrackingError(f"wandb_project = {wandb_project!r} but the wandb package is not installed: "
+                                    f"pip install wandb, or leave wandb_project empty") from None
+            id_file = run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n")
+            self._wandb = wandb.init(project=wandb_project, name=run_dir.name, id=run_id, resume="allow",
+                                     dir=str(run_dir), config=config)
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        scalars = {k: float(v) for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
