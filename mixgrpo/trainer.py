@@ -520,6 +520,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 if progress:
                     elapsed = time.perf_counter() - t_run
                     eta = elapsed / done_here * (cfg.iterations - it - 1)
+                    if cfg.time_limit_minutes > 0:
+                        eta = max(0.0, min(eta, 60 * cfg.time_limit_minutes - elapsed))
                     main_reward = next(k for k in record if k.startswith("reward/"))
                     window = f"{record['window_start']}-{record['window_end'] - 1}" if plan.window else "all"
                     print(f"it {it + 1:4d}/{cfg.iterations} | {main_reward[7:]} {record[main_reward]:.4f} | "
