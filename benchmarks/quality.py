@@ -55,6 +55,9 @@ def evaluate_run(run_dir: Path, prompts: list[str], args: argparse.Namespace) ->
     from mixgrpo.pretrain import heldout_accuracy
     from mixgrpo.trainer import read_metrics
 
+    cache = run_dir / f"quality_eval_{args.eval_images}.json"  # lets several invocations share the evaluation
+    if cache.is_file():
+        return json.loads(cache.read_text())
     guidance = read_yaml(run_dir / "config.yaml").get("guidance_scale", 1.0)
     seconds = [0.0]
     for row in read_metrics(run_dir):
@@ -72,6 +75,7 @@ def evaluate_run(run_dir: Path, prompts: list[str], args: argparse.Namespace) ->
         points.append({"iteration": it, "minutes": seconds[it] / 60, "strict": acc["strict"], "dense": acc["dense"]})
         print(f"  {run_dir.name} it {it:3d} ({seconds[it] / 60:4.1f} min): strict {acc['strict']:.3f} "
               f"dense {acc['dense']:.3f}", flush=True)
+    cache.write_text(json.dumps(points) + "\n")
     return points
 
 
