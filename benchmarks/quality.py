@@ -109,7 +109,9 @@ def report(results: dict[str, dict[int, list[dict]]], base: dict, args: argparse
         strict = [f["strict"] for f in finals]
         dense = [f["dense"] for f in finals]
         reach = "-"
-        if target is not None:
+        if target is not None and target[1] <= base["strict"]:
+            reach = "n/a (DanceGRPO ends at or below the base)"
+        elif target is not None:
             hit = next((m for m, v in means[alg] if v >= target[1]), None)
             reach = "not reached" if hit is None else f"{hit:.1f}"
         lines.append(f"| {alg} | {statistics.mean(f['iteration'] for f in finals):.0f} | "

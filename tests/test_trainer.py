@@ -36,12 +36,12 @@ def _cfg(tmp_path, **over):
 
 @pytest.mark.parametrize("algorithm", ["mixgrpo", "mixgrpo_flash_star", "flow_grpo", "dance_grpo"])
 def test_reward_rises_and_only_trainable_weights_change(tmp_path, algorithm):
-    cfg = _cfg(tmp_path, algorithm=algorithm, iterations=12)
+    cfg = _cfg(tmp_path, algorithm=algorithm, iterations=16, lr=0.1)  # DanceGRPO's eta 0.3 learns slowest
     run = train(cfg, progress=False)
     metrics = read_metrics(run)
     rewards = [m["reward/brightness"] for m in metrics]
-    assert len(rewards) == 12
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05
+    assert len(rewards) == 16
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.05
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert evals[-1]["eval/brightness"] > evals[0]["eval/brightness"]
     final = load_checkpoint(latest_checkpoint(run))["model"]
