@@ -34,8 +34,9 @@ def run(algorithm: str, seed: int, args: argparse.Namespace, out: Path) -> Path:
     from mixgrpo.trainer import train
 
     run_dir = out / f"{algorithm}_s{seed}"
-    overrides = [f"seed={seed}", f"out_dir={run_dir}", f"time_limit_minutes={args.minutes}", f"checkpoint_every={args.checkpoint_every}",
-                 "keep_checkpoints=100000", "eval_num_prompts=0", *args.override]
+    overrides = [f"seed={seed}", f"out_dir={run_dir}", f"time_limit_minutes={args.minutes}",
+                 f"checkpoint_every={args.checkpoint_every}", "keep_checkpoints=100000", "eval_num_prompts=0",
+                 *args.override]
     if args.max_iterations:
         overrides.append(f"iterations={args.max_iterations}")
     cfg = load_config(ROOT / "configs" / f"{algorithm}.yaml", overrides)
@@ -79,6 +80,10 @@ def evaluate_run(run_dir: Path, prompts: list[str], args: argparse.Namespace) ->
     return points
 
 
+def _sd(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def _mean_curve(curves: list[list[dict]], key: str) -> list[tuple[float, float]]:
     """Seed-mean of `key` at each checkpoint index present in every seed (x = mean minutes)."""
     n = min(len(c) for c in curves)
@@ -105,7 +110,6 @@ def report(results: dict[str, dict[int, list[dict]]], base: dict, args: argparse
              "minutes to reach DanceGRPO's final strict |", "|---|---|---|---|---|"]
     for alg, c in curves.items():
         finals = [seed[-1] for seed in c]
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
         strict = [f["strict"] for f in finals]
         dense = [f["dense"] for f in finals]
         reach = "-"
@@ -115,8 +119,8 @@ def report(results: dict[str, dict[int, list[dict]]], base: dict, args: argparse
             hit = next((m for m, v in means[alg] if v >= target[1]), None)
             reach = "not reached" if hit is None else f"{hit:.1f}"
         lines.append(f"| {alg} | {statistics.mean(f['iteration'] for f in finals):.0f} | "
-                     f"{statistics.mean(strict):.3f} +- {sd(strict):.3f} | {statistics.mean(dense):.3f} +- "
-                     f"{sd(dense):.3f} | {reach} |")
+                     f"{statistics.mean(strict):.3f} +- {_sd(strict):.3f} | {statistics.mean(dense):.3f} +- "
+                     f"{_sd(dense):.3f} | {reach} |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     (out / "quality.json").write_text(json.dumps(
         {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -143,6 +147,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from mixgrpo.config import load_config
     from mixgrpo.models.tiny import load_tiny
     from mixgrpo.pretrain import heldout_accuracy
     from mixgrpo.world.scene import load_prompts
@@ -153,17 +158,11 @@ def main() -> None:
     if args.train_only:
         return
     prompts = load_prompts("heldout")
-    guidance = load_config_guidance(args.algorithms[0])
+    guidance = load_config(ROOT / "configs" / f"{args.algorithms[0]}.yaml").guidance_scale  # the recipes share it
     base_acc = heldout_accuracy(load_tiny().eval(), prompts, args.eval_images, guidance, seed=1234)
     base = {"strict": base_acc["strict"], "dense": base_acc["dense"]}
     results = {alg: {s: evaluate_run(d, prompts, args) for s, d in seeds.items()} for alg, seeds in runs.items()}
     report(results, base, args, out)
-
-
-def load_config_guidance(algorithm: str) -> float:
-    from mixgrpo.config import load_config
-
-    return load_config(ROOT / "configs" / f"{algorithm}.yaml", []).guidance_scale
 
 
 if __name__ == "__main__":
