@@ -113,6 +113,11 @@ def test_random_scene_stays_in_train_unless_asked():
     assert {len(random_scene(rng, max_objects=3).objects) for _ in range(100)} == {1, 2, 3}
     assert max(s.n_instances for s in scenes) == W.DEFAULT_INSTANCES
     assert max(random_scene(rng, max_instances=4).n_instances for _ in range(200)) == 4
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="max_instances"):
+            random_scene(rng, max_instances=bad)
+        with pytest.raises(ValueError, match="max_instances"):
+            W.all_scenes(max_instances=bad)
 
 
 def test_relations_are_mutually_exclusive():

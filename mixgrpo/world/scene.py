@@ -383,6 +383,8 @@ def random_scene(rng: np.random.Generator, max_objects: int = 2, relation_prob: 
     number of objects). Held-out compositions are redrawn unless `allow_heldout`."""
     if not 1 <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
+    if not 1 <= max_instances <= MAX_INSTANCES:
+        raise ValueError(f"max_instances must be in 1..{MAX_INSTANCES}, got {max_instances}")
     objects = [(c, s) for c in COLORS for s in SHAPES]
     while True:
         n = int(rng.integers(1, max_objects + 1))
