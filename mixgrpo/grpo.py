@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mixgrpo.sampling import block_coords, reduce_latent
+from mixgrpo.sampling import reduce_latent
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, std: str = "group",
@@ -94,19 +94,16 @@ def policy_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torc
 
 
 def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor | float,
-                    reduce: str = "mean", noise_block: int = 1) -> torch.Tensor:
+                    reduce: str = "mean") -> torch.Tensor:
     """KL(N(mean, std^2) || N(mean_ref, std^2)) = ||mean - mean_ref||^2 / (2 std^2), reduced per sample.
 
     mean, mean_ref: [B, ...]; std: 0-d, [B, 1, ...] or [B, ...]; returns [B]. reduce="mean" averages over the
     latent elements, like `gaussian_log_prob`, so beta is on the same per-element scale as the log-ratio.
-    Computed in float32 (float64 if an input is float64). noise_block > 1: the KL of the subspace
-    coordinates (`mixgrpo.sampling.block_coords`), where the step's noise lives.
+    Computed in float32 (float64 if an input is float64).
     """
     if mean.shape != mean_ref.shape:
         raise ValueError(f"mean {tuple(mean.shape)} and mean_ref {tuple(mean_ref.shape)} must have the same shape")
     dtype = torch.float64 if torch.float64 in (mean.dtype, mean_ref.dtype) else torch.float32
     std_t = torch.as_tensor(std, device=mean.device).to(dtype)
-    if noise_block > 1:
-        mean, mean_ref = block_coords(mean, noise_block), block_coords(mean_ref, noise_block)
     elem = (mean.to(dtype) - mean_ref.to(dtype)) ** 2 / (2 * std_t ** 2)  # [B, ...]
     return reduce_latent(elem, reduce)  # the same reduction as gaussian_log_prob, so beta shares its scale

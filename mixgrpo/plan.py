@@ -109,10 +109,6 @@ class SamplerConfig:
     train_steps: "window", "all_but_last", "random_fraction" (train_fraction of all but the last step, per
                  sample) or "none".
     eta:         SDE noise level; for sde_form="cps" it is the angle a in [0, 1].
-    noise_block: 1 = the SDE noise of the papers (every latent element). f > 1 = our low-dimensional
-                 exploration: SDE noise only on the means of f x f latent tiles, the rest of each SDE step
-                 follows the ODE (`mixgrpo.sampling.sde_mean_std`); the policy gradient then has D / f^2
-                 noise dimensions instead of D (docs/results.md measures what that does).
     """
 
     num_steps: int = 25
@@ -122,7 +118,6 @@ class SamplerConfig:
     sde_steps: str = "window"
     train_steps: str = "window"
     train_fraction: float = 0.6
-    noise_block: int = 1
     window: WindowConfig = field(default_factory=WindowConfig)
     flash: FlashConfig = field(default_factory=FlashConfig)
 
@@ -137,9 +132,6 @@ class SamplerConfig:
         if self.eta < 0 or (self.sde_form == "cps" and self.eta > 1):
             limit = "in [0, 1] for sde_form='cps'" if self.sde_form == "cps" else ">= 0"
             raise ValueError(f"eta = {self.eta}: the noise level must be {limit}")
-        if self.noise_block < 1:
-            raise ValueError(f"noise_block = {self.noise_block}: use 1 (noise on every latent element) or a "
-                             "tile side f > 1 that divides the latent height and width")
         if not 0 < self.train_fraction <= 1:
             raise ValueError(f"train_fraction = {self.train_fraction}: it must be in (0, 1]")
         if self.train_steps != "none" and self.sde_steps == "none":
@@ -198,7 +190,6 @@ class Plan:
     dpm_order: int
     dpm_variant: str
     train_fraction: float = 1.0
-    noise_block: int = 1
 
     @property
     def nfe(self) -> int:
@@ -304,7 +295,6 @@ def build_plan(cfg: SamplerConfig, iteration: int = 0, seed: int = 0) -> Plan:
         dpm_order=cfg.flash.order,
         dpm_variant=cfg.flash.variant,
         train_fraction=cfg.train_fraction if cfg.train_steps == "random_fraction" else 1.0,
-        noise_block=cfg.noise_block,
     )
 
 

@@ -21,7 +21,7 @@ import torch
 
 from mixgrpo.models.base import Cond, FlowModel, cond_cat, cond_repeat_interleave
 from mixgrpo.plan import Plan
-from mixgrpo.sampling import dpm_solver_step, euler_step, gaussian_log_prob, noise_shape, predict_x0, sde_step
+from mixgrpo.sampling import dpm_solver_step, euler_step, gaussian_log_prob, predict_x0, sde_step
 
 
 @dataclass
@@ -153,9 +153,8 @@ def rollout(
             x_next = dpm_solver_step(x, x0_hat, step.sigma, step.sigma_next, history=history,
                                      order=plan.dpm_order, variant=plan.dpm_variant)
         elif step.kind == "sde":
-            noise = _noise(gens, group_size, noise_shape((1, *shape), plan.noise_block)[1:], device, torch.float32)
-            out = sde_step(x, v, step.sigma, step.sigma_next, noise=noise, form=plan.sde_form, eta=plan.eta,
-                           noise_block=plan.noise_block)
+            noise = _noise(gens, group_size, shape, device, torch.float32)
+            out = sde_step(x, v, step.sigma, step.sigma_next, noise=noise, form=plan.sde_form, eta=plan.eta)
             x_next = out.x_next
             rows = train_mask_d[:, i]
             if rows.any():
@@ -165,8 +164,7 @@ def rollout(
                 store_sigma[rows, j] = step.sigma
                 store_sigma_next[rows, j] = step.sigma_next
                 store_step[rows, j] = i
-                store_logp[rows, j] = gaussian_log_prob(x_next[rows], out.mean[rows], _rows(out.std, rows),
-                                                          noise_block=plan.noise_block).float()
+                store_logp[rows, j] = gaussian_log_prob(x_next[rows], out.mean[rows], _rows(out.std, rows)).float()
         else:
             raise ValueError(f"unknown step kind {step.kind!r}")
         history = ((x0_hat, step.sigma),) + history[:2]

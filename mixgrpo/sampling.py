@@ -132,7 +132,7 @@ class SDEStepOutput(NamedTuple):
 
 
 def sde_mean_std(x: torch.Tensor, v: torch.Tensor, sigma: Sigma, sigma_next: Sigma,
-                 form: str = "flow_grpo", eta: float = 0.7, noise_block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                 form: str = "flow_grpo", eta: float = 0.7) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean [B, ...] and std (0-d or [B, 1, ...]) of the Gaussian transition x -> x' of one SDE step.
 
     Only the mean depends on v (the policy); the trainer re-scores a stored x' by calling this again with a
@@ -147,10 +147,6 @@ def sde_mean_std(x: torch.Tensor, v: torch.Tensor, sigma: Sigma, sigma_next: Sig
       std = 0 at sigma' = 0: the final CPS step is deterministic and has no density.
 
     eta = 0 gives the Euler step and std = 0 for every form.
-
-    noise_block = f > 1 (x: [B, C, H, W]) keeps the SDE to the block-constant subspace of f x f blocks
-    (see `block_coords`): the mean is the Euler (ODE) mean plus the projection of (SDE mean - ODE mean) onto
-    the subspace, and the noise (`sde_step`) lives in the subspace only, so the complement follows the ODE.
     """
     if form not in SDE_FORMS:
         raise ValueError(f"unknown SDE form {form!r}: use one of {SDE_FORMS}")
@@ -165,72 +161,29 @@ def sde_mean_std(x: torch.Tensor, v: torch.Tensor, sigma: Sigma, sigma_next: Sig
             raise ValueError(f"eta = {eta}: the CPS noise angle a must be in [0, 1] (typical 0.8)")
         std = s_next * math.sin(math.pi * eta / 2)
         mean = (1 - s_next) * (x - s * v) + s_next * math.cos(math.pi * eta / 2) * (x + (1 - s) * v)
-        if noise_block > 1:
-            ode = x + dt * v
-            return ode + block_project(mean - ode, noise_block), std
         return mean, std
     if form == "flow_grpo":
         g2 = eta ** 2 * s / (1 - torch.where(s == 1, s_next, s))
     else:
         g2 = torch.full_like(s, eta ** 2)
     score_term = g2 / (2 * s) * (x + (1 - s) * v)  # -g^2/2 * score, with score = -eps_hat / sigma
+    mean = x + dt * (v + score_term)
     std = torch.sqrt(g2 * -dt)
-    if noise_block > 1:  # ODE mean + the SDE's correction inside the subspace
-        return x + dt * v + block_project(dt * score_term, noise_block), std
-    return x + dt * (v + score_term), std
+    return mean, std
 
 
 def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: Sigma, sigma_next: Sigma, noise: torch.Tensor | None = None,
-             form: str = "flow_grpo", eta: float = 0.7, generator: torch.Generator | None = None,
-             noise_block: int = 1) -> SDEStepOutput:
-    """One SDE step (see `sde_mean_std` for the forms): x' = mean + std * U noise, noise ~ N(0, I).
+             form: str = "flow_grpo", eta: float = 0.7, generator: torch.Generator | None = None) -> SDEStepOutput:
+    """One SDE step (see `sde_mean_std` for the forms): x' = mean + std * noise, noise ~ N(0, I).
 
-    x, v: [B, ...]; noise: `noise_shape(x.shape, noise_block)` (x's shape when noise_block = 1, where U = I);
-    if not given, it is drawn from `generator` (the global RNG when None).
+    x, v, noise: [B, ...]; noise, if not given, is drawn from `generator` (the global RNG when None).
     """
-    mean, std = sde_mean_std(x, v, sigma, sigma_next, form=form, eta=eta, noise_block=noise_block)
-    shape = noise_shape(mean.shape, noise_block)
+    mean, std = sde_mean_std(x, v, sigma, sigma_next, form=form, eta=eta)
     if noise is None:
-        noise = torch.randn(shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    elif noise.shape != shape:
-        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
-    return SDEStepOutput(mean + std * block_embed(noise.to(mean.dtype), noise_block), mean, std)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Block-constant noise subspace (SamplerConfig.noise_block)
-# ----------------------------------------------------------------------------------------------------
-
-
-def noise_shape(shape: Sequence[int], block: int) -> tuple[int, ...]:
-    """Shape of the subspace coordinates of latents `shape` = (B, C, H, W): (B, C, H / block, W / block)."""
-    shape = tuple(shape)
-    if block == 1:
-        return shape
-    if len(shape) != 4 or shape[2] % block or shape[3] % block:
-        raise ValueError(f"noise_block = {block} needs latents [B, C, H, W] with H and W divisible by it, "
-                         f"got {shape}; pick a divisor of the latent side or noise_block = 1")
-    return (shape[0], shape[1], shape[2] // block, shape[3] // block)
-
-
-def block_coords(t: torch.Tensor, block: int) -> torch.Tensor:
-    """U^T t: orthonormal coordinates of t [B, C, H, W] in the subspace of images constant on block x block
-    tiles (block * the tile mean), [B, C, H / block, W / block]. U^T U = I, so N(0, I) coordinates embed
-    (`block_embed`) as noise of unit variance per coordinate."""
-    noise_shape(t.shape, block)
-    return torch.nn.functional.avg_pool2d(t, block) * block
-
-
-def block_embed(z: torch.Tensor, block: int) -> torch.Tensor:
-    """U z: coordinates [B, C, h, w] -> the block-constant tensor [B, C, h * block, w * block]."""
-    if block == 1:
-        return z
-    return z.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1) / block
-
-
-def block_project(t: torch.Tensor, block: int) -> torch.Tensor:
-    """U U^T t: each block x block tile replaced by its mean."""
-    return block_embed(block_coords(t, block), block)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    elif noise.shape != mean.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, expected x's shape {tuple(mean.shape)}")
+    return SDEStepOutput(mean + std * noise.to(mean.dtype), mean, std)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,7 +209,7 @@ def _upcast(*ts: torch.Tensor | float) -> tuple[torch.Tensor, ...]:
 
 
 def gaussian_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tensor | float,
-                      reduce: str = "mean", noise_block: int = 1) -> torch.Tensor:
+                      reduce: str = "mean") -> torch.Tensor:
     """log N(x' | mean, std^2 I), reduced over the non-batch dims: [B, ...] -> [B].
 
     Per element: -(x' - mean)^2 / (2 std^2) - log std - log(2 pi) / 2 (the full normalisation, so the
@@ -264,12 +217,8 @@ def gaussian_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     codes do (it keeps log-ratios O(1) per element, which is why a clip range of 1e-4 is usable);
     reduce="sum" gives the joint log-density. Computed in float32 (float64 if any input is float64).
     std: 0-d, [B, 1, ...] or [B, ...]; it must be > 0 (a deterministic step has no density).
-    noise_block > 1: the density of the subspace coordinates U^T x' ~ N(U^T mean, std^2 I) (`sde_step` with
-    the same noise_block; the complement is deterministic), reduced over those coordinates.
     """
     x_next, mean, std = _upcast(x_next, mean, std)
-    if noise_block > 1:
-        x_next, mean = block_coords(x_next, noise_block), block_coords(mean, noise_block)
     elem = -((x_next - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
     return reduce_latent(elem.expand(torch.broadcast_shapes(elem.shape, x_next.shape)), reduce)
 

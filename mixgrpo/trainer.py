@@ -279,16 +279,14 @@ def update(model: FlowModel, params: dict[str, torch.nn.Parameter], optimizer: t
                 with autocast():
                     v = guided_velocity(model, x, sigma.float(), mb_cond, mb_uncond, cfg.guidance_scale)
                 stats.model_calls += 1
-                mean, std = sde_mean_std(x, v, sigma, sigma_next, form=plan.sde_form, eta=plan.eta,
-                                         noise_block=plan.noise_block)
-                logp = gaussian_log_prob(x_next, mean, std, noise_block=plan.noise_block)
+                mean, std = sde_mean_std(x, v, sigma, sigma_next, form=plan.sde_form, eta=plan.eta)
+                logp = gaussian_log_prob(x_next, mean, std)
                 loss, step_stats = policy_loss(logp, traj.log_prob[mb, k], adv, cfg.clip_range)
                 if cfg.kl_beta > 0:
                     with torch.no_grad(), autocast():
                         v_ref = guided_velocity(reference, x, sigma.float(), mb_cond, mb_uncond, cfg.guidance_scale)
-                    mean_ref, _ = sde_mean_std(x, v_ref, sigma, sigma_next, form=plan.sde_form, eta=plan.eta,
-                                               noise_block=plan.noise_block)
-                    kl = kl_to_reference(mean, mean_ref, std, noise_block=plan.noise_block).mean()
+                    mean_ref, _ = sde_mean_std(x, v_ref, sigma, sigma_next, form=plan.sde_form, eta=plan.eta)
+                    kl = kl_to_reference(mean, mean_ref, std).mean()
                     loss = loss + cfg.kl_beta * kl
                     step_stats = {**step_stats, "kl_to_base": kl.detach()}
                 if not torch.isfinite(loss):

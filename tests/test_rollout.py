@@ -8,8 +8,7 @@ import torch
 from mixgrpo.models.analytic import GaussianFlow
 from mixgrpo.plan import ALGORITHMS, build_plan, train_mask
 from mixgrpo.rollout import guided_velocity, rollout
-from mixgrpo.sampling import (block_project, dpm_solver_step, euler_step, gaussian_log_prob, predict_x0, sde_mean_std,
-                              sde_step)
+from mixgrpo.sampling import dpm_solver_step, euler_step, gaussian_log_prob, predict_x0, sde_mean_std, sde_step
 
 P, G = 2, 3
 
@@ -91,25 +90,19 @@ def test_group_shares_initial_noise_and_diverges_only_after_first_sde_step():
     assert not torch.allclose(first[0], first[G])  # different prompts, different noise
 
 
-@pytest.mark.parametrize("algorithm,noise_block", [("mixgrpo", 1), ("dance_grpo", 1), ("flow_grpo", 1),
-                                                   ("mixgrpo", 2)])
-def test_on_policy_rescoring_gives_ratio_one(algorithm, noise_block):
+@pytest.mark.parametrize("algorithm", ["mixgrpo", "dance_grpo", "flow_grpo"])
+def test_on_policy_rescoring_gives_ratio_one(algorithm):
     model = _model()
-    plan = build_plan(dataclasses.replace(ALGORITHMS[algorithm], noise_block=noise_block), iteration=3, seed=0)
+    plan = build_plan(ALGORITHMS[algorithm], iteration=3, seed=0)
     cond = _cond(model)
     traj = rollout(model, plan, cond, G, [3, 4], train_mask(plan, P * G, 0, 3))
     rows = {k: v.repeat_interleave(G, 0) for k, v in cond.items()}
     for k in range(traj.x.shape[1]):
         v = guided_velocity(model, traj.x[:, k], traj.sigma[:, k].float(), rows, None, 1.0)
-        mean, std = sde_mean_std(traj.x[:, k], v, traj.sigma[:, k], traj.sigma_next[:, k], plan.sde_form, plan.eta,
-                                 noise_block=noise_block)
-        logp = gaussian_log_prob(traj.x_next[:, k], mean, std, noise_block=noise_block)
+        mean, std = sde_mean_std(traj.x[:, k], v, traj.sigma[:, k], traj.sigma_next[:, k], plan.sde_form, plan.eta)
+        logp = gaussian_log_prob(traj.x_next[:, k], mean, std)
         ratio = torch.exp(logp - traj.log_prob[:, k])
         torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
-        if noise_block > 1:  # the step left the ODE only by a tile-constant term
-            off = traj.x_next[:, k] - euler_step(traj.x[:, k], v, traj.sigma[:, k], traj.sigma_next[:, k])
-            torch.testing.assert_close(off, block_project(off, noise_block), rtol=0, atol=1e-5)
-            assert off.abs().max() > 1e-3
 
 
 def test_trained_step_must_be_sde():

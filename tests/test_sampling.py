@@ -13,17 +13,12 @@ import math
 import pytest
 import torch
 
-from mixgrpo.grpo import kl_to_reference
 from mixgrpo.sampling import (
-    block_coords,
-    block_embed,
-    block_project,
     dpm_solver_step,
     euler_step,
     flux_mu,
     flux_sigma_grid,
     gaussian_log_prob,
-    noise_shape,
     predict_eps,
     predict_x0,
     sde_mean_std,
@@ -464,59 +459,3 @@ def test_stored_transition_rescored_with_same_velocity_has_ratio_one():
     logp_old = gaussian_log_prob(out.x_next, out.mean, out.std)
     mean, std = sde_mean_std(x, v.clone(), 0.7, 0.6)
     assert torch.equal(gaussian_log_prob(out.x_next, mean, std), logp_old)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Block-constant SDE noise (SamplerConfig.noise_block)
-# ---------------------------------------------------------------------------------------------------
-
-
-def test_block_basis_is_orthonormal():
-    """U^T U = I (coordinates survive embed -> coords), U U^T is the tile-mean projection, |U z| = |z|."""
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(2, 3, 2, 4, generator=gen, dtype=F64)
-    t = torch.randn(2, 3, 8, 16, generator=gen, dtype=F64)
-    torch.testing.assert_close(block_coords(block_embed(z, 4), 4), z)
-    torch.testing.assert_close(block_embed(z, 4).norm(), z.norm())
-    proj = block_project(t, 4)
-    torch.testing.assert_close(block_project(proj, 4), proj)
-    torch.testing.assert_close(proj[0, 0, :4, :4], t[0, 0, :4, :4].mean().expand(4, 4))
-    assert noise_shape(t.shape, 1) == t.shape and noise_shape(t.shape, 4) == (2, 3, 2, 4)
-    with pytest.raises(ValueError, match="divisible"):
-        noise_shape((2, 3, 10, 10), 4)
-
-
-@pytest.mark.parametrize("form,eta", [("flow_grpo", 0.7), ("dance", 0.3), ("cps", 0.8)])
-def test_block_noise_step_is_ode_outside_the_subspace(form, eta):
-    """With noise_block = f the step equals the Euler step plus a tile-constant term: inside the subspace
-    it is the full SDE step's mean plus f-tile noise, and the log-prob is that of the subspace coordinates."""
-    gen = torch.Generator().manual_seed(1)
-    x, v = torch.randn(3, 2, 8, 8, generator=gen, dtype=F64), torch.randn(3, 2, 8, 8, generator=gen, dtype=F64)
-    z = torch.randn(3, 2, 2, 2, generator=gen, dtype=F64)
-    out = sde_step(x, v, 0.7, 0.6, noise=z, form=form, eta=eta, noise_block=4)
-    full_mean, full_std = sde_mean_std(x, v, 0.7, 0.6, form=form, eta=eta)
-    off_ode = out.x_next - euler_step(x, v, 0.7, 0.6)
-    torch.testing.assert_close(off_ode, block_project(off_ode, 4))  # the complement followed the ODE exactly
-    torch.testing.assert_close(block_coords(out.mean, 4), block_coords(full_mean, 4))
-    torch.testing.assert_close(out.std, full_std)
-    torch.testing.assert_close(block_coords(out.x_next - out.mean, 4), out.std * z)
-    ref = torch.distributions.Normal(block_coords(out.mean, 4), out.std).log_prob(block_coords(out.x_next, 4))
-    torch.testing.assert_close(gaussian_log_prob(out.x_next, out.mean, out.std, noise_block=4),
-                               ref.mean(dim=(1, 2, 3)))
-    with pytest.raises(ValueError, match="noise has shape"):
-        sde_step(x, v, 0.7, 0.6, noise=x, form=form, eta=eta, noise_block=4)
-
-
-def test_block_noise_log_prob_ignores_the_complement_and_kl_matches():
-    """Moving the mean inside a tile (zero tile mean) changes neither the log-prob nor the KL: only the
-    subspace carries noise, so only the tile means of the policy's output get a policy gradient."""
-    gen = torch.Generator().manual_seed(2)
-    x_next, mean = torch.randn(2, 1, 4, 4, generator=gen, dtype=F64), torch.randn(2, 1, 4, 4, generator=gen, dtype=F64)
-    wiggle = torch.randn(2, 1, 4, 4, generator=gen, dtype=F64)
-    wiggle = wiggle - block_project(wiggle, 4)
-    a = gaussian_log_prob(x_next, mean, 0.3, noise_block=4)
-    torch.testing.assert_close(gaussian_log_prob(x_next, mean + wiggle, 0.3, noise_block=4), a)
-    torch.testing.assert_close(kl_to_reference(mean + wiggle, mean, 0.3, noise_block=4), torch.zeros(2, dtype=F64))
-    shifted = mean + 0.1
-    torch.testing.assert_close(kl_to_reference(shifted, mean, 0.3, noise_block=4),
-                               torch.full((2,), 16 * 0.01 / (2 * 0.09), dtype=F64))
