@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mixgrpo.config import load_config, to_dict
+from mixgrpo.config import ConfigError, load_config, to_dict
 from mixgrpo.plan import ALGORITHMS, build_plan
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -25,3 +25,13 @@ def test_embedded_recipes_share_everything_but_the_algorithm():
     for name in ALGORITHMS:
         other = {k: v for k, v in to_dict(load_config(root / f"{name}.yaml")).items() if k not in ignore}
         assert other == reference, name
+
+
+def test_exponent_without_a_dot_is_a_number():
+    """PyYAML (YAML 1.1) reads `1e-4` as a string; a float field takes it as the number users mean."""
+    cfg = load_config(CONFIGS[0], ["lr=1e-4", "clip_range=2E-3", "kl_beta=+5e-2"])
+    assert (cfg.lr, cfg.clip_range, cfg.kl_beta) == (1e-4, 2e-3, 5e-2)
+    with pytest.raises(ConfigError, match="lr must be a number, got 'fast'"):
+        load_config(CONFIGS[0], ["lr=fast"])
+    with pytest.raises(ConfigError, match="iterations must be an integer, got '1e3'"):
+        load_config(CONFIGS[0], ["iterations=1e3"])
