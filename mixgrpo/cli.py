@@ -265,7 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     rest: list[str] = []
     if command is not None and argv[command] in _PASSTHROUGH:
         argv, rest = argv[:command + 1], argv[command + 1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops collecting positionals at the first option: take key=value overrides placed after
+    # options too ("train --config C --out D lr=1e-4"); anything else is still an error.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in _PASSTHROUGH:
         args.rest = rest
     try:
