@@ -100,6 +100,28 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, encoder):
         load_tiny(path, encoder)
 
 
+def test_text_positions_let_word_order_reach_the_model(encoder):
+    """With FLUX's zero text ids, attention treats the text tokens as a set: permuting them changes nothing.
+    With text_positions, token k sits at rotary position (k, 0, 0) and the same permutation changes the output."""
+    x = torch.randn(2, 3, 32, 32)
+    sigma = torch.tensor([0.3, 0.8])
+    cond = encoder.encode(["a red circle left of a green square", "two blue squares"])
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    shuffled = {"prompt_embeds": cond["prompt_embeds"][:, perm], "pooled": cond["pooled"]}
+    for text_positions in (False, True):
+        torch.manual_seed(0)
+        model = build_tiny(TinyConfig(num_layers=1, num_single_layers=1, text_positions=text_positions), encoder)
+        with torch.no_grad():
+            same = torch.allclose(model(x, sigma, cond), model(x, sigma, shuffled), atol=1e-5)
+        assert same is not text_positions
+
+
+def test_configs_from_before_text_positions_load_without_them():
+    old = {k: v for k, v in vars(TinyConfig(axes_dims_rope=(4, 14, 14))).items() if k != "text_positions"}
+    assert TinyConfig.from_dict(old).text_positions is False
+    assert TinyConfig.from_dict({**old, "text_positions": True}).text_positions is True
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="axes_dims_rope"):
         TinyConfig(axes_dims_rope=(8, 8, 8))

@@ -3,7 +3,8 @@
 The adapter owns everything FLUX-specific between the rollout's tensors and the transformer:
 - packing: x [B, C, H, W] is cut into p x p patches, giving N = (H/p)(W/p) tokens of C*p*p channels
   (row-major; for p = 2 this is exactly diffusers' `FluxPipeline._pack_latents`);
-- position ids: img_ids[n] = (0, row, col) of the patch, txt_ids = 0 (FLUX convention);
+- position ids: img_ids[n] = (0, row, col) of the patch, txt_ids = 0 (FLUX convention) or, with
+  `text_positions`, txt_ids[k] = (k, 0, 0): token k's place in the prompt on the first rotary axis;
 - time: the transformer takes timestep = sigma in [0, 1] (it multiplies by 1000 itself);
 - guidance: FLUX-dev's distilled guidance value, fed to its guidance embedding (None for models without one).
 
@@ -56,11 +57,14 @@ class FluxAdapter(TransformerAdapter):
     latent_shape: (C, H, W) of what the rollout integrates; H and W divisible by p.
     decoder: latents [B, C, H, W] -> images [B, 3, H', W'] in [0, 1]; `decode_pixels` in pixel space.
     guidance: distilled guidance value for transformers built with guidance_embeds=True, else None.
+    text_positions: give text token k the rotary position (k, 0, 0) instead of FLUX's (0, 0, 0), so that
+        attention sees word order ("a red circle and a green square" is not "a green circle and a red square"
+        when the text states barely tell them apart, as MiniLM's do). Only for models trained with it.
     """
 
     def __init__(self, transformer: nn.Module, text_encoder: TextEncoder, patch_size: int,
                  latent_shape: tuple[int, int, int], decoder: Callable[[torch.Tensor], torch.Tensor] = decode_pixels,
-                 guidance: float | None = None):
+                 guidance: float | None = None, text_positions: bool = False):
         c, h, w = latent_shape
         patch = patch_size
         if h % patch or w % patch:
@@ -76,6 +80,7 @@ class FluxAdapter(TransformerAdapter):
         super().__init__(transformer, text_encoder, decoder, (c, h, w))
         self.patch_size = patch
         self.guidance = guidance
+        self.text_positions = text_positions
         self.register_buffer("img_ids", image_ids(h // patch, w // patch), persistent=False)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -84,7 +89,9 @@ class FluxAdapter(TransformerAdapter):
         b = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device).expand(b)
         text = cond["prompt_embeds"].to(dtype)                                      # [B, L, D]
-        txt_ids = torch.zeros(text.shape[1], 3, device=x.device, dtype=self.img_ids.dtype)
+        txt_ids = torch.zeros(text.shape[1], 3, device=x.device, dtype=self.img_ids.dtype)  # [L, 3]
+        if self.text_positions:
+            txt_ids[:, 0] = torch.arange(text.shape[1], device=x.device, dtype=txt_ids.dtype)
         guidance = None
         if self.guidance is not None:
             guidance = torch.full((b,), float(self.guidance), device=x.device, dtype=dtype)

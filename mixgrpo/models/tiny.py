@@ -37,8 +37,9 @@ class TinyConfig:
     num_single_layers: int = 2                 # FLUX single-stream blocks
     num_attention_heads: int = 4
     attention_head_dim: int = 32
-    axes_dims_rope: tuple[int, int, int] = (4, 14, 14)  # rotary dims of the (0, row, col) ids; sums to head dim
+    axes_dims_rope: tuple[int, int, int] = (8, 12, 12)  # rotary dims of the (token, row, col) ids; sum = head dim
     text_max_length: int = 16                  # MiniLM tokens per prompt (padded); prompts must fit
+    text_positions: bool = True                # text token k at rotary position (k, 0, 0) (FluxAdapter)
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -53,6 +54,7 @@ class TinyConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TinyConfig":
+        d = {"text_positions": False, **d}  # configs written before the option had FLUX's zero text ids
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -97,7 +99,8 @@ def build_tiny(config: TinyConfig = TinyConfig(), text_encoder: MiniLMEncoder | 
         raise ValueError(f"text encoder max_length {text_encoder.max_length} != config.text_max_length "
                          f"{config.text_max_length}")
     model = TinyModel(transformer, text_encoder, patch_size=config.patch_size,
-                        latent_shape=(3, config.image_size, config.image_size), decoder=decode_pixels)
+                        latent_shape=(3, config.image_size, config.image_size), decoder=decode_pixels,
+                      text_positions=config.text_positions)
     model.config = config
     return model.eval()
 
