@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     prompts = load_prompts(args.split)[::args.every]
-    model = load_tiny(args.path) if args.path else load_tiny()
+    model = load_tiny(args.path)  # None: the shipped base
     images = generate(model, prompts, ode_plan(25, 3.0), args.images, args.seed, args.guidance).flatten(0, 1)
     scenes = [parse_prompt(p) for p in prompts for _ in range(args.images)]
     failed, total, kinds = collections.Counter(), collections.Counter(), collections.Counter()

@@ -99,7 +99,7 @@ def build_tiny(config: TinyConfig = TinyConfig(), text_encoder: MiniLMEncoder | 
         raise ValueError(f"text encoder max_length {text_encoder.max_length} != config.text_max_length "
                          f"{config.text_max_length}")
     model = TinyModel(transformer, text_encoder, patch_size=config.patch_size,
-                        latent_shape=(3, config.image_size, config.image_size), decoder=decode_pixels,
+                      latent_shape=(3, config.image_size, config.image_size), decoder=decode_pixels,
                       text_positions=config.text_positions)
     model.config = config
     return model.eval()
