@@ -38,7 +38,7 @@ from mixgrpo.models.base import FlowModel
 from mixgrpo.models.flux import FluxAdapter
 from mixgrpo.models.tiny import TinyConfig, build_tiny, load_tiny, save_tiny
 from mixgrpo.evaluate import generate, ode_plan
-from mixgrpo.world.scene import load_prompts, parse_prompt, render_batch, with_distractor
+from mixgrpo.world.scene import load_prompts, parse_prompt, render_batch
 
 
 @dataclass
@@ -53,8 +53,6 @@ class PretrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     prompt_dropout: float = 0.1        # probability of training on "" (unconditional) instead of the prompt
-    distractor_prob: float = 0.0       # probability that an image also shows one object its prompt does not name
-                                       # (an incomplete caption; only scenes without relation, under 3 objects)
     seed: int = 0
     init: str = ""                     # start from this tiny checkpoint (its weights; config must match) instead of
                                        # a random init: continues a run under a fresh schedule
@@ -76,8 +74,6 @@ class PretrainConfig:
                 raise ValueError(f"PretrainConfig.{name} = {getattr(self, name)} must be >= 1")
         if self.minutes <= 0:
             raise ValueError(f"PretrainConfig.minutes = {self.minutes} must be > 0")
-        if not 0 <= self.distractor_prob <= 1:
-            raise ValueError(f"PretrainConfig.distractor_prob = {self.distractor_prob} must be in [0, 1]")
         if not 0 <= self.prompt_dropout < 1:
             raise ValueError(f"PretrainConfig.prompt_dropout = {self.prompt_dropout} must be in [0, 1)")
         if not 0 <= self.decay_fraction <= 1:
@@ -198,10 +194,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
         if progress >= 1:
             break
         idx = rng.integers(len(train_prompts), size=cfg.batch_size)
-        scenes = [train_scenes[i] for i in idx]
-        if cfg.distractor_prob:
-            scenes = [(with_distractor(s, rng) or s) if rng.random() < cfg.distractor_prob else s for s in scenes]
-        images = render_batch(scenes, rng, cfg.model.image_size)                              # [B, 3, H, W]
+        images = render_batch([train_scenes[i] for i in idx], rng, cfg.model.image_size)      # [B, 3, H, W]
         drop = rng.random(cfg.batch_size) < cfg.prompt_dropout
         cond = model.encode_prompts(["" if d else train_prompts[i] for i, d in zip(idx, drop)])
         x0 = images * 2 - 1

@@ -349,20 +349,6 @@ def is_heldout(scene: Scene) -> bool:
     return any((o.count, o.color, o.shape) in HELDOUT_COUNTS for o in scene.objects)
 
 
-def with_distractor(scene: Scene, rng: np.random.Generator) -> Scene | None:
-    """The scene plus one single object its prompt does not name (an incomplete caption, as in web alt-text),
-    or None when the scene cannot take one: it has a relation, or already draws DEFAULT_INSTANCES objects.
-
-    The distractor is a colour-shape the scene lacks and never completes a held-out pair with a scene object,
-    so an image of a train prompt never shows a held-out composition."""
-    if scene.relation is not None or scene.n_instances >= DEFAULT_INSTANCES:
-        return None
-    named = {(o.color, o.shape) for o in scene.objects}
-    candidates = [ObjectSpec(c, s) for c in COLORS for s in SHAPES if (c, s) not in named]
-    candidates = [o for o in candidates if not is_heldout(Scene(scene.objects + (o,)))]
-    return Scene(scene.objects + (candidates[int(rng.integers(len(candidates)))],))
-
-
 def all_scenes(max_objects: int = 2, max_instances: int = DEFAULT_INSTANCES) -> list[Scene]:
     """Every scene of 1..max_objects objects and at most max_instances drawn instances, in a fixed order
     (ordered objects: "A and B" != "B and A")."""
