@@ -1,4 +1,4 @@
-"""Quality per wall-clock: every algorithm trains for the same time budget; held-out accuracy along the way.
+"""Quality per wall-clock: every algorithm trains for the same time budget; held-out rewards along the way.
 
     python benchmarks/quality.py --minutes 6 --seeds 0 1 2 --algorithms dance_grpo mixgrpo mixgrpo_flash_star
 
@@ -7,12 +7,13 @@ budget (a run also ends at the recipe's iteration count, or --max-iterations) an
 --checkpoint-every iterations (all kept). Runs go one after the other in this process, so only one uses the
 cores at a time. Afterwards every checkpoint (and the shared base model, at time 0) is evaluated on the
 held-out prompts (--eval-images per prompt, the recipe's guidance, seed 1234: the same noise for every
-checkpoint), and its wall-clock is the sum of `time/iteration` up to it in the
-run's metrics.jsonl (training time only: evaluation is not charged to the algorithms).
+checkpoint) with every reward of the recipe (weight 0 included: the verifier's strict accuracy is logged that
+way), and its wall-clock is the sum of `time/iteration` up to it in the run's metrics.jsonl (training time
+only: evaluation is not charged to the algorithms).
 
-Writes OUT/quality.json (every point), OUT/quality.md (final accuracy per algorithm, mean and spread over
-seeds, and the first time each algorithm's seed-mean reaches DanceGRPO's final seed-mean) and the plots
-OUT/strict_vs_minutes.png, OUT/strict_vs_iterations.png.
+Writes OUT/quality.json (every point), OUT/quality.md (final rewards per algorithm, mean and spread over
+seeds, and the first time each algorithm's seed-mean of --metric reaches DanceGRPO's final seed-mean) and the
+plots OUT/METRIC_vs_minutes.png, OUT/METRIC_vs_iterations.png.
 """
 
 from __future__ import annotations
@@ -48,18 +49,27 @@ def run(algorithm: str, seed: int, args: argparse.Namespace, out: Path) -> Path:
     return run_dir
 
 
-def evaluate_run(run_dir: Path, prompts: list[str], args: argparse.Namespace) -> list[dict]:
-    """Held-out strict and dense accuracy of every checkpoint of a run, with its cumulative training time."""
+def held_out_rewards(model, cfg, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Mean of each of the recipe's rewards over the held-out prompts (the same noise for every model)."""
+    from mixgrpo.evaluate import evaluate, ode_plan
+    from mixgrpo.trainer import build_rewards
+
+    rewards = [(label, fn) for label, _, fn in build_rewards(cfg.rewards)]
+    guidance = cfg.eval_guidance_scale if cfg.eval_guidance_scale >= 0 else cfg.guidance_scale
+    res = evaluate(model, prompts, rewards, ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), args.eval_images,
+                   1234, guidance)
+    return {k: v["mean"] for k, v in res.summary().items()}
+
+
+def evaluate_run(run_dir: Path, cfg, prompts: list[str], args: argparse.Namespace) -> list[dict]:
+    """Held-out rewards of every checkpoint of a run, with its cumulative training time."""
     from mixgrpo.checkpoint import complete_checkpoints, load_checkpoint
-    from mixgrpo.config import read_yaml
     from mixgrpo.models.tiny import load_tiny
-    from mixgrpo.pretrain import heldout_accuracy
     from mixgrpo.trainer import read_metrics
 
     cache = run_dir / f"quality_eval_{args.eval_images}.json"  # lets several invocations share the evaluation
     if cache.is_file():
         return json.loads(cache.read_text())
-    guidance = read_yaml(run_dir / "config.yaml").get("guidance_scale", 1.0)
     seconds = [0.0]
     for row in read_metrics(run_dir):
         seconds.append(seconds[-1] + row["time/iteration"])
@@ -72,10 +82,10 @@ def evaluate_run(run_dir: Path, prompts: list[str], args: argparse.Namespace) ->
         if unexpected:
             raise RuntimeError(f"{ckpt}: weights {unexpected[:3]} do not belong to the tiny model")
         it = state["state"]["iteration"]
-        acc = heldout_accuracy(model.eval(), prompts, args.eval_images, guidance, seed=1234)
-        points.append({"iteration": it, "minutes": seconds[it] / 60, "strict": acc["strict"], "dense": acc["dense"]})
-        print(f"  {run_dir.name} it {it:3d} ({seconds[it] / 60:4.1f} min): strict {acc['strict']:.3f} "
-              f"dense {acc['dense']:.3f}", flush=True)
+        means = held_out_rewards(model.eval(), cfg, prompts, args)
+        points.append({"iteration": it, "minutes": seconds[it] / 60, **means})
+        print(f"  {run_dir.name} it {it:3d} ({seconds[it] / 60:4.1f} min): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in means.items()), flush=True)
     cache.write_text(json.dumps(points) + "\n")
     return points
 
@@ -94,33 +104,34 @@ def _mean_curve(curves: list[list[dict]], key: str) -> list[tuple[float, float]]
 def report(results: dict[str, dict[int, list[dict]]], base: dict, args: argparse.Namespace, out: Path) -> None:
     from mixgrpo.images import plot_lines
 
-    start = {"iteration": 0, "minutes": 0.0, "strict": base["strict"], "dense": base["dense"]}
+    metric, names = args.metric, list(base)
+    if metric not in base:
+        raise SystemExit(f"--metric {metric!r} is not one of the recipes' rewards {names}: pick one of those")
+    start = {"iteration": 0, "minutes": 0.0, **base}
     curves = {alg: [[start, *pts] for pts in seeds.values()] for alg, seeds in results.items()}
-    means = {alg: _mean_curve(c, "strict") for alg, c in curves.items()}
+    means = {alg: _mean_curve(c, metric) for alg, c in curves.items()}
     by_iteration = {alg: [(c[0][i]["iteration"], m[i][1]) for i in range(len(m))]
                     for (alg, c), m in zip(curves.items(), means.values())}
-    plot_lines(means, out / "strict_vs_minutes.png", title="held-out strict accuracy (seed mean)",
+    plot_lines(means, out / f"{metric}_vs_minutes.png", title=f"held-out {metric} (seed mean)",
                xlabel="training minutes")
-    plot_lines(by_iteration, out / "strict_vs_iterations.png", title="held-out strict accuracy (seed mean)",
+    plot_lines(by_iteration, out / f"{metric}_vs_iterations.png", title=f"held-out {metric} (seed mean)",
                xlabel="iteration")
     target = means["dance_grpo"][-1] if "dance_grpo" in means else None
     lines = [f"Budget {args.minutes:g} min per run, seeds {args.seeds}, held-out prompts x {args.eval_images} "
-             f"images; base model: strict {base['strict']:.3f}, dense {base['dense']:.3f}.", "",
-             "| algorithm | iterations | final strict (mean +- sd) | final dense (mean +- sd) | "
-             "minutes to reach DanceGRPO's final strict |", "|---|---|---|---|---|"]
+             "images; base model: " + ", ".join(f"{k} {v:.3f}" for k, v in base.items()) + ".", "",
+             "| algorithm | iterations | " + " | ".join(f"final {k} (mean +- sd)" for k in names)
+             + f" | minutes to reach DanceGRPO's final {metric} |", "|---|---|" + "---|" * (len(names) + 1)]
     for alg, c in curves.items():
         finals = [seed[-1] for seed in c]
-        strict = [f["strict"] for f in finals]
-        dense = [f["dense"] for f in finals]
         reach = "-"
-        if target is not None and target[1] <= base["strict"]:
+        if target is not None and target[1] <= base[metric]:
             reach = "n/a (DanceGRPO ends at or below the base)"
         elif target is not None:
             hit = next((m for m, v in means[alg] if v >= target[1]), None)
             reach = "not reached" if hit is None else f"{hit:.1f}"
         lines.append(f"| {alg} | {statistics.mean(f['iteration'] for f in finals):.0f} | "
-                     f"{statistics.mean(strict):.3f} +- {_sd(strict):.3f} | {statistics.mean(dense):.3f} +- "
-                     f"{_sd(dense):.3f} | {reach} |")
+                     + " | ".join(f"{statistics.mean(f[k] for f in finals):.3f} +- {_sd([f[k] for f in finals]):.3f}"
+                                  for k in names) + f" | {reach} |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     (out / "quality.json").write_text(json.dumps(
         {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
@@ -138,6 +149,8 @@ def main() -> None:
                    help="iterations per run at most (default: the recipe's own; the time budget ends runs first)")
     p.add_argument("--eval-images", type=int, default=2, help="images per held-out prompt")
     p.add_argument("--override", nargs="*", default=[], help="key=value overrides for every run")
+    p.add_argument("--metric", default="verifier_strict",
+                   help="the reward (label as in metrics.jsonl) plotted and compared with DanceGRPO's final value")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--quiet", action="store_true")
@@ -149,19 +162,22 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from mixgrpo.config import load_config
     from mixgrpo.models.tiny import load_tiny
-    from mixgrpo.pretrain import heldout_accuracy
-    from mixgrpo.world.scene import load_prompts
+    from mixgrpo.prompts import read_prompts
+
+    import mixgrpo.rewards  # noqa: F401  (registers the built-in rewards)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {alg: {s: run(alg, s, args, out) for s in args.seeds} for alg in args.algorithms}
     if args.train_only:
         return
-    prompts = load_prompts("heldout")
-    guidance = load_config(ROOT / "configs" / f"{args.algorithms[0]}.yaml").guidance_scale  # the recipes share it
-    base_acc = heldout_accuracy(load_tiny().eval(), prompts, args.eval_images, guidance, seed=1234)
-    base = {"strict": base_acc["strict"], "dense": base_acc["dense"]}
-    results = {alg: {s: evaluate_run(d, prompts, args) for s, d in seeds.items()} for alg, seeds in runs.items()}
+    # the recipes share the model, rewards, prompts and guidance: the first one's settings evaluate them all
+    cfg = load_config(ROOT / "configs" / f"{args.algorithms[0]}.yaml", args.override)
+    prompts = read_prompts(cfg.eval_prompts)
+    with torch.no_grad():
+        base = held_out_rewards(load_tiny().eval(), cfg, prompts, args)
+        results = {alg: {s: evaluate_run(d, cfg, prompts, args) for s, d in seeds.items()}
+                   for alg, seeds in runs.items()}
     report(results, base, args, out)
 
 
