@@ -65,26 +65,20 @@ def train_variant(name: str, seed: int, args: argparse.Namespace) -> Path:
 
 def evaluate_runs(runs: dict[str, list[Path]], args: argparse.Namespace) -> dict:
     """Held-out reward means of the base, every run's final model and the hybrids, each cached in its run."""
+    from quality import held_out_rewards  # benchmarks/quality.py: the same evaluation
+
     from mixgrpo.config import load_config
-    from mixgrpo.evaluate import evaluate, ode_plan
     from mixgrpo.models.tiny import load_tiny
     from mixgrpo.prompts import read_prompts
-    from mixgrpo.trainer import build_rewards
 
     cfg = load_config(args.config, args.override)
-    rewards = [(label, fn) for label, _, fn in build_rewards(cfg.rewards)]
     prompts = read_prompts(cfg.eval_prompts)
-    guidance = cfg.eval_guidance_scale if cfg.eval_guidance_scale >= 0 else cfg.guidance_scale
-    plan = ode_plan(cfg.sampler.num_steps, cfg.sampler.shift)
     base = load_tiny(cfg.model.args.get("path")).eval()
 
     def score(model, cache: Path, **switch) -> dict[str, float]:
-        if cache.is_file():
-            return json.loads(cache.read_text())
-        res = evaluate(model, prompts, rewards, plan, args.eval_images, 1234, guidance, **switch)
-        means = {k: v["mean"] for k, v in res.summary().items()}
-        cache.write_text(json.dumps(means) + "\n")
-        return means
+        if not cache.is_file():
+            cache.write_text(json.dumps(held_out_rewards(model, cfg, prompts, args.eval_images, **switch)) + "\n")
+        return json.loads(cache.read_text())
 
     tag = f"ablation_eval_{args.eval_images}"
     out = {"base": score(base, args.out / f"base_{tag}.json"), "runs": {}, "hybrid": {}}

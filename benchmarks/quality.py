@@ -49,15 +49,16 @@ def run(algorithm: str, seed: int, args: argparse.Namespace, out: Path) -> Path:
     return run_dir
 
 
-def held_out_rewards(model, cfg, prompts: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """Mean of each of the recipe's rewards over the held-out prompts (the same noise for every model)."""
+def held_out_rewards(model, cfg, prompts: list[str], images_per_prompt: int, **switch) -> dict[str, float]:
+    """Mean of each of the recipe's rewards over `prompts` (25-step ODE, the recipe's guidance, seed 1234: the
+    same noise for every model); `switch` = switch_model, switch_at for hybrid inference."""
     from mixgrpo.evaluate import evaluate, ode_plan
     from mixgrpo.trainer import build_rewards
 
     rewards = [(label, fn) for label, _, fn in build_rewards(cfg.rewards)]
     guidance = cfg.eval_guidance_scale if cfg.eval_guidance_scale >= 0 else cfg.guidance_scale
-    res = evaluate(model, prompts, rewards, ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), args.eval_images,
-                   1234, guidance)
+    res = evaluate(model, prompts, rewards, ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), images_per_prompt,
+                   1234, guidance, **switch)
     return {k: v["mean"] for k, v in res.summary().items()}
 
 
@@ -82,7 +83,7 @@ def evaluate_run(run_dir: Path, cfg, prompts: list[str], args: argparse.Namespac
         if unexpected:
             raise RuntimeError(f"{ckpt}: weights {unexpected[:3]} do not belong to the tiny model")
         it = state["state"]["iteration"]
-        means = held_out_rewards(model.eval(), cfg, prompts, args)
+        means = held_out_rewards(model.eval(), cfg, prompts, args.eval_images)
         points.append({"iteration": it, "minutes": seconds[it] / 60, **means})
         print(f"  {run_dir.name} it {it:3d} ({seconds[it] / 60:4.1f} min): "
               + ", ".join(f"{k} {v:.3f}" for k, v in means.items()), flush=True)
@@ -105,8 +106,6 @@ def report(results: dict[str, dict[int, list[dict]]], base: dict, args: argparse
     from mixgrpo.images import plot_lines
 
     metric, names = args.metric, list(base)
-    if metric not in base:
-        raise SystemExit(f"--metric {metric!r} is not one of the recipes' rewards {names}: pick one of those")
     start = {"iteration": 0, "minutes": 0.0, **base}
     curves = {alg: [[start, *pts] for pts in seeds.values()] for alg, seeds in results.items()}
     means = {alg: _mean_curve(c, metric) for alg, c in curves.items()}
@@ -166,16 +165,21 @@ def main() -> None:
 
     import mixgrpo.rewards  # noqa: F401  (registers the built-in rewards)
 
+    from mixgrpo.trainer import build_rewards
+
+    # the recipes share the model, rewards, prompts and guidance: the first one's settings evaluate them all
+    cfg = load_config(ROOT / "configs" / f"{args.algorithms[0]}.yaml", args.override)
+    labels = [label for label, _, _ in build_rewards(cfg.rewards, build=False)]
+    if args.metric not in labels:
+        raise SystemExit(f"--metric {args.metric!r} is not one of the recipes' rewards {labels}: pick one of those")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {alg: {s: run(alg, s, args, out) for s in args.seeds} for alg in args.algorithms}
     if args.train_only:
         return
-    # the recipes share the model, rewards, prompts and guidance: the first one's settings evaluate them all
-    cfg = load_config(ROOT / "configs" / f"{args.algorithms[0]}.yaml", args.override)
     prompts = read_prompts(cfg.eval_prompts)
     with torch.no_grad():
-        base = held_out_rewards(load_tiny().eval(), cfg, prompts, args)
+        base = held_out_rewards(load_tiny().eval(), cfg, prompts, args.eval_images)
         results = {alg: {s: evaluate_run(d, cfg, prompts, args) for s, d in seeds.items()}
                    for alg, seeds in runs.items()}
     report(results, base, args, out)
