@@ -5,8 +5,8 @@
 
 Each (variant, seed) trains in turn in this process with `configs/mixgrpo.yaml` (or --config), the common
 --override list and the variant's own overrides (VARIANTS below); a finished run is reused and an
-interrupted one resumed, so the grid can be split over several invocations (e.g. two processes with
-`OMP_NUM_THREADS=1` and disjoint --variants) and reported by a last one over all of them. Afterwards the
+interrupted one resumed, so the grid can be split over several --train-only invocations (e.g. two processes
+with `OMP_NUM_THREADS=1` and disjoint --variants) and reported by a last --report-only one over all of them. Afterwards the
 base model, every final model and hybrid inference of the first variant's models (the fine-tuned model for
 the first p_mix of the steps, the base after; one row per --p-mix) are evaluated on the held-out prompts with
 the recipe's rewards: --eval-images per prompt, 25-step ODE, the recipe's guidance, seed 1234, so every model
@@ -161,6 +161,8 @@ def main() -> None:
     p.add_argument("--eval-images", type=int, default=2, help="images per held-out prompt")
     p.add_argument("--p-mix", nargs="*", type=float, default=[0.2, 0.5, 0.8])
     p.add_argument("--override", nargs="*", default=[], help="key=value overrides for every run")
+    p.add_argument("--train-only", action="store_true",
+                   help="only train (e.g. several invocations side by side); a later --report-only evaluates")
     p.add_argument("--report-only", action="store_true", help="train nothing; report the runs found in --out")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -172,6 +174,8 @@ def main() -> None:
         for name in args.variants:
             for seed in args.seeds:
                 train_variant(name, seed, args)
+        if args.train_only:
+            return
     runs = {n: sorted(d for d in args.out.glob(f"{n}_s*") if (d / "final").is_dir()) for n in args.variants}
     runs = {n: d for n, d in runs.items() if d}
     if not runs:
