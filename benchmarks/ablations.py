@@ -6,11 +6,11 @@
 Each (variant, seed) trains in turn in this process with `configs/mixgrpo.yaml` (or --config), the common
 --override list and the variant's own overrides (VARIANTS below); a finished run is reused and an
 interrupted one resumed, so the grid can be split over several --train-only invocations (e.g. two processes
-with `OMP_NUM_THREADS=1` and disjoint --variants) and reported by a last --report-only one over all of them. Afterwards the
-base model, every final model and hybrid inference of the first variant's models (the fine-tuned model for
-the first p_mix of the steps, the base after; one row per --p-mix) are evaluated on the held-out prompts with
-the recipe's rewards: --eval-images per prompt, 25-step ODE, the recipe's guidance, seed 1234, so every model
-starts from the same noise. The report takes every seed found for a variant in OUT.
+with `OMP_NUM_THREADS=1` and disjoint --variants) and reported by a last --report-only one over all of them.
+Afterwards the base model, every final model and hybrid inference of the first variant's models (the
+fine-tuned model for the first p_mix of the steps, the base after; one row per --p-mix) are evaluated on the
+held-out prompts with the recipe's rewards: --eval-images per prompt, 25-step ODE, the recipe's guidance,
+seed 1234, so every model starts from the same noise. The report takes every seed found for a variant in OUT.
 
 Writes OUT/ablations.json and OUT/ablations.md: per variant its overrides, seeds, median seconds per
 iteration, rollout and trained NFE (counted by the trainer), the first reward's training mean over the first
@@ -48,36 +48,30 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def train_variant(name: str, seed: int, args: argparse.Namespace) -> Path:
-    from mixgrpo.config import load_config
-    from mixgrpo.trainer import train
+    from quality import train_or_reuse  # benchmarks/quality.py
 
-    run_dir = args.out / f"{name}_s{seed}"
-    if (run_dir / "final").is_dir():
-        print(f"{run_dir}: done already, reusing it", flush=True)
-        return run_dir
     overrides = [*args.override, *VARIANTS[name], f"seed={seed}", f"iterations={args.iterations}",
-                 f"out_dir={run_dir}", "eval_num_prompts=0"]
-    cfg = load_config(args.config, overrides)
-    print(f"== {name} seed {seed}: {' '.join(VARIANTS[name]) or '(the recipe)'}", flush=True)
-    train(cfg, resume=True, progress=not args.quiet)
-    return run_dir
+                 "eval_num_prompts=0"]
+    return train_or_reuse(args.config, overrides, args.out / f"{name}_s{seed}",
+                          f"{name} seed {seed}: {' '.join(VARIANTS[name]) or '(the recipe)'}", args.quiet)
 
 
 def evaluate_runs(runs: dict[str, list[Path]], args: argparse.Namespace) -> dict:
     """Held-out reward means of the base, every run's final model and the hybrids, each cached in its run."""
-    from quality import held_out_rewards  # benchmarks/quality.py: the same evaluation
+    from quality import held_out_rewards, recipe_rewards  # benchmarks/quality.py: the same evaluation
 
     from mixgrpo.config import load_config
     from mixgrpo.models.tiny import load_tiny
     from mixgrpo.prompts import read_prompts
 
     cfg = load_config(args.config, args.override)
-    prompts = read_prompts(cfg.eval_prompts)
+    prompts, rewards = read_prompts(cfg.eval_prompts), recipe_rewards(cfg)
     base = load_tiny(cfg.model.args.get("path")).eval()
 
     def score(model, cache: Path, **switch) -> dict[str, float]:
         if not cache.is_file():
-            cache.write_text(json.dumps(held_out_rewards(model, cfg, prompts, args.eval_images, **switch)) + "\n")
+            means = held_out_rewards(model, cfg, rewards, prompts, args.eval_images, **switch)
+            cache.write_text(json.dumps(means) + "\n")
         return json.loads(cache.read_text())
 
     tag = f"ablation_eval_{args.eval_images}"
@@ -117,8 +111,8 @@ def report(runs: dict[str, list[Path]], evals: dict, args: argparse.Namespace) -
     names = list(evals["base"])
     lines = [f"{args.iterations} iterations per run; common overrides: `{' '.join(args.override) or '(none)'}`; "
              f"held-out: {args.eval_images} images per prompt, seed 1234.", "",
-             "| variant | overrides | seeds | s / it | NFE rollout / trained | training reward, first -> last quarter | "
-             + " | ".join(f"held-out {n}" for n in names) + " |",
+             "| variant | overrides | seeds | s / it | NFE rollout / trained | "
+             "training reward, first -> last quarter | " + " | ".join(f"held-out {n}" for n in names) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(names),
              "| base | - | - | - | - | - | " + " | ".join(f"{evals['base'][n]:.3f}" for n in names) + " |"]
     table = {}
@@ -137,11 +131,10 @@ def report(runs: dict[str, list[Path]], evals: dict, args: argparse.Namespace) -
         lines += ["", f"Hybrid inference of the {first} models (fine-tuned for the first p_mix of the steps, "
                   "base after; p_mix 0 = the base, 1 = the fine-tuned model):", "",
                   "| p_mix | " + " | ".join(f"held-out {n}" for n in names) + " |", "|---|" + "---|" * len(names)]
-        rows = {"0.0": [evals["base"]], **evals["hybrid"]}
-        rows["1.0"] = list(evals["runs"][first].values())
-        for p in sorted(rows, key=float):
-            held = list(rows[p].values()) if isinstance(rows[p], dict) else rows[p]
-            lines.append(f"| {float(p):g} | " + " | ".join(_mean_sd([h[n] for h in held]) for n in names) + " |")
+        rows = {0.0: [evals["base"]], **{float(p): list(by_run.values()) for p, by_run in evals["hybrid"].items()},
+                1.0: list(evals["runs"][first].values())}
+        for p, held in sorted(rows.items()):
+            lines.append(f"| {p:g} | " + " | ".join(_mean_sd([h[n] for h in held]) for n in names) + " |")
     (args.out / "ablations.json").write_text(json.dumps(
         {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
          "args": {k: str(v) for k, v in vars(args).items()}, "evals": evals, "table": table}, indent=1) + "\n")
@@ -167,7 +160,6 @@ def main() -> None:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import mixgrpo.rewards  # noqa: F401  (registers the built-in rewards)
 
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:

@@ -30,39 +30,49 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(algorithm: str, seed: int, args: argparse.Namespace, out: Path) -> Path:
+def train_or_reuse(config: Path, overrides: list[str], run_dir: Path, title: str, quiet: bool) -> Path:
+    """Train `config` with `overrides` into run_dir (resuming an interrupted run), or reuse it when finished."""
     from mixgrpo.config import load_config
     from mixgrpo.trainer import train
 
-    run_dir = out / f"{algorithm}_s{seed}"
-    overrides = [f"seed={seed}", f"out_dir={run_dir}", f"time_limit_minutes={args.minutes}",
-                 f"checkpoint_every={args.checkpoint_every}", "keep_checkpoints=100000", "eval_num_prompts=0",
-                 *args.override]
-    if args.max_iterations:
-        overrides.append(f"iterations={args.max_iterations}")
-    cfg = load_config(ROOT / "configs" / f"{algorithm}.yaml", overrides)
+    cfg = load_config(config, [*overrides, f"out_dir={run_dir}"])  # bad overrides fail even for a finished run
     if (run_dir / "final").is_dir():
         print(f"{run_dir}: done already, reusing it", flush=True)
         return run_dir
-    print(f"== {algorithm} seed {seed}: {args.minutes:g} min", flush=True)
-    train(cfg, resume=True, progress=not args.quiet)
+    print(f"== {title}", flush=True)
+    train(cfg, resume=True, progress=not quiet)
     return run_dir
 
 
-def held_out_rewards(model, cfg, prompts: list[str], images_per_prompt: int, **switch) -> dict[str, float]:
-    """Mean of each of the recipe's rewards over `prompts` (25-step ODE, the recipe's guidance, seed 1234: the
-    same noise for every model); `switch` = switch_model, switch_at for hybrid inference."""
-    from mixgrpo.evaluate import evaluate, ode_plan
+def run(algorithm: str, seed: int, args: argparse.Namespace, out: Path) -> Path:
+    overrides = [f"seed={seed}", f"time_limit_minutes={args.minutes}", f"checkpoint_every={args.checkpoint_every}",
+                 "keep_checkpoints=100000", "eval_num_prompts=0", *args.override]
+    if args.max_iterations:
+        overrides.append(f"iterations={args.max_iterations}")
+    return train_or_reuse(ROOT / "configs" / f"{algorithm}.yaml", overrides, out / f"{algorithm}_s{seed}",
+                          f"{algorithm} seed {seed}: {args.minutes:g} min", args.quiet)
+
+
+def recipe_rewards(cfg) -> list:
+    """[(label, fn)] of every reward of the recipe, weight 0 included."""
     from mixgrpo.trainer import build_rewards
 
-    rewards = [(label, fn) for label, _, fn in build_rewards(cfg.rewards)]
+    return [(label, fn) for label, _, fn in build_rewards(cfg.rewards)]
+
+
+def held_out_rewards(model, cfg, rewards: list, prompts: list[str], images_per_prompt: int,
+                     **switch) -> dict[str, float]:
+    """Mean of each of `rewards` over `prompts` (25-step ODE, the recipe's guidance, seed 1234: the same noise
+    for every model); `switch` = switch_model, switch_at for hybrid inference."""
+    from mixgrpo.evaluate import evaluate, ode_plan
+
     guidance = cfg.eval_guidance_scale if cfg.eval_guidance_scale >= 0 else cfg.guidance_scale
     res = evaluate(model, prompts, rewards, ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), images_per_prompt,
                    1234, guidance, **switch)
     return {k: v["mean"] for k, v in res.summary().items()}
 
 
-def evaluate_run(run_dir: Path, cfg, prompts: list[str], args: argparse.Namespace) -> list[dict]:
+def evaluate_run(run_dir: Path, cfg, rewards: list, prompts: list[str], args: argparse.Namespace) -> list[dict]:
     """Held-out rewards of every checkpoint of a run, with its cumulative training time."""
     from mixgrpo.checkpoint import complete_checkpoints, load_checkpoint
     from mixgrpo.models.tiny import load_tiny
@@ -83,7 +93,7 @@ def evaluate_run(run_dir: Path, cfg, prompts: list[str], args: argparse.Namespac
         if unexpected:
             raise RuntimeError(f"{ckpt}: weights {unexpected[:3]} do not belong to the tiny model")
         it = state["state"]["iteration"]
-        means = held_out_rewards(model.eval(), cfg, prompts, args.eval_images)
+        means = held_out_rewards(model.eval(), cfg, rewards, prompts, args.eval_images)
         points.append({"iteration": it, "minutes": seconds[it] / 60, **means})
         print(f"  {run_dir.name} it {it:3d} ({seconds[it] / 60:4.1f} min): "
               + ", ".join(f"{k} {v:.3f}" for k, v in means.items()), flush=True)
@@ -162,9 +172,6 @@ def main() -> None:
     from mixgrpo.config import load_config
     from mixgrpo.models.tiny import load_tiny
     from mixgrpo.prompts import read_prompts
-
-    import mixgrpo.rewards  # noqa: F401  (registers the built-in rewards)
-
     from mixgrpo.trainer import build_rewards
 
     # the recipes share the model, rewards, prompts and guidance: the first one's settings evaluate them all
@@ -177,10 +184,10 @@ def main() -> None:
     runs = {alg: {s: run(alg, s, args, out) for s in args.seeds} for alg in args.algorithms}
     if args.train_only:
         return
-    prompts = read_prompts(cfg.eval_prompts)
+    prompts, rewards = read_prompts(cfg.eval_prompts), recipe_rewards(cfg)
     with torch.no_grad():
-        base = held_out_rewards(load_tiny().eval(), cfg, prompts, args.eval_images)
-        results = {alg: {s: evaluate_run(d, cfg, prompts, args) for s, d in seeds.items()}
+        base = held_out_rewards(load_tiny().eval(), cfg, rewards, prompts, args.eval_images)
+        results = {alg: {s: evaluate_run(d, cfg, rewards, prompts, args) for s, d in seeds.items()}
                    for alg, seeds in runs.items()}
     report(results, base, args, out)
 
