@@ -3,6 +3,7 @@
 A checkpoint is a directory `<run>/checkpoints/iter_NNNNNN/` holding
     model.safetensors   trainable weights (the full denoiser, or only the LoRA weights)
     ema.safetensors     EMA of the trainable weights (when EMA is on)
+    sampler.safetensors the soft copy that rolls out (forward-process objectives with matching.sampler_decay > 0)
     optimizer.pt        optimizer and LR-scheduler state
     state.json          iteration, config fingerprint, number of metric lines written
     COMPLETE            written last
@@ -26,6 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 MARKER = "COMPLETE"
+WEIGHT_COPIES = ("ema", "sampler")
+"""Named copies of the trainable weights a checkpoint may hold beside the weights themselves."""
 
 
 class CheckpointError(RuntimeError):
@@ -51,8 +54,9 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: str | Path, iteration: int, model_state: dict[str, torch.Tensor],
                     optimizer_state: dict[str, Any], state: dict[str, Any],
-                    ema_state: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
-    """Write checkpoint `iteration` atomically; keep the newest `keep` complete checkpoints."""
+                    copies: dict[str, dict[str, torch.Tensor]] | None = None, keep: int = 2) -> Path:
+    """Write checkpoint `iteration` atomically; keep the newest `keep` complete checkpoints. copies: named
+    copies of the trainable weights ("ema", "sampler"), each written to NAME.safetensors."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"iter_{iteration:06d}"
     tmp = root / f".tmp-iter_{iteration:06d}-{os.getpid()}"
@@ -62,8 +66,8 @@ def save_checkpoint(run_dir: str | Path, iteration: int, model_state: dict[str, 
             shutil.rmtree(tmp)
         tmp.mkdir()
         save_file(_contiguous(model_state), tmp / "model.safetensors")
-        if ema_state is not None:
-            save_file(_contiguous(ema_state), tmp / "ema.safetensors")
+        for name, weights in (copies or {}).items():
+            save_file(_contiguous(weights), tmp / f"{name}.safetensors")
         torch.save(optimizer_state, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({**state, "iteration": iteration}, indent=1))
         for f in tmp.iterdir():
@@ -118,20 +122,21 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint directory: {"model", "ema" (or None), "optimizer", "state"}."""
+    """Read a checkpoint directory: {"model", "ema" (or None), "sampler" (or None), "optimizer", "state"}."""
     path = Path(path)
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): it was interrupted "
                               f"while being written; resume from an older one")
     try:
         model = load_file(path / "model.safetensors")
-        ema = load_file(path / "ema.safetensors") if (path / "ema.safetensors").exists() else None
+        copies = {name: load_file(path / f"{name}.safetensors") if (path / f"{name}.safetensors").exists() else None
+                  for name in WEIGHT_COPIES}
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
         state = json.loads((path / "state.json").read_text())
     except Exception as e:  # any decoding failure means corruption
         raise CheckpointError(f"checkpoint {path} is corrupted ({type(e).__name__}: {e}); delete it to "
                               f"resume from the previous one") from None
-    return {"model": model, "ema": ema, "optimizer": optimizer, "state": state}
+    return {"model": model, **copies, "optimizer": optimizer, "state": state}
 
 
 def save_sharded_checkpoint(run_dir: str | Path, iteration: int, app_state: dict[str, Any], state: dict[str, Any],

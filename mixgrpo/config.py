@@ -21,7 +21,13 @@ from typing import Any
 
 import yaml
 
+from mixgrpo.flow_matching import AWM_WEIGHTINGS, NFT_WEIGHTINGS, SIGMA_SAMPLERS
 from mixgrpo.plan import ALGORITHMS, SamplerConfig
+
+OBJECTIVES = ("grpo", "diffusion_nft", "awm")
+"""grpo: the clipped policy gradient over the rollout's stored SDE transitions (every algorithm of
+`mixgrpo.plan.ALGORITHMS`); diffusion_nft, awm: forward-process objectives on the rollout's final samples
+(`mixgrpo.flow_matching`), fed by any plan."""
 
 
 class ConfigError(ValueError):
@@ -70,9 +76,43 @@ class ParallelConfig:
 
 
 @dataclass
+class MatchingConfig:
+    """The forward-process objectives (objective: diffusion_nft or awm; docs/notation.md): every final sample
+    of the rollout is noised again at `sigmas_per_sample` fresh sigmas and trained with flow matching."""
+
+    sigmas: str = "logit_normal"  # training sigmas: "logit_normal", "uniform", or "window" (the MixGRPO window's range)
+    sigma_mean: float = 0.0  # logit_normal: sigma = sigmoid(mean + std z)
+    sigma_std: float = 1.0
+    sigmas_per_sample: int = 1  # K: training sigmas (and noises) per final sample and iteration
+    sampler_decay: float = 0.5  # the rollout's policy is a soft copy: theta_old <- d theta_old + (1 - d) theta after
+                                # every iteration; 0 = on-policy (roll out with theta itself)
+    beta: float = 1.0  # diffusion_nft: strength of the implicit positive / negative policies
+    adv_clip: float = 2.0  # diffusion_nft: optimality probability r = 1/2 + 1/2 clip(A / adv_clip, -1, 1)
+    nft_weighting: str = "none"  # diffusion_nft: "none" (velocity MSE) or "adaptive" (the paper code's x0 loss)
+    awm_weighting: str = "uniform"  # awm: w(sigma) of log p = -w ||v - u||^2: "uniform", "sigma" or "sigma2"
+
+    def __post_init__(self):
+        checks = [
+            (self.sigmas in SIGMA_SAMPLERS, "matching.sigmas", f"one of {SIGMA_SAMPLERS}"),
+            (self.sigma_std > 0, "matching.sigma_std", "a number > 0"),
+            (self.sigmas_per_sample >= 1, "matching.sigmas_per_sample", "an integer >= 1"),
+            (0 <= self.sampler_decay < 1, "matching.sampler_decay", "a number in [0, 1) (0 = on-policy)"),
+            (self.beta > 0, "matching.beta", "a number > 0"),
+            (self.adv_clip > 0, "matching.adv_clip", "a number > 0"),
+            (self.nft_weighting in NFT_WEIGHTINGS, "matching.nft_weighting", f"one of {NFT_WEIGHTINGS}"),
+            (self.awm_weighting in AWM_WEIGHTINGS, "matching.awm_weighting", f"one of {AWM_WEIGHTINGS}"),
+        ]
+        for ok, name, want in checks:
+            if not ok:
+                raise ConfigError(f"{name} = {getattr_path(self, name.split('.', 1)[1])!r} is invalid: use {want}")
+
+
+@dataclass
 class TrainConfig:
     algorithm: str = "mixgrpo"  # sampler preset: a key of mixgrpo.plan.ALGORITHMS
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    objective: str = "grpo"  # one of OBJECTIVES: what the rollout trains
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     reward_mode: str = "advantage"  # "advantage": normalise each reward then sum; "reward": sum then normalise
@@ -120,6 +160,7 @@ class TrainConfig:
     def __post_init__(self):
         checks = [
             (self.algorithm in ALGORITHMS, "algorithm", f"one of {sorted(ALGORITHMS)}"),
+            (self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}"),
             (self.reward_mode in ("advantage", "reward"), "reward_mode", "'advantage' or 'reward'"),
             (self.advantage_std in ("group", "global"), "advantage_std", "'group' or 'global'"),
             (self.iterations >= 1, "iterations", "an integer >= 1"),
@@ -154,6 +195,21 @@ class TrainConfig:
         if self.parallel.strategy == "fsdp" and (self.kl_beta > 0 or self.ema_decay > 0):
             raise ConfigError("kl_beta > 0 and ema_decay > 0 are not supported with parallel.strategy 'fsdp' yet (the "
                               "reference and EMA copies are not sharded): use strategy 'ddp', or set them to 0")
+        if self.objective == "grpo" and self.sampler.train_steps == "none":
+            raise ConfigError(f"algorithm {self.algorithm!r} trains no step (sampler.train_steps = 'none'), so GRPO has "
+                              f"nothing to re-score: use a GRPO algorithm, or objective 'diffusion_nft' / 'awm', which "
+                              f"train on the final samples of any plan")
+        if self.objective != "grpo":
+            if self.sampler.sde_steps == "none" and self.shared_noise:
+                raise ConfigError(f"shared_noise with a deterministic plan (sampler.sde_steps = 'none') makes the "
+                                  f"{self.group_size} images of a group identical, so no group has a preference: set "
+                                  f"shared_noise: false, or use a plan with SDE steps")
+            if self.matching.sigmas == "window" and not self.sampler.uses_window:
+                raise ConfigError("matching.sigmas = 'window' samples the MixGRPO window's sigma range, and this plan "
+                                  "has no window: use a MixGRPO algorithm, or matching.sigmas 'logit_normal'")
+            if self.parallel.strategy == "fsdp" and self.matching.sampler_decay > 0:
+                raise ConfigError("matching.sampler_decay > 0 is not supported with parallel.strategy 'fsdp' yet (the "
+                                  "sampling copy is not sharded): use strategy 'ddp', or sampler_decay: 0")
         if self.group_size % self.updates_per_iteration:
             raise ConfigError(
                 f"group_size = {self.group_size} is not a multiple of updates_per_iteration = "

@@ -7,6 +7,7 @@ All five algorithms are configurations of this one function (presets in `ALGORIT
     Flash*         Flash with the window frozen at {0, ..., w - 1} and ratio 0.2.
     Flow-GRPO      SDE at every step; all steps but the last are trained.
     DanceGRPO      SDE at every step; a seeded random fraction of the steps (all but the last) per sample.
+    ode            Euler at every step, nothing trained (for the forward-process objectives, `mixgrpo.flow_matching`).
 
 The plan is a pure function of (config, iteration, seed): resuming needs no window state, and every rank
 builds the same plan. Step kinds, the window strategies and the NFE rule are documented in docs/notation.md.
@@ -325,4 +326,7 @@ ALGORITHMS: dict[str, SamplerConfig] = {
     "flow_grpo": SamplerConfig(sde_form="flow_grpo", eta=0.7, sde_steps="all", train_steps="all_but_last"),
     "dance_grpo": SamplerConfig(sde_form="dance", eta=0.3, sde_steps="all", train_steps="random_fraction",
                                 train_fraction=0.6),
+    # Deterministic Euler sampling, nothing trained: a rollout for the forward-process objectives
+    # (objective: diffusion_nft / awm), which train on final samples only.
+    "ode": SamplerConfig(sde_steps="none", train_steps="none"),
 }

@@ -36,6 +36,7 @@ from mixgrpo.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_c
                                  load_sharded_checkpoint, read_state, save_checkpoint, save_sharded_checkpoint)
 from mixgrpo.config import ConfigError, RewardConfig, TrainConfig, save_config, to_dict
 from mixgrpo.evaluate import derive_seed, evaluate, ode_plan
+from mixgrpo.flow_matching import awm_log_prob, forward_noise, nft_loss, optimality_probability, sample_sigmas
 from mixgrpo.grpo import combine_rewards, kl_to_reference, policy_loss
 from mixgrpo.images import plot_lines, save_grid
 from mixgrpo.models import MODELS, FlowModel, cond_index, cond_repeat_interleave, cond_to
@@ -220,6 +221,27 @@ class EMA:
             self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
 
 
+@contextlib.contextmanager
+def swapped_weights(model: FlowModel, weights: dict[str, torch.Tensor] | None):
+    """Run a block with some parameters replaced in place (EMA weights for evaluation, the sampling copy for a
+    rollout), restoring the live ones afterwards. weights=None changes nothing."""
+    if weights is None:
+        yield
+        return
+    backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in weights}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in weights:
+                p.copy_(weights[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in backup:
+                    p.copy_(backup[n])
+
+
 def model_with(model: FlowModel, weights: dict[str, torch.Tensor] | None) -> Callable:
     """A callable (x, sigma, cond) -> v that runs `model` with some parameters replaced (e.g. the frozen base)."""
     if weights is None:
@@ -251,57 +273,36 @@ class UpdateStats:
         return out
 
 
-def update(model: FlowModel, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-           traj: Trajectory, advantages: torch.Tensor, cond: torch.Tensor | dict, uncond: dict | None,
-           plan, cfg: TrainConfig, shares: list[torch.Tensor], ref_weights: dict[str, torch.Tensor] | None,
-           ema: EMA | None, autocast: Callable[[], Any], clock: ModelClock | None = None) -> UpdateStats:
-    """Optimizer steps over the stored transitions.
+def optimizer_steps(params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    shares: list[torch.Tensor], num_terms: int, micro_batch_size: int, grad_clip: float,
+                    loss_of: Callable[[int, torch.Tensor, int, UpdateStats], tuple[torch.Tensor, dict]],
+                    ema: EMA | None, clock: ModelClock | None, device: torch.device) -> UpdateStats:
+    """One optimizer step per share, whatever the objective.
 
-    advantages: [B]; cond, uncond: [B, ...] rows; shares: one index tensor per optimizer step (the samples
-    it sees). Within a step the loss is the mean over its samples and trained steps, whatever the
-    micro-batch size, so `micro_batch_size` changes memory only.
+    shares: one index tensor per optimizer step (the samples it sees); num_terms: K loss terms per sample
+    (trained steps, or training sigmas); loss_of(u, mb, k, stats) -> (mean loss over the micro-batch mb at
+    term k, stats). Within a step the loss is the mean over its samples and terms, whatever the micro-batch
+    size, so `micro_batch_size` changes memory only; gradients are averaged over ranks before clipping.
     """
     stats = UpdateStats()
-    device = traj.x.device
-    num_trained = traj.x.shape[1]
-    reference = model_with(model, ref_weights)
     for u, share in enumerate(shares):
         optimizer.zero_grad(set_to_none=True)
         n_share = dist.all_reduce_mean(torch.tensor(float(len(share)))).item() * dist.world_size()
-        for mb in share.split(cfg.micro_batch_size):
+        for mb in share.split(micro_batch_size):
             mb = mb.to(device)
-            mb_cond = cond_index(cond, mb)
-            mb_uncond = None if uncond is None else cond_index(uncond, mb)
-            adv = advantages[mb]
-            for k in range(num_trained):
-                x, x_next = traj.x[mb, k], traj.x_next[mb, k]
-                sigma, sigma_next = traj.sigma[mb, k], traj.sigma_next[mb, k]
-                with autocast():
-                    v = guided_velocity(model, x, sigma.float(), mb_cond, mb_uncond, cfg.guidance_scale)
+            for k in range(num_terms):
+                loss, step_stats = loss_of(u, mb, k, stats)
                 stats.model_calls += 1
-                mean, std = sde_mean_std(x, v, sigma, sigma_next, form=plan.sde_form, eta=plan.eta)
-                logp = gaussian_log_prob(x_next, mean, std)
-                loss, step_stats = policy_loss(logp, traj.log_prob[mb, k], adv, cfg.clip_range)
-                if cfg.kl_beta > 0:
-                    with torch.no_grad(), autocast():
-                        v_ref = guided_velocity(reference, x, sigma.float(), mb_cond, mb_uncond, cfg.guidance_scale)
-                    mean_ref, _ = sde_mean_std(x, v_ref, sigma, sigma_next, form=plan.sde_form, eta=plan.eta)
-                    kl = kl_to_reference(mean, mean_ref, std).mean()
-                    loss = loss + cfg.kl_beta * kl
-                    step_stats = {**step_stats, "kl_to_base": kl.detach()}
                 if not torch.isfinite(loss):
-                    raise TrainingError(f"the loss became {loss.item()} at optimizer step {u}, trained step {k}: "
-                                        f"lower lr or clip_range, or check the rewards for extreme values")
-                weight = len(mb) / (n_share * num_trained)
+                    raise TrainingError(f"the loss became {loss.item()} at optimizer step {u}, term {k}: lower lr "
+                                        f"or clip_range, or check the rewards for extreme values")
+                weight = len(mb) / (n_share * num_terms)
                 with clock.measure() if clock is not None else contextlib.nullcontext():
                     (loss * weight * dist.world_size()).backward()
                 stats.add({"loss": loss.detach(), **step_stats}, weight)
-                if u == 0:
-                    ratio_err = (logp.detach() - traj.log_prob[mb, k]).abs().max().exp().item() - 1
-                    stats.onpolicy_ratio_error = max(stats.onpolicy_ratio_error, ratio_err)
         grads = [p for p in params.values() if p.grad is not None]
         dist.average_gradients([p.grad for p in grads])
-        norm = torch.nn.utils.clip_grad_norm_(grads, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip > 0 else float("inf"))
         if not torch.isfinite(norm):  # stepping would write NaN into the weights (and the next checkpoint)
             raise TrainingError(f"the gradient norm became {float(norm)} at optimizer step {u}; the weights were "
                                 f"not updated: lower lr or clip_range, or check the rewards for extreme values")
@@ -310,6 +311,129 @@ def update(model: FlowModel, params: dict[str, torch.nn.Parameter], optimizer: t
         if ema is not None:
             ema.update(params)
     return stats
+
+
+def update(model: FlowModel, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+           traj: Trajectory, advantages: torch.Tensor, cond: torch.Tensor | dict, uncond: dict | None,
+           plan, cfg: TrainConfig, shares: list[torch.Tensor], ref_weights: dict[str, torch.Tensor] | None,
+           ema: EMA | None, autocast: Callable[[], Any], clock: ModelClock | None = None) -> UpdateStats:
+    """GRPO: optimizer steps over the stored transitions, each re-scored under the clipped policy loss.
+
+    advantages: [B]; cond, uncond: [B, ...] rows; shares: one index tensor per optimizer step.
+    """
+    reference = model_with(model, ref_weights)
+
+    def loss_of(u: int, mb: torch.Tensor, k: int, stats: UpdateStats):
+        mb_cond = cond_index(cond, mb)
+        mb_uncond = None if uncond is None else cond_index(uncond, mb)
+        x, x_next = traj.x[mb, k], traj.x_next[mb, k]
+        sigma, sigma_next = traj.sigma[mb, k], traj.sigma_next[mb, k]
+        with autocast():
+            v = guided_velocity(model, x, sigma.float(), mb_cond, mb_uncond, cfg.guidance_scale)
+        mean, std = sde_mean_std(x, v, sigma, sigma_next, form=plan.sde_form, eta=plan.eta)
+        logp = gaussian_log_prob(x_next, mean, std)
+        loss, step_stats = policy_loss(logp, traj.log_prob[mb, k], advantages[mb], cfg.clip_range)
+        if cfg.kl_beta > 0:
+            with torch.no_grad(), autocast():
+                v_ref = guided_velocity(reference, x, sigma.float(), mb_cond, mb_uncond, cfg.guidance_scale)
+            mean_ref, _ = sde_mean_std(x, v_ref, sigma, sigma_next, form=plan.sde_form, eta=plan.eta)
+            kl = kl_to_reference(mean, mean_ref, std).mean()
+            loss = loss + cfg.kl_beta * kl
+            step_stats = {**step_stats, "kl_to_base": kl.detach()}
+        if u == 0:
+            ratio_err = (logp.detach() - traj.log_prob[mb, k]).abs().max().exp().item() - 1
+            stats.onpolicy_ratio_error = max(stats.onpolicy_ratio_error, ratio_err)
+        return loss, step_stats
+
+    return optimizer_steps(params, optimizer, shares, traj.x.shape[1], cfg.micro_batch_size, cfg.grad_clip, loss_of,
+                           ema, clock, traj.x.device)
+
+
+@dataclass
+class MatchingBatch:
+    """The forward-process training data of one iteration: K training sigmas per final sample.
+
+    x_t, target, v_old: [B, K, *latent] (x_sigma, u = eps - x0, the sampling policy's velocity at x_sigma);
+    sigma: [B, K] float64; log_prob_old: [B, K] AWM's surrogate under the sampling policy (None for NFT).
+    """
+
+    x_t: torch.Tensor
+    target: torch.Tensor
+    sigma: torch.Tensor
+    v_old: torch.Tensor
+    log_prob_old: torch.Tensor | None
+
+
+@torch.no_grad()
+def matching_batch(sampler_model: Callable, final: torch.Tensor, cond: dict, plan, cfg: TrainConfig,
+                   sample_seeds: list[int], autocast: Callable[[], Any]) -> MatchingBatch:
+    """Draw K = matching.sigmas_per_sample training sigmas and noises per final sample ([B, *latent]) from
+    its own seed (one per sample: the same on any rank and after a resume), noise the samples by the forward
+    process, and evaluate the sampling policy there (conditional velocity: training is CFG-free)."""
+    m = cfg.matching
+    B, K = final.shape[0], m.sigmas_per_sample
+    window = None
+    if plan.window is not None:
+        window = (plan.steps[plan.window[1] - 1].sigma_next, plan.steps[plan.window[0]].sigma)
+    sigmas, noises = [], []
+    for seed in sample_seeds:
+        g = torch.Generator().manual_seed(seed)
+        sigmas.append(sample_sigmas(K, g, m.sigmas, m.sigma_mean, m.sigma_std, window))
+        noises.append(torch.randn((K, *final.shape[1:]), generator=g))
+    sigma = torch.stack(sigmas).to(final.device)  # [B, K]
+    eps = torch.stack(noises).to(final.device, final.dtype)  # [B, K, *latent]
+    x0 = final[:, None].expand_as(eps)
+    x_t, target = forward_noise(x0.flatten(0, 1), eps.flatten(0, 1), sigma.flatten())
+    x_t, target = x_t.view_as(eps), target.view_as(eps)
+    v_old = torch.empty_like(x_t)
+    for b in range(0, B, cfg.micro_batch_size):
+        rows = slice(b, b + cfg.micro_batch_size)
+        rows_cond = cond_index(cond, torch.arange(B, device=final.device)[rows])
+        for k in range(K):
+            with autocast():
+                v_old[rows, k] = sampler_model(x_t[rows, k], sigma[rows, k].float(), rows_cond).float()
+    log_prob_old = None
+    if cfg.objective == "awm":
+        log_prob_old = awm_log_prob(v_old.flatten(0, 1), target.flatten(0, 1), sigma.flatten(),
+                                    m.awm_weighting).view(B, K)
+    return MatchingBatch(x_t, target, sigma, v_old, log_prob_old)
+
+
+def matching_update(model: FlowModel, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    batch: MatchingBatch, advantages: torch.Tensor, cond: dict, cfg: TrainConfig,
+                    shares: list[torch.Tensor], ref_weights: dict[str, torch.Tensor] | None, ema: EMA | None,
+                    autocast: Callable[[], Any], clock: ModelClock | None = None) -> UpdateStats:
+    """A forward-process objective (DiffusionNFT or AWM, `mixgrpo.flow_matching`): optimizer steps over the
+    noised final samples. advantages: [B] group advantages; cond: [B, ...] rows. The trained velocity is the
+    conditional one (CFG-free training); an optional KL term (kl_beta) is mean ||v - v_ref||^2 to the base."""
+    reference = model_with(model, ref_weights)
+    m = cfg.matching
+    r = optimality_probability(advantages, m.adv_clip)
+
+    def loss_of(u: int, mb: torch.Tensor, k: int, stats: UpdateStats):
+        mb_cond = cond_index(cond, mb)
+        x_t, sigma = batch.x_t[mb, k], batch.sigma[mb, k]
+        with autocast():
+            v = model(x_t, sigma.float(), mb_cond).float()
+        if cfg.objective == "diffusion_nft":
+            loss, step_stats = nft_loss(v, batch.v_old[mb, k], batch.target[mb, k], r[mb], sigma, m.beta,
+                                        m.nft_weighting)
+        else:
+            logp = awm_log_prob(v, batch.target[mb, k], sigma, m.awm_weighting)
+            loss, step_stats = policy_loss(logp, batch.log_prob_old[mb, k], advantages[mb], cfg.clip_range)
+            if u == 0:
+                ratio_err = (logp.detach() - batch.log_prob_old[mb, k]).abs().max().exp().item() - 1
+                stats.onpolicy_ratio_error = max(stats.onpolicy_ratio_error, ratio_err)
+        if cfg.kl_beta > 0:
+            with torch.no_grad(), autocast():
+                v_ref = reference(x_t, sigma.float(), mb_cond).float()
+            kl = ((v - v_ref) ** 2).flatten(1).mean(1).mean()
+            loss = loss + cfg.kl_beta * kl
+            step_stats = {**step_stats, "kl_to_base": kl.detach()}
+        return loss, step_stats
+
+    return optimizer_steps(params, optimizer, shares, batch.x_t.shape[1], cfg.micro_batch_size, cfg.grad_clip,
+                           loss_of, ema, clock, batch.x_t.device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,22 +474,9 @@ class _StopRequest:
 def _eval_and_save(model, weights, prompts, rewards, cfg, tag: str, run_dir: Path) -> dict[str, float]:
     plan = ode_plan(cfg.sampler.num_steps, cfg.sampler.shift)
     guidance = cfg.guidance_scale if cfg.eval_guidance_scale < 0 else cfg.eval_guidance_scale
-    net = model
-    if weights is not None:  # evaluate with EMA weights without touching the live ones
-        backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in weights}
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in weights:
-                    p.copy_(weights[n])
-    try:
-        res = evaluate(net, prompts, [(n, fn) for n, _, fn in rewards], plan, cfg.eval_images_per_prompt,
+    with swapped_weights(model, weights):  # EMA weights, without touching the live ones
+        res = evaluate(model, prompts, [(n, fn) for n, _, fn in rewards], plan, cfg.eval_images_per_prompt,
                        seed=cfg.seed + 1, guidance_scale=guidance)
-    finally:
-        if weights is not None:
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in backup:
-                        p.copy_(backup[n])
     if dist.is_main():
         save_grid(res.images[:64, 0], run_dir / f"samples_{tag}.png", nrow=8, scale=2)
     return {f"eval/{k}": v["mean"] for k, v in res.summary().items()}
@@ -405,6 +516,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     warmup = max(cfg.warmup_iterations, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
     ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    grpo = cfg.objective == "grpo"
+    # forward-process objectives roll out a soft copy of the weights (matching.sampler_decay; 0 = theta itself)
+    sampler = EMA(params, cfg.matching.sampler_decay) if not grpo and cfg.matching.sampler_decay > 0 else None
 
     start, metric_lines = 0, 0
     if resume and latest is not None:
@@ -415,7 +529,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                                   f"({', '.join(changed[:4])}): "
                                   f"resume with the run's own config ({run_dir / 'config.yaml'}) or start a new "
                                   f"out_dir")
-        state = _restore(latest, model, params, optimizer, scheduler, ema)
+        state = _restore(latest, model, params, optimizer, scheduler, ema, sampler)
         start, metric_lines = state["iteration"], state["metric_lines"]
         dist.print0(f"resumed from {latest} at iteration {start}")
     tracker = None
@@ -451,12 +565,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             prompts = [train_prompts[i] for i in mine]
             cond = cond_to(model.encode_prompts(prompts), device)
             uncond = None if uncond_row is None else {k: v.expand(P, *v.shape[1:]) for k, v in uncond_row.items()}
-            mask = train_mask(plan, P * G, cfg.seed, it, sample_offset=rank * P * G)
+            if grpo:
+                mask = train_mask(plan, P * G, cfg.seed, it, sample_offset=rank * P * G)
+            else:  # nothing to store: forward-process objectives train on the final samples only
+                mask = torch.zeros((P * G, len(plan.steps)), dtype=torch.bool)
             group_seeds = [derive_seed(cfg.seed, it, i) for i in range(rank * P, (rank + 1) * P)]
             if clock is not None:
                 clock.take()
             model.eval()
-            with autocast(), dist.unsharded(model, cfg.parallel):
+            with autocast(), dist.unsharded(model, cfg.parallel), swapped_weights(model, sampler and sampler.shadow):
                 traj = rollout(model, plan, cond, G, group_seeds, mask, uncond, cfg.guidance_scale, cfg.shared_noise)
             t1 = time.perf_counter()
             rollout_calls, rollout_model_s = clock.take() if clock is not None else (0, 0.0)
@@ -486,16 +603,26 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
             model.train()
             shares = _update_shares(cfg, it, rank)
-            ustats = update(model, params, optimizer, traj, advantages.flatten().to(device),
-                            cond_repeat_interleave(cond, G),
-                            None if uncond is None else cond_repeat_interleave(uncond, G),
-                            plan, cfg, shares, base_weights, ema, autocast, clock)
+            rows_cond = cond_repeat_interleave(cond, G)
+            if grpo:
+                ustats = update(model, params, optimizer, traj, advantages.flatten().to(device), rows_cond,
+                                None if uncond is None else cond_repeat_interleave(uncond, G),
+                                plan, cfg, shares, base_weights, ema, autocast, clock)
+            else:
+                sample_seeds = [derive_seed(cfg.seed, it, b, 0xF10) for b in range(rank * P * G, (rank + 1) * P * G)]
+                with swapped_weights(model, sampler and sampler.shadow):
+                    batch = matching_batch(model, traj.final, rows_cond, plan, cfg, sample_seeds, autocast)
+                ustats = matching_update(model, params, optimizer, batch, advantages.flatten().to(device), rows_cond,
+                                         cfg, shares, base_weights, ema, autocast, clock)
+                if sampler is not None:
+                    sampler.update(params)
             scheduler.step()
             t3 = time.perf_counter()
 
             record = {"iteration": it + 1, "window_start": plan.window[0] if plan.window else None,
                       "window_end": plan.window[1] if plan.window else None,
-                      "nfe_rollout": traj.nfe, "nfe_trained": traj.x.shape[1],
+                      "nfe_rollout": traj.nfe,
+                      "nfe_trained": traj.x.shape[1] if grpo else cfg.matching.sigmas_per_sample,
                       "lr": optimizer.param_groups[0]["lr"],
                       "failed_groups": int(all_failed.sum())}
             for label, s in scores.items():
@@ -536,7 +663,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             last = it + 1 == cfg.iterations or flags[1].item() > 0
             stopping = signalled or (stop_after is not None and done_here >= stop_after)
             if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
-                _save(run_dir, it + 1, model, optimizer, scheduler, ema, cfg, metric_lines)
+                _save(run_dir, it + 1, model, optimizer, scheduler, ema, sampler, cfg, metric_lines)
             if last:
                 break
             if stopping:
@@ -587,34 +714,37 @@ def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(d))
 
 
-def _save(run_dir, iteration, model, optimizer, scheduler, ema, cfg, metric_lines) -> None:
+def _save(run_dir, iteration, model, optimizer, scheduler, ema, sampler, cfg, metric_lines) -> None:
     """Checkpoint (every rank calls it). "full": weights and optimizer state gathered to rank 0, which writes
     them; "sharded": every rank writes its shards with torch.distributed.checkpoint."""
     state = {"config": _fingerprint(cfg), "metric_lines": metric_lines}
     if cfg.parallel.checkpoint_format == "sharded":
-        save_sharded_checkpoint(run_dir, iteration, _sharded_app_state(model, optimizer, scheduler, ema), state,
-                                keep=cfg.keep_checkpoints)
+        save_sharded_checkpoint(run_dir, iteration, _sharded_app_state(model, optimizer, scheduler, ema, sampler),
+                                state, keep=cfg.keep_checkpoints)
         return
     weights, optimizer_state = dist.full_state(model, optimizer)
     if not dist.is_main():
         return
+    copies = {name: copy.shadow for name, copy in (("ema", ema), ("sampler", sampler)) if copy is not None}
     save_checkpoint(run_dir, iteration, weights, {"optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
-                    state, ema_state=ema.shadow if ema else None, keep=cfg.keep_checkpoints)
+                    state, copies=copies, keep=cfg.keep_checkpoints)
 
 
-def _sharded_app_state(model, optimizer, scheduler, ema) -> dict[str, Any]:
-    """What a sharded checkpoint holds: this rank's shards of weights and optimizer state, scheduler, EMA."""
+def _sharded_app_state(model, optimizer, scheduler, ema, sampler) -> dict[str, Any]:
+    """What a sharded checkpoint holds: this rank's shards of weights and optimizer state, scheduler, EMA and
+    sampling copy."""
     app = {**dist.sharded_state(model, optimizer), "scheduler": scheduler.state_dict()}
-    if ema is not None:
-        app["ema"] = ema.shadow
+    for name, copy in (("ema", ema), ("sampler", sampler)):
+        if copy is not None:
+            app[name] = copy.shadow
     return app
 
 
-def _restore(path: Path, model, params, optimizer, scheduler, ema) -> dict[str, Any]:
+def _restore(path: Path, model, params, optimizer, scheduler, ema, sampler) -> dict[str, Any]:
     """Load checkpoint `path` (either format, written under any world size) into the live model, optimizer,
-    scheduler and EMA; returns its state (iteration, config fingerprint, metric lines)."""
+    scheduler, EMA and sampling copy; returns its state (iteration, config fingerprint, metric lines)."""
     if is_sharded_checkpoint(path):
-        app = _sharded_app_state(model, optimizer, scheduler, ema)
+        app = _sharded_app_state(model, optimizer, scheduler, ema, sampler)
         state = load_sharded_checkpoint(path, app)  # in place; DCP reshards to this world size
         dist.load_state(model, optimizer, app["model"], app["optimizer"], full=False)
         scheduler.load_state_dict(app["scheduler"])
@@ -626,8 +756,9 @@ def _restore(path: Path, model, params, optimizer, scheduler, ema) -> dict[str, 
                               f"another model configuration")
     dist.load_state(model, optimizer, ckpt["model"], ckpt["optimizer"]["optimizer"], full=True)
     scheduler.load_state_dict(ckpt["optimizer"]["scheduler"])
-    if ema is not None and ckpt["ema"] is not None:
-        ema.shadow = {n: t.float() for n, t in ckpt["ema"].items()}
+    for name, copy in (("ema", ema), ("sampler", sampler)):
+        if copy is not None and ckpt[name] is not None:
+            copy.shadow = {n: t.float() for n, t in ckpt[name].items()}
     return ckpt["state"]
 
 

@@ -22,7 +22,7 @@ def test_embedded_recipes_share_everything_but_the_algorithm():
     root = CONFIGS[0].parent
     ignore = {"algorithm", "sampler", "out_dir"}
     reference = {k: v for k, v in to_dict(load_config(root / "mixgrpo.yaml")).items() if k not in ignore}
-    for name in ALGORITHMS:
+    for name in sorted(set(ALGORITHMS) - {"ode"}):  # "ode" is the rollout of the forward-process recipes
         other = {k: v for k, v in to_dict(load_config(root / f"{name}.yaml")).items() if k not in ignore}
         assert other == reference, name
 

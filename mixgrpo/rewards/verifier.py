@@ -1,4 +1,5 @@
-"""The shapes-world verifier as a reward: the programmatic check of `mixgrpo.world.verifier` per image."""
+"""Shapes-world rewards: the programmatic verifier (`mixgrpo.world.verifier`) and the continuous shape-quality
+score (`mixgrpo.world.quality`), per image, against the scene each prompt describes."""
 
 from __future__ import annotations
 
@@ -7,20 +8,18 @@ from typing import Sequence
 import torch
 
 from mixgrpo.rewards.base import REWARDS
+from mixgrpo.world.quality import shape_quality as _shape_quality
 from mixgrpo.world.scene import PromptParseError, Scene, parse_prompt
 from mixgrpo.world.verifier import verify
 
 
-class VerifierReward:
-    """reward_b = dense_b (fraction of the prompt's requirements met) or strict_b (1 if all are met, else 0).
+class _SceneReward:
+    """Parses each prompt into its scene once (cached); a prompt outside the shapes-world grammar is an
+    error naming the reward, not a 0."""
 
-    Prompts are parsed once and cached; a prompt outside the shapes-world grammar is an error, not a 0.
-    """
+    name = ""
 
-    def __init__(self, score: str = "dense"):
-        if score not in ("dense", "strict"):
-            raise ValueError(f"verifier reward: score must be 'dense' or 'strict', got {score!r}")
-        self.score = score
+    def __init__(self):
         self._scenes: dict[str, Scene] = {}
 
     def _scene(self, prompt: str) -> Scene:
@@ -28,9 +27,21 @@ class VerifierReward:
             try:
                 self._scenes[prompt] = parse_prompt(prompt)
             except PromptParseError as e:
-                raise PromptParseError(f"verifier reward: {e}. It scores shapes-world prompts only "
+                raise PromptParseError(f"{self.name} reward: {e}. It scores shapes-world prompts only "
                                        f"(mixgrpo/world/prompts/*.txt); use another reward for free text") from None
         return self._scenes[prompt]
+
+
+class VerifierReward(_SceneReward):
+    """reward_b = dense_b (fraction of the prompt's requirements met) or strict_b (1 if all are met, else 0)."""
+
+    name = "verifier"
+
+    def __init__(self, score: str = "dense"):
+        super().__init__()
+        if score not in ("dense", "strict"):
+            raise ValueError(f"verifier reward: score must be 'dense' or 'strict', got {score!r}")
+        self.score = score
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         result = verify(images, [self._scene(p) for p in prompts])
@@ -41,3 +52,20 @@ class VerifierReward:
 def verifier(score: str = "dense") -> VerifierReward:
     """The shapes-world verifier: score "dense" (fraction of requirements met) or "strict" (all met)."""
     return VerifierReward(score)
+
+
+class ShapeQualityReward(_SceneReward):
+    """reward_b = the shape-quality score of image b against its prompt's scene, in [0, 1]
+    (`mixgrpo.world.quality`: IoU with the requested ideal shape times colour purity, per requested instance;
+    missing and extra objects count as zeros)."""
+
+    name = "shape_quality"
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return _shape_quality(images, [self._scene(p) for p in prompts])
+
+
+@REWARDS.register("shape_quality")
+def shape_quality() -> ShapeQualityReward:
+    """How cleanly each image draws the objects its prompt asks for (continuous, weight-free)."""
+    return ShapeQualityReward()

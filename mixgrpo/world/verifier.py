@@ -125,8 +125,25 @@ def _corner_pixels(w: int, h: int) -> int:
     return max(int((np.abs(u)[None, :] + np.abs(v)[:, None] > 1.5).sum()), 1)
 
 
-def detect(images: torch.Tensor) -> list[list[Detection]]:
-    """The objects in each image. images: [B, 3, H, W] float in [0, 1] (any device). Returns B lists."""
+@dataclass(frozen=True)
+class Components:
+    """The colour components of a batch of images, before the MIN_AREA filter and shape classification.
+
+    labels: [B, K, H, W] int, component id + 1 of each pixel in the plane of its owner colour (0 = none);
+    image, color: [n] int, the image and colour index (into COLORS) of each component; area: [n] pixels;
+    box: [n, 4] int (y0, y1, x0, x1), half-open.
+    """
+
+    labels: np.ndarray
+    image: np.ndarray
+    color: np.ndarray
+    area: np.ndarray
+    box: np.ndarray
+
+
+def components(images: torch.Tensor) -> Components:
+    """8-connected components of each object colour (step 1 and 2 of the module docstring, without the
+    MIN_AREA filter). images: [B, 3, H, W] float in [0, 1] (any device)."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
     x = images.detach().to("cpu", torch.float32).clamp(0, 1).numpy()  # [B, 3, H, W]
@@ -136,17 +153,26 @@ def detect(images: torch.Tensor) -> list[list[Detection]]:
     owner = _owner_table()[(q[:, 0] * _LEVELS + q[:, 1]) * _LEVELS + q[:, 2]]  # [B, H, W]
     planes = owner[:, None] == np.arange(K, dtype=np.int8)[None, :, None, None]  # [B, K, H, W]
     labels, n = ndimage.label(planes.reshape(B * K, H, W), structure=_PLANE_ONLY)
+    boxes = np.array([(s[0].start, s[1].start, s[1].stop, s[2].start, s[2].stop)
+                      for s in ndimage.find_objects(labels)], dtype=np.int64).reshape(n, 5)  # plane, y0, y1, x0, x1
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64)
+    return Components(labels.reshape(B, K, H, W), boxes[:, 0] // K, boxes[:, 0] % K, area, boxes[:, 1:])
+
+
+def detect(images: torch.Tensor) -> list[list[Detection]]:
+    """The objects in each image. images: [B, 3, H, W] float in [0, 1] (any device). Returns B lists."""
+    comp = components(images)
+    B, K, H, W = comp.labels.shape
+    n = len(comp.area)
     if n == 0:
         return [[] for _ in range(B)]
-    boxes = np.array([(s[0].start, s[1].start, s[1].stop, s[2].start, s[2].stop)
-                      for s in ndimage.find_objects(labels)], dtype=np.int64)  # [n, 5] plane, y0, y1, x0, x1
-    plane, y0, y1, x0, x1 = boxes.T
-    flat = labels.ravel()
+    y0, y1, x0, x1 = comp.box.T
+    flat = comp.labels.ravel()
     pix = np.flatnonzero(flat)
     lab = flat[pix] - 1  # [pixels] component of each foreground pixel
     py = (pix // W) % H + 0.5  # [pixels] pixel centres
     px = pix % W + 0.5
-    area = np.bincount(lab, minlength=n).astype(np.float64)  # [n]
+    area = comp.area.astype(np.float64)  # [n]
     cy = (y0 + y1) / 2.0
     # Lower-half area: pixels below the box centre line, half of a pixel row lying on it.
     below = (py > cy[lab]) + 0.5 * (py == cy[lab])
@@ -161,9 +187,8 @@ def detect(images: torch.Tensor) -> list[list[Detection]]:
     out: list[list[Detection]] = [[] for _ in range(B)]
     names = (*SHAPES, "unknown")
     for i in keep:
-        b, k = divmod(int(plane[i]), K)
-        out[b].append(Detection(_COLOR_NAMES[k], names[shape[i]], float(cx[i]), float(cy[i]),
-                                int(area[i])))
+        out[int(comp.image[i])].append(Detection(_COLOR_NAMES[comp.color[i]], names[shape[i]], float(cx[i]),
+                                                 float(cy[i]), int(area[i])))
     return out
 
 

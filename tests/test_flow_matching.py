@@ -1,0 +1,215 @@
+"""Forward-process objectives (DiffusionNFT, AWM): losses against plain loops, the papers' limiting cases,
+and the trainer end to end on the analytic Gaussian model (learning, model calls, resume)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mixgrpo.checkpoint import latest_checkpoint, load_checkpoint
+from mixgrpo.config import ConfigError, build_config
+from mixgrpo.flow_matching import (awm_log_prob, forward_noise, nft_loss, optimality_probability,
+                                   sample_sigmas)
+from mixgrpo.trainer import read_metrics, train
+
+F64 = torch.float64
+
+
+def _batch(n=5, shape=(2, 3, 3), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v, v_old, target = (torch.randn((n, *shape), generator=g, dtype=F64) for _ in range(3))
+    r = torch.rand(n, generator=g, dtype=F64)
+    sigma = torch.rand(n, generator=g, dtype=F64).clamp(0.05, 0.95)
+    return v, v_old, target, r, sigma
+
+
+def loop_nft_loss(v, v_old, target, r, sigma, beta, weighting):
+    """One sample and one element at a time, from the formulas of docs/notation.md."""
+    total = 0.0
+    for b in range(v.shape[0]):
+        vp = [(1 - beta) * o + beta * t for o, t in zip(v_old[b].flatten().tolist(), v[b].flatten().tolist())]
+        vn = [(1 + beta) * o - beta * t for o, t in zip(v_old[b].flatten().tolist(), v[b].flatten().tolist())]
+        u = target[b].flatten().tolist()
+        s = float(sigma[b])
+
+        def err(pred):
+            d = [p - q for p, q in zip(pred, u)]
+            if weighting == "none":
+                return sum(x * x for x in d) / len(d)
+            x0_err = [s * x for x in d]  # x0_hat - x0 = sigma (v - u) up to sign
+            scale = max(sum(abs(x) for x in x0_err) / len(d), 1e-5)
+            return sum(x * x for x in x0_err) / len(d) / scale
+
+        total += (float(r[b]) * err(vp) + (1 - float(r[b])) * err(vn)) / beta
+    return total / v.shape[0]
+
+
+@pytest.mark.parametrize("weighting", ["none", "adaptive"])
+@pytest.mark.parametrize("beta", [1.0, 0.3])
+def test_nft_loss_equals_the_plain_loop(weighting, beta):
+    v, v_old, target, r, sigma = _batch()
+    loss, stats = nft_loss(v, v_old, target, r, sigma, beta, weighting)
+    assert loss.dtype == F64
+    assert loss.item() == pytest.approx(loop_nft_loss(v, v_old, target, r, sigma, beta, weighting), rel=1e-12)
+    assert stats["velocity_shift"].item() == pytest.approx(((v - v_old) ** 2).mean().item(), rel=1e-12)
+
+
+def test_nft_with_every_sample_optimal_is_flow_matching_on_the_samples():
+    """r = 1 and beta = 1: the positive policy is v_theta itself and the loss is the pre-training loss."""
+    v, v_old, target, _, sigma = _batch()
+    loss, _ = nft_loss(v, v_old, target, torch.ones(5, dtype=F64), sigma, beta=1.0)
+    assert loss.item() == pytest.approx(((v - target) ** 2).mean().item(), rel=1e-12)
+
+
+def test_nft_gradient_at_the_old_policy_is_the_reward_weighted_direction_for_any_beta():
+    """At v = v_old the gradient is 2 (2r - 1) (v_old - u) / (N D) whatever beta (first order in beta cancels
+    the 1 / beta), so r = 1/2 (no preference) does not move the model and beta -> 0 has a finite limit."""
+    _, v_old, target, r, sigma = _batch()
+    n, d = v_old.shape[0], v_old[0].numel()
+    expected = 2 * (2 * r - 1).view(-1, 1, 1, 1) * (v_old - target) / (n * d)
+    for beta in (1.0, 0.1, 1e-4):
+        v = v_old.clone().requires_grad_(True)
+        nft_loss(v, v_old, target, r, sigma, beta)[0].backward()
+        torch.testing.assert_close(v.grad, expected, rtol=1e-6, atol=1e-12)
+    v = v_old.clone().requires_grad_(True)
+    nft_loss(v, v_old, target, torch.full((n,), 0.5, dtype=F64), sigma, 1.0)[0].backward()
+    assert v.grad.abs().max().item() < 1e-15
+
+
+def test_optimality_probability_maps_advantages_into_zero_one():
+    adv = torch.tensor([-5.0, -2.0, -1.0, 0.0, 1.0, 2.0, 5.0])
+    torch.testing.assert_close(optimality_probability(adv, clip=2.0),
+                               torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="clip"):
+        optimality_probability(adv, clip=0.0)
+
+
+@pytest.mark.parametrize("weighting,w", [("uniform", lambda s: 1.0), ("sigma", lambda s: s),
+                                         ("sigma2", lambda s: s * s)])
+def test_awm_log_prob_equals_the_plain_loop(weighting, w):
+    v, _, target, _, sigma = _batch()
+    got = awm_log_prob(v, target, sigma, weighting)
+    for b in range(v.shape[0]):
+        d = [(p - q) ** 2 for p, q in zip(v[b].flatten().tolist(), target[b].flatten().tolist())]
+        assert got[b].item() == pytest.approx(-w(float(sigma[b])) * sum(d) / len(d), rel=1e-12)
+
+
+def test_awm_with_a_positive_advantage_follows_the_flow_matching_gradient():
+    """On-policy (ratio 1) with A = 1 for every sample, the clipped loss -A ratio has the gradient of the
+    flow-matching loss: AWM is pre-training reweighted by the advantage."""
+    from mixgrpo.grpo import policy_loss
+
+    v0, _, target, _, sigma = _batch()
+    v = v0.clone().requires_grad_(True)
+    logp = awm_log_prob(v, target, sigma)
+    policy_loss(logp, logp.detach(), torch.ones(5, dtype=F64), clip_range=0.2)[0].backward()
+    w = v0.clone().requires_grad_(True)
+    ((w - target) ** 2).flatten(1).mean(1).mean().backward()
+    torch.testing.assert_close(v.grad, w.grad, rtol=1e-12, atol=0)
+
+
+def test_forward_noise_and_sigma_samplers():
+    x0, eps = torch.randn(4, 3, 2, 2, dtype=F64), torch.randn(4, 3, 2, 2, dtype=F64)
+    sigma = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=F64)
+    x, u = forward_noise(x0, eps, sigma)
+    torch.testing.assert_close(x[1], 0.75 * x0[1] + 0.25 * eps[1])
+    torch.testing.assert_close(x[0], x0[0]) and torch.testing.assert_close(x[3], eps[3])
+    torch.testing.assert_close(u, eps - x0)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    for how in ("logit_normal", "uniform"):
+        s = sample_sigmas(1000, g(), how)
+        assert torch.equal(s, sample_sigmas(1000, g(), how)) and 1e-3 <= s.min() and s.max() <= 1 - 1e-3
+    s = sample_sigmas(1000, g(), "window", window=(0.6, 0.9))
+    assert 0.6 <= s.min() < 0.62 and 0.88 < s.max() <= 0.9
+    assert abs(sample_sigmas(20000, g(), "logit_normal").median().item() - 0.5) < 0.02  # sigmoid(N(0, 1))
+    with pytest.raises(ValueError, match="window"):
+        sample_sigmas(4, g(), "window")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer with a forward-process objective, on the analytic Gaussian model
+# ---------------------------------------------------------------------------------------------------
+
+
+def _cfg(tmp_path, **over):
+    data = {
+        "algorithm": "ode",
+        "objective": "diffusion_nft",
+        "shared_noise": False,
+        "sampler": {"num_steps": 8},
+        "model": {"name": "gaussian", "args": {"size": 4}},
+        "rewards": [{"name": "toy_rewards:brightness", "weight": 1.0}],
+        "iterations": 6,
+        "prompts_per_iteration": 2,
+        "group_size": 4,
+        "updates_per_iteration": 2,
+        "micro_batch_size": 4,
+        "lr": 0.05,
+        "out_dir": str(tmp_path / "run"),
+        "checkpoint_every": 2,
+        "eval_num_prompts": 4,
+    }
+    data.update(over)
+    return build_config(data)
+
+
+@pytest.mark.parametrize("objective,algorithm,extra", [
+    ("diffusion_nft", "ode", {}),
+    ("diffusion_nft", "mixgrpo_flash_star", {"shared_noise": True}),
+    ("diffusion_nft", "mixgrpo", {"shared_noise": True, "matching": {"sigmas": "window"}}),
+    ("awm", "ode", {"clip_range": 0.2, "matching": {"sampler_decay": 0.0}}),
+])
+def test_the_reward_rises_with_any_rollout(tmp_path, objective, algorithm, extra):
+    """A brightness reward: the Gaussian model's trainable data mean moves up, from ODE, Flash* and
+    windowed rollouts alike."""
+    run = train(_cfg(tmp_path, objective=objective, algorithm=algorithm, iterations=16, lr=0.1, **extra),
+                progress=False)
+    evals = [json.loads(line)["eval/brightness"] for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert evals[-1] > evals[0] + 0.02  # the same held-out noise before and after
+    mu = load_checkpoint(latest_checkpoint(run))["model"]["mu"]  # starts at 0 (data mean 0, brightness 0.5)
+    assert mu.mean().item() > 0.04
+
+
+def test_model_calls_are_counted_not_computed(tmp_path):
+    """profile: true counts real forward calls: the rollout's NFE per batch, then per sample and sigma one
+    sampling-policy forward (v_old) and one trained forward."""
+    cfg = _cfg(tmp_path, iterations=1, profile=True, eval_num_prompts=0, micro_batch_size=8,
+               matching={"sigmas_per_sample": 3})
+    (m,) = read_metrics(train(cfg, progress=False))
+    assert m["model_calls/rollout"] == 8  # 8 steps, one batch of B = 8 (no guidance)
+    # v_old: 1 micro-batch x 3 sigmas; trained: 2 optimizer steps x 1 micro-batch x 3 sigmas
+    assert m["model_calls/update"] == 3 + 2 * 3
+    assert m["nfe_trained"] == 3
+
+
+def test_resume_reproduces_the_uninterrupted_run_with_the_sampling_copy(tmp_path):
+    full = train(_cfg(tmp_path / "full"), progress=False)
+    cfg = _cfg(tmp_path / "cut")
+    train(cfg, progress=False, stop_after=3)
+    ckpt = load_checkpoint(latest_checkpoint(cfg.out_dir))
+    assert ckpt["sampler"] is not None and not torch.equal(ckpt["sampler"]["mu"], ckpt["model"]["mu"])
+    resumed = train(cfg, resume=True, progress=False)
+    assert torch.equal(load_checkpoint(latest_checkpoint(full))["model"]["mu"],
+                       load_checkpoint(latest_checkpoint(resumed))["model"]["mu"])
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    assert [drop(m) for m in read_metrics(full)] == [drop(m) for m in read_metrics(resumed)]
+
+
+def test_awm_is_on_policy_on_its_first_optimizer_step(tmp_path):
+    run = train(_cfg(tmp_path, objective="awm", iterations=2, clip_range=0.2, matching={"sampler_decay": 0.0}),
+                progress=False)
+    assert all(m["onpolicy_ratio_error"] < 1e-6 for m in read_metrics(run))
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"shared_noise": True}, "shared_noise"),
+    ({"matching": {"sigmas": "window"}}, "window"),
+    ({"objective": "grpo"}, "trains no step"),
+    ({"matching": {"sampler_decay": 1.0}}, "sampler_decay"),
+    ({"objective": "nft"}, "objective"),
+])
+def test_inconsistent_settings_are_named(tmp_path, over, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path, **over)
