@@ -149,6 +149,7 @@ class TrainConfig:
     checkpoint_every: int = 20
     keep_checkpoints: int = 2
     eval_num_prompts: int = 64  # held-out prompts evaluated before and after training; 0 = no evaluation
+    eval_every: int = 0  # also evaluate every N iterations (same noise each time); 0 = before and after only
     eval_images_per_prompt: int = 1
     eval_guidance_scale: float = -1.0  # -1 = same as guidance_scale
     reward_policy: RewardPolicyConfig = field(default_factory=RewardPolicyConfig)
@@ -177,6 +178,7 @@ class TrainConfig:
             (self.guidance_scale >= 1, "guidance_scale", "a number >= 1 (1 = no guidance)"),
             (len(self.rewards) >= 1, "rewards", "a list with at least one reward"),
             (self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1"),
+            (self.eval_every >= 0, "eval_every", "an integer >= 0 (0 = before and after training only)"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1"),
             (self.lora.rank >= 0, "lora.rank", "an integer >= 0 (0 = full fine-tuning)"),
             (self.parallel.strategy in ("ddp", "fsdp"), "parallel.strategy", "'ddp' or 'fsdp'"),

@@ -1,4 +1,4 @@
-"""Image files: grids of samples and simple line plots, with Pillow only (no matplotlib needed)."""
+"""Image files: grids of samples (Pillow) and line plots (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -40,47 +40,59 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int 
     _save_atomic(grid, path)
 
 
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+def _figure_saved(fig, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
 
 
-def plot_lines(series: dict[str, Sequence[tuple[float, float]]], path: str | Path, title: str = "",
-               xlabel: str = "", size: tuple[int, int] = (640, 400)) -> None:
-    """Plot named (x, y) series as lines in one PNG, with axes ranges and a legend."""
-    width, height = size
-    left, right, top, bottom = 60, 20, 30, 40
-    img = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    points = [p for s in series.values() for p in s if math.isfinite(p[1])]
-    if not points:
-        draw.text((left, top), "no data", fill=(0, 0, 0))
-        _save_atomic(img, path)
-        return
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    x1 = x1 if x1 > x0 else x0 + 1
-    margin = (y1 - y0) * 0.05 or 0.5
-    y0, y1 = y0 - margin, y1 + margin
+Series = Sequence[tuple[float, float]]
 
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
 
-    draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
-    for frac in (0.0, 0.5, 1.0):
-        y = y0 + frac * (y1 - y0)
-        _, py = to_px(x0, y)
-        draw.text((4, py - 6), f"{y:.3g}", fill=(0, 0, 0))
-        x = x0 + frac * (x1 - x0)
-        px, _ = to_px(x, y0)
-        draw.text((px - 10, height - bottom + 6), f"{x:.4g}", fill=(0, 0, 0))
-    draw.text((left, 8), title, fill=(0, 0, 0))
-    draw.text((width // 2 - 20, height - 16), xlabel, fill=(0, 0, 0))
-    for i, (name, s) in enumerate(series.items()):
-        color = _PALETTE[i % len(_PALETTE)]
-        pts = [to_px(x, y) for x, y in s if math.isfinite(y)]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        elif pts:
-            draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
-        draw.text((left + 8, top + 6 + 14 * i), name, fill=color)
-    _save_atomic(img, path)
+def plot_panels(panels: dict[str, dict[str, Series]], path: str | Path, xlabels: Sequence[str] = ("",),
+                title: str = "", markers: dict[str, dict[str, Series]] | None = None) -> None:
+    """A grid of line plots in one PNG (matplotlib, no display needed): one row per panel name, one column
+    per x axis. panels: row title -> series name -> (x, y) points; with several x labels, the series of a row
+    are named "NAME@k" for column k. markers: the same layout, drawn as points (e.g. held-out evaluations
+    over a training curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows, cols = max(len(panels), 1), len(xlabels)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 2.6 * rows), squeeze=False)
+    for r, (name, series) in enumerate(panels.items()):
+        for c, xlabel in enumerate(xlabels):
+            ax = axes[r][c]
+            suffix = f"@{c}" if cols > 1 else ""
+            for label, points in series.items():
+                if cols > 1 and not label.endswith(suffix):
+                    continue
+                pts = [(x, y) for x, y in points if math.isfinite(y)]
+                if pts:
+                    ax.plot(*zip(*pts), label=label.removesuffix(suffix), linewidth=1.5)
+            for label, points in ((markers or {}).get(name) or {}).items():
+                if cols > 1 and not label.endswith(suffix):
+                    continue
+                pts = [(x, y) for x, y in points if math.isfinite(y)]
+                if pts:
+                    ax.plot(*zip(*pts), "o", label=label.removesuffix(suffix), markersize=4)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _figure_saved(fig, path)
+    plt.close(fig)
+
+
+def plot_lines(series: dict[str, Series], path: str | Path, title: str = "", xlabel: str = "") -> None:
+    """Plot named (x, y) series as lines in one PNG, with a legend."""
+    plot_panels({title: series}, path, xlabels=(xlabel,))

@@ -38,7 +38,7 @@ from mixgrpo.config import ConfigError, RewardConfig, TrainConfig, save_config, 
 from mixgrpo.evaluate import derive_seed, evaluate, ode_plan
 from mixgrpo.flow_matching import awm_log_prob, forward_noise, nft_loss, optimality_probability, sample_sigmas
 from mixgrpo.grpo import combine_rewards, kl_to_reference, policy_loss
-from mixgrpo.images import plot_lines, save_grid
+from mixgrpo.images import plot_panels, save_grid
 from mixgrpo.models import MODELS, FlowModel, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.plan import build_plan, train_mask
 from mixgrpo.prompts import read_prompts
@@ -440,6 +440,24 @@ def matching_update(model: FlowModel, params: dict[str, torch.nn.Parameter], opt
 # the run
 
 
+def _progress_line(record: dict[str, Any], rewards: list, held_out: dict[str, float], iterations: int,
+                   eta: float) -> str:
+    """One line per iteration: the trained rewards (non-zero weight), the latest held-out figures, the loss
+    and KL in scientific notation (they are often ~1e-5), clipping, speed and ETA."""
+    trained = " ".join(f"{label} {record[f'reward/{label}']:.4f}" for label, w, _ in rewards if w != 0)
+    window = "all" if record["window_start"] is None else f"{record['window_start']}-{record['window_end'] - 1}"
+    parts = [f"it {record['iteration']:4d}/{iterations}", trained, f"window {window}", f"nfe {record['nfe_rollout']}",
+             f"loss {record.get('loss', 0.0):+.2e}"]
+    if "kl_to_base" in record:
+        parts.append(f"kl {record['kl_to_base']:.2e}")
+    if "clip_fraction" in record:
+        parts.append(f"clip {record['clip_fraction']:.3f}")
+    if held_out:
+        parts.append("held-out " + " ".join(f"{k[5:]} {v:.3f}" for k, v in held_out.items()))
+    parts.append(f"{record['time/iteration']:5.2f} s/it | ETA {_format_eta(eta)}")
+    return " | ".join(parts)
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -471,13 +489,13 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
-def _eval_and_save(model, weights, prompts, rewards, cfg, tag: str, run_dir: Path) -> dict[str, float]:
+def _eval_and_save(model, weights, prompts, rewards, cfg, tag: str | None, run_dir: Path) -> dict[str, float]:
     plan = ode_plan(cfg.sampler.num_steps, cfg.sampler.shift)
     guidance = cfg.guidance_scale if cfg.eval_guidance_scale < 0 else cfg.eval_guidance_scale
     with swapped_weights(model, weights):  # EMA weights, without touching the live ones
         res = evaluate(model, prompts, [(n, fn) for n, _, fn in rewards], plan, cfg.eval_images_per_prompt,
                        seed=cfg.seed + 1, guidance_scale=guidance)
-    if dist.is_main():
+    if dist.is_main() and tag is not None:
         save_grid(res.images[:64, 0], run_dir / f"samples_{tag}.png", nrow=8, scale=2)
     return {f"eval/{k}": v["mean"] for k, v in res.summary().items()}
 
@@ -536,7 +554,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
         _truncate_lines(run_dir / "metrics.jsonl", metric_lines)
-        _drop_evals_from(run_dir / "eval.jsonl", start)
+        _drop_evals_after(run_dir / "eval.jsonl", start)
         tracker = Trackers(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
 
     amp = cfg.precision == "bf16"
@@ -546,13 +564,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     P, G = cfg.prompts_per_iteration, cfg.group_size
     clock = ModelClock(model, sync=device.type == "cuda") if cfg.profile else None
 
-    if start == 0 and eval_prompts:  # eval_num_prompts = 0 skips evaluation
+    held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
+
+    def evaluate_now(iteration: int, tag: str | None) -> None:
+        """Held-out evaluation on the same noise every time (EMA weights when on), one row of eval.jsonl;
+        tag "before"/"after" also saves the sample grid and prints the figures."""
         with dist.unsharded(model, cfg.parallel):  # FSDP: every rank gathers the weights, rank 0 evaluates
             if dist.is_main():
-                before = _eval_and_save(model, None, eval_prompts, rewards, cfg, "before", run_dir)
-                _append_json(run_dir / "eval.jsonl", {"iteration": 0, **before})
-                tracker.log(before, 0)
-                dist.print0("before training: " + ", ".join(f"{k} {v:.4f}" for k, v in before.items()))
+                held_out.update(_eval_and_save(model, ema.shadow if ema else None, eval_prompts, rewards, cfg, tag,
+                                               run_dir))
+                _record_eval(run_dir / "eval.jsonl", iteration, held_out)
+                tracker.log(held_out, iteration)
+                if tag is not None:
+                    dist.print0(f"{tag} training: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
+
+    if start == 0 and eval_prompts:  # eval_num_prompts = 0 skips evaluation
+        evaluate_now(0, "before")
 
     t_run = time.perf_counter()
     done_here, end = 0, start
@@ -644,17 +671,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             if dist.is_main():
                 _append_json(run_dir / "metrics.jsonl", record)
                 tracker.log(record, it + 1)
-                if progress:
-                    elapsed = time.perf_counter() - t_run
-                    eta = elapsed / done_here * (cfg.iterations - it - 1)
-                    if cfg.time_limit_minutes > 0:
-                        eta = max(0.0, min(eta, 60 * cfg.time_limit_minutes - elapsed))
-                    main_reward = next(k for k in record if k.startswith("reward/"))
-                    window = f"{record['window_start']}-{record['window_end'] - 1}" if plan.window else "all"
-                    print(f"it {it + 1:4d}/{cfg.iterations} | {main_reward[7:]} {record[main_reward]:.4f} | "
-                          f"window {window} | nfe {traj.nfe} | loss {record.get('loss', 0):+.4f} | "
-                          f"clip {record.get('clip_fraction', 0):.3f} | {t3 - t0:5.2f} s/it | ETA {_format_eta(eta)}",
-                          flush=True)
             # every rank stops at the same iteration, even when only some of them got the signal or ran out of time
             out_of_time = cfg.time_limit_minutes > 0 and time.perf_counter() - t_run >= 60 * cfg.time_limit_minutes
             flags = dist.all_reduce_mean(torch.tensor([float(stop.signal is not None), float(out_of_time)],
@@ -662,6 +678,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             signalled = flags[0].item() > 0
             last = it + 1 == cfg.iterations or flags[1].item() > 0
             stopping = signalled or (stop_after is not None and done_here >= stop_after)
+            if eval_prompts and cfg.eval_every and (it + 1) % cfg.eval_every == 0 and not last:
+                evaluate_now(it + 1, None)  # before the checkpoint: a checkpoint at N implies its evaluation
+            if dist.is_main() and progress:
+                elapsed = time.perf_counter() - t_run
+                eta = elapsed / done_here * (cfg.iterations - it - 1)
+                if cfg.time_limit_minutes > 0:
+                    eta = max(0.0, min(eta, 60 * cfg.time_limit_minutes - elapsed))
+                print(_progress_line(record, rewards, held_out, cfg.iterations, eta), flush=True)
             if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
                 _save(run_dir, it + 1, model, optimizer, scheduler, ema, sampler, cfg, metric_lines)
             if last:
@@ -676,14 +700,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                     tracker.close()
                 return run_dir
 
-    with dist.unsharded(model, cfg.parallel):  # FSDP: every rank gathers the weights, rank 0 evaluates and exports
+    if eval_prompts:
+        evaluate_now(end, "after")
+    with dist.unsharded(model, cfg.parallel):  # FSDP: every rank gathers the weights, rank 0 exports
         if dist.is_main():
-            if eval_prompts:
-                after = _eval_and_save(model, ema.shadow if ema else None, eval_prompts, rewards, cfg, "after",
-                                       run_dir)
-                _append_json(run_dir / "eval.jsonl", {"iteration": end, **after})
-                tracker.log(after, end)
-                dist.print0("after training: " + ", ".join(f"{k} {v:.4f}" for k, v in after.items()))
             _export(model, params, ema, run_dir / "final",
                     sharded=cfg.parallel.strategy == "fsdp" and dist.world_size() > 1)
             _write_summary(run_dir, cfg)
@@ -801,20 +821,34 @@ def _truncate_lines(path: Path, keep: int) -> None:
     tmp.replace(path)
 
 
-def _drop_evals_from(path: Path, iteration: int) -> None:
-    """Drop evaluations at or after `iteration` (the one we resume from): this run writes them again."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+def _eval_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
         try:
-            if json.loads(line)["iteration"] < iteration:
-                keep.append(line)
+            rows.append(json.loads(line))
         except ValueError:  # blank, or cut short by a crash mid-write
             pass
+    return rows
+
+
+def _write_eval_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(path)
+
+
+def _drop_evals_after(path: Path, iteration: int) -> None:
+    """On (re)start at `iteration`: keep the evaluations up to it (a checkpoint at N is written after N's
+    evaluation), drop later ones, which this run computes again; a fresh start (0) keeps none."""
+    if path.exists():
+        _write_eval_rows(path, [r for r in _eval_rows(path) if 0 < iteration and r.get("iteration", -1) <= iteration])
+
+
+def _record_eval(path: Path, iteration: int, metrics: dict[str, float]) -> None:
+    """Write the evaluation at `iteration`, replacing any row at or after it (a run killed between its last
+    evaluation and the export evaluates again on resume), so eval.jsonl holds one row per iteration."""
+    rows = [r for r in _eval_rows(path) if r.get("iteration", -1) < iteration]
+    _write_eval_rows(path, rows + [{"iteration": iteration, **metrics}])
 
 
 def _config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -832,19 +866,35 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _write_summary(run_dir: Path, cfg: TrainConfig) -> None:
+    """summary.md (before / after table) and the two curves: reward_curve.png (training reward per iteration,
+    one panel per reward, held-out evaluations as points) and eval_curve.png (every held-out metric against
+    iterations and training minutes)."""
     metrics = read_metrics(run_dir)
-    eval_file = run_dir / "eval.jsonl"
-    evals = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()] if eval_file.exists() else []
+    evals = _eval_rows(run_dir / "eval.jsonl")
     reward_keys = [k for k in metrics[0] if k.startswith("reward/") and not k.endswith("_std")] if metrics else []
-    plot_lines({k[7:]: [(m["iteration"], m[k]) for m in metrics] for k in reward_keys},
-               run_dir / "reward_curve.png", title=f"{cfg.algorithm}: training reward", xlabel="iteration")
-    lines = [f"# Run summary: {cfg.algorithm}", "",
+    plot_panels({k[7:]: {"train": [(m["iteration"], m[k]) for m in metrics]} for k in reward_keys},
+                run_dir / "reward_curve.png", xlabels=("iteration",), title=f"{cfg.algorithm}: training reward",
+                markers={k[7:]: {"held-out": [(e["iteration"], e[f"eval/{k[7:]}"]) for e in evals
+                                              if f"eval/{k[7:]}" in e]} for k in reward_keys})
+    minutes, total = {0: 0.0}, 0.0  # training minutes at the end of each iteration (evaluations excluded)
+    for m in metrics:
+        total += m["time/iteration"] / 60
+        minutes[m["iteration"]] = total
+    eval_keys = [k for k in (evals[0] if evals else {}) if k.startswith("eval/")]
+    if eval_keys:
+        plot_panels({k[5:]: {"held-out@0": [(e["iteration"], e[k]) for e in evals if k in e],
+                             "held-out@1": [(minutes[e["iteration"]], e[k]) for e in evals
+                                            if k in e and e["iteration"] in minutes]} for k in eval_keys},
+                    run_dir / "eval_curve.png", xlabels=("iteration", "training minutes"),
+                    title=f"{cfg.algorithm}: held-out evaluation ({cfg.eval_num_prompts} prompts x "
+                          f"{cfg.eval_images_per_prompt} images, the same noise each time)")
+    lines = [f"# Run summary: {cfg.algorithm} ({cfg.objective})", "",
              f"- iterations: {cfg.iterations}, prompts x group: {cfg.prompts_per_iteration} x {cfg.group_size}",
              f"- median seconds per iteration: {_median([m['time/iteration'] for m in metrics]):.2f}", ""]
     if len(evals) >= 2:
         lines += ["| held-out metric | before | after |", "|---|---|---|"]
         for k in evals[0]:
-            if k != "iteration" and k in evals[-1]:
+            if k.startswith("eval/") and k in evals[-1]:
                 lines.append(f"| {k[5:]} | {evals[0][k]:.4f} | {evals[-1][k]:.4f} |")
     (run_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -178,3 +178,31 @@ def test_wandb_without_the_package_is_refused_by_name(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(TrackingError, match="pip install wandb"):
         train(_cfg(tmp_path, iterations=1, wandb_project="proj"), progress=False)
+
+
+def _eval_rows(run):
+    return [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+
+
+def test_periodic_evaluation_resumes_without_duplicated_or_lost_rows(tmp_path):
+    """eval_every: rows at 0, 2, 4, 6 on the same noise; a run interrupted at 3, or resumed from an earlier
+    checkpoint than its last evaluation, ends with the uninterrupted run's rows exactly."""
+    over = dict(eval_every=2, checkpoint_every=2, keep_checkpoints=3)
+    full = train(_cfg(tmp_path / "full", **over), progress=False)
+    rows = _eval_rows(full)
+    assert [r["iteration"] for r in rows] == [0, 2, 4, 6]
+    assert rows[0] != rows[-1]  # the model moved, and the evaluation sees it
+    for name in ("eval_curve.png", "reward_curve.png"):
+        assert (full / name).stat().st_size > 10_000, name  # a drawn plot, not an empty canvas
+
+    cut = _cfg(tmp_path / "cut", **over)
+    train(cut, progress=False, stop_after=3)
+    assert [r["iteration"] for r in _eval_rows(tmp_path / "cut" / "run")] == [0, 2]
+    assert _eval_rows(train(cut, resume=True, progress=False)) == rows
+
+    # a crash after the evaluation at 4 but before the checkpoint at 4 (here: the later checkpoints removed)
+    import shutil
+
+    for name in ("iter_000004", "iter_000006"):
+        shutil.rmtree(full / "checkpoints" / name)
+    assert _eval_rows(train(_cfg(tmp_path / "full", **over), resume=True, progress=False)) == rows
