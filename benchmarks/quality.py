@@ -1,11 +1,14 @@
 """Quality per wall-clock: every algorithm trains for the same time budget; held-out rewards along the way.
 
     python benchmarks/quality.py --minutes 6 --seeds 0 1 2 --algorithms dance_grpo mixgrpo mixgrpo_flash_star
+    python benchmarks/quality.py --algorithms mixgrpo diffusion_nft \
+        --variant nft_flash_star diffusion_nft algorithm=mixgrpo_flash_star shared_noise=true
 
 Each (algorithm, seed) run is the algorithm's recipe from configs/ with `time_limit_minutes` set to the
 budget (a run also ends at the recipe's iteration count, or --max-iterations) and a checkpoint every
---checkpoint-every iterations (all kept). Runs go one after the other in this process, so only one uses the
-cores at a time. Afterwards every checkpoint (and the shared base model, at time 0) is evaluated on the
+--checkpoint-every iterations (all kept). A --variant LABEL RECIPE KEY=VALUE... is a recipe with overrides of
+its own (e.g. another rollout for the same objective), reported under LABEL. Runs go one after the other in
+this process, so only one uses the cores at a time. Afterwards every checkpoint (and the shared base model, at time 0) is evaluated on the
 held-out prompts (--eval-images per prompt, the recipe's guidance, seed 1234: the same noise for every
 checkpoint) with every reward of the recipe (weight 0 included: the verifier's strict accuracy is logged that
 way), and its wall-clock is the sum of `time/iteration` up to it in the run's metrics.jsonl (training time
@@ -44,13 +47,13 @@ def train_or_reuse(config: Path, overrides: list[str], run_dir: Path, title: str
     return run_dir
 
 
-def run(algorithm: str, seed: int, args: argparse.Namespace, out: Path) -> Path:
+def run(label: str, recipe: str, extra: list[str], seed: int, args: argparse.Namespace, out: Path) -> Path:
     overrides = [f"seed={seed}", f"time_limit_minutes={args.minutes}", f"checkpoint_every={args.checkpoint_every}",
-                 "keep_checkpoints=100000", "eval_num_prompts=0", *args.override]
+                 "keep_checkpoints=100000", "eval_num_prompts=0", *args.override, *extra]
     if args.max_iterations:
         overrides.append(f"iterations={args.max_iterations}")
-    return train_or_reuse(ROOT / "configs" / f"{algorithm}.yaml", overrides, out / f"{algorithm}_s{seed}",
-                          f"{algorithm} seed {seed}: {args.minutes:g} min", args.quiet)
+    return train_or_reuse(ROOT / "configs" / f"{recipe}.yaml", overrides, out / f"{label}_s{seed}",
+                          f"{label} seed {seed}: {args.minutes:g} min", args.quiet)
 
 
 def recipe_rewards(cfg) -> list:
@@ -151,6 +154,8 @@ def report(results: dict[str, dict[int, list[dict]]], base: dict, args: argparse
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--algorithms", nargs="+", default=["dance_grpo", "mixgrpo", "mixgrpo_flash_star"])
+    p.add_argument("--variant", nargs="+", action="append", default=[], metavar="LABEL RECIPE KEY=VALUE",
+                   help="a recipe with overrides of its own, reported as LABEL (repeatable)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--minutes", type=float, default=6.0, help="training budget per run")
     p.add_argument("--checkpoint-every", type=int, default=5)
@@ -181,7 +186,13 @@ def main() -> None:
         raise SystemExit(f"--metric {args.metric!r} is not one of the recipes' rewards {labels}: pick one of those")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = {alg: {s: run(alg, s, args, out) for s in args.seeds} for alg in args.algorithms}
+    variants = {alg: (alg, []) for alg in args.algorithms}
+    for label, recipe, *extra in (v for v in args.variant if len(v) >= 2):
+        variants[label] = (recipe, extra)
+    if any(len(v) < 2 for v in args.variant):
+        raise SystemExit("--variant needs LABEL RECIPE [KEY=VALUE ...]")
+    runs = {label: {s: run(label, recipe, extra, s, args, out) for s in args.seeds}
+            for label, (recipe, extra) in variants.items()}
     if args.train_only:
         return
     prompts, rewards = read_prompts(cfg.eval_prompts), recipe_rewards(cfg)
