@@ -288,28 +288,21 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + e.signum
         if args.debug or not _is_user_error(e):
             raise
-        print(f"error: {_os_error_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        print(f"error: {_error_line(e, args.command)}", file=sys.stderr)
         return 2
     return 0
 
 
-_OS_FIXES = {
-    errno.ENOSPC: "free disk space",
-    errno.EDQUOT: "free disk space (quota exceeded)",
-    errno.EACCES: "fix its permissions or choose another path",
-    errno.EPERM: "fix its permissions or choose another path",
-    errno.EROFS: "the file system is read-only: choose another path",
-    errno.ENOTDIR: "a part of the path is a file: choose another path",
-    errno.EEXIST: "a file is in the way: choose another path",
-    errno.EISDIR: "it is a directory: give a file",
-    errno.ENOENT: "check the path",
-}
+def _error_line(e: Exception, command: str) -> str:
+    """The one line printed for a user error."""
+    if not isinstance(e, OSError):
+        return str(e)
+    from mixgrpo.fileio import os_error_message
 
-
-def _os_error_message(e: OSError) -> str:
-    """One line for an operating-system error: what failed, on which path, and the usual fix."""
-    where = f" ({e.filename})" if e.filename else ""
-    return f"{e.strerror or e}{where}: {_OS_FIXES.get(e.errno, 'check the path, its permissions and free space')}"
+    line = os_error_message(e)
+    if command == "train" and e.errno in (errno.ENOSPC, errno.EDQUOT):  # the run is resumable
+        line += ", then continue the run with --resume (its last checkpoint is intact)"
+    return line
 
 
 def _is_user_error(e: BaseException) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from mixgrpo.fileio import writing
 from mixgrpo.flow_matching import AWM_WEIGHTINGS, NFT_WEIGHTINGS, SIGMA_SAMPLERS
 from mixgrpo.plan import ALGORITHMS, SamplerConfig
 
@@ -403,5 +404,6 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the config as YAML, atomically (a kill mid-write leaves the previous file, which --resume reads)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    with writing(path):
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+        tmp.replace(path)

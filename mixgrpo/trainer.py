@@ -36,6 +36,7 @@ from mixgrpo.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_c
                                  load_sharded_checkpoint, read_state, save_checkpoint, save_sharded_checkpoint)
 from mixgrpo.config import ConfigError, RewardConfig, TrainConfig, save_config, to_dict
 from mixgrpo.evaluate import derive_seed, evaluate, ode_plan
+from mixgrpo.fileio import writing
 from mixgrpo.flow_matching import awm_log_prob, forward_noise, nft_loss, optimality_probability, sample_sigmas
 from mixgrpo.grpo import combine_rewards, kl_to_reference, policy_loss
 from mixgrpo.images import plot_panels, save_grid
@@ -44,6 +45,7 @@ from mixgrpo.plan import build_plan, train_mask
 from mixgrpo.prompts import read_prompts
 from mixgrpo.rewards import RewardError, build_reward
 from mixgrpo.rollout import Trajectory, guided_velocity, rollout
+from mixgrpo.rundir import claim, keep_records_before
 from mixgrpo.sampling import gaussian_log_prob, sde_mean_std
 from mixgrpo.tracking import Trackers
 
@@ -503,20 +505,17 @@ def _eval_and_save(model, weights, prompts, rewards, cfg, tag: str | None, run_d
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> Path:
     """Run GRPO training; returns the run directory. `stop_after` ends early after that many iterations
-    of this call (tests use it to simulate an interruption)."""
+    of this call (tests use it to simulate an interruption). The run directory is locked for the whole run
+    (`mixgrpo.rundir.claim`): a second process on it stops at once."""
     dist.init()
+    with claim(cfg.out_dir, resume):
+        return _run(cfg, resume, progress, stop_after)
+
+
+def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None) -> Path:
     device = dist.device()
     run_dir = Path(cfg.out_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"out_dir {str(run_dir)!r} is a file, not a directory: choose another out_dir")
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
     latest = latest_checkpoint(run_dir)
-    if latest is not None and not resume:
-        raise ConfigError(f"{run_dir} already holds checkpoints ({latest.name}): pass --resume to continue "
-                          f"that run, or choose another out_dir")
-    if resume and latest is None:  # the first launch of a job that always passes --resume
-        dist.print0(f"--resume: no complete checkpoint in {run_dir}; starting a new run")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
     params = trainable_parameters(model, cfg)
@@ -538,7 +537,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     # forward-process objectives roll out a soft copy of the weights (matching.sampler_decay; 0 = theta itself)
     sampler = EMA(params, cfg.matching.sampler_decay) if not grpo and cfg.matching.sampler_decay > 0 else None
 
-    start, metric_lines = 0, 0
+    start = 0
     if resume and latest is not None:
         # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
         changed = _config_diff(read_state(latest).get("config") or {}, _fingerprint(cfg))
@@ -548,12 +547,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                                   f"resume with the run's own config ({run_dir / 'config.yaml'}) or start a new "
                                   f"out_dir")
         state = _restore(latest, model, params, optimizer, scheduler, ema, sampler)
-        start, metric_lines = state["iteration"], state["metric_lines"]
+        start = state["iteration"]
         dist.print0(f"resumed from {latest} at iteration {start}")
     tracker = None
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
-        _truncate_lines(run_dir / "metrics.jsonl", metric_lines)
+        keep_records_before(run_dir / "metrics.jsonl", start + 1)  # the iterations the checkpoint covers
         _drop_evals_after(run_dir / "eval.jsonl", start)
         tracker = Trackers(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
 
@@ -666,7 +665,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 record.update({"model_calls/rollout": rollout_calls, "model_calls/update": update_calls,
                                "time/model_rollout": rollout_model_s, "time/model_update": update_model_s})
             done_here += 1
-            metric_lines += 1
             end = it + 1
             if dist.is_main():
                 _append_json(run_dir / "metrics.jsonl", record)
@@ -687,7 +685,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                     eta = max(0.0, min(eta, 60 * cfg.time_limit_minutes - elapsed))
                 print(_progress_line(record, rewards, held_out, cfg.iterations, eta), flush=True)
             if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
-                _save(run_dir, it + 1, model, optimizer, scheduler, ema, sampler, cfg, metric_lines)
+                _save(run_dir, it + 1, model, optimizer, scheduler, ema, sampler, cfg)
             if last:
                 break
             if stopping:
@@ -734,10 +732,10 @@ def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(d))
 
 
-def _save(run_dir, iteration, model, optimizer, scheduler, ema, sampler, cfg, metric_lines) -> None:
+def _save(run_dir, iteration, model, optimizer, scheduler, ema, sampler, cfg) -> None:
     """Checkpoint (every rank calls it). "full": weights and optimizer state gathered to rank 0, which writes
     them; "sharded": every rank writes its shards with torch.distributed.checkpoint."""
-    state = {"config": _fingerprint(cfg), "metric_lines": metric_lines}
+    state = {"config": _fingerprint(cfg)}
     if cfg.parallel.checkpoint_format == "sharded":
         save_sharded_checkpoint(run_dir, iteration, _sharded_app_state(model, optimizer, scheduler, ema, sampler),
                                 state, keep=cfg.keep_checkpoints)
@@ -762,7 +760,7 @@ def _sharded_app_state(model, optimizer, scheduler, ema, sampler) -> dict[str, A
 
 def _restore(path: Path, model, params, optimizer, scheduler, ema, sampler) -> dict[str, Any]:
     """Load checkpoint `path` (either format, written under any world size) into the live model, optimizer,
-    scheduler, EMA and sampling copy; returns its state (iteration, config fingerprint, metric lines)."""
+    scheduler, EMA and sampling copy; returns its state (iteration, config fingerprint)."""
     if is_sharded_checkpoint(path):
         app = _sharded_app_state(model, optimizer, scheduler, ema, sampler)
         state = load_sharded_checkpoint(path, app)  # in place; DCP reshards to this world size
@@ -785,13 +783,18 @@ def _restore(path: Path, model, params, optimizer, scheduler, ema, sampler) -> d
 def _export(model: FlowModel, params, ema: EMA | None, path: Path, sharded: bool = False) -> None:
     """The final model, EMA weights when present: in the adapter's own format when it has one (loadable by
     its factory), else diffusers' LoRA format or a diffusers transformer directory (stock pipelines load both)."""
-    from mixgrpo.fileio import atomic_directory
-    from mixgrpo.models.lora import has_lora, save_full, save_lora
-
     if ema is not None:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(ema.shadow[n])
+    with writing(path):  # a full disk is reported as such, naming the path, whatever the format's library says
+        _write_model(model, path, sharded)
+
+
+def _write_model(model: FlowModel, path: Path, sharded: bool) -> None:
+    from mixgrpo.fileio import atomic_directory
+    from mixgrpo.models.lora import has_lora, save_full, save_lora
+
     if has_lora(model.denoiser):  # only the adapter: the base weights are the user's own checkpoint
         if sharded:  # peft's LoRA state dict holds FSDP shards here; gathering it needs every rank
             dist.print0(f"note: a LoRA trained under FSDP on several ranks is not exported to {path}; its weights "
@@ -806,19 +809,9 @@ def _export(model: FlowModel, params, ema: EMA | None, path: Path, sharded: bool
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
+    with writing(path), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
-
-
-def _truncate_lines(path: Path, keep: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    tmp.replace(path)
 
 
 def _eval_rows(path: Path) -> list[dict[str, Any]]:
@@ -833,8 +826,9 @@ def _eval_rows(path: Path) -> list[dict[str, Any]]:
 
 def _write_eval_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    with writing(path):
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(path)
 
 
 def _drop_evals_after(path: Path, iteration: int) -> None:
@@ -896,7 +890,8 @@ def _write_summary(run_dir: Path, cfg: TrainConfig) -> None:
         for k in evals[0]:
             if k.startswith("eval/") and k in evals[-1]:
                 lines.append(f"| {k[5:]} | {evals[0][k]:.4f} | {evals[-1][k]:.4f} |")
-    (run_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with writing(run_dir / "summary.md"):
+        (run_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _median(values: list[float]) -> float:

@@ -13,6 +13,7 @@ import pytest
 
 from mixgrpo.cli import main
 from mixgrpo.config import load_config
+from mixgrpo.rundir import RunLock
 from mixgrpo.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,12 @@ def files(tmp_path_factory) -> Path:
     for f in (d / "corrupt" / "checkpoints" / "iter_000002" / "model.safetensors",
               d / "corrupt" / "final" / "model.safetensors"):
         f.write_bytes(f.read_bytes()[:40])  # truncated: what a full disk or a killed copy leaves
-    return d
+    shutil.copytree(d / "run", d / "finished", ignore=shutil.ignore_patterns("checkpoints"))  # cleaned up
+    busy = RunLock(d / "busy")  # a run directory in use by a live run (this process)
+    (d / "busy").mkdir()
+    busy.acquire()
+    yield d
+    busy.release()
 
 
 @dataclass
@@ -141,6 +147,13 @@ CASES = [
          ["not a directory", "a_file/run", "choose another path"]),
     Case("existing run without --resume", ["train", "--config", "{d}/base.yaml", "--out", "{d}/run"],
          ["already holds checkpoints", "pass --resume"]),
+    Case("finished run whose checkpoints were deleted", ["train", "--config", "{d}/base.yaml", "--out", "{d}/finished"],
+         ["holds a finished run whose checkpoints were deleted", "final/", "metrics.jsonl (2 records)",
+          "choose another out_dir"]),
+    Case("the same with --resume", ["train", "--config", "{d}/base.yaml", "--out", "{d}/finished", "--resume"],
+         ["holds a finished run whose checkpoints were deleted", "choose another out_dir"]),
+    Case("run directory in use", ["train", "--config", "{d}/base.yaml", "--out", "{d}/busy"],
+         [f"in use by pid {os.getpid()} on host", "wait for that run to end", "choose another out_dir"]),
     Case("corrupted checkpoint",
          ["train", "--config", "{d}/base.yaml", "--out", "{d}/corrupt", "--resume", "iterations=3"],
          ["iter_000002 is corrupted", "delete it"]),

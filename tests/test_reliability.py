@@ -10,9 +10,11 @@ import os
 import queue
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -89,6 +91,17 @@ if __name__ == "__main__":
                 time.sleep(3600)
 
         checkpoint.save_file = save_file
+    if os.environ.get("FAULT_STALL_EXPORT"):  # inside the export of final/, after its weights are written
+        from mixgrpo.models.analytic import GaussianFlow
+
+        real_save_pretrained = GaussianFlow.save_pretrained
+
+        def save_pretrained(self, path):
+            real_save_pretrained(self, path)
+            print("FAULT: inside the export", flush=True)
+            time.sleep(3600)
+
+        GaussianFlow.save_pretrained = save_pretrained
     from mixgrpo.cli import main
 
     sys.exit(main(sys.argv[1:]))
@@ -275,6 +288,50 @@ def test_incomplete_and_temporary_checkpoints_are_never_picked_up(faults_dir, re
     assert not (ckpts / ".tmp-iter_000003-999999").exists()
 
 
+def _first_to_exit(*children: Child, timeout: float = 180) -> Child:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.proc.poll() is not None:
+                return child
+        time.sleep(0.05)
+    raise TimeoutError("no child exited")
+
+
+def _refused_for(child: Child, holder: Child) -> None:
+    """The child stopped at once with one error line naming the live holder (pid, host) and the fix."""
+    assert child.finish() == 2, "".join(child.output)
+    errors = [line for line in child.output if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in "".join(child.output), "".join(child.output)
+    assert f"is in use by pid {holder.proc.pid} on host {socket.gethostname()}" in errors[0]
+    assert "wait for that run to end (or stop it), or choose another out_dir" in errors[0]
+
+
+def test_two_processes_on_one_run_directory_then_kill9_and_resume(faults_dir, reference):
+    """The race of `for i in 1 2; do mixgrpo train --out D ... & done`: one process gets the run directory, the
+    other stops at once naming it; so does a --resume beside the live run (it was once told that a good
+    checkpoint was corrupted). Then the holder is killed (kill -9) inside the export of final/: its lock goes
+    with it, the resume sweeps the half-written export, and the run ends equal to the uninterrupted one."""
+    run = faults_dir / "contended"
+    slow = {"FAULT_REWARD_SLEEP": "0.3", "FAULT_STALL_EXPORT": "1"}
+    a, b = (Child(faults_dir, _run_args(run, resume=False), **slow) for _ in range(2))
+    loser = _first_to_exit(a, b)
+    holder = b if loser is a else a
+    _refused_for(loser, holder)
+    beside = Child(faults_dir, _run_args(run, resume=True))
+    assert holder.wait_for("FAULT: inside the export"), "".join(holder.output)
+    _refused_for(beside, holder)
+    holder.kill9()
+    assert list(run.glob(".final.tmp-*"))  # the half-written export
+    metrics = [m["iteration"] for m in read_metrics(run)]
+    assert metrics == list(range(1, 9))  # one writer: no iteration logged twice
+    child = Child(faults_dir, _run_args(run, resume=True))
+    assert child.finish() == 0, "".join(child.output)
+    assert "removed what an interrupted process left" in "".join(child.output)
+    _assert_same_run(run, reference)
+    assert not list(run.glob(".final.*"))
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. full disk, unwritable run directory
 
@@ -329,6 +386,91 @@ def test_unwritable_checkpoint_directory_on_the_real_filesystem(faults_dir, tmp_
     assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "could not write checkpoint" in err and "File exists" in err and "fix the permissions" in err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB file system (tmpfs): writes fail the way they do on a full disk, not through a fake."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                              text=True, timeout=30)
+        reason = proc.stderr.strip() if proc.returncode else None
+    except OSError as e:  # no mount program
+        reason = str(e)
+    if reason is not None:
+        pytest.skip(f"cannot mount a 4 MiB tmpfs here ({reason}): the real full-disk test needs root on a machine "
+                    f"that allows mounts; the faked ENOSPC tests above still run")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+def _fill(disk: Path, leave_kib: int | None = None) -> Path:
+    """Fill `disk` up to `leave_kib` KiB of free space (None: completely, until ENOSPC)."""
+    filler = disk / f"filler{len(list(disk.glob('filler*')))}"
+    st = os.statvfs(disk)
+    size = None if leave_kib is None else st.f_bavail * st.f_frsize - leave_kib * 1024
+    with open(filler, "wb") as f:
+        try:
+            while size is None or f.tell() < size:
+                f.write(b"\0" * (65536 if size is None else min(65536, size - f.tell())))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return filler
+
+
+BIG = ["model.args.size=128", "iterations=3", "eval_num_prompts=0"]  # 197 KB of weights, 393 KB of optimizer state
+
+
+@pytest.mark.parametrize("where, leave_kib", [
+    ("config.yaml", 4),  # the lock file takes the last page
+    ("tensorboard", 8),  # in TensorBoard's writer thread: no traceback from there either
+    ("metrics.jsonl", 12),
+    ("checkpoint weights (safetensors)", 100),
+    ("checkpoint optimizer state (torch.save: 'unexpected pos')", 300),
+    ("final model (export)", None),
+])
+def test_a_really_full_disk_stops_clearly_and_loses_nothing(where, leave_kib, faults_dir, small_disk, tmp_path,
+                                                            monkeypatch, capsys):
+    """On a 4 MiB tmpfs filled to `leave_kib` KiB free before the run (or, for the export, filled completely
+    just before it): exit 2 and one line `No space left on device` naming a path on that disk; after the space
+    is freed, --resume ends equal to an uninterrupted run elsewhere."""
+    want = train(load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'ref'}", *BIG]), progress=False)
+    run = small_disk / "run"
+    args = ["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet", *BIG]
+    seen = []  # what the libraries raised, before mixgrpo named it
+    real_as_os_error = checkpoint.as_os_error
+    monkeypatch.setattr(checkpoint, "as_os_error", lambda e, p: seen.append(repr(e)) or real_as_os_error(e, p))
+    fillers = []
+    if leave_kib is None:
+        real_export = trainer._export
+        monkeypatch.setattr(trainer, "_export", lambda *a, **k: (fillers.append(_fill(small_disk)),
+                                                                 real_export(*a, **k)))
+    else:
+        fillers.append(_fill(small_disk, leave_kib))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "No space left on device" in err, err
+    assert str(small_disk) in err and ("free disk space" in err), err
+    if leave_kib is not None and leave_kib < 100:
+        assert f"{run / where}): free disk space, then continue the run with --resume" in err, err
+    if "checkpoint" in where:
+        assert err.startswith("error: could not write checkpoint") and "previous checkpoint is intact" in err
+        assert "SafetensorError" in seen[0] if "safetensors" in where else "unexpected pos" in seen[0], seen
+    if "export" in where:
+        assert str(run / "final") in err and "continue the run with --resume" in err
+        assert latest_checkpoint(run).name == "iter_000003"
+    for filler in fillers:
+        filler.unlink()
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    assert torch.equal(load_file(run / "final" / "model.safetensors")["mu"],
+                       load_file(want / "final" / "model.safetensors")["mu"])
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    assert [drop(m) for m in read_metrics(run)] == [drop(m) for m in read_metrics(want)]
+    assert not [p for p in run.rglob(".*") if p.name != ".lock"]  # no temporary file left
 
 
 # --------------------------------------------------------------------------------------------------
