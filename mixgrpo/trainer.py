@@ -439,6 +439,71 @@ def matching_update(model: FlowModel, params: dict[str, torch.nn.Parameter], opt
 
 
 # --------------------------------------------------------------------------------------------------
+# guards: nothing non-finite is saved, and a run without learning signal says so
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (so that all ranks stop at the same point)."""
+    return dist.all_reduce_mean(torch.tensor([float(flag)], device=dist.device())).item() > 0
+
+
+def _count_non_finite(tensors: list[torch.Tensor]) -> tuple[int, int]:
+    """(NaN or inf elements, elements) over this rank's part of `tensors` (FSDP: its shards), in one sync."""
+    local = [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in tensors]
+    if not local:
+        return 0, 0
+    bad = torch.stack([(~torch.isfinite(t)).sum() for t in local]).sum()
+    return int(bad), sum(t.numel() for t in local)
+
+
+def _require_finite_weights(params: dict[str, torch.nn.Parameter], ema: EMA | None, iteration: int) -> None:
+    """Stop after an update that made a weight (or its EMA) NaN or inf, before the iteration is logged or
+    checkpointed: a finite loss and gradient norm do not rule it out (lr = 1e10: the step itself overflows)."""
+    bad, total = _count_non_finite([*params.values(), *(ema.shadow.values() if ema else ())])
+    if _any_rank(bad > 0):
+        where = f"{bad:,} of {total:,}" if dist.world_size() == 1 else f"{bad:,} of {total:,} on rank {dist.rank()}"
+        raise TrainingError(f"the update of iteration {iteration + 1} made {where} trainable weights NaN or inf; "
+                            f"they were not logged or saved (the last checkpoint holds finite weights): lower lr "
+                            f"or clip_range, or check the rewards for extreme values")
+
+
+def _require_finite_images(images: torch.Tensor, iteration: int) -> None:
+    """Stop when a rollout gives NaN or inf pixels (images [B, 3, H, W]): no reward can score them, and
+    scoring them as failures would hide a model that has diverged."""
+    bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+    if _any_rank(bad > 0):
+        raise TrainingError(f"the rollout of iteration {iteration + 1} gave {bad} of {images.shape[0]} images with "
+                            f"NaN or inf pixels{'' if dist.world_size() == 1 else f' on rank {dist.rank()}'}: the "
+                            f"model's outputs overflowed (weights grown by a too high lr, or bf16 range); nothing of "
+                            f"this iteration was saved: lower lr or clip_range, or use precision: fp32")
+
+
+def _warn_without_signal(record: dict[str, Any]) -> None:
+    """One warning line for an iteration in which every group's advantages are zero (record: its metrics)."""
+    if record["zero_advantage_groups"] == 1.0:
+        dist.print0(f"warning: iteration {record['iteration']}: no learning signal: within every group the images "
+                    f"got equal rewards (or failed), so every advantage is 0 and the update changes nothing")
+
+
+def _no_signal_message(metrics: list[dict[str, Any]]) -> str | None:
+    """Why a whole run learned nothing, when no iteration of it had learning signal; else None."""
+    if not metrics or any(m.get("zero_advantage_groups", 0.0) < 1.0 for m in metrics):
+        return None
+    return (f"no learning signal in any of the {len(metrics)} iterations: within every group the images got equal "
+            f"rewards (a constant or saturated reward?), so the policy gradient was always 0 and final/ is the base "
+            f"model (up to weight decay); check the reward on the base model's images (mixgrpo eval) and its args")
+
+
+def _require_learning_signal(run_dir: Path) -> None:
+    """The end-of-run policy (docs/reliability.md): a run in which no iteration had learning signal ends with
+    TrainingError (exit 2) after everything is written, so that neither a person nor a job scheduler takes it
+    for a success. Every rank calls it; rank 0 reads metrics.jsonl (the whole run, resumed parts included)."""
+    message = _no_signal_message(read_metrics(run_dir)) if dist.is_main() else None
+    if _any_rank(message is not None):
+        raise TrainingError(message or "no learning signal in any iteration (rank 0 says more)")
+
+
+# --------------------------------------------------------------------------------------------------
 # the run
 
 
@@ -606,6 +671,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
 
             with torch.no_grad():
                 images = model.decode(traj.final).float()
+            _require_finite_images(images, it)
             flat_prompts = [p for p in prompts for _ in range(G)]
             scores, failed = score_groups(served, images, flat_prompts, G)
             all_failed = dist.all_gather_cat(failed)
@@ -643,6 +709,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
                 if sampler is not None:
                     sampler.update(params)
             scheduler.step()
+            _require_finite_weights(params, ema, it)
             t3 = time.perf_counter()
 
             record = {"iteration": it + 1, "window_start": plan.window[0] if plan.window else None,
@@ -658,6 +725,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
             local = {"advantage_abs_mean": float(advantages.abs().mean()),
                      "zero_advantage_groups": float((advantages.abs().sum(1) == 0).float().mean()), **ustats.means()}
             record.update(dist.mean_over_ranks(local))  # every rank holds the same number of samples
+            _warn_without_signal(record)
             record.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
                            "time/iteration": t3 - t0})
             if clock is not None:
@@ -707,6 +775,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
             _write_summary(run_dir, cfg)
             tracker.close()
             dist.print0(f"run directory: {run_dir}")
+    _require_learning_signal(run_dir)
     return run_dir
 
 
@@ -885,6 +954,9 @@ def _write_summary(run_dir: Path, cfg: TrainConfig) -> None:
     lines = [f"# Run summary: {cfg.algorithm} ({cfg.objective})", "",
              f"- iterations: {cfg.iterations}, prompts x group: {cfg.prompts_per_iteration} x {cfg.group_size}",
              f"- median seconds per iteration: {_median([m['time/iteration'] for m in metrics]):.2f}", ""]
+    no_signal = _no_signal_message(metrics)
+    if no_signal:
+        lines += [f"**Warning: {no_signal}.**", ""]
     if len(evals) >= 2:
         lines += ["| held-out metric | before | after |", "|---|---|---|"]
         for k in evals[0]:

@@ -70,6 +70,12 @@ def non_finite(images, prompts, nan_at=(0,), inf_at=()):
     return scores
 
 
+def late(images, prompts):
+    """A constant score on the first call, brightness after: the first iteration has no learning signal."""
+    CALLS.append(len(prompts))
+    return brightness(images, prompts) * (len(CALLS) > 1)
+
+
 def buggy(images, prompts):
     CALLS.append(len(prompts))
     raise TypeError("a bug in the reward")
@@ -603,3 +609,86 @@ def test_non_finite_loss_stops_before_touching_the_weights(kind, message, faults
     latest = load_checkpoint(latest_checkpoint(run))
     assert latest["state"]["iteration"] == 2 and torch.isfinite(latest["model"]["mu"]).all()
     assert len(read_metrics(run)) == 2
+
+
+def test_a_diverged_update_is_never_logged_or_checkpointed(faults_dir, tmp_path, capsys):
+    """An update that makes weights NaN although its loss and gradient norm were finite (lr = 1e10 and the like;
+    lr = inf is refused with the config): the run stops before that iteration is logged or saved, and the good
+    checkpoints stay (keep_checkpoints = 2 would have rotated them out for NaN ones)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps = []
+
+    def poison(optimizer, args, kwargs):  # after the last optimizer step of iteration 3 (2 steps per iteration)
+        steps.append(1)
+        if len(steps) == 6:
+            with torch.no_grad():
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.view(-1)[::2] = float("nan")
+
+    handle = register_optimizer_step_post_hook(poison)
+    try:
+        run = tmp_path / "run"
+        rc = main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet",
+                   "eval_num_prompts=0", "keep_checkpoints=2"])
+    finally:
+        handle.remove()
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert err.startswith("error: the update of iteration 3 made 24 of 48 trainable weights NaN or inf") and \
+        "not logged or saved" in err and "lower lr" in err, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+    assert all(torch.isfinite(load_checkpoint(p)["model"]["mu"]).all() for p in (run / "checkpoints").iterdir())
+    assert [m["iteration"] for m in read_metrics(run)] == [1, 2]
+
+
+def test_non_finite_images_stop_the_run_before_they_are_scored(faults_dir, tmp_path, monkeypatch, capsys):
+    """NaN pixels once crashed the verifier (astype(np.int64) of NaN: a traceback); now the rollout is checked."""
+    from mixgrpo.models.analytic import GaussianFlow
+
+    real_decode, calls = GaussianFlow.decode, []
+
+    def decode(self, x):
+        calls.append(1)
+        return real_decode(self, x) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(GaussianFlow, "decode", decode)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet",
+                 "eval_num_prompts=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: the rollout of iteration 3 gave 8 of 8 images with NaN")
+    assert "lower lr" in err
+    assert latest_checkpoint(run).name == "iter_000002" and len(read_metrics(run)) == 2
+
+
+def test_a_run_without_learning_signal_warns_every_iteration_and_fails_at_the_end(faults_dir, tmp_path, capsys):
+    """The policy (docs/reliability.md): each iteration without learning signal prints a warning; a run in which
+    no iteration had any exits 2 with the reason, after writing everything (final/, summary.md)."""
+    run = tmp_path / "run"
+    rc = main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet", "iterations=3",
+               "eval_num_prompts=0", "rewards=[{name: 'toy_rewards:constant'}]"])
+    out, err = capsys.readouterr()
+    err = err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert err.startswith("error: no learning signal in any of the 3 iterations") and "check the reward" in err
+    warnings = [line for line in out.splitlines() if "no learning signal" in line]
+    assert warnings == [f"warning: iteration {i}: no learning signal: within every group the images got equal "
+                        f"rewards (or failed), so every advantage is 0 and the update changes nothing"
+                        for i in (1, 2, 3)]
+    assert (run / "final" / "model.safetensors").is_file() and latest_checkpoint(run).name == "iter_000003"
+    assert "**Warning: no learning signal in any of the 3 iterations" in (run / "summary.md").read_text()
+
+
+def test_a_run_with_some_learning_signal_warns_only_where_it_had_none(faults_dir, tmp_path, capsys):
+    import faults
+
+    faults.CALLS.clear()
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet",
+                 "iterations=3", "eval_num_prompts=0", "rewards=[{name: 'faults:late'}]"]) == 0
+    out = capsys.readouterr().out
+    assert [line[:33] for line in out.splitlines() if "no learning signal" in line] == [
+        "warning: iteration 1: no learning"]
+    assert "Warning" not in (run / "summary.md").read_text()

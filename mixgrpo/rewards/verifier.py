@@ -44,8 +44,14 @@ class VerifierReward(_SceneReward):
         self.score = score
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        result = verify(images, [self._scene(p) for p in prompts])
-        return result.dense if self.score == "dense" else result.strict
+        """[B] scores; an image with NaN or inf pixels (a diverged model) cannot be checked: it scores NaN."""
+        scenes = [self._scene(p) for p in prompts]
+        finite = torch.isfinite(images).flatten(1).all(1).cpu()  # [B]
+        scores = torch.full((len(prompts),), float("nan"))
+        if finite.any():
+            result = verify(images[finite.to(images.device)], [s for s, ok in zip(scenes, finite) if ok])
+            scores[finite] = result.dense if self.score == "dense" else result.strict
+        return scores
 
 
 @REWARDS.register("verifier")
