@@ -149,7 +149,7 @@ def report(results: dict[str, dict[int, list[dict]]], base: dict, args: argparse
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--algorithms", nargs="+", default=["dance_grpo", "mixgrpo", "mixgrpo_flash_star"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--minutes", type=float, default=6.0, help="training budget per run")

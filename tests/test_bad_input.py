@@ -178,10 +178,21 @@ CASES = [
     Case("model file of another size", sample_args("--path", "{d}/run/final"),
          ["cannot load model", "size of tensor", "another model or size"]),
     Case("unknown sampling plan", sample_args("--plan", "mixgrp"), ["--plan 'mixgrp' is unknown", "use 'ode'"]),
+    Case("--p-mix above 1", sample_args("--p-mix", "1.5", "--base-path", "base"),
+         ["--p-mix = 1.5 is invalid", "fraction in [0, 1]"]),
+    Case("--p-mix below 0", sample_args("--p-mix", "-0.5"), ["--p-mix = -0.5 is invalid", "fraction in [0, 1]"]),
+    Case("negative guidance", sample_args("--guidance", "-1"), ["--guidance = -1.0 is invalid", ">= 1"]),
+    Case("zero images per prompt", sample_args("--num-images", "0"), ["--num-images = 0 is invalid", ">= 1"]),
+    Case("empty --path", sample_args("--path", ""), ["--path is empty", "unset shell variable"]),
     Case("no prompts", ["sample", "--model", "gaussian", "--out", "{out}"], ["no prompts", "--prompt TEXT"]),
     Case("sample output is a file",
          ["sample", "--model", "gaussian", "--prompt", "a red circle", "--out", "{d}/a_file"],
          ["file exists", "choose another path"]),
+    Case("eval entry with an empty path", ["eval", "--model", "gaussian", "--prompt", "a red circle", "base=base",
+                                           "tuned=", "--out", "{out}"],
+         ["'tuned=' has an empty path", "unset shell variable", "LABEL=PATH"]),
+    Case("eval label given twice", ["eval", "--model", "gaussian", "--prompt", "a red circle", "a=base",
+                                    "a={d}/run", "--out", "{out}"], ["label 'a' is given twice", "its own label"]),
     Case("bad --reward spec", ["eval", "--model", "gaussian", "--prompt", "a red circle", "--reward", "verifier:score",
                                "base=base", "--out", "{out}"], ["'score' is not key=value", "verifier:score=strict"]),
 ]
@@ -239,3 +250,19 @@ def test_bad_input_in_a_real_process(argv, expect, files, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("argv, unknown", [
+    (["train", "--resum"], "--resum"),  # once taken for --resume
+    (["--deb", "train"], "--deb"),
+    (["sample", "--num-im", "2"], "--num-im 2"),
+    (["eval", "--rew", "verifier", "base=base"], "--rew"),
+    (["pretrain", "--out", "{out}", "--ste", "1"], "--ste 1"),
+    (["preprocess", "--model", "tiny", "--prompts", "world:train", "--out", "{out}", "--batch", "2"], "--batch 2"),
+], ids=["train", "main", "sample", "eval", "pretrain", "preprocess"])
+def test_options_are_never_abbreviated(argv, unknown, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fill(argv, tmp_path, tmp_path / "out"))
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {unknown}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
