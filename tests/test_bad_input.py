@@ -132,6 +132,13 @@ CASES = [
          ["cannot import module 'nomod'", "PYTHONPATH"]),
     Case("user reward function missing", train_args("rewards=[{name: 'toy_rewards:nope'}]"),
          ["module 'toy_rewards' has no attribute 'nope'"]),
+    Case("user reward is not a function", train_args("rewards=[{name: 'toy_rewards:NOT_A_FUNCTION'}]"),
+         ["'toy_rewards:NOT_A_FUNCTION' is int 3, not a function", "f(images, prompts, **args)"]),
+    Case("user reward args that do not fit",
+         train_args("rewards=[{name: 'toy_rewards:brightness', args: {targte: 1}}]"),
+         ["arguments {'targte': 1} do not fit brightness(images, prompts, target: float = 1.0)", "'targte'"]),
+    Case("user reward returns text", train_args("rewards=[{name: 'toy_rewards:strings'}]"),
+         ["'toy_rewards:strings' returned list of str", "one float score per image"]),
     Case("LoRA on a model without adapters", train_args("lora.rank=4"), ["does not support LoRA", "use lora.rank=0"]),
     # prompt files
     Case("empty prompt file", train_args("train_prompts={d}/empty.txt"), ["holds no prompts", "add at least one"]),
