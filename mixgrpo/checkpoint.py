@@ -5,7 +5,7 @@ A checkpoint is a directory `<run>/checkpoints/iter_NNNNNN/` holding
     ema.safetensors     EMA of the trainable weights (when EMA is on)
     sampler.safetensors the soft copy that rolls out (forward-process objectives with matching.sampler_decay > 0)
     optimizer.pt        optimizer and LR-scheduler state
-    state.json          iteration, config fingerprint, number of metric lines written
+    state.json          iteration, config fingerprint
     COMPLETE            written last
 It is written under a temporary name and renamed into place, so a crash (even kill -9) in the middle of a
 save never leaves a directory that `latest_checkpoint` would pick up; the next process to take the run
@@ -120,7 +120,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
-    """state.json of a checkpoint (iteration, config fingerprint, metric lines), without loading any weights."""
+    """state.json of a checkpoint (iteration, config fingerprint), without loading any weights."""
     path = Path(path)
     try:
         return json.loads((path / "state.json").read_text())

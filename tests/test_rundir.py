@@ -99,3 +99,20 @@ def test_a_failed_claim_releases_the_lock(tmp_path):
     lock = RunLock(run)  # ... and the refusal did not keep the directory locked
     lock.acquire()
     lock.release()
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    """Some network mounts refuse flock (ENOLCK, EOPNOTSUPP): refusing to train there would leave no way out,
+    so the run goes on unlocked and says so."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with claim(tmp_path / "run", resume=False):
+        pass
+    out = capsys.readouterr().out
+    assert f"warning: cannot lock {tmp_path / 'run' / '.lock'} (No locks available)" in out
+    assert "make sure only one uses it" in out

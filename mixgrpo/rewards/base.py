@@ -16,6 +16,7 @@ named "package.module:function": that function is the reward itself, called as
 from __future__ import annotations
 
 import inspect
+import reprlib
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -62,7 +63,7 @@ class UserReward:
             what = type(out).__name__
             if isinstance(out, (list, tuple)) and out:
                 what += f" of {type(out[0]).__name__}"
-            raise ValueError(f"reward {self.name!r} returned {what} {str(out)[:60]!r}, not numbers: a reward returns "
+            raise ValueError(f"reward {self.name!r} returned {what} {reprlib.repr(out)}, not numbers: a reward returns "
                              f"one float score per image (a tensor, array or list of {len(prompts)} numbers)") from None
 
 
