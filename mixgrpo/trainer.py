@@ -456,10 +456,12 @@ def _count_non_finite(tensors: list[torch.Tensor]) -> tuple[int, int]:
     return int(bad), sum(t.numel() for t in local)
 
 
-def _require_finite_weights(params: dict[str, torch.nn.Parameter], ema: EMA | None, iteration: int) -> None:
-    """Stop after an update that made a weight (or its EMA) NaN or inf, before the iteration is logged or
-    checkpointed: a finite loss and gradient norm do not rule it out (lr = 1e10: the step itself overflows)."""
-    bad, total = _count_non_finite([*params.values(), *(ema.shadow.values() if ema else ())])
+def _require_finite_weights(params: dict[str, torch.nn.Parameter], copies: tuple[EMA | None, ...],
+                            iteration: int) -> None:
+    """Stop after an update that made a weight (or a copy saved with it: EMA, sampling copy) NaN or inf, before
+    the iteration is logged or checkpointed: a finite loss and gradient norm do not rule it out (lr = 1e10: the
+    step itself overflows)."""
+    bad, total = _count_non_finite([*params.values(), *(t for c in copies if c for t in c.shadow.values())])
     if _any_rank(bad > 0):
         where = f"{bad:,} of {total:,}" if dist.world_size() == 1 else f"{bad:,} of {total:,} on rank {dist.rank()}"
         raise TrainingError(f"the update of iteration {iteration + 1} made {where} trainable weights NaN or inf; "
@@ -709,7 +711,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
                 if sampler is not None:
                     sampler.update(params)
             scheduler.step()
-            _require_finite_weights(params, ema, it)
+            _require_finite_weights(params, (ema, sampler), it)
             t3 = time.perf_counter()
 
             record = {"iteration": it + 1, "window_start": plan.window[0] if plan.window else None,
