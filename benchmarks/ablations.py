@@ -144,7 +144,7 @@ def report(runs: dict[str, list[Path]], evals: dict, args: argparse.Namespace) -
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/ablations"))
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "mixgrpo.yaml")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),

@@ -43,7 +43,8 @@ def extra_kind(scene, detection) -> str | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--path", default=None, help="tiny model directory (default: the shipped base)")
     parser.add_argument("--split", default="heldout", help="world prompt split: train or heldout")
     parser.add_argument("--every", type=int, default=1, help="use every k-th prompt of the split")

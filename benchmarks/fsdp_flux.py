@@ -127,7 +127,7 @@ def forward_flops(model_name: str, model_args: dict, device: torch.device) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["flux1b", "tiny", "smoke"], default="flux1b")
     parser.add_argument("--iterations", type=int, default=4, help="iterations; the first is a warm-up")
     parser.add_argument("--prompts", type=int, default=1, help="prompts per rank (P)")

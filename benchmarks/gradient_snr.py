@@ -40,7 +40,8 @@ def mean_cosine(vectors: list[torch.Tensor]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--config", default="configs/mixgrpo.yaml")
     parser.add_argument("--batches", type=int, default=6, help="independent batches (>= 2)")
     parser.add_argument("--iteration", type=int, default=0, help="training iteration whose plan to use")

@@ -91,7 +91,7 @@ def _theory(plan, costs: dict[str, float], cfg) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny (default) or gaussian (engine overhead)")
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--iterations", type=int, default=4, help="measured iterations (after one warm-up)")

@@ -152,7 +152,7 @@ def report(results: dict[str, dict[int, list[dict]]], base: dict, args: argparse
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--algorithms", nargs="+", default=["dance_grpo", "mixgrpo", "mixgrpo_flash_star"])
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar="LABEL RECIPE KEY=VALUE",
                    help="a recipe with overrides of its own, reported as LABEL (repeatable)")

@@ -5,10 +5,11 @@ A checkpoint is a directory `<run>/checkpoints/iter_NNNNNN/` holding
     ema.safetensors     EMA of the trainable weights (when EMA is on)
     sampler.safetensors the soft copy that rolls out (forward-process objectives with matching.sampler_decay > 0)
     optimizer.pt        optimizer and LR-scheduler state
-    state.json          iteration, config fingerprint, number of metric lines written
+    state.json          iteration, config fingerprint
     COMPLETE            written last
 It is written under a temporary name and renamed into place, so a crash (even kill -9) in the middle of a
-save never leaves a directory that `latest_checkpoint` would pick up.
+save never leaves a directory that `latest_checkpoint` would pick up; the next process to take the run
+directory deletes such leftovers (`mixgrpo.rundir.sweep_temporaries`).
 
 The sharded format (`save_sharded_checkpoint`, for models too large to gather on one rank) replaces
 model / ema / optimizer files by `dcp/`, a torch.distributed.checkpoint directory in which every rank
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from mixgrpo.fileio import as_os_error
 
 MARKER = "COMPLETE"
 WEIGHT_COPIES = ("ema", "sampler")
@@ -79,16 +82,21 @@ def save_checkpoint(run_dir: str | Path, iteration: int, model_state: dict[str, 
             _remove(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-    except Exception as e:  # OSError, and safetensors' SafetensorError for I/O errors (disk full, ...)
-        shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(e, "strerror", None) or str(e)
-        raise CheckpointError(f"could not write checkpoint {final}: {reason}. The previous checkpoint is intact; "
-                              f"free disk space or fix the permissions of {root}, then resume") from e
+    except Exception as e:  # OSError, and what libraries raise for I/O errors (SafetensorError, torch's RuntimeError)
+        raise _save_failed(e, final, tmp) from e
     for old in complete_checkpoints(run_dir)[:-keep]:
         _remove(old)
-    for stale in root.glob(".tmp-iter_*"):  # left by a process killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _save_failed(e: Exception, final: Path, tmp: Path) -> CheckpointError:
+    """The error for a failed save, after deleting its temporary directory. The reason is read first: deleting
+    the partly written files frees the space that tells a full disk from another short write."""
+    err = as_os_error(e, tmp)
+    reason = (err.strerror or str(err)) if err is not None else f"{type(e).__name__}: {e}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return CheckpointError(f"could not write checkpoint {final}: {reason}. The previous checkpoint is intact; "
+                           f"free disk space or fix the permissions of {final.parent}, then resume")
 
 
 def _remove(checkpoint: Path) -> None:
@@ -112,7 +120,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def read_state(path: str | Path) -> dict[str, Any]:
-    """state.json of a checkpoint (iteration, config fingerprint, metric lines), without loading any weights."""
+    """state.json of a checkpoint (iteration, config fingerprint), without loading any weights."""
     path = Path(path)
     try:
         return json.loads((path / "state.json").read_text())
@@ -175,9 +183,7 @@ def save_sharded_checkpoint(run_dir: str | Path, iteration: int, app_state: dict
             os.rename(tmp, final)
             _fsync_dir(root)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}. The previous checkpoint "
-                                  f"is intact; free disk space or fix the permissions of {root}, then resume") from e
+            raise _save_failed(e, final, tmp) from e
         for old in complete_checkpoints(run_dir)[:-keep]:
             _remove(old)
     dist.barrier()

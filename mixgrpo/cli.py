@@ -143,8 +143,7 @@ def _eval(args: argparse.Namespace) -> None:
     plan = _sampling_plan(args)
     results = {}
     base = None
-    for spec in args.models:
-        label, _, path = spec.partition("=") if "=" in spec else (spec, "", spec)
+    for label, path in _model_entries(args.models):
         model = _resolve_model(args.model, None if path == "base" else path)
         if label == "base" or path == "base":
             base = model
@@ -154,8 +153,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.hybrid:
         if base is None:
             raise UsageError("--hybrid needs a model labelled base (e.g. base=base) among the models")
-        tuned_spec = args.hybrid
-        label, _, path = tuned_spec.partition("=") if "=" in tuned_spec else ("hybrid", "", tuned_spec)
+        path = _model_entries([args.hybrid])[0][1]
         tuned = _resolve_model(args.model, path)
         switch_at = round(args.p_mix * len(plan.steps))
         results[f"hybrid p_mix={args.p_mix}"] = evaluate(tuned, prompts, rewards, plan, args.num_images, args.seed,
@@ -216,12 +214,51 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="hybrid inference: fraction of the steps run by the fine-tuned model (default 0.8)")
 
 
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """Values argparse's types let through but sampling cannot use; checked before any model loads."""
+    checks = [(args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
+              (args.steps >= 1, "--steps", args.steps, "an integer >= 1"),
+              (args.shift > 0, "--shift", args.shift, "a positive number"),
+              (args.iteration >= 0, "--iteration", args.iteration, "an integer >= 0"),
+              (args.guidance >= 1, "--guidance", args.guidance, "a number >= 1 (1 = no guidance)"),
+              (0 <= args.p_mix <= 1, "--p-mix", args.p_mix,
+               "a fraction in [0, 1] (the share of the steps the fine-tuned model runs)")]
+    for ok, flag, value, want in checks:
+        if not ok:  # `not`: NaN fails every comparison
+            raise UsageError(f"{flag} = {value} is invalid: use {want}")
+    for flag in ("path", "base_path", "hybrid"):
+        if getattr(args, flag, None) == "":
+            raise UsageError(f"--{flag.replace('_', '-')} is empty (an unset shell variable?): give a model "
+                             f"directory or a run directory")
+    if args.command == "eval":  # before the first model is evaluated
+        _model_entries(args.models)
+        if args.hybrid:
+            _model_entries([args.hybrid])
+
+
+def _model_entries(specs: list[str]) -> list[tuple[str, str]]:
+    """`mixgrpo eval` LABEL=PATH entries -> [(label, path)] (a bare PATH is its own label); every label once."""
+    entries: dict[str, str] = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep:
+            label = path = spec
+        if not label or not path:
+            raise UsageError(f"model entry {spec!r} has an empty {'path' if label else 'label'} (an unset shell "
+                             f"variable?): give LABEL=PATH, e.g. tuned=runs/mixgrpo or base=base")
+        if label in entries:
+            raise UsageError(f"model label {label!r} is given twice ({entries[label]!r} and {path!r}): give each "
+                             f"model its own label")
+        entries[label] = path
+    return list(entries.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixgrpo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mixgrpo", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="GRPO fine-tuning (the main job)")
+    p = sub.add_parser("train", help="GRPO fine-tuning (the main job)", allow_abbrev=False)
     p.add_argument("--config", help="YAML recipe (default: configs/mixgrpo.yaml)")
     p.add_argument("--out", help="run directory (same as out_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
@@ -229,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. iterations=10 sampler.window.size=2")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sample", help="prompts in, images out (any plan, hybrid inference)")
+    p = sub.add_parser("sample", help="prompts in, images out (any plan, hybrid inference)", allow_abbrev=False)
     _add_sampling_args(p)
     p.add_argument("--path", help="model directory, or a run directory (uses its final model)")
     p.add_argument("--base-path", help="hybrid inference: the base model for the last (1 - p_mix) of the steps: "
@@ -237,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples")
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("eval", help="score models on a prompt set with rewards; markdown table with 95%% CIs")
+    p = sub.add_parser("eval", help="score models on a prompt set with rewards; markdown table with 95%% CIs",
+                       allow_abbrev=False)
     _add_sampling_args(p)
     p.add_argument("models", nargs="+", help="LABEL=PATH entries (PATH = model or run directory; 'base' = the "
                                              "registered default), e.g. base=base tuned=runs/mixgrpo")
@@ -249,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
                            ("preprocess", _preprocess, "encode a prompt file into an embedding cache")):
-        p = sub.add_parser(name, help=text, add_help=False)
+        p = sub.add_parser(name, help=text, add_help=False, allow_abbrev=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=fn)
     return parser
@@ -276,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in _PASSTHROUGH:
         args.rest = rest
     try:
+        if args.command in ("sample", "eval"):
+            _check_sampling_args(args)
         args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -288,28 +328,21 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + e.signum
         if args.debug or not _is_user_error(e):
             raise
-        print(f"error: {_os_error_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        print(f"error: {_error_line(e, args.command)}", file=sys.stderr)
         return 2
     return 0
 
 
-_OS_FIXES = {
-    errno.ENOSPC: "free disk space",
-    errno.EDQUOT: "free disk space (quota exceeded)",
-    errno.EACCES: "fix its permissions or choose another path",
-    errno.EPERM: "fix its permissions or choose another path",
-    errno.EROFS: "the file system is read-only: choose another path",
-    errno.ENOTDIR: "a part of the path is a file: choose another path",
-    errno.EEXIST: "a file is in the way: choose another path",
-    errno.EISDIR: "it is a directory: give a file",
-    errno.ENOENT: "check the path",
-}
+def _error_line(e: Exception, command: str) -> str:
+    """The one line printed for a user error."""
+    if not isinstance(e, OSError):
+        return str(e)
+    from mixgrpo.fileio import os_error_message
 
-
-def _os_error_message(e: OSError) -> str:
-    """One line for an operating-system error: what failed, on which path, and the usual fix."""
-    where = f" ({e.filename})" if e.filename else ""
-    return f"{e.strerror or e}{where}: {_OS_FIXES.get(e.errno, 'check the path, its permissions and free space')}"
+    line = os_error_message(e)
+    if command == "train" and e.errno in (errno.ENOSPC, errno.EDQUOT):  # the run is resumable
+        line += ", then continue the run with --resume (its last checkpoint is intact)"
+    return line
 
 
 def _is_user_error(e: BaseException) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -21,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from mixgrpo.fileio import writing
 from mixgrpo.flow_matching import AWM_WEIGHTINGS, NFT_WEIGHTINGS, SIGMA_SAMPLERS
 from mixgrpo.plan import ALGORITHMS, SamplerConfig
 
@@ -170,9 +172,11 @@ class TrainConfig:
             (self.group_size >= 2, "group_size", "an integer >= 2 (GRPO compares images within a group)"),
             (self.micro_batch_size >= 1, "micro_batch_size", "an integer >= 1"),
             (self.updates_per_iteration >= 1, "updates_per_iteration", "an integer >= 1"),
-            (self.lr > 0, "lr", "a positive number"),
+            (0 < self.lr < math.inf, "lr", "a positive finite number"),
+            (0 <= self.weight_decay < math.inf, "weight_decay", "a finite number >= 0"),
+            (all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1), e.g. [0.9, 0.999]"),
             (self.clip_range > 0, "clip_range", "a positive number"),
-            (self.kl_beta >= 0, "kl_beta", "a number >= 0"),
+            (0 <= self.kl_beta < math.inf, "kl_beta", "a finite number >= 0"),
             (0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)"),
             (self.precision in ("fp32", "bf16"), "precision", "'fp32' or 'bf16'"),
             (self.guidance_scale >= 1, "guidance_scale", "a number >= 1 (1 = no guidance)"),
@@ -180,6 +184,8 @@ class TrainConfig:
             (self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1"),
             (self.eval_every >= 0, "eval_every", "an integer >= 0 (0 = before and after training only)"),
             (self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1"),
+            (self.eval_num_prompts >= 0, "eval_num_prompts", "an integer >= 0 (0 = no evaluation)"),
+            (self.eval_images_per_prompt >= 1, "eval_images_per_prompt", "an integer >= 1"),
             (self.lora.rank >= 0, "lora.rank", "an integer >= 0 (0 = full fine-tuning)"),
             (self.parallel.strategy in ("ddp", "fsdp"), "parallel.strategy", "'ddp' or 'fsdp'"),
             (self.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "'fp32' or 'bf16'"),
@@ -191,6 +197,10 @@ class TrainConfig:
         for ok, name, want in checks:
             if not ok:
                 raise ConfigError(f"{name} = {getattr_path(self, name)!r} is invalid: use {want}")
+        for i, reward in enumerate(self.rewards):
+            if not math.isfinite(reward.weight):
+                raise ConfigError(f"rewards[{i}].weight = {reward.weight} is invalid: use a finite number "
+                                  f"(0 = logged only)")
         if self.parallel.strategy == "ddp" and (self.parallel.param_dtype, self.parallel.reduce_dtype) != ("fp32",) * 2:
             raise ConfigError("parallel.param_dtype / reduce_dtype apply to parallel.strategy 'fsdp' only: with 'ddp' "
                               "use precision: bf16 for bf16 compute, or set parallel.strategy: fsdp")
@@ -282,10 +292,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} must be an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
-            return float(value)  # PyYAML (YAML 1.1) reads "1e-4" as a string: it needs a dot, "1.0e-4"
+            value = float(value)  # PyYAML (YAML 1.1) reads "1e-4" as a string: it needs a dot, "1.0e-4"
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
+            return float(value)  # NaN is never a setting; a field without a range check would take it silently
         raise ConfigError(f"{where} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -403,5 +413,6 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the config as YAML, atomically (a kill mid-write leaves the previous file, which --resume reads)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    with writing(path):
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+        tmp.replace(path)

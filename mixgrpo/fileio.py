@@ -1,8 +1,12 @@
-"""Atomic writes of whole directories: a crash or kill -9 never leaves a half-written model or cache."""
+"""Files: atomic writes of whole directories (a crash or kill -9 never leaves a half-written model or cache),
+and write failures reported as what they are (a full disk as ENOSPC, naming the path)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,3 +35,73 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+FULL_BELOW = 1 << 20
+"""A file system with less free space than this (bytes) counts as full when a write fails for a reason the
+library does not name: torch.save's "[enforce fail at inline_container.cc] ... unexpected pos" is a short write."""
+
+_ERRNO_IN_TEXT = re.compile(r"os error (\d+)")  # how Rust libraries (safetensors) quote an errno
+
+
+def disk_full(path: str | Path) -> bool:
+    """Whether the file system holding `path` (or its nearest existing parent) has under FULL_BELOW bytes free."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        st = os.statvfs(p)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW
+
+
+def as_os_error(e: BaseException, path: str | Path) -> OSError | None:
+    """The OSError behind a failed write of `path`, naming a path; None when `e` is not an I/O failure.
+
+    OSError without a file name (a failed write() or flush()) gets `path`. safetensors' SafetensorError quotes
+    the errno in its text ("... (os error 28)"); torch.save's short-write RuntimeError names none: it is ENOSPC
+    when the disk is full, EIO otherwise. Call it before deleting a partly written file (that frees the space)."""
+    from safetensors import SafetensorError
+
+    if isinstance(e, OSError):
+        return e if e.filename else OSError(e.errno, e.strerror or str(e), str(path))
+    text = str(e)
+    torch_write = isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text)
+    if not (isinstance(e, SafetensorError) or torch_write):
+        return None
+    found = _ERRNO_IN_TEXT.search(text)
+    code = int(found.group(1)) if found else errno.ENOSPC if disk_full(path) else errno.EIO
+    return OSError(code, os.strerror(code), str(path))
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Report any failure to write `path` inside the block as an OSError naming a path (see `as_os_error`), so
+    that the command line says e.g. `No space left on device (RUN/metrics.jsonl): free disk space`."""
+    try:
+        yield
+    except Exception as e:
+        err = as_os_error(e, path)
+        if err is None or err is e:
+            raise
+        raise err from e
+
+
+OS_FIXES = {
+    errno.ENOSPC: "free disk space",
+    errno.EDQUOT: "free disk space (quota exceeded)",
+    errno.EACCES: "fix its permissions or choose another path",
+    errno.EPERM: "fix its permissions or choose another path",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.ENOTDIR: "a part of the path is a file: choose another path",
+    errno.EEXIST: "a file is in the way: choose another path",
+    errno.EISDIR: "it is a directory: give a file",
+    errno.ENOENT: "check the path",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an operating-system error: what failed, on which path, and the usual fix."""
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}: {OS_FIXES.get(e.errno, 'check the path, its permissions and free space')}"

@@ -10,6 +10,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
+from mixgrpo.fileio import writing
+
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """[3, H, W] float in [0, 1] -> RGB PIL image."""
@@ -21,8 +23,9 @@ def _save_atomic(img: Image.Image, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with writing(path):
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 1, pad: int = 1) -> None:
@@ -44,8 +47,9 @@ def _figure_saved(fig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with writing(path):
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
 
 
 Series = Sequence[tuple[float, float]]

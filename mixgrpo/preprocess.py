@@ -176,7 +176,8 @@ def _load_text_encoder(model: str, path: str | None, dtype: str, device: str, ma
 def main(argv: Sequence[str] | None = None) -> int:
     import yaml
 
-    parser = argparse.ArgumentParser(prog="mixgrpo preprocess", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mixgrpo preprocess", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--model", required=True, help="base-model name: flux, sd3 (text encoders only), or any "
                                                        "registered model (loaded whole)")
     parser.add_argument("--path", help="local diffusers pipeline directory of the model")

@@ -244,7 +244,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
 def main(argv: Sequence[str] | None = None) -> Path:
     """`python -m mixgrpo.pretrain --out DIR [--minutes M] [--steps N] [--field value ...]`: every scalar
     field of PretrainConfig is a flag (underscores as dashes)."""
-    parser = argparse.ArgumentParser(prog="mixgrpo pretrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="mixgrpo pretrain", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--out", required=True, help="output directory (checkpoint in OUT/model)")
     for f in dataclasses.fields(PretrainConfig):
         if f.name != "model":

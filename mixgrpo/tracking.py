@@ -12,9 +12,12 @@ every numeric metric of every iteration (step = iteration) and of each evaluatio
 from __future__ import annotations
 
 import importlib.util
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
+
+from mixgrpo.fileio import writing
 
 
 class TrackingError(RuntimeError):
@@ -28,7 +31,10 @@ class Trackers:
         if tensorboard and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            _quiet_tensorboard_thread()
+            self._tb_dir = run_dir / "tensorboard"
+            with writing(self._tb_dir):
+                self._tb = SummaryWriter(str(self._tb_dir))
         if wandb_project:
             try:
                 import wandb
@@ -45,14 +51,32 @@ class Trackers:
         scalars = {k: float(v) for k, v in record.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
         if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+            with writing(self._tb_dir):  # the writer thread's error (a full disk) comes back here
+                for k, v in scalars.items():
+                    self._tb.add_scalar(k, v, step)
+                self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
-            self._tb.close()
+            with writing(self._tb_dir):
+                self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _quiet_tensorboard_thread() -> None:
+    """Keep TensorBoard's writer thread from printing a traceback when a write fails (a full disk): the
+    exception also reaches the main thread at the next flush, where `Trackers.log` reports it with its path.
+    Other threads' exceptions go to the previous hook."""
+    previous = threading.excepthook
+    if getattr(previous, "mixgrpo", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (type(args.thread).__module__.startswith("tensorboard.") and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    hook.mixgrpo = True  # type: ignore[attr-defined]
+    threading.excepthook = hook

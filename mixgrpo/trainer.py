@@ -36,6 +36,7 @@ from mixgrpo.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_c
                                  load_sharded_checkpoint, read_state, save_checkpoint, save_sharded_checkpoint)
 from mixgrpo.config import ConfigError, RewardConfig, TrainConfig, save_config, to_dict
 from mixgrpo.evaluate import derive_seed, evaluate, ode_plan
+from mixgrpo.fileio import writing
 from mixgrpo.flow_matching import awm_log_prob, forward_noise, nft_loss, optimality_probability, sample_sigmas
 from mixgrpo.grpo import combine_rewards, kl_to_reference, policy_loss
 from mixgrpo.images import plot_panels, save_grid
@@ -44,6 +45,7 @@ from mixgrpo.plan import build_plan, train_mask
 from mixgrpo.prompts import read_prompts
 from mixgrpo.rewards import RewardError, build_reward
 from mixgrpo.rollout import Trajectory, guided_velocity, rollout
+from mixgrpo.rundir import claim, keep_records_before
 from mixgrpo.sampling import gaussian_log_prob, sde_mean_std
 from mixgrpo.tracking import Trackers
 
@@ -437,6 +439,73 @@ def matching_update(model: FlowModel, params: dict[str, torch.nn.Parameter], opt
 
 
 # --------------------------------------------------------------------------------------------------
+# guards: nothing non-finite is saved, and a run without learning signal says so
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (so that all ranks stop at the same point)."""
+    return dist.all_reduce_mean(torch.tensor([float(flag)], device=dist.device())).item() > 0
+
+
+def _count_non_finite(tensors: list[torch.Tensor]) -> tuple[int, int]:
+    """(NaN or inf elements, elements) over this rank's part of `tensors` (FSDP: its shards), in one sync."""
+    local = [t.detach().to_local() if hasattr(t, "to_local") else t.detach() for t in tensors]
+    if not local:
+        return 0, 0
+    bad = torch.stack([(~torch.isfinite(t)).sum() for t in local]).sum()
+    return int(bad), sum(t.numel() for t in local)
+
+
+def _require_finite_weights(params: dict[str, torch.nn.Parameter], copies: tuple[EMA | None, ...],
+                            iteration: int) -> None:
+    """Stop after an update that made a weight (or a copy saved with it: EMA, sampling copy) NaN or inf, before
+    the iteration is logged or checkpointed: a finite loss and gradient norm do not rule it out (lr = 1e10: the
+    step itself overflows)."""
+    bad, total = _count_non_finite([*params.values(), *(t for c in copies if c for t in c.shadow.values())])
+    if _any_rank(bad > 0):
+        where = f"{bad:,} of {total:,}" if dist.world_size() == 1 else f"{bad:,} of {total:,} on rank {dist.rank()}"
+        raise TrainingError(f"the update of iteration {iteration + 1} made {where} trainable weights NaN or inf; "
+                            f"they were not logged or saved (the last checkpoint holds finite weights): lower lr "
+                            f"or clip_range, or check the rewards for extreme values")
+
+
+def _require_finite_images(images: torch.Tensor, iteration: int) -> None:
+    """Stop when a rollout gives NaN or inf pixels (images [B, 3, H, W]): no reward can score them, and
+    scoring them as failures would hide a model that has diverged."""
+    bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+    if _any_rank(bad > 0):
+        raise TrainingError(f"the rollout of iteration {iteration + 1} gave {bad} of {images.shape[0]} images with "
+                            f"NaN or inf pixels{'' if dist.world_size() == 1 else f' on rank {dist.rank()}'}: the "
+                            f"model's outputs overflowed (weights grown by a too high lr, or bf16 range); nothing of "
+                            f"this iteration was saved: lower lr or clip_range, or use precision: fp32")
+
+
+def _warn_without_signal(record: dict[str, Any]) -> None:
+    """One warning line for an iteration in which every group's advantages are zero (record: its metrics)."""
+    if record["zero_advantage_groups"] == 1.0:
+        dist.print0(f"warning: iteration {record['iteration']}: no learning signal: within every group the images "
+                    f"got equal rewards (or failed), so every advantage is 0 and the update changes nothing")
+
+
+def _no_signal_message(metrics: list[dict[str, Any]]) -> str | None:
+    """Why a whole run learned nothing, when no iteration of it had learning signal; else None."""
+    if not metrics or any(m.get("zero_advantage_groups", 0.0) < 1.0 for m in metrics):
+        return None
+    return (f"no learning signal in any of the {len(metrics)} iterations: within every group the images got equal "
+            f"rewards (a constant or saturated reward?), so the policy gradient was always 0 and final/ is the base "
+            f"model (up to weight decay); check the reward on the base model's images (mixgrpo eval) and its args")
+
+
+def _require_learning_signal(run_dir: Path) -> None:
+    """The end-of-run policy (docs/reliability.md): a run in which no iteration had learning signal ends with
+    TrainingError (exit 2) after everything is written, so that neither a person nor a job scheduler takes it
+    for a success. Every rank calls it; rank 0 reads metrics.jsonl (the whole run, resumed parts included)."""
+    message = _no_signal_message(read_metrics(run_dir)) if dist.is_main() else None
+    if _any_rank(message is not None):
+        raise TrainingError(message or "no learning signal in any iteration (rank 0 says more)")
+
+
+# --------------------------------------------------------------------------------------------------
 # the run
 
 
@@ -503,20 +572,17 @@ def _eval_and_save(model, weights, prompts, rewards, cfg, tag: str | None, run_d
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
           stop_after: int | None = None) -> Path:
     """Run GRPO training; returns the run directory. `stop_after` ends early after that many iterations
-    of this call (tests use it to simulate an interruption)."""
+    of this call (tests use it to simulate an interruption). The run directory is locked for the whole run
+    (`mixgrpo.rundir.claim`): a second process on it stops at once."""
     dist.init()
+    with claim(cfg.out_dir, resume):
+        return _run(cfg, resume, progress, stop_after)
+
+
+def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None) -> Path:
     device = dist.device()
     run_dir = Path(cfg.out_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"out_dir {str(run_dir)!r} is a file, not a directory: choose another out_dir")
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
     latest = latest_checkpoint(run_dir)
-    if latest is not None and not resume:
-        raise ConfigError(f"{run_dir} already holds checkpoints ({latest.name}): pass --resume to continue "
-                          f"that run, or choose another out_dir")
-    if resume and latest is None:  # the first launch of a job that always passes --resume
-        dist.print0(f"--resume: no complete checkpoint in {run_dir}; starting a new run")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
     params = trainable_parameters(model, cfg)
@@ -538,7 +604,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     # forward-process objectives roll out a soft copy of the weights (matching.sampler_decay; 0 = theta itself)
     sampler = EMA(params, cfg.matching.sampler_decay) if not grpo and cfg.matching.sampler_decay > 0 else None
 
-    start, metric_lines = 0, 0
+    start = 0
     if resume and latest is not None:
         # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
         changed = _config_diff(read_state(latest).get("config") or {}, _fingerprint(cfg))
@@ -548,12 +614,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                                   f"resume with the run's own config ({run_dir / 'config.yaml'}) or start a new "
                                   f"out_dir")
         state = _restore(latest, model, params, optimizer, scheduler, ema, sampler)
-        start, metric_lines = state["iteration"], state["metric_lines"]
+        start = state["iteration"]
         dist.print0(f"resumed from {latest} at iteration {start}")
     tracker = None
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
-        _truncate_lines(run_dir / "metrics.jsonl", metric_lines)
+        keep_records_before(run_dir / "metrics.jsonl", start + 1)  # the iterations the checkpoint covers
         _drop_evals_after(run_dir / "eval.jsonl", start)
         tracker = Trackers(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
 
@@ -607,6 +673,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 
             with torch.no_grad():
                 images = model.decode(traj.final).float()
+            _require_finite_images(images, it)
             flat_prompts = [p for p in prompts for _ in range(G)]
             scores, failed = score_groups(served, images, flat_prompts, G)
             all_failed = dist.all_gather_cat(failed)
@@ -644,6 +711,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 if sampler is not None:
                     sampler.update(params)
             scheduler.step()
+            _require_finite_weights(params, (ema, sampler), it)
             t3 = time.perf_counter()
 
             record = {"iteration": it + 1, "window_start": plan.window[0] if plan.window else None,
@@ -659,6 +727,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             local = {"advantage_abs_mean": float(advantages.abs().mean()),
                      "zero_advantage_groups": float((advantages.abs().sum(1) == 0).float().mean()), **ustats.means()}
             record.update(dist.mean_over_ranks(local))  # every rank holds the same number of samples
+            _warn_without_signal(record)
             record.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
                            "time/iteration": t3 - t0})
             if clock is not None:
@@ -666,7 +735,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 record.update({"model_calls/rollout": rollout_calls, "model_calls/update": update_calls,
                                "time/model_rollout": rollout_model_s, "time/model_update": update_model_s})
             done_here += 1
-            metric_lines += 1
             end = it + 1
             if dist.is_main():
                 _append_json(run_dir / "metrics.jsonl", record)
@@ -687,7 +755,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                     eta = max(0.0, min(eta, 60 * cfg.time_limit_minutes - elapsed))
                 print(_progress_line(record, rewards, held_out, cfg.iterations, eta), flush=True)
             if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
-                _save(run_dir, it + 1, model, optimizer, scheduler, ema, sampler, cfg, metric_lines)
+                _save(run_dir, it + 1, model, optimizer, scheduler, ema, sampler, cfg)
             if last:
                 break
             if stopping:
@@ -709,6 +777,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
             _write_summary(run_dir, cfg)
             tracker.close()
             dist.print0(f"run directory: {run_dir}")
+    _require_learning_signal(run_dir)
     return run_dir
 
 
@@ -734,10 +803,10 @@ def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(d))
 
 
-def _save(run_dir, iteration, model, optimizer, scheduler, ema, sampler, cfg, metric_lines) -> None:
+def _save(run_dir, iteration, model, optimizer, scheduler, ema, sampler, cfg) -> None:
     """Checkpoint (every rank calls it). "full": weights and optimizer state gathered to rank 0, which writes
     them; "sharded": every rank writes its shards with torch.distributed.checkpoint."""
-    state = {"config": _fingerprint(cfg), "metric_lines": metric_lines}
+    state = {"config": _fingerprint(cfg)}
     if cfg.parallel.checkpoint_format == "sharded":
         save_sharded_checkpoint(run_dir, iteration, _sharded_app_state(model, optimizer, scheduler, ema, sampler),
                                 state, keep=cfg.keep_checkpoints)
@@ -762,7 +831,7 @@ def _sharded_app_state(model, optimizer, scheduler, ema, sampler) -> dict[str, A
 
 def _restore(path: Path, model, params, optimizer, scheduler, ema, sampler) -> dict[str, Any]:
     """Load checkpoint `path` (either format, written under any world size) into the live model, optimizer,
-    scheduler, EMA and sampling copy; returns its state (iteration, config fingerprint, metric lines)."""
+    scheduler, EMA and sampling copy; returns its state (iteration, config fingerprint)."""
     if is_sharded_checkpoint(path):
         app = _sharded_app_state(model, optimizer, scheduler, ema, sampler)
         state = load_sharded_checkpoint(path, app)  # in place; DCP reshards to this world size
@@ -785,13 +854,18 @@ def _restore(path: Path, model, params, optimizer, scheduler, ema, sampler) -> d
 def _export(model: FlowModel, params, ema: EMA | None, path: Path, sharded: bool = False) -> None:
     """The final model, EMA weights when present: in the adapter's own format when it has one (loadable by
     its factory), else diffusers' LoRA format or a diffusers transformer directory (stock pipelines load both)."""
-    from mixgrpo.fileio import atomic_directory
-    from mixgrpo.models.lora import has_lora, save_full, save_lora
-
     if ema is not None:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(ema.shadow[n])
+    with writing(path):  # a full disk is reported as such, naming the path, whatever the format's library says
+        _write_model(model, path, sharded)
+
+
+def _write_model(model: FlowModel, path: Path, sharded: bool) -> None:
+    from mixgrpo.fileio import atomic_directory
+    from mixgrpo.models.lora import has_lora, save_full, save_lora
+
     if has_lora(model.denoiser):  # only the adapter: the base weights are the user's own checkpoint
         if sharded:  # peft's LoRA state dict holds FSDP shards here; gathering it needs every rank
             dist.print0(f"note: a LoRA trained under FSDP on several ranks is not exported to {path}; its weights "
@@ -806,19 +880,9 @@ def _export(model: FlowModel, params, ema: EMA | None, path: Path, sharded: bool
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
+    with writing(path), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
-
-
-def _truncate_lines(path: Path, keep: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
-    if not path.exists():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    tmp.replace(path)
 
 
 def _eval_rows(path: Path) -> list[dict[str, Any]]:
@@ -833,8 +897,9 @@ def _eval_rows(path: Path) -> list[dict[str, Any]]:
 
 def _write_eval_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    with writing(path):
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(path)
 
 
 def _drop_evals_after(path: Path, iteration: int) -> None:
@@ -891,12 +956,16 @@ def _write_summary(run_dir: Path, cfg: TrainConfig) -> None:
     lines = [f"# Run summary: {cfg.algorithm} ({cfg.objective})", "",
              f"- iterations: {cfg.iterations}, prompts x group: {cfg.prompts_per_iteration} x {cfg.group_size}",
              f"- median seconds per iteration: {_median([m['time/iteration'] for m in metrics]):.2f}", ""]
+    no_signal = _no_signal_message(metrics)
+    if no_signal:
+        lines += [f"**Warning: {no_signal}.**", ""]
     if len(evals) >= 2:
         lines += ["| held-out metric | before | after |", "|---|---|---|"]
         for k in evals[0]:
             if k.startswith("eval/") and k in evals[-1]:
                 lines.append(f"| {k[5:]} | {evals[0][k]:.4f} | {evals[-1][k]:.4f} |")
-    (run_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with writing(run_dir / "summary.md"):
+        (run_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _median(values: list[float]) -> float:

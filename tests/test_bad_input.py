@@ -13,6 +13,7 @@ import pytest
 
 from mixgrpo.cli import main
 from mixgrpo.config import load_config
+from mixgrpo.rundir import RunLock
 from mixgrpo.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +56,12 @@ def files(tmp_path_factory) -> Path:
     for f in (d / "corrupt" / "checkpoints" / "iter_000002" / "model.safetensors",
               d / "corrupt" / "final" / "model.safetensors"):
         f.write_bytes(f.read_bytes()[:40])  # truncated: what a full disk or a killed copy leaves
-    return d
+    shutil.copytree(d / "run", d / "finished", ignore=shutil.ignore_patterns("checkpoints"))  # cleaned up
+    busy = RunLock(d / "busy")  # a run directory in use by a live run (this process)
+    (d / "busy").mkdir()
+    busy.acquire()
+    yield d
+    busy.release()
 
 
 @dataclass
@@ -95,7 +101,19 @@ CASES = [
          ["group_size = 1 is invalid", "integer >= 2"]),
     Case("group not divisible by updates", train_args("updates_per_iteration=3"),
          ["not a multiple of updates_per_iteration", "choose updates_per_iteration among [1, 2, 4]"]),
-    Case("negative lr", train_args("lr=-1"), ["lr = -1.0 is invalid", "positive number"]),
+    Case("negative lr", train_args("lr=-1"), ["lr = -1.0 is invalid", "positive finite number"]),
+    Case("infinite lr", train_args("lr=.inf", "updates_per_iteration=1"),
+         ["lr = inf is invalid", "positive finite number"]),
+    Case("betas out of range", train_args("betas=[1.5, 0.999]"), ["betas = (1.5, 0.999) is invalid", "[0, 1)"]),
+    Case("negative weight_decay", train_args("weight_decay=-1"), ["weight_decay = -1.0 is invalid", ">= 0"]),
+    Case("negative eval_num_prompts", train_args("eval_num_prompts=-1"),
+         ["eval_num_prompts = -1 is invalid", "0 = no evaluation"]),
+    Case("zero eval images per prompt", train_args("eval_images_per_prompt=0"),
+         ["eval_images_per_prompt = 0 is invalid", "integer >= 1"]),
+    Case("NaN reward weight", train_args("rewards=[{name: 'toy_rewards:brightness', weight: .nan}]"),
+         ["rewards[0].weight must be a number", "got nan"]),
+    Case("infinite reward weight", train_args("rewards=[{name: 'toy_rewards:brightness', weight: .inf}]"),
+         ["rewards[0].weight = inf is invalid", "finite number"]),
     Case("zero steps", train_args("sampler.num_steps=0"), ["num_steps = 0", "at least one step"]),
     Case("unknown precision", train_args("precision=fp16"), ["precision = 'fp16' is invalid", "'fp32' or 'bf16'"]),
     Case("every reward weight 0", train_args("rewards=[{name: 'toy_rewards:brightness', weight: 0}]"),
@@ -114,6 +132,13 @@ CASES = [
          ["cannot import module 'nomod'", "PYTHONPATH"]),
     Case("user reward function missing", train_args("rewards=[{name: 'toy_rewards:nope'}]"),
          ["module 'toy_rewards' has no attribute 'nope'"]),
+    Case("user reward is not a function", train_args("rewards=[{name: 'toy_rewards:NOT_A_FUNCTION'}]"),
+         ["'toy_rewards:NOT_A_FUNCTION' is int 3, not a function", "f(images, prompts, **args)"]),
+    Case("user reward args that do not fit",
+         train_args("rewards=[{name: 'toy_rewards:brightness', args: {targte: 1}}]"),
+         ["arguments {'targte': 1} do not fit brightness(images, prompts, target: float = 1.0)", "'targte'"]),
+    Case("user reward returns text", train_args("rewards=[{name: 'toy_rewards:strings'}]"),
+         ["'toy_rewards:strings' returned list of str", "one float score per image"]),
     Case("LoRA on a model without adapters", train_args("lora.rank=4"), ["does not support LoRA", "use lora.rank=0"]),
     # prompt files
     Case("empty prompt file", train_args("train_prompts={d}/empty.txt"), ["holds no prompts", "add at least one"]),
@@ -141,6 +166,13 @@ CASES = [
          ["not a directory", "a_file/run", "choose another path"]),
     Case("existing run without --resume", ["train", "--config", "{d}/base.yaml", "--out", "{d}/run"],
          ["already holds checkpoints", "pass --resume"]),
+    Case("finished run whose checkpoints were deleted", ["train", "--config", "{d}/base.yaml", "--out", "{d}/finished"],
+         ["holds a finished run whose checkpoints were deleted", "final/", "metrics.jsonl (2 records)",
+          "choose another out_dir"]),
+    Case("the same with --resume", ["train", "--config", "{d}/base.yaml", "--out", "{d}/finished", "--resume"],
+         ["holds a finished run whose checkpoints were deleted", "choose another out_dir"]),
+    Case("run directory in use", ["train", "--config", "{d}/base.yaml", "--out", "{d}/busy"],
+         [f"in use by pid {os.getpid()} on host", "wait for that run to end", "choose another out_dir"]),
     Case("corrupted checkpoint",
          ["train", "--config", "{d}/base.yaml", "--out", "{d}/corrupt", "--resume", "iterations=3"],
          ["iter_000002 is corrupted", "delete it"]),
@@ -153,10 +185,21 @@ CASES = [
     Case("model file of another size", sample_args("--path", "{d}/run/final"),
          ["cannot load model", "size of tensor", "another model or size"]),
     Case("unknown sampling plan", sample_args("--plan", "mixgrp"), ["--plan 'mixgrp' is unknown", "use 'ode'"]),
+    Case("--p-mix above 1", sample_args("--p-mix", "1.5", "--base-path", "base"),
+         ["--p-mix = 1.5 is invalid", "fraction in [0, 1]"]),
+    Case("--p-mix below 0", sample_args("--p-mix", "-0.5"), ["--p-mix = -0.5 is invalid", "fraction in [0, 1]"]),
+    Case("negative guidance", sample_args("--guidance", "-1"), ["--guidance = -1.0 is invalid", ">= 1"]),
+    Case("zero images per prompt", sample_args("--num-images", "0"), ["--num-images = 0 is invalid", ">= 1"]),
+    Case("empty --path", sample_args("--path", ""), ["--path is empty", "unset shell variable"]),
     Case("no prompts", ["sample", "--model", "gaussian", "--out", "{out}"], ["no prompts", "--prompt TEXT"]),
     Case("sample output is a file",
          ["sample", "--model", "gaussian", "--prompt", "a red circle", "--out", "{d}/a_file"],
          ["file exists", "choose another path"]),
+    Case("eval entry with an empty path", ["eval", "--model", "gaussian", "--prompt", "a red circle", "base=base",
+                                           "tuned=", "--out", "{out}"],
+         ["'tuned=' has an empty path", "unset shell variable", "LABEL=PATH"]),
+    Case("eval label given twice", ["eval", "--model", "gaussian", "--prompt", "a red circle", "a=base",
+                                    "a={d}/run", "--out", "{out}"], ["label 'a' is given twice", "its own label"]),
     Case("bad --reward spec", ["eval", "--model", "gaussian", "--prompt", "a red circle", "--reward", "verifier:score",
                                "base=base", "--out", "{out}"], ["'score' is not key=value", "verifier:score=strict"]),
 ]
@@ -214,3 +257,19 @@ def test_bad_input_in_a_real_process(argv, expect, files, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("argv, unknown", [
+    (["train", "--resum"], "--resum"),  # once taken for --resume
+    (["--deb", "train"], "--deb"),
+    (["sample", "--num-im", "2"], "--num-im 2"),
+    (["eval", "--rew", "verifier", "base=base"], "--rew"),
+    (["pretrain", "--out", "{out}", "--ste", "1"], "--ste 1"),
+    (["preprocess", "--model", "tiny", "--prompts", "world:train", "--out", "{out}", "--batch", "2"], "--batch 2"),
+], ids=["train", "main", "sample", "eval", "pretrain", "preprocess"])
+def test_options_are_never_abbreviated(argv, unknown, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fill(argv, tmp_path, tmp_path / "out"))
+    assert exit_info.value.code == 2
+    assert f"unrecognized arguments: {unknown}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -247,6 +247,30 @@ def test_fsdp_lora_on_the_tiny_flux_transformer_equals_one_rank(tmp_path):
     _assert_same_metrics(tmp_path / "two", one)
 
 
+@pytest.mark.slow
+def test_every_rank_stops_when_the_run_directory_is_in_use(tmp_path):
+    """Rank 0 takes the run directory's lock for the whole job; when another process holds it, rank 0 names the
+    holder, the other ranks say so too, and no rank waits for the others in a collective."""
+    from mixgrpo.config import build_config, save_config
+    from mixgrpo.rundir import RunLock
+
+    config, busy = tmp_path / "config.yaml", tmp_path / "busy"
+    save_config(build_config(_config(busy)), config)
+    busy.mkdir()
+    lock = RunLock(busy)
+    lock.acquire()
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(_free_port()), "-m", "mixgrpo", "train", "--config", str(config), "--quiet"]
+        proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"error: run directory {busy} is in use by pid {os.getpid()}") == 1, proc.stderr
+    assert proc.stderr.count(f"error: rank 0 may not train into {busy}") == 1, proc.stderr
+    assert [p.name for p in busy.iterdir()] == [".lock"]  # nothing was written
+
+
 # --------------------------------------------------------------------------------------------------
 # the launched script
 

@@ -10,9 +10,11 @@ import os
 import queue
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -68,6 +70,12 @@ def non_finite(images, prompts, nan_at=(0,), inf_at=()):
     return scores
 
 
+def late(images, prompts):
+    """A constant score on the first call, brightness after: the first iteration has no learning signal."""
+    CALLS.append(len(prompts))
+    return brightness(images, prompts) * (len(CALLS) > 1)
+
+
 def buggy(images, prompts):
     CALLS.append(len(prompts))
     raise TypeError("a bug in the reward")
@@ -89,6 +97,17 @@ if __name__ == "__main__":
                 time.sleep(3600)
 
         checkpoint.save_file = save_file
+    if os.environ.get("FAULT_STALL_EXPORT"):  # inside the export of final/, after its weights are written
+        from mixgrpo.models.analytic import GaussianFlow
+
+        real_save_pretrained = GaussianFlow.save_pretrained
+
+        def save_pretrained(self, path):
+            real_save_pretrained(self, path)
+            print("FAULT: inside the export", flush=True)
+            time.sleep(3600)
+
+        GaussianFlow.save_pretrained = save_pretrained
     from mixgrpo.cli import main
 
     sys.exit(main(sys.argv[1:]))
@@ -275,6 +294,50 @@ def test_incomplete_and_temporary_checkpoints_are_never_picked_up(faults_dir, re
     assert not (ckpts / ".tmp-iter_000003-999999").exists()
 
 
+def _first_to_exit(*children: Child, timeout: float = 180) -> Child:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.proc.poll() is not None:
+                return child
+        time.sleep(0.05)
+    raise TimeoutError("no child exited")
+
+
+def _refused_for(child: Child, holder: Child) -> None:
+    """The child stopped at once with one error line naming the live holder (pid, host) and the fix."""
+    assert child.finish() == 2, "".join(child.output)
+    errors = [line for line in child.output if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in "".join(child.output), "".join(child.output)
+    assert f"is in use by pid {holder.proc.pid} on host {socket.gethostname()}" in errors[0]
+    assert "wait for that run to end (or stop it), or choose another out_dir" in errors[0]
+
+
+def test_two_processes_on_one_run_directory_then_kill9_and_resume(faults_dir, reference):
+    """The race of `for i in 1 2; do mixgrpo train --out D ... & done`: one process gets the run directory, the
+    other stops at once naming it; so does a --resume beside the live run (it was once told that a good
+    checkpoint was corrupted). Then the holder is killed (kill -9) inside the export of final/: its lock goes
+    with it, the resume sweeps the half-written export, and the run ends equal to the uninterrupted one."""
+    run = faults_dir / "contended"
+    slow = {"FAULT_REWARD_SLEEP": "0.3", "FAULT_STALL_EXPORT": "1"}
+    a, b = (Child(faults_dir, _run_args(run, resume=False), **slow) for _ in range(2))
+    loser = _first_to_exit(a, b)
+    holder = b if loser is a else a
+    _refused_for(loser, holder)
+    beside = Child(faults_dir, _run_args(run, resume=True))
+    assert holder.wait_for("FAULT: inside the export"), "".join(holder.output)
+    _refused_for(beside, holder)
+    holder.kill9()
+    assert list(run.glob(".final.tmp-*"))  # the half-written export
+    metrics = [m["iteration"] for m in read_metrics(run)]
+    assert metrics == list(range(1, 9))  # one writer: no iteration logged twice
+    child = Child(faults_dir, _run_args(run, resume=True))
+    assert child.finish() == 0, "".join(child.output)
+    assert "removed what an interrupted process left" in "".join(child.output)
+    _assert_same_run(run, reference)
+    assert not list(run.glob(".final.*"))
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. full disk, unwritable run directory
 
@@ -329,6 +392,91 @@ def test_unwritable_checkpoint_directory_on_the_real_filesystem(faults_dir, tmp_
     assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "could not write checkpoint" in err and "File exists" in err and "fix the permissions" in err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB file system (tmpfs): writes fail the way they do on a full disk, not through a fake."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                              text=True, timeout=30)
+        reason = proc.stderr.strip() if proc.returncode else None
+    except OSError as e:  # no mount program
+        reason = str(e)
+    if reason is not None:
+        pytest.skip(f"cannot mount a 4 MiB tmpfs here ({reason}): the real full-disk test needs root on a machine "
+                    f"that allows mounts; the faked ENOSPC tests above still run")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
+
+
+def _fill(disk: Path, leave_kib: int | None = None) -> Path:
+    """Fill `disk` up to `leave_kib` KiB of free space (None: completely, until ENOSPC)."""
+    filler = disk / f"filler{len(list(disk.glob('filler*')))}"
+    st = os.statvfs(disk)
+    size = None if leave_kib is None else st.f_bavail * st.f_frsize - leave_kib * 1024
+    with open(filler, "wb") as f:
+        try:
+            while size is None or f.tell() < size:
+                f.write(b"\0" * (65536 if size is None else min(65536, size - f.tell())))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return filler
+
+
+BIG = ["model.args.size=128", "iterations=3", "eval_num_prompts=0"]  # 197 KB of weights, 393 KB of optimizer state
+
+
+@pytest.mark.parametrize("where, leave_kib", [
+    ("config.yaml", 4),  # the lock file takes the last page
+    ("tensorboard", 8),  # in TensorBoard's writer thread: no traceback from there either
+    ("metrics.jsonl", 12),
+    ("checkpoint weights (safetensors)", 100),
+    ("checkpoint optimizer state (torch.save: 'unexpected pos')", 300),
+    ("final model (export)", None),
+])
+def test_a_really_full_disk_stops_clearly_and_loses_nothing(where, leave_kib, faults_dir, small_disk, tmp_path,
+                                                            monkeypatch, capsys):
+    """On a 4 MiB tmpfs filled to `leave_kib` KiB free before the run (or, for the export, filled completely
+    just before it): exit 2 and one line `No space left on device` naming a path on that disk; after the space
+    is freed, --resume ends equal to an uninterrupted run elsewhere."""
+    want = train(load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'ref'}", *BIG]), progress=False)
+    run = small_disk / "run"
+    args = ["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet", *BIG]
+    seen = []  # what the libraries raised, before mixgrpo named it
+    real_as_os_error = checkpoint.as_os_error
+    monkeypatch.setattr(checkpoint, "as_os_error", lambda e, p: seen.append(repr(e)) or real_as_os_error(e, p))
+    fillers = []
+    if leave_kib is None:
+        real_export = trainer._export
+        monkeypatch.setattr(trainer, "_export", lambda *a, **k: (fillers.append(_fill(small_disk)),
+                                                                 real_export(*a, **k)))
+    else:
+        fillers.append(_fill(small_disk, leave_kib))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ") and "No space left on device" in err, err
+    assert str(small_disk) in err and ("free disk space" in err), err
+    if leave_kib is not None and leave_kib < 100:
+        assert f"{run / where}): free disk space, then continue the run with --resume" in err, err
+    if "checkpoint" in where:
+        assert err.startswith("error: could not write checkpoint") and "previous checkpoint is intact" in err
+        assert "SafetensorError" in seen[0] if "safetensors" in where else "unexpected pos" in seen[0], seen
+    if "export" in where:
+        assert str(run / "final") in err and "continue the run with --resume" in err
+        assert latest_checkpoint(run).name == "iter_000003"
+    for filler in fillers:
+        filler.unlink()
+    monkeypatch.undo()
+    assert main([*args, "--resume"]) == 0
+    assert torch.equal(load_file(run / "final" / "model.safetensors")["mu"],
+                       load_file(want / "final" / "model.safetensors")["mu"])
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    assert [drop(m) for m in read_metrics(run)] == [drop(m) for m in read_metrics(want)]
+    assert not [p for p in run.rglob(".*") if p.name != ".lock"]  # no temporary file left
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,3 +609,86 @@ def test_non_finite_loss_stops_before_touching_the_weights(kind, message, faults
     latest = load_checkpoint(latest_checkpoint(run))
     assert latest["state"]["iteration"] == 2 and torch.isfinite(latest["model"]["mu"]).all()
     assert len(read_metrics(run)) == 2
+
+
+def test_a_diverged_update_is_never_logged_or_checkpointed(faults_dir, tmp_path, capsys):
+    """An update that makes weights NaN although its loss and gradient norm were finite (lr = 1e10 and the like;
+    lr = inf is refused with the config): the run stops before that iteration is logged or saved, and the good
+    checkpoints stay (keep_checkpoints = 2 would have rotated them out for NaN ones)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    steps = []
+
+    def poison(optimizer, args, kwargs):  # after the last optimizer step of iteration 3 (2 steps per iteration)
+        steps.append(1)
+        if len(steps) == 6:
+            with torch.no_grad():
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.view(-1)[::2] = float("nan")
+
+    handle = register_optimizer_step_post_hook(poison)
+    try:
+        run = tmp_path / "run"
+        rc = main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet",
+                   "eval_num_prompts=0", "keep_checkpoints=2"])
+    finally:
+        handle.remove()
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert err.startswith("error: the update of iteration 3 made 24 of 48 trainable weights NaN or inf") and \
+        "not logged or saved" in err and "lower lr" in err, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+    assert all(torch.isfinite(load_checkpoint(p)["model"]["mu"]).all() for p in (run / "checkpoints").iterdir())
+    assert [m["iteration"] for m in read_metrics(run)] == [1, 2]
+
+
+def test_non_finite_images_stop_the_run_before_they_are_scored(faults_dir, tmp_path, monkeypatch, capsys):
+    """NaN pixels once crashed the verifier (astype(np.int64) of NaN: a traceback); now the rollout is checked."""
+    from mixgrpo.models.analytic import GaussianFlow
+
+    real_decode, calls = GaussianFlow.decode, []
+
+    def decode(self, x):
+        calls.append(1)
+        return real_decode(self, x) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(GaussianFlow, "decode", decode)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet",
+                 "eval_num_prompts=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: the rollout of iteration 3 gave 8 of 8 images with NaN")
+    assert "lower lr" in err
+    assert latest_checkpoint(run).name == "iter_000002" and len(read_metrics(run)) == 2
+
+
+def test_a_run_without_learning_signal_warns_every_iteration_and_fails_at_the_end(faults_dir, tmp_path, capsys):
+    """The policy (docs/reliability.md): each iteration without learning signal prints a warning; a run in which
+    no iteration had any exits 2 with the reason, after writing everything (final/, summary.md)."""
+    run = tmp_path / "run"
+    rc = main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet", "iterations=3",
+               "eval_num_prompts=0", "rewards=[{name: 'toy_rewards:constant'}]"])
+    out, err = capsys.readouterr()
+    err = err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert err.startswith("error: no learning signal in any of the 3 iterations") and "check the reward" in err
+    warnings = [line for line in out.splitlines() if "no learning signal" in line]
+    assert warnings == [f"warning: iteration {i}: no learning signal: within every group the images got equal "
+                        f"rewards (or failed), so every advantage is 0 and the update changes nothing"
+                        for i in (1, 2, 3)]
+    assert (run / "final" / "model.safetensors").is_file() and latest_checkpoint(run).name == "iter_000003"
+    assert "**Warning: no learning signal in any of the 3 iterations" in (run / "summary.md").read_text()
+
+
+def test_a_run_with_some_learning_signal_warns_only_where_it_had_none(faults_dir, tmp_path, capsys):
+    import faults
+
+    faults.CALLS.clear()
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet",
+                 "iterations=3", "eval_num_prompts=0", "rewards=[{name: 'faults:late'}]"]) == 0
+    out = capsys.readouterr().out
+    assert [line[:33] for line in out.splitlines() if "no learning signal" in line] == [
+        "warning: iteration 1: no learning"]
+    assert "Warning" not in (run / "summary.md").read_text()

@@ -30,6 +30,18 @@ def test_verifier_reward_is_the_verifier_score(score):
     assert torch.equal(reward(images, prompts), scores)  # the second call reads cached parses
 
 
+@pytest.mark.parametrize("name", ["verifier", "shape_quality"])
+def test_scene_rewards_score_images_with_nan_or_inf_pixels_nan(name):
+    """A diverged model's images (NaN pixels once crashed the segmentation: astype(np.int64) of NaN); the
+    others in the batch keep their scores."""
+    prompts = ["two green triangles", "a yellow square", "a red circle"]
+    images = render_batch([parse_prompt(p) for p in prompts], seed=0)
+    clean = build_reward(name)(images, prompts)
+    images[0, 1, 5, 5], images[2, 0, 0, 0] = float("nan"), float("inf")
+    scores = build_reward(name)(images, prompts)
+    assert torch.isnan(scores[[0, 2]]).all() and scores[1] == clean[1] > 0.5
+
+
 def test_verifier_reward_rejects_prompts_outside_the_grammar():
     reward = build_reward("verifier")
     with pytest.raises(PromptParseError, match="'a photo of a cat'.*shapes-world prompts only"):

@@ -23,3 +23,11 @@ def broken(images, prompts):
 
 def constant(images, prompts):
     return torch.zeros(images.shape[0])
+
+
+def strings(images, prompts):
+    """A reward with a bug: it returns text."""
+    return ["good"] * images.shape[0]
+
+
+NOT_A_FUNCTION = 3  # named as a reward by mistake

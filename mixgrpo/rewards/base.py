@@ -15,8 +15,9 @@ named "package.module:function": that function is the reward itself, called as
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Protocol, Sequence
+import inspect
+import reprlib
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -34,12 +35,44 @@ class RewardFn(Protocol):
 REWARDS: Registry[RewardFn] = Registry("reward")
 
 
+class UserReward:
+    """A user reward `function(images, prompts, **args)`, checked when it is built (a function that accepts
+    these arguments) and at every call (one number per image), so that a mistake in it is named as such."""
+
+    def __init__(self, name: str, fn: Callable, args: dict[str, Any]):
+        if not callable(fn):
+            raise ValueError(f"reward {name!r} is {type(fn).__name__} {repr(fn)[:40]}, not a function: name a function "
+                             f"f(images, prompts, **args) that returns one score per image")
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # some builtins have none: nothing to check
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(None, None, **args)
+            except TypeError as e:
+                raise ValueError(f"reward {name!r}: arguments {args} do not fit {fn.__name__}{signature}: {e}; "
+                                 f"a user reward is called as f(images, prompts, **args)") from None
+        self.name, self.fn, self.args = name, fn, args
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        out = self.fn(images, prompts, **self.args)
+        try:
+            return torch.as_tensor(out, dtype=torch.float32).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            what = type(out).__name__
+            if isinstance(out, (list, tuple)) and out:
+                what += f" of {type(out[0]).__name__}"
+            raise ValueError(f"reward {self.name!r} returned {what} {reprlib.repr(out)}, not numbers: a reward returns "
+                             f"one float score per image (a tensor, array or list of {len(prompts)} numbers)") from None
+
+
 def build_reward(name: str, args: dict[str, Any] | None = None) -> RewardFn:
     """A ready reward from a registered factory name or a user "package.module:function" reward."""
     args = dict(args or {})
     target = REWARDS.get(name)
     if ":" in name and name not in REWARDS.names():
-        return functools.partial(target, **args)
+        return UserReward(name, target, args)
     try:
         return target(**args)
     except TypeError as e:

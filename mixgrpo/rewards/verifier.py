@@ -31,6 +31,16 @@ class _SceneReward:
                                        f"(mixgrpo/world/prompts/*.txt); use another reward for free text") from None
         return self._scenes[prompt]
 
+    def _score(self, images: torch.Tensor, prompts: Sequence[str], score) -> torch.Tensor:
+        """[B] = score(images, scenes) over the images without NaN or inf pixels; the others (a diverged model's,
+        which the pixel analysis cannot handle) score NaN."""
+        scenes = [self._scene(p) for p in prompts]
+        finite = torch.isfinite(images).flatten(1).all(1).cpu()  # [B]
+        scores = torch.full((len(prompts),), float("nan"))
+        if finite.any():
+            scores[finite] = score(images[finite.to(images.device)], [s for s, ok in zip(scenes, finite) if ok])
+        return scores
+
 
 class VerifierReward(_SceneReward):
     """reward_b = dense_b (fraction of the prompt's requirements met) or strict_b (1 if all are met, else 0)."""
@@ -44,8 +54,7 @@ class VerifierReward(_SceneReward):
         self.score = score
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        result = verify(images, [self._scene(p) for p in prompts])
-        return result.dense if self.score == "dense" else result.strict
+        return self._score(images, prompts, lambda x, scenes: getattr(verify(x, scenes), self.score))
 
 
 @REWARDS.register("verifier")
@@ -62,7 +71,7 @@ class ShapeQualityReward(_SceneReward):
     name = "shape_quality"
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        return _shape_quality(images, [self._scene(p) for p in prompts])
+        return self._score(images, prompts, _shape_quality)
 
 
 @REWARDS.register("shape_quality")
