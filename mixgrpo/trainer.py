@@ -620,7 +620,8 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
         keep_records_before(run_dir / "metrics.jsonl", start + 1)  # the iterations the checkpoint covers
-        _drop_evals_after(run_dir / "eval.jsonl", start)
+        # a checkpoint at N is written after N's evaluation: keep the rows up to it (none on a fresh start)
+        keep_records_before(run_dir / "eval.jsonl", start + 1 if start else 0)
         tracker = Trackers(run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
 
     amp = cfg.precision == "bf16"
@@ -895,25 +896,11 @@ def _eval_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _write_eval_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with writing(path):
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
-
-
-def _drop_evals_after(path: Path, iteration: int) -> None:
-    """On (re)start at `iteration`: keep the evaluations up to it (a checkpoint at N is written after N's
-    evaluation), drop later ones, which this run computes again; a fresh start (0) keeps none."""
-    if path.exists():
-        _write_eval_rows(path, [r for r in _eval_rows(path) if 0 < iteration and r.get("iteration", -1) <= iteration])
-
-
 def _record_eval(path: Path, iteration: int, metrics: dict[str, float]) -> None:
     """Write the evaluation at `iteration`, replacing any row at or after it (a run killed between its last
     evaluation and the export evaluates again on resume), so eval.jsonl holds one row per iteration."""
-    rows = [r for r in _eval_rows(path) if r.get("iteration", -1) < iteration]
-    _write_eval_rows(path, rows + [{"iteration": iteration, **metrics}])
+    keep_records_before(path, iteration)
+    _append_json(path, {"iteration": iteration, **metrics})
 
 
 def _config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
