@@ -138,6 +138,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     warmup_iterations: int = 0
     updates_per_iteration: int = 2  # optimizer steps per iteration; each sees G / updates images of every group
+    update_epochs: int = 1  # passes over the iteration's samples, each of updates_per_iteration optimizer steps
+                            # (forward-process objectives draw fresh training sigmas for every pass)
     micro_batch_size: int = 32  # samples per forward/backward (memory only: the update does not depend on it)
     clip_range: float = 1e-4
     kl_beta: float = 0.0
@@ -172,6 +174,7 @@ class TrainConfig:
             (self.group_size >= 2, "group_size", "an integer >= 2 (GRPO compares images within a group)"),
             (self.micro_batch_size >= 1, "micro_batch_size", "an integer >= 1"),
             (self.updates_per_iteration >= 1, "updates_per_iteration", "an integer >= 1"),
+            (self.update_epochs >= 1, "update_epochs", "an integer >= 1"),
             (0 < self.lr < math.inf, "lr", "a positive finite number"),
             (0 <= self.weight_decay < math.inf, "weight_decay", "a finite number >= 0"),
             (all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1), e.g. [0.9, 0.999]"),

@@ -369,11 +369,12 @@ class MatchingBatch:
 @torch.no_grad()
 def matching_batch(sampler_model: Callable, final: torch.Tensor, cond: dict, plan, cfg: TrainConfig,
                    sample_seeds: list[int], autocast: Callable[[], Any]) -> MatchingBatch:
-    """Draw K = matching.sigmas_per_sample training sigmas and noises per final sample ([B, *latent]) from
-    its own seed (one per sample: the same on any rank and after a resume), noise the samples by the forward
-    process, and evaluate the sampling policy there (conditional velocity: training is CFG-free)."""
+    """Draw K = matching.sigmas_per_sample training sigmas and noises per final sample ([B, *latent]) and
+    update pass (update_epochs) from the sample's own seed (the same on any rank and after a resume), noise the
+    samples by the forward process, and evaluate the sampling policy there (conditional velocity: training is
+    CFG-free). Pass e uses terms [e K, (e + 1) K)."""
     m = cfg.matching
-    B, K = final.shape[0], m.sigmas_per_sample
+    B, K = final.shape[0], m.sigmas_per_sample * cfg.update_epochs
     window = None
     if plan.window is not None:
         window = (plan.steps[plan.window[1] - 1].sigma_next, plan.steps[plan.window[0]].sigma)
@@ -413,6 +414,7 @@ def matching_update(model: FlowModel, params: dict[str, torch.nn.Parameter], opt
     r = optimality_probability(advantages, m.adv_clip)
 
     def loss_of(u: int, mb: torch.Tensor, k: int, stats: UpdateStats):
+        k += (u // cfg.updates_per_iteration) * m.sigmas_per_sample  # each update pass has sigmas of its own
         mb_cond = cond_index(cond, mb)
         x_t, sigma = batch.x_t[mb, k], batch.sigma[mb, k]
         with autocast():
@@ -434,7 +436,7 @@ def matching_update(model: FlowModel, params: dict[str, torch.nn.Parameter], opt
             step_stats = {**step_stats, "kl_to_base": kl.detach()}
         return loss, step_stats
 
-    return optimizer_steps(params, optimizer, shares, batch.x_t.shape[1], cfg.micro_batch_size, cfg.grad_clip,
+    return optimizer_steps(params, optimizer, shares, m.sigmas_per_sample, cfg.micro_batch_size, cfg.grad_clip,
                            loss_of, ema, clock, batch.x_t.device)
 
 
@@ -718,7 +720,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
             record = {"iteration": it + 1, "window_start": plan.window[0] if plan.window else None,
                       "window_end": plan.window[1] if plan.window else None,
                       "nfe_rollout": traj.nfe,
-                      "nfe_trained": traj.x.shape[1] if grpo else cfg.matching.sigmas_per_sample,
+                      "nfe_trained": (traj.x.shape[1] if grpo else cfg.matching.sigmas_per_sample) * cfg.update_epochs,
                       "lr": optimizer.param_groups[0]["lr"],
                       "failed_groups": int(all_failed.sum())}
             for label, s in scores.items():
@@ -783,15 +785,20 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
 
 
 def _update_shares(cfg: TrainConfig, iteration: int, rank: int) -> list[torch.Tensor]:
-    """Sample indices of each optimizer step: step u takes the u-th slice of a seeded permutation of every
-    group, so the split is the same whatever the number of ranks."""
+    """Sample indices of each optimizer step, update_epochs passes of updates_per_iteration steps: in every
+    pass, step u takes the u-th slice of a seeded permutation of every group, so the split is the same
+    whatever the number of ranks."""
     P, G, U = cfg.prompts_per_iteration, cfg.group_size, cfg.updates_per_iteration
     chunk = G // U
-    perms = []
-    for p in range(P):
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, iteration, rank * P + p, 0x5A5A))
-        perms.append(p * G + torch.randperm(G, generator=g))
-    return [torch.cat([perm[u * chunk:(u + 1) * chunk] for perm in perms]) for u in range(U)]
+    shares = []
+    for epoch in range(cfg.update_epochs):
+        perms = []
+        for p in range(P):
+            extra = (epoch,) if epoch else ()  # the first pass keeps the seeds of single-pass runs
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, iteration, rank * P + p, 0x5A5A, *extra))
+            perms.append(p * G + torch.randperm(G, generator=g))
+        shares += [torch.cat([perm[u * chunk:(u + 1) * chunk] for perm in perms]) for u in range(U)]
+    return shares
 
 
 def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:

@@ -3,6 +3,7 @@ and the trainer end to end on the analytic Gaussian model (learning, model calls
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -172,16 +173,35 @@ def test_the_reward_rises_with_any_rollout(tmp_path, objective, algorithm, extra
     assert mu.mean().item() > 0.04
 
 
-def test_model_calls_are_counted_not_computed(tmp_path):
-    """profile: true counts real forward calls: the rollout's NFE per batch, then per sample and sigma one
-    sampling-policy forward (v_old) and one trained forward."""
-    cfg = _cfg(tmp_path, iterations=1, profile=True, eval_num_prompts=0, micro_batch_size=8,
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_model_calls_are_counted_not_computed(tmp_path, epochs):
+    """profile: true counts real forward calls: the rollout's NFE per batch, then per sample, sigma and update
+    pass one sampling-policy forward (v_old) and one trained forward."""
+    cfg = _cfg(tmp_path, iterations=1, profile=True, eval_num_prompts=0, micro_batch_size=8, update_epochs=epochs,
                matching={"sigmas_per_sample": 3})
     (m,) = read_metrics(train(cfg, progress=False))
     assert m["model_calls/rollout"] == 8  # 8 steps, one batch of B = 8 (no guidance)
-    # v_old: 1 micro-batch x 3 sigmas; trained: 2 optimizer steps x 1 micro-batch x 3 sigmas
-    assert m["model_calls/update"] == 3 + 2 * 3
-    assert m["nfe_trained"] == 3
+    # v_old: 1 micro-batch x 3 sigmas x passes; trained: passes x 2 optimizer steps x 1 micro-batch x 3 sigmas
+    assert m["model_calls/update"] == 3 * epochs + epochs * 2 * 3
+    assert m["nfe_trained"] == 3 * epochs
+
+
+def test_update_passes_see_every_sample_once_each_with_fresh_sigmas(tmp_path):
+    from mixgrpo.models import MODELS
+    from mixgrpo.plan import build_plan
+    from mixgrpo.trainer import _update_shares, matching_batch
+
+    one, two = _cfg(tmp_path), _cfg(tmp_path, update_epochs=2)
+    shares = _update_shares(two, iteration=3, rank=0)
+    assert len(shares) == 4 and [torch.equal(a, b) for a, b in zip(shares, _update_shares(one, 3, 0))] == [True] * 2
+    for epoch in (shares[:2], shares[2:]):
+        assert sorted(torch.cat(epoch).tolist()) == list(range(8))
+    assert not all(torch.equal(a, b) for a, b in zip(shares[:2], shares[2:]))  # another split in pass 2
+    model = MODELS.get("gaussian")(size=4)
+    cond = model.encode_prompts(["a red circle"] * 8)
+    batch = matching_batch(model, torch.zeros(8, 3, 4, 4), cond, build_plan(two.sampler), two, list(range(8)),
+                           contextlib.nullcontext)
+    assert batch.sigma.shape == (8, 2) and not torch.equal(batch.sigma[:, 0], batch.sigma[:, 1])
 
 
 def test_resume_reproduces_the_uninterrupted_run_with_the_sampling_copy(tmp_path):
