@@ -233,12 +233,22 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     """(trainable weights, optimizer state), gathered to full CPU tensors; rank 0 gets them, other ranks get
     empty dicts when distributed. Keys are parameter names (frozen weights left out), so the state loads
     under any world size and strategy. Collective under FSDP: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    return (_trainable(model, get_model_state_dict(model, options=options)),
-            get_optimizer_state_dict(model, optimizer, options=options))
+    return full_weights(model, trainable_only=True), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def full_weights(module: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """The weights of `module` as full CPU tensors, keyed like `module.state_dict()`: on rank 0 (other ranks get
+    an empty dict when distributed). trainable_only: the parameters that require grad (a LoRA, not its frozen
+    base); else every parameter and persistent buffer (a whole transformer). Collective under FSDP: every rank
+    must call it, outside `unsharded` (whose gathered weights are not what FSDP's state dict reads)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(module, options=options)
+    return _trainable(module, state) if trainable_only else state
 
 
 def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

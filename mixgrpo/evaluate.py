@@ -17,6 +17,7 @@ import torch
 
 from mixgrpo.models.base import FlowModel, cond_to
 from mixgrpo.plan import Plan, Step
+from mixgrpo.progress import bar
 from mixgrpo.rollout import sample
 from mixgrpo.sampling import sigma_grid
 
@@ -57,19 +58,23 @@ class EvalResult:
 @torch.no_grad()
 def generate(model: FlowModel, prompts: Sequence[str], plan: Plan, images_per_prompt: int = 1, seed: int = 0,
              guidance_scale: float = 1.0, batch_size: int = 64, switch_model: FlowModel | None = None,
-             switch_at: int | None = None) -> torch.Tensor:
-    """[N, n, 3, H, W] images in [0, 1]: image j of prompt i starts from the noise of derive_seed(seed, i, j)."""
+             switch_at: int | None = None, desc: str = "sampling") -> torch.Tensor:
+    """[N, n, 3, H, W] images in [0, 1]: image j of prompt i starts from the noise of derive_seed(seed, i, j).
+    Batches of `batch_size` images (memory only: an image does not depend on its batch); a progress bar `desc`."""
     device = next(model.parameters()).device
     jobs = [(i, j) for i in range(len(prompts)) for j in range(images_per_prompt)]
     uncond_row = cond_to(model.encode_prompts([""]), device) if guidance_scale != 1.0 else None
     out = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        cond = cond_to(model.encode_prompts([prompts[i] for i, _ in chunk]), device)
-        uncond = None if uncond_row is None else {k: v.expand(len(chunk), *v.shape[1:]) for k, v in uncond_row.items()}
-        seeds = [derive_seed(seed, i, j) for i, j in chunk]
-        latents = sample(model, plan, cond, seeds, uncond, guidance_scale, switch_model, switch_at)
-        out.append(model.decode(latents).float().cpu())
+    with bar(total=len(jobs), desc=desc, unit="image") as progress:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            cond = cond_to(model.encode_prompts([prompts[i] for i, _ in chunk]), device)
+            uncond = None if uncond_row is None else {k: v.expand(len(chunk), *v.shape[1:])
+                                                      for k, v in uncond_row.items()}
+            seeds = [derive_seed(seed, i, j) for i, j in chunk]
+            latents = sample(model, plan, cond, seeds, uncond, guidance_scale, switch_model, switch_at)
+            out.append(model.decode(latents).float().cpu())
+            progress.update(len(chunk))
     images = torch.cat(out)
     return images.view(len(prompts), images_per_prompt, *images.shape[1:])
 
@@ -79,14 +84,15 @@ def score_images(rewards: RewardFns, images: torch.Tensor, prompts: Sequence[str
     n_prompts, n = images.shape[:2]
     flat_prompts = [p for p in prompts for _ in range(n)]
     flat = images.flatten(0, 1)
-    return {name: fn(flat, flat_prompts).float().view(n_prompts, n) for name, fn in rewards}
+    return {name: fn(flat, flat_prompts).float().view(n_prompts, n)
+            for name, fn in bar(iterable=rewards, desc="scoring", unit="reward")}
 
 
 def evaluate(model: FlowModel, prompts: Sequence[str], rewards: RewardFns, plan: Plan, images_per_prompt: int = 1,
              seed: int = 0, guidance_scale: float = 1.0, switch_model: FlowModel | None = None,
-             switch_at: int | None = None) -> EvalResult:
-    images = generate(model, prompts, plan, images_per_prompt, seed, guidance_scale,
-                      switch_model=switch_model, switch_at=switch_at)
+             switch_at: int | None = None, batch_size: int = 64, desc: str = "evaluation") -> EvalResult:
+    images = generate(model, prompts, plan, images_per_prompt, seed, guidance_scale, batch_size=batch_size,
+                      switch_model=switch_model, switch_at=switch_at, desc=desc)
     return EvalResult(list(prompts), images, score_images(rewards, images, prompts))
 
 

@@ -1,4 +1,4 @@
-"""Image files: grids of samples (Pillow) and line plots (matplotlib, headless)."""
+"""Image files: grids of samples captioned with their prompts (Pillow) and line plots (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+from mixgrpo.fileio import writing
 
 from mixgrpo.fileio import writing
 
@@ -28,19 +30,73 @@ def _save_atomic(img: Image.Image, path: str | Path) -> None:
         os.replace(tmp, path)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 1, pad: int = 1) -> None:
-    """Save [N, 3, H, W] images in [0, 1] as one PNG grid, `nrow` images per row, upscaled by `scale`."""
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 1, pad: int = 1,
+              captions: Sequence[str] | None = None) -> None:
+    """Save [N, 3, H, W] images in [0, 1] as one PNG grid, `nrow` images per row, upscaled by `scale`.
+
+    captions: one text per image (its prompt), written under it, wrapped to the tile's width (at most
+    CAPTION_LINES lines, the rest elided); tiles are then upscaled to at least CAPTION_MIN_WIDTH pixels so that
+    a caption line holds a few words.
+    """
     n, _, h, w = images.shape
+    if captions is not None:
+        if len(captions) != n:
+            raise ValueError(f"save_grid: {len(captions)} captions for {n} images")
+        scale = max(scale, math.ceil(CAPTION_MIN_WIDTH / w))
     ncol = min(nrow, n)
     rows = math.ceil(n / ncol)
     hs, ws = h * scale, w * scale
-    grid = Image.new("RGB", (ncol * (ws + pad) + pad, rows * (hs + pad) + pad), (255, 255, 255))
+    font = ImageFont.load_default(size=CAPTION_FONT_SIZE) if captions is not None else None
+    lines = [_wrap(c, font, ws) for c in captions] if captions is not None else [[] for _ in range(n)]
+    line_height = CAPTION_FONT_SIZE + 3
+    text_h = max((len(t) for t in lines), default=0) * line_height + (2 if captions is not None else 0)
+    cell_h = hs + text_h
+    grid = Image.new("RGB", (ncol * (ws + pad) + pad, rows * (cell_h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
     for i in range(n):
         tile = to_pil(images[i])
         if scale != 1:
             tile = tile.resize((ws, hs), Image.NEAREST)
-        grid.paste(tile, (pad + (i % ncol) * (ws + pad), pad + (i // ncol) * (hs + pad)))
+        x, y = pad + (i % ncol) * (ws + pad), pad + (i // ncol) * (cell_h + pad)
+        grid.paste(tile, (x, y))
+        for k, line in enumerate(lines[i]):
+            draw.text((x + 1, y + hs + 1 + k * line_height), line, fill=(0, 0, 0), font=font)
     _save_atomic(grid, path)
+
+
+CAPTION_LINES = 4
+CAPTION_MIN_WIDTH = 128
+CAPTION_FONT_SIZE = 11
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap of `text` to lines of at most `width` pixels; at most CAPTION_LINES, the last one
+    ending in "..." when the text does not fit (a word longer than a line is cut)."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if font.getlength(candidate) <= width - 2 or not line:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    if line:
+        lines.append(line)
+    lines = [_fit(t, font, width) for t in lines]
+    if len(lines) > CAPTION_LINES:
+        lines = lines[:CAPTION_LINES]
+        lines[-1] = _fit(lines[-1] + " ...", font, width, ellipsis=True)
+    return lines
+
+
+def _fit(line: str, font, width: int, ellipsis: bool = False) -> str:
+    """`line` cut to `width` pixels (ending in "..." when it was cut or `ellipsis`)."""
+    if font.getlength(line) <= width - 2 and not (ellipsis and not line.endswith("...")):
+        return line
+    while line and font.getlength(line + "...") > width - 2:
+        line = line[:-1]
+    return line.rstrip(". ") + "..."
 
 
 def _figure_saved(fig, path: str | Path) -> None:

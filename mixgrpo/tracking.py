@@ -1,7 +1,9 @@
 """Experiment trackers beside metrics.jsonl: TensorBoard when installed, Weights & Biases when asked for.
 
 metrics.jsonl stays the record of a run (resume truncates it to the checkpoint); trackers get a copy of
-every numeric metric of every iteration (step = iteration) and of each evaluation. Only rank 0 tracks.
+every numeric metric of every iteration (step = iteration) and of each evaluation, the sample grids of the
+evaluations as images, and the resolved config (TensorBoard: a text entry; W&B: the run's config). Only
+rank 0 tracks.
 
 - TensorBoard (`tensorboard: true`, the default): event files in RUN/tensorboard when the `tensorboard`
   package is installed (`pip install tensorboard`); silently off otherwise.
@@ -12,10 +14,14 @@ every numeric metric of every iteration (step = iteration) and of each evaluatio
 from __future__ import annotations
 
 import importlib.util
+import resource
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from mixgrpo.fileio import writing
 
@@ -35,6 +41,10 @@ class Trackers:
             self._tb_dir = run_dir / "tensorboard"
             with writing(self._tb_dir):
                 self._tb = SummaryWriter(str(self._tb_dir))
+                import yaml
+
+                text = yaml.safe_dump(config, sort_keys=False)
+                self._tb.add_text("config", "\n".join("    " + line for line in text.splitlines()))  # a code block
         if wandb_project:
             try:
                 import wandb
@@ -49,7 +59,7 @@ class Trackers:
 
     def log(self, record: dict[str, Any], step: int) -> None:
         scalars = {k: float(v) for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("iteration", "time/unix")}
         if self._tb is not None:
             with writing(self._tb_dir):  # the writer thread's error (a full disk) comes back here
                 for k, v in scalars.items():
@@ -57,6 +67,24 @@ class Trackers:
                 self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+
+    def log_image(self, tag: str, path: str | Path, step: int) -> None:
+        """A PNG file (a sample grid) as an image at `step`."""
+        if self._tb is None and self._wandb is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+        if self._tb is not None:
+            with writing(self._tb_dir):
+                self._tb.add_image(tag, array, step, dataformats="HWC")
+                self._tb.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(array)}, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -80,3 +108,17 @@ def _quiet_tensorboard_thread() -> None:
 
     hook.mixgrpo = True  # type: ignore[attr-defined]
     threading.excepthook = hook
+
+
+def resource_metrics(device: torch.device) -> dict[str, float]:
+    """What each metrics record carries besides the training numbers: "time/unix" (a timestamp, Unix seconds)
+    and the peak memory of this process: on CUDA "memory/peak_allocated_gib", the most tensor memory allocated
+    on its GPU since the previous call (which resets the peak); on the CPU "memory/peak_rss_gib", the process's
+    resident high-water mark since it started (the OS keeps no resettable peak)."""
+    out = {"time/unix": round(time.time(), 3)}
+    if device.type == "cuda":
+        out["memory/peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        out["memory/peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    return out

@@ -36,6 +36,7 @@ from mixgrpo.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_c
                                  load_sharded_checkpoint, read_state, save_checkpoint, save_sharded_checkpoint)
 from mixgrpo.config import ConfigError, RewardConfig, TrainConfig, save_config, to_dict
 from mixgrpo.evaluate import derive_seed, evaluate, ode_plan
+from mixgrpo.export import export_model
 from mixgrpo.fileio import writing
 from mixgrpo.flow_matching import awm_log_prob, forward_noise, nft_loss, optimality_probability, sample_sigmas
 from mixgrpo.grpo import combine_rewards, kl_to_reference, policy_loss
@@ -47,7 +48,7 @@ from mixgrpo.rewards import RewardError, build_reward
 from mixgrpo.rollout import Trajectory, guided_velocity, rollout
 from mixgrpo.rundir import claim, keep_records_before
 from mixgrpo.sampling import gaussian_log_prob, sde_mean_std
-from mixgrpo.tracking import Trackers
+from mixgrpo.tracking import Trackers, resource_metrics
 
 
 class TrainingError(RuntimeError):
@@ -567,7 +568,7 @@ def _eval_and_save(model, weights, prompts, rewards, cfg, tag: str | None, run_d
         res = evaluate(model, prompts, [(n, fn) for n, _, fn in rewards], plan, cfg.eval_images_per_prompt,
                        seed=cfg.seed + 1, guidance_scale=guidance)
     if dist.is_main() and tag is not None:
-        save_grid(res.images[:64, 0], run_dir / f"samples_{tag}.png", nrow=8, scale=2)
+        save_grid(res.images[:64, 0], run_dir / f"samples_{tag}.png", nrow=8, scale=2, captions=res.prompts[:64])
     return {f"eval/{k}": v["mean"] for k, v in res.summary().items()}
 
 
@@ -645,6 +646,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
                 _record_eval(run_dir / "eval.jsonl", iteration, held_out)
                 tracker.log(held_out, iteration)
                 if tag is not None:
+                    tracker.log_image("samples", run_dir / f"samples_{tag}.png", iteration)
                     dist.print0(f"{tag} training: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()))
 
     if start == 0 and eval_prompts:  # eval_num_prompts = 0 skips evaluation
@@ -732,7 +734,7 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
             record.update(dist.mean_over_ranks(local))  # every rank holds the same number of samples
             _warn_without_signal(record)
             record.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
-                           "time/iteration": t3 - t0})
+                           "time/iteration": t3 - t0, **resource_metrics(device)})
             if clock is not None:
                 update_calls, update_model_s = clock.take()
                 record.update({"model_calls/rollout": rollout_calls, "model_calls/update": update_calls,
@@ -773,13 +775,11 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
 
     if eval_prompts:
         evaluate_now(end, "after")
-    with dist.unsharded(model, cfg.parallel):  # FSDP: every rank gathers the weights, rank 0 exports
-        if dist.is_main():
-            _export(model, params, ema, run_dir / "final",
-                    sharded=cfg.parallel.strategy == "fsdp" and dist.world_size() > 1)
-            _write_summary(run_dir, cfg)
-            tracker.close()
-            dist.print0(f"run directory: {run_dir}")
+    export_model(model, run_dir / "final", ema.shadow if ema else None)  # every rank: FSDP shards are gathered
+    if dist.is_main():
+        _write_summary(run_dir, cfg)
+        tracker.close()
+        dist.print0(f"run directory: {run_dir}")
     _require_learning_signal(run_dir)
     return run_dir
 
@@ -857,34 +857,6 @@ def _restore(path: Path, model, params, optimizer, scheduler, ema, sampler) -> d
         if copy is not None and ckpt[name] is not None:
             copy.shadow = {n: t.float() for n, t in ckpt[name].items()}
     return ckpt["state"]
-
-
-def _export(model: FlowModel, params, ema: EMA | None, path: Path, sharded: bool = False) -> None:
-    """The final model, EMA weights when present: in the adapter's own format when it has one (loadable by
-    its factory), else diffusers' LoRA format or a diffusers transformer directory (stock pipelines load both)."""
-    if ema is not None:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(ema.shadow[n])
-    with writing(path):  # a full disk is reported as such, naming the path, whatever the format's library says
-        _write_model(model, path, sharded)
-
-
-def _write_model(model: FlowModel, path: Path, sharded: bool) -> None:
-    from mixgrpo.fileio import atomic_directory
-    from mixgrpo.models.lora import has_lora, save_full, save_lora
-
-    if has_lora(model.denoiser):  # only the adapter: the base weights are the user's own checkpoint
-        if sharded:  # peft's LoRA state dict holds FSDP shards here; gathering it needs every rank
-            dist.print0(f"note: a LoRA trained under FSDP on several ranks is not exported to {path}; its weights "
-                        f"are in the last checkpoint (checkpoints/iter_*/model.safetensors)")
-            return
-        save_lora(model, path)
-    elif hasattr(model, "save_pretrained"):
-        with atomic_directory(path) as tmp:  # a kill mid-export never leaves a half-written final model
-            model.save_pretrained(tmp)
-    else:
-        save_full(model.denoiser, path)
 
 
 def _append_json(path: Path, record: dict[str, Any]) -> None:

@@ -149,7 +149,7 @@ def reference(faults_dir):
 
 def _end_state(run: Path) -> dict:
     """What must not depend on interruptions: final weights, metrics without timings, evaluations."""
-    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))}  # noqa: E731
     return {"weights": load_file(run / "final" / "model.safetensors")["mu"],
             "checkpoint": load_checkpoint(latest_checkpoint(run))["model"]["mu"],
             "metrics": [drop(m) for m in read_metrics(run)],

@@ -75,7 +75,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     wr = load_checkpoint(latest_checkpoint(resumed))["model"]["mu"]
     assert torch.equal(wf, wr)
     mf, mr = read_metrics(full), read_metrics(resumed)
-    drop = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))}  # noqa: E731
     assert [drop(m) for m in mf] == [drop(m) for m in mr]
 
 
@@ -158,15 +158,29 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
 
     fake = type(sys)("wandb")
     fake.init = lambda **kw: inits.append(kw) or FakeRun()
+    fake.Image = lambda array: ("image", array.shape)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     run = train(_cfg(tmp_path, iterations=3, wandb_project="proj"), progress=False)
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     rewards = [(e.step, e.value) for e in events.Scalars("reward/brightness")]
     assert rewards == [(m["iteration"], pytest.approx(m["reward/brightness"])) for m in read_metrics(run)]
     assert [e.step for e in events.Scalars("eval/brightness")] == [0, 3]
+    # the sample grids before and after training, and the config
+    grids = [(e.step, e.height, e.width) for e in events.Images("samples")]
+    from PIL import Image
+
+    sizes = {tag: Image.open(run / f"samples_{tag}.png").size for tag in ("before", "after")}
+    assert grids == [(0, *sizes["before"][::-1]), (3, *sizes["after"][::-1])]
+    config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "iterations: 3" in config_text
     assert inits[0]["project"] == "proj" and inits[0]["config"]["iterations"] == 3
     steps = [s for s, v in logged[:-1] if "reward/brightness" in v]
     assert steps == [1, 2, 3] and logged[-1] == "finished"
+    assert [s for s, v in logged[:-1] if "samples" in v] == [0, 3]
+    # every record carries a timestamp and the peak memory, and they stay out of the tracked scalars
+    for m in read_metrics(run):
+        assert m["time/unix"] > 1.7e9 and m["memory/peak_rss_gib"] > 0
+    assert "time/unix" not in events.Tags()["scalars"] and "memory/peak_rss_gib" in events.Tags()["scalars"]
     # a resumed run continues the same W&B run
     train(_cfg(tmp_path, iterations=4, wandb_project="proj"), resume=True, progress=False)
     assert inits[1]["id"] == inits[0]["id"] == (run / "wandb_id").read_text().strip()

@@ -48,13 +48,14 @@ class GaussianFlow(FlowModel):
         image = ((x + 1) / 2).clamp(0, 1)
         return image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image[:, :3]
 
-    def save_pretrained(self, path) -> None:
+    def save_pretrained(self, path, state_dict: dict | None = None) -> None:
         from pathlib import Path
 
         from safetensors.torch import save_file
 
+        mu = (self.state_dict() if state_dict is None else state_dict)["mu"]
         Path(path).mkdir(parents=True, exist_ok=True)
-        save_file({"mu": self.mu.detach().contiguous()}, str(Path(path) / "model.safetensors"))
+        save_file({"mu": mu.detach().cpu().contiguous()}, str(Path(path) / "model.safetensors"))
 
 
 @MODELS.register("gaussian")

@@ -89,9 +89,11 @@ def _pipeline_class(transformer: nn.Module):
                     f"save_lora supports FluxTransformer2DModel and SD3Transformer2DModel")
 
 
-def save_lora(model: nn.Module, directory: str | Path) -> Path:
+def save_lora(model: nn.Module, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the LoRA of `model` (a FlowModel or its transformer) in diffusers' format to `directory`.
 
+    state_dict: the transformer's LoRA weights under its parameter names (e.g. gathered from FSDP shards by
+    `dist.full_weights`); default: read from the transformer itself.
     Load it with no mixgrpo code: `FluxPipeline.from_pretrained(base).load_lora_weights(directory)`
     (or StableDiffusion3Pipeline for SD3).
     """
@@ -101,7 +103,7 @@ def save_lora(model: nn.Module, directory: str | Path) -> Path:
     if not has_lora(transformer):
         raise ValueError("save_lora: the model has no LoRA adapter (full fine-tuning?); use save_full")
     state = {k: v.detach().cpu().contiguous() for k, v in
-             get_peft_model_state_dict(transformer, adapter_name=ADAPTER).items()}
+             get_peft_model_state_dict(transformer, state_dict=state_dict, adapter_name=ADAPTER).items()}
     # The peft config (rank, alpha, targets) travels in the file's metadata: without it diffusers would
     # assume alpha = rank and scale the update wrongly.
     metadata = transformer.peft_config[ADAPTER].to_dict()
@@ -166,9 +168,23 @@ def save_full(transformer: nn.Module, directory: str | Path, state_dict: dict[st
                                                max_shard_size=max_shard_size)
     with atomic_directory(directory) as tmp:
         transformer.save_config(tmp)
+        _unwrap_class_name(transformer, tmp / "config.json")
         for filename, names in split.filename_to_tensors.items():
             save_file({n: state[n] for n in names}, str(tmp / filename), metadata={"format": "pt"})
         if split.is_sharded:
             index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
             (tmp / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return Path(directory)
+
+
+def _unwrap_class_name(transformer: nn.Module, config_file: Path) -> None:
+    """FSDP2 turns a FluxTransformer2DModel into an "FSDPFluxTransformer2DModel" subclass, and save_config
+    writes that name; stock loaders expect the diffusers class name, so the config gets it back."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(transformer, FSDPModule):
+        return
+    cls = next(c for c in type(transformer).__mro__ if not issubclass(c, FSDPModule))
+    config = json.loads(config_file.read_text())
+    config["_class_name"] = cls.__name__
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -73,8 +73,8 @@ class TinyModel(FluxAdapter):
 
     config: "TinyConfig"
 
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        return save_tiny(self, path)
+    def save_pretrained(self, path: str | os.PathLike, state_dict: dict | None = None) -> Path:
+        return save_tiny(self, path, state_dict)
 
 
 def build_tiny(config: TinyConfig = TinyConfig(), text_encoder: MiniLMEncoder | None = None) -> FluxAdapter:
@@ -105,14 +105,16 @@ def build_tiny(config: TinyConfig = TinyConfig(), text_encoder: MiniLMEncoder | 
     return model.eval()
 
 
-def save_tiny(model: FluxAdapter, path: str | os.PathLike) -> Path:
+def save_tiny(model: FluxAdapter, path: str | os.PathLike, state_dict: dict | None = None) -> Path:
     """Write config.json + model.safetensors (the transformer's weights) to directory `path`, atomically:
-    everything goes to a temporary sibling directory that is renamed into place at the end."""
+    everything goes to a temporary sibling directory that is renamed into place at the end.
+    state_dict: the transformer's weights to write (e.g. gathered from FSDP shards); default its own."""
     from safetensors.torch import save_file
 
     path = Path(path)
     config: TinyConfig = model.config
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.transformer.state_dict().items()}
+    state = model.transformer.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     with atomic_directory(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")

@@ -1,0 +1,248 @@
+"""A run's result in the formats stock diffusers pipelines load, and the way back from a run directory.
+
+Export (`export_model`, a collective: every rank calls it). The weights are gathered from every rank, FSDP
+shards included (`dist.full_weights`), and rank 0 writes them atomically:
+- a LoRA run: diffusers' LoRA format (`pytorch_lora_weights.safetensors`, rank and alpha in its metadata),
+  which `FluxPipeline.load_lora_weights` / `StableDiffusion3Pipeline.load_lora_weights` read;
+- a full fine-tune: the adapter's own format when it has one (`save_pretrained(dir, state_dict)`: the tiny
+  model's config.json + model.safetensors), else a diffusers transformer directory
+  (`FluxTransformer2DModel.from_pretrained(dir)`, `SD3Transformer2DModel.from_pretrained(dir)`).
+`mixgrpo export` writes the same files from a checkpoint (full or sharded, written under any world size), so a
+run that stopped before its end still delivers its model.
+
+Loading (`load_run`): the base model is rebuilt from the run's config.yaml (model.name and model.args, with
+device / dtype / resolution overrides), then the fine-tuned weights go in: final/ (`load_export`) or a
+checkpoint (`load_checkpoint_weights`). `mixgrpo sample`, `eval` and `export` load runs this way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from mixgrpo import dist
+from mixgrpo.checkpoint import CheckpointError, MARKER, is_sharded_checkpoint, latest_checkpoint, load_checkpoint
+from mixgrpo.fileio import atomic_directory, writing
+from mixgrpo.models.base import MODELS, FlowModel
+
+RUN_CONFIG = "config.yaml"
+FINAL = "final"
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def export_model(model: FlowModel, path: str | Path, ema: dict[str, torch.Tensor] | None = None) -> Path | None:
+    """Write the fine-tuned model to `path` (see the module docstring for the formats); returns `path` on
+    rank 0, None elsewhere. ema: weights (parameter name -> tensor) that replace the trainable ones first.
+    Collective: every rank calls it, outside `dist.unsharded`."""
+    from mixgrpo.models.lora import has_lora, save_full, save_lora
+
+    if ema is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in ema:
+                    param.copy_(ema[name])
+    lora = has_lora(model.denoiser)
+    state = dist.full_weights(model.denoiser, trainable_only=lora)  # a LoRA: only the adapter, not the base
+    if not dist.is_main():
+        return None
+    path = Path(path)
+    with writing(path):  # a full disk is reported as such, naming the path, whatever the format's library says
+        if lora:
+            save_lora(model, path, state_dict=state)
+        elif hasattr(model, "save_pretrained"):
+            with atomic_directory(path) as tmp:  # a kill mid-export never leaves a half-written model
+                model.save_pretrained(tmp, state_dict=state)
+        else:
+            save_full(model.denoiser, path, state_dict=state)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / RUN_CONFIG).is_file()
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """A checkpoint of a run: RUN/checkpoints/iter_N (complete)."""
+    path = Path(path)
+    return (path / MARKER).is_file() and (path / "state.json").is_file() and is_run_dir(path.parent.parent)
+
+
+def run_config(run_dir: str | Path):
+    """The TrainConfig a run was trained with (its config.yaml)."""
+    from mixgrpo.config import load_config
+
+    return load_config(Path(run_dir) / RUN_CONFIG)
+
+
+def accepts(factory: Callable, name: str) -> bool:
+    """Whether a model factory takes keyword argument `name`."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def build_model(name: str, args: dict[str, Any], device: str | None = None, dtype: str | None = None,
+                resolution: tuple[int, int] | None = None, text_encoder: Any = None) -> FlowModel:
+    """A registered model from its factory arguments, in eval mode, with optional overrides: device and dtype go
+    to the factory when it takes them (flux, sd3) and are applied to the built model otherwise; a resolution
+    (height, width) needs a factory that takes height and width. text_encoder: an already loaded one to share
+    (for factories that accept it), e.g. between a fine-tuned model and its base in hybrid inference."""
+    from mixgrpo.dtypes import parse_dtype
+
+    factory = MODELS.get(name)
+    args = dict(args)
+    if resolution is not None:
+        if not (accepts(factory, "height") and accepts(factory, "width")):
+            raise ValueError(f"model {name!r} has a fixed resolution (its factory takes no height/width): drop "
+                             f"--resolution")
+        args["height"], args["width"] = resolution
+    for key, value in (("device", device), ("dtype", dtype)):
+        if value is not None and accepts(factory, key):
+            args[key] = value
+    if text_encoder is not None and accepts(factory, "text_encoder") and not args.get("embedding_cache"):
+        args["text_encoder"] = text_encoder
+    try:
+        model = factory(**args)
+    except TypeError as e:
+        raise ValueError(f"model.args do not fit model {name!r}: {e}") from None
+    if device is not None and not accepts(factory, "device"):
+        model = model.to(device)
+    if dtype is not None and not accepts(factory, "dtype"):
+        model = model.to(parse_dtype(dtype))
+    return model.eval()
+
+
+def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: str | None = None,
+             dtype: str | None = None, resolution: tuple[int, int] | None = None,
+             text_encoder: Any = None) -> FlowModel:
+    """A run's model: its base (model.name and model.args of RUN/config.yaml) with the fine-tuned weights of
+    `weights` put in: "final" (RUN/final, an export), a checkpoint directory, or None for the base alone.
+    device, dtype, resolution, text_encoder: as `build_model`. In eval mode, nothing trainable."""
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    model = build_model(cfg.model.name, cfg.model.args, device, dtype, resolution, text_encoder)
+    if weights is not None:
+        source = run_dir / weights if str(weights) == FINAL else Path(weights)
+        if is_checkpoint_dir(source):
+            if cfg.lora.rank > 0:
+                from mixgrpo.models.lora import apply_lora
+
+                apply_lora(model.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha or cfg.lora.rank,
+                           target_modules=list(cfg.lora.target_modules))
+            load_checkpoint_weights(model, source)
+        else:
+            load_export(model, source)
+    return model.eval().requires_grad_(False)
+
+
+def final_or_latest(run_dir: str | Path) -> Path:
+    """RUN/final, or the latest complete checkpoint when the run has no final/ (it stopped before its end)."""
+    run_dir = Path(run_dir)
+    if (run_dir / FINAL).is_dir():
+        return run_dir / FINAL
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise ValueError(f"run {run_dir} has no final/ and no complete checkpoint: it has no fine-tuned model yet")
+    return latest
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    from mixgrpo.models.lora import WEIGHTS_PATTERN
+
+    diffusers = sorted(directory.glob(WEIGHTS_PATTERN.format(suffix="*")))
+    return diffusers or [f for f in (directory / "model.safetensors",) if f.is_file()]
+
+
+def load_export(model: FlowModel, directory: str | Path) -> FlowModel:
+    """Put an export (LoRA, diffusers transformer directory, or an adapter's own model.safetensors) into
+    `model.denoiser`; every weight must match by name and shape."""
+    from safetensors.torch import load_file
+
+    from mixgrpo.models.lora import LORA_WEIGHTS_NAME, load_lora
+
+    directory = Path(directory)
+    if (directory / LORA_WEIGHTS_NAME).is_file():
+        load_lora(model.denoiser, directory)
+        return model
+    files = _weight_files(directory)
+    if not files:
+        raise ValueError(f"{directory} holds no exported model (no {LORA_WEIGHTS_NAME}, no "
+                         f"diffusion_pytorch_model*.safetensors, no model.safetensors): export one with "
+                         f"`mixgrpo export --run RUN`")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    _load_matching(model.denoiser, state, str(directory))
+    return model
+
+
+def _load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                   strict: bool = True) -> None:
+    """module.load_state_dict(state) after a check that names the first mismatches in one line.
+    strict=False: `state` may cover only part of the module (trainable weights of a checkpoint)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state)) if strict else []
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{len(v)} {what} (e.g. {v[0]!r})" for what, v in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
+        raise ValueError(f"the weights in {source} do not fit the model ({', '.join(parts)}): they are from another "
+                         f"model or size; use the run directory they belong to")
+    module.load_state_dict(state, strict=strict)
+
+
+def load_checkpoint_weights(model: FlowModel, checkpoint: str | Path, ema: bool = True) -> FlowModel:
+    """Put a checkpoint's trainable weights (EMA weights when it has them and `ema`) into `model`, which must
+    have the run's trainable layout (the LoRA adapter added for a LoRA run). Full and sharded checkpoints,
+    written under any world size, are read by one process."""
+    checkpoint = Path(checkpoint)
+    params = dict(model.named_parameters())
+    if is_sharded_checkpoint(checkpoint):
+        import torch.distributed.checkpoint as dcp
+
+        names = _checkpoint_names(model)
+        key = "ema" if ema and _dcp_has(checkpoint, "ema") else "model"
+        state = {key: {n: params[n].detach() for n in names}}  # loaded in place (DCP reshards to one process)
+        try:
+            dcp.load(state, checkpoint_id=checkpoint / "dcp")
+        except Exception as e:  # noqa: BLE001  (DCP raises many kinds for a mismatching checkpoint)
+            raise CheckpointError(f"sharded checkpoint {checkpoint} does not fit the run's model "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        return model
+    ckpt = load_checkpoint(checkpoint)
+    weights = ckpt["ema"] if ema and ckpt["ema"] is not None else ckpt["model"]
+    missing = [n for n in _checkpoint_names(model) if n not in weights]
+    if missing:
+        raise CheckpointError(f"checkpoint {checkpoint} lacks {len(missing)} weights of the run's model (e.g. "
+                              f"{missing[0]!r}): it is from another model configuration")
+    _load_matching(model, weights, str(checkpoint), strict=False)
+    return model
+
+
+def _checkpoint_names(model: FlowModel) -> list[str]:
+    """The parameter names a checkpoint holds: the LoRA weights of a LoRA model, else the denoiser's."""
+    from mixgrpo.models.lora import has_lora
+
+    lora = has_lora(model.denoiser)
+    denoiser = {id(p) for p in model.denoiser.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in denoiser and (not lora or ".lora_" in n)]
+
+
+def _dcp_has(checkpoint: Path, key: str) -> bool:
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(checkpoint / "dcp")).read_metadata()
+    return any(k.startswith(f"{key}.") for k in metadata.state_dict_metadata)
