@@ -1,4 +1,4 @@
-"""The `mixgrpo` command: train, pretrain, sample, eval, preprocess, bench.
+"""The `mixgrpo` command: train, sample, eval, export, preprocess, pretrain.
 
     mixgrpo train --config configs/mixgrpo.yaml [key.sub=value ...] [--resume]
     torchrun --nproc_per_node 8 -m mixgrpo train --config configs/flux_mixgrpo.yaml
@@ -52,33 +52,122 @@ def _default_config() -> str:
     return str(files("mixgrpo") / "configs" / "mixgrpo.yaml")
 
 
-def _resolve_model(name: str, path: str | None):
-    """A model from a registered name and optional path; a run directory resolves to its final model."""
-    from mixgrpo.config import read_yaml
-    from mixgrpo.models import MODELS
+def _run_of(path: str | None) -> Path | None:
+    """The run directory a model path belongs to: the run itself, one of its checkpoints, or an export inside it
+    (RUN/final); None for a plain model directory."""
+    from mixgrpo.export import is_checkpoint_dir, is_run_dir
 
-    args = {}
-    if path:
+    if not path or path == "base":
+        return None
+    p = Path(path)
+    if is_run_dir(p):
+        return p
+    if is_checkpoint_dir(p):
+        return p.parent.parent
+    if p.is_dir() and is_run_dir(p.parent):
+        return p.parent
+    return None
+
+
+class ModelLoader:
+    """Loads the models a sample / eval command names: a run directory (its base from config.yaml + final/, or
+    the latest checkpoint when the run did not finish), a checkpoint (RUN/checkpoints/iter_N), an export inside a
+    run (RUN/final), a model directory of --model, or "base": the base model of the run among the paths (else
+    --model's registered default). --device, --dtype and --resolution apply to every model; a run's sampling
+    settings (steps, shift, guidance) are the defaults when the command does not give them."""
+
+    def __init__(self, args: argparse.Namespace, paths: list[str | None], prompts: list[str]):
+        self.args, self.prompts = args, prompts
+        self.run = next((r for r in map(_run_of, paths) if r is not None), None)
+        self.device = args.device or _default_device()
+        self.resolution = _parse_resolution(args.resolution)
+        self._text_encoders: dict[Path, object] = {}  # run -> text encoder, shared by its models (hybrid)
+        cfg = None
+        if self.run is not None:
+            from mixgrpo.export import run_config
+
+            cfg = run_config(self.run)
+        defaults = {"steps": cfg.sampler.num_steps if cfg else 25, "shift": cfg.sampler.shift if cfg else 3.0,
+                    "guidance": (cfg.guidance_scale if cfg.eval_guidance_scale < 0 else cfg.eval_guidance_scale)
+                    if cfg else 1.0}
+        taken = [f"{k} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
+        for key, value in defaults.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        if cfg is not None and taken:
+            print(f"sampling settings of run {self.run}: {', '.join(taken)} (override with --steps, --shift, "
+                  f"--guidance)", flush=True)
+
+    def load(self, path: str | None):
+        """The model of `path` (see the class docstring)."""
+        from mixgrpo.export import build_model, final_or_latest, load_run
+
+        if path in (None, "base"):
+            if self.run is not None:
+                return self._load_run(self.run, None)
+            try:
+                return build_model(self.args.model, {}, self.device, self.args.dtype, self.resolution)
+            except ValueError as e:
+                if "path" not in str(e):
+                    raise
+                raise UsageError(f"'base' is the base model of a run, and no run directory was given; model "
+                                 f"{self.args.model!r} has no built-in base: give its pipeline directory instead of "
+                                 f"'base', or a run directory") from None
         p = Path(path)
-        if (p / "config.yaml").is_file() and (p / "final").is_dir():  # a run directory
-            run_cfg = read_yaml(p / "config.yaml")
-            name = run_cfg.get("model", {}).get("name", name)
-            args = dict(run_cfg.get("model", {}).get("args", {}))
-            p = p / "final"
-        elif not p.exists():
+        run = _run_of(path)
+        if run is not None:
+            return self._load_run(run, final_or_latest(run) if p == run else p)
+        if not p.exists():
             raise UsageError(f"model path {path!r} does not exist: give a model directory or a run directory")
-        args["path"] = str(p)
-    from safetensors import SafetensorError
+        from safetensors import SafetensorError
 
-    factory = MODELS.get(name)
+        try:
+            return build_model(self.args.model, {"path": str(p)}, self.device, self.args.dtype, self.resolution)
+        except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
+            raise UsageError(f"cannot load model {self.args.model!r} from {path!r} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0]}): the files are corrupted or from another model or size; "
+                             f"pass the matching --model, or the run directory itself") from e
+
+    def _load_run(self, run: Path, weights: Path | None):
+        from mixgrpo.export import load_run, run_config
+
+        if weights is not None and weights.name != "final":
+            print(f"{run}: loading the weights of {weights}", flush=True)
+        overrides = {}
+        cache = run_config(run).model.args.get("embedding_cache")
+        if cache:  # the cache serves the run's prompts; other prompts need the model's own text encoders
+            from mixgrpo.preprocess import EmbeddingCache
+
+            wanted = set(self.prompts) | ({""} if self.args.guidance != 1.0 else set())
+            missing = [p for p in wanted if p not in EmbeddingCache(cache)]
+            if missing:
+                print(f"{len(missing)} prompts are not in the run's embedding cache {cache}: loading the text "
+                      f"encoders instead", flush=True)
+                overrides["embedding_cache"] = None
+        model = load_run(run, weights, self.device, self.args.dtype, self.resolution,
+                         text_encoder=self._text_encoders.get(run), args=overrides)
+        self._text_encoders.setdefault(run, model.text_encoder if hasattr(model, "text_encoder") else None)
+        return model
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _parse_resolution(text: str | None) -> tuple[int, int] | None:
+    """'512' -> (512, 512); '720x1280' -> (720, 1280) (height x width)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
     try:
-        return factory(**args).eval()
-    except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
-        if not path:
-            raise
-        raise UsageError(f"cannot load model {name!r} from {path!r} ({type(e).__name__}: {str(e).splitlines()[0]}): "
-                         f"the files are corrupted or from another model or size; pass the matching --model, "
-                         f"or the run directory itself") from e
+        values = [int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise UsageError(f"--resolution {text!r}: give SIZE or HEIGHTxWIDTH in pixels, e.g. 512 or 720x1280")
+    return (values[0], values[-1])
 
 
 def _sampling_plan(args: argparse.Namespace):
@@ -106,26 +195,32 @@ def _prompts_from(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _sample(args: argparse.Namespace) -> None:
-    from mixgrpo.evaluate import generate
+def _save_images(images, prompts: list[str], out: Path, grid_name: str = "grid.png") -> None:
+    """images [N, n, 3, H, W]: OUT/NNNN_JJ.png per image and a grid captioned with the prompts."""
     from mixgrpo.images import save_grid, to_pil
 
-    model = _resolve_model(args.model, args.path)
-    base = None
-    if args.base_path:  # "base" = the registered default model (e.g. the shipped tiny base)
-        base = _resolve_model(args.model, None if args.base_path == "base" else args.base_path)
-    plan = _sampling_plan(args)
-    switch_at = round(args.p_mix * len(plan.steps)) if base is not None else None
-    prompts = _prompts_from(args)
-    images = generate(model, prompts, plan, args.num_images, args.seed, args.guidance,
-                      switch_model=base, switch_at=switch_at)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, prompt in enumerate(prompts):
+    for i in range(images.shape[0]):
         for j in range(images.shape[1]):
             to_pil(images[i, j]).save(out / f"{i:04d}_{j:02d}.png")
-    save_grid(images.flatten(0, 1), out / "grid.png", nrow=args.num_images if args.num_images > 1 else 8,
-              scale=max(1, 128 // images.shape[-1]))
+    n = images.shape[1]
+    save_grid(images.flatten(0, 1), out / grid_name, nrow=n if n > 1 else 8, scale=max(1, 128 // images.shape[-1]),
+              captions=[p for p in prompts for _ in range(n)])
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from mixgrpo.evaluate import generate
+
+    prompts = _prompts_from(args)
+    loader = ModelLoader(args, [args.path, args.base_path], prompts)
+    model = loader.load(args.path)
+    base = loader.load(args.base_path) if args.base_path else None  # hybrid: the base takes the last steps
+    plan = _sampling_plan(args)
+    switch_at = round(args.p_mix * len(plan.steps)) if base is not None else None
+    images = generate(model, prompts, plan, args.num_images, args.seed, args.guidance, batch_size=args.batch_size,
+                      switch_model=base, switch_at=switch_at)
+    out = Path(args.out)
+    _save_images(images, prompts, out)
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     print(f"wrote {images.shape[0] * images.shape[1]} images and grid.png to {out}"
           + (f" (hybrid: fine-tuned for steps 0-{switch_at - 1}, base after)" if base is not None else ""))
@@ -140,29 +235,75 @@ def _eval(args: argparse.Namespace) -> None:
     specs = [_reward_spec(r) for r in args.reward or ["verifier:score=strict", "verifier"]]
     rewards = [(label, fn) for label, _, fn in build_rewards(specs)]
     prompts = _prompts_from(args)
+    entries = _model_entries(args.models)
+    hybrid = _model_entries([args.hybrid])[0] if args.hybrid else None
+    loader = ModelLoader(args, [path for _, path in entries] + ([hybrid[1]] if hybrid else []), prompts)
     plan = _sampling_plan(args)
+    out = Path(args.out)
     results = {}
     base = None
-    for label, path in _model_entries(args.models):
-        model = _resolve_model(args.model, None if path == "base" else path)
+    for label, path in entries:
+        model = loader.load(path)
         if label == "base" or path == "base":
             base = model
-        results[label] = evaluate(model, prompts, rewards, plan, args.num_images, args.seed, args.guidance)
+        results[label] = evaluate(model, prompts, rewards, plan, args.num_images, args.seed, args.guidance,
+                                  batch_size=args.batch_size, desc=f"{label}: sampling")
         print(f"{label}: " + ", ".join(f"{k} {v['mean']:.4f} ± {v['ci95']:.4f}"
                                         for k, v in results[label].summary().items()), flush=True)
-    if args.hybrid:
+    if hybrid is not None:
         if base is None:
             raise UsageError("--hybrid needs a model labelled base (e.g. base=base) among the models")
-        path = _model_entries([args.hybrid])[0][1]
-        tuned = _resolve_model(args.model, path)
+        tuned = loader.load(hybrid[1])
         switch_at = round(args.p_mix * len(plan.steps))
-        results[f"hybrid p_mix={args.p_mix}"] = evaluate(tuned, prompts, rewards, plan, args.num_images, args.seed,
-                                                          args.guidance, switch_model=base, switch_at=switch_at)
-        print("hybrid: " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in
-                                      results[f"hybrid p_mix={args.p_mix}"].summary().items()), flush=True)
-    report = write_report(results, args.out)
+        label = f"hybrid p_mix={args.p_mix}"
+        results[label] = evaluate(tuned, prompts, rewards, plan, args.num_images, args.seed, args.guidance,
+                                  switch_model=base, switch_at=switch_at, batch_size=args.batch_size,
+                                  desc="hybrid: sampling")
+        print("hybrid: " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in results[label].summary().items()), flush=True)
+    report = write_report(results, out)
+    if args.save_images:
+        for i, (label, res) in enumerate(results.items()):
+            _save_images(res.images, res.prompts, out / "images" / f"{i:02d}_{_safe_name(label)}")
     print(report.read_text())
-    print(f"per-image scores: {Path(args.out) / 'scores.jsonl'}")
+    print(f"per-image scores: {out / 'scores.jsonl'}"
+          + (f"; images and captioned grids: {out / 'images'}" if args.save_images else ""))
+
+
+def _safe_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from mixgrpo.checkpoint import complete_checkpoints, latest_checkpoint
+    from mixgrpo.export import FINAL, export_model, is_run_dir, load_run
+
+    run = Path(args.run)
+    if not is_run_dir(run):
+        raise UsageError(f"--run {args.run!r} is not a run directory (no config.yaml): give the out_dir of a run")
+    if args.checkpoint:
+        checkpoint = run / "checkpoints" / args.checkpoint
+        if not checkpoint.is_dir():
+            names = [c.name for c in complete_checkpoints(run)]
+            raise UsageError(f"{run} has no checkpoint {args.checkpoint!r}; its complete checkpoints: "
+                             f"{', '.join(names) or 'none'}")
+    else:
+        checkpoint = latest_checkpoint(run)
+        if checkpoint is None:
+            raise UsageError(f"{run} has no complete checkpoint to export")
+    out = Path(args.out) if args.out else run / FINAL
+    if out.exists():
+        raise UsageError(f"{out} already exists: pass --out DIR to write the export elsewhere")
+    model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(), ema=not args.no_ema)
+    export_model(model, out)
+    print(f"exported {checkpoint} to {out}")
+
+
+class _NoTextEncoder:
+    """Stands in for the text encoders when exporting: the weights are all that is read, so T5 & co. are
+    never loaded."""
+
+    def encode(self, prompts):
+        raise RuntimeError("export needs no text encoder")
 
 
 def _reward_spec(text: str):
@@ -200,27 +341,36 @@ def _preprocess(args: argparse.Namespace) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="registered base-model name (default: tiny)")
+    p.add_argument("--model", default="tiny", help="registered base-model name for model directories and 'base' "
+                                                   "(default: tiny; a run directory knows its own model)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv) or world:train / world:heldout")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--shift", type=float, default=3.0)
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sampler.num_steps, else 25)")
+    p.add_argument("--shift", type=float, help="sigma-grid shift (default: the run's sampler.shift, else 3)")
     p.add_argument("--plan", default="ode", help="'ode' (default) or an algorithm preset, e.g. mixgrpo_flash")
     p.add_argument("--iteration", type=int, default=0, help="training iteration that places the plan's window")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the run's "
+                                                  "evaluation guidance, else 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--p-mix", type=float, default=0.8,
                    help="hybrid inference: fraction of the steps run by the fine-tuned model (default 0.8)")
+    p.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", help="weights dtype: bfloat16, float16 or float32 (default: the run's model.args.dtype)")
+    p.add_argument("--resolution", help="SIZE or HEIGHTxWIDTH in pixels (default: the run's model.args height and "
+                                        "width; FLUX / SD3 only)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (memory only; default 16)")
 
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
     """Values argparse's types let through but sampling cannot use; checked before any model loads."""
+    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance")}  # the run's values come later
     checks = [(args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
-              (args.steps >= 1, "--steps", args.steps, "an integer >= 1"),
-              (args.shift > 0, "--shift", args.shift, "a positive number"),
+              (unset["steps"] or args.steps >= 1, "--steps", args.steps, "an integer >= 1"),
+              (unset["shift"] or args.shift > 0, "--shift", args.shift, "a positive number"),
               (args.iteration >= 0, "--iteration", args.iteration, "an integer >= 0"),
-              (args.guidance >= 1, "--guidance", args.guidance, "a number >= 1 (1 = no guidance)"),
+              (unset["guidance"] or args.guidance >= 1, "--guidance", args.guidance, "a number >= 1 (1 = no guidance)"),
+              (args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
               (0 <= args.p_mix <= 1, "--p-mix", args.p_mix,
                "a fraction in [0, 1] (the share of the steps the fine-tuned model runs)")]
     for ok, flag, value, want in checks:
@@ -268,22 +418,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="prompts in, images out (any plan, hybrid inference)", allow_abbrev=False)
     _add_sampling_args(p)
-    p.add_argument("--path", help="model directory, or a run directory (uses its final model)")
-    p.add_argument("--base-path", help="hybrid inference: the base model for the last (1 - p_mix) of the steps: "
-                                       "a model directory, or 'base' for the registered default (the shipped base)")
+    p.add_argument("--path", help="a run directory (its base model + final/), a checkpoint of a run "
+                                  "(RUN/checkpoints/iter_N), or a model directory of --model")
+    p.add_argument("--base-path", help="hybrid inference: the model for the last (1 - p_mix) of the steps: 'base' "
+                                       "(the run's base model; without a run, --model's default) or a path")
     p.add_argument("--out", default="samples")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("eval", help="score models on a prompt set with rewards; markdown table with 95%% CIs",
                        allow_abbrev=False)
     _add_sampling_args(p)
-    p.add_argument("models", nargs="+", help="LABEL=PATH entries (PATH = model or run directory; 'base' = the "
-                                             "registered default), e.g. base=base tuned=runs/mixgrpo")
+    p.add_argument("models", nargs="+", help="LABEL=PATH entries (PATH: a run directory, a checkpoint, a model "
+                                             "directory, or 'base': the run's base model), e.g. base=base "
+                                             "tuned=runs/mixgrpo")
     p.add_argument("--reward", action="append",
                    help="reward NAME or NAME:key=value,key=value (repeatable; default: verifier strict + dense)")
     p.add_argument("--hybrid", help="also evaluate hybrid inference of this fine-tuned model with the base")
+    p.add_argument("--save-images", action="store_true",
+                   help="also write every image and a captioned grid per model to OUT/images/")
     p.add_argument("--out", default="eval")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="write a run's checkpoint as the final model (diffusers' formats)")
+    p.add_argument("--run", required=True, help="the run directory")
+    p.add_argument("--checkpoint", help="iter_N under RUN/checkpoints (default: the latest complete one); full "
+                                        "or sharded, written under any world size")
+    p.add_argument("--out", help="directory to write (default: RUN/final, when it does not exist yet)")
+    p.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
+    p.set_defaults(func=_export)
 
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
                            ("preprocess", _preprocess, "encode a prompt file into an embedding cache")):
@@ -328,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + e.signum
         if args.debug or not _is_user_error(e):
             raise
-        print(f"error: {_error_line(e, args.command)}", file=sys.stderr)
+        for line in _error_line(e, args.command).splitlines() or [type(e).__name__]:  # pre-flight: one line each
+            print(f"error: {line}", file=sys.stderr)
         return 2
     return 0
 

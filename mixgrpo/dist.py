@@ -89,6 +89,15 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(values, (t / world_size()).tolist()))
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` (any picklable value) on every rank; identity at world size 1."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         torch_dist.barrier()

@@ -40,7 +40,7 @@ def export_model(model: FlowModel, path: str | Path, ema: dict[str, torch.Tensor
     """Write the fine-tuned model to `path` (see the module docstring for the formats); returns `path` on
     rank 0, None elsewhere. ema: weights (parameter name -> tensor) that replace the trainable ones first.
     Collective: every rank calls it, outside `dist.unsharded`."""
-    from mixgrpo.models.lora import has_lora, save_full, save_lora
+    from mixgrpo.models.lora import has_lora, lora_parameters, save_full, save_lora
 
     if ema is not None:
         with torch.no_grad():
@@ -48,6 +48,9 @@ def export_model(model: FlowModel, path: str | Path, ema: dict[str, torch.Tensor
                 if name in ema:
                     param.copy_(ema[name])
     lora = has_lora(model.denoiser)
+    if lora:  # the gather selects the adapter by requires_grad (a model loaded for inference has it off)
+        for param in lora_parameters(model.denoiser, trainable_only=False):
+            param.requires_grad_(True)
     state = dist.full_weights(model.denoiser, trainable_only=lora)  # a LoRA: only the adapter, not the base
     if not dist.is_main():
         return None
@@ -125,23 +128,24 @@ def build_model(name: str, args: dict[str, Any], device: str | None = None, dtyp
 
 
 def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: str | None = None,
-             dtype: str | None = None, resolution: tuple[int, int] | None = None,
-             text_encoder: Any = None) -> FlowModel:
-    """A run's model: its base (model.name and model.args of RUN/config.yaml) with the fine-tuned weights of
-    `weights` put in: "final" (RUN/final, an export), a checkpoint directory, or None for the base alone.
+             dtype: str | None = None, resolution: tuple[int, int] | None = None, text_encoder: Any = None,
+             args: dict[str, Any] | None = None, ema: bool = True) -> FlowModel:
+    """A run's model: its base (model.name and model.args of RUN/config.yaml, updated by `args`) with the
+    fine-tuned weights of `weights` put in: "final" (RUN/final, an export), a checkpoint directory (its EMA
+    weights when it has them and `ema`), another export directory, or None for the base alone.
     device, dtype, resolution, text_encoder: as `build_model`. In eval mode, nothing trainable."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
-    model = build_model(cfg.model.name, cfg.model.args, device, dtype, resolution, text_encoder)
+    model = build_model(cfg.model.name, {**cfg.model.args, **(args or {})}, device, dtype, resolution, text_encoder)
     if weights is not None:
-        source = run_dir / weights if str(weights) == FINAL else Path(weights)
+        source = run_dir / FINAL if str(weights) == FINAL else Path(weights)
         if is_checkpoint_dir(source):
             if cfg.lora.rank > 0:
                 from mixgrpo.models.lora import apply_lora
 
                 apply_lora(model.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha or cfg.lora.rank,
                            target_modules=list(cfg.lora.target_modules))
-            load_checkpoint_weights(model, source)
+            load_checkpoint_weights(model, source, ema=ema)
         else:
             load_export(model, source)
     return model.eval().requires_grad_(False)
@@ -172,18 +176,25 @@ def load_export(model: FlowModel, directory: str | Path) -> FlowModel:
 
     from mixgrpo.models.lora import LORA_WEIGHTS_NAME, load_lora
 
+    from safetensors import SafetensorError
+
     directory = Path(directory)
-    if (directory / LORA_WEIGHTS_NAME).is_file():
-        load_lora(model.denoiser, directory)
-        return model
-    files = _weight_files(directory)
+    lora = (directory / LORA_WEIGHTS_NAME).is_file()
+    files = [directory / LORA_WEIGHTS_NAME] if lora else _weight_files(directory)
     if not files:
         raise ValueError(f"{directory} holds no exported model (no {LORA_WEIGHTS_NAME}, no "
                          f"diffusion_pytorch_model*.safetensors, no model.safetensors): export one with "
                          f"`mixgrpo export --run RUN`")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    try:
+        if lora:
+            load_lora(model.denoiser, directory)
+            return model
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot load model weights from {directory} ({type(e).__name__}: {e}): the files are "
+                         f"corrupted or incomplete; write them again with `mixgrpo export --run RUN --out DIR`") from e
     _load_matching(model.denoiser, state, str(directory))
     return model
 

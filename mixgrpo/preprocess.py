@@ -12,7 +12,7 @@ The empty prompt "" is always included: it is the unconditional input of classif
 Rows are read lazily (safetensors slices), so a cache larger than memory is fine.
 
 Usage:
-  mixgrpo preprocess --model flux --path /ckpt/FLUX.1-dev --prompts prompts.txt --out cache/flux \
+  mixgrpo preprocess --model flux --path /ckpt/FLUX.1-dev --prompts train.txt test.txt --out cache/flux \
       [--dtype bfloat16] [--device cuda] [--max-sequence-length 512] [--shard-size 256]
 """
 
@@ -27,8 +27,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mixgrpo.models.base import Cond
 from mixgrpo.fileio import atomic_directory
+from mixgrpo.models.base import Cond, PromptSets
+from mixgrpo.progress import bar
 from mixgrpo.prompts import read_prompts
 
 INDEX = "index.json"
@@ -58,9 +59,10 @@ def unique_prompts(prompts: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(["", *prompts]))
 
 
-def preprocess(prompt_file: str | Path, model: Any, out_dir: str | Path, shard_size: int = 256,
-               batch_size: int = 16, source: dict | None = None) -> Path:
-    """Encode every prompt of `prompt_file` (.txt / .jsonl / .csv) with `model` into a cache at `out_dir`.
+def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_dir: str | Path,
+               shard_size: int = 256, batch_size: int = 16, source: dict | None = None) -> Path:
+    """Encode every prompt of `prompt_files` (one or several .txt / .jsonl / .csv files or world:SPLIT sources,
+    e.g. a run's train and eval prompts) with `model` into a cache at `out_dir`.
 
     model: a FlowModel (its encode_prompts) or a text encoder (its encode); Cond values must be [B, ...].
     shard_size: prompts per safetensors file. batch_size: prompts per encoder call.
@@ -69,16 +71,27 @@ def preprocess(prompt_file: str | Path, model: Any, out_dir: str | Path, shard_s
     """
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"preprocess: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
-    prompts = unique_prompts(read_prompts(str(prompt_file)))
+    files = [str(prompt_files)] if isinstance(prompt_files, (str, Path)) else [str(f) for f in prompt_files]
+    prompts = unique_prompts([p for f in files for p in read_prompts(f)])
     encode = _encode_fn(model)
     index: dict[str, Any] = {"format": FORMAT, "version": VERSION, "keys": {}, "shards": [], "prompts": {},
-                             "source": {"prompt_file": str(prompt_file), **(source or {})}}
+                             "source": {"prompt_file": " ".join(files), **(source or {})}}
+    with bar(total=len(prompts), desc="encoding prompts", unit="prompt") as progress:
+        _write_cache(prompts, encode, out_dir, index, shard_size, batch_size, progress)
+    return Path(out_dir)
+
+
+def _write_cache(prompts: list[str], encode: Callable, out_dir: str | Path, index: dict[str, Any], shard_size: int,
+                 batch_size: int, progress) -> None:
     from safetensors.torch import save_file
 
     with atomic_directory(out_dir) as tmp:
         for shard, start in enumerate(range(0, len(prompts), shard_size)):
             chunk = prompts[start:start + shard_size]
-            parts = [encode(chunk[i:i + batch_size]) for i in range(0, len(chunk), batch_size)]
+            parts = []
+            for i in range(0, len(chunk), batch_size):
+                parts.append(encode(chunk[i:i + batch_size]))
+                progress.update(len(chunk[i:i + batch_size]))
             tensors = {k: torch.cat([p[k] for p in parts]).detach().cpu().contiguous() for k in parts[0]}
             for key, value in tensors.items():
                 if value.shape[0] != len(chunk):
@@ -93,7 +106,6 @@ def preprocess(prompt_file: str | Path, model: Any, out_dir: str | Path, shard_s
             index["shards"].append(name)
             index["prompts"].update({p: [shard, row] for row, p in enumerate(chunk)})
         (tmp / INDEX).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    return Path(out_dir)
 
 
 class EmbeddingCache:
@@ -157,6 +169,22 @@ class EmbeddingCache:
                                  f"built with this model ({self.source.get('path', '?')})? Re-run mixgrpo preprocess")
 
 
+def coverage_problems(directory: str | Path, prompts: PromptSets, fix: str) -> list[str]:
+    """One line naming the prompts of each set that the cache at `directory` lacks (and `fix`), or the reason
+    the cache cannot be read; [] when it holds them all."""
+    try:
+        cache = EmbeddingCache(directory)
+    except (OSError, ValueError) as e:
+        return [str(e)]
+    gaps = []
+    for split, (source, texts) in prompts.items():
+        distinct = list(dict.fromkeys(texts))
+        missing = [p for p in distinct if p not in cache]
+        if missing:
+            gaps.append(f"{len(missing)} of the {len(distinct)} {split} prompts ({source}; e.g. {missing[0]!r})")
+    return [f"the embedding cache {directory} lacks {' and '.join(gaps)}: {fix}"] if gaps else []
+
+
 def _load_text_encoder(model: str, path: str | None, dtype: str, device: str, max_sequence_length: int | None,
                        args: dict[str, Any]) -> Any:
     if model in TEXT_ENCODERS:
@@ -181,8 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="base-model name: flux, sd3 (text encoders only), or any "
                                                        "registered model (loaded whole)")
     parser.add_argument("--path", help="local diffusers pipeline directory of the model")
-    parser.add_argument("--prompts", required=True, help="prompt file: .txt (one per line), .jsonl "
-                                                         '({"prompt": ...}) or .csv (a "prompt" column)')
+    parser.add_argument("--prompts", required=True, nargs="+", action="extend",
+                        help="prompt files: .txt (one per line), .jsonl ({\"prompt\": ...}) or .csv (a \"prompt\" "
+                             "column), or world:SPLIT; several files (a run's train and eval prompts) go in one cache")
     parser.add_argument("--out", required=True, help="cache directory to write (replaced atomically)")
     parser.add_argument("--dtype", default="bfloat16", help="text-encoder dtype (default bfloat16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -41,7 +41,7 @@ class Registry(Generic[T]):
             if not hasattr(module, attr):
                 raise ValueError(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
             return getattr(module, attr)
-        close = difflib.get_close_matches(name, self.names(), n=1)
+        close = difflib.get_close_matches(name, self.names(), n=1) or [n for n in self.names() if n.startswith(name)]
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}; "
                          f"or give a Python callable as 'package.module:function'.")

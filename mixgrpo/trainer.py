@@ -43,6 +43,7 @@ from mixgrpo.grpo import combine_rewards, kl_to_reference, policy_loss
 from mixgrpo.images import plot_panels, save_grid
 from mixgrpo.models import MODELS, FlowModel, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.plan import build_plan, train_mask
+from mixgrpo.preflight import check_run
 from mixgrpo.prompts import read_prompts
 from mixgrpo.rewards import RewardError, build_reward
 from mixgrpo.rollout import Trajectory, guided_velocity, rollout
@@ -578,7 +579,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     of this call (tests use it to simulate an interruption). The run directory is locked for the whole run
     (`mixgrpo.rundir.claim`): a second process on it stops at once."""
     dist.init()
-    with claim(cfg.out_dir, resume):
+    check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
+    with claim(cfg.out_dir, resume):  # directory is claimed or any model loads
         return _run(cfg, resume, progress, stop_after)
 
 
@@ -586,6 +588,9 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
     device = dist.device()
     run_dir = Path(cfg.out_dir)
     latest = latest_checkpoint(run_dir)
+    if resume and latest is not None:
+        # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
+        _check_resumable(latest, read_state(latest).get("config") or {}, _fingerprint(cfg), run_dir)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, device)
     params = trainable_parameters(model, cfg)
@@ -609,13 +614,6 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
 
     start = 0
     if resume and latest is not None:
-        # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
-        changed = _config_diff(read_state(latest).get("config") or {}, _fingerprint(cfg))
-        if changed:
-            raise CheckpointError(f"checkpoint {latest} was written with a different configuration "
-                                  f"({', '.join(changed[:4])}): "
-                                  f"resume with the run's own config ({run_dir / 'config.yaml'}) or start a new "
-                                  f"out_dir")
         state = _restore(latest, model, params, optimizer, scheduler, ema, sampler)
         start = state["iteration"]
         dist.print0(f"resumed from {latest} at iteration {start}")
@@ -884,11 +882,30 @@ def _record_eval(path: Path, iteration: int, metrics: dict[str, float]) -> None:
 
 def _config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     """'key.sub: old -> new' for every leaf that differs between two config fingerprints. A key the old one
-    lacks is a field added by a newer mixgrpo (its default keeps the old behaviour): not a difference."""
+    lacks is a field added by a newer mixgrpo (its default keeps the old behaviour), a key the new one lacks a
+    field it removed (it did nothing): neither is a difference."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str) if k in old
-                for d in _config_diff(old[k], new.get(k), f"{prefix}{k}.")]
+        return [d for k in sorted(set(old) | set(new), key=str) if k in old and k in new
+                for d in _config_diff(old[k], new[k], f"{prefix}{k}.")]
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _check_resumable(checkpoint: Path, old: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume from a checkpoint of another configuration, naming the differences and the fix. A
+    different global batch alone (another world size) gets the prompts_per_iteration that restores it."""
+    changed = _config_diff(old, new)
+    if not changed:
+        return
+    world, before, now = dist.world_size(), old.get("prompts_per_iteration"), new.get("prompts_per_iteration")
+    if all(c.startswith("prompts_per_iteration:") for c in changed) and isinstance(before, int):
+        fix = (f"resume with prompts_per_iteration={before // world}" if before % world == 0 else
+               f"resume on a number of processes that divides {before}")
+        raise CheckpointError(f"checkpoint {checkpoint} was trained with {before} prompts per iteration in all "
+                              f"(prompts_per_iteration x processes), this launch has {now} "
+                              f"({now // world} x {world} process{'es' if world > 1 else ''}): {fix}")
+    raise CheckpointError(f"checkpoint {checkpoint} was written with a different configuration "
+                          f"({', '.join(changed[:4])}): resume with the run's own config "
+                          f"({run_dir / 'config.yaml'}) or start a new out_dir")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -53,6 +53,7 @@ def files(tmp_path_factory) -> Path:
     cfg = load_config(d / "base.yaml", [f"out_dir={d / 'run'}"])
     train(cfg, progress=False)
     shutil.copytree(d / "run", d / "corrupt")
+    shutil.copytree(d / "run" / "final", d / "size4")  # a model directory outside its run: nothing says its size
     for f in (d / "corrupt" / "checkpoints" / "iter_000002" / "model.safetensors",
               d / "corrupt" / "final" / "model.safetensors"):
         f.write_bytes(f.read_bytes()[:40])  # truncated: what a full disk or a killed copy leaves
@@ -182,7 +183,7 @@ CASES = [
     # sample / eval
     Case("missing model path", sample_args("--path", "{d}/nope"), ["does not exist", "give a model directory"]),
     Case("corrupted model file", sample_args("--path", "{d}/corrupt/final"), ["cannot load model", "corrupted"]),
-    Case("model file of another size", sample_args("--path", "{d}/run/final"),
+    Case("model file of another size", sample_args("--path", "{d}/size4"),
          ["cannot load model", "size of tensor", "another model or size"]),
     Case("unknown sampling plan", sample_args("--plan", "mixgrp"), ["--plan 'mixgrp' is unknown", "use 'ode'"]),
     Case("--p-mix above 1", sample_args("--p-mix", "1.5", "--base-path", "base"),

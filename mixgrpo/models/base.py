@@ -21,6 +21,13 @@ Cond = dict[str, torch.Tensor]
 
 MODELS: Registry["FlowModel"] = Registry("base model")
 
+PromptSets = dict[str, tuple[str, list[str]]]
+"""Prompts a run will encode: {"train": (source, prompts), "eval": (source, prompts)}."""
+
+MODEL_CHECKS: dict[str, Callable[[dict, PromptSets], list[str]]] = {}
+"""Registered model name -> check(model.args, prompt sets) -> problems (one line each, naming the fix), run
+before training loads the model (`mixgrpo.preflight`): files, embedding-cache coverage, prompt lengths."""
+
 
 class FlowModel(nn.Module):
     """Base class of every model adapter.

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models.base import MODELS, Cond
-from mixgrpo.models.base import TextEncoder
+from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, PromptSets, TextEncoder
 from mixgrpo.models.flux import FluxAdapter
 
 
@@ -40,6 +39,63 @@ def check_pipeline_dir(path: str | Path, pipeline: str, components: Sequence[str
     if missing:
         raise ValueError(f"{pipeline}: {path} lacks the component folders {missing}; is the download complete?")
     return path
+
+
+def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folders: Sequence[str],
+                       t5_tokenizer: str | None, max_sequence_length: int, text_length: Callable[[int], int],
+                       example: str) -> list[str]:
+    """Pre-flight of a FLUX / SD3 run (`MODEL_CHECKS`), from files only: the pipeline directory; with an
+    embedding cache, its coverage of the prompts, its widths against the transformer's config and its text length
+    (`text_length(max_sequence_length)` tokens) against model.args; without one, a warning for the prompts the
+    T5 tokenizer will truncate (as diffusers does)."""
+    import json
+
+    path, cache = args.get("path"), args.get("embedding_cache")
+    if not path:
+        return [f"model.args.path is not set: give the local {name} pipeline directory "
+                f"(`huggingface-cli download {example} --local-dir DIR`)"]
+    try:
+        root = check_pipeline_dir(path, name, ["transformer", "vae", *([] if cache else text_folders)], example)
+    except ValueError as e:
+        return [str(e)]
+    config = json.loads((root / "transformer" / "config.json").read_text())
+    max_len = args.get("max_sequence_length", max_sequence_length)
+    if cache:
+        from mixgrpo.preprocess import EmbeddingCache, coverage_problems
+
+        files = " ".join(source for source, _ in prompts.values())
+        problems = coverage_problems(cache, prompts, f"encode the run's prompt files into it: `mixgrpo preprocess "
+                                                     f"--model {name} --path {path} --prompts {files} --out {cache} "
+                                                     f"--max-sequence-length {max_len}`")
+        try:
+            shapes = EmbeddingCache(cache).shapes
+        except (OSError, ValueError):
+            return problems  # already named by coverage_problems
+        widths = {"prompt_embeds": config["joint_attention_dim"], "pooled": config["pooled_projection_dim"]}
+        for key, width in widths.items():
+            if shapes.get(key, (None,))[-1] != width:
+                problems.append(f"the embedding cache {cache} has {key} of shape {list(shapes.get(key, []))}, but the "
+                                f"transformer of {path} expects width {width}: it was built with another model; "
+                                f"re-run mixgrpo preprocess with --path {path}")
+        cached = shapes.get("prompt_embeds", (None,))[0]
+        if cached is not None and cached != text_length(max_len):
+            expected = f"{text_length(max_len)} ({max_len} T5 tokens)" if text_length(max_len) != max_len else max_len
+            problems.append(f"the embedding cache {cache} holds {cached} text tokens per prompt, but model.args."
+                            f"max_sequence_length = {max_len} expects {expected}: set model.args.max_sequence_length "
+                            f"to the cache's, or re-run mixgrpo preprocess with --max-sequence-length {max_len}")
+        return problems
+    if t5_tokenizer:
+        from transformers import T5TokenizerFast
+
+        tokenizer = T5TokenizerFast.from_pretrained(root, subfolder=t5_tokenizer, local_files_only=True)
+        for split, (source, texts) in prompts.items():
+            distinct = list(dict.fromkeys(texts))
+            long = [t for t, ids in zip(distinct, tokenizer(distinct).input_ids) if len(ids) > max_len]
+            if long:
+                print(f"warning: {len(long)} of the {len(distinct)} {split} prompts ({source}) are longer than "
+                      f"model.args.max_sequence_length = {max_len} T5 tokens and will be truncated, as diffusers "
+                      f"does (e.g. {long[0][:60]!r}); raise max_sequence_length to keep them whole", flush=True)
+    return []
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
@@ -167,3 +223,9 @@ def load_flux(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "c
     latent_shape = (transformer.config.in_channels // 4, height // factor, width // factor)
     return FluxAdapter(transformer, text_encoder, patch_size=2, latent_shape=latent_shape,
                        decoder=VaeDecoder(vae), guidance=guidance).eval()
+
+
+MODEL_CHECKS["flux"] = lambda args, prompts: check_pipeline_run(
+    "flux", args, prompts, text_folders=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
+    t5_tokenizer="tokenizer_2", max_sequence_length=512, text_length=lambda n: n,
+    example="black-forest-labs/FLUX.1-dev")

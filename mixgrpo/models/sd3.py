@@ -21,8 +21,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from mixgrpo.models.base import MODELS, Cond, TextEncoder, TransformerAdapter
-from mixgrpo.models.flux_pipeline import VaeDecoder, check_pipeline_dir, module_device, parse_dtype, tokenize
+from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder, TransformerAdapter
+from mixgrpo.models.flux_pipeline import (VaeDecoder, check_pipeline_dir, check_pipeline_run, module_device,
+                                          parse_dtype, tokenize)
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD3's transformer takes timestep = 1000 sigma
 
@@ -177,3 +178,15 @@ def load_sd3(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
         text_encoder = load_sd3_text_encoder(path, torch_dtype, device, max_sequence_length, use_t5)
     latent_shape = (transformer.config.in_channels, height // factor, width // factor)
     return SD3Adapter(transformer, text_encoder, latent_shape, VaeDecoder(vae)).eval()
+
+
+def _check_sd3_run(args: dict, prompts) -> list[str]:
+    t5 = args.get("use_t5", True)
+    folders = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"] + (["text_encoder_3", "tokenizer_3"]
+                                                                                 if t5 else [])
+    return check_pipeline_run("sd3", args, prompts, text_folders=folders, t5_tokenizer="tokenizer_3" if t5 else None,
+                              max_sequence_length=256, text_length=lambda n: 77 + n,  # 77 CLIP tokens, then T5's
+                              example="stabilityai/stable-diffusion-3.5-medium")
+
+
+MODEL_CHECKS["sd3"] = _check_sd3_run

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mixgrpo.fileio import atomic_directory
-from mixgrpo.models.base import MODELS
+from mixgrpo.models.base import MODEL_CHECKS, MODELS, PromptSets
 from mixgrpo.models.flux import FluxAdapter, decode_pixels
 from mixgrpo.models.text import MiniLMEncoder
 
@@ -157,3 +157,32 @@ def load_tiny(path: str | os.PathLike | None = None, text_encoder: MiniLMEncoder
 def tiny(path: str | None = None) -> FluxAdapter:
     """The embedded default base model (the shipped pre-trained checkpoint unless `path` is given)."""
     return load_tiny(path)
+
+
+def _check_tiny_run(args: dict, prompts: PromptSets) -> list[str]:
+    """Pre-flight: the checkpoint's config reads, and every prompt fits the MiniLM text length it was trained
+    with (the encoder refuses longer prompts)."""
+    from transformers import AutoTokenizer
+
+    from mixgrpo.models.text import minilm_path
+
+    path = Path(args.get("path") or DEFAULT_PATH)
+    try:
+        config = TinyConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        return [f"model.args.path: {path} is not a tiny model directory ({type(e).__name__}: {e}); give a directory "
+                f"written by save_tiny / `mixgrpo pretrain`, or leave it unset for the shipped base"]
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    problems = []
+    for split, (source, texts) in prompts.items():
+        distinct = list(dict.fromkeys(texts))
+        lengths = [len(ids) for ids in tokenizer(distinct).input_ids]
+        long = [(t, n) for t, n in zip(distinct, lengths) if n > config.text_max_length]
+        if long:
+            problems.append(f"{len(long)} of the {len(distinct)} {split} prompts ({source}) are longer than the tiny "
+                            f"model's {config.text_max_length} text tokens (e.g. {long[0][0]!r}: {long[0][1]} tokens): "
+                            f"shorten them (the model was trained with that length)")
+    return problems
+
+
+MODEL_CHECKS["tiny"] = _check_tiny_run

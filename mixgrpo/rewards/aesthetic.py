@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixgrpo.rewards.base import REWARDS, RewardError
-from mixgrpo.rewards.clip import LazyModelReward, clip_preprocess, existing_path, read_state_dict
+from mixgrpo.rewards.clip import (LazyModelReward, check_model_dir, check_weights_fit, clip_preprocess,
+                                  existing_path, read_state_dict)
 
 
 class RatingMLP(nn.Module):
@@ -58,6 +59,15 @@ class AestheticReward(LazyModelReward):
         self._path, self._clip = path, clip
         self.vision: Any = None
         self.mlp: RatingMLP | None = None
+
+    def check(self) -> None:
+        state = read_state_dict(existing_path(self._path, self.name, "MLP checkpoint"), self.name, shapes_only=True)
+        if "layers.0.weight" not in state:
+            raise RewardError(f"{self.name}: the MLP checkpoint has no 'layers.0.weight' (keys: {sorted(state)[:5]}); "
+                              f"expected the state dict of the 5-layer rating MLP")
+        check_weights_fit(lambda: RatingMLP(state["layers.0.weight"].shape[1]), state, self.name,
+                          "expected sac+logos+ava1-l14-linearMSE.pth (the 5-layer rating MLP)")
+        check_model_dir(self._clip, self.name)
 
     def load(self) -> None:
         from transformers import CLIPVisionModelWithProjection

@@ -66,19 +66,25 @@ def existing_path(path: str | Path | None, reward: str, what: str) -> Path:
     return p
 
 
-def read_state_dict(path: Path, reward: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, reward: str, shapes_only: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file (.pt / .pth / .bin via torch.load, or .safetensors), on the CPU.
 
     Unwraps {"state_dict": ...} and strips a DistributedDataParallel "module." prefix, the two wrappers that
-    the official checkpoints of the field use.
+    the official checkpoints of the field use. shapes_only: meta tensors (shapes and dtypes; the file is
+    memory-mapped where its format allows, so a 2 GB checkpoint is checked without being read).
     """
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            state = load_file(str(path), device="meta" if shapes_only else "cpu")
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
+            except RuntimeError:  # a legacy (non-zip) torch.save file cannot be memory-mapped
+                if not shapes_only:
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise RewardError(f"{reward}: cannot read checkpoint {str(path)!r}: {e}") from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -86,7 +92,26 @@ def read_state_dict(path: Path, reward: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RewardError(f"{reward}: {str(path)!r} is not a state dict (a dict of tensors, or "
                           f"{{'state_dict': ...}}); is it the right file?")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("module."): v.to("meta") if shapes_only else v for k, v in state.items()}
+
+
+def check_weights_fit(build: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], reward: str,
+                      fix: str) -> None:
+    """Raise a one-line RewardError when `state` does not fit the module `build()` makes: missing or
+    unexpected keys, or other shapes. The module is built on the meta device (no memory, no time), so a
+    checkpoint of another architecture is refused before any large model is built or any image generated."""
+    with torch.device("meta"):
+        own = build().state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+             f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+             f"{len(shapes)} of another shape (e.g. {shapes[0]}: checkpoint {list(state[shapes[0]].shape)}, model "
+             f"{list(own[shapes[0]].shape)})" if shapes else ""]
+    raise RewardError(f"{reward}: the checkpoint does not fit the model: {', '.join(p for p in parts if p)}; {fix}")
 
 
 class LazyModelReward:
@@ -109,6 +134,10 @@ class LazyModelReward:
 
     def load(self) -> None:
         raise NotImplementedError
+
+    def check(self) -> None:
+        """Check the files the model needs (paths, checkpoint keys and shapes) without loading it; raises a
+        one-line RewardError. Called before training starts, so that a wrong file stops a run at once."""
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
@@ -147,6 +176,14 @@ def load_clip_tokenizer(path: str | Path, reward: str) -> Any:
     return CLIPTokenizer.from_pretrained(str(p), local_files_only=True)
 
 
+def check_model_dir(path: str | Path, reward: str) -> None:
+    """A transformers model directory: it exists and holds a config.json."""
+    p = existing_path(path, reward, "model directory")
+    if not (p / "config.json").is_file():
+        raise RewardError(f"{reward}: {str(p)!r} has no config.json: give the transformers model directory "
+                          f"(what `huggingface-cli download ... --local-dir DIR` writes)")
+
+
 def load_clip_model(path: str | Path, reward: str, device: torch.device, dtype: torch.dtype) -> CLIPModel:
     """A transformers `CLIPModel` from a local directory, in eval mode on `device`."""
     from transformers import CLIPModel
@@ -177,10 +214,12 @@ class ClipSimilarityReward(LazyModelReward):
     PickScore and the CLIP score, which differ in how the model is loaded and in `transform`."""
 
     def __init__(self, name: str, load_model: Callable[[], CLIPModel], tokenizer: str | Path,
-                 transform: Callable[[torch.Tensor, CLIPModel], torch.Tensor], **kwargs: Any):
+                 transform: Callable[[torch.Tensor, CLIPModel], torch.Tensor],
+                 check_model: Callable[[], None] | None = None, **kwargs: Any):
         self.name = name
         super().__init__(**kwargs)
         self._load_model = load_model
+        self._check_model = check_model
         self._tokenizer_path = tokenizer
         self._transform = transform
         self.model: CLIPModel | None = None
@@ -195,6 +234,11 @@ class ClipSimilarityReward(LazyModelReward):
             # end-of-text id would silently pool the wrong token
             raise RewardError(f"{self.name}: tokenizer end-of-text id {self.tokenizer.eos_token_id} differs from "
                               f"the model's text_config.eos_token_id {eos}; use the tokenizer of this CLIP model")
+
+    def check(self) -> None:
+        existing_path(self._tokenizer_path, self.name, "tokenizer directory")
+        if self._check_model is not None:
+            self._check_model()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         assert self.model is not None
@@ -219,4 +263,4 @@ def clipscore(path: str, tokenizer: str | None = None, mode: str = "cosine", dev
     return ClipSimilarityReward(
         "clipscore", lambda: load_clip_model(path, "clipscore", torch_device, torch_dtype),
         tokenizer if tokenizer is not None else path, transforms[mode],
-        device=device, dtype=dtype, batch_size=batch_size)
+        check_model=lambda: check_model_dir(path, "clipscore"), device=device, dtype=dtype, batch_size=batch_size)

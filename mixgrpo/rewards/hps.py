@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from mixgrpo.rewards.base import REWARDS, RewardError
-from mixgrpo.rewards.clip import ClipSimilarityReward, existing_path, parse_dtype, read_state_dict
+from mixgrpo.rewards.clip import (ClipSimilarityReward, check_weights_fit, existing_path, parse_dtype,
+                                  read_state_dict)
 
 VIT_H_14: dict[str, Any] = {
     "projection_dim": 1024,
@@ -92,11 +93,26 @@ def open_clip_to_transformers(state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+_HPS_FIX = "for HPS-v2.1 leave `config` unset (ViT-H-14) and give HPS_v2.1_compressed.pt"
+
+
+def check_hps_checkpoint(path: str, config: dict[str, Any] | None) -> None:
+    """The checkpoint's converted keys and shapes fit the CLIPModel of `config`, checked on the meta device."""
+    from transformers import CLIPConfig, CLIPModel
+
+    state = open_clip_to_transformers(read_state_dict(existing_path(path, "hps", "checkpoint"), "hps",
+                                                      shapes_only=True))
+    check_weights_fit(lambda: CLIPModel(CLIPConfig(**(config if config is not None else VIT_H_14))), state, "hps",
+                      _HPS_FIX)
+
+
 def load_hps_model(path: str, config: dict[str, Any] | None, device: torch.device, dtype: torch.dtype):
     """Build a transformers CLIPModel from `config` (default `VIT_H_14`) and load the converted checkpoint."""
     from transformers import CLIPConfig, CLIPModel
 
     state = open_clip_to_transformers(read_state_dict(existing_path(path, "hps", "checkpoint"), "hps"))
+    check_weights_fit(lambda: CLIPModel(CLIPConfig(**(config if config is not None else VIT_H_14))), state, "hps",
+                      _HPS_FIX)  # one line naming the mismatch, not a page of load_state_dict errors
     with device:  # built where it runs: ViT-H-14 is 4 GB in float32
         model = CLIPModel(CLIPConfig(**(config if config is not None else VIT_H_14)))
     # a shape mismatch raises here; a depth mismatch shows as missing or unexpected keys below
@@ -117,4 +133,5 @@ def hps(path: str, tokenizer: str, config: dict[str, Any] | None = None, device:
     torch_dtype, torch_device = parse_dtype(dtype), torch.device(device)
     return ClipSimilarityReward("hps", lambda: load_hps_model(path, config, torch_device, torch_dtype),
                                 tokenizer, lambda cos, model: cos,
+                                check_model=lambda: check_hps_checkpoint(path, config),
                                 device=device, dtype=dtype, batch_size=batch_size)

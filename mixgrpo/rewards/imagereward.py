@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 import torch
 
-from mixgrpo.rewards.aesthetic import load_score_mlp
+from mixgrpo.rewards.aesthetic import RatingMLP, load_score_mlp
 from mixgrpo.rewards.base import REWARDS, RewardError
-from mixgrpo.rewards.clip import LazyModelReward, clip_preprocess, existing_path, read_state_dict
+from mixgrpo.rewards.clip import LazyModelReward, check_weights_fit, clip_preprocess, existing_path, read_state_dict
 
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
@@ -102,6 +102,24 @@ class ImageRewardReward(LazyModelReward):
         self.mlp: torch.nn.Module | None = None
         self.tokenizer: Any = None
 
+    def _check_parts(self, vision_state, text_state, mlp_state) -> None:
+        """One line naming the first mismatch of each part, checked on the meta device."""
+        from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+        fix = "for ImageReward.pt leave `config` unset (BLIP ViT-L)"
+        check_weights_fit(lambda: BlipVisionModel(BlipVisionConfig(**self._config["vision_config"])), vision_state,
+                          f"{self.name} (vision)", fix)
+        check_weights_fit(lambda: BlipTextModel(BlipTextConfig(**self._config["text_config"]), add_pooling_layer=False),
+                          text_state, f"{self.name} (text)", fix)
+        if "layers.0.weight" in mlp_state:
+            check_weights_fit(lambda: RatingMLP(mlp_state["layers.0.weight"].shape[1]), mlp_state,
+                              f"{self.name} (MLP)", "expected the 5-layer rating MLP of ImageReward.pt")
+
+    def check(self) -> None:
+        existing_path(self._tokenizer_path, self.name, "tokenizer directory")
+        state = read_state_dict(existing_path(self._path, self.name, "checkpoint"), self.name, shapes_only=True)
+        self._check_parts(*imagereward_to_transformers(state))
+
     def load(self) -> None:
         from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
@@ -109,6 +127,7 @@ class ImageRewardReward(LazyModelReward):
             str(existing_path(self._tokenizer_path, self.name, "tokenizer directory")), local_files_only=True)
         state = read_state_dict(existing_path(self._path, self.name, "checkpoint"), self.name)
         vision_state, text_state, mlp_state = imagereward_to_transformers(state)
+        self._check_parts(vision_state, text_state, mlp_state)
         with self.device:  # built where it runs
             self.vision = BlipVisionModel(BlipVisionConfig(**self._config["vision_config"]))
             self.text = BlipTextModel(BlipTextConfig(**self._config["text_config"]), add_pooling_layer=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mixgrpo.rewards.base import REWARDS
-from mixgrpo.rewards.clip import ClipSimilarityReward, load_clip_model, parse_dtype
+from mixgrpo.rewards.clip import ClipSimilarityReward, check_model_dir, load_clip_model, parse_dtype
 
 
 @REWARDS.register("pickscore")
@@ -26,4 +26,4 @@ def pickscore(path: str, tokenizer: str | None = None, device: str = "cpu", dtyp
         "pickscore", lambda: load_clip_model(path, "pickscore", torch_device, torch_dtype),
         tokenizer if tokenizer is not None else path,
         lambda cos, model: model.logit_scale.float().exp() * cos,
-        device=device, dtype=dtype, batch_size=batch_size)
+        check_model=lambda: check_model_dir(path, "pickscore"), device=device, dtype=dtype, batch_size=batch_size)

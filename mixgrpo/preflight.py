@@ -1,0 +1,109 @@
+"""Pre-flight: what a training run will need, checked before any model is loaded or called.
+
+A problem found here costs seconds; found by the run, it costs the model load (minutes for FLUX.1), the
+first evaluation, or every iteration since the last checkpoint. Each problem is one line naming the fix, and
+all of them are reported together:
+
+- devices: model.args.device and every reward's args.device exist in this torch build and machine;
+- rewards: registered names, arguments that fit the factory, and their files (paths, checkpoint keys and
+  shapes, checked on the meta device by `reward.check()`, before any reward model is built);
+- prompts: the train and eval prompt files read;
+- the model: its name, arguments that fit its factory, and its own checks (`MODEL_CHECKS`): the pipeline
+  directory, the embedding cache's coverage of the train and eval prompts, its widths and token length
+  against the transformer and model.args, prompt lengths against the text encoders.
+
+Rank 0 checks and broadcasts what it found, so every rank stops together.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from mixgrpo import dist
+from mixgrpo.config import ConfigError, TrainConfig
+from mixgrpo.prompts import read_prompts
+
+
+class PreflightError(ConfigError):
+    """One or more problems found before training; one line each."""
+
+
+def check_run(cfg: TrainConfig) -> None:
+    """Raise PreflightError listing every problem of `cfg` found without loading a model (every rank calls it)."""
+    problems = problems_of(cfg) if dist.is_main() else None
+    problems = dist.broadcast_object(problems)
+    if problems:
+        raise PreflightError("\n".join(problems))
+
+
+def problems_of(cfg: TrainConfig) -> list[str]:
+    problems = device_problems("model.args.device", cfg.model.args.get("device"))
+    for i, spec in enumerate(cfg.rewards):
+        problems += device_problems(f"rewards[{i}].args.device", spec.args.get("device"))
+    problems += _reward_problems(cfg)
+    prompts: dict[str, tuple[str, list[str]]] = {}
+    for split, source, count in (("train", cfg.train_prompts, None), ("eval", cfg.eval_prompts, cfg.eval_num_prompts)):
+        if count == 0:
+            continue  # no evaluation: the eval prompts are never read
+        try:
+            prompts[split] = (source, read_prompts(source)[:count])
+        except ValueError as e:
+            problems.append(f"{split}_prompts: {e}")
+    problems += _model_problems(cfg, prompts)
+    return problems
+
+
+def device_problems(where: str, value) -> list[str]:
+    """A CUDA device named where this torch has none (a CPU-only build, no GPU visible, or a wrong index)."""
+    if not isinstance(value, str) or not value.startswith("cuda"):
+        return []
+    if not torch.cuda.is_available():
+        why = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+        return [f"{where} = {value!r}, but torch {torch.__version__} has no CUDA device ({why}): set {where}=cpu, "
+                f"or run on a machine with a GPU and a CUDA build of torch"]
+    index = torch.device(value).index
+    if index is not None and index >= torch.cuda.device_count():
+        return [f"{where} = {value!r}, but only {torch.cuda.device_count()} GPU(s) are visible: use cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1}, or plain cuda (each rank's own GPU)"]
+    return []
+
+
+def _reward_problems(cfg: TrainConfig) -> list[str]:
+    import mixgrpo.rewards  # noqa: F401  (registers the rewards)
+    from mixgrpo.rewards import RewardError, build_reward
+
+    problems = []
+    for i, spec in enumerate(cfg.rewards):
+        try:
+            reward = build_reward(spec.name, spec.args)  # lazy: reads no file, builds no model
+        except ValueError as e:
+            problems.append(f"rewards[{i}]: {e}")
+            continue
+        check = getattr(reward, "check", None)
+        if callable(check):
+            try:
+                check()
+            except RewardError as e:
+                problems.append(f"rewards[{i}]: {e}")
+    return problems
+
+
+def _model_problems(cfg: TrainConfig, prompts: dict[str, tuple[str, list[str]]]) -> list[str]:
+    from mixgrpo.models import MODELS
+    from mixgrpo.models.base import MODEL_CHECKS
+
+    try:
+        factory = MODELS.get(cfg.model.name)
+    except ValueError as e:
+        return [f"model.name: {e}"]
+    try:
+        inspect.signature(factory).bind(**cfg.model.args)
+    except TypeError as e:
+        return [f"model.args do not fit model {cfg.model.name!r} ({e}); its arguments: "
+                f"{', '.join(inspect.signature(factory).parameters)}"]
+    except ValueError:  # a callable without a signature: nothing to check
+        pass
+    check = MODEL_CHECKS.get(cfg.model.name)
+    return check(cfg.model.args, prompts) if check is not None else []
