@@ -1,4 +1,4 @@
-"""The `mixgrpo` command: train, sample, eval, export, preprocess, pretrain.
+"""The `mixgrpo` command: train, sample, eval, export, preprocess, pretrain, config-doc.
 
     mixgrpo train --config configs/mixgrpo.yaml [key.sub=value ...] [--resume]
     torchrun --nproc_per_node 8 -m mixgrpo train --config configs/flux_mixgrpo.yaml
@@ -340,6 +340,14 @@ def _preprocess(args: argparse.Namespace) -> None:
     preprocess.main(args.rest)
 
 
+def _config_doc(args: argparse.Namespace) -> None:
+    from mixgrpo import configdoc
+
+    code = configdoc.main(args.rest)
+    if code:
+        sys.exit(code)
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="registered base-model name for model directories and 'base' "
                                                    "(default: tiny; a run directory knows its own model)")
@@ -439,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("export", help="write a run's checkpoint as the final model (diffusers' formats)")
+    p = sub.add_parser("export", help="write a run's checkpoint as the final model (diffusers' formats)",
+                       allow_abbrev=False)
     p.add_argument("--run", required=True, help="the run directory")
     p.add_argument("--checkpoint", help="iter_N under RUN/checkpoints (default: the latest complete one); full "
                                         "or sharded, written under any world size")
@@ -448,14 +457,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
-                           ("preprocess", _preprocess, "encode a prompt file into an embedding cache")):
+                           ("preprocess", _preprocess, "encode prompt files into an embedding cache"),
+                           ("config-doc", _config_doc, "print (or --out, --check) the configuration reference")):
         p = sub.add_parser(name, help=text, add_help=False, allow_abbrev=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=fn)
     return parser
 
 
-_PASSTHROUGH = ("pretrain", "preprocess")  # subcommands with their own argument parsers
+_PASSTHROUGH = ("pretrain", "preprocess", "config-doc")  # subcommands with their own argument parsers
 
 
 def main(argv: list[str] | None = None) -> int:

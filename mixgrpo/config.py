@@ -45,15 +45,15 @@ class ModelConfig:
 @dataclass
 class RewardConfig:
     name: str = "verifier"  # a name registered in mixgrpo.rewards.REWARDS, or "package.module:function"
-    weight: float = 1.0
-    args: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0  # weight in the fused advantage; 0 = scored and logged only
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
 
 
 @dataclass
 class LoraConfig:
     rank: int = 0  # 0 = full fine-tuning of the denoiser
     alpha: float = 0.0  # 0 = same as rank
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # layer names
 
 
 @dataclass
@@ -119,42 +119,41 @@ class TrainConfig:
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     reward_mode: str = "advantage"  # "advantage": normalise each reward then sum; "reward": sum then normalise
     advantage_std: str = "group"  # "group" or "global"
-    advantage_clip: float = 5.0
+    advantage_clip: float = 5.0  # advantages clipped to [-advantage_clip, advantage_clip]
     train_prompts: str = "world:train"  # a prompt file (txt/jsonl/csv) or world:SPLIT
-    eval_prompts: str = "world:heldout"
+    eval_prompts: str = "world:heldout"  # held-out prompts of the evaluation (same formats)
 
-    iterations: int = 60
+    iterations: int = 60  # rollout + update rounds
     time_limit_minutes: float = 0.0  # > 0: end (checkpoint, evaluate, export) after the iteration that reaches
                                      # this many minutes of training in this launch; 0 = no limit
     prompts_per_iteration: int = 8  # P, per rank
     group_size: int = 8  # G
     shared_noise: bool = True  # one initial noise per group (paper: +0.18 ImageReward)
     guidance_scale: float = 1.0  # classifier-free guidance in rollout and update; 1 = off
-    image_size: int = 0  # 0 = the model's own
 
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    warmup_iterations: int = 0
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    grad_clip: float = 1.0  # gradient-norm clip per optimizer step; 0 = none
+    warmup_iterations: int = 0  # linear learning-rate warm-up over this many iterations
     updates_per_iteration: int = 2  # optimizer steps per iteration; each sees G / updates images of every group
     update_epochs: int = 1  # passes over the iteration's samples, each of updates_per_iteration optimizer steps
                             # (forward-process objectives draw fresh training sigmas for every pass)
     micro_batch_size: int = 32  # samples per forward/backward (memory only: the update does not depend on it)
-    clip_range: float = 1e-4
-    kl_beta: float = 0.0
+    clip_range: float = 1e-4  # GRPO ratio clip: ratios outside [1 - clip_range, 1 + clip_range] are clipped
+    kl_beta: float = 0.0  # weight of the KL term to the frozen base model; 0 = none
     ema_decay: float = 0.0  # 0 = no EMA
     lora: LoraConfig = field(default_factory=LoraConfig)
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; fp32 master weights)
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory)
 
-    seed: int = 0
-    out_dir: str = "runs/mixgrpo"
-    checkpoint_every: int = 20
-    keep_checkpoints: int = 2
+    seed: int = 0  # every random draw of the run derives from it (prompts, noise, trained steps)
+    out_dir: str = "runs/mixgrpo"  # the run directory
+    checkpoint_every: int = 20  # iterations between checkpoints (the last iteration is always checkpointed)
+    keep_checkpoints: int = 2  # complete checkpoints kept; older ones are deleted
     eval_num_prompts: int = 64  # held-out prompts evaluated before and after training; 0 = no evaluation
     eval_every: int = 0  # also evaluate every N iterations (same noise each time); 0 = before and after only
-    eval_images_per_prompt: int = 1
+    eval_images_per_prompt: int = 1  # images per held-out prompt in the evaluation
     eval_guidance_scale: float = -1.0  # -1 = same as guidance_scale
     reward_policy: RewardPolicyConfig = field(default_factory=RewardPolicyConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -390,9 +389,21 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+REMOVED_KEYS = {
+    "image_size": (0, "it was never read; the resolution is model.args.height and width (flux, sd3), and the tiny "
+                      "model's is fixed by its checkpoint"),
+}
+"""Top-level keys that older versions accepted, with the value they wrote into every run's config.yaml (dropped
+silently, so old runs still resume and sample) and why any other value is refused."""
+
+
 def build_config(data: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from a raw mapping: the algorithm preset, then `sampler` overrides on top."""
     data = dict(data)
+    for key, (written, why) in REMOVED_KEYS.items():
+        if key in data:
+            if data.pop(key) != written:
+                raise ConfigError(f"config key {key!r} was removed: {why}; delete it")
     algorithm = data.get("algorithm", TrainConfig.algorithm)
     if algorithm not in ALGORITHMS:
         close = difflib.get_close_matches(str(algorithm), list(ALGORITHMS), n=1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -143,6 +144,11 @@ def wrap_model(model: nn.Module, cfg: "ParallelConfig") -> nn.Module:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # FSDP2 warns once per block class that the FLUX / SD3 blocks return views (the split of a joint sequence) and
+    # that an in-place op on them would skip a gradient all-gather. Nothing writes into a block's output in place
+    # (diffusers' blocks and our adapters build new tensors), and tests/test_distributed.py checks FSDP runs of the
+    # FLUX transformer against one process; the four warnings would only say a reader should worry.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     policy = MixedPrecisionPolicy(param_dtype=parse_dtype(cfg.param_dtype), reduce_dtype=parse_dtype(cfg.reduce_dtype))
     denoiser = model.denoiser
     for block in shard_units(denoiser):

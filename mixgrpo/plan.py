@@ -47,13 +47,13 @@ class WindowConfig:
     exp_decay:    progressive with tau_k = max(tau_min, round(tau * exp(-decay * k))) (decay: rate per move).
     """
 
-    size: int = 4
-    strategy: str = "progressive"
-    tau: int = 25
-    stride: int = 1
-    start: int = 0
-    tau_min: int = 1
-    decay: float = 0.0
+    size: int = 4  # w, steps in the window (SDE and trained)
+    strategy: str = "progressive"  # "progressive", "frozen", "random", "linear_decay" or "exp_decay"
+    tau: int = 25  # iterations between two moves of the window
+    stride: int = 1  # steps the window moves at each move
+    start: int = 0  # the first window position l
+    tau_min: int = 1  # linear_decay / exp_decay: the smallest tau
+    decay: float = 0.0  # linear_decay: iterations per move; exp_decay: rate per move; 0 for the others
 
     def __post_init__(self) -> None:
         _one_of("window.strategy", self.strategy, WINDOW_STRATEGIES)
@@ -89,10 +89,10 @@ class WindowConfig:
 class FlashConfig:
     """MixGRPO-Flash: re-grid the steps after the window onto fewer DPM-Solver++ steps (see `flash_num_steps`)."""
 
-    enabled: bool = False
-    ratio: float = 0.4
-    order: int = 2
-    variant: str = "midpoint"
+    enabled: bool = False  # DPM-Solver++ on a compressed grid after the window (set by the Flash presets)
+    ratio: float = 0.4  # compression: the steps after the window become round(ratio x their number)
+    order: int = 2  # DPM-Solver++ order (1, 2 or 3)
+    variant: str = "midpoint"  # 2nd-order update: one of DPM_VARIANTS
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio <= 1:
@@ -112,13 +112,13 @@ class SamplerConfig:
     eta:         SDE noise level; for sde_form="cps" it is the angle a in [0, 1].
     """
 
-    num_steps: int = 25
-    shift: float = 3.0
-    sde_form: str = "flow_grpo"
-    eta: float = 0.7
-    sde_steps: str = "window"
-    train_steps: str = "window"
-    train_fraction: float = 0.6
+    num_steps: int = 25  # T, steps of a rollout (and of the before/after evaluation)
+    shift: float = 3.0  # static time shift of the sigma grid (1 = none)
+    sde_form: str = "flow_grpo"  # one of SDE_FORMS: "flow_grpo", "dance" or "cps"
+    eta: float = 0.7  # SDE noise level; for sde_form "cps" the angle a in [0, 1]
+    sde_steps: str = "window"  # "window" (MixGRPO), "all" (Flow-GRPO, DanceGRPO) or "none" (ODE sampling)
+    train_steps: str = "window"  # "window", "all_but_last", "random_fraction" or "none"
+    train_fraction: float = 0.6  # random_fraction: share of all but the last step trained, per sample
     window: WindowConfig = field(default_factory=WindowConfig)
     flash: FlashConfig = field(default_factory=FlashConfig)
 

@@ -48,3 +48,36 @@ def test_cli_takes_overrides_on_both_sides_of_options(monkeypatch, tmp_path):
     assert (seen[0].iterations, seen[0].lr, seen[0].out_dir) == (3, 1e-4, str(tmp_path))
     with pytest.raises(SystemExit):  # a stray option is still an error
         cli.main(["train", "--config", str(CONFIGS[0]), "--out", str(tmp_path), "--bogus"])
+
+
+def test_config_reference_is_current():
+    """docs/config.md is generated from the dataclasses and registries: a field added, removed, re-defaulted or
+    re-commented without regenerating it fails here."""
+    from mixgrpo.configdoc import field_comments, render
+
+    docs = CONFIGS[0].parent.parent / "docs" / "config.md"
+    assert docs.read_text(encoding="utf-8") == render(), "regenerate it: mixgrpo config-doc --out docs/config.md"
+    from mixgrpo.config import TrainConfig
+
+    comments = field_comments(TrainConfig)  # a comment continued on the next line is read whole
+    assert comments["time_limit_minutes"].endswith("0 = no limit") and comments["lr"] == "AdamW learning rate"
+
+
+def test_removed_image_size_is_dropped_from_old_runs_and_refused_otherwise():
+    """Older versions wrote `image_size: 0` into every run's config.yaml: such runs still load; a real value (which
+    never did anything) is refused with the keys that set the resolution."""
+    cfg = load_config(CONFIGS[0], ["image_size=0"])
+    assert not hasattr(cfg, "image_size")
+    with pytest.raises(ConfigError, match="image_size.*removed.*model.args.height and width"):
+        load_config(CONFIGS[0], ["image_size=512"])
+
+
+def test_help_lists_only_commands_that_exist(capsys):
+    from mixgrpo import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert "bench" not in text
+    for command in ("train", "sample", "eval", "export", "preprocess", "pretrain", "config-doc"):
+        assert command in text

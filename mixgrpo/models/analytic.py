@@ -60,6 +60,7 @@ class GaussianFlow(FlowModel):
 
 @MODELS.register("gaussian")
 def gaussian(size: int = 8, data_std: float = 0.5, init_mean: float = 0.0, path: str | None = None) -> GaussianFlow:
+    """The analytic Gaussian-data model (exact velocity; tests and engine-overhead benchmarks)."""
     model = GaussianFlow(size, data_std, init_mean)
     if path is not None:
         from pathlib import Path

@@ -98,6 +98,13 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
     return []
 
 
+def loading_bar(name: str, path: Path, text_encoders: bool):
+    """A progress bar over the components a loader reads (transformer, VAE, the text encoders when loaded)."""
+    from mixgrpo.progress import bar
+
+    return bar(total=3 if text_encoders else 2, desc=f"loading {name} from {path}", unit="component")
+
+
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
     """Token ids [B, max_length] padded to max_length, truncating (with a warning) like the diffusers pipelines."""
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
@@ -206,20 +213,24 @@ def load_flux(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "c
     path = check_pipeline_dir(path, "flux", ["transformer", "vae"], "black-forest-labs/FLUX.1-dev")
     torch_dtype = parse_dtype(dtype)
     kw = dict(torch_dtype=torch_dtype, local_files_only=True)
-    transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw).to(device).eval()
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).to(device)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if height % (2 * factor) or width % (2 * factor):
-        raise ValueError(f"flux: height {height} and width {width} must be multiples of {2 * factor} "
-                         f"(VAE factor {factor} x patch 2)")
-    if embedding_cache is not None:
-        from mixgrpo.preprocess import EmbeddingCache
+    with loading_bar("flux", path, text_encoder is None and embedding_cache is None) as progress:
+        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw).to(device).eval()
+        progress.update()
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).to(device)
+        progress.update()
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        if height % (2 * factor) or width % (2 * factor):
+            raise ValueError(f"flux: height {height} and width {width} must be multiples of {2 * factor} "
+                             f"(VAE factor {factor} x patch 2)")
+        if embedding_cache is not None:
+            from mixgrpo.preprocess import EmbeddingCache
 
-        text_encoder = EmbeddingCache(embedding_cache, device=device)
-        text_encoder.check_widths("flux", prompt_embeds=transformer.config.joint_attention_dim,
-                                  pooled=transformer.config.pooled_projection_dim)
-    elif text_encoder is None:
-        text_encoder = load_flux_text_encoder(path, torch_dtype, device, max_sequence_length)
+            text_encoder = EmbeddingCache(embedding_cache, device=device)
+            text_encoder.check_widths("flux", prompt_embeds=transformer.config.joint_attention_dim,
+                                      pooled=transformer.config.pooled_projection_dim)
+        elif text_encoder is None:
+            text_encoder = load_flux_text_encoder(path, torch_dtype, device, max_sequence_length)
+            progress.update()
     latent_shape = (transformer.config.in_channels // 4, height // factor, width // factor)
     return FluxAdapter(transformer, text_encoder, patch_size=2, latent_shape=latent_shape,
                        decoder=VaeDecoder(vae), guidance=guidance).eval()

@@ -148,8 +148,12 @@ class LazyModelReward:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
         if not self._loaded:
+            from mixgrpo.progress import bar
+
             try:
-                self.load()
+                with bar(total=1, desc=f"loading reward {self.name} on {self.device}", unit="model") as progress:
+                    self.load()
+                    progress.update()
             except RewardError:
                 raise
             except Exception as e:
