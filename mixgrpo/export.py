@@ -18,6 +18,7 @@ checkpoint (`load_checkpoint_weights`). `mixgrpo sample`, `eval` and `export` lo
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -228,7 +229,9 @@ def load_checkpoint_weights(model: FlowModel, checkpoint: str | Path, ema: bool 
         key = "ema" if ema and _dcp_has(checkpoint, "ema") else "model"
         state = {key: {n: params[n].detach() for n in names}}  # loaded in place (DCP reshards to one process)
         try:
-            dcp.load(state, checkpoint_id=checkpoint / "dcp")
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, checkpoint_id=checkpoint / "dcp")
         except Exception as e:  # noqa: BLE001  (DCP raises many kinds for a mismatching checkpoint)
             raise CheckpointError(f"sharded checkpoint {checkpoint} does not fit the run's model "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
