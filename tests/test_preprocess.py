@@ -121,3 +121,15 @@ def test_rerun_replaces_cache_and_keeps_dtype(flux_dir, tmp_path):
     cache = EmbeddingCache(preprocess(second, bf16, tmp_path / "cache"))
     assert "a blue cube" in cache and "a red cube" not in cache
     assert cache.encode(["a blue cube"])["prompt_embeds"].dtype == torch.bfloat16
+
+
+def test_several_prompt_files_go_into_one_cache(encoder, flux_dir, tmp_path):
+    """A run's train and eval prompts in one cache: `mixgrpo preprocess --prompts TRAIN EVAL`."""
+    (tmp_path / "train.txt").write_text("a red cube\ntwo blue spheres\n")
+    (tmp_path / "eval.txt").write_text("a cat\na red cube\n")
+    assert main(["--model", "flux", "--path", str(flux_dir), "--prompts", str(tmp_path / "train.txt"),
+                 str(tmp_path / "eval.txt"), "--out", str(tmp_path / "cache"), "--dtype", "float32",
+                 "--max-sequence-length", str(MAX_SEQ), "--device", "cpu"]) == 0
+    cache = EmbeddingCache(tmp_path / "cache")
+    assert len(cache) == 4 and all(p in cache for p in ("", "a red cube", "two blue spheres", "a cat"))
+    torch.testing.assert_close(cache.encode(["a cat"])["prompt_embeds"], encoder.encode(["a cat"])["prompt_embeds"])

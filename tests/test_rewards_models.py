@@ -180,6 +180,24 @@ def test_hps_with_a_config_of_another_depth_names_the_mismatch(tmp_path, clip_to
         reward(random_images(1), PROMPTS[:1])
 
 
+def test_hps_checkpoint_of_the_wrong_architecture_is_refused_before_any_model_is_built(tmp_path, clip_tokenizer_dir,
+                                                                                       monkeypatch):
+    """The tiny checkpoint given with the default ViT-H-14 config: `check()` (the trainer's pre-flight) names the
+    mismatch in one line from the file's shapes alone, building the 1B-parameter model on the meta device only."""
+    torch.save({"state_dict": open_clip_state_dict()}, tmp_path / "hps.pt")
+    reward = REWARDS.get("hps")(path=str(tmp_path / "hps.pt"), tokenizer=str(clip_tokenizer_dir))
+    built_on = []
+    init = transformers.CLIPModel.__init__
+    monkeypatch.setattr(transformers.CLIPModel, "__init__",
+                        lambda self, *a, **kw: (built_on.append(torch.empty(0).device.type), init(self, *a, **kw))[1])
+    with pytest.raises(RewardError) as e:
+        reward.check()
+    message = str(e.value)
+    assert "\n" not in message and "of another shape" in message and "leave `config` unset" in message
+    assert built_on == ["meta"]
+    REWARDS.get("hps")(path=str(tmp_path / "hps.pt"), tokenizer=str(clip_tokenizer_dir), config=TINY_CLIP).check()
+
+
 def test_a_missing_checkpoint_is_a_reward_error_naming_the_path(tmp_path, clip_tokenizer_dir):
     reward = REWARDS.get("hps")(path=str(tmp_path / "nowhere.pt"), tokenizer=str(clip_tokenizer_dir))
     with pytest.raises(RewardError, match="nowhere.pt.*does not exist"):

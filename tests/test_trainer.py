@@ -220,3 +220,25 @@ def test_periodic_evaluation_resumes_without_duplicated_or_lost_rows(tmp_path):
     for name in ("iter_000004", "iter_000006"):
         shutil.rmtree(full / "checkpoints" / name)
     assert _eval_rows(train(_cfg(tmp_path / "full", **over), resume=True, progress=False)) == rows
+
+
+def test_sample_grids_are_captioned_with_their_prompts(tmp_path):
+    from PIL import Image
+
+    from mixgrpo.images import save_grid
+
+    images = torch.zeros(3, 3, 16, 16) + 1.0  # white tiles: any dark pixel below them is caption text
+    save_grid(images, tmp_path / "plain.png", nrow=3)
+    save_grid(images, tmp_path / "captioned.png", nrow=3,
+              captions=["a red circle left of a blue square", "x", "a " + "very " * 40 + "long prompt"])
+    plain, captioned = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "captioned.png")
+    assert plain.size == (3 * 17 + 1, 18)
+    tile = 128  # tiles are upscaled so that a caption line holds a few words
+    assert captioned.width == 3 * (tile + 1) + 1 and captioned.height > tile + 2 * 11
+    pixels = torch.tensor(list(captioned.convert("L").getdata())).view(captioned.height, captioned.width)
+    below = pixels[tile + 1:, :]
+    assert (below[:, 1:tile + 1] < 128).any() and (below[:, 2 * tile + 3:] < 128).any()  # text under tiles 1 and 3
+    # a caption never grows past CAPTION_LINES lines, however long the prompt
+    from mixgrpo.images import CAPTION_FONT_SIZE, CAPTION_LINES
+
+    assert captioned.height <= tile + 2 + CAPTION_LINES * (CAPTION_FONT_SIZE + 3) + 2
