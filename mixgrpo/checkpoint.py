@@ -204,8 +204,21 @@ def load_sharded_checkpoint(path: str | Path, app_state: dict[str, Any]) -> dict
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): it was interrupted "
                               f"while being written; resume from an older one")
     try:
-        dcp.load(app_state, checkpoint_id=path / "dcp")
+        dcp_load(app_state, path)
         return json.loads((path / "state.json").read_text())
     except Exception as e:  # any read failure means corruption or another model
         raise CheckpointError(f"sharded checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); it is "
                               f"corrupted or from another model configuration") from None
+
+
+def dcp_load(state: dict[str, Any], path: str | Path) -> None:
+    """torch.distributed.checkpoint.load of checkpoint `path`'s dcp/ into `state`, in place. In one process DCP
+    warns that it is "assuming the intent is to load in a single process": it is (a resume or an export on
+    fewer ranks), so the warning is silenced."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=Path(path) / "dcp")

@@ -18,14 +18,14 @@ checkpoint (`load_checkpoint_weights`). `mixgrpo sample`, `eval` and `export` lo
 from __future__ import annotations
 
 import inspect
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from mixgrpo import dist
-from mixgrpo.checkpoint import CheckpointError, MARKER, is_sharded_checkpoint, latest_checkpoint, load_checkpoint
+from mixgrpo.checkpoint import (MARKER, CheckpointError, dcp_load, is_sharded_checkpoint, latest_checkpoint,
+                                 load_checkpoint)
 from mixgrpo.fileio import atomic_directory, writing
 from mixgrpo.models.base import MODELS, FlowModel
 
@@ -223,15 +223,11 @@ def load_checkpoint_weights(model: FlowModel, checkpoint: str | Path, ema: bool 
     checkpoint = Path(checkpoint)
     params = dict(model.named_parameters())
     if is_sharded_checkpoint(checkpoint):
-        import torch.distributed.checkpoint as dcp
-
         names = _checkpoint_names(model)
         key = "ema" if ema and _dcp_has(checkpoint, "ema") else "model"
         state = {key: {n: params[n].detach() for n in names}}  # loaded in place (DCP reshards to one process)
         try:
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, checkpoint_id=checkpoint / "dcp")
+            dcp_load(state, checkpoint)
         except Exception as e:  # noqa: BLE001  (DCP raises many kinds for a mismatching checkpoint)
             raise CheckpointError(f"sharded checkpoint {checkpoint} does not fit the run's model "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
