@@ -105,6 +105,37 @@ def loading_bar(name: str, path: Path, text_encoders: bool):
     return bar(total=3 if text_encoders else 2, desc=f"loading {name} from {path}", unit="component")
 
 
+def load_transformer_and_vae(transformer_class, path: Path, dtype: torch.dtype, device: str, progress):
+    """(transformer, VAE, the VAE's downsampling factor) of a local pipeline directory, in eval mode on `device`;
+    two steps of the loading bar."""
+    from diffusers import AutoencoderKL
+
+    kw = dict(torch_dtype=dtype, local_files_only=True)
+    transformer = transformer_class.from_pretrained(path, subfolder="transformer", **kw).to(device).eval()
+    progress.update()
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).to(device)
+    progress.update()
+    return transformer, vae, 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def cache_or_load(name: str, transformer: nn.Module, given: TextEncoder | None, embedding_cache: str | None,
+                  device: str, progress, load: Callable[[], TextEncoder]) -> TextEncoder:
+    """The text encoder of a FLUX / SD3 loader: `given` (shared with another model), else the embedding cache
+    (its widths checked against the transformer), else `load()` (the pipeline's encoders, a step of the bar)."""
+    if given is not None:
+        return given
+    if embedding_cache is not None:
+        from mixgrpo.preprocess import EmbeddingCache
+
+        cache = EmbeddingCache(embedding_cache, device=device)
+        cache.check_widths(name, prompt_embeds=transformer.config.joint_attention_dim,
+                           pooled=transformer.config.pooled_projection_dim)
+        return cache
+    encoder = load()
+    progress.update()
+    return encoder
+
+
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
     """Token ids [B, max_length] padded to max_length, truncating (with a warning) like the diffusers pipelines."""
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
@@ -206,31 +237,20 @@ def load_flux(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "c
     text_encoder: an already loaded text encoder (anything with encode(prompts) -> Cond) to share, e.g. the
         policy's with a frozen reference copy; then none is loaded.
     """
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
 
     if text_encoder is not None and embedding_cache is not None:
         raise ValueError("flux: give text_encoder or embedding_cache, not both")
     path = check_pipeline_dir(path, "flux", ["transformer", "vae"], "black-forest-labs/FLUX.1-dev")
     torch_dtype = parse_dtype(dtype)
-    kw = dict(torch_dtype=torch_dtype, local_files_only=True)
     with loading_bar("flux", path, text_encoder is None and embedding_cache is None) as progress:
-        transformer = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **kw).to(device).eval()
-        progress.update()
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).to(device)
-        progress.update()
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        transformer, vae, factor = load_transformer_and_vae(FluxTransformer2DModel, path, torch_dtype, device,
+                                                            progress)
         if height % (2 * factor) or width % (2 * factor):
             raise ValueError(f"flux: height {height} and width {width} must be multiples of {2 * factor} "
                              f"(VAE factor {factor} x patch 2)")
-        if embedding_cache is not None:
-            from mixgrpo.preprocess import EmbeddingCache
-
-            text_encoder = EmbeddingCache(embedding_cache, device=device)
-            text_encoder.check_widths("flux", prompt_embeds=transformer.config.joint_attention_dim,
-                                      pooled=transformer.config.pooled_projection_dim)
-        elif text_encoder is None:
-            text_encoder = load_flux_text_encoder(path, torch_dtype, device, max_sequence_length)
-            progress.update()
+        text_encoder = cache_or_load("flux", transformer, text_encoder, embedding_cache, device, progress,
+                                     lambda: load_flux_text_encoder(path, torch_dtype, device, max_sequence_length))
     latent_shape = (transformer.config.in_channels // 4, height // factor, width // factor)
     return FluxAdapter(transformer, text_encoder, patch_size=2, latent_shape=latent_shape,
                        decoder=VaeDecoder(vae), guidance=guidance).eval()

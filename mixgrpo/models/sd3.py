@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder, TransformerAdapter
-from mixgrpo.models.flux_pipeline import (VaeDecoder, check_pipeline_dir, check_pipeline_run, loading_bar,
-                                          module_device, parse_dtype, tokenize)
+from mixgrpo.models.flux_pipeline import (VaeDecoder, cache_or_load, check_pipeline_dir, check_pipeline_run,
+                                          load_transformer_and_vae, loading_bar, module_device, parse_dtype,
+                                          tokenize)
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD3's transformer takes timestep = 1000 sigma
 
@@ -154,32 +155,22 @@ def load_sd3(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
     text_encoder: an already loaded text encoder (anything with encode(prompts) -> Cond) to share, e.g. the
         policy's with a frozen reference copy; then none is loaded.
     """
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
 
     if text_encoder is not None and embedding_cache is not None:
         raise ValueError("sd3: give text_encoder or embedding_cache, not both")
     path = check_pipeline_dir(path, "sd3", ["transformer", "vae"], "stabilityai/stable-diffusion-3.5-medium")
     torch_dtype = parse_dtype(dtype)
-    kw = dict(torch_dtype=torch_dtype, local_files_only=True)
     with loading_bar("sd3", path, text_encoder is None and embedding_cache is None) as progress:
-        transformer = SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **kw).to(device).eval()
-        progress.update()
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).to(device)
-        progress.update()
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        transformer, vae, factor = load_transformer_and_vae(SD3Transformer2DModel, path, torch_dtype, device,
+                                                            progress)
         multiple = factor * transformer.config.patch_size
         if height % multiple or width % multiple:
             raise ValueError(f"sd3: height {height} and width {width} must be multiples of {multiple} "
                              f"(VAE factor {factor} x patch {transformer.config.patch_size})")
-        if embedding_cache is not None:
-            from mixgrpo.preprocess import EmbeddingCache
-
-            text_encoder = EmbeddingCache(embedding_cache, device=device)
-            text_encoder.check_widths("sd3", prompt_embeds=transformer.config.joint_attention_dim,
-                                      pooled=transformer.config.pooled_projection_dim)
-        elif text_encoder is None:
-            text_encoder = load_sd3_text_encoder(path, torch_dtype, device, max_sequence_length, use_t5)
-            progress.update()
+        text_encoder = cache_or_load("sd3", transformer, text_encoder, embedding_cache, device, progress,
+                                     lambda: load_sd3_text_encoder(path, torch_dtype, device, max_sequence_length,
+                                                                   use_t5))
     latent_shape = (transformer.config.in_channels, height // factor, width // factor)
     return SD3Adapter(transformer, text_encoder, latent_shape, VaeDecoder(vae)).eval()
 
