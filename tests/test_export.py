@@ -251,7 +251,8 @@ def test_a_tiny_lora_run_is_sampled_from_its_run_directory(tmp_path):
     """Issue 19 item 8: a LoRA run on the tiny model exported a final/ that `mixgrpo sample --path RUN` could not
     load (the final LoRA needs the run's base)."""
     over = ["iterations=1", "prompts_per_iteration=1", "group_size=2", "updates_per_iteration=1", "lora.rank=4",
-            "eval_num_prompts=0", "sampler.num_steps=4", "sampler.window.size=1"]
+            "eval_num_prompts=0", "sampler.num_steps=4", "sampler.window.size=1",
+            "rewards=[{name: jpeg_compressibility}]"]  # every image its own score: a learning signal
     assert _cli("train", "--out", tmp_path / "run", "--quiet", *over) == 0
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert _cli("sample", "--path", tmp_path / "run", "--prompt", "a red circle", "--out", tmp_path / "s") == 0
