@@ -1,12 +1,13 @@
-"""The shape-quality score: clean renders score ~1; blurred, speckled, wrong-shaped, merged, missing or extra
-objects score lower; swapping a requested shape for an easier one does not pay; the reward wraps it."""
+"""The shape-quality score: clean renders score ~1; blurred, holed, wrong-shaped, merged, missing or extra
+objects score lower; swapping a requested shape for an easier one does not pay. Colour purity: 1 on renders,
+lower for blur, noise and tint. The rewards wrap both."""
 
 import numpy as np
 import pytest
 import torch
 
 from mixgrpo.rewards import build_reward
-from mixgrpo.world.quality import shape_quality
+from mixgrpo.world.quality import color_purity, shape_quality
 from mixgrpo.world.scene import ObjectSpec, Scene, load_prompts, parse_prompt, render_batch
 
 from test_verifier import _blur, _heldout_scenes, _violations
@@ -20,15 +21,22 @@ def test_clean_renders_score_about_one():
     assert shape_quality(torch.zeros(len(scenes), 3, 32, 32), scenes).max() == 0  # nothing drawn
 
 
-def test_blur_and_speckle_cost_quality_image_by_image():
+def test_blur_and_holes_cost_shape_quality_and_blur_noise_and_tint_cost_purity():
     scenes = _heldout_scenes(300, seed=2)
     clean = render_batch(scenes, seed=3)
     gen = torch.Generator().manual_seed(0)
-    speckle = clean * (torch.rand(clean.shape[0], 1, 32, 32, generator=gen) > 0.1)  # 10% of pixels dark
-    q = shape_quality(clean, scenes)
-    for degraded in (_blur(clean), speckle, (clean + 0.1 * torch.randn(clean.shape, generator=gen)).clamp(0, 1)):
-        d = shape_quality(degraded, scenes)
-        assert (d < q).float().mean() >= 0.98 and d.mean() <= q.mean() - 0.15
+    holes = clean * (torch.rand(clean.shape[0], 1, 32, 32, generator=gen) > 0.1)  # 10% of pixels black
+    noise = (clean + 0.1 * torch.randn(clean.shape, generator=gen)).clamp(0, 1)
+    q, purity = shape_quality(clean, scenes), color_purity(clean)
+    assert purity.min() > 0.999  # the renderer draws exact colours
+    d = shape_quality(holes, scenes)
+    assert (d < q).float().mean() >= 0.95 and d.mean() <= q.mean() - 0.1
+    assert shape_quality(_blur(clean), scenes).mean() <= q.mean() - 0.05  # a blurred circle keeps its outline
+    for degraded in (_blur(clean), noise, clean * 0.85):  # 0.85: objects tinted darker, shapes intact
+        d = color_purity(degraded)
+        assert (d < 0.9).float().mean() >= 0.98 and d.mean() <= 0.75
+    torch.testing.assert_close(shape_quality(clean * 0.85, scenes), q)  # the shapes did not change
+    assert color_purity(torch.zeros(4, 3, 32, 32)).max() == 0
 
 
 def test_renders_that_violate_the_prompt_score_lower():
@@ -84,3 +92,14 @@ def test_the_reward_scores_shapes_world_prompts_only():
     assert torch.equal(reward(images, prompts), shape_quality(images, scenes))
     with pytest.raises(ValueError, match="shape_quality reward: .*shapes-world prompts only"):
         reward(images[:1], ["a photo of a cat"])
+
+
+def test_the_purity_reward_ignores_the_prompt_and_scores_nan_images_nan():
+    reward = build_reward("color_purity")
+    scenes = _heldout_scenes(4, seed=10)
+    from mixgrpo.world.scene import format_prompt
+
+    images = render_batch(scenes, seed=11)
+    images[1] = float("nan")
+    scores = reward(images, [format_prompt(s) for s in scenes])
+    assert torch.isnan(scores[1]) and torch.allclose(scores[[0, 2, 3]], torch.ones(3))

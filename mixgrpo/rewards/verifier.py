@@ -1,5 +1,6 @@
-"""Shapes-world rewards: the programmatic verifier (`mixgrpo.world.verifier`) and the continuous shape-quality
-score (`mixgrpo.world.quality`), per image, against the scene each prompt describes."""
+"""Shapes-world rewards: the programmatic verifier (`mixgrpo.world.verifier`), the continuous shape-quality
+score against the scene each prompt describes, and the colour purity of the drawn objects
+(`mixgrpo.world.quality`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Sequence
 import torch
 
 from mixgrpo.rewards.base import REWARDS
+from mixgrpo.world.quality import color_purity as _color_purity
 from mixgrpo.world.quality import shape_quality as _shape_quality
 from mixgrpo.world.scene import PromptParseError, Scene, parse_prompt
 from mixgrpo.world.verifier import verify
@@ -65,8 +67,8 @@ def verifier(score: str = "dense") -> VerifierReward:
 
 class ShapeQualityReward(_SceneReward):
     """reward_b = the shape-quality score of image b against its prompt's scene, in [0, 1]
-    (`mixgrpo.world.quality`: IoU with the requested ideal shape times colour purity, per requested instance;
-    missing and extra objects count as zeros)."""
+    (`mixgrpo.world.quality`: the squared IoU of each requested instance with its ideal shape; missing and
+    extra objects count as zeros)."""
 
     name = "shape_quality"
 
@@ -76,5 +78,21 @@ class ShapeQualityReward(_SceneReward):
 
 @REWARDS.register("shape_quality")
 def shape_quality() -> ShapeQualityReward:
-    """How cleanly each image draws the objects its prompt asks for (continuous, weight-free)."""
+    """How well each image draws the shapes its prompt asks for (continuous, weight-free)."""
     return ShapeQualityReward()
+
+
+class ColorPurityReward(_SceneReward):
+    """reward_b = the colour purity of the objects drawn in image b, in [0, 1] (`mixgrpo.world.quality`); the
+    prompts are only checked. A guard metric (log it at weight 0): alone it pays for one clean blob."""
+
+    name = "color_purity"
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return self._score(images, prompts, lambda x, scenes: _color_purity(x))
+
+
+@REWARDS.register("color_purity")
+def color_purity() -> ColorPurityReward:
+    """How exactly the drawn objects keep their colour (texture: blur, noise and speckle lower it)."""
+    return ColorPurityReward()

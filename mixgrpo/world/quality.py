@@ -1,23 +1,28 @@
-"""Shape quality: how cleanly an image draws the objects its prompt asks for (weight-free, numpy + scipy).
+"""Shape quality and colour purity: how well an image draws the objects its prompt asks for (weight-free).
 
-The verifier (`mixgrpo.world.verifier`) answers yes or no per requirement; this score is continuous, so a
-model gets credit for every step towards a clean render. Per image and scene:
+The verifier (`mixgrpo.world.verifier`) answers yes or no per requirement; these scores are continuous, so a
+model gets credit for every step towards a clean render.
 
+`shape_quality(images, scenes)`, the geometry of what the prompt asks for, per image:
 1. Objects are the verifier's colour components (`verifier.components`) of at least MIN_AREA pixels.
 2. Each requested instance (colour c, shape s; an object of count n gives n instances) may be matched with
    one object of colour c. The match scores
-       quality = IoU(object mask, ideal s)^2 * purity
+       quality = IoU(object mask, ideal s)^2
    where the ideal s is drawn with the renderer's own geometry (circle of radius h, square of half-side h,
    apex-up triangle of base 2h and height 2h) centred on the object's centroid, h = half the longer box
-   side within half a pixel (the best fit); and
-   purity is the mean over the object's pixels of max(0, 1 - |rgb - c| / COLOR_RADIUS). The ideal is always
-   the shape the prompt asks for at that colour: drawing an easier shape costs IoU (a square where a circle
-   is asked 0.79, a square or circle where a triangle is asked 0.5 to 0.6; squared, 0.65 and 0.25 to 0.35),
-   an elongated blob (two merged objects) costs IoU, blur and speckle cost purity and IoU. The square makes a
-   wrong shape cost more than the model's lumpy attempts at the right one (IoU about 0.85).
+   side within half a pixel (the best fit). The ideal is always the shape the prompt asks for at that
+   colour: drawing an easier shape costs IoU (a square where a circle is asked 0.79, a square or circle
+   where a triangle is asked 0.5 to 0.6; squared, 0.65 and 0.25 to 0.35), and so does an elongated blob (two
+   merged objects) or a ragged outline. The square makes a wrong shape cost more than the model's lumpy
+   attempts at the right one (IoU about 0.85).
 3. Instances and objects of one colour are matched greedily by quality. The image scores
        sum of matched qualities / (requested instances + unmatched objects)
    so a missing instance and an extra object each count as a zero. A clean render of the prompt scores 1.
+
+`color_purity(images)`, the texture: the mean over every object pixel of max(0, 1 - |rgb - c| / COLOR_RADIUS),
+c the object's colour (0 for an image without objects). The renderer draws exact colours (purity 1); blur,
+noise and speckle lower it. It does not look at the prompt: it is a guard against a model that learns its
+shapes at the cost of their texture, not a reward to train on alone (an image of one clean blob scores 1).
 """
 
 from __future__ import annotations
@@ -59,16 +64,16 @@ def _ideal_masks(box: np.ndarray, centroid: np.ndarray, H: int, W: int) -> np.nd
     return np.stack([circle, square, triangle], axis=2)
 
 
-def object_quality(images: torch.Tensor) -> list[list[tuple[str, np.ndarray]]]:
+def _objects(images: torch.Tensor) -> tuple[list[list[tuple[str, np.ndarray]]], np.ndarray, np.ndarray]:
     """The objects of each image (components of at least MIN_AREA pixels, in component order) as (colour,
-    quality against each of SHAPES [len(SHAPES)]). images: [B, 3, H, W] in [0, 1]."""
+    IoU with the best-fitting ideal of each of SHAPES [len(SHAPES)]) per image, and per object its image
+    index [n] and summed purity over its pixels and pixel count [n, 2]. images: [B, 3, H, W] in [0, 1]."""
     comp = components(images)
     B, K, H, W = comp.labels.shape
-    rgb = images.detach().to("cpu", torch.float64).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
     keep = np.flatnonzero(comp.area >= MIN_AREA * H * W)
     out: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(B)]
     if keep.size == 0:
-        return out
+        return out, np.zeros(0, dtype=np.int64), np.zeros((0, 2))
     masks = comp.labels[comp.image[keep], comp.color[keep]] == (keep + 1)[:, None, None]  # [n, H, W]
     ys, xs = np.arange(H) + 0.5, np.arange(W) + 0.5
     area = masks.sum((1, 2))  # [n]
@@ -77,24 +82,25 @@ def object_quality(images: torch.Tensor) -> list[list[tuple[str, np.ndarray]]]:
     inter = (ideal & masks[:, None, None]).sum((3, 4))
     union = (ideal | masks[:, None, None]).sum((3, 4))
     iou = (inter / np.maximum(union, 1)).max(1)  # [n, S]: the best-fitting half-size per shape
+    rgb = images.detach().to("cpu", torch.float64).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
     dist = np.linalg.norm(rgb[comp.image[keep]] - _RGB[comp.color[keep]][:, None, None, :], axis=-1)  # [n, H, W]
-    purity = (np.clip(1 - dist / COLOR_RADIUS, 0, 1) * masks).sum((1, 2)) / area  # [n]
+    purity = (np.clip(1 - dist / COLOR_RADIUS, 0, 1) * masks).sum((1, 2))  # [n] summed over the object
     names = list(COLORS)
     for j, i in enumerate(keep):
-        out[int(comp.image[i])].append((names[comp.color[i]], iou[j] ** 2 * purity[j]))
-    return out
+        out[int(comp.image[i])].append((names[comp.color[i]], iou[j]))
+    return out, comp.image[keep], np.stack([purity, area], 1)
 
 
 def shape_quality(images: torch.Tensor, scenes: Sequence[Scene]) -> torch.Tensor:
     """Shape-quality score per image (module docstring), [B] float32 in [0, 1]. images: [B, 3, H, W]."""
     if len(scenes) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(scenes)} scenes; pass one scene per image")
-    objects = object_quality(images)
+    objects, _, _ = _objects(images)
     scores = []
     for scene, found in zip(scenes, objects):
         requested = [(o.color, SHAPES.index(o.shape)) for o in scene.objects for _ in range(o.count)]
-        pairs = sorted(((q[s], i, j) for i, (c, s) in enumerate(requested)
-                        for j, (color, q) in enumerate(found) if color == c), reverse=True)
+        pairs = sorted(((iou[s] ** 2, i, j) for i, (c, s) in enumerate(requested)
+                        for j, (color, iou) in enumerate(found) if color == c), reverse=True)
         used_instances, used_objects, total = set(), set(), 0.0
         for q, i, j in pairs:  # greedy: the best remaining pair of one colour first
             if i not in used_instances and j not in used_objects:
@@ -103,3 +109,12 @@ def shape_quality(images: torch.Tensor, scenes: Sequence[Scene]) -> torch.Tensor
                 total += float(q)
         scores.append(total / (len(requested) + len(found) - len(used_objects)))
     return torch.tensor(scores, dtype=torch.float32)
+
+
+def color_purity(images: torch.Tensor) -> torch.Tensor:
+    """Colour purity per image (module docstring), [B] float32 in [0, 1]. images: [B, 3, H, W]."""
+    _, image, sums = _objects(images)
+    totals = np.zeros((images.shape[0], 2))
+    np.add.at(totals, image, sums)
+    return torch.tensor(np.where(totals[:, 1] > 0, totals[:, 0] / np.maximum(totals[:, 1], 1), 0.0),
+                        dtype=torch.float32)
