@@ -24,8 +24,9 @@ import json
 
 import torch
 
-from mixgrpo.evaluate import generate, ode_plan
+from mixgrpo.evaluate import generate
 from mixgrpo.models.tiny import load_tiny
+from mixgrpo.plan import ode_plan
 from mixgrpo.world.scene import load_prompts, parse_prompt
 from mixgrpo.world.verifier import detect, requirements
 

@@ -25,12 +25,12 @@ import random
 import torch
 
 from mixgrpo.config import load_config
-from mixgrpo.evaluate import derive_seed
 from mixgrpo.grpo import combine_rewards
 from mixgrpo.models import cond_repeat_interleave, cond_to
 from mixgrpo.plan import build_plan, train_mask
 from mixgrpo.prompts import read_prompts
 from mixgrpo.rollout import rollout
+from mixgrpo.seeding import derive_seed
 from mixgrpo.trainer import build_model, build_rewards, score_groups, trainable_parameters, update
 
 

@@ -51,7 +51,7 @@ def _call_costs(cfg, repeats: int = 5) -> dict[str, float]:
     """Seconds of one forward call at the rollout batch and at the prefix batch, and of one forward+backward
     call at the update micro-batch (classifier-free guidance included when on)."""
     from mixgrpo.models import cond_to
-    from mixgrpo.rollout import guided_velocity
+    from mixgrpo.models.base import guided_velocity
     from mixgrpo.trainer import build_model
 
     model = build_model(cfg, torch.device("cpu"))

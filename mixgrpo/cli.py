@@ -171,11 +171,8 @@ def _parse_resolution(text: str | None) -> tuple[int, int] | None:
 
 
 def _sampling_plan(args: argparse.Namespace):
-    from mixgrpo.evaluate import ode_plan
     from mixgrpo.plan import ALGORITHMS, build_plan
 
-    if args.plan == "ode":
-        return ode_plan(args.steps, args.shift)
     if args.plan not in ALGORITHMS:
         raise UsageError(f"--plan {args.plan!r} is unknown: use 'ode' or one of {sorted(ALGORITHMS)}")
     import dataclasses

@@ -12,29 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from mixgrpo.models.base import FlowModel, cond_to
-from mixgrpo.plan import Plan, Step
+from mixgrpo.plan import Plan
 from mixgrpo.progress import bar
 from mixgrpo.rollout import sample
-from mixgrpo.sampling import sigma_grid
+from mixgrpo.seeding import image_seeds
 
 RewardFns = Sequence[tuple[str, Callable]]
-
-
-def derive_seed(*values: int) -> int:
-    """A 63-bit seed from a tuple of integers (stable across processes and platforms)."""
-    return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def ode_plan(num_steps: int = 25, shift: float = 3.0) -> Plan:
-    """A deterministic Euler plan on the shifted grid (the evaluation and default sampling plan)."""
-    s = sigma_grid(num_steps, shift).tolist()
-    steps = tuple(Step(sigma=s[i], sigma_next=s[i + 1], kind="ode", train=False) for i in range(num_steps))
-    return Plan(steps=steps, window=None, sde_form="flow_grpo", eta=0.0, dpm_order=2, dpm_variant="midpoint",
-                train_fraction=1.0)
 
 
 @dataclass
@@ -59,7 +45,7 @@ class EvalResult:
 def generate(model: FlowModel, prompts: Sequence[str], plan: Plan, images_per_prompt: int = 1, seed: int = 0,
              guidance_scale: float = 1.0, batch_size: int = 64, switch_model: FlowModel | None = None,
              switch_at: int | None = None, desc: str = "sampling") -> torch.Tensor:
-    """[N, n, 3, H, W] images in [0, 1]: image j of prompt i starts from the noise of derive_seed(seed, i, j).
+    """[N, n, 3, H, W] images in [0, 1]: image j of prompt i starts from the noise of `image_seeds(seed, [(i, j)])`.
     Batches of `batch_size` images (memory only: an image does not depend on its batch); a progress bar `desc`."""
     device = next(model.parameters()).device
     jobs = [(i, j) for i in range(len(prompts)) for j in range(images_per_prompt)]
@@ -71,7 +57,7 @@ def generate(model: FlowModel, prompts: Sequence[str], plan: Plan, images_per_pr
             cond = cond_to(model.encode_prompts([prompts[i] for i, _ in chunk]), device)
             uncond = None if uncond_row is None else {k: v.expand(len(chunk), *v.shape[1:])
                                                       for k, v in uncond_row.items()}
-            seeds = [derive_seed(seed, i, j) for i, j in chunk]
+            seeds = image_seeds(seed, chunk)
             latents = sample(model, plan, cond, seeds, uncond, guidance_scale, switch_model, switch_at)
             out.append(model.decode(latents).float().cpu())
             progress.update(len(chunk))

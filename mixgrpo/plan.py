@@ -15,6 +15,7 @@ builds the same plan. Step kinds, the window strategies and the NFE rule are doc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -297,6 +298,11 @@ def build_plan(cfg: SamplerConfig, iteration: int = 0, seed: int = 0) -> Plan:
         dpm_variant=cfg.flash.variant,
         train_fraction=cfg.train_fraction if cfg.train_steps == "random_fraction" else 1.0,
     )
+
+
+def ode_plan(num_steps: int = 25, shift: float = 3.0) -> Plan:
+    """A deterministic Euler plan on the shifted grid: the `ode` preset (the evaluation and default sampling plan)."""
+    return build_plan(dataclasses.replace(ALGORITHMS["ode"], num_steps=num_steps, shift=shift))
 
 
 def train_mask(plan: Plan, batch_size: int, seed: int, iteration: int, sample_offset: int = 0) -> torch.Tensor:

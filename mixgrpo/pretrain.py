@@ -37,7 +37,8 @@ from mixgrpo.images import plot_lines, save_grid
 from mixgrpo.models.base import FlowModel
 from mixgrpo.models.flux import FluxAdapter
 from mixgrpo.models.tiny import TinyConfig, build_tiny, load_tiny, save_tiny
-from mixgrpo.evaluate import generate, ode_plan
+from mixgrpo.evaluate import generate
+from mixgrpo.plan import ode_plan
 from mixgrpo.world.scene import load_prompts, parse_prompt, render_batch
 
 

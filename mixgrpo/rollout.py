@@ -15,13 +15,13 @@ prompt's images do not depend on which rank or batch computes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from mixgrpo.models.base import Cond, FlowModel, cond_cat, cond_repeat_interleave
+from mixgrpo.models.base import Cond, FlowModel, cond_repeat_interleave, guided_velocity
 from mixgrpo.plan import Plan
-from mixgrpo.sampling import dpm_solver_step, euler_step, gaussian_log_prob, predict_x0, sde_step
+from mixgrpo.sampling import dpm_solver_step, euler_step, predict_x0, sde_step, transition_log_prob
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Trajectory:
     x_next:     [B, K, *latent]  the sampled next state (a constant when re-scored)
     sigma:      [B, K]           noise level of the step
     sigma_next: [B, K]
-    log_prob:   [B, K]  float32  log N(x_next | mean_old, std^2), reduced by the plan's reduction
+    log_prob:   [B, K]  float32  log N(x_next | mean_old, std^2) (`transition_log_prob`: the mean over latent elements)
     step:       [B, K]  long     index of the step in the plan
     final:      [B, *latent]     the end of the rollout (sigma = 0)
     nfe:        int              model calls made per image (batched CFG counts once)
@@ -46,20 +46,6 @@ class Trajectory:
     step: torch.Tensor
     final: torch.Tensor
     nfe: int
-
-
-def guided_velocity(model: FlowModel, x: torch.Tensor, sigma: torch.Tensor, cond: Cond,
-                    uncond: Cond | None, guidance_scale: float) -> torch.Tensor:
-    """Velocity with classifier-free guidance: v_u + s (v_c - v_u), cond and uncond in one batch.
-
-    x: [N, *latent]; sigma: [N]; cond, uncond: [N, ...] rows. Returns float32 [N, *latent].
-    """
-    if uncond is None or guidance_scale == 1.0:
-        return model(x, sigma, cond).float()
-    n = x.shape[0]
-    v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond_cat([cond, uncond])).float()
-    v_cond, v_uncond = v[:n], v[n:]
-    return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
 def _seeded_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
@@ -87,7 +73,6 @@ def rollout(
     uncond: Cond | None = None,
     guidance_scale: float = 1.0,
     shared_noise: bool = True,
-    on_call: Callable[[], None] | None = None,
     switch_model: FlowModel | None = None,
     switch_at: int | None = None,
 ) -> Trajectory:
@@ -124,7 +109,8 @@ def rollout(
         rows_cond = cond_repeat_interleave(cond, group_size)
         rows_uncond = None if uncond is None else cond_repeat_interleave(uncond, group_size)
 
-    store_x = torch.zeros((batch, k, *shape), device=device)
+    # explicit dtypes: the states are float32 whatever torch's default dtype (float64 in the reference tests)
+    store_x = torch.zeros((batch, k, *shape), device=device, dtype=torch.float32)
     store_next = torch.zeros_like(store_x)
     store_sigma = torch.zeros((batch, k), device=device, dtype=torch.float64)
     store_sigma_next = torch.zeros_like(store_sigma)
@@ -141,12 +127,10 @@ def rollout(
             rows_uncond = None if uncond is None else cond_repeat_interleave(uncond, group_size)
             expanded = True
         net = switch_model if switch_model is not None and switch_at is not None and i >= switch_at else model
-        sigma = torch.full((x.shape[0],), step.sigma, device=device)
+        sigma = torch.full((x.shape[0],), step.sigma, device=device, dtype=torch.float32)
         v = guided_velocity(net, x.to(_model_dtype(net)), sigma, rows_cond, rows_uncond, guidance_scale)
         x0_hat = predict_x0(x, v, step.sigma)
         nfe += 1
-        if on_call is not None:
-            on_call()
         if step.kind == "ode":
             x_next = euler_step(x, v, step.sigma, step.sigma_next)
         elif step.kind == "dpm":
@@ -164,7 +148,8 @@ def rollout(
                 store_sigma[rows, j] = step.sigma
                 store_sigma_next[rows, j] = step.sigma_next
                 store_step[rows, j] = i
-                store_logp[rows, j] = gaussian_log_prob(x_next[rows], out.mean[rows], _rows(out.std, rows)).float()
+                store_logp[rows, j] = transition_log_prob(x[rows], v[rows], x_next[rows], step.sigma, step.sigma_next,
+                                                          plan.sde_form, plan.eta).log_prob
         else:
             raise ValueError(f"unknown step kind {step.kind!r}")
         history = ((x0_hat, step.sigma),) + history[:2]
@@ -177,11 +162,6 @@ def rollout(
 
 def _model_dtype(model: FlowModel) -> torch.dtype:
     return next(model.parameters()).dtype
-
-
-def _rows(t: torch.Tensor | float, rows: torch.Tensor) -> torch.Tensor | float:
-    """Select rows of a per-sample tensor; scalars and batch-broadcast tensors pass through."""
-    return t[rows] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] > 1 else t
 
 
 def sample(model: FlowModel, plan: Plan, cond: Cond, seeds: Sequence[int], uncond: Cond | None = None,

@@ -223,6 +223,24 @@ def gaussian_log_prob(x_next: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return reduce_latent(elem.expand(torch.broadcast_shapes(elem.shape, x_next.shape)), reduce)
 
 
+class TransitionDensity(NamedTuple):
+    """log N(x_next | mean, std^2) [B] of one SDE transition, with the transition's mean [B, ...] and std."""
+
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def transition_log_prob(x: torch.Tensor, v: torch.Tensor, x_next: torch.Tensor, sigma: Sigma, sigma_next: Sigma,
+                        form: str, eta: float) -> TransitionDensity:
+    """The policy's log-density of the SDE transition x -> x_next given its velocity v at x ([B, ...] each):
+    log N(x_next | mean(x, v), std^2) of `sde_mean_std`, reduced by the mean over latent elements
+    (`gaussian_log_prob`). The rollout stores it as the old log-prob; the GRPO update re-scores the stored
+    transition with a fresh v, so unchanged weights give ratio 1."""
+    mean, std = sde_mean_std(x, v, sigma, sigma_next, form=form, eta=eta)
+    return TransitionDensity(gaussian_log_prob(x_next, mean, std), mean, std)
+
+
 # ----------------------------------------------------------------------------------------------------
 # DPM-Solver++ in flow form
 # ----------------------------------------------------------------------------------------------------

@@ -35,20 +35,22 @@ from mixgrpo import dist
 from mixgrpo.checkpoint import (CheckpointError, is_sharded_checkpoint, latest_checkpoint, load_checkpoint,
                                  load_sharded_checkpoint, read_state, save_checkpoint, save_sharded_checkpoint)
 from mixgrpo.config import ConfigError, RewardConfig, TrainConfig, save_config, to_dict
-from mixgrpo.evaluate import derive_seed, evaluate, ode_plan
+from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
 from mixgrpo.fileio import writing
 from mixgrpo.flow_matching import awm_log_prob, forward_noise, nft_loss, optimality_probability, sample_sigmas
 from mixgrpo.grpo import combine_rewards, kl_to_reference, policy_loss
 from mixgrpo.images import plot_panels, save_grid
 from mixgrpo.models import MODELS, FlowModel, cond_index, cond_repeat_interleave, cond_to
-from mixgrpo.plan import build_plan, train_mask
+from mixgrpo.models.base import guided_velocity
+from mixgrpo.plan import build_plan, ode_plan, train_mask
 from mixgrpo.preflight import check_run
 from mixgrpo.prompts import read_prompts
 from mixgrpo.rewards import RewardError, build_reward
-from mixgrpo.rollout import Trajectory, guided_velocity, rollout
+from mixgrpo.rollout import Trajectory, rollout
 from mixgrpo.rundir import claim, keep_records_before
-from mixgrpo.sampling import gaussian_log_prob, sde_mean_std
+from mixgrpo.sampling import transition_log_prob
+from mixgrpo.seeding import group_seeds, prompt_indices, sample_seeds, update_shares
 from mixgrpo.tracking import Trackers, resource_metrics
 
 
@@ -113,20 +115,6 @@ def trainable_parameters(model: FlowModel, cfg: TrainConfig) -> dict[str, torch.
     if not params:
         raise ConfigError("no trainable parameters: check lora.target_modules against the model's module names")
     return params
-
-
-def prompt_indices(iteration: int, num_prompts: int, count: int, seed: int) -> list[int]:
-    """Global prompt indices of one iteration: a stream of seeded permutations (epochs), sliced."""
-    start = iteration * count
-    out: list[int] = []
-    epoch = start // num_prompts
-    offset = start % num_prompts
-    while len(out) < count:
-        g = torch.Generator().manual_seed(derive_seed(seed, 0xE90C, epoch))
-        perm = torch.randperm(num_prompts, generator=g).tolist()
-        out.extend(perm[offset:])
-        epoch, offset = epoch + 1, 0
-    return out[:count]
 
 
 TRANSIENT_ERRORS = (RewardError, TimeoutError, ConnectionError)
@@ -334,13 +322,12 @@ def update(model: FlowModel, params: dict[str, torch.nn.Parameter], optimizer: t
         sigma, sigma_next = traj.sigma[mb, k], traj.sigma_next[mb, k]
         with autocast():
             v = guided_velocity(model, x, sigma.float(), mb_cond, mb_uncond, cfg.guidance_scale)
-        mean, std = sde_mean_std(x, v, sigma, sigma_next, form=plan.sde_form, eta=plan.eta)
-        logp = gaussian_log_prob(x_next, mean, std)
+        logp, mean, std = transition_log_prob(x, v, x_next, sigma, sigma_next, plan.sde_form, plan.eta)
         loss, step_stats = policy_loss(logp, traj.log_prob[mb, k], advantages[mb], cfg.clip_range)
         if cfg.kl_beta > 0:
             with torch.no_grad(), autocast():
                 v_ref = guided_velocity(reference, x, sigma.float(), mb_cond, mb_uncond, cfg.guidance_scale)
-            mean_ref, _ = sde_mean_std(x, v_ref, sigma, sigma_next, form=plan.sde_form, eta=plan.eta)
+            mean_ref = transition_log_prob(x, v_ref, x_next, sigma, sigma_next, plan.sde_form, plan.eta).mean
             kl = kl_to_reference(mean, mean_ref, std).mean()
             loss = loss + cfg.kl_beta * kl
             step_stats = {**step_stats, "kl_to_base": kl.detach()}
@@ -665,12 +652,12 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
                 mask = train_mask(plan, P * G, cfg.seed, it, sample_offset=rank * P * G)
             else:  # nothing to store: forward-process objectives train on the final samples only
                 mask = torch.zeros((P * G, len(plan.steps)), dtype=torch.bool)
-            group_seeds = [derive_seed(cfg.seed, it, i) for i in range(rank * P, (rank + 1) * P)]
+            seeds = group_seeds(cfg.seed, it, rank * P, P)
             if clock is not None:
                 clock.take()
             model.eval()
             with autocast(), dist.unsharded(model, cfg.parallel), swapped_weights(model, sampler and sampler.shadow):
-                traj = rollout(model, plan, cond, G, group_seeds, mask, uncond, cfg.guidance_scale, cfg.shared_noise)
+                traj = rollout(model, plan, cond, G, seeds, mask, uncond, cfg.guidance_scale, cfg.shared_noise)
             t1 = time.perf_counter()
             rollout_calls, rollout_model_s = clock.take() if clock is not None else (0, 0.0)
 
@@ -699,16 +686,16 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
             t2 = time.perf_counter()
 
             model.train()
-            shares = _update_shares(cfg, it, rank)
+            shares = update_shares(cfg.seed, it, rank * P, P, G, cfg.updates_per_iteration, cfg.update_epochs)
             rows_cond = cond_repeat_interleave(cond, G)
             if grpo:
                 ustats = update(model, params, optimizer, traj, advantages.flatten().to(device), rows_cond,
                                 None if uncond is None else cond_repeat_interleave(uncond, G),
                                 plan, cfg, shares, base_weights, ema, autocast, clock)
             else:
-                sample_seeds = [derive_seed(cfg.seed, it, b, 0xF10) for b in range(rank * P * G, (rank + 1) * P * G)]
+                seeds = sample_seeds(cfg.seed, it, rank * P * G, P * G)
                 with swapped_weights(model, sampler and sampler.shadow):
-                    batch = matching_batch(model, traj.final, rows_cond, plan, cfg, sample_seeds, autocast)
+                    batch = matching_batch(model, traj.final, rows_cond, plan, cfg, seeds, autocast)
                 ustats = matching_update(model, params, optimizer, batch, advantages.flatten().to(device), rows_cond,
                                          cfg, shares, base_weights, ema, autocast, clock)
                 if sampler is not None:
@@ -780,23 +767,6 @@ def _run(cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None)
         dist.print0(f"run directory: {run_dir}")
     _require_learning_signal(run_dir)
     return run_dir
-
-
-def _update_shares(cfg: TrainConfig, iteration: int, rank: int) -> list[torch.Tensor]:
-    """Sample indices of each optimizer step, update_epochs passes of updates_per_iteration steps: in every
-    pass, step u takes the u-th slice of a seeded permutation of every group, so the split is the same
-    whatever the number of ranks."""
-    P, G, U = cfg.prompts_per_iteration, cfg.group_size, cfg.updates_per_iteration
-    chunk = G // U
-    shares = []
-    for epoch in range(cfg.update_epochs):
-        perms = []
-        for p in range(P):
-            extra = (epoch,) if epoch else ()  # the first pass keeps the seeds of single-pass runs
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, iteration, rank * P + p, 0x5A5A, *extra))
-            perms.append(p * G + torch.randperm(G, generator=g))
-        shares += [torch.cat([perm[u * chunk:(u + 1) * chunk] for perm in perms]) for u in range(U)]
-    return shares
 
 
 def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:

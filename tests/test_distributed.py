@@ -155,7 +155,7 @@ def test_rewards_on_rank0_give_the_same_run(two_ranks):
 
 def test_each_rank_draws_distinct_prompts_and_keeps_whole_groups(two_ranks):
     from mixgrpo.prompts import read_prompts
-    from mixgrpo.trainer import prompt_indices
+    from mixgrpo.seeding import prompt_indices
 
     calls = json.loads((two_ranks / "mixgrpo_ddp" / "calls.json").read_text())
     train_prompts = read_prompts("world:train")

@@ -113,7 +113,8 @@ def _pipeline(base: dict, name: str):
 def _stock_images(pipe, name: str, prompts: list[str], seed: int = 0) -> torch.Tensor:
     """What the stock pipeline makes from mixgrpo's noise of image 0 of each prompt, on the ODE plan of
     `mixgrpo sample` (the run's steps and shift): [N, H, W, 3] in [0, 255] (float, to be rounded as a PNG is)."""
-    from mixgrpo.evaluate import derive_seed, ode_plan
+    from mixgrpo.plan import ode_plan
+    from mixgrpo.seeding import derive_seed
     from mixgrpo.models.flux import pack
 
     sigmas = [s.sigma for s in ode_plan(STEPS, 3.0).steps]

@@ -189,7 +189,12 @@ def test_model_calls_are_counted_not_computed(tmp_path, epochs):
 def test_update_passes_see_every_sample_once_each_with_fresh_sigmas(tmp_path):
     from mixgrpo.models import MODELS
     from mixgrpo.plan import build_plan
-    from mixgrpo.trainer import _update_shares, matching_batch
+    from mixgrpo.seeding import update_shares
+    from mixgrpo.trainer import matching_batch
+
+    def _update_shares(cfg, iteration, rank):
+        P, G = cfg.prompts_per_iteration, cfg.group_size
+        return update_shares(cfg.seed, iteration, rank * P, P, G, cfg.updates_per_iteration, cfg.update_epochs)
 
     one, two = _cfg(tmp_path), _cfg(tmp_path, update_epochs=2)
     shares = _update_shares(two, iteration=3, rank=0)

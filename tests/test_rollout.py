@@ -7,7 +7,8 @@ import torch
 
 from mixgrpo.models.analytic import GaussianFlow
 from mixgrpo.plan import ALGORITHMS, build_plan, train_mask
-from mixgrpo.rollout import guided_velocity, rollout
+from mixgrpo.models.base import guided_velocity
+from mixgrpo.rollout import rollout
 from mixgrpo.sampling import dpm_solver_step, euler_step, gaussian_log_prob, predict_x0, sde_mean_std, sde_step
 
 P, G = 2, 3

@@ -102,3 +102,17 @@ def cond_cat(conds: Sequence[Cond]) -> Cond:
 
 def cond_to(cond: Cond, device: torch.device | str) -> Cond:
     return {k: v.to(device) for k, v in cond.items()}
+
+
+def guided_velocity(model: FlowModel, x: torch.Tensor, sigma: torch.Tensor, cond: Cond,
+                    uncond: Cond | None, guidance_scale: float) -> torch.Tensor:
+    """Velocity with classifier-free guidance: v_u + s (v_c - v_u), cond and uncond in one batch.
+
+    x: [N, *latent]; sigma: [N]; cond, uncond: [N, ...] rows. Returns float32 [N, *latent].
+    """
+    if uncond is None or guidance_scale == 1.0:
+        return model(x, sigma, cond).float()
+    n = x.shape[0]
+    v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond_cat([cond, uncond])).float()
+    v_cond, v_uncond = v[:n], v[n:]
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
