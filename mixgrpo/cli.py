@@ -136,7 +136,7 @@ class ModelLoader:
         overrides = {}
         cache = run_config(run).model.args.get("embedding_cache")
         if cache:  # the cache serves the run's prompts; other prompts need the model's own text encoders
-            from mixgrpo.preprocess import EmbeddingCache
+            from mixgrpo.models.text import EmbeddingCache
 
             wanted = set(self.prompts) | ({""} if self.args.guidance != 1.0 else set())
             missing = [p for p in wanted if p not in EmbeddingCache(cache)]

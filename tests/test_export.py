@@ -25,7 +25,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mixgrpo import cli
-from mixgrpo.models.testing import save_tiny_flux, save_tiny_sd3
+
+from tiny_pipelines import save_tiny_flux, save_tiny_sd3
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["a red cube on a table", "two blue spheres", "a green cone"]

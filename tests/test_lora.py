@@ -9,7 +9,8 @@ from mixgrpo.models.flux import pack
 from mixgrpo.models.flux_pipeline import load_flux
 from mixgrpo.models.lora import apply_lora, load_lora, lora_parameters, save_full, save_lora
 from mixgrpo.models.sd3 import load_sd3
-from mixgrpo.models.testing import save_tiny_flux, save_tiny_sd3
+
+from tiny_pipelines import save_tiny_flux, save_tiny_sd3
 
 SIZE, MAX_SEQ = 32, 24
 PROMPTS = ["a red cube on a table", "two blue spheres"]

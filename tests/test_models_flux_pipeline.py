@@ -6,7 +6,8 @@ import torch
 from mixgrpo.models import MODELS, cond_cat
 from mixgrpo.models.flux import FluxAdapter, pack, unpack
 from mixgrpo.models.flux_pipeline import load_flux
-from mixgrpo.models.testing import save_tiny_flux
+
+from tiny_pipelines import save_tiny_flux
 
 SIZE = 32            # pixels; latents [16, 16, 16] (VAE factor 2), packed into 64 tokens of 64 channels
 MAX_SEQ = 24         # T5 tokens (the prompts fit: no truncation)

@@ -5,7 +5,8 @@ import torch
 
 from mixgrpo.models import MODELS, cond_cat
 from mixgrpo.models.sd3 import SD3Adapter, load_sd3
-from mixgrpo.models.testing import save_tiny_sd3
+
+from tiny_pipelines import save_tiny_sd3
 
 SIZE = 32            # pixels; latents are [16, 16, 16] (VAE factor 2)
 MAX_SEQ = 24         # T5 tokens (the prompts fit: no truncation)

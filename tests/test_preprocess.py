@@ -8,8 +8,10 @@ import torch
 
 from mixgrpo.models.flux_pipeline import load_flux, load_flux_text_encoder
 from mixgrpo.models.sd3 import load_sd3
-from mixgrpo.models.testing import save_tiny_flux, save_tiny_sd3
-from mixgrpo.preprocess import EmbeddingCache, MissingPromptError, main, preprocess
+from mixgrpo.models.text import EmbeddingCache, MissingPromptError
+from mixgrpo.preprocess import main, preprocess
+
+from tiny_pipelines import save_tiny_flux, save_tiny_sd3
 
 SIZE, MAX_SEQ = 32, 24
 PROMPTS = ["a red cube", "two blue spheres", "a green cone", "a red cube", "a cat, sitting"]

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from mixgrpo.config import build_config
-from mixgrpo.models.testing import save_tiny_flux, save_tiny_sd3
 from mixgrpo.trainer import read_metrics, train
+
+from tiny_pipelines import save_tiny_flux, save_tiny_sd3
 
 
 @pytest.fixture(scope="module")

@@ -8,169 +8,22 @@ The model is the generic `FluxAdapter` (packing, image ids, guidance embedding) 
 - `FluxTextEncoder`: CLIP-L's pooled output + T5's token states, exactly as `FluxPipeline.encode_prompt`;
 - `VaeDecoder`: latents -> images with the VAE's scaling and shift factors, as the pipeline decodes.
 With `embedding_cache` (a directory written by `mixgrpo preprocess`) the text encoders are not loaded at all.
-
-The helpers shared with the SD3 loader (dtype names, directory checks, the VAE decoder, tokenisation with
-a truncation warning) live here too.
+The loading helpers shared with the SD3 loader live in `mixgrpo.models._diffusers`.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, PromptSets, TextEncoder
+from mixgrpo.models._diffusers import (VaeDecoder, cache_or_load, check_pipeline_dir, check_pipeline_run,
+                                       load_transformer_and_vae, loading_bar, module_device, tokenize)
+from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder
 from mixgrpo.models.flux import FluxAdapter
-
-
-
-def check_pipeline_dir(path: str | Path, pipeline: str, components: Sequence[str], example: str) -> Path:
-    """The local diffusers pipeline directory `path`, after checking that it holds `components`."""
-    path = Path(path).expanduser()
-    if not (path / "model_index.json").is_file():
-        raise ValueError(f"{pipeline}: {path} is not a local diffusers pipeline directory (no model_index.json). "
-                         f"Point model.args.path at a downloaded checkpoint, e.g. "
-                         f"`huggingface-cli download {example} --local-dir DIR`; nothing is downloaded by mixgrpo.")
-    missing = [c for c in components if not (path / c).is_dir()]
-    if missing:
-        raise ValueError(f"{pipeline}: {path} lacks the component folders {missing}; is the download complete?")
-    return path
-
-
-def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folders: Sequence[str],
-                       t5_tokenizer: str | None, max_sequence_length: int, text_length: Callable[[int], int],
-                       example: str) -> list[str]:
-    """Pre-flight of a FLUX / SD3 run (`MODEL_CHECKS`), from files only: the pipeline directory; with an
-    embedding cache, its coverage of the prompts, its widths against the transformer's config and its text length
-    (`text_length(max_sequence_length)` tokens) against model.args; without one, a warning for the prompts the
-    T5 tokenizer will truncate (as diffusers does)."""
-    import json
-
-    path, cache = args.get("path"), args.get("embedding_cache")
-    if not path:
-        return [f"model.args.path is not set: give the local {name} pipeline directory "
-                f"(`huggingface-cli download {example} --local-dir DIR`)"]
-    try:
-        root = check_pipeline_dir(path, name, ["transformer", "vae", *([] if cache else text_folders)], example)
-    except ValueError as e:
-        return [str(e)]
-    config = json.loads((root / "transformer" / "config.json").read_text())
-    max_len = args.get("max_sequence_length", max_sequence_length)
-    if cache:
-        from mixgrpo.preprocess import EmbeddingCache, coverage_problems
-
-        files = " ".join(source for source, _ in prompts.values())
-        problems = coverage_problems(cache, prompts, f"encode the run's prompt files into it: `mixgrpo preprocess "
-                                                     f"--model {name} --path {path} --prompts {files} --out {cache} "
-                                                     f"--max-sequence-length {max_len}`")
-        try:
-            shapes = EmbeddingCache(cache).shapes
-        except (OSError, ValueError):
-            return problems  # already named by coverage_problems
-        widths = {"prompt_embeds": config["joint_attention_dim"], "pooled": config["pooled_projection_dim"]}
-        for key, width in widths.items():
-            if shapes.get(key, (None,))[-1] != width:
-                problems.append(f"the embedding cache {cache} has {key} of shape {list(shapes.get(key, []))}, but the "
-                                f"transformer of {path} expects width {width}: it was built with another model; "
-                                f"re-run mixgrpo preprocess with --path {path}")
-        cached = shapes.get("prompt_embeds", (None,))[0]
-        if cached is not None and cached != text_length(max_len):
-            expected = f"{text_length(max_len)} ({max_len} T5 tokens)" if text_length(max_len) != max_len else max_len
-            problems.append(f"the embedding cache {cache} holds {cached} text tokens per prompt, but model.args."
-                            f"max_sequence_length = {max_len} expects {expected}: set model.args.max_sequence_length "
-                            f"to the cache's, or re-run mixgrpo preprocess with --max-sequence-length {max_len}")
-        return problems
-    if t5_tokenizer:
-        from transformers import T5TokenizerFast
-
-        tokenizer = T5TokenizerFast.from_pretrained(root, subfolder=t5_tokenizer, local_files_only=True)
-        for split, (source, texts) in prompts.items():
-            distinct = list(dict.fromkeys(texts))
-            long = [t for t, ids in zip(distinct, tokenizer(distinct).input_ids) if len(ids) > max_len]
-            if long:
-                print(f"warning: {len(long)} of the {len(distinct)} {split} prompts ({source}) are longer than "
-                      f"model.args.max_sequence_length = {max_len} T5 tokens and will be truncated, as diffusers "
-                      f"does (e.g. {long[0][:60]!r}); raise max_sequence_length to keep them whole", flush=True)
-    return []
-
-
-def loading_bar(name: str, path: Path, text_encoders: bool):
-    """A progress bar over the components a loader reads (transformer, VAE, the text encoders when loaded)."""
-    from mixgrpo.progress import bar
-
-    return bar(total=3 if text_encoders else 2, desc=f"loading {name} from {path}", unit="component")
-
-
-def load_transformer_and_vae(transformer_class, path: Path, dtype: torch.dtype, device: str, progress):
-    """(transformer, VAE, the VAE's downsampling factor) of a local pipeline directory, in eval mode on `device`;
-    two steps of the loading bar."""
-    from diffusers import AutoencoderKL
-
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    transformer = transformer_class.from_pretrained(path, subfolder="transformer", **kw).to(device).eval()
-    progress.update()
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).to(device)
-    progress.update()
-    return transformer, vae, 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def cache_or_load(name: str, transformer: nn.Module, given: TextEncoder | None, embedding_cache: str | None,
-                  device: str, progress, load: Callable[[], TextEncoder]) -> TextEncoder:
-    """The text encoder of a FLUX / SD3 loader: `given` (shared with another model), else the embedding cache
-    (its widths checked against the transformer), else `load()` (the pipeline's encoders, a step of the bar)."""
-    if given is not None:
-        return given
-    if embedding_cache is not None:
-        from mixgrpo.preprocess import EmbeddingCache
-
-        cache = EmbeddingCache(embedding_cache, device=device)
-        cache.check_widths(name, prompt_embeds=transformer.config.joint_attention_dim,
-                           pooled=transformer.config.pooled_projection_dim)
-        return cache
-    encoder = load()
-    progress.update()
-    return encoder
-
-
-def tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
-    """Token ids [B, max_length] padded to max_length, truncating (with a warning) like the diffusers pipelines."""
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-    if full.shape[-1] > max_length:
-        longest = prompts[int((full != tokenizer.pad_token_id).sum(1).argmax())]
-        warnings.warn(f"prompt {longest[:80]!r}... has {full.shape[-1]} tokens and was truncated to {max_length} "
-                      f"by {type(tokenizer).__name__} (as the diffusers pipeline does)", stacklevel=3)
-    return ids
-
-
-def module_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-class VaeDecoder(nn.Module):
-    """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1], as the FLUX / SD3 pipelines decode:
-
-    images = clamp(vae.decode(latents / scaling_factor + shift_factor) / 2 + 1/2, 0, 1), returned in float32.
-    """
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
-        self.scaling_factor = float(vae.config.scaling_factor)
-        self.shift_factor = float(vae.config.shift_factor or 0.0)
-
-    def train(self, mode: bool = True) -> "VaeDecoder":
-        return super().train(False)  # frozen: never switches to training mode with the adapter
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
-        images = self.vae.decode(z, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
 class FluxTextEncoder(nn.Module):

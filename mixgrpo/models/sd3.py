@@ -21,10 +21,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from mixgrpo.dtypes import parse_dtype
+from mixgrpo.models._diffusers import (VaeDecoder, cache_or_load, check_pipeline_dir, check_pipeline_run,
+                                       load_transformer_and_vae, loading_bar, module_device, tokenize)
 from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder, TransformerAdapter
-from mixgrpo.models.flux_pipeline import (VaeDecoder, cache_or_load, check_pipeline_dir, check_pipeline_run,
-                                          load_transformer_and_vae, loading_bar, module_device, parse_dtype,
-                                          tokenize)
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD3's transformer takes timestep = 1000 sigma
 
@@ -82,7 +82,7 @@ class SD3Adapter(TransformerAdapter):
 
     transformer: the diffusers model; latent_shape (C, H, W) with C = in_channels, H and W divisible by its patch.
     text_encoder: any object with `encode(prompts) -> Cond` ("prompt_embeds" [B, L, D], "pooled" [B, P]):
-        an `SD3TextEncoder` or a `mixgrpo.preprocess.EmbeddingCache`.
+        an `SD3TextEncoder` or a `mixgrpo.models.text.EmbeddingCache`.
     decoder: latents -> images in [0, 1] (a `VaeDecoder`).
     """
 

@@ -1,4 +1,4 @@
-"""Tiny random FLUX.1 and SD3.5 diffusers pipelines, built offline, for tests and benchmarks.
+"""Tiny random FLUX.1 and SD3.5 diffusers pipelines, built offline, for the tests.
 
 Every component has the real architecture class (FluxTransformer2DModel / SD3Transformer2DModel,
 AutoencoderKL, CLIPTextModel(WithProjection), T5EncoderModel) at a toy width, random weights, and the real
