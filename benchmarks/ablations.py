@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from common import held_out_rewards, recipe_rewards, train_or_reuse  # benchmarks/common.py
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # name -> overrides on the recipe (configs/mixgrpo.yaml: window of 4 sliding by 1 every tau = 4 iterations)
@@ -48,8 +50,6 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def train_variant(name: str, seed: int, args: argparse.Namespace) -> Path:
-    from quality import train_or_reuse  # benchmarks/quality.py
-
     overrides = [*args.override, *VARIANTS[name], f"seed={seed}", f"iterations={args.iterations}",
                  "eval_num_prompts=0"]
     return train_or_reuse(args.config, overrides, args.out / f"{name}_s{seed}",
@@ -58,8 +58,6 @@ def train_variant(name: str, seed: int, args: argparse.Namespace) -> Path:
 
 def evaluate_runs(runs: dict[str, list[Path]], args: argparse.Namespace) -> dict:
     """Held-out reward means of the base, every run's final model and the hybrids, each cached in its run."""
-    from quality import held_out_rewards, recipe_rewards  # benchmarks/quality.py: the same evaluation
-
     from mixgrpo.config import load_config
     from mixgrpo.models.tiny import load_tiny
     from mixgrpo.prompts import read_prompts
@@ -95,7 +93,7 @@ def _mean_sd(xs: list[float]) -> str:
 
 
 def _training(run_dir: Path) -> dict:
-    from mixgrpo.trainer import read_metrics
+    from mixgrpo.rundir import read_metrics
 
     rows = read_metrics(run_dir)
     key = next(k for k in rows[0] if k.startswith("reward/"))  # the recipe's first reward, as the progress line

@@ -149,7 +149,8 @@ def main() -> None:
         raise SystemExit("no GPU: this benchmark measures FSDP2 on GPUs; pass --device-check off for a CPU smoke run")
     from mixgrpo import dist
     from mixgrpo.config import build_config
-    from mixgrpo.trainer import read_metrics, train
+    from mixgrpo.rundir import read_metrics
+    from mixgrpo.train import train
 
     dist.init()
     device = dist.device()

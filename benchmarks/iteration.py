@@ -51,10 +51,9 @@ def _call_costs(cfg, repeats: int = 5) -> dict[str, float]:
     """Seconds of one forward call at the rollout batch and at the prefix batch, and of one forward+backward
     call at the update micro-batch (classifier-free guidance included when on)."""
     from mixgrpo.models import cond_to
-    from mixgrpo.models.base import guided_velocity
-    from mixgrpo.trainer import build_model
+    from mixgrpo.models.base import build_model, guided_velocity
 
-    model = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg.model.name, cfg.model.args)
     P, G, mb = cfg.prompts_per_iteration, cfg.group_size, min(cfg.micro_batch_size, cfg.prompts_per_iteration * cfg.group_size)
     prompts = ["a red circle"] * (P * G)
     cond = cond_to(model.encode_prompts(prompts), "cpu")
@@ -107,7 +106,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from mixgrpo.plan import build_plan
-    from mixgrpo.trainer import read_metrics, train
+    from mixgrpo.rundir import read_metrics
+    from mixgrpo.train import train
 
     work = Path(tempfile.mkdtemp(prefix="mixgrpo-bench-"))
     cfgs = {a: _config(a, args, work) for a in args.algorithms}

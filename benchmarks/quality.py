@@ -30,21 +30,9 @@ from pathlib import Path
 
 import torch
 
+from common import held_out_rewards, recipe_rewards, train_or_reuse  # benchmarks/common.py
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def train_or_reuse(config: Path, overrides: list[str], run_dir: Path, title: str, quiet: bool) -> Path:
-    """Train `config` with `overrides` into run_dir (resuming an interrupted run), or reuse it when finished."""
-    from mixgrpo.config import load_config
-    from mixgrpo.trainer import train
-
-    cfg = load_config(config, [*overrides, f"out_dir={run_dir}"])  # bad overrides fail even for a finished run
-    if (run_dir / "final").is_dir():
-        print(f"{run_dir}: done already, reusing it", flush=True)
-        return run_dir
-    print(f"== {title}", flush=True)
-    train(cfg, resume=True, progress=not quiet)
-    return run_dir
 
 
 def run(label: str, recipe: str, extra: list[str], seed: int, args: argparse.Namespace, out: Path) -> Path:
@@ -56,30 +44,11 @@ def run(label: str, recipe: str, extra: list[str], seed: int, args: argparse.Nam
                           f"{label} seed {seed}: {args.minutes:g} min", args.quiet)
 
 
-def recipe_rewards(cfg) -> list:
-    """[(label, fn)] of every reward of the recipe, weight 0 included."""
-    from mixgrpo.trainer import build_rewards
-
-    return [(label, fn) for label, _, fn in build_rewards(cfg.rewards)]
-
-
-def held_out_rewards(model, cfg, rewards: list, prompts: list[str], images_per_prompt: int,
-                     **switch) -> dict[str, float]:
-    """Mean of each of `rewards` over `prompts` (25-step ODE, the recipe's guidance, seed 1234: the same noise
-    for every model); `switch` = switch_model, switch_at for hybrid inference."""
-    from mixgrpo.evaluate import evaluate, ode_plan
-
-    guidance = cfg.eval_guidance_scale if cfg.eval_guidance_scale >= 0 else cfg.guidance_scale
-    res = evaluate(model, prompts, rewards, ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), images_per_prompt,
-                   1234, guidance, **switch)
-    return {k: v["mean"] for k, v in res.summary().items()}
-
-
 def evaluate_run(run_dir: Path, cfg, rewards: list, prompts: list[str], args: argparse.Namespace) -> list[dict]:
     """Held-out rewards of every checkpoint of a run, with its cumulative training time."""
     from mixgrpo.checkpoint import complete_checkpoints, load_checkpoint
     from mixgrpo.models.tiny import load_tiny
-    from mixgrpo.trainer import read_metrics
+    from mixgrpo.rundir import read_metrics
 
     cache = run_dir / f"quality_eval_{args.eval_images}.json"  # lets several invocations share the evaluation
     if cache.is_file():
@@ -177,11 +146,11 @@ def main() -> None:
     from mixgrpo.config import load_config
     from mixgrpo.models.tiny import load_tiny
     from mixgrpo.prompts import read_prompts
-    from mixgrpo.trainer import build_rewards
+    from mixgrpo.rewards.scoring import build_rewards
 
     # the recipes share the model, rewards, prompts and guidance: the first one's settings evaluate them all
     cfg = load_config(ROOT / "configs" / f"{args.algorithms[0]}.yaml", args.override)
-    labels = [label for label, _, _ in build_rewards(cfg.rewards, build=False)]
+    labels = [r.label for r in build_rewards(cfg.rewards, build=False)]
     if args.metric not in labels:
         raise SystemExit(f"--metric {args.metric!r} is not one of the recipes' rewards {labels}: pick one of those")
     out = Path(args.out)

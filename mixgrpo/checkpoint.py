@@ -197,8 +197,6 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 def load_sharded_checkpoint(path: str | Path, app_state: dict[str, Any]) -> dict[str, Any]:
     """Load a sharded checkpoint in place into `app_state` (the structure it was saved from, built for the
     current world size and strategy: DCP reshards); returns state.json. Every rank calls it."""
-    import torch.distributed.checkpoint as dcp
-
     path = Path(path)
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): it was interrupted "

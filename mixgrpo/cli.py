@@ -29,14 +29,16 @@ class UsageError(ValueError):
 
 def _train(args: argparse.Namespace) -> None:
     from mixgrpo.config import load_config
-    from mixgrpo.trainer import train
+    from mixgrpo.train import train
 
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"out_dir={args.out}")
     config = args.config
-    if config is None and args.resume and args.out and (Path(args.out) / "config.yaml").is_file():
-        config = str(Path(args.out) / "config.yaml")
+    from mixgrpo.rundir import CONFIG
+
+    if config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file():
+        config = str(Path(args.out) / CONFIG)
     cfg = load_config(config or _default_config(), overrides)
     train(cfg, resume=args.resume, progress=not args.quiet)
     from mixgrpo import dist
@@ -88,8 +90,7 @@ class ModelLoader:
 
             cfg = run_config(self.run)
         defaults = {"steps": cfg.sampler.num_steps if cfg else 25, "shift": cfg.sampler.shift if cfg else 3.0,
-                    "guidance": (cfg.guidance_scale if cfg.eval_guidance_scale < 0 else cfg.eval_guidance_scale)
-                    if cfg else 1.0}
+                    "guidance": cfg.eval_guidance if cfg else 1.0}
         taken = [f"{k} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
         for key, value in defaults.items():
             if getattr(args, key) is None:
@@ -100,7 +101,8 @@ class ModelLoader:
 
     def load(self, path: str | None):
         """The model of `path` (see the class docstring)."""
-        from mixgrpo.export import build_model, final_or_latest, load_run
+        from mixgrpo.export import final_or_latest
+        from mixgrpo.models.base import build_model
 
         if path in (None, "base"):
             if self.run is not None:
@@ -225,12 +227,10 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from mixgrpo.evaluate import evaluate, write_report
-    from mixgrpo.trainer import build_rewards
-
-    import mixgrpo.rewards  # noqa: F401
+    from mixgrpo.rewards.scoring import build_rewards
 
     specs = [_reward_spec(r) for r in args.reward or ["verifier:score=strict", "verifier"]]
-    rewards = [(label, fn) for label, _, fn in build_rewards(specs)]
+    rewards = [(r.label, r.fn) for r in build_rewards(specs)]
     prompts = _prompts_from(args)
     entries = _model_entries(args.models)
     hybrid = _model_entries([args.hybrid])[0] if args.hybrid else None
@@ -272,7 +272,8 @@ def _safe_name(label: str) -> str:
 
 def _export(args: argparse.Namespace) -> None:
     from mixgrpo.checkpoint import complete_checkpoints, latest_checkpoint
-    from mixgrpo.export import FINAL, export_model, is_run_dir, load_run
+    from mixgrpo.export import export_model, is_run_dir, load_run
+    from mixgrpo.rundir import FINAL
 
     run = Path(args.run)
     if not is_run_dir(run):
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001  (user-facing boundary: one line, no traceback)
-        from mixgrpo.trainer import TrainingStopped
+        from mixgrpo.train import TrainingStopped
 
         if isinstance(e, TrainingStopped):  # preempted: checkpointed and resumable, but not finished
             print(f"stopped by {e}", file=sys.stderr)
@@ -520,7 +521,7 @@ def _is_user_error(e: BaseException) -> bool:
     from mixgrpo.checkpoint import CheckpointError
     from mixgrpo.rewards import RewardError
     from mixgrpo.tracking import TrackingError
-    from mixgrpo.trainer import TrainingError
+    from mixgrpo.train import TrainingError
 
     return isinstance(e, (ValueError, OSError, CheckpointError, RewardError, TrainingError, TrackingError))
 

@@ -161,6 +161,11 @@ class TrainConfig:
     wandb_project: str = ""  # log to this Weights & Biases project (needs the wandb package); "" = off
     profile: bool = False  # count model calls and time spent inside them (metrics model_calls/*, time/model_*)
 
+    @property
+    def eval_guidance(self) -> float:
+        """The guidance scale of held-out evaluations: eval_guidance_scale, or guidance_scale when it is -1."""
+        return self.guidance_scale if self.eval_guidance_scale < 0 else self.eval_guidance_scale
+
     def __post_init__(self):
         checks = [
             (self.algorithm in ALGORITHMS, "algorithm", f"one of {sorted(ALGORITHMS)}"),

@@ -17,9 +17,8 @@ checkpoint (`load_checkpoint_weights`). `mixgrpo sample`, `eval` and `export` lo
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -27,10 +26,8 @@ from mixgrpo import dist
 from mixgrpo.checkpoint import (MARKER, CheckpointError, dcp_load, is_sharded_checkpoint, latest_checkpoint,
                                  load_checkpoint)
 from mixgrpo.fileio import atomic_directory, writing
-from mixgrpo.models.base import MODELS, FlowModel
-
-RUN_CONFIG = "config.yaml"
-FINAL = "final"
+from mixgrpo.models.base import FlowModel, build_model
+from mixgrpo.rundir import CONFIG, FINAL
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,7 +69,7 @@ def export_model(model: FlowModel, path: str | Path, ema: dict[str, torch.Tensor
 
 
 def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / RUN_CONFIG).is_file()
+    return (Path(path) / CONFIG).is_file()
 
 
 def is_checkpoint_dir(path: str | Path) -> bool:
@@ -85,47 +82,7 @@ def run_config(run_dir: str | Path):
     """The TrainConfig a run was trained with (its config.yaml)."""
     from mixgrpo.config import load_config
 
-    return load_config(Path(run_dir) / RUN_CONFIG)
-
-
-def accepts(factory: Callable, name: str) -> bool:
-    """Whether a model factory takes keyword argument `name`."""
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def build_model(name: str, args: dict[str, Any], device: str | None = None, dtype: str | None = None,
-                resolution: tuple[int, int] | None = None, text_encoder: Any = None) -> FlowModel:
-    """A registered model from its factory arguments, in eval mode, with optional overrides: device and dtype go
-    to the factory when it takes them (flux, sd3) and are applied to the built model otherwise; a resolution
-    (height, width) needs a factory that takes height and width. text_encoder: an already loaded one to share
-    (for factories that accept it), e.g. between a fine-tuned model and its base in hybrid inference."""
-    from mixgrpo.dtypes import parse_dtype
-
-    factory = MODELS.get(name)
-    args = dict(args)
-    if resolution is not None:
-        if not (accepts(factory, "height") and accepts(factory, "width")):
-            raise ValueError(f"model {name!r} has a fixed resolution (its factory takes no height/width): drop "
-                             f"--resolution")
-        args["height"], args["width"] = resolution
-    for key, value in (("device", device), ("dtype", dtype)):
-        if value is not None and accepts(factory, key):
-            args[key] = value
-    if text_encoder is not None and accepts(factory, "text_encoder") and not args.get("embedding_cache"):
-        args["text_encoder"] = text_encoder
-    try:
-        model = factory(**args)
-    except TypeError as e:
-        raise ValueError(f"model.args do not fit model {name!r}: {e}") from None
-    if device is not None and not accepts(factory, "device"):
-        model = model.to(device)
-    if dtype is not None and not accepts(factory, "dtype"):
-        model = model.to(parse_dtype(dtype))
-    return model.eval()
+    return load_config(Path(run_dir) / CONFIG)
 
 
 def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: str | None = None,

@@ -12,8 +12,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mixgrpo.fileio import writing
 
-from mixgrpo.fileio import writing
-
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """[3, H, W] float in [0, 1] -> RGB PIL image."""

@@ -5,6 +5,9 @@
     RUN/metrics.jsonl   one record per iteration; eval.jsonl: one per evaluation
     RUN/checkpoints/    iter_NNNNNN/ (mixgrpo.checkpoint); final/, summary.md, reward_curve.png: the results
 
+The records are JSON lines with an "iteration"; a launch rewrites config.yaml and keeps the records its
+checkpoint covers (`start_records`), every later record is appended (`append_record`, `record_eval`).
+
 Every `train` goes through `claim` before it writes anything: it takes the lock (a second process on the same
 directory stops at once, naming the holder), refuses to start a new run over the results of an earlier one,
 and deletes what killed processes left behind (half-written checkpoints and exports): with the lock held, the
@@ -23,16 +26,17 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from mixgrpo import dist
 from mixgrpo.checkpoint import latest_checkpoint
-from mixgrpo.config import ConfigError
+from mixgrpo.config import ConfigError, TrainConfig, save_config
 from mixgrpo.fileio import writing
 
 LOCK_FILE = ".lock"
+CONFIG, METRICS, EVALS, SUMMARY, FINAL = "config.yaml", "metrics.jsonl", "eval.jsonl", "summary.md", "final"
 # what a killed process leaves: checkpoints in the making, atomic_directory's temporaries (final/ and anything
 # else written through it), files rewritten through a temporary name (config.yaml, metrics.jsonl, eval.jsonl,
 # PNGs). pathlib's glob matches names that start with a dot too.
@@ -94,8 +98,8 @@ def count_records(path: Path) -> int:
 def results(run_dir: Path) -> list[str]:
     """What a new run in `run_dir` would overwrite or empty, besides checkpoints: its final model, logged
     records and summary ("final/", "metrics.jsonl (6 records)", ...)."""
-    found = [name for name in ("final/", "summary.md") if (run_dir / name.rstrip("/")).exists()]
-    for name in ("metrics.jsonl", "eval.jsonl"):
+    found = [name for name in (f"{FINAL}/", SUMMARY) if (run_dir / name.rstrip("/")).exists()]
+    for name in (METRICS, EVALS):
         n = count_records(run_dir / name)
         if n:
             found.append(f"{name} ({n} record{'s' * (n > 1)})")
@@ -125,6 +129,44 @@ def keep_records_before(path: Path, iteration: int) -> None:
         tmp.replace(path)
 
 
+def start_records(run_dir: Path, cfg: TrainConfig, start: int) -> None:
+    """A launch that starts at iteration `start` (0, or its checkpoint's): write its config.yaml and keep the
+    records the checkpoint covers, metrics up to `start` and, since a checkpoint at N is written after N's
+    evaluation, the evaluations up to `start` (none on a fresh start). Rank 0 only."""
+    save_config(cfg, run_dir / CONFIG)
+    keep_records_before(run_dir / METRICS, start + 1)
+    keep_records_before(run_dir / EVALS, start + 1 if start else 0)
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    with writing(path), open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def record_eval(run_dir: Path, iteration: int, metrics: dict[str, float]) -> None:
+    """Write the evaluation at `iteration`, replacing any row at or after it (a run killed between its last
+    evaluation and the export evaluates again on resume), so eval.jsonl holds one row per iteration."""
+    keep_records_before(run_dir / EVALS, iteration)
+    append_record(run_dir / EVALS, {"iteration": iteration, **metrics})
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl / eval.jsonl ([] when missing); a line cut short by a crash is skipped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # blank, or cut short by a crash mid-write
+            pass
+    return rows
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """One record per iteration of the run in `run_dir` (metrics.jsonl)."""
+    return read_records(Path(run_dir) / METRICS)
+
+
 def sweep_temporaries(run_dir: Path) -> None:
     """Delete the temporary files and directories of processes that died writing into `run_dir` (a caller
     that holds the lock knows their owners are dead): a killed checkpoint save or export can be tens of GB."""
@@ -151,7 +193,7 @@ def _check_start(run_dir: Path, resume: bool) -> None:
                               f"that run, or choose another out_dir")
         return
     found = results(run_dir)
-    finished = any(f in found for f in ("final/", "summary.md"))
+    finished = any(f in found for f in (f"{FINAL}/", SUMMARY))
     if found and (finished or not resume):
         what = "a finished run whose checkpoints were deleted" if finished else "the records of an earlier run"
         fix = "" if finished else " (or pass --resume to start that run over: it never reached a checkpoint)"

@@ -14,7 +14,7 @@ import pytest
 from mixgrpo.cli import main
 from mixgrpo.config import load_config
 from mixgrpo.rundir import RunLock
-from mixgrpo.trainer import train
+from mixgrpo.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -48,11 +48,11 @@ def test_exponent_without_a_dot_is_a_number():
 
 def test_cli_takes_overrides_on_both_sides_of_options(monkeypatch, tmp_path):
     """`train --config C a=1 --out D b=2`: argparse alone would reject b=2 as an unrecognized argument."""
-    import mixgrpo.trainer
+    import mixgrpo.train
     from mixgrpo import cli
 
     seen = []
-    monkeypatch.setattr(mixgrpo.trainer, "train", lambda cfg, **kw: seen.append(cfg))
+    monkeypatch.setattr(mixgrpo.train, "train", lambda cfg, **kw: seen.append(cfg))
     assert cli.main(["train", "--config", str(CONFIGS[0]), "iterations=3", "--out", str(tmp_path), "lr=1e-4"]) == 0
     assert (seen[0].iterations, seen[0].lr, seen[0].out_dir) == (3, 1e-4, str(tmp_path))
     with pytest.raises(SystemExit):  # a stray option is still an error

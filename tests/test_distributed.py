@@ -81,7 +81,7 @@ def _torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> None:
 
 def _train_here(data: dict, resume: bool = False) -> Path:
     from mixgrpo.config import build_config
-    from mixgrpo.trainer import train
+    from mixgrpo.train import train
 
     torch.set_num_threads(1)
     return train(build_config(data), resume=resume, progress=False)
@@ -92,7 +92,7 @@ def _weights(run: Path) -> torch.Tensor:
 
 
 def _metric(run: Path, key: str) -> torch.Tensor:
-    from mixgrpo.trainer import read_metrics
+    from mixgrpo.rundir import read_metrics
 
     return torch.tensor([m[key] for m in read_metrics(run)], dtype=torch.float64)
 

@@ -13,7 +13,8 @@ from mixgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from mixgrpo.config import ConfigError, build_config
 from mixgrpo.flow_matching import (awm_log_prob, forward_noise, nft_loss, optimality_probability,
                                    sample_sigmas)
-from mixgrpo.trainer import read_metrics, train
+from mixgrpo.rundir import read_metrics
+from mixgrpo.train import train
 
 F64 = torch.float64
 
@@ -190,7 +191,7 @@ def test_update_passes_see_every_sample_once_each_with_fresh_sigmas(tmp_path):
     from mixgrpo.models import MODELS
     from mixgrpo.plan import build_plan
     from mixgrpo.seeding import update_shares
-    from mixgrpo.trainer import matching_batch
+    from mixgrpo.train.objectives import matching_batch
 
     def _update_shares(cfg, iteration, rank):
         P, G = cfg.prompts_per_iteration, cfg.group_size
@@ -204,8 +205,8 @@ def test_update_passes_see_every_sample_once_each_with_fresh_sigmas(tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(shares[:2], shares[2:]))  # another split in pass 2
     model = MODELS.get("gaussian")(size=4)
     cond = model.encode_prompts(["a red circle"] * 8)
-    batch = matching_batch(model, torch.zeros(8, 3, 4, 4), cond, build_plan(two.sampler), two, list(range(8)),
-                           contextlib.nullcontext)
+    batch = matching_batch(model, torch.zeros(8, 3, 4, 4), cond, build_plan(two.sampler), list(range(8)), two.matching,
+                           two.update_epochs, two.micro_batch_size, two.objective)
     assert batch.sigma.shape == (8, 2) and not torch.equal(batch.sigma[:, 0], batch.sigma[:, 1])
 
 

@@ -25,11 +25,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import mixgrpo.checkpoint as checkpoint
-import mixgrpo.trainer as trainer
+import mixgrpo.train.objectives as objectives
+import mixgrpo.train.trainer as trainer
 from mixgrpo.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from mixgrpo.cli import main
 from mixgrpo.config import load_config
-from mixgrpo.trainer import TrainingError, read_metrics, train
+from mixgrpo.rundir import read_metrics
+from mixgrpo.train import TrainingError, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -580,7 +582,7 @@ def test_reward_timeout_is_retried_then_aborts_with_the_reason(faults_dir, tmp_p
 
 def _break_the_loss(monkeypatch, kind: str) -> None:
     """From iteration 3 on, the loss is NaN or inf, or finite with a NaN gradient."""
-    real = trainer.policy_loss
+    real = objectives.policy_loss
     calls = {"n": 0}
 
     def policy_loss(logp, old_logp, adv, clip):
@@ -595,7 +597,7 @@ def _break_the_loss(monkeypatch, kind: str) -> None:
                 loss = loss + (logp - logp.detach()).abs().sqrt().sum()
         return loss, stats
 
-    monkeypatch.setattr(trainer, "policy_loss", policy_loss)
+    monkeypatch.setattr(objectives, "policy_loss", policy_loss)
 
 
 @pytest.mark.parametrize("kind, message", [("nan loss", "the loss became nan"), ("inf loss", "the loss became inf"),

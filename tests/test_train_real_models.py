@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mixgrpo.config import build_config
-from mixgrpo.trainer import read_metrics, train
+from mixgrpo.rundir import read_metrics
+from mixgrpo.train import train
 
 from tiny_pipelines import save_tiny_flux, save_tiny_sd3
 

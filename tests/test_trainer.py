@@ -8,7 +8,8 @@ import torch
 
 from mixgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from mixgrpo.config import ConfigError, build_config
-from mixgrpo.trainer import TrainingError, read_metrics, train
+from mixgrpo.rundir import read_metrics
+from mixgrpo.train import TrainingError, train
 
 
 def _cfg(tmp_path, **over):

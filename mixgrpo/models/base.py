@@ -10,11 +10,13 @@ generically with the helpers below.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, Sequence
+import inspect
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
+from mixgrpo.dtypes import parse_dtype
 from mixgrpo.registry import Registry
 
 Cond = dict[str, torch.Tensor]
@@ -82,6 +84,44 @@ class TransformerAdapter(FlowModel):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(x)
+
+
+def accepts(factory: Callable, name: str) -> bool:
+    """Whether a model factory takes keyword argument `name`."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def build_model(name: str, args: dict[str, Any], device: str | None = None, dtype: str | None = None,
+                resolution: tuple[int, int] | None = None, text_encoder: Any = None) -> FlowModel:
+    """A registered model from its factory arguments, in eval mode, with optional overrides: device and dtype go
+    to the factory when it takes them (flux, sd3) and are applied to the built model otherwise; a resolution
+    (height, width) needs a factory that takes height and width. text_encoder: an already loaded one to share
+    (for factories that accept it), e.g. between a fine-tuned model and its base in hybrid inference."""
+    factory = MODELS.get(name)
+    args = dict(args)
+    if resolution is not None:
+        if not (accepts(factory, "height") and accepts(factory, "width")):
+            raise ValueError(f"model {name!r} has a fixed resolution (its factory takes no height/width): drop "
+                             f"--resolution")
+        args["height"], args["width"] = resolution
+    for key, value in (("device", device), ("dtype", dtype)):
+        if value is not None and accepts(factory, key):
+            args[key] = value
+    if text_encoder is not None and accepts(factory, "text_encoder") and not args.get("embedding_cache"):
+        args["text_encoder"] = text_encoder
+    try:
+        model = factory(**args)
+    except TypeError as e:
+        raise ValueError(f"model.args do not fit model {name!r}: {e}") from None
+    if device is not None and not accepts(factory, "device"):
+        model = model.to(device)
+    if dtype is not None and not accepts(factory, "dtype"):
+        model = model.to(parse_dtype(dtype))
+    return model.eval()
 
 
 def cond_index(cond: Cond, index: torch.Tensor | slice) -> Cond:

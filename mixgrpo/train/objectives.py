@@ -1,0 +1,214 @@
+"""The objective seam: what the update trains on, and how.
+
+- `GRPO`: the clipped policy loss (`mixgrpo.grpo.policy_loss`) over the rollout's stored SDE transitions,
+  each re-scored with the current weights (`mixgrpo.sampling.transition_log_prob`); every algorithm of
+  `mixgrpo.plan.ALGORITHMS` that trains steps.
+- `ForwardProcess`: DiffusionNFT or AWM (`mixgrpo.flow_matching`) on the rollout's final samples only, noised
+  again by the forward process; any plan feeds them. The rollout runs a soft copy of the weights (the sampling
+  copy, `matching.sampler_decay`), updated after every iteration.
+
+An objective tells the trainer which steps the rollout stores (`train_mask`), which weights roll out
+(`sampler`), how many loss terms a sample has (`terms`) and runs the update (`update`) through the shared
+update loop (`mixgrpo.train.update.UpdateLoop`). Both take an optional KL term to the frozen base (`kl_beta`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from mixgrpo.config import MatchingConfig
+from mixgrpo.flow_matching import awm_log_prob, forward_noise, nft_loss, optimality_probability, sample_sigmas
+from mixgrpo.grpo import kl_to_reference, policy_loss
+from mixgrpo.models import Cond, cond_index
+from mixgrpo.models.base import guided_velocity
+from mixgrpo.plan import Plan, train_mask
+from mixgrpo.rollout import Trajectory
+from mixgrpo.sampling import transition_log_prob
+from mixgrpo.train.update import UpdateLoop, UpdateStats
+from mixgrpo.train.weights import EMA, shadow_of, swapped_weights
+
+Velocity = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x, sigma, cond) -> v
+
+
+@dataclass
+class Samples:
+    """One iteration's samples on this rank, as the update sees them (B = P G rows in group order).
+
+    traj: the rollout (stored transitions [B, K, ...] and final samples [B, *latent]); advantages: [B];
+    cond, uncond: [B, ...] rows (uncond None without CFG); shares: sample indices of each optimizer step;
+    seeds: [B] the samples' own seeds (the forward-process draws).
+    """
+
+    plan: Plan
+    traj: Trajectory
+    advantages: torch.Tensor
+    cond: Cond
+    uncond: Cond | None
+    shares: list[torch.Tensor]
+    seeds: list[int]
+
+
+class GRPO:
+    """The clipped GRPO loss over the stored transitions x -> x' (K trained steps per sample).
+
+    model: the policy; reference: the frozen base as a velocity callable (for the KL term, kl_beta > 0);
+    autocast: the compute-precision context of the forward passes; guidance_scale: CFG, as in the rollout.
+    """
+
+    sampler: EMA | None = None  # the rollout runs the live weights
+
+    def __init__(self, model: torch.nn.Module, reference: Velocity, autocast: Callable[[], Any], clip_range: float,
+                 kl_beta: float, guidance_scale: float):
+        self.model, self.reference, self.autocast = model, reference, autocast
+        self.clip_range, self.kl_beta, self.guidance_scale = clip_range, kl_beta, guidance_scale
+
+    def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int, first_sample: int) -> torch.Tensor:
+        return train_mask(plan, batch_size, seed, iteration, sample_offset=first_sample)
+
+    def terms(self, traj: Trajectory) -> int:
+        return traj.x.shape[1]
+
+    def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
+        traj, plan = s.traj, s.plan
+
+        def loss_of(u: int, mb: torch.Tensor, k: int, stats: UpdateStats):
+            cond = cond_index(s.cond, mb)
+            uncond = None if s.uncond is None else cond_index(s.uncond, mb)
+            x, x_next = traj.x[mb, k], traj.x_next[mb, k]                   # [N, *latent]
+            sigma, sigma_next = traj.sigma[mb, k], traj.sigma_next[mb, k]   # [N] float64
+            with self.autocast():
+                v = guided_velocity(self.model, x, sigma.float(), cond, uncond, self.guidance_scale)
+            logp, mean, std = transition_log_prob(x, v, x_next, sigma, sigma_next, plan.sde_form, plan.eta)
+            loss, step_stats = policy_loss(logp, traj.log_prob[mb, k], s.advantages[mb], self.clip_range)
+            if self.kl_beta > 0:
+                with torch.no_grad(), self.autocast():
+                    v_ref = guided_velocity(self.reference, x, sigma.float(), cond, uncond, self.guidance_scale)
+                mean_ref = transition_log_prob(x, v_ref, x_next, sigma, sigma_next, plan.sde_form, plan.eta).mean
+                kl = kl_to_reference(mean, mean_ref, std).mean()
+                loss = loss + self.kl_beta * kl
+                step_stats = {**step_stats, "kl_to_base": kl.detach()}
+            if u == 0:
+                stats.note_ratio(logp, traj.log_prob[mb, k])
+            return loss, step_stats
+
+        return loop.run(s.shares, traj.x.shape[1], loss_of, traj.x.device)
+
+    def after_update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        pass
+
+
+@dataclass
+class MatchingBatch:
+    """The forward-process training data of one iteration: K training sigmas per final sample.
+
+    x_t, target, v_old: [B, K, *latent] (x_sigma, u = eps - x0, the sampling policy's velocity at x_sigma);
+    sigma: [B, K] float64; log_prob_old: [B, K] AWM's surrogate under the sampling policy (None for NFT).
+    """
+
+    x_t: torch.Tensor
+    target: torch.Tensor
+    sigma: torch.Tensor
+    v_old: torch.Tensor
+    log_prob_old: torch.Tensor | None
+
+
+@torch.no_grad()
+def matching_batch(velocity: Velocity, final: torch.Tensor, cond: Cond, plan: Plan, seeds: list[int],
+                   matching: MatchingConfig, epochs: int, micro_batch_size: int, objective: str) -> MatchingBatch:
+    """Draw K = matching.sigmas_per_sample training sigmas and noises per final sample ([B, *latent]) and
+    update pass (`epochs`) from the sample's own seed (the same on any rank and after a resume), noise the
+    samples by the forward process, and evaluate the sampling policy `velocity` there in micro-batches
+    (conditional velocity: training is CFG-free; cond: [B, ...] rows). Pass e uses terms [e K, (e + 1) K)."""
+    m = matching
+    B, K = final.shape[0], m.sigmas_per_sample * epochs
+    window = None
+    if plan.window is not None:
+        window = (plan.steps[plan.window[1] - 1].sigma_next, plan.steps[plan.window[0]].sigma)
+    sigmas, noises = [], []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        sigmas.append(sample_sigmas(K, g, m.sigmas, m.sigma_mean, m.sigma_std, window))
+        noises.append(torch.randn((K, *final.shape[1:]), generator=g))
+    sigma = torch.stack(sigmas).to(final.device)  # [B, K]
+    eps = torch.stack(noises).to(final.device, final.dtype)  # [B, K, *latent]
+    x0 = final[:, None].expand_as(eps)
+    x_t, target = forward_noise(x0.flatten(0, 1), eps.flatten(0, 1), sigma.flatten())
+    x_t, target = x_t.view_as(eps), target.view_as(eps)
+    v_old = torch.empty_like(x_t)
+    for b in range(0, B, micro_batch_size):
+        rows = slice(b, b + micro_batch_size)
+        rows_cond = cond_index(cond, torch.arange(B, device=final.device)[rows])
+        for k in range(K):
+            v_old[rows, k] = velocity(x_t[rows, k], sigma[rows, k].float(), rows_cond)
+    log_prob_old = None
+    if objective == "awm":
+        log_prob_old = awm_log_prob(v_old.flatten(0, 1), target.flatten(0, 1), sigma.flatten(),
+                                    m.awm_weighting).view(B, K)
+    return MatchingBatch(x_t, target, sigma, v_old, log_prob_old)
+
+
+class ForwardProcess:
+    """DiffusionNFT (`objective` "diffusion_nft") or AWM ("awm") on the final samples: optimizer steps over the
+    noised samples. The trained velocity is the conditional one (CFG-free training); an optional KL term
+    (kl_beta) is mean ||v - v_ref||^2 to the base. Each of the `epochs` passes of `updates` optimizer steps has
+    training sigmas of its own.
+
+    params: the trainable weights, of which the sampling copy is kept (matching.sampler_decay > 0).
+    """
+
+    def __init__(self, objective: str, model: torch.nn.Module, reference: Velocity, autocast: Callable[[], Any],
+                 params: dict[str, torch.nn.Parameter], matching: MatchingConfig, clip_range: float, kl_beta: float,
+                 micro_batch_size: int, updates: int, epochs: int):
+        self.objective, self.model, self.reference, self.autocast = objective, model, reference, autocast
+        self.matching, self.clip_range, self.kl_beta = matching, clip_range, kl_beta
+        self.micro_batch_size, self.updates, self.epochs = micro_batch_size, updates, epochs
+        # the rollout runs a soft copy of the weights (matching.sampler_decay; 0 = theta itself)
+        self.sampler = EMA(params, matching.sampler_decay) if matching.sampler_decay > 0 else None
+
+    def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int, first_sample: int) -> torch.Tensor:
+        return torch.zeros((batch_size, len(plan.steps)), dtype=torch.bool)  # nothing to store: final samples only
+
+    def terms(self, traj: Trajectory) -> int:
+        return self.matching.sigmas_per_sample
+
+    def _sampling_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        with self.autocast():
+            return self.model(x, sigma, cond).float()
+
+    def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
+        m = self.matching
+        with swapped_weights(self.model, shadow_of(self.sampler)):
+            batch = matching_batch(self._sampling_velocity, s.traj.final, s.cond, s.plan, s.seeds, m, self.epochs,
+                                   self.micro_batch_size, self.objective)
+        r = optimality_probability(s.advantages, m.adv_clip)
+
+        def loss_of(u: int, mb: torch.Tensor, k: int, stats: UpdateStats):
+            k += (u // self.updates) * m.sigmas_per_sample  # each update pass has sigmas of its own
+            cond = cond_index(s.cond, mb)
+            x_t, sigma = batch.x_t[mb, k], batch.sigma[mb, k]
+            with self.autocast():
+                v = self.model(x_t, sigma.float(), cond).float()
+            if self.objective == "diffusion_nft":
+                loss, step_stats = nft_loss(v, batch.v_old[mb, k], batch.target[mb, k], r[mb], sigma, m.beta,
+                                            m.nft_weighting)
+            else:
+                logp = awm_log_prob(v, batch.target[mb, k], sigma, m.awm_weighting)
+                loss, step_stats = policy_loss(logp, batch.log_prob_old[mb, k], s.advantages[mb], self.clip_range)
+                if u == 0:
+                    stats.note_ratio(logp, batch.log_prob_old[mb, k])
+            if self.kl_beta > 0:
+                with torch.no_grad(), self.autocast():
+                    v_ref = self.reference(x_t, sigma.float(), cond).float()
+                kl = ((v - v_ref) ** 2).flatten(1).mean(1).mean()
+                loss = loss + self.kl_beta * kl
+                step_stats = {**step_stats, "kl_to_base": kl.detach()}
+            return loss, step_stats
+
+        return loop.run(s.shares, m.sigmas_per_sample, loss_of, batch.x_t.device)
+
+    def after_update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        if self.sampler is not None:
+            self.sampler.update(params)

@@ -1,0 +1,290 @@
+"""The trainer: one rollout and one update per iteration, for every algorithm and objective.
+
+Flow-GRPO, DanceGRPO, MixGRPO, MixGRPO-Flash and Flash* differ only in their step plan (`mixgrpo.plan`): which
+steps are SDE, ODE or DPM-Solver++, and which are trained. Each iteration (`Trainer.iteration`):
+
+1. plan        build_plan(sampler, iteration, seed): the window position is a pure function of both
+2. rollout     P prompts x G images, shared initial noise per group, old log-probs from the rollout itself
+3. rewards     scored on the decoded images under the failure policy (`mixgrpo.rewards.scoring`)
+4. advantages  the rewards fused into group-normalised advantages; failed groups get 0
+5. update      the objective (`mixgrpo.train.objectives`): GRPO re-scores the stored transitions under the
+               clipped policy loss; DiffusionNFT / AWM train on the final samples. `updates_per_iteration`
+               optimizer steps per pass; step u sees the u-th share of every group
+6. log         one line of metrics.jsonl; a checkpoint every `checkpoint_every` iterations
+
+All randomness derives from (seed, iteration, global prompt index) (`mixgrpo.seeding`), so a resumed run
+reproduces the uninterrupted one and the result does not depend on how prompts are spread over ranks.
+
+Simplifications: the frozen reference for the KL term and the EMA hold copies of the trainable weights only
+(the rest of the model is shared), and are evaluated with `torch.func.functional_call`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixgrpo import dist
+from mixgrpo.checkpoint import latest_checkpoint, read_state
+from mixgrpo.config import TrainConfig, to_dict
+from mixgrpo.evaluate import evaluate
+from mixgrpo.export import export_model
+from mixgrpo.images import save_grid
+from mixgrpo.models import Cond, cond_repeat_interleave, cond_to
+from mixgrpo.models.base import build_model
+from mixgrpo.plan import Plan, build_plan, ode_plan
+from mixgrpo.preflight import check_run
+from mixgrpo.prompts import read_prompts
+from mixgrpo.rewards.scoring import RewardSet, score_metrics
+from mixgrpo.rollout import Trajectory, rollout
+from mixgrpo.rundir import FINAL, METRICS, append_record, claim, record_eval, start_records
+from mixgrpo.seeding import group_seeds, prompt_indices, sample_seeds, update_shares
+from mixgrpo.tracking import Trackers, resource_metrics
+from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
+                                   require_finite_images, require_finite_weights, require_learning_signal,
+                                   warn_without_signal)
+from mixgrpo.train.objectives import GRPO, ForwardProcess, Samples
+from mixgrpo.train.report import progress_line, write_summary
+from mixgrpo.train.state import TrainState, check_resumable, fingerprint
+from mixgrpo.train.update import UpdateLoop, UpdateStats
+from mixgrpo.train.weights import EMA, model_with, shadow_of, swapped_weights, trainable_parameters
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path:
+    """Run training; returns the run directory. `stop_after` ends early after that many iterations of this call
+    (tests use it to simulate an interruption). The run directory is locked for the whole run
+    (`mixgrpo.rundir.claim`): a second process on it stops at once."""
+    dist.init()
+    check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
+    with claim(cfg.out_dir, resume):  # directory is claimed or any model loads
+        return Trainer(cfg, resume).run(progress, stop_after)
+
+
+@dataclass
+class Groups:
+    """This rank's prompts of one iteration: P prompts, their conditioning and CFG's empty prompt ([P, ...]),
+    and the index of its first prompt among every rank's."""
+
+    prompts: list[str]
+    cond: Cond
+    uncond: Cond | None
+    first: int
+
+
+class Trainer:
+    """A training run from its config: the model, its weights and copies, the rewards, the objective and the run
+    directory, resumed from the latest checkpoint when `resume` is set; `run` trains it to the end."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool):
+        self.cfg, self.device, self.run_dir = cfg, dist.device(), Path(cfg.out_dir)
+        latest = latest_checkpoint(self.run_dir) if resume else None
+        if latest is not None:
+            # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
+            check_resumable(latest, read_state(latest).get("config") or {}, fingerprint(cfg), self.run_dir)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model.name, cfg.model.args).to(self.device)
+        params = trainable_parameters(model, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
+                                      cfg.grad_checkpointing)
+        base = {n: p.detach().clone() for n, p in params.items()} if cfg.kl_beta > 0 else None
+        self.model = dist.wrap_model(model, cfg.parallel)  # FSDP replaces the parameters by their shards
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.rewards = RewardSet(cfg.rewards, cfg.reward_policy.retries, cfg.parallel.rewards_on == "rank0")
+        self.train_prompts = read_prompts(cfg.train_prompts)
+        self.eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
+        optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        warmup = max(cfg.warmup_iterations, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
+        self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.objective = self._objective(model_with(self.model, base))
+        copies = {name: c for name, c in (("ema", self.ema), ("sampler", self.objective.sampler)) if c is not None}
+        self.state = TrainState(self.model, optimizer, self.scheduler, copies)
+        self.start = 0
+        if latest is not None:
+            self.start = self.state.restore(latest, self.params)["iteration"]
+            dist.print0(f"resumed from {latest} at iteration {self.start}")
+        self.tracker = None
+        if dist.is_main():
+            start_records(self.run_dir, cfg, self.start)
+            self.tracker = Trackers(self.run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
+        # [1, ...]: CFG's empty prompt
+        self.uncond_row = cond_to(self.model.encode_prompts([""]), self.device) if cfg.guidance_scale != 1.0 else None
+        self.clock = ModelClock(self.model, sync=self.device.type == "cuda") if cfg.profile else None
+        self.loop = UpdateLoop(self.params, optimizer, cfg.micro_batch_size, cfg.grad_clip, self.ema, self.clock)
+        self.held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def _objective(self, reference) -> GRPO | ForwardProcess:
+        cfg = self.cfg
+        if cfg.objective == "grpo":
+            return GRPO(self.model, reference, self.autocast, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale)
+        return ForwardProcess(cfg.objective, self.model, reference, self.autocast, self.params, cfg.matching,
+                              cfg.clip_range, cfg.kl_beta, cfg.micro_batch_size, cfg.updates_per_iteration,
+                              cfg.update_epochs)
+
+    # ----------------------------------------------------------------------------------------------
+    # one iteration
+
+    def iteration(self, it: int) -> dict[str, Any]:
+        """One iteration of the algorithm (module docstring); returns its metrics record."""
+        cfg, watch = self.cfg, Stopwatch()
+        plan = build_plan(cfg.sampler, it, cfg.seed)
+        groups = self.groups(it)
+        traj = self.rollout(plan, groups, it)
+        watch.lap("rollout")
+        scores, failed, failed_all = self.score(traj, groups, it)
+        advantages = self.rewards.advantages(scores, failed, cfg.reward_mode, cfg.advantage_std, cfg.advantage_clip)
+        watch.lap("reward")
+        stats = self.update(plan, traj, advantages, groups, it)
+        watch.lap("update")
+        return self.log(it, plan, traj, scores, failed_all, advantages, stats, watch)
+
+    def groups(self, it: int) -> Groups:
+        """This rank's slice of the iteration's prompts (the same global order at any world size)."""
+        P, rank = self.cfg.prompts_per_iteration, dist.rank()
+        drawn = prompt_indices(it, len(self.train_prompts), P * dist.world_size(), self.cfg.seed)
+        prompts = [self.train_prompts[i] for i in drawn[rank * P:(rank + 1) * P]]
+        cond = cond_to(self.model.encode_prompts(prompts), self.device)
+        uncond = None if self.uncond_row is None else {k: v.expand(P, *v.shape[1:]) for k, v in self.uncond_row.items()}
+        return Groups(prompts, cond, uncond, first=rank * P)
+
+    def rollout(self, plan: Plan, groups: Groups, it: int) -> Trajectory:
+        """G images per prompt along `plan`, with the weights the objective samples from; stores what it trains."""
+        cfg, G, P = self.cfg, self.cfg.group_size, len(groups.prompts)
+        mask = self.objective.train_mask(plan, P * G, cfg.seed, it, groups.first * G)
+        seeds = group_seeds(cfg.seed, it, groups.first, P)
+        if self.clock is not None:
+            self.clock.reset()
+        self.model.eval()
+        with self.autocast(), dist.unsharded(self.model, cfg.parallel), \
+                swapped_weights(self.model, shadow_of(self.objective.sampler)):
+            traj = rollout(self.model, plan, groups.cond, G, seeds, mask, groups.uncond, cfg.guidance_scale,
+                           cfg.shared_noise)
+        if self.clock is not None:
+            self.clock.lap("rollout")
+        return traj
+
+    def score(self, traj: Trajectory, groups: Groups,
+              it: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """({label: [P, G]} scores, failed [P], failed [P x ranks]) of the decoded images; too many failed
+        groups stop the run."""
+        with torch.no_grad():
+            images = self.model.decode(traj.final).float()
+        require_finite_images(images, it)
+        G = self.cfg.group_size
+        scores, failed = self.rewards.score(images, [p for p in groups.prompts for _ in range(G)], G)
+        failed_all = dist.all_gather_cat(failed)
+        failure = self.rewards.failure(failed_all, self.cfg.reward_policy.max_failed_groups, it)
+        if failure is not None:
+            raise TrainingError(failure)
+        return scores, failed, failed_all
+
+    def update(self, plan: Plan, traj: Trajectory, advantages: torch.Tensor, groups: Groups, it: int) -> UpdateStats:
+        """The objective's optimizer steps on this iteration's samples, then the learning-rate schedule; a weight
+        made non-finite stops the run before anything is saved."""
+        cfg, G, P = self.cfg, self.cfg.group_size, len(groups.prompts)
+        self.model.train()
+        samples = Samples(plan, traj, advantages.flatten().to(self.device), cond_repeat_interleave(groups.cond, G),
+                          None if groups.uncond is None else cond_repeat_interleave(groups.uncond, G),
+                          update_shares(cfg.seed, it, groups.first, P, G, cfg.updates_per_iteration, cfg.update_epochs),
+                          sample_seeds(cfg.seed, it, groups.first * G, P * G))
+        stats = self.objective.update(self.loop, samples)
+        self.objective.after_update(self.params)
+        self.scheduler.step()
+        require_finite_weights([*self.params.values(), *(t for c in self.state.copies.values()
+                                                         for t in c.shadow.values())], it)
+        if self.clock is not None:
+            self.clock.lap("update")
+        return stats
+
+    def log(self, it: int, plan: Plan, traj: Trajectory, scores: dict[str, torch.Tensor], failed_all: torch.Tensor,
+            advantages: torch.Tensor, stats: UpdateStats, watch: Stopwatch) -> dict[str, Any]:
+        """The metrics record of iteration `it` (means over ranks), with a warning when it had no learning
+        signal."""
+        record = {"iteration": it + 1, "window_start": plan.window[0] if plan.window else None,
+                  "window_end": plan.window[1] if plan.window else None, "nfe_rollout": traj.nfe,
+                  "nfe_trained": self.objective.terms(traj) * self.cfg.update_epochs,
+                  "lr": self.state.optimizer.param_groups[0]["lr"], "failed_groups": int(failed_all.sum()),
+                  **score_metrics(scores)}
+        local = {"advantage_abs_mean": float(advantages.abs().mean()),
+                 "zero_advantage_groups": float((advantages.abs().sum(1) == 0).float().mean()), **stats.means()}
+        record.update(dist.mean_over_ranks(local))  # every rank holds the same number of samples
+        warn_without_signal(record)
+        record.update({**watch.metrics(), **resource_metrics(self.device)})
+        if self.clock is not None:
+            record.update(self.clock.metrics())
+        return record
+
+    # ----------------------------------------------------------------------------------------------
+    # the run
+
+    def run(self, progress: bool, stop_after: int | None) -> Path:
+        """Train from the start iteration to the end (or a signal, the time limit, `stop_after` iterations of
+        this launch): evaluations, checkpoints, the export and the summary."""
+        cfg = self.cfg
+        if self.start == 0 and self.eval_prompts:  # eval_num_prompts = 0 skips evaluation
+            self.evaluate(0, "before")
+        limit, done, end = TimeLimit(cfg.time_limit_minutes), 0, self.start
+        with StopRequest() as stop:
+            for it in range(self.start, cfg.iterations):
+                record = self.iteration(it)
+                done, end = done + 1, it + 1
+                if dist.is_main():
+                    append_record(self.run_dir / METRICS, record)
+                    self.tracker.log(record, it + 1)
+                # every rank stops at the same iteration, even when only some of them got the signal or ran out of time
+                signalled, out_of_time = agreed_stops(stop, limit)
+                last = it + 1 == cfg.iterations or out_of_time
+                stopping = signalled or (stop_after is not None and done >= stop_after)
+                if self.eval_prompts and cfg.eval_every and (it + 1) % cfg.eval_every == 0 and not last:
+                    self.evaluate(it + 1, None)  # before the checkpoint: a checkpoint at N implies its evaluation
+                if dist.is_main() and progress:
+                    print(progress_line(record, list(self.rewards.weights), self.held_out, cfg.iterations,
+                                        limit.eta(done, cfg.iterations - it - 1)), flush=True)
+                if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
+                    self.state.save(self.run_dir, it + 1, fingerprint(cfg), cfg.parallel.checkpoint_format == "sharded",
+                                    cfg.keep_checkpoints)
+                if last:
+                    break
+                if stopping:
+                    message = f"stopped after iteration {it + 1}; continue with --resume"
+                    if signalled:
+                        raise stop.stopped(message)
+                    dist.print0(message)
+                    if self.tracker is not None:
+                        self.tracker.close()
+                    return self.run_dir
+        if self.eval_prompts:
+            self.evaluate(end, "after")
+        export_model(self.model, self.run_dir / FINAL, shadow_of(self.ema))  # every rank: FSDP shards are gathered
+        if dist.is_main():
+            write_summary(self.run_dir)
+            self.tracker.close()
+            dist.print0(f"run directory: {self.run_dir}")
+        require_learning_signal(self.run_dir)
+        return self.run_dir
+
+    def evaluate(self, iteration: int, tag: str | None) -> None:
+        """Held-out evaluation on the same noise every time (EMA weights when on), one row of eval.jsonl;
+        tag "before"/"after" also saves the sample grid and prints the figures."""
+        cfg = self.cfg
+        with dist.unsharded(self.model, cfg.parallel):  # FSDP: every rank gathers the weights, rank 0 evaluates
+            if not dist.is_main():
+                return
+            with swapped_weights(self.model, shadow_of(self.ema)):  # EMA weights, without touching the live ones
+                res = evaluate(self.model, self.eval_prompts, self.rewards.functions(),
+                               ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), cfg.eval_images_per_prompt,
+                               seed=cfg.seed + 1, guidance_scale=cfg.eval_guidance)
+            grid = self.run_dir / f"samples_{tag}.png"
+            if tag is not None:
+                save_grid(res.images[:64, 0], grid, nrow=8, scale=2, captions=res.prompts[:64])
+            self.held_out.update({f"eval/{k}": v["mean"] for k, v in res.summary().items()})
+            record_eval(self.run_dir, iteration, self.held_out)
+            self.tracker.log(self.held_out, iteration)
+            if tag is not None:
+                self.tracker.log_image("samples", grid, iteration)
+                dist.print0(f"{tag} training: " + ", ".join(f"{k} {v:.4f}" for k, v in self.held_out.items()))
