@@ -27,11 +27,15 @@ import torch
 from mixgrpo.config import load_config
 from mixgrpo.grpo import combine_rewards
 from mixgrpo.models import cond_repeat_interleave, cond_to
+from mixgrpo.models.base import build_model
 from mixgrpo.plan import build_plan, train_mask
 from mixgrpo.prompts import read_prompts
+from mixgrpo.rewards.scoring import build_rewards, score_groups
 from mixgrpo.rollout import rollout
 from mixgrpo.seeding import derive_seed
-from mixgrpo.trainer import build_model, build_rewards, score_groups, trainable_parameters, update
+from mixgrpo.train.objectives import GRPO, Samples
+from mixgrpo.train.update import UpdateLoop
+from mixgrpo.train.weights import trainable_parameters
 
 
 def mean_cosine(vectors: list[torch.Tensor]) -> float:
@@ -55,11 +59,14 @@ def main() -> None:
     # One optimizer step over the whole batch, no clipping of the gradient we want to measure.
     cfg = load_config(args.config, [*args.overrides, "grad_clip=0", "updates_per_iteration=1"])
     device = torch.device("cpu")
-    model = build_model(cfg, device)
-    params = trainable_parameters(model, cfg)
+    model = build_model(cfg.model.name, cfg.model.args).to(device)
+    params = trainable_parameters(model, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
+                                  cfg.grad_checkpointing)
     rewards = build_rewards(cfg.rewards)
-    weights = {label: w for label, w, _ in rewards if w != 0}
-    frozen = torch.optim.SGD(list(params.values()), lr=0.0)  # update() steps it: lr 0 keeps the base weights
+    weights = {r.label: r.weight for r in rewards if r.weight != 0}
+    frozen = torch.optim.SGD(list(params.values()), lr=0.0)  # the update steps it: lr 0 keeps the base weights
+    loop = UpdateLoop(params, frozen, cfg.micro_batch_size, cfg.grad_clip, ema=None, clock=None)
+    grpo = GRPO(model, model, contextlib.nullcontext, cfg.clip_range, kl_beta=0.0, guidance_scale=cfg.guidance_scale)
     prompts_all = read_prompts(cfg.train_prompts)
     P, G = cfg.prompts_per_iteration, cfg.group_size
     uncond_row = cond_to(model.encode_prompts([""]), device) if cfg.guidance_scale != 1.0 else None
@@ -82,9 +89,9 @@ def main() -> None:
         adv_shuffled = torch.stack([row[torch.randperm(G, generator=perm)] for row in adv])
         model.train()
         for target, a in ((real, adv), (shuffled, adv_shuffled)):
-            update(model, params, frozen, traj, a.flatten(), cond_repeat_interleave(cond, G),
-                   None if uncond is None else cond_repeat_interleave(uncond, G), plan, cfg,
-                   [torch.arange(P * G)], None, None, contextlib.nullcontext)
+            grpo.update(loop, Samples(plan, traj, a.flatten(), cond_repeat_interleave(cond, G),
+                                      None if uncond is None else cond_repeat_interleave(uncond, G),
+                                      [torch.arange(P * G)], seeds=[]))
             target.append(torch.cat([p.grad.flatten() for p in params.values()]).clone())
         print(f"batch {b + 1}/{args.batches}: " + ", ".join(f"{k} {float(v.mean()):.3f}" for k, v in scores.items()),
               flush=True)

@@ -3,7 +3,6 @@ and the trainer end to end on the analytic Gaussian model (learning, model calls
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
