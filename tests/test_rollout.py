@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mixgrpo.models.analytic import GaussianFlow
-from mixgrpo.plan import ALGORITHMS, build_plan, train_mask
 from mixgrpo.models.base import guided_velocity
+from mixgrpo.plan import ALGORITHMS, build_plan, train_mask
 from mixgrpo.rollout import rollout
 from mixgrpo.sampling import dpm_solver_step, euler_step, gaussian_log_prob, predict_x0, sde_mean_std, sde_step
 
@@ -104,6 +104,24 @@ def test_on_policy_rescoring_gives_ratio_one(algorithm):
         logp = gaussian_log_prob(traj.x_next[:, k], mean, std)
         ratio = torch.exp(logp - traj.log_prob[:, k])
         torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["mixgrpo", "mixgrpo_flash", "dance_grpo"])
+def test_a_float64_default_dtype_changes_nothing(algorithm):
+    """torch.set_default_dtype(torch.float64), as float64 reference code sets it: the rollout runs and gives
+    the same trajectory (its states are float32 whatever the default)."""
+    model = _model()
+    plan = build_plan(ALGORITHMS[algorithm], iteration=3, seed=0)
+    mask = train_mask(plan, P * G, 0, 3)
+    want = rollout(model, plan, _cond(model), G, [5, 6], mask)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = rollout(model, plan, _cond(model), G, [5, 6], mask)
+    finally:
+        torch.set_default_dtype(default)
+    for name in ("x", "x_next", "sigma", "sigma_next", "log_prob", "step", "final"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
 
 
 def test_trained_step_must_be_sde():
