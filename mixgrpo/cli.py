@@ -1,6 +1,6 @@
 """The `mixgrpo` command: train, sample, eval, export, preprocess, pretrain, config-doc.
 
-    mixgrpo train --config configs/mixgrpo.yaml [key.sub=value ...] [--resume]
+    mixgrpo train --config configs/mixgrpo.yaml [key.sub=value ...] [--resume]   (or --config mixgrpo)
     torchrun --nproc_per_node 8 -m mixgrpo train --config configs/flux_mixgrpo.yaml
 
 Errors in the user's input print one line naming the problem and the fix, and exit with status 2
@@ -20,7 +20,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mixgrpo.yaml"
+DEFAULT_RECIPE = "mixgrpo"
 
 
 class UsageError(ValueError):
@@ -28,30 +28,21 @@ class UsageError(ValueError):
 
 
 def _train(args: argparse.Namespace) -> None:
-    from mixgrpo.config import load_config
+    from mixgrpo.config import load_config, recipe_path
+    from mixgrpo.rundir import CONFIG
     from mixgrpo.train import train
 
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"out_dir={args.out}")
     config = args.config
-    from mixgrpo.rundir import CONFIG
-
     if config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file():
         config = str(Path(args.out) / CONFIG)
-    cfg = load_config(config or _default_config(), overrides)
+    cfg = load_config(recipe_path(config or DEFAULT_RECIPE), overrides)
     train(cfg, resume=args.resume, progress=not args.quiet)
     from mixgrpo import dist
 
     dist.shutdown()
-
-
-def _default_config() -> str:
-    if DEFAULT_CONFIG.is_file():
-        return str(DEFAULT_CONFIG)
-    from importlib.resources import files
-
-    return str(files("mixgrpo") / "configs" / "mixgrpo.yaml")
 
 
 def _run_of(path: str | None) -> Path | None:
@@ -415,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="GRPO fine-tuning (the main job)", allow_abbrev=False)
-    p.add_argument("--config", help="YAML recipe (default: configs/mixgrpo.yaml)")
+    p.add_argument("--config", help="a YAML file, or the name of a shipped recipe (configs/NAME.yaml: mixgrpo, "
+                                    "flow_grpo, dance_grpo, ...); default: mixgrpo")
     p.add_argument("--out", help="run directory (same as out_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses are the source of truth, YAML files hold recipes, and
 `key.sub=value` overrides come from the command line.
 
-    cfg = load_config("configs/mixgrpo.yaml", ["train.iterations=10", "sampler.window.size=2"])
+    cfg = load_config("configs/mixgrpo.yaml", ["iterations=10", "sampler.window.size=2"])
+    cfg = load_config(recipe_path("mixgrpo"))  # a shipped recipe by name, from a checkout or an installed package
 
 Unknown keys and values of the wrong type are errors that name the field and suggest the fix.
 `algorithm: NAME` selects a sampler preset from `mixgrpo.plan.ALGORITHMS`; `sampler.*` keys then
@@ -344,6 +345,33 @@ def to_dict(cfg: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------------
 # files and overrides
+
+
+def recipes() -> dict[str, Path]:
+    """The shipped recipes, name -> file: configs/*.yaml, which a wheel installs as the package data of
+    `mixgrpo.configs` (pyproject.toml); a checkout without a fresh install has them beside the package."""
+    from importlib.resources import files
+
+    try:
+        shipped = files("mixgrpo.configs")
+    except ModuleNotFoundError:
+        shipped = Path(__file__).resolve().parent.parent / "configs"
+    return {p.name.removesuffix(".yaml"): Path(str(p)) for p in shipped.iterdir() if p.name.endswith(".yaml")}
+
+
+def recipe_path(config: str | Path) -> Path:
+    """The YAML file of `config`: a path as given (an existing file, or anything with a directory or a .yaml
+    suffix), else the shipped recipe of that name ("mixgrpo" -> configs/mixgrpo.yaml)."""
+    path = Path(config)
+    if path.is_file() or len(path.parts) > 1 or path.suffix:
+        return path
+    known = recipes()
+    if str(config) not in known:
+        close = difflib.get_close_matches(str(config), list(known), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"config {str(config)!r} is neither a file nor a shipped recipe: {hint}give a YAML path "
+                          f"or one of {sorted(known)}")
+    return known[str(config)]
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -90,3 +90,48 @@ def test_help_lists_only_commands_that_exist(capsys):
     assert "bench" not in text
     for command in ("train", "sample", "eval", "export", "preprocess", "pretrain", "config-doc"):
         assert command in text
+
+
+def test_a_recipe_is_found_by_name_and_a_wrong_name_is_named(monkeypatch, tmp_path):
+    from mixgrpo.config import recipe_path
+
+    monkeypatch.chdir(tmp_path)  # not the checkout: the name alone finds the recipe
+    assert load_config(recipe_path("flow_grpo")) == load_config(CONFIGS[0].parent / "flow_grpo.yaml")
+    assert recipe_path("my/own.yaml") == Path("my/own.yaml")  # a path stays a path (read_yaml names it if missing)
+    with pytest.raises(ConfigError, match=r"'mixgrp' is neither a file nor a shipped recipe: did you mean 'mixgrpo'"):
+        recipe_path("mixgrp")
+    import mixgrpo.train
+    from mixgrpo import cli
+
+    seen = []
+    monkeypatch.setattr(mixgrpo.train, "train", lambda cfg, **kw: seen.append(cfg))
+    assert cli.main(["train", "--config", "mixgrpo_flash", "--out", str(tmp_path / "run")]) == 0
+    assert seen == [load_config(CONFIGS[0].parent / "mixgrpo_flash.yaml", [f"out_dir={tmp_path / 'run'}"])]
+
+
+def test_an_installed_package_ships_every_package_and_the_recipes(tmp_path):
+    """A wheel built from the checkout, installed outside it: every recipe of configs/ resolves by name (no
+    configs/ directory around), and the explicit package list of pyproject.toml misses no package."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root, src = CONFIGS[0].parent.parent, tmp_path / "src"  # a copy: the build leaves nothing in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for name in ("configs", "mixgrpo"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("mixgrpo-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {str(p.parent.relative_to(root)) for p in (root / "mixgrpo").rglob("__init__.py")}
+    assert {p for p in packages if f"{p}/__init__.py" not in names} == set()
+    assert {f"mixgrpo/configs/{c.name}" for c in CONFIGS} <= set(names)
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = "from mixgrpo.config import recipes; print(sorted(str(p) for p in recipes().values()))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""}).stdout
+    assert out.strip() == str(sorted(str(tmp_path / "site" / "mixgrpo" / "configs" / c.name) for c in CONFIGS))
