@@ -163,10 +163,6 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return is_distributed() and bool(_fsdp_units(model))
-
-
 @contextlib.contextmanager
 def unsharded(model: nn.Module, cfg: "ParallelConfig") -> Iterator[None]:
     """Hold the full (gathered) weights during a stretch of no-grad forwards: a rollout or an evaluation.

@@ -16,23 +16,11 @@ from mixgrpo.config import load_config
 from mixgrpo.rundir import RunLock
 from mixgrpo.train import train
 
+from gaussian_run import gaussian_run_yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
-BASE_YAML = """\
-algorithm: mixgrpo
-sampler: {num_steps: 8, window: {size: 2, tau: 2}}
-model: {name: gaussian, args: {size: 4}}
-rewards: [{name: "toy_rewards:brightness"}]
-iterations: 2
-prompts_per_iteration: 2
-group_size: 4
-updates_per_iteration: 2
-micro_batch_size: 4
-lr: 0.05
-clip_range: 0.2
-checkpoint_every: 1
-eval_num_prompts: 0
-"""
+BASE_YAML = gaussian_run_yaml(iterations=2, clip_range=0.2, checkpoint_every=1, eval_num_prompts=0)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gaussian_run import gaussian_run
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 CALLS: list[tuple[int, list[str]]] = []  # (rank, prompts) of every call of `recorded_brightness` in this process
@@ -36,23 +38,8 @@ def recorded_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tenso
 
 
 def _config(out_dir: Path, **over) -> dict:
-    data = {
-        "algorithm": "mixgrpo",
-        "sampler": {"num_steps": 8, "window": {"size": 2, "tau": 2}},
-        "model": {"name": "gaussian", "args": {"size": 4}},
-        "rewards": [{"name": "test_distributed:recorded_brightness"}],
-        "iterations": 2,
-        "prompts_per_iteration": 2,
-        "group_size": 4,
-        "updates_per_iteration": 2,
-        "micro_batch_size": 4,
-        "lr": 0.05,
-        "clip_range": 0.2,
-        "out_dir": str(out_dir),
-        "checkpoint_every": 1,
-        "keep_checkpoints": 3,
-        "eval_num_prompts": 2,
-    }
+    data = gaussian_run(rewards=[{"name": "test_distributed:recorded_brightness"}], iterations=2, clip_range=0.2,
+                        out_dir=str(out_dir), checkpoint_every=1, keep_checkpoints=3, eval_num_prompts=2)
     for key, value in over.items():
         data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
     return data

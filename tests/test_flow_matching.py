@@ -15,6 +15,8 @@ from mixgrpo.flow_matching import (awm_log_prob, forward_noise, nft_loss, optima
 from mixgrpo.rundir import read_metrics
 from mixgrpo.train import train
 
+from gaussian_run import gaussian_run
+
 F64 = torch.float64
 
 
@@ -135,25 +137,9 @@ def test_forward_noise_and_sigma_samplers():
 
 
 def _cfg(tmp_path, **over):
-    data = {
-        "algorithm": "ode",
-        "objective": "diffusion_nft",
-        "shared_noise": False,
-        "sampler": {"num_steps": 8},
-        "model": {"name": "gaussian", "args": {"size": 4}},
-        "rewards": [{"name": "toy_rewards:brightness", "weight": 1.0}],
-        "iterations": 6,
-        "prompts_per_iteration": 2,
-        "group_size": 4,
-        "updates_per_iteration": 2,
-        "micro_batch_size": 4,
-        "lr": 0.05,
-        "out_dir": str(tmp_path / "run"),
-        "checkpoint_every": 2,
-        "eval_num_prompts": 4,
-    }
-    data.update(over)
-    return build_config(data)
+    data = gaussian_run(algorithm="ode", objective="diffusion_nft", shared_noise=False, sampler={"num_steps": 8},
+                        iterations=6, out_dir=str(tmp_path / "run"), checkpoint_every=2, eval_num_prompts=4)
+    return build_config({**data, **over})
 
 
 @pytest.mark.parametrize("objective,algorithm,extra", [

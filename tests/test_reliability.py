@@ -33,6 +33,8 @@ from mixgrpo.config import load_config
 from mixgrpo.rundir import read_metrics
 from mixgrpo.train import TrainingError, train
 
+from gaussian_run import gaussian_run_yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # The child's entry point: the real CLI, plus a reward that can be slowed down or hung and a hook that stalls
@@ -115,21 +117,8 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 '''
 
-CONFIG_YAML = """\
-algorithm: mixgrpo
-sampler: {num_steps: 8, window: {size: 2, tau: 2}}
-model: {name: gaussian, args: {size: 4}}
-rewards: [{name: "faults:brightness"}]
-iterations: 8
-prompts_per_iteration: 2
-group_size: 4
-updates_per_iteration: 2
-micro_batch_size: 4
-lr: 0.05
-clip_range: 0.2
-checkpoint_every: 1
-eval_num_prompts: 4
-"""
+CONFIG_YAML = gaussian_run_yaml(rewards=[{"name": "faults:brightness"}], iterations=8, clip_range=0.2,
+                                checkpoint_every=1, eval_num_prompts=4)
 
 
 @pytest.fixture(scope="module")

@@ -11,28 +11,13 @@ from mixgrpo.config import ConfigError, build_config
 from mixgrpo.rundir import read_metrics
 from mixgrpo.train import TrainingError, train
 
+from gaussian_run import gaussian_run
+
 
 def _cfg(tmp_path, **over):
-    data = {
-        "algorithm": "mixgrpo",
-        "sampler": {"num_steps": 8, "window": {"size": 2, "tau": 2}},
-        "model": {"name": "gaussian", "args": {"size": 4}},
-        "rewards": [{"name": "toy_rewards:brightness", "weight": 1.0}],
-        "train_prompts": "world:train",
-        "eval_prompts": "world:heldout",
-        "iterations": 6,
-        "prompts_per_iteration": 2,
-        "group_size": 4,
-        "updates_per_iteration": 2,
-        "micro_batch_size": 4,
-        "lr": 0.05,
-        "clip_range": 0.2,
-        "out_dir": str(tmp_path / "run"),
-        "checkpoint_every": 2,
-        "eval_num_prompts": 4,
-    }
-    data.update(over)
-    return build_config(data)
+    data = gaussian_run(iterations=6, clip_range=0.2, out_dir=str(tmp_path / "run"), checkpoint_every=2,
+                        eval_num_prompts=4)
+    return build_config({**data, **over})
 
 
 @pytest.mark.parametrize("algorithm", ["mixgrpo", "mixgrpo_flash_star", "flow_grpo", "dance_grpo"])
