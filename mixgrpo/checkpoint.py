@@ -129,12 +129,16 @@ def read_state(path: str | Path) -> dict[str, Any]:
                               f"previous one") from None
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint directory: {"model", "ema" (or None), "sampler" (or None), "optimizer", "state"}."""
-    path = Path(path)
+def _require_complete(path: Path) -> None:
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): it was interrupted "
                               f"while being written; resume from an older one")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint directory: {"model", "ema" (or None), "sampler" (or None), "optimizer", "state"}."""
+    path = Path(path)
+    _require_complete(path)
     try:
         model = load_file(path / "model.safetensors")
         copies = {name: load_file(path / f"{name}.safetensors") if (path / f"{name}.safetensors").exists() else None
@@ -198,9 +202,7 @@ def load_sharded_checkpoint(path: str | Path, app_state: dict[str, Any]) -> dict
     """Load a sharded checkpoint in place into `app_state` (the structure it was saved from, built for the
     current world size and strategy: DCP reshards); returns state.json. Every rank calls it."""
     path = Path(path)
-    if not (path / MARKER).is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): it was interrupted "
-                              f"while being written; resume from an older one")
+    _require_complete(path)
     try:
         dcp_load(app_state, path)
         return json.loads((path / "state.json").read_text())

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from mixgrpo.fileio import writing
+from mixgrpo.fileio import atomic_file
 from mixgrpo.flow_matching import AWM_WEIGHTINGS, NFT_WEIGHTINGS, SIGMA_SAMPLERS
 from mixgrpo.plan import ALGORITHMS, SamplerConfig
 
@@ -458,8 +458,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the config as YAML, atomically (a kill mid-write leaves the previous file, which --resume reads)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path):
+    with atomic_file(path) as tmp:
         tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-        tmp.replace(path)

@@ -1,5 +1,5 @@
-"""Files: atomic writes of whole directories (a crash or kill -9 never leaves a half-written model or cache),
-and write failures reported as what they are (a full disk as ENOSPC, naming the path)."""
+"""Files: atomic writes of whole directories and single files (a crash or kill -9 never leaves a half-written
+model, cache or record), and write failures reported as what they are (a full disk as ENOSPC, naming the path)."""
 
 from __future__ import annotations
 
@@ -86,6 +86,17 @@ def writing(path: str | Path) -> Iterator[None]:
         if err is None or err is e:
             raise
         raise err from e
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield the temporary sibling name .NAME.tmp to write; on success it replaces `path`, so a kill mid-write
+    leaves the previous file. A failure to write is named by `path` (`writing`)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with writing(path):
+        yield tmp
+        os.replace(tmp, path)
 
 
 OS_FIXES = {

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from mixgrpo.fileio import writing
+from mixgrpo.fileio import atomic_file
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -22,10 +21,8 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 def _save_atomic(img: Image.Image, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path):
+    with atomic_file(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 1, pad: int = 1,
@@ -100,10 +97,8 @@ def _fit(line: str, font, width: int, ellipsis: bool = False) -> str:
 def _figure_saved(fig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path):
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
 
 
 Series = Sequence[tuple[float, float]]

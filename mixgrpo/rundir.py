@@ -33,7 +33,7 @@ import torch
 from mixgrpo import dist
 from mixgrpo.checkpoint import latest_checkpoint
 from mixgrpo.config import ConfigError, TrainConfig, save_config
-from mixgrpo.fileio import writing
+from mixgrpo.fileio import atomic_file, writing
 
 LOCK_FILE = ".lock"
 CONFIG, METRICS, EVALS, SUMMARY, FINAL = "config.yaml", "metrics.jsonl", "eval.jsonl", "summary.md", "final"
@@ -123,10 +123,8 @@ def keep_records_before(path: Path, iteration: int) -> None:
         if last < it < iteration:
             keep.append(line if line.endswith("\n") else line + "\n")
             last = it
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path):
+    with atomic_file(path) as tmp:
         tmp.write_text("".join(keep), encoding="utf-8")
-        tmp.replace(path)
 
 
 def start_records(run_dir: Path, cfg: TrainConfig, start: int) -> None:

@@ -1,6 +1,6 @@
 """Loading helpers shared by the diffusers-pipeline models (FLUX.1 and SD3): directory checks and pre-flight,
-the loading bar, transformer + VAE, the text encoder or its embedding cache, tokenisation with a truncation
-warning, and the VAE decoder."""
+the components (transformer, VAE, the text encoder or its embedding cache) behind one loading bar, tokenisation
+with a truncation warning, and the VAE decoder."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from mixgrpo.dtypes import parse_dtype
 from mixgrpo.models.base import PromptSets, TextEncoder
 
 
@@ -83,42 +84,46 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
     return []
 
 
-def loading_bar(name: str, path: Path, text_encoders: bool):
-    """A progress bar over the components a loader reads (transformer, VAE, the text encoders when loaded)."""
-    from mixgrpo.progress import bar
+def load_pipeline(name: str, path: str | Path, example: str, transformer_class, dtype: str | torch.dtype, device: str,
+                  size: tuple[int, int], patch: int | None, text_encoder: TextEncoder | None,
+                  embedding_cache: str | None, load_text_encoder: Callable[[Path, torch.dtype], TextEncoder]):
+    """(transformer, VAE decoder, text encoder, VAE downsampling factor) of a local FLUX / SD3 pipeline
+    directory `path`, in eval mode on `device`, behind one loading bar.
 
-    return bar(total=3 if text_encoders else 2, desc=f"loading {name} from {path}", unit="component")
-
-
-def load_transformer_and_vae(transformer_class, path: Path, dtype: torch.dtype, device: str, progress):
-    """(transformer, VAE, the VAE's downsampling factor) of a local pipeline directory, in eval mode on `device`;
-    two steps of the loading bar."""
+    size (height, width) in pixels must be a multiple of the VAE factor x `patch` (None: the transformer's own
+    patch_size). The text encoder is `text_encoder` (already loaded, shared with another model), else the
+    embedding cache (its widths checked against the transformer), else load_text_encoder(path, dtype)."""
     from diffusers import AutoencoderKL
 
+    from mixgrpo.progress import bar
+
+    if text_encoder is not None and embedding_cache is not None:
+        raise ValueError(f"{name}: give text_encoder or embedding_cache, not both")
+    path = check_pipeline_dir(path, name, ["transformer", "vae"], example)
+    dtype = parse_dtype(dtype)
     kw = dict(torch_dtype=dtype, local_files_only=True)
-    transformer = transformer_class.from_pretrained(path, subfolder="transformer", **kw).to(device).eval()
-    progress.update()
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).to(device)
-    progress.update()
-    return transformer, vae, 2 ** (len(vae.config.block_out_channels) - 1)
+    loads_text = text_encoder is None and embedding_cache is None
+    with bar(total=3 if loads_text else 2, desc=f"loading {name} from {path}", unit="component") as progress:
+        transformer = transformer_class.from_pretrained(path, subfolder="transformer", **kw).to(device).eval()
+        progress.update()
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).to(device)
+        progress.update()
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        patch = transformer.config.patch_size if patch is None else patch
+        height, width = size
+        if height % (factor * patch) or width % (factor * patch):
+            raise ValueError(f"{name}: height {height} and width {width} must be multiples of {factor * patch} "
+                             f"(VAE factor {factor} x patch {patch})")
+        if embedding_cache is not None:
+            from mixgrpo.models.text import EmbeddingCache
 
-
-def cache_or_load(name: str, transformer: nn.Module, given: TextEncoder | None, embedding_cache: str | None,
-                  device: str, progress, load: Callable[[], TextEncoder]) -> TextEncoder:
-    """The text encoder of a FLUX / SD3 loader: `given` (shared with another model), else the embedding cache
-    (its widths checked against the transformer), else `load()` (the pipeline's encoders, a step of the bar)."""
-    if given is not None:
-        return given
-    if embedding_cache is not None:
-        from mixgrpo.models.text import EmbeddingCache
-
-        cache = EmbeddingCache(embedding_cache, device=device)
-        cache.check_widths(name, prompt_embeds=transformer.config.joint_attention_dim,
-                           pooled=transformer.config.pooled_projection_dim)
-        return cache
-    encoder = load()
-    progress.update()
-    return encoder
+            text_encoder = EmbeddingCache(embedding_cache, device=device)
+            text_encoder.check_widths(name, prompt_embeds=transformer.config.joint_attention_dim,
+                                      pooled=transformer.config.pooled_projection_dim)
+        elif text_encoder is None:
+            text_encoder = load_text_encoder(path, dtype)
+            progress.update()
+    return transformer, VaeDecoder(vae), text_encoder, factor
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:

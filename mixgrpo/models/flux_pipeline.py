@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import (VaeDecoder, cache_or_load, check_pipeline_dir, check_pipeline_run,
-                                       load_transformer_and_vae, loading_bar, module_device, tokenize)
+from mixgrpo.models._diffusers import check_pipeline_dir, check_pipeline_run, load_pipeline, module_device, tokenize
 from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder
 from mixgrpo.models.flux import FluxAdapter
+
+EXAMPLE = "black-forest-labs/FLUX.1-dev"  # the checkpoint the error messages name
 
 
 class FluxTextEncoder(nn.Module):
@@ -60,7 +61,7 @@ def load_flux_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat1
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     path = check_pipeline_dir(path, "flux", ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
-                              "black-forest-labs/FLUX.1-dev")
+                              EXAMPLE)
     dtype = parse_dtype(dtype)
     kw = dict(torch_dtype=dtype, local_files_only=True)
     return FluxTextEncoder(
@@ -92,24 +93,17 @@ def load_flux(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "c
     """
     from diffusers import FluxTransformer2DModel
 
-    if text_encoder is not None and embedding_cache is not None:
-        raise ValueError("flux: give text_encoder or embedding_cache, not both")
-    path = check_pipeline_dir(path, "flux", ["transformer", "vae"], "black-forest-labs/FLUX.1-dev")
-    torch_dtype = parse_dtype(dtype)
-    with loading_bar("flux", path, text_encoder is None and embedding_cache is None) as progress:
-        transformer, vae, factor = load_transformer_and_vae(FluxTransformer2DModel, path, torch_dtype, device,
-                                                            progress)
-        if height % (2 * factor) or width % (2 * factor):
-            raise ValueError(f"flux: height {height} and width {width} must be multiples of {2 * factor} "
-                             f"(VAE factor {factor} x patch 2)")
-        text_encoder = cache_or_load("flux", transformer, text_encoder, embedding_cache, device, progress,
-                                     lambda: load_flux_text_encoder(path, torch_dtype, device, max_sequence_length))
+    # the adapter packs 2 x 2 latent patches into one token (the transformer's own patch_size is 1)
+    transformer, decoder, text_encoder, factor = load_pipeline(
+        "flux", path, EXAMPLE, FluxTransformer2DModel, dtype, device, (height, width), 2, text_encoder,
+        embedding_cache, lambda root, torch_dtype: load_flux_text_encoder(root, torch_dtype, device,
+                                                                          max_sequence_length))
     latent_shape = (transformer.config.in_channels // 4, height // factor, width // factor)
-    return FluxAdapter(transformer, text_encoder, patch_size=2, latent_shape=latent_shape,
-                       decoder=VaeDecoder(vae), guidance=guidance).eval()
+    return FluxAdapter(transformer, text_encoder, patch_size=2, latent_shape=latent_shape, decoder=decoder,
+                       guidance=guidance).eval()
 
 
 MODEL_CHECKS["flux"] = lambda args, prompts: check_pipeline_run(
     "flux", args, prompts, text_folders=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
     t5_tokenizer="tokenizer_2", max_sequence_length=512, text_length=lambda n: n,
-    example="black-forest-labs/FLUX.1-dev")
+    example=EXAMPLE)

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import (VaeDecoder, cache_or_load, check_pipeline_dir, check_pipeline_run,
-                                       load_transformer_and_vae, loading_bar, module_device, tokenize)
+from mixgrpo.models._diffusers import check_pipeline_dir, check_pipeline_run, load_pipeline, module_device, tokenize
 from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder, TransformerAdapter
 
+EXAMPLE = "stabilityai/stable-diffusion-3.5-medium"  # the checkpoint the error messages name
 NUM_TRAIN_TIMESTEPS = 1000  # SD3's transformer takes timestep = 1000 sigma
 
 
@@ -121,7 +121,7 @@ def load_sd3_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16
 
     folders = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
     path = check_pipeline_dir(path, "sd3", folders + (["text_encoder_3", "tokenizer_3"] if use_t5 else []),
-                              "stabilityai/stable-diffusion-3.5-medium")
+                              EXAMPLE)
     kw = dict(torch_dtype=parse_dtype(dtype), local_files_only=True)
     t5_dim = None
     if use_t5:
@@ -157,22 +157,12 @@ def load_sd3(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
     """
     from diffusers import SD3Transformer2DModel
 
-    if text_encoder is not None and embedding_cache is not None:
-        raise ValueError("sd3: give text_encoder or embedding_cache, not both")
-    path = check_pipeline_dir(path, "sd3", ["transformer", "vae"], "stabilityai/stable-diffusion-3.5-medium")
-    torch_dtype = parse_dtype(dtype)
-    with loading_bar("sd3", path, text_encoder is None and embedding_cache is None) as progress:
-        transformer, vae, factor = load_transformer_and_vae(SD3Transformer2DModel, path, torch_dtype, device,
-                                                            progress)
-        multiple = factor * transformer.config.patch_size
-        if height % multiple or width % multiple:
-            raise ValueError(f"sd3: height {height} and width {width} must be multiples of {multiple} "
-                             f"(VAE factor {factor} x patch {transformer.config.patch_size})")
-        text_encoder = cache_or_load("sd3", transformer, text_encoder, embedding_cache, device, progress,
-                                     lambda: load_sd3_text_encoder(path, torch_dtype, device, max_sequence_length,
-                                                                   use_t5))
+    transformer, decoder, text_encoder, factor = load_pipeline(
+        "sd3", path, EXAMPLE, SD3Transformer2DModel, dtype, device, (height, width), None, text_encoder,
+        embedding_cache, lambda root, torch_dtype: load_sd3_text_encoder(root, torch_dtype, device,
+                                                                         max_sequence_length, use_t5))
     latent_shape = (transformer.config.in_channels, height // factor, width // factor)
-    return SD3Adapter(transformer, text_encoder, latent_shape, VaeDecoder(vae)).eval()
+    return SD3Adapter(transformer, text_encoder, latent_shape, decoder).eval()
 
 
 def _check_sd3_run(args: dict, prompts) -> list[str]:
@@ -181,7 +171,7 @@ def _check_sd3_run(args: dict, prompts) -> list[str]:
                                                                                  if t5 else [])
     return check_pipeline_run("sd3", args, prompts, text_folders=folders, t5_tokenizer="tokenizer_3" if t5 else None,
                               max_sequence_length=256, text_length=lambda n: 77 + n,  # 77 CLIP tokens, then T5's
-                              example="stabilityai/stable-diffusion-3.5-medium")
+                              example=EXAMPLE)
 
 
 MODEL_CHECKS["sd3"] = _check_sd3_run

@@ -67,6 +67,16 @@ class UserReward:
                              f"one float score per image (a tensor, array or list of {len(prompts)} numbers)") from None
 
 
+def check_batch(name: str, images: torch.Tensor, prompts: Sequence[str] | None = None) -> None:
+    """Raise ValueError unless `images` is [B, 3, H, W] and `prompts` (when given) has B entries; `name`
+    (the reward's, or "") prefixes the message."""
+    prefix = f"{name}: " if name else ""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{prefix}expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
+    if prompts is not None and len(prompts) != images.shape[0]:
+        raise ValueError(f"{prefix}{images.shape[0]} images but {len(prompts)} prompts")
+
+
 def build_reward(name: str, args: dict[str, Any] | None = None) -> RewardFn:
     """A ready reward from a registered factory name or a user "package.module:function" reward."""
     args = dict(args or {})

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mixgrpo.dtypes import parse_dtype  # noqa: F401  (re-exported to the reward modules)
-from mixgrpo.rewards.base import REWARDS, RewardError
+from mixgrpo.rewards.base import REWARDS, RewardError, check_batch
 
 if TYPE_CHECKING:
     from transformers import CLIPModel
@@ -38,8 +38,7 @@ def clip_preprocess(images: torch.Tensor, size: int, mean: Sequence[float] = CLI
     The resize is bicubic with antialiasing, which is PIL's bicubic filter (what torchvision's `Resize` applies
     to PIL images in the official code); the clamp mirrors PIL's rounding to uint8 of the overshoot.
     """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
+    check_batch("", images)
     h, w = images.shape[-2:]
     x = images.float()
     if min(h, w) != size:
@@ -143,10 +142,7 @@ class LazyModelReward:
         raise NotImplementedError
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"{self.name}: expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
+        check_batch(self.name, images, prompts)
         if not self._loaded:
             from mixgrpo.progress import bar
 

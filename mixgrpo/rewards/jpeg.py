@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mixgrpo.rewards.base import REWARDS
+from mixgrpo.rewards.base import REWARDS, check_batch
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
@@ -17,8 +17,7 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
 
     images: [B, 3, H, W] in [0, 1], quantised to 8 bits by rounding. Returns [B] float32.
     """
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
+    check_batch("", images)
     pixels = (images.detach().to("cpu", torch.float32).clamp(0, 1) * 255).round().to(torch.uint8)
     sizes = []
     for hwc in pixels.permute(0, 2, 3, 1).numpy():

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from mixgrpo.images import to_pil
-from mixgrpo.rewards.base import REWARDS, RewardError
+from mixgrpo.rewards.base import REWARDS, RewardError, check_batch
 
 _QUOTED = re.compile(r'"([^"]*)"|\u201c([^\u201d]*)\u201d')  # straight or curly double quotes
 
@@ -95,10 +95,7 @@ class OcrReward:
         return result.stdout.decode(errors="replace")
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"ocr: expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"ocr: {images.shape[0]} images but {len(prompts)} prompts")
+        check_batch("ocr", images, prompts)
         targets = [quoted_text(p) for p in prompts]
         for prompt, target in zip(prompts, targets):
             if not normalise_text(target):
