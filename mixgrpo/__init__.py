@@ -3,9 +3,10 @@
 Data flows one way through the package:
 
     sampling (step math) -> plan (which step is ODE / SDE / DPM, which is trained)
-    -> rollout -> rewards -> grpo (advantages, loss) -> trainer -> dist -> cli
+    -> rollout -> rewards -> grpo (advantages, loss) -> train (the Trainer) -> cli
 
-The math modules (`sampling`, `plan`, `grpo`) import nothing from the rest of the package.
+and imports point the other way (docs/design.md has the module map; tests/test_imports.py checks it): the math
+modules (`sampling`, `plan`, `grpo`, `flow_matching`, `seeding`) import nothing from the rest of the package.
 """
 
 __version__ = "0.1.0"

@@ -101,3 +101,25 @@ def test_what_the_package_imports_at_load_time_is_a_declared_dependency():
             if top == "mixgrpo":
                 continue
             assert {d.lower() for d in distributions.get(top, [top])} & declared, f"{name} imports {top}"
+
+
+def _module_map() -> list[set[str]]:
+    """The rows of docs/design.md's module map, as sets of module names (a folder: every module in it)."""
+    rows = []
+    for line in (ROOT / "docs" / "design.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("| `mixgrpo/"):
+            paths = re.findall(r"`(mixgrpo/[\w/.]*)`", line.split("|")[1])
+            rows.append({m for p in paths for m in MODULES if m.replace(".", "/") + ".py" == p
+                         or (p.endswith("/") and m.startswith(p[:-1].replace("/", ".")))})
+    return rows
+
+
+def test_the_module_map_of_design_md_is_the_import_order():
+    """Every module is in one row of the map, and imports only modules of its row or of the rows above it."""
+    rows = _module_map()
+    row_of = {m: i for i, row in enumerate(rows) for m in row}
+    unmapped = set(MODULES) - {"mixgrpo"} - set(row_of)
+    assert unmapped == set(), f"docs/design.md's module map lacks {sorted(unmapped)}"
+    assert sum(len(r) for r in rows) == len(row_of), "a module is in two rows"
+    upward = [f"{m} -> {n}" for m in row_of for n in GRAPH[m] if n in row_of and row_of[n] > row_of[m]]
+    assert upward == [], "imports from a row below: " + ", ".join(upward)
