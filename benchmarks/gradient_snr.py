@@ -33,7 +33,7 @@ from mixgrpo.prompts import read_prompts
 from mixgrpo.rewards.scoring import build_rewards, score_groups
 from mixgrpo.rollout import rollout
 from mixgrpo.seeding import derive_seed
-from mixgrpo.train.objectives import GRPO, Samples
+from mixgrpo.train.objectives import GRPO, Policy, Samples
 from mixgrpo.train.update import UpdateLoop
 from mixgrpo.train.weights import trainable_parameters
 
@@ -66,7 +66,8 @@ def main() -> None:
     weights = {r.label: r.weight for r in rewards if r.weight != 0}
     frozen = torch.optim.SGD(list(params.values()), lr=0.0)  # the update steps it: lr 0 keeps the base weights
     loop = UpdateLoop(params, frozen, cfg.micro_batch_size, cfg.grad_clip, ema=None, clock=None)
-    grpo = GRPO(model, model, contextlib.nullcontext, cfg.clip_range, kl_beta=0.0, guidance_scale=cfg.guidance_scale)
+    grpo = GRPO(Policy(model, model, contextlib.nullcontext), cfg.clip_range, kl_beta=0.0,
+                guidance_scale=cfg.guidance_scale)
     prompts_all = read_prompts(cfg.train_prompts)
     P, G = cfg.prompts_per_iteration, cfg.group_size
     uncond_row = cond_to(model.encode_prompts([""]), device) if cfg.guidance_scale != 1.0 else None

@@ -34,6 +34,16 @@ Velocity = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x, sig
 
 
 @dataclass
+class Policy:
+    """The trained model as an objective sees it: `model` (the live weights), `reference` (the frozen base as a
+    velocity callable, for the KL term) and `autocast` (the compute-precision context of the forward passes)."""
+
+    model: torch.nn.Module
+    reference: Velocity
+    autocast: Callable[[], Any]
+
+
+@dataclass
 class Samples:
     """One iteration's samples on this rank, as the update sees them (B = P G rows in group order).
 
@@ -52,18 +62,14 @@ class Samples:
 
 
 class GRPO:
-    """The clipped GRPO loss over the stored transitions x -> x' (K trained steps per sample).
-
-    model: the policy; reference: the frozen base as a velocity callable (for the KL term, kl_beta > 0);
-    autocast: the compute-precision context of the forward passes; guidance_scale: CFG, as in the rollout.
+    """The clipped GRPO loss over the stored transitions x -> x' (K trained steps per sample), with the KL term
+    to the reference when kl_beta > 0; guidance_scale: CFG, as in the rollout.
     """
 
     sampler: EMA | None = None  # the rollout runs the live weights
 
-    def __init__(self, model: torch.nn.Module, reference: Velocity, autocast: Callable[[], Any], clip_range: float,
-                 kl_beta: float, guidance_scale: float):
-        self.model, self.reference, self.autocast = model, reference, autocast
-        self.clip_range, self.kl_beta, self.guidance_scale = clip_range, kl_beta, guidance_scale
+    def __init__(self, policy: Policy, clip_range: float, kl_beta: float, guidance_scale: float):
+        self.policy, self.clip_range, self.kl_beta, self.guidance_scale = policy, clip_range, kl_beta, guidance_scale
 
     def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int, first_sample: int) -> torch.Tensor:
         return train_mask(plan, batch_size, seed, iteration, sample_offset=first_sample)
@@ -72,20 +78,20 @@ class GRPO:
         return traj.x.shape[1]
 
     def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
-        traj, plan = s.traj, s.plan
+        traj, plan, policy = s.traj, s.plan, self.policy
 
         def loss_of(u: int, mb: torch.Tensor, k: int, stats: UpdateStats):
             cond = cond_index(s.cond, mb)
             uncond = None if s.uncond is None else cond_index(s.uncond, mb)
             x, x_next = traj.x[mb, k], traj.x_next[mb, k]                   # [N, *latent]
             sigma, sigma_next = traj.sigma[mb, k], traj.sigma_next[mb, k]   # [N] float64
-            with self.autocast():
-                v = guided_velocity(self.model, x, sigma.float(), cond, uncond, self.guidance_scale)
+            with policy.autocast():
+                v = guided_velocity(policy.model, x, sigma.float(), cond, uncond, self.guidance_scale)
             logp, mean, std = transition_log_prob(x, v, x_next, sigma, sigma_next, plan.sde_form, plan.eta)
             loss, step_stats = policy_loss(logp, traj.log_prob[mb, k], s.advantages[mb], self.clip_range)
             if self.kl_beta > 0:
-                with torch.no_grad(), self.autocast():
-                    v_ref = guided_velocity(self.reference, x, sigma.float(), cond, uncond, self.guidance_scale)
+                with torch.no_grad(), policy.autocast():
+                    v_ref = guided_velocity(policy.reference, x, sigma.float(), cond, uncond, self.guidance_scale)
                 mean_ref = transition_log_prob(x, v_ref, x_next, sigma, sigma_next, plan.sde_form, plan.eta).mean
                 kl = kl_to_reference(mean, mean_ref, std).mean()
                 loss = loss + self.kl_beta * kl
@@ -159,11 +165,10 @@ class ForwardProcess:
     params: the trainable weights, of which the sampling copy is kept (matching.sampler_decay > 0).
     """
 
-    def __init__(self, objective: str, model: torch.nn.Module, reference: Velocity, autocast: Callable[[], Any],
-                 params: dict[str, torch.nn.Parameter], matching: MatchingConfig, clip_range: float, kl_beta: float,
-                 micro_batch_size: int, updates: int, epochs: int):
-        self.objective, self.model, self.reference, self.autocast = objective, model, reference, autocast
-        self.matching, self.clip_range, self.kl_beta = matching, clip_range, kl_beta
+    def __init__(self, objective: str, policy: Policy, params: dict[str, torch.nn.Parameter], matching: MatchingConfig,
+                 clip_range: float, kl_beta: float, micro_batch_size: int, updates: int, epochs: int):
+        self.objective, self.policy, self.matching = objective, policy, matching
+        self.clip_range, self.kl_beta = clip_range, kl_beta
         self.micro_batch_size, self.updates, self.epochs = micro_batch_size, updates, epochs
         # the rollout runs a soft copy of the weights (matching.sampler_decay; 0 = theta itself)
         self.sampler = EMA(params, matching.sampler_decay) if matching.sampler_decay > 0 else None
@@ -175,12 +180,12 @@ class ForwardProcess:
         return self.matching.sigmas_per_sample
 
     def _sampling_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        with self.autocast():
-            return self.model(x, sigma, cond).float()
+        with self.policy.autocast():
+            return self.policy.model(x, sigma, cond).float()
 
     def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
-        m = self.matching
-        with swapped_weights(self.model, shadow_of(self.sampler)):
+        m, policy = self.matching, self.policy
+        with swapped_weights(policy.model, shadow_of(self.sampler)):
             batch = matching_batch(self._sampling_velocity, s.traj.final, s.cond, s.plan, s.seeds, m, self.epochs,
                                    self.micro_batch_size, self.objective)
         r = optimality_probability(s.advantages, m.adv_clip)
@@ -189,8 +194,8 @@ class ForwardProcess:
             k += (u // self.updates) * m.sigmas_per_sample  # each update pass has sigmas of its own
             cond = cond_index(s.cond, mb)
             x_t, sigma = batch.x_t[mb, k], batch.sigma[mb, k]
-            with self.autocast():
-                v = self.model(x_t, sigma.float(), cond).float()
+            with policy.autocast():
+                v = policy.model(x_t, sigma.float(), cond).float()
             if self.objective == "diffusion_nft":
                 loss, step_stats = nft_loss(v, batch.v_old[mb, k], batch.target[mb, k], r[mb], sigma, m.beta,
                                             m.nft_weighting)
@@ -200,8 +205,8 @@ class ForwardProcess:
                 if u == 0:
                     stats.note_ratio(logp, batch.log_prob_old[mb, k])
             if self.kl_beta > 0:
-                with torch.no_grad(), self.autocast():
-                    v_ref = self.reference(x_t, sigma.float(), cond).float()
+                with torch.no_grad(), policy.autocast():
+                    v_ref = policy.reference(x_t, sigma.float(), cond).float()
                 kl = ((v - v_ref) ** 2).flatten(1).mean(1).mean()
                 loss = loss + self.kl_beta * kl
                 step_stats = {**step_stats, "kl_to_base": kl.detach()}

@@ -46,7 +46,7 @@ from mixgrpo.tracking import Trackers, resource_metrics
 from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
                                    require_finite_images, require_finite_weights, require_learning_signal,
                                    warn_without_signal)
-from mixgrpo.train.objectives import GRPO, ForwardProcess, Samples
+from mixgrpo.train.objectives import GRPO, ForwardProcess, Policy, Samples
 from mixgrpo.train.report import progress_line, write_summary
 from mixgrpo.train.state import TrainState, check_resumable, fingerprint
 from mixgrpo.train.update import UpdateLoop, UpdateStats
@@ -98,7 +98,7 @@ class Trainer:
         warmup = max(cfg.warmup_iterations, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
         self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        self.objective = self._objective(model_with(self.model, base))
+        self.objective = self._objective(Policy(self.model, model_with(self.model, base), self.autocast))
         copies = {name: c for name, c in (("ema", self.ema), ("sampler", self.objective.sampler)) if c is not None}
         self.state = TrainState(self.model, optimizer, self.scheduler, copies)
         self.start = 0
@@ -118,13 +118,12 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
-    def _objective(self, reference) -> GRPO | ForwardProcess:
+    def _objective(self, policy: Policy) -> GRPO | ForwardProcess:
         cfg = self.cfg
         if cfg.objective == "grpo":
-            return GRPO(self.model, reference, self.autocast, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale)
-        return ForwardProcess(cfg.objective, self.model, reference, self.autocast, self.params, cfg.matching,
-                              cfg.clip_range, cfg.kl_beta, cfg.micro_batch_size, cfg.updates_per_iteration,
-                              cfg.update_epochs)
+            return GRPO(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale)
+        return ForwardProcess(cfg.objective, policy, self.params, cfg.matching, cfg.clip_range, cfg.kl_beta,
+                              cfg.micro_batch_size, cfg.updates_per_iteration, cfg.update_epochs)
 
     # ----------------------------------------------------------------------------------------------
     # one iteration
