@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from mixgrpo.dtypes import PRECISIONS
 from mixgrpo.fileio import atomic_file
 from mixgrpo.flow_matching import AWM_WEIGHTINGS, NFT_WEIGHTINGS, SIGMA_SAMPLERS
 from mixgrpo.plan import ALGORITHMS, SamplerConfig
@@ -145,7 +146,8 @@ class TrainConfig:
     kl_beta: float = 0.0  # weight of the KL term to the frozen base model; 0 = none
     ema_decay: float = 0.0  # 0 = no EMA
     lora: LoraConfig = field(default_factory=LoraConfig)
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; fp32 master weights)
+    precision: str = "auto"  # "bf16" (autocast; fp32 master weights), "fp32", or "auto": bf16 where the hardware
+                             # multiplies bf16 matrices (CPU with AMX, CUDA >= 8.0), else fp32 (mixgrpo.dtypes)
     grad_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory)
 
     seed: int = 0  # every random draw of the run derives from it (prompts, noise, trained steps)
@@ -186,7 +188,7 @@ class TrainConfig:
             (self.clip_range > 0, "clip_range", "a positive number"),
             (0 <= self.kl_beta < math.inf, "kl_beta", "a finite number >= 0"),
             (0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)"),
-            (self.precision in ("fp32", "bf16"), "precision", "'fp32' or 'bf16'"),
+            (self.precision in PRECISIONS, "precision", "'auto', 'fp32' or 'bf16'"),
             (self.guidance_scale >= 1, "guidance_scale", "a number >= 1 (1 = no guidance)"),
             (len(self.rewards) >= 1, "rewards", "a list with at least one reward"),
             (self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1"),

@@ -1,11 +1,25 @@
-"""Dtype names in configs -> torch dtypes (one table for models, rewards and mixed precision)."""
+"""Dtype names in configs -> torch dtypes (one table for models, rewards and mixed precision), and the
+training precision: what `precision: auto` resolves to on this machine, and the context model calls run in.
+
+`auto` is bf16 autocast (float32 master weights) where the hardware multiplies bf16 matrices natively
+(CPUs with AMX, CUDA GPUs of compute capability 8.0 or newer) and float32 elsewhere. On a CPU without AMX,
+bf16 is not the default even with avx512_bf16: the tiny model's calls are dominated by element-wise work
+that bf16 does not speed up, and without AMX its matrix products gain little (docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -15,3 +29,88 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not known; use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: torch's own probe below decides
+        return frozenset()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def bf16_matmul_units(device: torch.device | str) -> tuple[bool, str]:
+    """(whether `device` multiplies bf16 matrices in hardware, what was found), for `precision: auto`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, f"CUDA compute capability {major}.{minor}{'' if ok else ' (bf16 needs 8.0 or newer)'}"
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() or "amx_bf16" in _cpu_flags()
+        return bool(amx), "CPU with AMX" if amx else "CPU without AMX"
+    return False, f"device type {device.type!r}"
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> tuple[str, str]:
+    """"auto" -> "bf16" or "fp32" by `bf16_matmul_units`; "fp32" and "bf16" stay. Returns (precision, why)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not known; use one of {PRECISIONS}")
+    if precision != "auto":
+        return precision, "set in the config"
+    ok, found = bf16_matmul_units(device)
+    return ("bf16" if ok else "fp32"), f"auto: {found}"
+
+
+def model_precision(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """The context the model calls of a run enter: bf16 autocast (float32 master weights) for "bf16", nothing
+    for "fp32". Training also runs inside `CpuAttentionBackward` unless it checkpoints gradients."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+class _FlashForwardMathBackward(torch.autograd.Function):
+    """softmax(q k^T * scale) v: the forward is PyTorch's own fused kernel (the rollout's, so the on-policy
+    ratio stays 1), the backward the textbook one as bf16 matrix products with float32 softmax terms.
+    q: [B, H, L, D]; k, v: [B, H, S, D]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        scale = ctx.scale
+        p = ((q @ k.transpose(-2, -1)).float() * scale).softmax(-1)              # [B, H, L, S] float32
+        grad_v = p.to(q.dtype).transpose(-2, -1) @ grad_out                     # [B, H, S, D]
+        grad_p = (grad_out @ v.transpose(-2, -1)).float()                       # [B, H, L, S]
+        grad_s = (p * (grad_p - (grad_p * p).sum(-1, keepdim=True)) * scale).to(q.dtype)
+        return grad_s @ k, grad_s.transpose(-2, -1) @ q, grad_v, None
+
+
+class CpuAttentionBackward(TorchFunctionMode):
+    """Trains bf16 attention on CPU through `_FlashForwardMathBackward`: PyTorch 2.13's fused CPU attention
+    backward is ~4x slower in bf16 than in float32 (benchmarks/roofline.py), while the same backward as bf16
+    matrix products runs on AMX. Only unmasked, dropout-free, non-causal bf16 CPU calls that need a gradient
+    are rerouted (others pass through untouched); the forward values are the fused kernel's in every case.
+    Not with gradient checkpointing: its recomputation inside backward runs outside any mode, takes the fused
+    kernel and finds other saved tensors than the forward did (CheckpointError)."""
+
+    _names = ("query", "key", "value")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and torch.is_grad_enabled():
+            args = tuple(args) + tuple(kwargs.pop(n) for n in self._names[len(args):] if n in kwargs)
+            q, k, v = args[:3]
+            plain = (len(args) == 3 and set(kwargs) <= {"scale", "attn_mask", "dropout_p", "is_causal", "enable_gqa"}
+                     and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p")
+                     and not kwargs.get("is_causal") and not kwargs.get("enable_gqa"))
+            if (plain and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"
+                    and q.shape[:-2] == k.shape[:-2] and any(t.requires_grad for t in (q, k, v))):
+                return _FlashForwardMathBackward.apply(q, k, v, kwargs.get("scale"))
+        return func(*args, **kwargs)

@@ -104,7 +104,7 @@ CASES = [
     Case("infinite reward weight", train_args("rewards=[{name: 'toy_rewards:brightness', weight: .inf}]"),
          ["rewards[0].weight = inf is invalid", "finite number"]),
     Case("zero steps", train_args("sampler.num_steps=0"), ["num_steps = 0", "at least one step"]),
-    Case("unknown precision", train_args("precision=fp16"), ["precision = 'fp16' is invalid", "'fp32' or 'bf16'"]),
+    Case("unknown precision", train_args("precision=fp16"), ["precision = 'fp16' is invalid", "'auto', 'fp32' or 'bf16'"]),
     Case("every reward weight 0", train_args("rewards=[{name: 'toy_rewards:brightness', weight: 0}]"),
          ["every reward has weight 0", "non-zero weight"]),
     # names

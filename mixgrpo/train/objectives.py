@@ -64,12 +64,19 @@ class Samples:
 class GRPO:
     """The clipped GRPO loss over the stored transitions x -> x' (K trained steps per sample), with the KL term
     to the reference when kl_beta > 0; guidance_scale: CFG, as in the rollout.
+
+    rescore_old: the old log-probs are the same weights' log-probs in the update's own micro-batches (no grad,
+    one extra forward per trained transition before the first step) instead of the rollout's: for kernels whose
+    results depend on the batch size (`mixgrpo.train.trainer.layouts_agree`), so that the ratio is 1 on the
+    first step.
     """
 
     sampler: EMA | None = None  # the rollout runs the live weights
 
-    def __init__(self, policy: Policy, clip_range: float, kl_beta: float, guidance_scale: float):
+    def __init__(self, policy: Policy, clip_range: float, kl_beta: float, guidance_scale: float,
+                 rescore_old: bool = False):
         self.policy, self.clip_range, self.kl_beta, self.guidance_scale = policy, clip_range, kl_beta, guidance_scale
+        self.rescore_old = rescore_old
 
     def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int, first_sample: int) -> torch.Tensor:
         return train_mask(plan, batch_size, seed, iteration, sample_offset=first_sample)
@@ -77,18 +84,46 @@ class GRPO:
     def terms(self, traj: Trajectory) -> int:
         return traj.x.shape[1]
 
+    def _log_prob(self, s: Samples, mb: torch.Tensor, k: int, cond: Cond, uncond: Cond | None):
+        """(log-prob [N], mean, std) of the stored transitions (rows mb, slot k) under the live weights."""
+        traj = s.traj
+        x, x_next = traj.x[mb, k], traj.x_next[mb, k]                   # [N, *latent]
+        sigma, sigma_next = traj.sigma[mb, k], traj.sigma_next[mb, k]   # [N] float64
+        with self.policy.autocast():
+            v = guided_velocity(self.policy.model, x, sigma.float(), cond, uncond, self.guidance_scale)
+        return transition_log_prob(x, v, x_next, sigma, sigma_next, s.plan.sde_form, s.plan.eta)
+
+    @torch.no_grad()
+    def _rescored(self, s: Samples, micro_batch_size: int) -> torch.Tensor:
+        """[B, K] old log-probs in the update's layout: each sample in the micro-batch of the first share that
+        holds it (the first pass, where the ratio must be 1)."""
+        device = s.traj.x.device
+        old = s.traj.log_prob.clone()
+        done = torch.zeros(len(old), dtype=torch.bool, device=device)
+        for share in s.shares:
+            for mb in share.to(device).split(micro_batch_size):  # the layout of `UpdateLoop.run`
+                new = ~done[mb]
+                if not new.any():
+                    continue
+                cond = cond_index(s.cond, mb)
+                uncond = None if s.uncond is None else cond_index(s.uncond, mb)
+                for k in range(s.traj.x.shape[1]):
+                    logp = self._log_prob(s, mb, k, cond, uncond).log_prob
+                    old[mb[new], k] = logp[new].to(old.dtype)
+                done[mb] = True
+        return old
+
     def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
         traj, plan, policy = s.traj, s.plan, self.policy
+        old_log_prob = self._rescored(s, loop.micro_batch_size) if self.rescore_old else traj.log_prob  # [B, K]
 
         def loss_of(u: int, mb: torch.Tensor, k: int, stats: UpdateStats):
             cond = cond_index(s.cond, mb)
             uncond = None if s.uncond is None else cond_index(s.uncond, mb)
             x, x_next = traj.x[mb, k], traj.x_next[mb, k]                   # [N, *latent]
             sigma, sigma_next = traj.sigma[mb, k], traj.sigma_next[mb, k]   # [N] float64
-            with policy.autocast():
-                v = guided_velocity(policy.model, x, sigma.float(), cond, uncond, self.guidance_scale)
-            logp, mean, std = transition_log_prob(x, v, x_next, sigma, sigma_next, plan.sde_form, plan.eta)
-            loss, step_stats = policy_loss(logp, traj.log_prob[mb, k], s.advantages[mb], self.clip_range)
+            logp, mean, std = self._log_prob(s, mb, k, cond, uncond)
+            loss, step_stats = policy_loss(logp, old_log_prob[mb, k], s.advantages[mb], self.clip_range)
             if self.kl_beta > 0:
                 with torch.no_grad(), policy.autocast():
                     v_ref = guided_velocity(policy.reference, x, sigma.float(), cond, uncond, self.guidance_scale)
@@ -97,7 +132,7 @@ class GRPO:
                 loss = loss + self.kl_beta * kl
                 step_stats = {**step_stats, "kl_to_base": kl.detach()}
             if u == 0:
-                stats.note_ratio(logp, traj.log_prob[mb, k])
+                stats.note_ratio(logp, old_log_prob[mb, k])
             return loss, step_stats
 
         return loop.run(s.shares, traj.x.shape[1], loss_of, traj.x.device)

@@ -21,6 +21,7 @@ Simplifications: the frozen reference for the KL term and the EMA hold copies of
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,12 @@ import torch
 from mixgrpo import dist
 from mixgrpo.checkpoint import latest_checkpoint, read_state
 from mixgrpo.config import TrainConfig, to_dict
+from mixgrpo.dtypes import CpuAttentionBackward, model_precision, resolve_precision
 from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
 from mixgrpo.images import save_grid
-from mixgrpo.models import Cond, cond_repeat_interleave, cond_to
-from mixgrpo.models.base import build_model
+from mixgrpo.models import Cond, cond_index, cond_repeat_interleave, cond_to
+from mixgrpo.models.base import build_model, guided_velocity
 from mixgrpo.plan import Plan, build_plan, ode_plan
 from mixgrpo.preflight import check_run
 from mixgrpo.prompts import read_prompts
@@ -44,7 +46,7 @@ from mixgrpo.rundir import FINAL, METRICS, append_record, claim, record_eval, st
 from mixgrpo.seeding import group_seeds, prompt_indices, sample_seeds, update_shares
 from mixgrpo.tracking import Trackers, resource_metrics
 from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
-                                   require_finite_images, require_finite_weights, require_learning_signal,
+                                   any_rank, require_finite_images, require_finite_weights, require_learning_signal,
                                    warn_without_signal)
 from mixgrpo.train.objectives import GRPO, ForwardProcess, Policy, Samples
 from mixgrpo.train.report import progress_line, write_summary
@@ -59,7 +61,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     (`mixgrpo.rundir.claim`): a second process on it stops at once."""
     dist.init()
     check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
-    with claim(cfg.out_dir, resume):  # directory is claimed or any model loads
+    # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
+    attention = contextlib.nullcontext() if cfg.grad_checkpointing else CpuAttentionBackward()
+    with claim(cfg.out_dir, resume), attention:  # directory is claimed or any model loads
         return Trainer(cfg, resume).run(progress, stop_after)
 
 
@@ -80,6 +84,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool):
         self.cfg, self.device, self.run_dir = cfg, dist.device(), Path(cfg.out_dir)
+        # "auto" resolves by this machine (bf16 where it multiplies bf16 matrices); logged in every metrics record
+        self.precision, why = resolve_precision(cfg.precision, self.device)
         latest = latest_checkpoint(self.run_dir) if resume else None
         if latest is not None:
             # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
@@ -98,6 +104,14 @@ class Trainer:
         warmup = max(cfg.warmup_iterations, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
         self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        # [1, ...]: CFG's empty prompt
+        self.uncond_row = cond_to(self.model.encode_prompts([""]), self.device) if cfg.guidance_scale != 1.0 else None
+        # GRPO's old log-probs are the rollout's only if a row's velocity does not depend on the batch it is in
+        self.rescore_old = cfg.objective == "grpo" and not layouts_agree(self.model, cfg, self.autocast,
+                                                                           self.uncond_row, self.device)
+        dist.print0(f"precision: {self.precision} ({why})" + (
+            "; old log-probs re-scored in the update's micro-batches (this machine's kernels depend on the batch "
+            "size)" if self.rescore_old else ""))
         self.objective = self._objective(Policy(self.model, model_with(self.model, base), self.autocast))
         copies = {name: c for name, c in (("ema", self.ema), ("sampler", self.objective.sampler)) if c is not None}
         self.state = TrainState(self.model, optimizer, self.scheduler, copies)
@@ -109,19 +123,18 @@ class Trainer:
         if dist.is_main():
             start_records(self.run_dir, cfg, self.start)
             self.tracker = Trackers(self.run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
-        # [1, ...]: CFG's empty prompt
-        self.uncond_row = cond_to(self.model.encode_prompts([""]), self.device) if cfg.guidance_scale != 1.0 else None
         self.clock = ModelClock(self.model, sync=self.device.type == "cuda") if cfg.profile else None
         self.loop = UpdateLoop(self.params, optimizer, cfg.micro_batch_size, cfg.grad_clip, self.ema, self.clock)
         self.held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+        """The context of every model call of the run (rollout, update, evaluation) in its resolved precision."""
+        return model_precision(self.device, self.precision)
 
     def _objective(self, policy: Policy) -> GRPO | ForwardProcess:
         cfg = self.cfg
         if cfg.objective == "grpo":
-            return GRPO(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale)
+            return GRPO(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale, self.rescore_old)
         return ForwardProcess(cfg.objective, policy, self.params, cfg.matching, cfg.clip_range, cfg.kl_beta,
                               cfg.micro_batch_size, cfg.updates_per_iteration, cfg.update_epochs)
 
@@ -208,6 +221,7 @@ class Trainer:
                   "window_end": plan.window[1] if plan.window else None, "nfe_rollout": traj.nfe,
                   "nfe_trained": self.objective.terms(traj) * self.cfg.update_epochs,
                   "lr": self.state.optimizer.param_groups[0]["lr"], "failed_groups": int(failed_all.sum()),
+                  "precision": self.precision, "rescored_old_log_probs": self.rescore_old,
                   **score_metrics(scores)}
         local = {"advantage_abs_mean": float(advantages.abs().mean()),
                  "zero_advantage_groups": float((advantages.abs().sum(1) == 0).float().mean()), **stats.means()}
@@ -271,7 +285,8 @@ class Trainer:
         """Held-out evaluation on the same noise every time (EMA weights when on), one row of eval.jsonl;
         tag "before"/"after" also saves the sample grid and prints the figures."""
         cfg = self.cfg
-        with dist.unsharded(self.model, cfg.parallel):  # FSDP: every rank gathers the weights, rank 0 evaluates
+        # FSDP: every rank gathers the weights, rank 0 evaluates; in the run's precision, like the rollout
+        with dist.unsharded(self.model, cfg.parallel), self.autocast():
             if not dist.is_main():
                 return
             with swapped_weights(self.model, shadow_of(self.ema)):  # EMA weights, without touching the live ones
@@ -287,3 +302,36 @@ class Trainer:
             if tag is not None:
                 self.tracker.log_image("samples", grid, iteration)
                 dist.print0(f"{tag} training: " + ", ".join(f"{k} {v:.4f}" for k, v in self.held_out.items()))
+
+
+@torch.no_grad()
+def layouts_agree(model: torch.nn.Module, cfg: TrainConfig, autocast, uncond_row: Cond | None,
+                  device: torch.device) -> bool:
+    """Whether a velocity is the same bit for bit computed as the rollout computes it (eval mode, batch B = P G)
+    and as the GRPO update does (train mode, each micro-batch size), so that the rollout's log-probs are the
+    update's old ones (ratio == 1 on the first step). One call of each on random inputs; kernels that block by
+    batch size (fp32 GEMMs at batch 1 on CPU, bf16 GEMMs on some GPUs) fail it, and the update re-scores instead
+    (`GRPO(rescore_old=True)`)."""
+    B = cfg.prompts_per_iteration * cfg.group_size
+    share = B // cfg.updates_per_iteration
+    sizes = sorted({min(cfg.micro_batch_size, share), share % cfg.micro_batch_size} - {0})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((B, *model.latent_shape), generator=g).to(device)
+    sigma = torch.full((B,), 0.5, device=device)
+    rows = lambda c: {k: v.expand(B, *v.shape[1:]).contiguous() for k, v in c.items()}  # noqa: E731
+    cond = rows(cond_to(model.encode_prompts([""]), device))  # "" is in every embedding cache
+    uncond = None if uncond_row is None else rows(uncond_row)
+    training = model.training
+    model.eval()
+    with autocast(), dist.unsharded(model, cfg.parallel):
+        v_rollout = guided_velocity(model, x, sigma, cond, uncond, cfg.guidance_scale)
+    model.train()
+    same = True
+    for n in sizes:
+        idx = torch.randperm(B, generator=g)[:n].to(device)
+        with autocast():
+            v = guided_velocity(model, x[idx], sigma[idx], cond_index(cond, idx),
+                                None if uncond is None else cond_index(uncond, idx), cfg.guidance_scale)
+        same = same and torch.equal(v, v_rollout[idx])
+    model.train(training)
+    return not any_rank(not same)
