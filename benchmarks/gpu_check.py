@@ -199,7 +199,7 @@ def call_costs(cfg, device: torch.device, repeats: int = 5) -> dict[str, float]:
 def flux(args, device: torch.device, work: Path, peak_tflops: float | None, result: dict, save) -> None:
     from fsdp_flux import forward_flops
 
-    from iteration import _theory
+    from common import theory_seconds
     from mixgrpo.plan import build_plan
 
     flops = forward_flops("gpu_check:flux_cached", {"preset": args.preset}, device)
@@ -218,7 +218,7 @@ def flux(args, device: torch.device, work: Path, peak_tflops: float | None, resu
         transitions = cfg.prompts_per_iteration * cfg.group_size * run["nfe_trained"]
         run["update_tflops"] = flops * 3 * transitions / run["update_s"] / 1e12
         run["update_share_of_bf16_peak"] = run["update_tflops"] / peak_tflops if peak_tflops else None
-        run["theory_seconds"] = _theory(build_plan(cfg.sampler, 1, cfg.seed), costs, cfg)
+        run["theory_seconds"] = theory_seconds(build_plan(cfg.sampler, 1, cfg.seed), costs, cfg)
         section["runs"][a] = run
         save()
     base = section["runs"].get("dance_grpo")

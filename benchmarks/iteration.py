@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from common import add_clock_argument, machine, theory_seconds, use_clock  # benchmarks/common.py
 
 ALGORITHMS = ["dance_grpo", "flow_grpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star"]
 PAPER_SPEEDUP = {"dance_grpo": 1.0, "flow_grpo": None, "mixgrpo": 1.93, "mixgrpo_flash": 2.59,
@@ -106,17 +107,6 @@ def _call_costs(cfg, repeats: int = 5) -> dict[str, float]:
     return {"forward_batch": call(P * G, False), "forward_prefix": call(P, False), "forward_backward": call(mb, True)}
 
 
-def _theory(plan, costs: dict[str, float], cfg) -> float:
-    """Model seconds of one iteration predicted from the per-call costs: shared-noise prefix calls at batch P,
-    the other rollout calls at batch P*G, and K trained steps per micro-batch in the update."""
-    first_sde = next((i for i, s in enumerate(plan.steps) if s.kind == "sde"), len(plan.steps))
-    prefix = first_sde if cfg.shared_noise else 0
-    batch = cfg.prompts_per_iteration * cfg.group_size
-    micro_batches = -(-batch // cfg.micro_batch_size)
-    return (prefix * costs["forward_prefix"] + (plan.nfe - prefix) * costs["forward_batch"]
-            + plan.num_trained * micro_batches * costs["forward_backward"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny", help="tiny (default) or gaussian (engine overhead)")
@@ -134,16 +124,13 @@ def main() -> None:
     parser.add_argument("--positions", type=int, nargs="+", help="measure only these window positions")
     parser.add_argument("--unshared-positions", type=int, nargs="*",
                         help="positions of the prefix-off runs (default: --positions; none: no prefix-off runs)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: every timer reads the process's CPU time (with 1 thread: the compute time, robust "
-                             "against other jobs on a shared machine)")
+    add_clock_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="benchmarks/results/iteration.json")
     parser.add_argument("--markdown", default="benchmarks/results/iteration.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.clock == "cpu":
-        time.perf_counter = time.process_time  # every timer of this process, the trainer's included
+    use_clock(args.clock)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -176,7 +163,7 @@ def main() -> None:
     for precision in args.precisions:
         mine = {k[: -len(precision) - 1]: v for k, v in runs.items() if k.endswith(f"/{precision}")}
         report[precision] = _report(args, mine, _call_costs(next(iter(mine.values()))[3]))
-    meta = {"machine": _machine() + (", CPU-time clock" if args.clock == "cpu" else ""), "args": vars(args),
+    meta = {"machine": machine() + (", CPU-time clock" if args.clock == "cpu" else ""), "args": vars(args),
             "max_rss_mb": _max_rss_mb()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "precisions": report}, indent=1))
@@ -205,7 +192,7 @@ def _report(args, runs: dict, costs: dict) -> dict:
             "update": med("time/update"), "other": med("time/other"),
             "model_share": med("model_share"), "rollout_calls": med("model_calls/rollout"),
             "update_calls": med("model_calls/update"), "nfe_rollout": plan.nfe, "nfe_trained": plan.num_trained,
-            "theory_seconds": _theory(plan, costs, cfg), "precision": metrics[0]["precision"],
+            "theory_seconds": theory_seconds(plan, costs, cfg), "precision": metrics[0]["precision"],
         }
     results = {a: measured[a] for a in args.algorithms}
     base = results.get("dance_grpo")
@@ -239,7 +226,7 @@ def _path_summary(args, runs, measured, costs, base) -> dict:
         theory_all = []
         for position in schedule:  # theory at every iteration of the schedule, measured or not
             plan = build_plan(_frozen(cfg.sampler, position), 1, cfg.seed)
-            theory_all.append(_theory(plan, costs, cfg))
+            theory_all.append(theory_seconds(plan, costs, cfg))
         mean = lambda key: sum(r[key] * r["weight"] for r in rows) / sum(r["weight"] for r in rows)  # noqa: E731
         summary = {"rows": rows, "positions_measured": [r["position"] for r in rows],
                    "positions_schedule": sorted(set(schedule)),
@@ -276,15 +263,6 @@ def _with_iterations(cfg, n: int):
     import dataclasses
 
     return dataclasses.replace(cfg, iterations=n)
-
-
-def _machine() -> str:
-    from mixgrpo.dtypes import bf16_matmul_units
-
-    name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    return (f"{name}, {platform.machine()}, {os.cpu_count()} cores, {bf16_matmul_units('cpu')[1]}, torch "
-            f"{torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}")
 
 
 def _max_rss_mb() -> float:

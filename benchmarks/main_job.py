@@ -31,22 +31,21 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_clock_argument, machine, recipe_rewards, use_clock  # noqa: E402  benchmarks/common.py
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    add_clock_argument(parser, default="cpu")
     parser.add_argument("--override", nargs="*", default=[], help="key=value for both runs (e.g. iterations=8)")
     parser.add_argument("--json", default="benchmarks/results/main_job.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    if args.clock == "cpu":
-        time.perf_counter = time.process_time  # every timer of this process, the trainer's included
+    use_clock(args.clock)
 
-    from iteration import _machine
     from mixgrpo.config import load_config
     from mixgrpo.rundir import read_metrics
     from mixgrpo.train import train
@@ -87,7 +86,7 @@ def main() -> None:
     base = results.get("fp32")
     for r in results.values():
         r["speedup_vs_fp32"] = base["minutes"] / r["minutes"] if base else None
-    meta = {"machine": _machine(), "clock": args.clock, "threads": args.threads, "override": args.override}
+    meta = {"machine": machine(), "clock": args.clock, "threads": args.threads, "override": args.override}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(json.dumps({"meta": meta, "results": results}, indent=1))
@@ -101,8 +100,6 @@ def _evaluate(cfg, recipe, path: Path | None, held_out: dict, key: str) -> float
     from mixgrpo.models.base import build_model
     from mixgrpo.plan import ode_plan
     from mixgrpo.prompts import read_prompts
-
-    from common import recipe_rewards
 
     model = build_model(cfg.model.name, cfg.model.args if path is None else {**cfg.model.args, "path": str(path)})
     rewards = recipe_rewards(recipe)

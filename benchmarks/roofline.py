@@ -40,6 +40,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_clock_argument, machine, use_clock  # noqa: E402  benchmarks/common.py
 
 
 def matmul_peak(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5) -> float:
@@ -131,17 +132,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds; the first is a warm-up")
     parser.add_argument("--shapes", action="store_true", help="also smaller calls (rollout batch and micro-batch / 2, / 4)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile (fp32, bf16)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                        help="cpu: every timer reads the process's CPU time (with 1 thread: the compute time, robust "
-                             "against other jobs on a shared machine)")
+    add_clock_argument(parser)
     parser.add_argument("--json", default="benchmarks/results/roofline.json")
     parser.add_argument("--markdown", default="benchmarks/results/roofline.md")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.clock == "cpu":
-        time.perf_counter = time.process_time  # every timer of this process, the trainer's included
+    use_clock(args.clock)
     from mixgrpo.dtypes import bf16_matmul_units
-    from iteration import _machine
 
     calls = Calls(args.prompts, args.group, args.micro_batch, args.guidance)
     B, P, mb = args.prompts * args.group, args.prompts, args.micro_batch
@@ -208,7 +205,7 @@ def main() -> None:
                         "layout_difference": calls.layouts_agree(precision, attention),
                         "main_job_model_minutes": _main_job_minutes(med, args)})
     calls.model.transformer.forward = eager
-    meta = {"machine": _machine() + (", CPU-time clock" if args.clock == "cpu" else ""), "bf16_units": bf16_matmul_units("cpu"), "args": vars(args),
+    meta = {"machine": machine() + (", CPU-time clock" if args.clock == "cpu" else ""), "bf16_units": bf16_matmul_units("cpu"), "args": vars(args),
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "flops": flops, "peaks": peaks,
             "compile_seconds": compile_seconds}
