@@ -145,3 +145,24 @@ def test_classifier_free_guidance_batches_cond_and_uncond_in_one_call():
     assert calls == [8]
     v_c, v_u = model(x, sigma, cond), model(x, sigma, uncond)
     torch.testing.assert_close(v, v_u + 3.0 * (v_c - v_u))
+
+
+def test_a_model_may_combine_guidance_its_own_way_and_its_reference_copy_does_too():
+    """Qwen-Image's pipeline rescales the guided velocity; the rollout and the KL reference (the same module with
+    the base weights) use the adapter's `guide` instead of plain CFG."""
+    from mixgrpo.train.weights import model_with
+
+    class Rescaled(GaussianFlow):
+        def guide(self, v_cond, v_uncond, scale):
+            return 2.0 * v_cond - v_uncond  # anything but v_u + s (v_c - v_u)
+
+    model = Rescaled(size=4)
+    model.mu.data.normal_(0, 0.3)
+    x, sigma = torch.randn(2, *model.latent_shape), torch.full((2,), 0.5)
+    cond, uncond = model.encode_prompts(["a", "b"]), model.encode_prompts(["", ""])
+    v_c, v_u = model(x, sigma, cond), model(x, sigma, uncond)
+    torch.testing.assert_close(guided_velocity(model, x, sigma, cond, uncond, 3.0), 2.0 * v_c - v_u)
+    reference = model_with(model, {"mu": torch.zeros_like(model.mu)})
+    base = Rescaled(size=4)  # mu = 0: the reference weights
+    expected = 2.0 * base(x, sigma, cond) - base(x, sigma, uncond)
+    torch.testing.assert_close(guided_velocity(reference, x, sigma, cond, uncond, 3.0), expected)

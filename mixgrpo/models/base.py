@@ -3,7 +3,9 @@
 An adapter maps (x, sigma, conditioning) to a velocity v ~= eps - x0 (see docs/notation.md). Everything
 model-specific (patchifying, position ids, timestep scaling, guidance embedding, VAE) lives behind it.
 
-Shapes: B = batch, latent_shape = the per-sample shape the rollout integrates (C, H, W).
+Shapes: B = batch, latent_shape = the per-sample shape the rollout integrates: (C, H, W) for images,
+(C, F, H, W) for videos (F latent frames). The step math and the rollout are shape-agnostic; `decode` gives images
+[B, 3, H, W] or videos [B, F', 3, H, W] (F' decoded frames), which rewards score frame by frame.
 Conditioning (`Cond`) is a dict of batch-first tensors, so it can be indexed, repeated and concatenated
 generically with the helpers below.
 """
@@ -49,13 +51,23 @@ class FlowModel(nn.Module):
         raise NotImplementedError
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latents [B, *latent_shape] -> images [B, 3, H, W], float in [0, 1]."""
+        """Latents [B, *latent_shape] -> images [B, 3, H, W] (or videos [B, F, 3, H, W]), float in [0, 1]."""
         raise NotImplementedError
+
+    def guide(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+        """Classifier-free guidance of two velocities [N, *latent_shape]: v_u + s (v_c - v_u). An adapter whose
+        stock pipeline combines them otherwise (Qwen-Image rescales to the conditional norm) overrides it."""
+        return classifier_free_guidance(v_cond, v_uncond, scale)
 
     @property
     def denoiser(self) -> nn.Module:
         """The trainable network (the transformer)."""
         raise NotImplementedError
+
+
+def classifier_free_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """v_u + s (v_c - v_u): the guided velocity of most pipelines (FLUX.1's true CFG, SD3, FLUX.2 klein, Wan)."""
+    return v_uncond + scale * (v_cond - v_uncond)
 
 
 class TextEncoder(Protocol):
@@ -146,7 +158,8 @@ def cond_to(cond: Cond, device: torch.device | str) -> Cond:
 
 def guided_velocity(model: FlowModel, x: torch.Tensor, sigma: torch.Tensor, cond: Cond,
                     uncond: Cond | None, guidance_scale: float) -> torch.Tensor:
-    """Velocity with classifier-free guidance: v_u + s (v_c - v_u), cond and uncond in one batch.
+    """Velocity with classifier-free guidance: v_u + s (v_c - v_u), cond and uncond in one batch, combined by the
+    model's `guide` (plain CFG unless its stock pipeline does otherwise).
 
     x: [N, *latent]; sigma: [N]; cond, uncond: [N, ...] rows. Returns float32 [N, *latent].
     """
@@ -155,4 +168,4 @@ def guided_velocity(model: FlowModel, x: torch.Tensor, sigma: torch.Tensor, cond
     n = x.shape[0]
     v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), cond_cat([cond, uncond])).float()
     v_cond, v_uncond = v[:n], v[n:]
-    return v_uncond + guidance_scale * (v_cond - v_uncond)
+    return getattr(model, "guide", classifier_free_guidance)(v_cond, v_uncond, guidance_scale)

@@ -83,4 +83,9 @@ def model_with(model: FlowModel, weights: dict[str, torch.Tensor] | None) -> Cal
     """A callable (x, sigma, cond) -> v that runs `model` with some parameters replaced (e.g. the frozen base)."""
     if weights is None:
         return model
-    return lambda x, sigma, cond: functional_call(model, weights, (x, sigma, cond), strict=False)
+
+    def velocity(x, sigma, cond):
+        return functional_call(model, weights, (x, sigma, cond), strict=False)
+
+    velocity.guide = model.guide  # the model's own CFG combination (guided_velocity), also for the reference
+    return velocity
