@@ -185,17 +185,20 @@ def _prompts_from(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _save_images(images, prompts: list[str], out: Path, grid_name: str = "grid.png") -> None:
-    """images [N, n, 3, H, W]: OUT/NNNN_JJ.png per image and a grid captioned with the prompts."""
-    from mixgrpo.images import save_grid, to_pil
+def _save_images(images, prompts: list[str], out: Path) -> str:
+    """images [N, n, 3, H, W] (or videos [N, n, F, 3, H, W]): OUT/NNNN_JJ.png (.gif) per sample and a grid
+    captioned with the prompts; returns the grid's file name."""
+    from mixgrpo.images import media_name, save_grid, save_media
 
     out.mkdir(parents=True, exist_ok=True)
     for i in range(images.shape[0]):
         for j in range(images.shape[1]):
-            to_pil(images[i, j]).save(out / f"{i:04d}_{j:02d}.png")
+            save_media(images[i, j], out / media_name(f"{i:04d}_{j:02d}", images[i, j], batched=False))
     n = images.shape[1]
-    save_grid(images.flatten(0, 1), out / grid_name, nrow=n if n > 1 else 8, scale=max(1, 128 // images.shape[-1]),
+    grid = media_name("grid", images.flatten(0, 1))
+    save_grid(images.flatten(0, 1), out / grid, nrow=n if n > 1 else 8, scale=max(1, 128 // images.shape[-1]),
               captions=[p for p in prompts for _ in range(n)])
+    return grid
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -210,9 +213,10 @@ def _sample(args: argparse.Namespace) -> None:
     images = generate(model, prompts, plan, args.num_images, args.seed, args.guidance, batch_size=args.batch_size,
                       switch_model=base, switch_at=switch_at)
     out = Path(args.out)
-    _save_images(images, prompts, out)
+    grid = _save_images(images, prompts, out)
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
-    print(f"wrote {images.shape[0] * images.shape[1]} images and grid.png to {out}"
+    what = "videos" if images.dim() == 6 else "images"
+    print(f"wrote {images.shape[0] * images.shape[1]} {what} and {grid} to {out}"
           + (f" (hybrid: fine-tuned for steps 0-{switch_at - 1}, base after)" if base is not None else ""))
 
 
@@ -314,7 +318,9 @@ def _reward_spec(text: str):
         if not eq:
             raise UsageError(f"--reward {text!r}: {item!r} is not key=value")
         kwargs[key.strip()] = yaml.safe_load(value)
-    return from_dict(RewardConfig, {"name": name, "args": kwargs}, "reward")
+    # frames= is the reward's own config field (videos: how frame scores aggregate), not a factory argument
+    return from_dict(RewardConfig, {"name": name, "args": kwargs, **({"frames": kwargs.pop("frames")}
+                                                                     if "frames" in kwargs else {})}, "reward")
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -430,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "directory, or 'base': the run's base model), e.g. base=base "
                                              "tuned=runs/mixgrpo")
     p.add_argument("--reward", action="append",
-                   help="reward NAME or NAME:key=value,key=value (repeatable; default: verifier strict + dense)")
+                   help="reward NAME or NAME:key=value,key=value (repeatable; default: verifier strict + dense); "
+                        "for videos, frames=mean|min|max|median aggregates an image reward's frame scores")
     p.add_argument("--hybrid", help="also evaluate hybrid inference of this fine-tuned model with the base")
     p.add_argument("--save-images", action="store_true",
                    help="also write every image and a captioned grid per model to OUT/images/")

@@ -49,6 +49,7 @@ class RewardConfig:
     name: str = "verifier"  # a name registered in mixgrpo.rewards.REWARDS, or "package.module:function"
     weight: float = 1.0  # weight in the fused advantage; 0 = scored and logged only
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
+    frames: str = "mean"  # videos: how an image reward's frame scores become one (mixgrpo.rewards.FRAME_AGGREGATIONS)
 
 
 @dataclass

@@ -1,4 +1,11 @@
-"""Image files: grids of samples captioned with their prompts (Pillow) and line plots (matplotlib, headless)."""
+"""Image and video files: samples, grids of samples captioned with their prompts (Pillow) and line plots
+(matplotlib, headless).
+
+A sample is an image [3, H, W] or a video [F, 3, H, W] (floats in [0, 1]); a batch adds a leading N. Every
+function here takes both, so that the rest of the stack needs no video branch: images go to PNG files, videos to
+animated files a person can open (GIF through Pillow, always available; MP4 through imageio with its ffmpeg
+plugin, `pip install 'mixgrpo[video]'`), at VIDEO_FPS frames per second. A video grid is an animation whose
+frame f is the grid of every video's frame f."""
 
 from __future__ import annotations
 
@@ -11,6 +18,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mixgrpo.fileio import atomic_file
 
+VIDEO_FPS = 16  # the frame rate diffusers' Wan examples export at (export_to_video(frames, fps=16))
+VIDEO_SUFFIXES = (".gif", ".mp4")
+
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """[3, H, W] float in [0, 1] -> RGB PIL image."""
@@ -18,21 +28,74 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array, "RGB")
 
 
-def _save_atomic(img: Image.Image, path: str | Path) -> None:
+def is_video(samples: torch.Tensor, batched: bool = True) -> bool:
+    """Whether `samples` are videos: [N, F, 3, H, W] (batched) or [F, 3, H, W], not images [N, 3, H, W] / [3, H, W]."""
+    return samples.dim() == (5 if batched else 4)
+
+
+def media_name(stem: str, samples: torch.Tensor, batched: bool = True) -> str:
+    """The file name of a sample (or a grid of `samples`): STEM.png for images, STEM.gif for videos."""
+    return stem + (".gif" if is_video(samples, batched) else ".png")
+
+
+def _save_atomic(img: Image.Image | list[Image.Image], path: str | Path, fps: float = VIDEO_FPS) -> None:
+    """An image (PNG) or a list of frames (GIF or MP4, by the suffix of `path`), written through a temporary name."""
     path = Path(path)
+    if not isinstance(img, Image.Image) and path.suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"{path}: a video is written as {' or '.join(VIDEO_SUFFIXES)}, not {path.suffix!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
-        img.save(tmp, format="PNG")
+        if isinstance(img, Image.Image):
+            img.save(tmp, format="PNG")
+        elif path.suffix == ".gif":  # duration in ms per frame; loop=0: forever
+            img[0].save(tmp, format="GIF", save_all=True, append_images=img[1:], duration=round(1000 / fps), loop=0)
+        else:
+            _write_mp4(img, tmp, fps)
+
+
+def _write_mp4(frames: list[Image.Image], path: Path, fps: float) -> None:
+    try:
+        import imageio.v3 as iio
+    except ImportError:
+        raise ImportError("MP4 files need imageio and its ffmpeg plugin: pip install 'mixgrpo[video]' "
+                          "(or write .gif, which needs nothing more)") from None
+    import numpy as np
+
+    # libx264 with yuv420p needs even sides: imageio-ffmpeg would rescale silently, so pad by one pixel instead
+    array = np.stack([np.asarray(f) for f in frames])
+    h, w = array.shape[1:3]
+    array = np.pad(array, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    # -f mp4: ffmpeg would guess the container from the temporary file's name (.NAME.tmp)
+    iio.imwrite(path, array, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1,
+                output_params=["-f", "mp4"])
+
+
+def save_media(sample: torch.Tensor, path: str | Path, fps: float = VIDEO_FPS) -> None:
+    """One sample: an image [3, H, W] as PNG, or a video [F, 3, H, W] as an animation (GIF or MP4 by the suffix)."""
+    if is_video(sample, batched=False):
+        _save_atomic([to_pil(frame) for frame in sample], path, fps)
+    else:
+        _save_atomic(to_pil(sample), path)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 1, pad: int = 1,
-              captions: Sequence[str] | None = None) -> None:
-    """Save [N, 3, H, W] images in [0, 1] as one PNG grid, `nrow` images per row, upscaled by `scale`.
+              captions: Sequence[str] | None = None, fps: float = VIDEO_FPS) -> None:
+    """Save images [N, 3, H, W] in [0, 1] as one PNG grid, `nrow` images per row, upscaled by `scale`; videos
+    [N, F, 3, H, W] as an animated grid (GIF or MP4 by the suffix of `path`; `media_name` picks it).
 
     captions: one text per image (its prompt), written under it, wrapped to the tile's width (at most
     CAPTION_LINES lines, the rest elided); tiles are then upscaled to at least CAPTION_MIN_WIDTH pixels so that
     a caption line holds a few words.
     """
+    if is_video(images):
+        frames = [_grid(images[:, f], nrow, scale, pad, captions) for f in range(images.shape[1])]
+        _save_atomic(frames, path, fps)
+    else:
+        _save_atomic(_grid(images, nrow, scale, pad, captions), path)
+
+
+def _grid(images: torch.Tensor, nrow: int, scale: int, pad: int, captions: Sequence[str] | None) -> Image.Image:
+    """The grid of images [N, 3, H, W] (see save_grid) as one PIL image."""
     n, _, h, w = images.shape
     if captions is not None:
         if len(captions) != n:
@@ -56,7 +119,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int 
         grid.paste(tile, (x, y))
         for k, line in enumerate(lines[i]):
             draw.text((x + 1, y + hs + 1 + k * line_height), line, fill=(0, 0, 0), font=font)
-    _save_atomic(grid, path)
+    return grid
 
 
 CAPTION_LINES = 4

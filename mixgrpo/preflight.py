@@ -77,7 +77,7 @@ def _reward_problems(cfg: TrainConfig) -> list[str]:
     problems = []
     for i, spec in enumerate(cfg.rewards):
         try:
-            reward = build_reward(spec.name, spec.args)  # lazy: reads no file, builds no model
+            reward = build_reward(spec.name, spec.args, spec.frames)  # lazy: reads no file, builds no model
         except ValueError as e:
             problems.append(f"rewards[{i}]: {e}")
             continue

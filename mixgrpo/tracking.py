@@ -69,13 +69,14 @@ class Trackers:
             self._wandb.log(scalars, step=step)
 
     def log_image(self, tag: str, path: str | Path, step: int) -> None:
-        """A PNG file (a sample grid) as an image at `step`."""
+        """A PNG file (a sample grid) as an image at `step`; an animated grid (GIF) as its first frame in TensorBoard
+        (whose videos need moviepy) and as a video in W&B."""
         if self._tb is None and self._wandb is None:
             return
         import numpy as np
         from PIL import Image
 
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # an animation opens at its first frame
             array = np.asarray(img.convert("RGB"))
         if self._tb is not None:
             with writing(self._tb_dir):
@@ -84,7 +85,8 @@ class Trackers:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({tag: wandb.Image(array)}, step=step)
+            media = wandb.Video(str(path)) if Path(path).suffix in (".gif", ".mp4") else wandb.Image(array)
+            self._wandb.log({tag: media}, step=step)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -8,6 +8,8 @@ per-prompt offset. For x = (1 - sigma) x0 + sigma eps the exact velocity is
 
 so sampling with it is exact and cheap. Used by tests (closed forms, invariances, resume) and as a
 stand-in model for measuring engine overhead. Images are decoded as clamp((x + 1) / 2, 0, 1).
+With `frames` F > 0 it is a video model: latents [B, 3, F, H, W] (channels first, as a video VAE's), decoded to
+videos [B, F, 3, H, W]; the same closed form holds per element.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from mixgrpo.models.base import MODELS, Cond, FlowModel
 
 
 class GaussianFlow(FlowModel):
-    def __init__(self, size: int = 8, data_std: float = 0.5, init_mean: float = 0.0):
+    def __init__(self, size: int = 8, data_std: float = 0.5, init_mean: float = 0.0, frames: int = 0):
         super().__init__()
-        self.latent_shape = (3, size, size)
+        self.latent_shape = (3, frames, size, size) if frames else (3, size, size)
         self.data_std = data_std
         self.mu = nn.Parameter(torch.full(self.latent_shape, float(init_mean)))
 
@@ -39,14 +41,16 @@ class GaussianFlow(FlowModel):
         return {"offset": torch.tensor(values, dtype=torch.float32)[:, None]}
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        mu = self.mu + cond["offset"].to(x.dtype).view(-1, 1, 1, 1)  # [B, C, H, W]
-        s = sigma.to(x.dtype).view(-1, 1, 1, 1)
+        per_sample = (-1, *([1] * (x.dim() - 1)))
+        mu = self.mu + cond["offset"].to(x.dtype).view(per_sample)  # [B, *latent_shape]
+        s = sigma.to(x.dtype).view(per_sample)
         var = (1 - s) ** 2 * self.data_std**2 + s**2
         return (s - (1 - s) * self.data_std**2) / var * (x - (1 - s) * mu) - mu
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> images [B, 3, H, W]; [B, 3, F, H, W] -> videos [B, F, 3, H, W]."""
         image = ((x + 1) / 2).clamp(0, 1)
-        return image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image[:, :3]
+        return image.transpose(1, 2) if x.dim() == 5 else image
 
     def save_pretrained(self, path, state_dict: dict | None = None) -> None:
         from pathlib import Path
@@ -59,9 +63,10 @@ class GaussianFlow(FlowModel):
 
 
 @MODELS.register("gaussian")
-def gaussian(size: int = 8, data_std: float = 0.5, init_mean: float = 0.0, path: str | None = None) -> GaussianFlow:
-    """The analytic Gaussian-data model (exact velocity; tests and engine-overhead benchmarks)."""
-    model = GaussianFlow(size, data_std, init_mean)
+def gaussian(size: int = 8, data_std: float = 0.5, init_mean: float = 0.0, path: str | None = None,
+             frames: int = 0) -> GaussianFlow:
+    """The analytic Gaussian-data model (exact velocity; tests, benchmarks; frames > 0: videos of F frames)."""
+    model = GaussianFlow(size, data_std, init_mean, frames)
     if path is not None:
         from pathlib import Path
 

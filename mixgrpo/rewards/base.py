@@ -1,9 +1,15 @@
 """The reward interface and registry.
 
 A reward is a callable `reward(images, prompts) -> scores`:
-    images: [B, 3, H, W] float in [0, 1] (on any device; the reward moves them where it runs)
+    images: [B, 3, H, W] float in [0, 1] (on any device; the reward moves them where it runs), or videos
+            [B, F, 3, H, W] (F frames)
     prompts: list of B strings
     scores: [B] float32 tensor on the CPU, higher is better.
+
+Videos: a reward that scores whole videos says so with a true `scores_videos` attribute (the temporal reward);
+any other reward is an image reward and `build_reward` applies it to every frame, then aggregates the F scores of
+a video (`FRAME_AGGREGATIONS`: mean by default, `frames:` of the reward's config), so that every image reward
+scores videos with no change.
 
 A reward that cannot score raises `RewardError` (never returns 0 for a failure); NaN in the scores marks a
 single image it could not score. The trainer applies the failure policy (retry, skip the group, abort).
@@ -77,13 +83,50 @@ def check_batch(name: str, images: torch.Tensor, prompts: Sequence[str] | None =
         raise ValueError(f"{prefix}{images.shape[0]} images but {len(prompts)} prompts")
 
 
-def build_reward(name: str, args: dict[str, Any] | None = None) -> RewardFn:
-    """A ready reward from a registered factory name or a user "package.module:function" reward."""
+FRAME_AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mean": lambda s: s.mean(1),
+    "min": lambda s: s.amin(1),  # a video is as good as its worst frame
+    "max": lambda s: s.amax(1),
+    "median": lambda s: s.median(1).values,
+}
+"""How the per-frame scores [B, F] of an image reward become one score per video [B]. NaN (a frame that could not
+be scored) makes the video's score NaN under each of them, so a failed frame is never averaged away."""
+
+
+class PerFrame:
+    """An image reward applied to videos: each of the F frames of a video is scored with the video's prompt, the F
+    scores are aggregated by FRAME_AGGREGATIONS[frames]. Images [B, 3, H, W] go to the reward unchanged."""
+
+    def __init__(self, fn: RewardFn, frames: str = "mean"):
+        if frames not in FRAME_AGGREGATIONS:
+            raise ValueError(f"frames = {frames!r} is not a frame aggregation: use one of {sorted(FRAME_AGGREGATIONS)}")
+        self.fn, self.frames = fn, frames
+
+    def __getattr__(self, name: str):  # the wrapped reward's own attributes (check(), ...) stay reachable
+        return getattr(self.__dict__["fn"], name) if "fn" in self.__dict__ else super().__getattribute__(name)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        if images.dim() != 5:
+            return self.fn(images, prompts)
+        b, f = images.shape[:2]
+        scores = torch.as_tensor(self.fn(images.flatten(0, 1), [p for p in prompts for _ in range(f)]),
+                                 dtype=torch.float32).flatten().cpu()
+        if scores.numel() != b * f:
+            raise RewardError(f"returned {scores.numel()} scores for the {b * f} frames of {b} videos")
+        return FRAME_AGGREGATIONS[self.frames](scores.view(b, f))
+
+
+def build_reward(name: str, args: dict[str, Any] | None = None, frames: str = "mean") -> RewardFn:
+    """A ready reward from a registered factory name or a user "package.module:function" reward. An image reward
+    scores videos frame by frame, aggregated by `frames` (FRAME_AGGREGATIONS); a video reward (`scores_videos`)
+    gets the videos whole."""
     args = dict(args or {})
     target = REWARDS.get(name)
     if ":" in name and name not in REWARDS.names():
-        return UserReward(name, target, args)
-    try:
-        return target(**args)
-    except TypeError as e:
-        raise ValueError(f"reward {name!r}: arguments {args} do not fit its factory: {e}") from None
+        fn = UserReward(name, target, args)
+    else:
+        try:
+            fn = target(**args)
+        except TypeError as e:
+            raise ValueError(f"reward {name!r}: arguments {args} do not fit its factory: {e}") from None
+    return fn if getattr(fn, "scores_videos", False) else PerFrame(fn, frames)

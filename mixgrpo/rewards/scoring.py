@@ -35,7 +35,7 @@ def build_rewards(specs: list[RewardConfig], build: bool = True) -> list[Reward]
     repeats). build=False gives the labels and weights with fn None (ranks that score nothing)."""
     out, seen = [], {}
     for spec in specs:
-        fn = build_reward(spec.name, spec.args) if build else None
+        fn = build_reward(spec.name, spec.args, spec.frames) if build else None
         base = spec.name.split(":")[-1]
         if spec.args.get("score") and spec.args["score"] != "dense":
             base = f"{base}_{spec.args['score']}"

@@ -34,7 +34,7 @@ from mixgrpo.config import TrainConfig, to_dict
 from mixgrpo.dtypes import CpuAttentionBackward, model_precision, resolve_precision
 from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
-from mixgrpo.images import save_grid
+from mixgrpo.images import media_name, save_grid
 from mixgrpo.models import Cond, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model, guided_velocity
 from mixgrpo.plan import Plan, build_plan, ode_plan
@@ -293,9 +293,10 @@ class Trainer:
                 res = evaluate(self.model, self.eval_prompts, self.rewards.functions(),
                                ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), cfg.eval_images_per_prompt,
                                seed=cfg.seed + 1, guidance_scale=cfg.eval_guidance)
-            grid = self.run_dir / f"samples_{tag}.png"
+            samples = res.images[:64, 0]  # the first image (or video) of each of the first 64 prompts
+            grid = self.run_dir / media_name(f"samples_{tag}", samples)  # .png, or .gif for videos
             if tag is not None:
-                save_grid(res.images[:64, 0], grid, nrow=8, scale=2, captions=res.prompts[:64])
+                save_grid(samples, grid, nrow=8, scale=2, captions=res.prompts[:64])
             self.held_out.update({f"eval/{k}": v["mean"] for k, v in res.summary().items()})
             record_eval(self.run_dir, iteration, self.held_out)
             self.tracker.log(self.held_out, iteration)
