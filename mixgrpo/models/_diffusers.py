@@ -1,6 +1,6 @@
-"""Loading helpers shared by the diffusers-pipeline models (FLUX.1 and SD3): directory checks and pre-flight,
-the components (transformer, VAE, the text encoder or its embedding cache) behind one loading bar, tokenisation
-with a truncation warning, and the VAE decoder."""
+"""Loading helpers shared by the diffusers-pipeline models (FLUX.1, SD3, Qwen-Image, FLUX.2, Wan): directory checks
+and pre-flight, the components (transformer, VAE, the text encoder or its embedding cache) behind one loading bar,
+tokenisation with a truncation warning, and the VAE decoder of FLUX.1 / SD3."""
 
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ def check_pipeline_dir(path: str | Path, pipeline: str, components: Sequence[str
 
 def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folders: Sequence[str],
                        t5_tokenizer: str | None, max_sequence_length: int, text_length: Callable[[int], int],
-                       example: str) -> list[str]:
-    """Pre-flight of a FLUX / SD3 run (`MODEL_CHECKS`), from files only: the pipeline directory; with an
-    embedding cache, its coverage of the prompts, its widths against the transformer's config and its text length
+                       example: str, widths: dict[str, str] | None = None) -> list[str]:
+    """Pre-flight of a diffusers-pipeline run (`MODEL_CHECKS`), from files only: the pipeline directory; with an
+    embedding cache, its coverage of the prompts, its widths against the transformer's config (`widths`: cache key
+    -> config field; default FLUX.1 / SD3's joint_attention_dim and pooled_projection_dim) and its text length
     (`text_length(max_sequence_length)` tokens) against model.args; without one, a warning for the prompts the
     T5 tokenizer will truncate (as diffusers does)."""
     path, cache = args.get("path"), args.get("embedding_cache")
@@ -57,8 +58,8 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
             shapes = EmbeddingCache(cache).shapes
         except (OSError, ValueError):
             return problems  # already named by coverage_problems
-        widths = {"prompt_embeds": config["joint_attention_dim"], "pooled": config["pooled_projection_dim"]}
-        for key, width in widths.items():
+        fields = widths or {"prompt_embeds": "joint_attention_dim", "pooled": "pooled_projection_dim"}
+        for key, width in ((k, config[f]) for k, f in fields.items()):
             if shapes.get(key, (None,))[-1] != width:
                 problems.append(f"the embedding cache {cache} has {key} of shape {list(shapes.get(key, []))}, but the "
                                 f"transformer of {path} expects width {width}: it was built with another model; "
@@ -84,6 +85,54 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
     return []
 
 
+def load_components(name: str, path: str | Path, example: str, classes: dict[str, type], dtype: str | torch.dtype,
+                    device: str, text_encoder: TextEncoder | None, embedding_cache: str | None,
+                    load_text_encoder: Callable[[Path, torch.dtype], TextEncoder],
+                    cache_widths: Callable[[dict[str, nn.Module]], dict[str, int]],
+                    check: Callable[[dict[str, nn.Module]], None] | None = None,
+                    optional: Sequence[str] = ()) -> tuple[dict[str, nn.Module], TextEncoder]:
+    """({subfolder: component}, text encoder) of a local diffusers pipeline directory `path`, behind one loading bar.
+
+    classes: subfolder -> diffusers class (e.g. {"transformer": ..., "vae": ...}), each loaded in eval mode on
+    `device`; a subfolder of `optional` that the directory lacks (Wan 2.1 has no transformer_2) is left out.
+    check(components) runs before the text encoder loads (a wrong size stops before T5-XXL is read). The text
+    encoder is `text_encoder` (already loaded, shared with another model), else the embedding cache (its
+    widths checked against `cache_widths(components)`: key -> last dimension), else load_text_encoder(path, dtype).
+    """
+    from mixgrpo.progress import bar
+
+    if text_encoder is not None and embedding_cache is not None:
+        raise ValueError(f"{name}: give text_encoder or embedding_cache, not both")
+    path = check_pipeline_dir(path, name, [c for c in classes if c not in optional], example)
+    dtype = parse_dtype(dtype)
+    kw = dict(torch_dtype=dtype, local_files_only=True)
+    present = {c: cls for c, cls in classes.items() if c not in optional or (path / c).is_dir()}
+    loads_text = text_encoder is None and embedding_cache is None
+    components = {}
+    with bar(total=len(present) + loads_text, desc=f"loading {name} from {path}", unit="component") as progress:
+        for folder, cls in present.items():
+            components[folder] = cls.from_pretrained(path, subfolder=folder, **kw).to(device).eval()
+            progress.update()
+        if check is not None:
+            check(components)
+        if embedding_cache is not None:
+            from mixgrpo.models.text import EmbeddingCache
+
+            text_encoder = EmbeddingCache(embedding_cache, device=device)
+            text_encoder.check_widths(name, **cache_widths(components))
+        elif text_encoder is None:
+            text_encoder = load_text_encoder(path, dtype)
+            progress.update()
+    return components, text_encoder
+
+
+def check_size(name: str, size: tuple[int, int], multiple: int, why: str) -> None:
+    """Raise unless height and width (pixels) are multiples of `multiple` (`why`: e.g. "VAE factor 8 x patch 2")."""
+    height, width = size
+    if height % multiple or width % multiple:
+        raise ValueError(f"{name}: height {height} and width {width} must be multiples of {multiple} ({why})")
+
+
 def load_pipeline(name: str, path: str | Path, example: str, transformer_class, dtype: str | torch.dtype, device: str,
                   size: tuple[int, int], patch: int | None, text_encoder: TextEncoder | None,
                   embedding_cache: str | None, load_text_encoder: Callable[[Path, torch.dtype], TextEncoder]):
@@ -95,35 +144,20 @@ def load_pipeline(name: str, path: str | Path, example: str, transformer_class, 
     embedding cache (its widths checked against the transformer), else load_text_encoder(path, dtype)."""
     from diffusers import AutoencoderKL
 
-    from mixgrpo.progress import bar
+    def factor_and_patch(c: dict[str, nn.Module]) -> tuple[int, int]:
+        return (2 ** (len(c["vae"].config.block_out_channels) - 1),
+                c["transformer"].config.patch_size if patch is None else patch)
 
-    if text_encoder is not None and embedding_cache is not None:
-        raise ValueError(f"{name}: give text_encoder or embedding_cache, not both")
-    path = check_pipeline_dir(path, name, ["transformer", "vae"], example)
-    dtype = parse_dtype(dtype)
-    kw = dict(torch_dtype=dtype, local_files_only=True)
-    loads_text = text_encoder is None and embedding_cache is None
-    with bar(total=3 if loads_text else 2, desc=f"loading {name} from {path}", unit="component") as progress:
-        transformer = transformer_class.from_pretrained(path, subfolder="transformer", **kw).to(device).eval()
-        progress.update()
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw).to(device)
-        progress.update()
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        patch = transformer.config.patch_size if patch is None else patch
-        height, width = size
-        if height % (factor * patch) or width % (factor * patch):
-            raise ValueError(f"{name}: height {height} and width {width} must be multiples of {factor * patch} "
-                             f"(VAE factor {factor} x patch {patch})")
-        if embedding_cache is not None:
-            from mixgrpo.models.text import EmbeddingCache
+    def check(c: dict[str, nn.Module]) -> None:
+        factor, p = factor_and_patch(c)
+        check_size(name, size, factor * p, f"VAE factor {factor} x patch {p}")
 
-            text_encoder = EmbeddingCache(embedding_cache, device=device)
-            text_encoder.check_widths(name, prompt_embeds=transformer.config.joint_attention_dim,
-                                      pooled=transformer.config.pooled_projection_dim)
-        elif text_encoder is None:
-            text_encoder = load_text_encoder(path, dtype)
-            progress.update()
-    return transformer, VaeDecoder(vae), text_encoder, factor
+    components, text_encoder = load_components(
+        name, path, example, {"transformer": transformer_class, "vae": AutoencoderKL}, dtype, device, text_encoder,
+        embedding_cache, load_text_encoder, lambda c: {"prompt_embeds": c["transformer"].config.joint_attention_dim,
+                                                       "pooled": c["transformer"].config.pooled_projection_dim},
+        check)
+    return components["transformer"], VaeDecoder(components["vae"]), text_encoder, factor_and_patch(components)[0]
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
