@@ -30,7 +30,10 @@ from mixgrpo.prompts import read_prompts
 # Base models whose text encoder loads without the transformer: name -> "module:function(path, dtype, device,
 # max_sequence_length)". Any other registered model is loaded whole and its encode_prompts is used.
 TEXT_ENCODERS = {"flux": "mixgrpo.models.flux_pipeline:load_flux_text_encoder",
-                 "sd3": "mixgrpo.models.sd3:load_sd3_text_encoder"}
+                 "sd3": "mixgrpo.models.sd3:load_sd3_text_encoder",
+                 "qwen_image": "mixgrpo.models.qwen_image:load_qwen_image_text_encoder",
+                 "flux2": "mixgrpo.models.flux2:load_flux2_text_encoder",
+                 "wan": "mixgrpo.models.wan:load_wan_text_encoder"}
 
 
 def _encode_fn(model: Any) -> Callable[[list[str]], Cond]:
@@ -89,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="mixgrpo preprocess", description=__doc__.split("\n")[0],
                                      allow_abbrev=False)
-    parser.add_argument("--model", required=True, help="base-model name: flux, sd3 (text encoders only), or any "
-                                                       "registered model (loaded whole)")
+    parser.add_argument("--model", required=True, help="base-model name: flux, sd3, qwen_image, flux2, wan (text "
+                                                       "encoders only), or any registered model (loaded whole)")
     parser.add_argument("--path", help="local diffusers pipeline directory of the model")
     parser.add_argument("--prompts", required=True, nargs="+", action="extend",
                         help="prompt files: .txt (one per line), .jsonl ({\"prompt\": ...}) or .csv (a \"prompt\" "

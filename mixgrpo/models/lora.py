@@ -5,7 +5,8 @@
   peft's default init draws A (Kaiming-uniform) and sets B = 0, so the adapted model starts equal to the base.
 - `save_lora` writes diffusers' LoRA format (pytorch_lora_weights.safetensors, keys "transformer.<module>.lora_A
   .weight", with the peft config — rank, alpha, targets — in the safetensors metadata), so that
-  `FluxPipeline.load_lora_weights(dir)` / `StableDiffusion3Pipeline.load_lora_weights(dir)` load it as is.
+  `FluxPipeline.load_lora_weights(dir)` / `StableDiffusion3Pipeline.load_lora_weights(dir)` (and the Qwen-Image,
+  FLUX.2 and Wan pipelines', `LORA_PIPELINES`) load it as is.
 - `save_full` writes a diffusers transformer directory (config.json + sharded safetensors), loadable with
   `FluxTransformer2DModel.from_pretrained(dir)` and passable as `transformer=` to a stock pipeline.
 Every save is atomic: it goes to a temporary sibling directory that is renamed into place at the end.
@@ -78,15 +79,23 @@ def lora_parameters(transformer: nn.Module, trainable_only: bool = True) -> list
             if ".lora_" in n and (p.requires_grad or not trainable_only)]
 
 
-def _pipeline_class(transformer: nn.Module):
-    from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline
+LORA_PIPELINES = {  # transformer class -> the diffusers pipeline whose LoRA format (and loader) fits it
+    "FluxTransformer2DModel": "FluxPipeline",
+    "SD3Transformer2DModel": "StableDiffusion3Pipeline",
+    "QwenImageTransformer2DModel": "QwenImagePipeline",
+    "Flux2Transformer2DModel": "Flux2Pipeline",  # FLUX.2 dev and klein share the transformer and its LoRA format
+    "WanTransformer3DModel": "WanPipeline",
+}
 
-    if isinstance(transformer, FluxTransformer2DModel):
-        return FluxPipeline
-    if isinstance(transformer, SD3Transformer2DModel):
-        return StableDiffusion3Pipeline
-    raise TypeError(f"no diffusers LoRA format known for {type(transformer).__name__}; "
-                    f"save_lora supports FluxTransformer2DModel and SD3Transformer2DModel")
+
+def _pipeline_class(transformer: nn.Module):
+    import diffusers
+
+    for cls in type(transformer).__mro__:  # an FSDP-wrapped transformer is a subclass of the diffusers class
+        if cls.__name__ in LORA_PIPELINES:
+            return getattr(diffusers, LORA_PIPELINES[cls.__name__])
+    raise TypeError(f"no diffusers LoRA format known for {type(transformer).__name__}; save_lora supports "
+                    f"{', '.join(LORA_PIPELINES)}")
 
 
 def save_lora(model: nn.Module, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
