@@ -163,3 +163,61 @@ def save_tiny_sd3(directory: str | Path, seed: int = 0) -> Path:
     """Build `tiny_sd3_pipeline` and save it as a diffusers pipeline directory (model_index.json + folders)."""
     tiny_sd3_pipeline(seed).save_pretrained(directory)
     return Path(directory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wan 2.1 / 2.2 text-to-video
+
+WAN_VARIANTS = ("2.1", "2.2-ti2v", "2.2-a14b")
+
+
+def _wan_transformer(in_channels: int, seed: int):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                 in_channels=in_channels, out_channels=in_channels, text_dim=32, freq_dim=16,
+                                 ffn_dim=32, num_layers=2, rope_max_seq_len=32).eval()
+
+
+def tiny_wan_pipeline(seed: int = 0, variant: str = "2.1"):
+    """A random `WanPipeline` at toy size, in the layout of Wan2.1-T2V ("2.1": one transformer, the 16-channel
+    VAE of spatial factor 8), Wan2.2-TI2V-5B ("2.2-ti2v": the residual VAE with patch 2, spatial factor 16, and
+    per-token timesteps) or Wan2.2-T2V-A14B ("2.2-a14b": two experts split at boundary_ratio 0.875).
+
+    UMT5 of width 32; 64x64 frames give 8x8 (4x4 for 2.2-ti2v) latents; 5 frames give 2 latent frames. The
+    scheduler is the flow-matching Euler one with shift 3 (Wan's own default is UniPC with flow_shift 3-5; the
+    tests hand it mixgrpo's sigmas).
+    """
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    if variant not in WAN_VARIANTS:
+        raise ValueError(f"variant {variant!r}: one of {WAN_VARIANTS}")
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id)).eval()
+    torch.manual_seed(seed + 2)
+    mean, std = [0.1 * (i % 5) - 0.2 for i in range(16)], [1.0 + 0.1 * (i % 7) for i in range(16)]
+    if variant == "2.2-ti2v":
+        vae = AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
+                               in_channels=12, out_channels=12, scale_factor_spatial=16, latents_mean=mean,
+                               latents_std=std).eval()
+    else:
+        vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True], latents_mean=mean, latents_std=std).eval()
+    two = variant == "2.2-a14b"
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       transformer=_wan_transformer(16, seed), transformer_2=_wan_transformer(16, seed + 3) if two
+                       else None, boundary_ratio=0.875 if two else None, expand_timesteps=variant == "2.2-ti2v")
+
+
+def save_tiny_wan(directory: str | Path, seed: int = 0, variant: str = "2.1") -> Path:
+    """Build `tiny_wan_pipeline` and save it as a diffusers pipeline directory."""
+    tiny_wan_pipeline(seed, variant).save_pretrained(directory)
+    return Path(directory)
