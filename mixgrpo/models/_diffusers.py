@@ -1,6 +1,7 @@
 """Loading helpers shared by the diffusers-pipeline models (FLUX.1, SD3, Qwen-Image, FLUX.2, Wan): directory checks
 and pre-flight, the components (transformer, VAE, the text encoder or its embedding cache) behind one loading bar,
-tokenisation with a truncation warning, and the VAE decoder of FLUX.1 / SD3."""
+tokenisation with a truncation warning, and the VAE decoders (FLUX.1 / SD3's, and the causal video VAE's of Wan and
+Qwen-Image)."""
 
 from __future__ import annotations
 
@@ -195,3 +196,25 @@ class VaeDecoder(nn.Module):
         z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
         images = self.vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+class CausalVaeDecoder(nn.Module):
+    """Latents [B, C, F, h, w] -> videos [B, F', 3, H, W] in [0, 1] (float32), as the Wan and Qwen-Image pipelines
+    decode with their 3-D causal VAEs (AutoencoderKLWan, AutoencoderKLQwenImage):
+    vae.decode(latents / (1 / latents_std) + latents_mean) (the pipelines' arithmetic), mapped from [-1, 1]."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        self.register_buffer("mean", torch.tensor(vae.config.latents_mean).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(vae.config.latents_std).view(shape), persistent=False)
+
+    def train(self, mode: bool = True) -> "CausalVaeDecoder":
+        return super().train(False)  # frozen: never switches to training mode with the adapter
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        dtype = self.vae.dtype
+        z = latents.to(dtype) / (1.0 / self.std.to(dtype)) + self.mean.to(dtype)
+        video = self.vae.decode(z, return_dict=False)[0]                          # [B, 3, F', H, W] in [-1, 1]
+        return (video.float().transpose(1, 2) / 2 + 0.5).clamp(0, 1)

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import (check_pipeline_dir, check_pipeline_run, check_size, load_components,
-                                       module_device, tokenize)
+from mixgrpo.models._diffusers import (CausalVaeDecoder, check_pipeline_dir, check_pipeline_run, check_size,
+                                       load_components, module_device, tokenize)
 from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder, TransformerAdapter
 
 EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -83,27 +83,6 @@ def load_wan_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16
         UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=parse_dtype(dtype),
                                          local_files_only=True).to(device),
         max_sequence_length=max_sequence_length)
-
-
-class WanVaeDecoder(nn.Module):
-    """Latents [B, C, F, h, w] -> videos [B, F', 3, H, W] in [0, 1] (float32), as the Wan pipeline decodes:
-    vae.decode(latents * latents_std + latents_mean), mapped from [-1, 1]."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        self.register_buffer("mean", torch.tensor(vae.config.latents_mean).view(shape), persistent=False)
-        self.register_buffer("std", torch.tensor(vae.config.latents_std).view(shape), persistent=False)
-
-    def train(self, mode: bool = True) -> "WanVaeDecoder":
-        return super().train(False)
-
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        dtype = self.vae.dtype
-        z = latents.to(dtype) / (1.0 / self.std.to(dtype)) + self.mean.to(dtype)  # the pipeline's arithmetic
-        video = self.vae.decode(z, return_dict=False)[0]                          # [B, 3, F', H, W] in [-1, 1]
-        return (video.float().transpose(1, 2) / 2 + 0.5).clamp(0, 1)
 
 
 class WanAdapter(TransformerAdapter):
@@ -222,7 +201,7 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
     spatial = vae.config.scale_factor_spatial
     latent_shape = (transformer.config.in_channels, (num_frames - 1) // temporal + 1, height // spatial,
                     width // spatial)
-    return WanAdapter(transformer, text_encoder, latent_shape, WanVaeDecoder(vae), transformer_2, boundary,
+    return WanAdapter(transformer, text_encoder, latent_shape, CausalVaeDecoder(vae), transformer_2, boundary,
                       trained_expert, bool(config.get("expand_timesteps", False))).eval()
 
 
