@@ -221,3 +221,64 @@ def save_tiny_wan(directory: str | Path, seed: int = 0, variant: str = "2.1") ->
     """Build `tiny_wan_pipeline` and save it as a diffusers pipeline directory."""
     tiny_wan_pipeline(seed, variant).save_pretrained(directory)
     return Path(directory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen-Image, FLUX.2: chat-template text encoders (Qwen2.5-VL, Qwen3, Mistral 3) over byte-level vocabularies
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen3's chat template as FLUX.2 klein uses it: a user turn, the generation prompt, thinking switched off.
+QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not "
+                  "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def tiny_qwen_tokenizer(chat_template: str | None = None):
+    """A Qwen2 tokenizer (byte-level BPE, no merges: one token per byte) with Qwen's special tokens."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {t: i for i, t in enumerate(_byte_alphabet() + QWEN_SPECIAL)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=chat_template)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[1:]})
+    return tokenizer
+
+
+def tiny_qwen_image_pipeline(seed: int = 0):
+    """A random `QwenImagePipeline` at toy size (Qwen-Image's layout): Qwen2.5-VL of hidden width 32 (with a tiny
+    vision tower, never used for text), a 2-block transformer, the causal VAE with 16 channels and factor 8
+    (64x64 images -> 8x8 latents -> 16 tokens). The scheduler is Qwen-Image's kind (dynamic exponential shift)."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = tiny_qwen_tokenizer()
+    special = tokenizer.convert_tokens_to_ids(QWEN_SPECIAL)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+                         bos_token_id=special[0], eos_token_id=special[2], pad_token_id=special[0]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[0]))
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                              axes_dims_rope=(4, 6, 6)).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True],
+                                 latents_mean=[0.1 * (i % 5) - 0.2 for i in range(16)],
+                                 latents_std=[1.0 + 0.1 * (i % 7) for i in range(16)]).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                                                time_shift_type="exponential")
+    return QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+
+
+def save_tiny_qwen_image(directory: str | Path, seed: int = 0) -> Path:
+    """Build `tiny_qwen_image_pipeline` and save it as a diffusers pipeline directory."""
+    tiny_qwen_image_pipeline(seed).save_pretrained(directory)
+    return Path(directory)
