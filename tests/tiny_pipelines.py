@@ -282,3 +282,93 @@ def save_tiny_qwen_image(directory: str | Path, seed: int = 0) -> Path:
     """Build `tiny_qwen_image_pipeline` and save it as a diffusers pipeline directory."""
     tiny_qwen_image_pipeline(seed).save_pretrained(directory)
     return Path(directory)
+
+
+MISTRAL_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]
+# Mistral-Small-3.1's chat format as FLUX.2 dev uses it: a system turn, then the user's text (content lists).
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYSTEM_PROMPT]"
+                    "{{ m['content'][0]['text'] }}[/SYSTEM_PROMPT]{% else %}[INST]{% for c in m['content'] %}"
+                    "{% if c['type'] == 'text' %}{{ c['text'] }}{% else %}[IMG]{% endif %}{% endfor %}[/INST]"
+                    "{% endif %}{% endfor %}")
+
+
+def tiny_mistral_tokenizer():
+    """A byte-level BPE tokenizer (one token per byte) with Mistral's special tokens and a chat template. FLUX.2 dev's
+    real tokenizer/ is a Pixtral processor, which needs torchvision; its tokenizer files load on their own, as
+    this one does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(MISTRAL_SPECIAL + _byte_alphabet())}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>", additional_special_tokens=MISTRAL_SPECIAL[4:])
+    tokenizer.chat_template = MISTRAL_TEMPLATE
+    return tokenizer
+
+
+def _flux2_parts(seed: int, joint_attention_dim: int, guidance_embeds: bool):
+    """A 1 + 1-block Flux2Transformer2DModel (in_channels 16: 2 x 2 patches of 4 VAE channels) and a 2-level
+    AutoencoderKLFlux2 (factor 2) whose BatchNorm statistics are not the identity."""
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=joint_attention_dim, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds).eval()
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                             norm_num_groups=4).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.linspace(-0.3, 0.3, 16))
+        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    return transformer, vae
+
+
+def tiny_flux2_pipeline(seed: int = 0, variant: str = "klein"):
+    """A random FLUX.2 pipeline at toy size: "dev" (`Flux2Pipeline`: Mistral 3 with a tiny Pixtral vision tower,
+    guidance embedding) or "klein" (`Flux2KleinPipeline`: Qwen3, no guidance embedding). The language models have
+    width 16 and enough layers (30 / 27) for the pipelines' default text layers, so the defaults are what is tested:
+    text states 3 x 16 = 48 wide. 32x32 images -> latents [16, 8, 8] (VAE factor 2, 2 x 2 patches): 64 tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    if variant == "dev":
+        from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+        tokenizer = tiny_mistral_tokenizer()
+        ids = tokenizer.convert_tokens_to_ids(MISTRAL_SPECIAL)
+        config = Mistral3Config(
+            text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=30,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                             bos_token_id=ids[1], eos_token_id=ids[2], pad_token_id=ids[3]),
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               head_dim=8, patch_size=4, image_size=32),
+            image_token_index=ids[8], spatial_merge_size=1)
+        torch.manual_seed(seed + 2)
+        text_encoder = Mistral3ForConditionalGeneration(config).eval()
+        transformer, vae = _flux2_parts(seed, 48, guidance_embeds=True)
+        return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tiny_qwen_tokenizer(QWEN3_TEMPLATE)
+    special = tokenizer.convert_tokens_to_ids(QWEN_SPECIAL)
+    torch.manual_seed(seed + 2)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=27, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, bos_token_id=None,
+        eos_token_id=special[2], pad_token_id=special[0])).eval()
+    transformer, vae = _flux2_parts(seed, 48, guidance_embeds=False)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer)
+
+
+def save_tiny_flux2(directory: str | Path, seed: int = 0, variant: str = "klein") -> Path:
+    """Build `tiny_flux2_pipeline` and save it as a diffusers pipeline directory."""
+    tiny_flux2_pipeline(seed, variant).save_pretrained(directory)
+    return Path(directory)
