@@ -55,3 +55,39 @@ def test_the_cli_prints_each_problem_as_an_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 2 and all(line.startswith("error: rewards[") for line in err)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.filterwarnings("ignore:prompt .* was truncated")  # the tiny byte tokenizers make long prompts
+@pytest.mark.parametrize("name", ["qwen_image", "flux2", "wan"])
+def test_the_new_models_runs_are_checked_before_any_model_loads(name, tmp_path):
+    """A pipeline directory without its text encoder and no cache, a cache lacking prompts, a cache of another
+    model (widths) and of another text length: each one line naming the fix, from the files alone."""
+    import shutil
+
+    import tiny_pipelines
+    from mixgrpo import cli
+
+    save = {"qwen_image": tiny_pipelines.save_tiny_qwen_image, "flux2": tiny_pipelines.save_tiny_flux2,
+            "wan": tiny_pipelines.save_tiny_wan}[name]
+    path = save(tmp_path / "pipe")
+    (tmp_path / "train.txt").write_text("a red cube\na cat\n")
+    args = {"path": str(path), "dtype": "float32", "height": 64, "width": 64, "max_sequence_length": 24}
+    cfg = lambda **a: _cfg(model={"name": name, "args": {**args, **a}},  # noqa: E731
+                           train_prompts=str(tmp_path / "train.txt"), eval_num_prompts=0)
+    assert problems_of(cfg()) == []
+    (tmp_path / "one.txt").write_text("a red cube\n")
+    assert cli.main(["preprocess", "--model", name, "--path", str(path), "--prompts", str(tmp_path / "one.txt"),
+                     "--out", str(tmp_path / "cache"), "--dtype", "float32", "--device", "cpu",
+                     "--max-sequence-length", "24"]) == 0
+    (problem,) = problems_of(cfg(embedding_cache=str(tmp_path / "cache")))
+    assert "lacks 1 of the 2 train prompts" in problem and f"mixgrpo preprocess --model {name}" in problem
+    (tmp_path / "one.txt").write_text("a red cube\na cat\n")
+    assert cli.main(["preprocess", "--model", name, "--path", str(path), "--prompts", str(tmp_path / "one.txt"),
+                     "--out", str(tmp_path / "cache"), "--dtype", "float32", "--device", "cpu",
+                     "--max-sequence-length", "24"]) == 0
+    assert problems_of(cfg(embedding_cache=str(tmp_path / "cache"))) == []
+    (problem,) = problems_of(cfg(embedding_cache=str(tmp_path / "cache"), max_sequence_length=32))
+    assert "holds 24 text tokens per prompt" in problem
+    shutil.rmtree(path / "text_encoder")
+    (problem,) = problems_of(cfg())
+    assert "lacks the component folders ['text_encoder']" in problem
