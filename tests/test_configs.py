@@ -135,3 +135,37 @@ def test_an_installed_package_ships_every_package_and_the_recipes(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(tmp_path / "site"), "PATH": ""}).stdout
     assert out.strip() == str(sorted(str(tmp_path / "site" / "mixgrpo" / "configs" / c.name) for c in CONFIGS))
+
+
+PIPELINE_RECIPES = [p for p in CONFIGS if load_config(p).model.name not in ("tiny", "gaussian")]
+# what the pre-flight may still find in a shipped recipe of a real model: its placeholder paths, and GPUs
+PLACEHOLDER = ("does not exist", "is not a local diffusers pipeline directory", "has no CUDA device")
+
+
+@pytest.mark.parametrize("path", PIPELINE_RECIPES, ids=lambda p: p.name)
+def test_a_real_model_recipe_fits_its_model_and_rewards(path):
+    """The pre-flight of a recipe for a real model finds nothing but the files to fill in: model and reward names
+    registered, their arguments those of the factories (a misspelt key fails here, not after the model load);
+    its LoRA adapts the layers its adapter names; its header says where its numbers come from."""
+    import importlib
+
+    from mixgrpo.preflight import problems_of
+
+    cfg = load_config(path)
+    problems = problems_of(cfg)
+    assert problems and all(any(p in line for p in PLACEHOLDER) for line in problems), problems
+    module = importlib.import_module(f"mixgrpo.models.{cfg.model.name}")
+    if cfg.lora.rank and hasattr(module, "LORA_TARGETS"):
+        assert tuple(cfg.lora.target_modules) == module.LORA_TARGETS
+    assert "arXiv" in path.read_text().split("\nalgorithm:")[0]  # the sources, in the header comment
+
+
+def test_the_video_recipe_scores_frames_and_time():
+    """The Wan recipe: a valid frame count, an image reward aggregated over frames and the temporal reward."""
+    from mixgrpo.rewards import build_reward
+
+    cfg = load_config(CONFIGS[0].parent / "wan21_mixgrpo.yaml")
+    assert cfg.model.name == "wan" and (cfg.model.args["num_frames"] - 1) % 4 == 0
+    rewards = {r.name: r for r in cfg.rewards}
+    assert rewards["pickscore"].frames == "mean" and rewards["temporal_consistency"].weight > 0
+    assert getattr(build_reward("temporal_consistency", rewards["temporal_consistency"].args), "scores_videos", False)
