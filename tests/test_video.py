@@ -124,6 +124,19 @@ def test_temporal_consistency_closed_forms():
     assert reward.scores_videos  # whole videos, not frame by frame
 
 
+def _video_mean(videos, prompts):
+    return videos.mean(dim=(1, 2, 3, 4))
+
+
+_video_mean.scores_videos = True
+
+
+def test_a_user_video_reward_gets_whole_videos():
+    videos = _frames_then_videos(b=2)
+    reward = build_reward(f"{__name__}:_video_mean")
+    torch.testing.assert_close(reward(videos, ["a", "b"]), videos.mean(dim=(1, 2, 3, 4)))
+
+
 def test_video_grids_and_files_are_animations_of_the_frames(tmp_path):
     videos = _frames_then_videos(b=2)
     assert media_name("grid", videos) == "grid.gif" and media_name("grid", videos[:, 0]) == "grid.png"

@@ -60,6 +60,7 @@ class UserReward:
                 raise ValueError(f"reward {name!r}: arguments {args} do not fit {fn.__name__}{signature}: {e}; "
                                  f"a user reward is called as f(images, prompts, **args)") from None
         self.name, self.fn, self.args = name, fn, args
+        self.scores_videos = bool(getattr(fn, "scores_videos", False))  # a user video reward gets videos whole
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         out = self.fn(images, prompts, **self.args)
