@@ -4,7 +4,7 @@ through the trainer, full or LoRA, and the comparison of its final/ with the sto
 `grpo_run` trains and checks what an iteration must show (the on-policy ratio is 1, gradients flow, the trained
 weights moved and nothing else did); `our_samples` samples the run's result as `mixgrpo sample` does (the run's base
 with final/ put in, an ODE plan), so a test can hand the same noise and sigmas to the stock pipeline with the export
-loaded by diffusers' own loaders and compare.
+put in by diffusers' own loaders (`with_final`) and compare.
 """
 
 from __future__ import annotations
@@ -72,3 +72,13 @@ def noise(latent_shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
 def sigmas() -> list[float]:
     """The sigmas of `our_samples`' plan (sigma_0 .. sigma_{T-1}; the stock schedulers append 0)."""
     return [s.sigma for s in ode_plan(STEPS, 3.0).steps]
+
+
+def with_final(pipe, run: Path, lora: int):
+    """The stock pipeline `pipe` with the run's final/ put in by diffusers alone: `load_lora_weights` for a LoRA, the
+    transformer's own class `from_pretrained` for a full fine-tune; returns `pipe`."""
+    if lora:
+        pipe.load_lora_weights(run / "final")
+    else:
+        pipe.transformer = type(pipe.transformer).from_pretrained(run / "final")
+    return pipe

@@ -144,9 +144,7 @@ def test_preprocess_cache_reproduces_the_text_encoder(dirs, tmp_path, variant):
 def test_a_grpo_iteration_exports_what_the_stock_pipeline_reproduces(dirs, tmp_path, variant, lora):
     """One MixGRPO iteration through the trainer (full or LoRA; klein with true CFG, dev with its distilled
     guidance), then the stock pipeline with final/ loaded by diffusers alone samples what mixgrpo samples."""
-    from diffusers import Flux2Transformer2DModel
-
-    from model_runs import grpo_run, noise, our_samples, sigmas
+    from model_runs import grpo_run, noise, our_samples, sigmas, with_final
 
     scale = GUIDANCE["klein"] if variant == "klein" else 1.0
     args = {"path": str(dirs[variant]), "dtype": "float32", "height": SIZE, "width": SIZE,
@@ -154,11 +152,7 @@ def test_a_grpo_iteration_exports_what_the_stock_pipeline_reproduces(dirs, tmp_p
     run = grpo_run(tmp_path / "run", "flux2", args, lora, scale, targets=list(LORA_TARGETS))
     seeds = [3, 4]
     ours = our_samples(run, PROMPTS, seeds, scale)
-    pipe = stock(dirs[variant])
-    if lora:
-        pipe.load_lora_weights(run / "final")
-    else:
-        pipe.transformer = Flux2Transformer2DModel.from_pretrained(run / "final")
+    pipe = with_final(stock(dirs[variant]), run, lora)
     with torch.no_grad():
         expected = run_stock(pipe, noise(ours.shape[1:], seeds), sigmas())
     torch.testing.assert_close(expected, as_stock_latents(load(dirs[variant]), ours), rtol=1e-5, atol=1e-5)

@@ -155,19 +155,13 @@ def test_preprocess_cache_reproduces_the_text_encoder(model, qwen_dir, tmp_path)
 def test_a_grpo_iteration_exports_what_the_stock_pipeline_reproduces(qwen_dir, tmp_path, lora):
     """One MixGRPO iteration with true CFG through the trainer (full or LoRA), then the stock QwenImagePipeline with
     final/ loaded by diffusers alone samples what mixgrpo samples."""
-    from diffusers import QwenImageTransformer2DModel
-
-    from model_runs import grpo_run, noise, our_samples, sigmas
+    from model_runs import grpo_run, noise, our_samples, sigmas, with_final
 
     args = {"path": str(qwen_dir), "dtype": "float32", "height": SIZE, "width": SIZE, "max_sequence_length": MAX_SEQ}
     run = grpo_run(tmp_path / "run", "qwen_image", args, lora, SCALE, targets=list(LORA_TARGETS))
     seeds = [3, 4]
     ours = our_samples(run, PROMPTS, seeds, SCALE)
-    pipe = stock(qwen_dir)
-    if lora:
-        pipe.load_lora_weights(run / "final")
-    else:
-        pipe.transformer = QwenImageTransformer2DModel.from_pretrained(run / "final")
+    pipe = with_final(stock(qwen_dir), run, lora)
     with torch.no_grad():
         expected = run_stock(pipe, noise(ours.shape[1:], seeds), sigmas())
     torch.testing.assert_close(expected, pack(ours, 2), rtol=1e-5, atol=1e-5)

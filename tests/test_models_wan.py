@@ -192,20 +192,14 @@ def _other_width_cache(tmp_path):
 def test_a_grpo_iteration_exports_what_the_stock_pipeline_reproduces(dirs, tmp_path, variant, lora):
     """One MixGRPO iteration through the trainer (full or LoRA; Wan 2.2: the high-noise expert, whose range holds
     the window), then the stock WanPipeline with final/ loaded by diffusers alone samples what mixgrpo samples."""
-    from diffusers import WanTransformer3DModel
-
-    from model_runs import grpo_run, noise, our_samples, sigmas
+    from model_runs import grpo_run, noise, our_samples, sigmas, with_final
 
     args = {"path": str(dirs[variant]), "dtype": "float32", "height": SIZE, "width": SIZE, "num_frames": FRAMES,
             "max_sequence_length": MAX_SEQ}
     run = grpo_run(tmp_path / "run", "wan", args, lora, SCALE, targets=list(LORA_TARGETS))
     seeds = [3, 4]
     ours = our_samples(run, PROMPTS, seeds, SCALE)
-    pipe = stock(dirs[variant], sigmas())
-    if lora:
-        pipe.load_lora_weights(run / "final")
-    else:
-        pipe.transformer = WanTransformer3DModel.from_pretrained(run / "final")
+    pipe = with_final(stock(dirs[variant], sigmas()), run, lora)
     with torch.no_grad():
         stock_latents = pipe(PROMPTS, height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=len(sigmas()),
                              guidance_scale=SCALE, max_sequence_length=MAX_SEQ, output_type="latent",
