@@ -185,17 +185,17 @@ def _prompts_from(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _save_images(images, prompts: list[str], out: Path) -> str:
-    """images [N, n, 3, H, W] (or videos [N, n, F, 3, H, W]): OUT/NNNN_JJ.png (.gif) per sample and a grid
-    captioned with the prompts; returns the grid's file name."""
+def _save_images(images, prompts: list[str], out: Path, video: str = ".gif") -> str:
+    """images [N, n, 3, H, W] (or videos [N, n, F, 3, H, W]): OUT/NNNN_JJ.png (or `video`: .gif, .mp4) per sample and
+    a grid captioned with the prompts; returns the grid's file name."""
     from mixgrpo.images import media_name, save_grid, save_media
 
     out.mkdir(parents=True, exist_ok=True)
     for i in range(images.shape[0]):
         for j in range(images.shape[1]):
-            save_media(images[i, j], out / media_name(f"{i:04d}_{j:02d}", images[i, j], batched=False))
+            save_media(images[i, j], out / media_name(f"{i:04d}_{j:02d}", images[i, j], batched=False, video=video))
     n = images.shape[1]
-    grid = media_name("grid", images.flatten(0, 1))
+    grid = media_name("grid", images.flatten(0, 1), video=video)
     save_grid(images.flatten(0, 1), out / grid, nrow=n if n > 1 else 8, scale=max(1, 128 // images.shape[-1]),
               captions=[p for p in prompts for _ in range(n)])
     return grid
@@ -213,7 +213,7 @@ def _sample(args: argparse.Namespace) -> None:
     images = generate(model, prompts, plan, args.num_images, args.seed, args.guidance, batch_size=args.batch_size,
                       switch_model=base, switch_at=switch_at)
     out = Path(args.out)
-    grid = _save_images(images, prompts, out)
+    grid = _save_images(images, prompts, out, f".{args.video_format}")
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
     what = "videos" if images.dim() == 6 else "images"
     print(f"wrote {images.shape[0] * images.shape[1]} {what} and {grid} to {out}"
@@ -255,7 +255,8 @@ def _eval(args: argparse.Namespace) -> None:
     report = write_report(results, out)
     if args.save_images:
         for i, (label, res) in enumerate(results.items()):
-            _save_images(res.images, res.prompts, out / "images" / f"{i:02d}_{_safe_name(label)}")
+            _save_images(res.images, res.prompts, out / "images" / f"{i:02d}_{_safe_name(label)}",
+                          f".{args.video_format}")
     print(report.read_text())
     print(f"per-image scores: {out / 'scores.jsonl'}"
           + (f"; images and captioned grids: {out / 'images'}" if args.save_images else ""))
@@ -361,8 +362,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
     p.add_argument("--dtype", help="weights dtype: bfloat16, float16 or float32 (default: the run's model.args.dtype)")
     p.add_argument("--resolution", help="SIZE or HEIGHTxWIDTH in pixels (default: the run's model.args height and "
-                                        "width; FLUX / SD3 only)")
+                                        "width; models that take a size)")
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (memory only; default 16)")
+    p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
+                   help="files of a video model's samples: gif (default; Pillow) or mp4 (pip install 'mixgrpo[video]')")
 
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
@@ -379,6 +382,10 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
     for ok, flag, value, want in checks:
         if not ok:  # `not`: NaN fails every comparison
             raise UsageError(f"{flag} = {value} is invalid: use {want}")
+    from mixgrpo.images import mp4_problem
+
+    if args.video_format == "mp4" and mp4_problem():  # no sampled video lost to a missing writer
+        raise UsageError(f"--video-format mp4: {mp4_problem()}")
     for flag in ("path", "base_path", "hybrid"):
         if getattr(args, flag, None) == "":
             raise UsageError(f"--{flag.replace('_', '-')} is empty (an unset shell variable?): give a model "

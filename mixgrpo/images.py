@@ -33,9 +33,23 @@ def is_video(samples: torch.Tensor, batched: bool = True) -> bool:
     return samples.dim() == (5 if batched else 4)
 
 
-def media_name(stem: str, samples: torch.Tensor, batched: bool = True) -> str:
-    """The file name of a sample (or a grid of `samples`): STEM.png for images, STEM.gif for videos."""
-    return stem + (".gif" if is_video(samples, batched) else ".png")
+def media_name(stem: str, samples: torch.Tensor, batched: bool = True, video: str = ".gif") -> str:
+    """The file name of a sample (or a grid of `samples`): STEM.png for images, STEM + `video` (.gif or .mp4) for
+    videos."""
+    if video not in VIDEO_SUFFIXES:
+        raise ValueError(f"a video is written as {' or '.join(VIDEO_SUFFIXES)}, not {video!r}")
+    return stem + (video if is_video(samples, batched) else ".png")
+
+
+def mp4_problem() -> str | None:
+    """None when MP4 files can be written here; else the line that says what to install (checked before sampling,
+    so that no sampled video is lost to a missing writer)."""
+    import importlib.util
+
+    if importlib.util.find_spec("imageio") and importlib.util.find_spec("imageio_ffmpeg"):
+        return None
+    return ("MP4 files need imageio and its ffmpeg plugin: pip install 'mixgrpo[video]' (or write .gif, which needs "
+            "nothing more)")
 
 
 def _save_atomic(img: Image.Image | list[Image.Image], path: str | Path, fps: float = VIDEO_FPS) -> None:
@@ -54,11 +68,10 @@ def _save_atomic(img: Image.Image | list[Image.Image], path: str | Path, fps: fl
 
 
 def _write_mp4(frames: list[Image.Image], path: Path, fps: float) -> None:
-    try:
-        import imageio.v3 as iio
-    except ImportError:
-        raise ImportError("MP4 files need imageio and its ffmpeg plugin: pip install 'mixgrpo[video]' "
-                          "(or write .gif, which needs nothing more)") from None
+    problem = mp4_problem()
+    if problem:
+        raise ImportError(problem)
+    import imageio.v3 as iio
     import numpy as np
 
     # libx264 with yuv420p needs even sides: imageio-ffmpeg would rescale silently, so pad by one pixel instead
