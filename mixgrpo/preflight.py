@@ -11,6 +11,8 @@ all of them are reported together:
 - the model: its name, arguments that fit its factory, and its own checks (`MODEL_CHECKS`): the pipeline
   directory, the embedding cache's coverage of the train and eval prompts, its widths and token length
   against the transformer and model.args, prompt lengths against the text encoders.
+- the trained steps: every sigma a GRPO run's plans train, over all its iterations, lies in the range the model
+  can train (`TRAINED_SIGMA_CHECKS`; Wan 2.2 A14B trains one expert).
 
 Rank 0 checks and broadcasts what it found, so every rank stops together.
 """
@@ -52,7 +54,7 @@ def problems_of(cfg: TrainConfig) -> list[str]:
         except ValueError as e:
             problems.append(f"{split}_prompts: {e}")
     problems += _model_problems(cfg, prompts)
-    return problems
+    return problems + _trained_sigma_problems(cfg)
 
 
 def device_problems(where: str, value) -> list[str]:
@@ -107,3 +109,19 @@ def _model_problems(cfg: TrainConfig, prompts: dict[str, tuple[str, list[str]]])
         pass
     check = MODEL_CHECKS.get(cfg.model.name)
     return check(cfg.model.args, prompts) if check is not None else []
+
+
+def _trained_sigma_problems(cfg: TrainConfig) -> list[str]:
+    """The model's check of the sigmas its GRPO run trains (the forward-process objectives draw theirs at run time)."""
+    from mixgrpo.models.base import TRAINED_SIGMA_CHECKS
+    from mixgrpo.plan import build_plan
+
+    check = TRAINED_SIGMA_CHECKS.get(cfg.model.name)
+    if check is None or cfg.objective != "grpo":
+        return []
+    trained: dict[float, int] = {}
+    for iteration in range(cfg.iterations):
+        for step in build_plan(cfg.sampler, iteration=iteration, seed=cfg.seed).steps:
+            if step.train:
+                trained.setdefault(step.sigma, iteration)
+    return check(cfg.model.args, trained)

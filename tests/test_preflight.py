@@ -91,3 +91,30 @@ def test_the_new_models_runs_are_checked_before_any_model_loads(name, tmp_path):
     shutil.rmtree(path / "text_encoder")
     (problem,) = problems_of(cfg())
     assert "lacks the component folders ['text_encoder']" in problem
+
+
+def test_a_window_that_leaves_the_trained_wan_expert_stops_the_run_before_it_starts(tmp_path):
+    """Wan 2.2 A14B trains one expert: a GRPO run whose window would walk past the boundary (sigma 0.875) later
+    in training is refused from the files alone, naming the first iteration; a frozen window is not."""
+    from tiny_pipelines import save_tiny_wan
+
+    path = save_tiny_wan(tmp_path / "a14b", variant="2.2-a14b")
+    (tmp_path / "train.txt").write_text("a red cube\n")
+    args = {"path": str(path), "dtype": "float32", "height": 64, "width": 64, "num_frames": 5,
+            "max_sequence_length": 24}
+
+    def cfg(iterations, window=None, expert="high_noise", **over):  # 20 steps at shift 3: 0-6 have sigma >= 0.875
+        return _cfg(model={"name": "wan", "args": {**args, "trained_expert": expert}}, iterations=iterations,
+                    sampler={"num_steps": 20, "window": window or {"size": 4, "tau": 2}},
+                    train_prompts=str(tmp_path / "train.txt"), eval_num_prompts=0, **over)
+
+    assert problems_of(cfg(8)) == []  # windows 0-3 .. 3-6
+    (problem,) = problems_of(cfg(10))
+    assert problem.startswith("wan: iteration 8 trains sigma 0.848, which Wan 2.2's frozen low_noise expert")
+    assert "sampler.window.strategy=frozen" in problem
+    assert problems_of(cfg(100, {"size": 4, "strategy": "frozen"})) == []
+    (problem,) = problems_of(cfg(1, expert="low_noise"))
+    assert problem.startswith("wan: iteration 0 trains sigma 1.000, which Wan 2.2's frozen high_noise expert")
+    assert problems_of(cfg(1, objective="diffusion_nft", algorithm="ode", shared_noise=False)) == []  # drawn later
+    args["path"] = str(save_tiny_wan(tmp_path / "wan21", variant="2.1"))
+    assert problems_of(cfg(10)) == []  # one transformer: any sigma

@@ -32,6 +32,12 @@ MODEL_CHECKS: dict[str, Callable[[dict, PromptSets], list[str]]] = {}
 """Registered model name -> check(model.args, prompt sets) -> problems (one line each, naming the fix), run
 before training loads the model (`mixgrpo.preflight`): files, embedding-cache coverage, prompt lengths."""
 
+TRAINED_SIGMA_CHECKS: dict[str, Callable[[dict, dict[float, int]], list[str]]] = {}
+"""Registered model name -> check(model.args, trained) -> problems, for a model that can train only some sigmas
+(Wan 2.2 A14B: one expert per run); trained = {sigma: the first iteration that trains it} of a GRPO run's plans.
+Run by the pre-flight, so that a window that walks out of that range stops the run before the model loads, not
+hours into it."""
+
 
 class FlowModel(nn.Module):
     """Base class of every model adapter.

@@ -34,7 +34,7 @@ from torch import nn
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.models._diffusers import (CausalVaeDecoder, check_pipeline_dir, check_pipeline_run, check_size,
                                        load_components, module_device, tokenize)
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder, TransformerAdapter
+from mixgrpo.models.base import MODEL_CHECKS, MODELS, TRAINED_SIGMA_CHECKS, Cond, TextEncoder, TransformerAdapter
 
 EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 NUM_TRAIN_TIMESTEPS = 1000  # the transformer takes timestep = 1000 sigma
@@ -83,6 +83,12 @@ def load_wan_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16
         UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=parse_dtype(dtype),
                                          local_files_only=True).to(device),
         max_sequence_length=max_sequence_length)
+
+
+def high_noise(sigma: torch.Tensor, boundary: float) -> torch.Tensor:
+    """[B] bool: the sigmas Wan 2.2 A14B's high-noise expert denoises. The pipeline compares timesteps:
+    t >= boundary_ratio * 1000."""
+    return sigma.float() * NUM_TRAIN_TIMESTEPS >= boundary * NUM_TRAIN_TIMESTEPS
 
 
 class WanAdapter(TransformerAdapter):
@@ -136,8 +142,7 @@ class WanAdapter(TransformerAdapter):
         text = cond["prompt_embeds"]                                                 # [B, L, D]
         if self.transformer_2 is None:
             return self._call(self.transformer, x, sigma, text)
-        # the pipeline compares timesteps: t >= boundary_ratio * 1000 -> the high-noise expert
-        high = sigma.float() * NUM_TRAIN_TIMESTEPS >= self.boundary * NUM_TRAIN_TIMESTEPS
+        high = high_noise(sigma, self.boundary)
         frozen = ~high if self.trained_expert == "high_noise" else high
         if torch.is_grad_enabled() and bool(frozen.any()) and any(p.requires_grad for p in self.denoiser.parameters()):
             s = float(sigma[frozen][0])
@@ -208,3 +213,29 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
 MODEL_CHECKS["wan"] = lambda args, prompts: check_pipeline_run(
     "wan", args, prompts, text_folders=["text_encoder", "tokenizer"], t5_tokenizer="tokenizer",
     max_sequence_length=512, text_length=lambda n: n, example=EXAMPLE, widths={"prompt_embeds": "text_dim"})
+
+
+def _trained_sigma_problems(args: dict, trained: dict[float, int]) -> list[str]:
+    """Wan 2.2 A14B trains one expert: every trained sigma must be one that expert denoises (from model_index.json
+    and transformer_2/, before anything loads)."""
+    path = Path(args.get("path") or "")
+    expert = args.get("trained_expert", "high_noise")
+    if not (path / "transformer_2").is_dir() or not trained or expert not in EXPERTS:
+        return []  # Wan 2.1 (one transformer), or a problem the loader names
+    boundary = _pipeline_config(path).get("boundary_ratio")
+    if boundary is None:
+        return []
+    sigmas = sorted(trained)
+    high = high_noise(torch.tensor(sigmas), boundary).tolist()
+    outside = [s for s, h in zip(sigmas, high) if h != (expert == "high_noise")]
+    if not outside:
+        return []
+    first = min(outside, key=lambda s: (trained[s], -s))  # the first iteration's first (noisiest) step
+    other = EXPERTS[int(expert == "high_noise")]
+    return [f"wan: iteration {trained[first]} trains sigma {first:.3f}, which Wan 2.2's frozen {other} expert "
+            f"denoises (boundary sigma {boundary}; model.args.trained_expert = {expert!r} trains sigma "
+            f"{'>=' if expert == 'high_noise' else '<'} {boundary}): keep the trained steps there (e.g. "
+            f"sampler.window.strategy=frozen, or fewer iterations), or train the other expert"]
+
+
+TRAINED_SIGMA_CHECKS["wan"] = _trained_sigma_problems
