@@ -85,7 +85,7 @@ class MatchingConfig:
     """The forward-process objectives (objective: diffusion_nft or awm; docs/notation.md): every final sample
     of the rollout is noised again at `sigmas_per_sample` fresh sigmas and trained with flow matching."""
 
-    sigmas: str = "logit_normal"  # training sigmas: "logit_normal", "uniform", or "window" (the MixGRPO window's range)
+    sigmas: str = "logit_normal"  # "logit_normal", "uniform", "window" (experimental, measured worse: docs/results.md)
     sigma_mean: float = 0.0  # logit_normal: sigma = sigmoid(mean + std z)
     sigma_std: float = 1.0
     sigmas_per_sample: int = 1  # K: training sigmas (and noises) per final sample and iteration
