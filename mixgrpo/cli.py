@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="GRPO fine-tuning (the main job)", allow_abbrev=False)
+    p = sub.add_parser("train", help="RL fine-tuning: GRPO or a forward-process objective (the main job)",
+                       allow_abbrev=False)
     p.add_argument("--config", help="a YAML file, or the name of a shipped recipe (configs/NAME.yaml: mixgrpo, "
                                     "flow_grpo, dance_grpo, ...); default: mixgrpo")
     p.add_argument("--out", help="run directory (same as out_dir=...)")
