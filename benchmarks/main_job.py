@@ -1,5 +1,6 @@
-"""The main job's minutes in each precision, measured side by side: `configs/mixgrpo.yaml` (48 iterations along
-its window path, held-out evaluation of 106 prompts x 2 images before and after), fp32 against `auto`.
+"""The main job's minutes in each precision, measured side by side: a recipe (`--recipe`, default the main job's
+`diffusion_nft`; `mixgrpo` for the GRPO recipe along its window path) with its held-out evaluation of 106 prompts
+x 2 images before and after, fp32 against `auto`.
 
     python benchmarks/main_job.py                       # fp32 vs auto, 1 thread, CPU-time clock
     python benchmarks/main_job.py --clock wall --threads 2
@@ -36,6 +37,7 @@ from common import add_clock_argument, machine, recipe_rewards, use_clock  # noq
 
 def main() -> None:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default="diffusion_nft", help="a recipe in configs/ (the main job by default)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"])
     parser.add_argument("--threads", type=int, default=1)
     add_clock_argument(parser, default="cpu")
@@ -51,10 +53,10 @@ def main() -> None:
     from mixgrpo.train import train
 
     work = Path(tempfile.mkdtemp(prefix="mixgrpo-mainjob-"))
-    cfgs = {p: load_config(ROOT / "configs" / "mixgrpo.yaml",
+    cfgs = {p: load_config(ROOT / "configs" / f"{args.recipe}.yaml",
                            [*args.override, f"precision={p}", "eval_num_prompts=0", "checkpoint_every=1",
                             "keep_checkpoints=1", "tensorboard=false", f"out_dir={work / p}"]) for p in args.precisions}
-    recipe = load_config(ROOT / "configs" / "mixgrpo.yaml", args.override)
+    recipe = load_config(ROOT / "configs" / f"{args.recipe}.yaml", args.override)
     evaluation = {p: [] for p in args.precisions}
     held_out = {}
     for p, cfg in cfgs.items():  # the base model's held-out evaluation ("before"), timed
