@@ -85,7 +85,7 @@ class MatchingConfig:
     """The forward-process objectives (objective: diffusion_nft or awm; docs/notation.md): every final sample
     of the rollout is noised again at `sigmas_per_sample` fresh sigmas and trained with flow matching."""
 
-    sigmas: str = "logit_normal"  # "logit_normal", "uniform", "window" (experimental, measured worse: docs/results.md)
+    sigmas: str = "logit_normal"  # training sigmas: "logit_normal" or "uniform"
     sigma_mean: float = 0.0  # logit_normal: sigma = sigmoid(mean + std z)
     sigma_std: float = 1.0
     sigmas_per_sample: int = 1  # K: training sigmas (and noises) per final sample and iteration
@@ -227,9 +227,6 @@ class TrainConfig:
                 raise ConfigError(f"shared_noise with a deterministic plan (sampler.sde_steps = 'none') makes the "
                                   f"{self.group_size} images of a group identical, so no group has a preference: set "
                                   f"shared_noise: false, or use a plan with SDE steps")
-            if self.matching.sigmas == "window" and not self.sampler.uses_window:
-                raise ConfigError("matching.sigmas = 'window' samples the MixGRPO window's sigma range, and this plan "
-                                  "has no window: use a MixGRPO algorithm, or matching.sigmas 'logit_normal'")
             if self.parallel.strategy == "fsdp" and self.matching.sampler_decay > 0:
                 raise ConfigError("matching.sampler_decay > 0 is not supported with parallel.strategy 'fsdp' yet (the "
                                   "sampling copy is not sharded): use strategy 'ddp', or sampler_decay: 0")

@@ -27,7 +27,7 @@ import torch
 
 from mixgrpo.sampling import reduce_latent
 
-SIGMA_SAMPLERS = ("logit_normal", "uniform", "window")
+SIGMA_SAMPLERS = ("logit_normal", "uniform")
 NFT_WEIGHTINGS = ("none", "adaptive")
 AWM_WEIGHTINGS = ("uniform", "sigma", "sigma2")
 
@@ -45,24 +45,18 @@ def _bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_sigmas(num: int, generator: torch.Generator, how: str = "logit_normal", mean: float = 0.0,
-                  std: float = 1.0, window: tuple[float, float] | None = None) -> torch.Tensor:
+                  std: float = 1.0) -> torch.Tensor:
     """[num] float64 training sigmas, drawn with `generator`.
 
     "logit_normal": sigma = sigmoid(mean + std z), z ~ N(0, 1) (SD3's training distribution);
-    "uniform": sigma ~ U(0, 1); "window": sigma ~ U(lo, hi) with window = (lo, hi), the sigma range of the
-    current MixGRPO window (`Plan.window_sigmas`). All are clamped to [SIGMA_MIN, 1 - SIGMA_MIN].
+    "uniform": sigma ~ U(0, 1). Both are clamped to [SIGMA_MIN, 1 - SIGMA_MIN]. (A third sampler, uniform over the
+    current MixGRPO window's sigma range, was measured and removed: docs/results.md, sessions 7-8.)
     """
     if how == "logit_normal":
         z = torch.randn(num, generator=generator, dtype=torch.float64)
         sigma = torch.sigmoid(mean + std * z)
     elif how == "uniform":
         sigma = torch.rand(num, generator=generator, dtype=torch.float64)
-    elif how == "window":
-        if window is None:
-            raise ValueError("sigma sampler 'window' needs the window's sigma range: the plan has no window "
-                             "(use a MixGRPO plan, or sigmas 'logit_normal' / 'uniform')")
-        lo, hi = window
-        sigma = lo + (hi - lo) * torch.rand(num, generator=generator, dtype=torch.float64)
     else:
         raise ValueError(f"sigma sampler {how!r} is unknown: use one of {SIGMA_SAMPLERS}")
     return sigma.clamp(SIGMA_MIN, 1 - SIGMA_MIN)

@@ -124,11 +124,9 @@ def test_forward_noise_and_sigma_samplers():
     for how in ("logit_normal", "uniform"):
         s = sample_sigmas(1000, g(), how)
         assert torch.equal(s, sample_sigmas(1000, g(), how)) and 1e-3 <= s.min() and s.max() <= 1 - 1e-3
-    s = sample_sigmas(1000, g(), "window", window=(0.6, 0.9))
-    assert 0.6 <= s.min() < 0.62 and 0.88 < s.max() <= 0.9
     assert abs(sample_sigmas(20000, g(), "logit_normal").median().item() - 0.5) < 0.02  # sigmoid(N(0, 1))
-    with pytest.raises(ValueError, match="window"):
-        sample_sigmas(4, g(), "window")
+    with pytest.raises(ValueError, match="unknown"):
+        sample_sigmas(4, g(), "window")  # the windowed sampler was removed (docs/results.md)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,12 +143,12 @@ def _cfg(tmp_path, **over):
 @pytest.mark.parametrize("objective,algorithm,extra", [
     ("diffusion_nft", "ode", {}),
     ("diffusion_nft", "mixgrpo_flash_star", {"shared_noise": True}),
-    ("diffusion_nft", "mixgrpo", {"shared_noise": True, "matching": {"sigmas": "window"}}),
+    ("diffusion_nft", "mixgrpo", {"shared_noise": True}),
     ("awm", "ode", {"clip_range": 0.2, "matching": {"sampler_decay": 0.0}}),
 ])
 def test_the_reward_rises_with_any_rollout(tmp_path, objective, algorithm, extra):
     """A brightness reward: the Gaussian model's trainable data mean moves up, from ODE, Flash* and
-    windowed rollouts alike."""
+    MixGRPO (SDE in a window) rollouts alike."""
     run = train(_cfg(tmp_path, objective=objective, algorithm=algorithm, iterations=16, lr=0.1, **extra),
                 progress=False)
     evals = [json.loads(line)["eval/brightness"] for line in (run / "eval.jsonl").read_text().splitlines()]
@@ -216,7 +214,7 @@ def test_awm_is_on_policy_on_its_first_optimizer_step(tmp_path):
 
 @pytest.mark.parametrize("over,match", [
     ({"shared_noise": True}, "shared_noise"),
-    ({"matching": {"sigmas": "window"}}, "window"),
+    ({"matching": {"sigmas": "window"}}, "window"),  # the removed windowed sampler is refused by name
     ({"objective": "grpo"}, "trains no step"),
     ({"matching": {"sampler_decay": 1.0}}, "sampler_decay"),
     ({"objective": "nft"}, "objective"),

@@ -165,13 +165,10 @@ def matching_batch(velocity: Velocity, final: torch.Tensor, cond: Cond, plan: Pl
     (conditional velocity: training is CFG-free; cond: [B, ...] rows). Pass e uses terms [e K, (e + 1) K)."""
     m = matching
     B, K = final.shape[0], m.sigmas_per_sample * epochs
-    window = None
-    if plan.window is not None:
-        window = (plan.steps[plan.window[1] - 1].sigma_next, plan.steps[plan.window[0]].sigma)
     sigmas, noises = [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
-        sigmas.append(sample_sigmas(K, g, m.sigmas, m.sigma_mean, m.sigma_std, window))
+        sigmas.append(sample_sigmas(K, g, m.sigmas, m.sigma_mean, m.sigma_std))
         noises.append(torch.randn((K, *final.shape[1:]), generator=g))
     sigma = torch.stack(sigmas).to(final.device)  # [B, K]
     eps = torch.stack(noises).to(final.device, final.dtype)  # [B, K, *latent]
