@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models.base import PromptSets, TextEncoder
+from mixgrpo.models.base import Frozen, PromptSets, TextEncoder
 
 
 def check_pipeline_dir(path: str | Path, pipeline: str, components: Sequence[str], example: str) -> Path:
@@ -177,7 +177,7 @@ def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-class VaeDecoder(nn.Module):
+class VaeDecoder(Frozen):
     """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1], as the FLUX / SD3 pipelines decode:
 
     images = clamp(vae.decode(latents / scaling_factor + shift_factor) / 2 + 1/2, 0, 1), returned in float32.
@@ -189,16 +189,13 @@ class VaeDecoder(nn.Module):
         self.scaling_factor = float(vae.config.scaling_factor)
         self.shift_factor = float(vae.config.shift_factor or 0.0)
 
-    def train(self, mode: bool = True) -> "VaeDecoder":
-        return super().train(False)  # frozen: never switches to training mode with the adapter
-
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         z = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
         images = self.vae.decode(z, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-class CausalVaeDecoder(nn.Module):
+class CausalVaeDecoder(Frozen):
     """Latents [B, C, F, h, w] -> videos [B, F', 3, H, W] in [0, 1] (float32), as the Wan and Qwen-Image pipelines
     decode with their 3-D causal VAEs (AutoencoderKLWan, AutoencoderKLQwenImage):
     vae.decode(latents / (1 / latents_std) + latents_mean) (the pipelines' arithmetic), mapped from [-1, 1]."""
@@ -209,9 +206,6 @@ class CausalVaeDecoder(nn.Module):
         shape = (1, vae.config.z_dim, 1, 1, 1)
         self.register_buffer("mean", torch.tensor(vae.config.latents_mean).view(shape), persistent=False)
         self.register_buffer("std", torch.tensor(vae.config.latents_std).view(shape), persistent=False)
-
-    def train(self, mode: bool = True) -> "CausalVaeDecoder":
-        return super().train(False)  # frozen: never switches to training mode with the adapter
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         dtype = self.vae.dtype

@@ -39,6 +39,14 @@ Run by the pre-flight, so that a window that walks out of that range stops the r
 hours into it."""
 
 
+class Frozen(nn.Module):
+    """A module that always stays in eval mode: the text encoders and decoders an adapter holds never switch
+    dropout (or any training-mode behaviour) on when a trainer calls .train() on the whole adapter."""
+
+    def train(self, mode: bool = True) -> "Frozen":
+        return super().train(False)
+
+
 class FlowModel(nn.Module):
     """Base class of every model adapter.
 

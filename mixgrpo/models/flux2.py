@@ -35,7 +35,7 @@ from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.models._diffusers import check_pipeline_dir, check_pipeline_run, check_size, load_components
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder, TransformerAdapter
+from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, Frozen, TextEncoder, TransformerAdapter
 
 EXAMPLE = "black-forest-labs/FLUX.2-klein-base-4B"
 VARIANTS = {"Flux2Pipeline": "dev", "Flux2KleinPipeline": "klein"}  # model_index.json's _class_name -> variant
@@ -56,7 +56,7 @@ def variant_of(path: str | Path) -> str:
     return VARIANTS[name]
 
 
-class Flux2TextEncoder(nn.Module):
+class Flux2TextEncoder(Frozen):
     """Frozen language model of FLUX.2 (Mistral 3 for dev, Qwen3 for klein), encoding like the pipeline's
     encode_prompt. encode(prompts) -> {"prompt_embeds": [B, L, 3 D]} (L = max_sequence_length)."""
 
@@ -68,9 +68,6 @@ class Flux2TextEncoder(nn.Module):
         self.lm = text_encoder.eval().requires_grad_(False)
         self.max_sequence_length = max_sequence_length
         self.layers = tuple(layers or TEXT_LAYERS[variant])
-
-    def train(self, mode: bool = True) -> "Flux2TextEncoder":
-        return super().train(False)  # frozen: dropout must never switch on
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Cond:
@@ -178,7 +175,7 @@ class Flux2Adapter(TransformerAdapter):
         return out.transpose(1, 2).reshape(b, c, h, w).to(x.dtype)
 
 
-class Flux2Decoder(nn.Module):
+class Flux2Decoder(Frozen):
     """Latents [B, 4 C, h, w] -> images [B, 3, H, W] in [0, 1] (float32), as the FLUX.2 pipelines decode: the
     VAE's BatchNorm statistics undone (x std + mean, std = sqrt(running_var + eps)), the 2 x 2 patches put back,
     vae.decode, mapped from [-1, 1]."""
@@ -186,9 +183,6 @@ class Flux2Decoder(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "Flux2Decoder":
-        return super().train(False)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         from diffusers import Flux2Pipeline

@@ -21,13 +21,13 @@ from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.models._diffusers import check_pipeline_dir, check_pipeline_run, load_pipeline, module_device, tokenize
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder
+from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, Frozen, TextEncoder
 from mixgrpo.models.flux import FluxAdapter
 
 EXAMPLE = "black-forest-labs/FLUX.1-dev"  # the checkpoint the error messages name
 
 
-class FluxTextEncoder(nn.Module):
+class FluxTextEncoder(Frozen):
     """Frozen CLIP-L + T5 of FLUX.1, encoding like `FluxPipeline.encode_prompt`.
 
     encode(prompts) -> {"prompt_embeds": [B, L, D_t5] T5 last hidden states (L = max_sequence_length),
@@ -41,9 +41,6 @@ class FluxTextEncoder(nn.Module):
         self.clip = text_encoder.eval().requires_grad_(False)
         self.t5 = text_encoder_2.eval().requires_grad_(False)
         self.max_sequence_length = max_sequence_length
-
-    def train(self, mode: bool = True) -> "FluxTextEncoder":
-        return super().train(False)  # frozen: dropout must never switch on
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Cond:

@@ -30,7 +30,7 @@ from torch import nn
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.models._diffusers import (CausalVaeDecoder, check_pipeline_dir, check_pipeline_run, check_size,
                                        load_components, module_device)
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder, TransformerAdapter
+from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, Frozen, TextEncoder, TransformerAdapter
 from mixgrpo.models.flux import pack, unpack
 
 EXAMPLE = "Qwen/Qwen-Image"
@@ -45,7 +45,7 @@ TOKENIZER_MAX_LENGTH = 1024  # the pipeline's tokenizer_max_length (prompt token
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
-class QwenImageTextEncoder(nn.Module):
+class QwenImageTextEncoder(Frozen):
     """Frozen Qwen2.5-VL of Qwen-Image, encoding like `QwenImagePipeline.encode_prompt`, padded to a fixed length.
 
     encode(prompts) -> {"prompt_embeds": [B, L, D] (L = max_sequence_length, zeros past a prompt's end; D = 3584),
@@ -61,9 +61,6 @@ class QwenImageTextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.qwen = text_encoder.eval().requires_grad_(False)
         self.max_sequence_length = max_sequence_length
-
-    def train(self, mode: bool = True) -> "QwenImageTextEncoder":
-        return super().train(False)  # frozen: dropout must never switch on
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Cond:

@@ -23,13 +23,13 @@ from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.models._diffusers import check_pipeline_dir, check_pipeline_run, load_pipeline, module_device, tokenize
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, TextEncoder, TransformerAdapter
+from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, Frozen, TextEncoder, TransformerAdapter
 
 EXAMPLE = "stabilityai/stable-diffusion-3.5-medium"  # the checkpoint the error messages name
 NUM_TRAIN_TIMESTEPS = 1000  # SD3's transformer takes timestep = 1000 sigma
 
 
-class SD3TextEncoder(nn.Module):
+class SD3TextEncoder(Frozen):
     """Frozen CLIP-L, CLIP-G and T5 of SD3, encoding like `StableDiffusion3Pipeline.encode_prompt`.
 
     encode(prompts) -> {"prompt_embeds": [B, 77 + L, D] (77 CLIP tokens, then L = max_sequence_length T5
@@ -49,9 +49,6 @@ class SD3TextEncoder(nn.Module):
         self.t5 = None if text_encoder_3 is None else text_encoder_3.eval().requires_grad_(False)
         self.max_sequence_length = max_sequence_length
         self.t5_dim = t5_dim if text_encoder_3 is None else text_encoder_3.config.d_model
-
-    def train(self, mode: bool = True) -> "SD3TextEncoder":
-        return super().train(False)  # frozen: dropout must never switch on
 
     def _clip(self, tokenizer, encoder: nn.Module, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(penultimate hidden states [B, 77, H], projected pooled output [B, P]) of one CLIP."""

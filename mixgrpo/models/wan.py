@@ -34,7 +34,8 @@ from torch import nn
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.models._diffusers import (CausalVaeDecoder, check_pipeline_dir, check_pipeline_run, check_size,
                                        load_components, module_device, tokenize)
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, TRAINED_SIGMA_CHECKS, Cond, TextEncoder, TransformerAdapter
+from mixgrpo.models.base import (MODEL_CHECKS, MODELS, TRAINED_SIGMA_CHECKS, Cond, Frozen, TextEncoder,
+                                 TransformerAdapter)
 
 EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 NUM_TRAIN_TIMESTEPS = 1000  # the transformer takes timestep = 1000 sigma
@@ -43,7 +44,7 @@ EXPERTS = ("high_noise", "low_noise")  # transformer, transformer_2 of Wan 2.2 A
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-class WanTextEncoder(nn.Module):
+class WanTextEncoder(Frozen):
     """Frozen UMT5 of Wan, encoding like `WanPipeline._get_t5_prompt_embeds`: prompts cleaned (ftfy when installed,
     HTML entities, whitespace), tokenised to max_sequence_length, the real tokens' states kept and the rest zeros.
 
@@ -55,9 +56,6 @@ class WanTextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.umt5 = text_encoder.eval().requires_grad_(False)
         self.max_sequence_length = max_sequence_length
-
-    def train(self, mode: bool = True) -> "WanTextEncoder":
-        return super().train(False)  # frozen: dropout must never switch on
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Cond:
