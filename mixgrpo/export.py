@@ -92,8 +92,14 @@ def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: st
     fine-tuned weights of `weights` put in: "final" (RUN/final, an export), a checkpoint directory (its EMA
     weights when it has them and `ema`), another export directory, or None for the base alone.
     device, dtype, resolution, text_encoder: as `build_model`. In eval mode, nothing trainable."""
+    from mixgrpo.config import ConfigError
+    from mixgrpo.preflight import package_problems
+
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
+    missing = package_problems(cfg, training=False)  # before the base model loads (minutes for FLUX.1)
+    if missing:
+        raise ConfigError(missing[0])
     model = build_model(cfg.model.name, {**cfg.model.args, **(args or {})}, device, dtype, resolution, text_encoder)
     if weights is not None:
         source = run_dir / FINAL if str(weights) == FINAL else Path(weights)
