@@ -385,7 +385,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (memory only; default 16)")
     _add_set_arg(p)
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
-                   help="files of a video model's samples: gif (default; Pillow) or mp4 (pip install 'mixgrpo[video]')")
+                   help="files of a video model's samples: gif (default; Pillow) or mp4 (needs imageio and imageio-ffmpeg: mixgrpo's video extra)")
 
 
 def _add_set_arg(p: argparse.ArgumentParser) -> None:

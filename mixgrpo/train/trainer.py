@@ -47,8 +47,8 @@ from mixgrpo.rundir import FINAL, METRICS, append_record, claim, record_eval, st
 from mixgrpo.seeding import group_seeds, prompt_indices, sample_seeds, update_shares
 from mixgrpo.tracking import Trackers, resource_metrics
 from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
-                                   any_rank, require_finite_images, require_finite_weights, require_learning_signal,
-                                   warn_without_signal)
+                                   any_rank, require_agreeing_replicas, require_finite_images, require_finite_weights,
+                                   require_learning_signal, warn_without_signal)
 from mixgrpo.train.objectives import GRPO, ForwardProcess, Policy, Samples
 from mixgrpo.train.report import progress_line, write_summary
 from mixgrpo.train.state import TrainState, check_resumable, fingerprint
@@ -200,7 +200,7 @@ class Trainer:
 
     def update(self, plan: Plan, traj: Trajectory, advantages: torch.Tensor, groups: Groups, it: int) -> UpdateStats:
         """The objective's optimizer steps on this iteration's samples, then the learning-rate schedule; a weight
-        made non-finite stops the run before anything is saved."""
+        made non-finite, or replicas that disagree (world size > 1), stop the run before anything is saved."""
         cfg, G, P = self.cfg, self.cfg.group_size, len(groups.prompts)
         self.model.train()
         samples = Samples(plan, traj, advantages.flatten().to(self.device), cond_repeat_interleave(groups.cond, G),
@@ -210,8 +210,10 @@ class Trainer:
         stats = self.objective.update(self.loop, samples)
         self.objective.after_update(self.params)
         self.scheduler.step()
-        require_finite_weights([*self.params.values(), *(t for c in self.state.copies.values()
-                                                         for t in c.shadow.values())], it)
+        weights = {"weights": list(self.params.values()),
+                   **{name: list(copy.shadow.values()) for name, copy in self.state.copies.items()}}
+        require_finite_weights([t for group in weights.values() for t in group], it)
+        stats.replicas = require_agreeing_replicas(weights, it)
         if self.clock is not None:
             self.clock.lap("update")
         return stats
@@ -229,6 +231,7 @@ class Trainer:
         local = {"advantage_abs_mean": float(advantages.abs().mean()),
                  "zero_advantage_groups": float((advantages.abs().sum(1) == 0).float().mean()), **stats.means()}
         record.update(dist.mean_over_ranks(local))  # every rank holds the same number of samples
+        record.update(stats.replicas)  # equal on every rank
         warn_without_signal(record)
         record.update({**watch.metrics(), **resource_metrics(self.device)})
         if self.clock is not None:
