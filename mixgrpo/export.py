@@ -173,8 +173,8 @@ def load_export(model: FlowModel, directory: str | Path) -> FlowModel:
     files = [directory / LORA_WEIGHTS_NAME] if lora else _weight_files(directory)
     if not files:
         raise ValueError(f"{directory} holds no exported model (no {LORA_WEIGHTS_NAME}, no "
-                         f"diffusion_pytorch_model*.safetensors, no model.safetensors): export one with "
-                         f"`mixgrpo export --run RUN`")
+                         f"diffusion_pytorch_model*.safetensors, no model.safetensors): export a run's checkpoint with "
+                         f"mixgrpo export --run and the run directory")
     try:
         if lora:
             load_lora(model.denoiser, directory)
@@ -184,7 +184,8 @@ def load_export(model: FlowModel, directory: str | Path) -> FlowModel:
             state.update(load_file(str(f)))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot load model weights from {directory} ({type(e).__name__}: {e}): the files are "
-                         f"corrupted or incomplete; write them again with `mixgrpo export --run RUN --out DIR`") from e
+                         f"corrupted or incomplete; write them again with mixgrpo export --run and the run directory, to a "
+                         f"new --out directory") from e
     _load_matching(model.denoiser, state, str(directory))
     return model
 
