@@ -30,7 +30,7 @@ import torch
 
 from mixgrpo import dist
 from mixgrpo.checkpoint import latest_checkpoint, read_state
-from mixgrpo.config import TrainConfig, to_dict
+from mixgrpo.config import TrainConfig, build_config, to_dict
 from mixgrpo.dtypes import CpuAttentionBackward, model_precision, resolve_precision
 from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
@@ -42,6 +42,7 @@ from mixgrpo.preflight import check_run
 from mixgrpo.prompts import read_prompts
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
 from mixgrpo.rollout import Trajectory, rollout
+from mixgrpo.runfiles import resolve_paths
 from mixgrpo.rundir import FINAL, METRICS, append_record, claim, record_eval, start_records
 from mixgrpo.seeding import group_seeds, held_out_seed, prompt_indices, sample_seeds, update_shares
 from mixgrpo.tracking import Trackers, resource_metrics
@@ -60,6 +61,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     (tests use it to simulate an interruption). The run directory is locked for the whole run
     (`mixgrpo.rundir.claim`): a second process on it stops at once."""
     dist.init()
+    cfg = build_config(resolve_paths(to_dict(cfg)))  # absolute paths: config.yaml names the files from anywhere
     check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
     # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
     attention = contextlib.nullcontext() if cfg.grad_checkpointing else CpuAttentionBackward()
@@ -87,9 +89,10 @@ class Trainer:
         # "auto" resolves by this machine (bf16 where it multiplies bf16 matrices); logged in every metrics record
         self.precision, why = resolve_precision(cfg.precision, self.device)
         latest = latest_checkpoint(self.run_dir) if resume else None
+        self.identity = fingerprint(cfg)  # computed once: it reads the run's files
         if latest is not None:
             # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
-            check_resumable(latest, read_state(latest).get("config") or {}, fingerprint(cfg), self.run_dir)
+            check_resumable(latest, read_state(latest), self.identity, self.run_dir)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model.name, cfg.model.args).to(self.device)
         params = trainable_parameters(model, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
@@ -262,7 +265,7 @@ class Trainer:
                     print(progress_line(record, list(self.rewards.weights), self.held_out, cfg.iterations,
                                         limit.eta(done, cfg.iterations - it - 1)), flush=True)
                 if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
-                    self.state.save(self.run_dir, it + 1, fingerprint(cfg), cfg.parallel.checkpoint_format == "sharded",
+                    self.state.save(self.run_dir, it + 1, self.identity, cfg.parallel.checkpoint_format == "sharded",
                                     cfg.keep_checkpoints)
                 if last:
                     break
