@@ -184,8 +184,10 @@ class RewardSet:
     def __init__(self, specs: list[RewardConfig], retries: int, rank0_only: bool,
                  servers: RewardServersConfig | None = None):
         labels = reward_labels(specs)
-        self.scorers = [Retrying(s, retries) for s in server_scorers(specs, labels, servers or RewardServersConfig())]
-        remote = {label: s.scorer for s in self.scorers for label in s.labels}
+        servers = servers or RewardServersConfig()
+        self.scorers = [Retrying(s, retries) for s in server_scorers(specs, labels, servers)]
+        # the evaluation's own clients: what they score is not the training's (`served`)
+        remote = {label: s for s in server_scorers(specs, labels, servers) for label in s.labels}
         self.rewards = []
         build = not rank0_only or dist.is_main()
         for spec, label in zip(specs, labels):

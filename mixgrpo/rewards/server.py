@@ -18,7 +18,7 @@ ask for it (requests of another image size or without seeds run apart). If a rew
 requests, each request is scored alone, so that one bad request does not fail the others. One worker thread runs
 the rewards, in arrival order. One log line per batch. It binds 127.0.0.1 unless told otherwise, requires a bearer
 token when started with one, refuses bodies over `max_request_bytes` (413) and stops on SIGTERM after answering
-the requests it holds.
+the requests it holds (exit status 128 + the signal, as a signalled process).
 """
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at run time
@@ -185,7 +185,8 @@ def build_app(host: RewardHost, token: str | None = None, max_request_bytes: int
         host.queue = asyncio.Queue()
         task = asyncio.create_task(host.run())
         yield
-        task.cancel()
+        task.cancel()  # uvicorn has answered every request in flight by now
+        host.log(f"reward server stopped after {host.batches} batches", flush=True)
 
     app = FastAPI(title="mixgrpo reward server", lifespan=lifespan)
 
@@ -246,5 +247,6 @@ def serve(specs: list[RewardConfig], host: str = "127.0.0.1", port: int = 8601, 
     listing = ", ".join(f"{r.label} ({r.spec.args.get('device', 'cpu')})" for r in rewards.rewards.values())
     print(f"serving rewards {listing} on http://{host}:{port} (batch size {batch_size}"
           f"{', bearer token required' if token else ''}); stop with SIGTERM or Ctrl-C", flush=True)
+    # on SIGTERM / SIGINT uvicorn stops accepting, answers what it holds, then re-raises the signal: the process
+    # ends as signalled (143 / 130 in a shell), like `mixgrpo train`
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
-    print("reward server stopped", flush=True)
