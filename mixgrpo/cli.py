@@ -355,6 +355,12 @@ def _preprocess(args: argparse.Namespace) -> None:
     preprocess.main(args.rest)
 
 
+def _prompts(args: argparse.Namespace) -> None:
+    from mixgrpo import prompt_sets
+
+    prompt_sets.main(args.rest)
+
+
 def _config_doc(args: argparse.Namespace) -> None:
     from mixgrpo import configdoc
 
@@ -490,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
                            ("preprocess", _preprocess, "encode prompt files into an embedding cache"),
+                           ("prompts", _prompts, "list the prompt sets the recipes name (NAME:SPLIT), or fetch one"),
                            ("config-doc", _config_doc, "print (or --out, --check) the configuration reference")):
         p = sub.add_parser(name, help=text, add_help=False, allow_abbrev=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -497,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PASSTHROUGH = ("pretrain", "preprocess", "config-doc")  # subcommands with their own argument parsers
+_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc")  # subcommands with their own argument parsers
 
 
 def main(argv: list[str] | None = None) -> int:
