@@ -36,9 +36,20 @@ def _train(args: argparse.Namespace) -> None:
     if args.out:
         overrides.append(f"out_dir={args.out}")
     config = args.config
-    if config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file():
+    own = config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file()
+    if own:
         config = str(Path(args.out) / CONFIG)
     cfg = load_config(recipe_path(config or DEFAULT_RECIPE), overrides)
+    if own:  # a run copied from another machine or directory: name the files it lacks here, and the fix
+        from mixgrpo.config import to_dict
+        from mixgrpo.runfiles import missing
+
+        gone = missing(to_dict(cfg))
+        if gone:
+            raise UsageError(f"run {args.out} names files that are not here (was it moved?): "
+                             f"{', '.join(f'{field} = {path}' for field, path in gone)}; give their place now: "
+                             f"mixgrpo train --out {args.out} --resume "
+                             + " ".join(f"{field}=PATH" for field, _ in gone))
     train(cfg, resume=args.resume, progress=not args.quiet)
     from mixgrpo import dist
 
@@ -79,7 +90,7 @@ class ModelLoader:
         if self.run is not None:
             from mixgrpo.export import run_config
 
-            cfg = run_config(self.run)
+            cfg = run_config(self.run, args.set or ())
         defaults = {"steps": cfg.sampler.num_steps if cfg else 25, "shift": cfg.sampler.shift if cfg else 3.0,
                     "guidance": cfg.eval_guidance if cfg else 1.0}
         taken = [f"{k} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
@@ -127,8 +138,12 @@ class ModelLoader:
         if weights is not None and weights.name != "final":
             print(f"{run}: loading the weights of {weights}", flush=True)
         overrides = {}
-        cache = run_config(run).model.args.get("embedding_cache")
-        if cache:  # the cache serves the run's prompts; other prompts need the model's own text encoders
+        cache = run_config(run, self.args.set or ()).model.args.get("embedding_cache")
+        if cache and not Path(cache).expanduser().is_dir():  # a run that moved without its cache
+            print(f"the run's embedding cache {cache} is not here: loading the text encoders instead (--set "
+                  f"model.args.embedding_cache=PATH uses the cache where it is now)", flush=True)
+            overrides["embedding_cache"] = None
+        elif cache:  # the cache serves the run's prompts; other prompts need the model's own text encoders
             from mixgrpo.models.text import EmbeddingCache
 
             wanted = set(self.prompts) | ({""} if self.args.guidance != 1.0 else set())
@@ -138,7 +153,7 @@ class ModelLoader:
                       f"encoders instead", flush=True)
                 overrides["embedding_cache"] = None
         model = load_run(run, weights, self.device, self.args.dtype, self.resolution,
-                         text_encoder=self._text_encoders.get(run), args=overrides)
+                         text_encoder=self._text_encoders.get(run), args=overrides, overrides=self.args.set or ())
         self._text_encoders.setdefault(run, model.text_encoder if hasattr(model, "text_encoder") else None)
         return model
 
@@ -268,7 +283,7 @@ def _safe_name(label: str) -> str:
 
 def _export(args: argparse.Namespace) -> None:
     from mixgrpo.checkpoint import complete_checkpoints, latest_checkpoint
-    from mixgrpo.export import export_model, is_run_dir, load_run
+    from mixgrpo.export import export_model, is_run_dir, load_run, run_config
     from mixgrpo.rundir import FINAL
 
     run = Path(args.run)
@@ -287,7 +302,11 @@ def _export(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else run / FINAL
     if out.exists():
         raise UsageError(f"{out} already exists: pass --out DIR to write the export elsewhere")
-    model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(), ema=not args.no_ema)
+    overrides = args.set or ()
+    # the weights are all that is read: neither the text encoders nor the embedding cache are needed here
+    no_cache = {"embedding_cache": None} if run_config(run, overrides).model.args.get("embedding_cache") else None
+    model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(), ema=not args.no_ema,
+                     args=no_cache, overrides=overrides)
     export_model(model, out)
     print(f"exported {checkpoint} to {out}")
 
@@ -371,6 +390,12 @@ def _preprocess(args: argparse.Namespace) -> None:
     preprocess.main(args.rest)
 
 
+def _prompts(args: argparse.Namespace) -> None:
+    from mixgrpo import prompt_sets
+
+    prompt_sets.main(args.rest)
+
+
 def _config_doc(args: argparse.Namespace) -> None:
     from mixgrpo import configdoc
 
@@ -399,8 +424,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", help="SIZE or HEIGHTxWIDTH in pixels (default: the run's model.args height and "
                                         "width; models that take a size)")
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (memory only; default 16)")
+    _add_set_arg(p)
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
-                   help="files of a video model's samples: gif (default; Pillow) or mp4 (pip install 'mixgrpo[video]')")
+                   help="files of a video model's samples: gif (default; Pillow) or mp4 (needs imageio and imageio-ffmpeg: mixgrpo's video extra)")
+
+
+def _add_set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field of the run's config.yaml for this command, as `train` takes them "
+                        "(repeatable); e.g. --set model.args.path=/data/FLUX.1-dev for a run whose base model moved")
 
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
@@ -494,6 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or sharded, written under any world size")
     p.add_argument("--out", help="directory to write (default: RUN/final, when it does not exist yet)")
     p.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
+    _add_set_arg(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("serve-rewards", help="host rewards on their own devices for training runs (HTTP; "
@@ -514,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
                            ("preprocess", _preprocess, "encode prompt files into an embedding cache"),
+                           ("prompts", _prompts, "list the prompt sets the recipes name (NAME:SPLIT), or fetch one"),
                            ("config-doc", _config_doc, "print (or --out, --check) the configuration reference")):
         p = sub.add_parser(name, help=text, add_help=False, allow_abbrev=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -521,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PASSTHROUGH = ("pretrain", "preprocess", "config-doc")  # subcommands with their own argument parsers
+_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc")  # subcommands with their own argument parsers
 
 
 def main(argv: list[str] | None = None) -> int:
