@@ -1,5 +1,4 @@
-"""`mixgrpo serve-rewards`: rewards on their own devices, behind HTTP (FastAPI + uvicorn; `pip install
-'mixgrpo[serve]'`).
+"""`mixgrpo serve-rewards`: rewards on their own devices, behind HTTP (FastAPI + uvicorn: the `serve` extra).
 
     mixgrpo serve-rewards --reward verifier --reward verifier:score=strict --port 8601
     mixgrpo serve-rewards --rewards configs/my_run.yaml --reward hps:device=cuda:1,path=...   (a run's rewards: too)
@@ -44,11 +43,12 @@ from mixgrpo.rewards.wire import PROTOCOL, WireError, read_request, score_answer
 
 def require_serving_packages() -> None:
     """Raise ValueError naming the extra to install when FastAPI or uvicorn is missing."""
-    import importlib.util
+    from mixgrpo.packages import install_command, missing
 
-    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise ValueError(f"mixgrpo serve-rewards needs {' and '.join(missing)}: pip install 'mixgrpo[serve]'")
+    absent = missing(["fastapi", "uvicorn"])
+    if absent:
+        raise ValueError(f"mixgrpo serve-rewards needs {' and '.join(absent)} (the 'serve' extra): "
+                         f"{install_command(absent)}")
 
 
 @dataclass
