@@ -1,4 +1,4 @@
-"""The `mixgrpo` command: train, sample, eval, export, preprocess, pretrain, config-doc.
+"""The `mixgrpo` command: train, sample, eval, export, serve-rewards, preprocess, pretrain, config-doc.
 
     mixgrpo train --config configs/mixgrpo.yaml [key.sub=value ...] [--resume]   (or --config mixgrpo)
     torchrun --nproc_per_node 8 -m mixgrpo train --config configs/flux_mixgrpo.yaml
@@ -372,6 +372,41 @@ def _reward_spec(text: str):
                                                                      if "frames" in kwargs else {})}, "reward")
 
 
+def _serve_rewards(args: argparse.Namespace) -> None:
+    from mixgrpo.config import RewardConfig, from_dict, read_yaml
+    from mixgrpo.rewards.remote import token_from
+    from mixgrpo.rewards.server import require_serving_packages, serve
+
+    require_serving_packages()
+    specs = []
+    if args.rewards:  # a YAML list of rewards, or a run's config (its rewards:); weight and server do not apply
+        path = Path(args.rewards)
+        if not path.is_file():
+            raise UsageError(f"--rewards {args.rewards!r} does not exist: give a YAML file with a list of rewards "
+                             f"(or a run's config)")
+        import yaml
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.suffix in (".yaml", ".yml") else None
+        entries = data if isinstance(data, list) else read_yaml(path).get("rewards")
+        if not isinstance(entries, list):
+            raise UsageError(f"--rewards {args.rewards!r} holds no list of rewards: give a list of {{name, args}} "
+                             f"or a run's config with rewards:")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise UsageError(f"--rewards {args.rewards!r}: entry {i} is {entry!r}, not a mapping {{name, args}}")
+            entry = {k: v for k, v in entry.items() if k not in ("weight", "server")}
+            specs.append(from_dict(RewardConfig, entry, f"rewards[{i}]"))
+    specs += [_reward_spec(r) for r in args.reward or []]
+    checks = [(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
+              (0 <= args.port < 65536, "--port", args.port, "a port number in 0..65535"),
+              (args.max_request_mb > 0, "--max-request-mb", args.max_request_mb, "a positive number")]
+    for ok, flag, value, want in checks:
+        if not ok:
+            raise UsageError(f"{flag} = {value} is invalid: use {want}")
+    serve(specs, args.host, args.port, args.batch_size, token_from(args.token_env or ""),
+          int(args.max_request_mb * 2**20))
+
+
 def _pretrain(args: argparse.Namespace) -> None:
     from mixgrpo import pretrain
 
@@ -382,6 +417,12 @@ def _preprocess(args: argparse.Namespace) -> None:
     from mixgrpo import preprocess
 
     preprocess.main(args.rest)
+
+
+def _prompts(args: argparse.Namespace) -> None:
+    from mixgrpo import prompt_sets
+
+    prompt_sets.main(args.rest)
 
 
 def _config_doc(args: argparse.Namespace) -> None:
@@ -521,8 +562,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_arg(p)
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("serve-rewards", help="host rewards on their own devices for training runs (HTTP; "
+                                             "docs/rewards.md)", allow_abbrev=False)
+    p.add_argument("--reward", action="append",
+                   help="reward NAME or NAME:key=value,... (repeatable), e.g. hps:device=cuda:1,path=... or "
+                        "mypkg.rewards:score; device= says where it runs")
+    p.add_argument("--rewards", help="a YAML file: a list of rewards in the form of a run's rewards: (name, args, "
+                                     "frames), or a run's config (its rewards are served)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                                                       "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8601, help="default 8601")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="most images scored together: concurrent requests are batched up to it (default 64)")
+    p.add_argument("--token-env", help="environment variable holding a bearer token that every request must carry")
+    p.add_argument("--max-request-mb", type=float, default=256.0, help="largest request body in MiB (default 256)")
+    p.set_defaults(func=_serve_rewards)
+
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
                            ("preprocess", _preprocess, "encode prompt files into an embedding cache"),
+                           ("prompts", _prompts, "list the prompt sets the recipes name (NAME:SPLIT), or fetch one"),
                            ("config-doc", _config_doc, "print (or --out, --check) the configuration reference")):
         p = sub.add_parser(name, help=text, add_help=False, allow_abbrev=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -530,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PASSTHROUGH = ("pretrain", "preprocess", "config-doc")  # subcommands with their own argument parsers
+_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc")  # subcommands with their own argument parsers
 
 
 def main(argv: list[str] | None = None) -> int:
