@@ -39,6 +39,7 @@ from mixgrpo.models import Cond, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model, guided_velocity
 from mixgrpo.plan import Plan, build_plan, ode_plan
 from mixgrpo.preflight import check_run
+from mixgrpo.reference import end_of_run_line
 from mixgrpo.prompts import read_prompts
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
 from mixgrpo.rollout import Trajectory, rollout
@@ -279,6 +280,9 @@ class Trainer:
         export_model(self.model, self.run_dir / FINAL, shadow_of(self.ema))  # every rank: FSDP shards are gathered
         if dist.is_main():
             write_summary(self.run_dir)
+            against = end_of_run_line(self.run_dir)  # when the recipe has reference curves (mixgrpo compare)
+            if against is not None:
+                print(against, flush=True)
             self.tracker.close()
             dist.print0(f"run directory: {self.run_dir}")
         require_learning_signal(self.run_dir)
