@@ -152,6 +152,8 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory)
 
     seed: int = 0  # every random draw of the run derives from it (prompts, noise, trained steps)
+    deterministic: bool = False  # deterministic GPU kernels: two runs of a config on one GPU are bit-equal (slower;
+                                 # docs/reproducibility.md); CPU runs are bit-equal without it
     out_dir: str = "runs/mixgrpo"  # the run directory
     checkpoint_every: int = 20  # iterations between checkpoints (the last iteration is always checkpointed)
     keep_checkpoints: int = 2  # complete checkpoints kept; older ones are deleted

@@ -38,7 +38,7 @@ from mixgrpo.rundir import CONFIG, EVALS, read_metrics, read_records
 # summation order only: micro_batch_size, parallel); precision is reported instead
 IGNORED = ("seed", "iterations", "time_limit_minutes", "out_dir", "checkpoint_every", "keep_checkpoints",
            "reward_policy", "parallel", "tensorboard", "wandb_project", "precision", "eval_every", "profile",
-           "micro_batch_size", "grad_checkpointing")
+           "micro_batch_size", "grad_checkpointing", "deterministic")
 CONFIDENCE = 0.95
 
 

@@ -21,9 +21,10 @@ from mixgrpo.rundir import CONFIG
 from mixgrpo.train.weights import EMA
 
 # the config fields a resume may change: the run's length and where and how it logs, not what it computes; and
-# the precision: `auto` resolves by the machine, so a run may continue on one without bf16 matrix units
+# the precision: `auto` resolves by the machine, so a run may continue on one without bf16 matrix units; and
+# `deterministic`, which picks kernels, not what they compute
 RESUMABLE_CHANGES = ("iterations", "time_limit_minutes", "out_dir", "checkpoint_every", "keep_checkpoints",
-                     "reward_policy", "parallel", "tensorboard", "wandb_project", "precision")
+                     "reward_policy", "parallel", "tensorboard", "wandb_project", "precision", "deterministic")
 
 
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import torch
 from mixgrpo import dist
 from mixgrpo.checkpoint import latest_checkpoint, read_state
 from mixgrpo.config import TrainConfig, to_dict
-from mixgrpo.dtypes import CpuAttentionBackward, model_precision, resolve_precision
+from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_precision, resolve_precision
 from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
 from mixgrpo.images import media_name, save_grid
@@ -64,7 +64,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
     # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
     attention = contextlib.nullcontext() if cfg.grad_checkpointing else CpuAttentionBackward()
-    with claim(cfg.out_dir, resume), attention:  # directory is claimed or any model loads
+    with claim(cfg.out_dir, resume), attention, deterministic_kernels(cfg.deterministic):  # claimed before any model loads
         return Trainer(cfg, resume).run(progress, stop_after)
 
 
