@@ -1,4 +1,4 @@
-"""The `mixgrpo` command: train, sample, eval, export, preprocess, pretrain, config-doc.
+"""The `mixgrpo` command: train, sample, eval, export, serve-rewards, preprocess, pretrain, config-doc.
 
     mixgrpo train --config configs/mixgrpo.yaml [key.sub=value ...] [--resume]   (or --config mixgrpo)
     torchrun --nproc_per_node 8 -m mixgrpo train --config configs/flux_mixgrpo.yaml
@@ -36,9 +36,20 @@ def _train(args: argparse.Namespace) -> None:
     if args.out:
         overrides.append(f"out_dir={args.out}")
     config = args.config
-    if config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file():
+    own = config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file()
+    if own:
         config = str(Path(args.out) / CONFIG)
     cfg = load_config(recipe_path(config or DEFAULT_RECIPE), overrides)
+    if own:  # a run copied from another machine or directory: name the files it lacks here, and the fix
+        from mixgrpo.config import to_dict
+        from mixgrpo.runfiles import missing
+
+        gone = missing(to_dict(cfg))
+        if gone:
+            raise UsageError(f"run {args.out} names files that are not here (was it moved?): "
+                             f"{', '.join(f'{field} = {path}' for field, path in gone)}; give their place now: "
+                             f"mixgrpo train --out {args.out} --resume "
+                             + " ".join(f"{field}=PATH" for field, _ in gone))
     train(cfg, resume=args.resume, progress=not args.quiet)
     from mixgrpo import dist
 
@@ -79,7 +90,7 @@ class ModelLoader:
         if self.run is not None:
             from mixgrpo.export import run_config
 
-            cfg = run_config(self.run)
+            cfg = run_config(self.run, args.set or ())
         defaults = {"steps": cfg.sampler.num_steps if cfg else 25, "shift": cfg.sampler.shift if cfg else 3.0,
                     "guidance": cfg.eval_guidance if cfg else 1.0}
         taken = [f"{k} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
@@ -127,8 +138,12 @@ class ModelLoader:
         if weights is not None and weights.name != "final":
             print(f"{run}: loading the weights of {weights}", flush=True)
         overrides = {}
-        cache = run_config(run).model.args.get("embedding_cache")
-        if cache:  # the cache serves the run's prompts; other prompts need the model's own text encoders
+        cache = run_config(run, self.args.set or ()).model.args.get("embedding_cache")
+        if cache and not Path(cache).expanduser().is_dir():  # a run that moved without its cache
+            print(f"the run's embedding cache {cache} is not here: loading the text encoders instead (--set "
+                  f"model.args.embedding_cache=PATH uses the cache where it is now)", flush=True)
+            overrides["embedding_cache"] = None
+        elif cache:  # the cache serves the run's prompts; other prompts need the model's own text encoders
             from mixgrpo.models.text import EmbeddingCache
 
             wanted = set(self.prompts) | ({""} if self.args.guidance != 1.0 else set())
@@ -138,7 +153,7 @@ class ModelLoader:
                       f"encoders instead", flush=True)
                 overrides["embedding_cache"] = None
         model = load_run(run, weights, self.device, self.args.dtype, self.resolution,
-                         text_encoder=self._text_encoders.get(run), args=overrides)
+                         text_encoder=self._text_encoders.get(run), args=overrides, overrides=self.args.set or ())
         self._text_encoders.setdefault(run, model.text_encoder if hasattr(model, "text_encoder") else None)
         return model
 
@@ -306,7 +321,7 @@ def _safe_name(label: str) -> str:
 
 def _export(args: argparse.Namespace) -> None:
     from mixgrpo.checkpoint import complete_checkpoints, latest_checkpoint
-    from mixgrpo.export import export_model, is_run_dir, load_run
+    from mixgrpo.export import export_model, is_run_dir, load_run, run_config
     from mixgrpo.rundir import FINAL
 
     run = Path(args.run)
@@ -325,7 +340,11 @@ def _export(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else run / FINAL
     if out.exists():
         raise UsageError(f"{out} already exists: pass --out DIR to write the export elsewhere")
-    model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(), ema=not args.no_ema)
+    overrides = args.set or ()
+    # the weights are all that is read: neither the text encoders nor the embedding cache are needed here
+    no_cache = {"embedding_cache": None} if run_config(run, overrides).model.args.get("embedding_cache") else None
+    model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(), ema=not args.no_ema,
+                     args=no_cache, overrides=overrides)
     export_model(model, out)
     print(f"exported {checkpoint} to {out}")
 
@@ -362,6 +381,41 @@ def _reward_spec(text: str):
                                                                      if "frames" in kwargs else {})}, "reward")
 
 
+def _serve_rewards(args: argparse.Namespace) -> None:
+    from mixgrpo.config import RewardConfig, from_dict, read_yaml
+    from mixgrpo.rewards.remote import token_from
+    from mixgrpo.rewards.server import require_serving_packages, serve
+
+    require_serving_packages()
+    specs = []
+    if args.rewards:  # a YAML list of rewards, or a run's config (its rewards:); weight and server do not apply
+        path = Path(args.rewards)
+        if not path.is_file():
+            raise UsageError(f"--rewards {args.rewards!r} does not exist: give a YAML file with a list of rewards "
+                             f"(or a run's config)")
+        import yaml
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.suffix in (".yaml", ".yml") else None
+        entries = data if isinstance(data, list) else read_yaml(path).get("rewards")
+        if not isinstance(entries, list):
+            raise UsageError(f"--rewards {args.rewards!r} holds no list of rewards: give a list of {{name, args}} "
+                             f"or a run's config with rewards:")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise UsageError(f"--rewards {args.rewards!r}: entry {i} is {entry!r}, not a mapping {{name, args}}")
+            entry = {k: v for k, v in entry.items() if k not in ("weight", "server")}
+            specs.append(from_dict(RewardConfig, entry, f"rewards[{i}]"))
+    specs += [_reward_spec(r) for r in args.reward or []]
+    checks = [(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
+              (0 <= args.port < 65536, "--port", args.port, "a port number in 0..65535"),
+              (args.max_request_mb > 0, "--max-request-mb", args.max_request_mb, "a positive number")]
+    for ok, flag, value, want in checks:
+        if not ok:
+            raise UsageError(f"{flag} = {value} is invalid: use {want}")
+    serve(specs, args.host, args.port, args.batch_size, token_from(args.token_env or ""),
+          int(args.max_request_mb * 2**20))
+
+
 def _pretrain(args: argparse.Namespace) -> None:
     from mixgrpo import pretrain
 
@@ -372,6 +426,12 @@ def _preprocess(args: argparse.Namespace) -> None:
     from mixgrpo import preprocess
 
     preprocess.main(args.rest)
+
+
+def _prompts(args: argparse.Namespace) -> None:
+    from mixgrpo import prompt_sets
+
+    prompt_sets.main(args.rest)
 
 
 def _config_doc(args: argparse.Namespace) -> None:
@@ -402,8 +462,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", help="SIZE or HEIGHTxWIDTH in pixels (default: the run's model.args height and "
                                         "width; models that take a size)")
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (memory only; default 16)")
+    _add_set_arg(p)
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
                    help="files of a video model's samples: gif (default; Pillow) or mp4 (needs imageio and imageio-ffmpeg: mixgrpo's video extra)")
+
+
+def _add_set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field of the run's config.yaml for this command, as `train` takes them "
+                        "(repeatable); e.g. --set model.args.path=/data/FLUX.1-dev for a run whose base model moved")
 
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
@@ -497,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or sharded, written under any world size")
     p.add_argument("--out", help="directory to write (default: RUN/final, when it does not exist yet)")
     p.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
+    _add_set_arg(p)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("compare", help="runs against their recipe's reference curves: inside the band or not, "
@@ -513,8 +581,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the JSON file (default: configs/references/RECIPE.json)")
     p.set_defaults(func=_reference)
 
+    p = sub.add_parser("serve-rewards", help="host rewards on their own devices for training runs (HTTP; "
+                                             "docs/rewards.md)", allow_abbrev=False)
+    p.add_argument("--reward", action="append",
+                   help="reward NAME or NAME:key=value,... (repeatable), e.g. hps:device=cuda:1,path=... or "
+                        "mypkg.rewards:score; device= says where it runs")
+    p.add_argument("--rewards", help="a YAML file: a list of rewards in the form of a run's rewards: (name, args, "
+                                     "frames), or a run's config (its rewards are served)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                                                       "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8601, help="default 8601")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="most images scored together: concurrent requests are batched up to it (default 64)")
+    p.add_argument("--token-env", help="environment variable holding a bearer token that every request must carry")
+    p.add_argument("--max-request-mb", type=float, default=256.0, help="largest request body in MiB (default 256)")
+    p.set_defaults(func=_serve_rewards)
+
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
                            ("preprocess", _preprocess, "encode prompt files into an embedding cache"),
+                           ("prompts", _prompts, "list the prompt sets the recipes name (NAME:SPLIT), or fetch one"),
                            ("config-doc", _config_doc, "print (or --out, --check) the configuration reference")):
         p = sub.add_parser(name, help=text, add_help=False, allow_abbrev=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -522,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PASSTHROUGH = ("pretrain", "preprocess", "config-doc")  # subcommands with their own argument parsers
+_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc")  # subcommands with their own argument parsers
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ n = 3). A run lies inside for a metric when every evaluation it shares with the 
 lies inside the band. Minutes are drawn, never judged: they depend on the machine.
 
 A run belongs to a reference when its config equals the recipe's up to what does not change the computation
-(the seed, the length, logging, checkpoints, the parallel layout, the micro-batch size) and the precision,
-which is reported beside the verdict.
+(the seed, the length, logging, checkpoints, the parallel layout, the micro-batch size, `deterministic`, where
+its files are) and the precision, which is reported beside the verdict.
 """
 
 from __future__ import annotations
@@ -43,8 +43,11 @@ CONFIDENCE = 0.95
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A resolved config (`to_dict`) without the IGNORED fields: what a run must share with a reference."""
-    return json.loads(json.dumps({k: v for k, v in config.items() if k not in IGNORED}))
+    """A resolved config (`to_dict`) without the IGNORED fields and the paths of its files (a run makes them
+    absolute; where the files are is not what is computed): what a run must share with a reference."""
+    from mixgrpo.runfiles import without_paths
+
+    return json.loads(json.dumps({k: v for k, v in without_paths(config).items() if k not in IGNORED}))
 
 
 def references_dir() -> Path:

@@ -176,3 +176,61 @@ def test_a_missing_tesseract_is_found_by_the_pre_flight():
     cfg = _cfg(rewards=[{"name": "ocr", "args": {"binary": "tesseract-that-is-not-installed"}}])
     (line,) = problems_of(cfg)
     assert line.startswith("rewards[0]: ocr:") and "apt-get install -y tesseract-ocr" in line
+
+
+def _printed_commands(line: str) -> list[str]:
+    """The commands an error line tells the user to run: `backticked` spans and a trailing pip install."""
+    import re
+
+    return re.findall(r"`([^`]+)`", line) + re.findall(r"(pip install (?:'[^']+' ?)+)$", line)
+
+
+def _run_printed(command: str) -> None:
+    """Run a printed command as a user would paste it: `mixgrpo ...` through the CLI's main (no subprocess: the
+    tiny stand-ins load in-process), `pip install` offline (--no-index: it must resolve to what is installed)."""
+    import shlex
+    import subprocess
+    import sys
+
+    argv = shlex.split(command)
+    if argv[0] == "mixgrpo":
+        from mixgrpo import cli
+
+        assert cli.main(argv[1:]) == 0, command
+    else:
+        assert argv[:2] == ["pip", "install"], command
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", *argv[2:]],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "already satisfied" in result.stdout, (command, result.stderr)
+
+
+@pytest.mark.filterwarnings("ignore:prompt .* was truncated")
+def test_every_printed_fix_command_runs_as_printed_and_fixes_the_problem(tmp_path, monkeypatch):
+    """A missing embedding cache, one of another text length, and missing packages: each error prints a command
+    that, pasted as printed, fixes it (after which the pre-flight is clean)."""
+    import tiny_pipelines
+
+    path = tiny_pipelines.save_tiny_flux(tmp_path / "my flux")  # a space: the command must quote it
+    (tmp_path / "train.txt").write_text("a red cube\na cat\n")
+    (tmp_path / "eval.txt").write_text("a green cone\n")
+    model = {"name": "flux", "args": {"path": str(path), "dtype": "float32", "height": 64, "width": 64,
+                                      "max_sequence_length": 24, "embedding_cache": str(tmp_path / "cache")}}
+    cfg = lambda **a: _cfg(model={**model, "args": {**model["args"], **a}},  # noqa: E731
+                           train_prompts=str(tmp_path / "train.txt"), eval_prompts=str(tmp_path / "eval.txt"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # preprocess's default device
+    (problem,) = problems_of(cfg())  # no cache yet
+    assert "no index.json" in problem
+    (command,) = _printed_commands(problem)
+    assert "--model flux" in command and "--path" in command
+    _run_printed(command)
+    assert problems_of(cfg()) == []
+    (problem,) = problems_of(cfg(max_sequence_length=32))  # the cache holds 24 tokens per prompt
+    (command,) = _printed_commands(problem)
+    _run_printed(command)
+    assert problems_of(cfg(max_sequence_length=32)) == []
+    # packages: the pip command resolves against what is installed here
+    _without(monkeypatch, "peft", "tensorboard", "transformers")
+    (problem,) = problems_of(_cfg(lora={"rank": 2}, rewards=[{"name": "pickscore", "args": {"path": "x"}}]))
+    (command,) = _printed_commands(problem)
+    monkeypatch.undo()
+    _run_printed(command)
