@@ -380,6 +380,16 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """'key.sub: old -> new' for every leaf that differs between two config fingerprints. A key the old one
+    lacks is a field added by a newer mixgrpo (its default keeps the old behaviour), a key the new one lacks a
+    field it removed (it did nothing): neither is a difference."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str) if k in old and k in new
+                for d in config_diff(old[k], new[k], f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
 # --------------------------------------------------------------------------------------------------
 # files and overrides
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixgrpo.config import ConfigError, load_config, read_yaml, recipes, to_dict
+from mixgrpo.config import ConfigError, config_diff, load_config, read_yaml, recipes, to_dict
 from mixgrpo.fileio import writing
 from mixgrpo.rundir import CONFIG, EVALS, read_metrics, read_records
 
@@ -167,10 +167,9 @@ def read_run(run_dir: str | Path) -> RunCurve:
 
 def reference_of(run: RunCurve, references: dict[str, Reference] | None = None) -> Reference | None:
     """The shipped reference whose recipe the run followed, or None."""
-    from mixgrpo.train.state import config_diff  # fields one side lacks (another mixgrpo version) are no difference
-
     refs = shipped_references() if references is None else references
     mine = comparable(run.config)
+    # a field one side lacks (a newer or older mixgrpo) is no difference (config_diff)
     return next((ref for ref in refs.values() if not config_diff(ref.config, mine)), None)
 
 
@@ -267,8 +266,6 @@ def build_reference(run_dirs: list[str | Path], machine: str, note: str = "") ->
     precisions = {r.config["precision"] for r in runs}
     if len(precisions) != 1:
         raise ConfigError(f"the runs differ in precision ({sorted(precisions)}): pin it (precision=fp32)")
-    from mixgrpo.train.state import config_diff
-
     mine = comparable(runs[0].config)
     name = next((n for n in recipes() if not config_diff(recipe_config(n), mine)), None)
     if name is None:

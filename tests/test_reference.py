@@ -11,9 +11,8 @@ import pytest
 
 from mixgrpo import reference
 from mixgrpo.cli import main
-from mixgrpo.config import load_config, recipes, save_config
+from mixgrpo.config import config_diff, load_config, recipes, save_config
 from mixgrpo.reference import Reference, build_reference, comparable, judge, read_run, recipe_config
-from mixgrpo.train.state import config_diff
 
 METRICS = ("eval/shape_quality", "eval/color_purity")
 # three seeds of a recipe, evaluated at iterations 0, 16 and 32 (iteration -> metric -> value per seed)
