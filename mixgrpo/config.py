@@ -162,7 +162,8 @@ class TrainConfig:
     micro_batch_size: int = 32  # samples per forward/backward (memory only: the update does not depend on it)
     clip_range: float = 1e-4  # GRPO ratio clip: ratios outside [1 - clip_range, 1 + clip_range] are clipped
     kl_beta: float = 0.0  # weight of the KL term to the frozen base model; 0 = none
-    ema_decay: float = 0.0  # 0 = no EMA
+    ema_decay: float = 0.0  # 0 = no EMA; > 0: the held-out evaluations and final/ use the EMA weights
+                            # (`mixgrpo export --no-ema` writes the trained ones from a checkpoint)
     lora: LoraConfig = field(default_factory=LoraConfig)
     precision: str = "auto"  # "bf16" (autocast; fp32 master weights), "fp32", or "auto": bf16 where the hardware
                              # multiplies bf16 matrices (CPU with AMX, CUDA >= 8.0), else fp32 (mixgrpo.dtypes)
@@ -185,7 +186,8 @@ class TrainConfig:
     reward_overlap: bool = True  # rollout_chunks > 1: score each part in a background thread during the rollout;
                                  # false: score every part after the rollout (the same numbers, not overlapped)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    tensorboard: bool = True  # event files in OUT/tensorboard when the tensorboard package is installed
+    tensorboard: bool = True  # event files in OUT/tensorboard (the package is in the tiny and models extras; the
+                              # pre-flight names the pip command when it is missing)
     wandb_project: str = ""  # log to this Weights & Biases project (needs the wandb package); "" = off
     profile: bool = False  # count model calls and time spent inside them (metrics model_calls/*, time/model_*)
 

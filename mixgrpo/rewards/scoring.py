@@ -137,7 +137,7 @@ class Retrying:
         dist.print0(f"warning: reward {', '.join(map(repr, self.labels))}{where} failed after {self.retries + 1} "
                     f"attempts ({error}); its images are scored NaN and their groups skipped")
         return ({label: torch.full((len(prompts),), float("nan")) for label in self.labels},
-                {label: f"{error}{where and ' (' + self.where + ')'}" for label in self.labels})
+                {label: error if self.where in error else f"{error}{where}" for label in self.labels})
 
 
 class RetryingReward:
