@@ -170,6 +170,8 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory)
 
     seed: int = 0  # every random draw of the run derives from it (prompts, noise, trained steps)
+    deterministic: bool = False  # deterministic GPU kernels: two runs of a config on one GPU are bit-equal (slower;
+                                 # docs/reproducibility.md); CPU runs are bit-equal without it
     out_dir: str = "runs/mixgrpo"  # the run directory
     checkpoint_every: int = 20  # iterations between checkpoints (the last iteration is always checkpointed)
     keep_checkpoints: int = 2  # complete checkpoints kept; older ones are deleted
@@ -378,6 +380,16 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """'key.sub: old -> new' for every leaf that differs between two config fingerprints. A key the old one
+    lacks is a field added by a newer mixgrpo (its default keeps the old behaviour), a key the new one lacks a
+    field it removed (it did nothing): neither is a difference."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str) if k in old and k in new
+                for d in config_diff(old[k], new[k], f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 # --------------------------------------------------------------------------------------------------
