@@ -198,6 +198,10 @@ def test_periodic_evaluation_resumes_without_duplicated_or_lost_rows(tmp_path):
     cut = _cfg(tmp_path / "cut", **over)
     train(cut, progress=False, stop_after=3)
     assert [r["iteration"] for r in _eval_rows(tmp_path / "cut" / "run")] == [0, 2]
+    # the curves are drawn at every evaluation, not only at the end (a run stopped here has no summary)
+    assert not (tmp_path / "cut" / "run" / "summary.md").exists()
+    for name in ("eval_curve.png", "reward_curve.png"):
+        assert (tmp_path / "cut" / "run" / name).stat().st_size > 10_000, name
     assert _eval_rows(train(cut, resume=True, progress=False)) == rows
 
     # a crash after the evaluation at 4 but before the checkpoint at 4 (here: the later checkpoints removed)

@@ -55,7 +55,7 @@ from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit
                                    require_learning_signal, warn_without_signal)
 from mixgrpo.train.objectives import GRPO, ForwardProcess, Policy, Samples
 from mixgrpo.train.overlap import ChunkScoring, chunk_bounds
-from mixgrpo.train.report import progress_line, write_summary
+from mixgrpo.train.report import progress_line, write_curves, write_summary
 from mixgrpo.train.state import TrainState, check_resumable, fingerprint
 from mixgrpo.train.update import UpdateLoop, UpdateStats
 from mixgrpo.train.weights import EMA, model_with, shadow_of, swapped_weights, trainable_parameters
@@ -330,6 +330,7 @@ class Trainer:
                 save_grid(samples, grid, nrow=8, scale=2, captions=res.prompts[:64])
             self.held_out.update({f"eval/{k}": v["mean"] for k, v in res.summary().items()})
             record_eval(self.run_dir, iteration, self.held_out)
+            write_curves(self.run_dir)
             self.tracker.log(self.held_out, iteration)
             if tag is not None:
                 self.tracker.log_image("samples", grid, iteration)
