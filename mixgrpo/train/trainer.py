@@ -41,6 +41,7 @@ from mixgrpo.images import media_name, save_grid
 from mixgrpo.models import Cond, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model, guided_velocity
 from mixgrpo.plan import Plan, build_plan, ode_plan
+from mixgrpo.progress import PhaseProgress
 from mixgrpo.preflight import check_run
 from mixgrpo.prompts import read_prompts
 from mixgrpo.reference import end_of_run_line
@@ -138,6 +139,7 @@ class Trainer:
             start_records(self.run_dir, cfg, self.start)
             self.tracker = Trackers(self.run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
         self.clock = ModelClock(self.model, sync=self.device.type == "cuda") if cfg.profile else None
+        self.phases = PhaseProgress(self.model)  # bars inside an iteration that takes long (rank 0)
         self.loop = UpdateLoop(self.params, optimizer, cfg.micro_batch_size, cfg.grad_clip, self.ema, self.clock)
         self.held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
 
@@ -160,12 +162,15 @@ class Trainer:
         cfg, watch = self.cfg, Stopwatch()
         plan = build_plan(cfg.sampler, it, cfg.seed)
         groups = self.groups(it)
-        traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
+        chunks = len(chunk_bounds(len(groups.prompts), cfg.rollout_chunks))
+        with self.phases.phase(f"it {it + 1} rollout", total=plan.nfe * chunks):
+            traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
         watch.lap("rollout")
         scores, failed, failed_all, scoring_seconds = self.score(it)
         advantages = self.rewards.advantages(scores, failed, cfg.reward_mode, cfg.advantage_std, cfg.advantage_clip)
         watch.lap("reward")
-        stats = self.update(plan, traj, advantages, groups, it)
+        with self.phases.phase(f"it {it + 1} update"):
+            stats = self.update(plan, traj, advantages, groups, it)
         watch.lap("update")
         record = self.log(it, plan, traj, scores, failed_all, advantages, stats, watch)
         # reward time in total (hidden behind the rollout or not), and the part the iteration waited for
