@@ -51,6 +51,15 @@ def _train(args: argparse.Namespace) -> None:
                              f"{', '.join(f'{field} = {path}' for field, path in gone)}; give their place now: "
                              f"mixgrpo train --out {args.out} --resume "
                              + " ".join(f"{field}=PATH" for field, _ in gone))
+    if args.dry_run:  # what the run needs and what it would take, without a model or a run directory
+        from mixgrpo import memory
+        from mixgrpo.preflight import check_run
+
+        check_run(cfg)
+        if memory.report(cfg, int(os.environ.get("WORLD_SIZE", "1"))) is None:
+            print(f"no memory estimate for model {cfg.model.name!r} (only for a local diffusers pipeline directory)")
+        print(f"dry run: the pre-flight found nothing; the run would write {cfg.out_dir}")
+        return
     train(cfg, resume=args.resume, progress=not args.quiet)
     from mixgrpo import dist
 
@@ -568,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (same as out_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--dry-run", action="store_true", help="run the pre-flight and print the memory estimate, then "
+                                                          "stop: no model loads, no run directory is written")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. iterations=10 sampler.window.size=2")
     p.set_defaults(func=_train)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from mixgrpo import dist
+from mixgrpo import dist, memory
 from mixgrpo.checkpoint import latest_checkpoint, read_state
 from mixgrpo.config import TrainConfig, build_config, to_dict
 from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_precision, resolve_precision
@@ -69,6 +69,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     dist.init()
     cfg = build_config(resolve_paths(to_dict(cfg)))  # absolute paths: config.yaml names the files from anywhere
     check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
+    memory.report(cfg, dist.world_size())
     # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
     attention = contextlib.nullcontext() if cfg.grad_checkpointing else CpuAttentionBackward()
     with claim(cfg.out_dir, resume), attention, deterministic_kernels(cfg.deterministic):  # claimed before any model loads
