@@ -132,12 +132,12 @@ class ModelLoader:
                   flush=True)
 
     def _pipeline_grid(self, paths: list[str | None]):
-        """The base model's own pipeline grid (`mixgrpo.models.pipeline_grid`), unless --shift or a --plan other than
+        """The base model's own pipeline grid (`mixgrpo.pipeline_grid`), unless --shift or a --plan other than
         ode asks for this engine's static grid; None for a model without a pipeline directory (tiny)."""
         args = self.args
         if args.shift is not None or args.plan != "ode":
             return None
-        from mixgrpo.models.pipeline_grid import grid_of
+        from mixgrpo.pipeline_grid import grid_of
 
         if self.cfg is not None:
             return grid_of(self.cfg.model.name, self.cfg.model.args, self.resolution, args.steps)
@@ -536,7 +536,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (memory only; default 16)")
     _add_set_arg(p)
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
-                   help="files of a video model's samples: gif (default; Pillow) or mp4 (needs imageio and imageio-ffmpeg: mixgrpo's video extra)")
+                   help="files of a video model's samples: gif (default; Pillow) or mp4 (needs imageio and "
+                        "imageio-ffmpeg: mixgrpo's video extra)")
 
 
 def _add_set_arg(p: argparse.ArgumentParser) -> None:

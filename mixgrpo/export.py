@@ -184,8 +184,8 @@ def load_export(model: FlowModel, directory: str | Path) -> FlowModel:
             state.update(load_file(str(f)))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot load model weights from {directory} ({type(e).__name__}: {e}): the files are "
-                         f"corrupted or incomplete; write them again with mixgrpo export --run and the run directory, to a "
-                         f"new --out directory") from e
+                         f"corrupted or incomplete; write them again with mixgrpo export --run and the run "
+                         f"directory, to a new --out directory") from e
     _load_matching(model.denoiser, state, str(directory))
     return model
 

@@ -50,7 +50,8 @@ class Estimate:
 
     def lines(self) -> list[str]:
         """What `mixgrpo train` prints before loading the model."""
-        counts = ", ".join(f"{name} {n / 1e9:.2f} B" if n >= 1e7 else f"{name} {n:,}" for name, n in self.params.items())
+        counts = ", ".join(f"{name} {n / 1e9:.2f} B" if n >= 1e7 else f"{name} {n:,}"
+                           for name, n in self.params.items())
         out = [f"memory estimate per process (before loading; a lower bound, docs/distributed.md): "
                f"{_size(self.total)}"]
         out += [f"  {what}: {_size(b)}" for what, b in self.parts.items()]
@@ -66,7 +67,7 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
     if not (root / "model_index.json").is_file():
         return None
     from mixgrpo.dtypes import parse_dtype
-    from mixgrpo.models.pipeline_grid import model_args
+    from mixgrpo.pipeline_grid import model_args
 
     get = model_args(cfg.model.name, args).get
     modules = meta_components(root, text=not args.get("embedding_cache"))

@@ -1,5 +1,5 @@
 """`mixgrpo sample`, `eval` and a run's held-out evaluation sample a real model on its pipeline's own default grid
-(`mixgrpo.models.pipeline_grid`): an untouched base, sampled as `mixgrpo sample` samples it, equals the stock
+(`mixgrpo.pipeline_grid`): an untouched base, sampled as `mixgrpo sample` samples it, equals the stock
 pipeline called with its defaults (its scheduler, number of steps, resolution-dependent shift) on the same noise,
 for every model family on its tiny stand-in (the official layout and scheduler configs; float32, CPU). Wan's real
 UniPC scheduler is not in the engine: its nearest, DPM-Solver++(2M) on the same sigmas, is used and measured."""
@@ -13,7 +13,7 @@ import tiny_pipelines
 from mixgrpo.evaluate import generate
 from mixgrpo.models import MODELS
 from mixgrpo.models.flux import pack
-from mixgrpo.models.pipeline_grid import grid_of
+from mixgrpo.pipeline_grid import grid_of
 from mixgrpo.seeding import image_seeds
 
 PROMPTS = ["a red cube on a table", "two blue spheres"]

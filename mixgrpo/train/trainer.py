@@ -40,10 +40,10 @@ from mixgrpo.export import export_model
 from mixgrpo.images import media_name, save_grid
 from mixgrpo.models import Cond, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model, guided_velocity
-from mixgrpo.models.pipeline_grid import grid_of
+from mixgrpo.pipeline_grid import grid_of
 from mixgrpo.plan import Plan, build_plan, ode_plan
-from mixgrpo.progress import PhaseProgress
 from mixgrpo.preflight import check_run
+from mixgrpo.progress import PhaseProgress
 from mixgrpo.prompts import read_prompts
 from mixgrpo.reference import end_of_run_line
 from mixgrpo.rewards.scoring import RewardSet, score_metrics

@@ -88,8 +88,9 @@ def pipeline_grid(path: str | Path, height: int, width: int, num_steps: int | No
     if hasattr(module, "compute_empirical_mu"):
         mu = module.compute_empirical_mu(image_seq_len=tokens, num_steps=steps)
     elif config.get("use_dynamic_shifting") and hasattr(module, "calculate_shift"):
-        mu = module.calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                                    config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        mu = module.calculate_shift(tokens, config.get("base_image_seq_len", 256),
+                                    config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                    config.get("max_shift", 1.15))
     kwargs = {} if mu is None else {"mu": mu}
     if pipe_cls.__name__ in SIGMAS_GIVEN and not config.get("use_flow_sigmas", False):
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), **kwargs)
