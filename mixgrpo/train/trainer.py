@@ -278,7 +278,7 @@ class Trainer:
             write_summary(self.run_dir)
             self.tracker.close()
             dist.print0(f"run directory: {self.run_dir}")
-        require_learning_signal(self.run_dir)
+        require_learning_signal(self.run_dir, cfg.prompts_per_iteration * dist.world_size())
         return self.run_dir
 
     def evaluate(self, iteration: int, tag: str | None) -> None:
