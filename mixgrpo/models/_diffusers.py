@@ -6,6 +6,7 @@ Qwen-Image)."""
 from __future__ import annotations
 
 import json
+import shlex
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,11 +25,20 @@ def check_pipeline_dir(path: str | Path, pipeline: str, components: Sequence[str
     if not (path / "model_index.json").is_file():
         raise ConfigError(f"{pipeline}: {path} is not a local diffusers pipeline directory (no model_index.json). "
                           f"Point model.args.path at a downloaded checkpoint, e.g. "
-                          f"`huggingface-cli download {example} --local-dir DIR`; nothing is downloaded by mixgrpo.")
+                          f"`huggingface-cli download {example} --local-dir {shlex.quote(str(path))}`; nothing is "
+                          f"downloaded by mixgrpo.")
     missing = [c for c in components if not (path / c).is_dir()]
     if missing:
         raise ConfigError(f"{pipeline}: {path} lacks the component folders {missing}; is the download complete?")
     return path
+
+
+def preprocess_command(name: str, path: str, prompt_files: Sequence[str], cache: str, max_len: int,
+                       dtype: str | None) -> str:
+    """The `mixgrpo preprocess` command line that writes a run's embedding cache, quoted for a POSIX shell."""
+    return shlex.join(["mixgrpo", "preprocess", "--model", name, "--path", str(path), "--prompts",
+                       *map(str, prompt_files), "--out", str(cache), "--max-sequence-length", str(max_len),
+                       *(["--dtype", str(dtype)] if dtype else [])])
 
 
 def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folders: Sequence[str],
@@ -42,7 +52,8 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
     path, cache = args.get("path"), args.get("embedding_cache")
     if not path:
         return [f"model.args.path is not set: give the local {name} pipeline directory "
-                f"(`huggingface-cli download {example} --local-dir DIR`)"]
+                f"(`huggingface-cli download {example} --local-dir ckpt/{example.split('/')[-1]}`, then "
+                f"model.args.path=ckpt/{example.split('/')[-1]})"]
     try:
         root = check_pipeline_dir(path, name, ["transformer", "vae", *([] if cache else text_folders)], example)
     except ValueError as e:
@@ -52,10 +63,9 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
     if cache:
         from mixgrpo.models.text import EmbeddingCache, coverage_problems
 
-        files = " ".join(source for source, _ in prompts.values())
-        problems = coverage_problems(cache, prompts, f"encode the run's prompt files into it: `mixgrpo preprocess "
-                                                     f"--model {name} --path {path} --prompts {files} --out {cache} "
-                                                     f"--max-sequence-length {max_len}`")
+        command = preprocess_command(name, path, [source for source, _ in prompts.values()], cache, max_len,
+                                     args.get("dtype"))
+        problems = coverage_problems(cache, prompts, f"encode the run's prompt files into it: `{command}`")
         try:
             shapes = EmbeddingCache(cache).shapes
         except (OSError, ValueError):
@@ -65,13 +75,13 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
             if shapes.get(key, (None,))[-1] != width:
                 problems.append(f"the embedding cache {cache} has {key} of shape {list(shapes.get(key, []))}, but the "
                                 f"transformer of {path} expects width {width}: it was built with another model; "
-                                f"re-run mixgrpo preprocess with --path {path}")
+                                f"write it again with this one: `{command}`")
         cached = shapes.get("prompt_embeds", (None,))[0]
         if cached is not None and cached != text_length(max_len):
             expected = f"{text_length(max_len)} ({max_len} T5 tokens)" if text_length(max_len) != max_len else max_len
             problems.append(f"the embedding cache {cache} holds {cached} text tokens per prompt, but model.args."
                             f"max_sequence_length = {max_len} expects {expected}: set model.args.max_sequence_length "
-                            f"to the cache's, or re-run mixgrpo preprocess with --max-sequence-length {max_len}")
+                            f"to the cache's, or write the cache again: `{command}`")
         return problems
     if t5_tokenizer:
         from transformers import T5TokenizerFast

@@ -30,7 +30,7 @@ import torch
 
 from mixgrpo import dist
 from mixgrpo.checkpoint import latest_checkpoint, read_state
-from mixgrpo.config import TrainConfig, to_dict
+from mixgrpo.config import TrainConfig, build_config, to_dict
 from mixgrpo.dtypes import CpuAttentionBackward, model_precision, resolve_precision
 from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
@@ -42,12 +42,13 @@ from mixgrpo.preflight import check_run
 from mixgrpo.prompts import read_prompts
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
 from mixgrpo.rollout import Trajectory, rollout
+from mixgrpo.runfiles import resolve_paths
 from mixgrpo.rundir import FINAL, METRICS, append_record, claim, record_eval, start_records
 from mixgrpo.seeding import group_seeds, prompt_indices, sample_seeds, update_shares
 from mixgrpo.tracking import Trackers, resource_metrics
 from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
-                                   any_rank, require_finite_images, require_finite_weights, require_learning_signal,
-                                   warn_without_signal)
+                                   any_rank, require_agreeing_replicas, require_finite_images, require_finite_weights,
+                                   require_learning_signal, warn_without_signal)
 from mixgrpo.train.objectives import GRPO, ForwardProcess, Policy, Samples
 from mixgrpo.train.report import progress_line, write_summary
 from mixgrpo.train.state import TrainState, check_resumable, fingerprint
@@ -60,6 +61,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     (tests use it to simulate an interruption). The run directory is locked for the whole run
     (`mixgrpo.rundir.claim`): a second process on it stops at once."""
     dist.init()
+    cfg = build_config(resolve_paths(to_dict(cfg)))  # absolute paths: config.yaml names the files from anywhere
     check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
     # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
     attention = contextlib.nullcontext() if cfg.grad_checkpointing else CpuAttentionBackward()
@@ -87,9 +89,10 @@ class Trainer:
         # "auto" resolves by this machine (bf16 where it multiplies bf16 matrices); logged in every metrics record
         self.precision, why = resolve_precision(cfg.precision, self.device)
         latest = latest_checkpoint(self.run_dir) if resume else None
+        self.identity = fingerprint(cfg)  # computed once: it reads the run's files
         if latest is not None:
             # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
-            check_resumable(latest, read_state(latest).get("config") or {}, fingerprint(cfg), self.run_dir)
+            check_resumable(latest, read_state(latest), self.identity, self.run_dir)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model.name, cfg.model.args).to(self.device)
         params = trainable_parameters(model, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
@@ -197,7 +200,7 @@ class Trainer:
 
     def update(self, plan: Plan, traj: Trajectory, advantages: torch.Tensor, groups: Groups, it: int) -> UpdateStats:
         """The objective's optimizer steps on this iteration's samples, then the learning-rate schedule; a weight
-        made non-finite stops the run before anything is saved."""
+        made non-finite, or replicas that disagree (world size > 1), stop the run before anything is saved."""
         cfg, G, P = self.cfg, self.cfg.group_size, len(groups.prompts)
         self.model.train()
         samples = Samples(plan, traj, advantages.flatten().to(self.device), cond_repeat_interleave(groups.cond, G),
@@ -207,8 +210,10 @@ class Trainer:
         stats = self.objective.update(self.loop, samples)
         self.objective.after_update(self.params)
         self.scheduler.step()
-        require_finite_weights([*self.params.values(), *(t for c in self.state.copies.values()
-                                                         for t in c.shadow.values())], it)
+        weights = {"weights": list(self.params.values()),
+                   **{name: list(copy.shadow.values()) for name, copy in self.state.copies.items()}}
+        require_finite_weights([t for group in weights.values() for t in group], it)
+        stats.replicas = require_agreeing_replicas(weights, it)
         if self.clock is not None:
             self.clock.lap("update")
         return stats
@@ -226,6 +231,7 @@ class Trainer:
         local = {"advantage_abs_mean": float(advantages.abs().mean()),
                  "zero_advantage_groups": float((advantages.abs().sum(1) == 0).float().mean()), **stats.means()}
         record.update(dist.mean_over_ranks(local))  # every rank holds the same number of samples
+        record.update(stats.replicas)  # equal on every rank
         warn_without_signal(record)
         record.update({**watch.metrics(), **resource_metrics(self.device)})
         if self.clock is not None:
@@ -259,7 +265,7 @@ class Trainer:
                     print(progress_line(record, list(self.rewards.weights), self.held_out, cfg.iterations,
                                         limit.eta(done, cfg.iterations - it - 1)), flush=True)
                 if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
-                    self.state.save(self.run_dir, it + 1, fingerprint(cfg), cfg.parallel.checkpoint_format == "sharded",
+                    self.state.save(self.run_dir, it + 1, self.identity, cfg.parallel.checkpoint_format == "sharded",
                                     cfg.keep_checkpoints)
                 if last:
                     break
