@@ -50,17 +50,21 @@ class EvalResult:
 @torch.no_grad()
 def generate(model: FlowModel, prompts: Sequence[str], plan: Plan, images_per_prompt: int = 1, seed: int = 0,
              guidance_scale: float = 1.0, batch_size: int = 64, switch_model: FlowModel | None = None,
-             switch_at: int | None = None, desc: str = "sampling") -> torch.Tensor:
+             switch_at: int | None = None, desc: str = "sampling",
+             stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
     """[N, n, 3, H, W] images in [0, 1]: image j of prompt i starts from the noise of `image_seeds(seed, [(i, j)])`.
     Batches of `batch_size` images (memory only: an image does not depend on its batch); a progress bar `desc`.
     A batch with a NaN or inf latent or pixel raises NonFiniteImages at once, as the trainer's rollout check does
-    (`mixgrpo.train.control.require_finite_images`): saved, such an image is black; scored, a wrong number."""
+    (`mixgrpo.train.control.require_finite_images`): saved, such an image is black; scored, a wrong number.
+    stop: checked before every batch; None is returned as soon as it is true (a training run told to stop)."""
     device = next(model.parameters()).device
     jobs = [(i, j) for i in range(len(prompts)) for j in range(images_per_prompt)]
     uncond_row = cond_to(model.encode_prompts([""]), device) if guidance_scale != 1.0 else None
     out = []
     with bar(total=len(jobs), desc=desc, unit="image") as progress:
         for start in range(0, len(jobs), batch_size):
+            if stop is not None and stop():
+                return None
             chunk = jobs[start:start + batch_size]
             cond = cond_to(model.encode_prompts([prompts[i] for i, _ in chunk]), device)
             uncond = None if uncond_row is None else {k: v.expand(len(chunk), *v.shape[1:])
@@ -93,9 +97,14 @@ def score_images(rewards: RewardFns, images: torch.Tensor, prompts: Sequence[str
 
 def evaluate(model: FlowModel, prompts: Sequence[str], rewards: RewardFns, plan: Plan, images_per_prompt: int = 1,
              seed: int = 0, guidance_scale: float = 1.0, switch_model: FlowModel | None = None,
-             switch_at: int | None = None, batch_size: int = 64, desc: str = "evaluation") -> EvalResult:
+             switch_at: int | None = None, batch_size: int = 64, desc: str = "evaluation",
+             stop: Callable[[], bool] | None = None) -> EvalResult | None:
+    """Images of `generate` and their scores; None when `stop` became true (checked before every batch and
+    before the scoring)."""
     images = generate(model, prompts, plan, images_per_prompt, seed, guidance_scale, batch_size=batch_size,
-                      switch_model=switch_model, switch_at=switch_at, desc=desc)
+                      switch_model=switch_model, switch_at=switch_at, desc=desc, stop=stop)
+    if images is None or (stop is not None and stop()):
+        return None
     return EvalResult(list(prompts), images, score_images(rewards, images, prompts))
 
 

@@ -101,6 +101,20 @@ if __name__ == "__main__":
                 time.sleep(3600)
 
         checkpoint.save_file = save_file
+    stall_eval = os.environ.get("FAULT_STALL_EVAL")  # the N-th evaluation batch takes 3 s more
+    if stall_eval:
+        import mixgrpo.evaluate as evaluate
+
+        real_sample, calls = evaluate.sample, []
+
+        def sample(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == int(stall_eval):
+                print("FAULT: inside the evaluation", flush=True)
+                time.sleep(3)
+            return real_sample(*args, **kwargs)
+
+        evaluate.sample = sample
     if os.environ.get("FAULT_STALL_EXPORT"):  # inside the export of final/, after its weights are written
         from mixgrpo.models.analytic import GaussianFlow
 
@@ -205,7 +219,7 @@ def _stop_with(sig: signal.Signals, child: Child, after: int, run: Path) -> int:
     child.proc.send_signal(sig)
     assert child.finish(timeout=60) == 128 + sig  # bounded: the rest of one iteration and a save
     output = "".join(child.output)
-    assert f"received {sig.name}: finishing this iteration" in output
+    assert f"received {sig.name}: stopping at the next safe point" in output
     assert f"stopped by {sig.name}: checkpoint saved" in output
     stopped = int(output.split("stopped after iteration ")[1].split(";")[0])
     assert stopped in (after, after + 1)
@@ -233,6 +247,46 @@ def test_kill9_inside_a_save_then_sigint_then_sigterm_and_the_resumed_run_equals
     child = Child(faults_dir, _run_args(run, resume=True))
     assert child.finish() == 0, "".join(child.output)
     _assert_same_run(run, reference)
+
+
+def test_a_signal_inside_the_periodic_evaluation_stops_before_another_iteration(faults_dir, tmp_path):
+    """SIGTERM while the evaluation of iteration 2 runs (eval_every=2, no checkpoint due): exit 143 before
+    iteration 3 starts, a checkpoint at 2 that says its evaluation is pending; the resume evaluates first and
+    ends equal to the uninterrupted run (once, the stop waited for one more whole iteration)."""
+    over = ["iterations=4", "checkpoint_every=10", "eval_every=2"]
+    want = train(load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'ref'}", *over]), progress=False)
+    run = tmp_path / "run"
+    child = Child(faults_dir, _run_args(run, resume=False) + over, FAULT_STALL_EVAL="2")
+    assert child.wait_for("FAULT: inside the evaluation"), "".join(child.output)
+    child.proc.send_signal(signal.SIGTERM)
+    assert child.finish(timeout=60) == 143, "".join(child.output)
+    assert "stopped by SIGTERM: checkpoint saved, stopped after iteration 2" in "".join(child.output)
+    assert len(read_metrics(run)) == 2
+    assert latest_checkpoint(run).name == "iter_000002"
+    assert json.loads((latest_checkpoint(run) / "state.json").read_text())["eval_pending"] is True
+    assert [r["iteration"] for r in map(json.loads, (run / "eval.jsonl").read_text().splitlines())] == [0]
+    child = Child(faults_dir, _run_args(run, resume=True) + over)
+    assert child.finish() == 0, "".join(child.output)
+    _assert_same_run(run, want)
+
+
+def test_a_signal_after_the_rollout_drops_the_iteration_and_checkpoints_the_last_one(faults_dir, tmp_path):
+    """SIGTERM during the rollout of iteration 3 (checkpoint_every=10: none is due): the iteration is dropped
+    before its update, the weights after iteration 2 are checkpointed, exit 143; the resume equals the
+    uninterrupted run."""
+    over = ["iterations=4", "checkpoint_every=10"]
+    want = train(load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'ref'}", *over]), progress=False)
+    run = tmp_path / "run"
+    child = Child(faults_dir, _run_args(run, resume=False) + over, FAULT_REWARD_SLEEP="1")
+    assert child.wait_for("it    2/"), "".join(child.output)
+    child.proc.send_signal(signal.SIGTERM)  # lands in iteration 3's rollout or rewards (the reward takes 1 s)
+    assert child.finish(timeout=60) == 143, "".join(child.output)
+    assert "stopped after iteration 2 (iteration 3 was dropped before its update)" in "".join(child.output)
+    assert len(read_metrics(run)) == 2 and latest_checkpoint(run).name == "iter_000002"
+    child = Child(faults_dir, _run_args(run, resume=True) + over)
+    assert child.finish() == 0, "".join(child.output)
+    got, ref = _end_state(run), _end_state(want)
+    assert torch.equal(got["weights"], ref["weights"]) and got["metrics"] == ref["metrics"]
 
 
 @pytest.mark.slow  # 35-50 s: 9 child processes on 2 busy cores
@@ -451,13 +505,15 @@ def test_a_really_full_disk_stops_clearly_and_loses_nothing(where, leave_kib, fa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and "No space left on device" in err, err
     assert str(small_disk) in err and ("free disk space" in err), err
-    if leave_kib is not None and leave_kib < 100:
-        assert f"{run / where}): free disk space, then continue the run with --resume" in err, err
+    if leave_kib is not None and leave_kib < 100:  # before the first checkpoint: none is said to be intact
+        assert f"{run / where}): free disk space, then run it again with --resume (it had written no checkpoint " \
+               f"yet: the run starts over)" in err, err
     if "checkpoint" in where:
         assert err.startswith("error: could not write checkpoint") and "previous checkpoint is intact" in err
         assert "SafetensorError" in seen[0] if "safetensors" in where else "unexpected pos" in seen[0], seen
     if "export" in where:
-        assert str(run / "final") in err and "continue the run with --resume" in err
+        assert str(run / "final") in err and "continue the run with --resume (its last checkpoint, iter_000003, " \
+                                             "is intact)" in err, err
         assert latest_checkpoint(run).name == "iter_000003"
     for filler in fillers:
         filler.unlink()

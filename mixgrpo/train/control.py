@@ -61,16 +61,23 @@ class StopRequest:
         if self.signal is not None:  # second signal: stop now
             raise KeyboardInterrupt
         self.signal = signum
-        dist.print0(f"\nreceived {signal.Signals(signum).name}: finishing this iteration, then checkpointing")
+        dist.print0(f"\nreceived {signal.Signals(signum).name}: stopping at the next safe point (after the rollout, "
+                    f"the rewards, the update or within the evaluation), then checkpointing")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def stopped(self, message: str) -> TrainingStopped:
-        """The exception that ends a signalled run, after its checkpoint."""
+    def stopped(self, message: str, saved: bool = True) -> TrainingStopped:
+        """The exception that ends a signalled run, after its checkpoint (`saved`; else nothing needed one)."""
         signum = self.signal or signal.SIGTERM
-        return TrainingStopped(f"{signal.Signals(signum).name}: checkpoint saved, {message}", signum)
+        return TrainingStopped(f"{signal.Signals(signum).name}: {'checkpoint saved, ' * saved}{message}", signum)
+
+
+def stop_signalled(stop: StopRequest | None) -> bool:
+    """Whether any rank got SIGTERM/SIGINT (a collective: every rank calls it at the same point); False without
+    a StopRequest."""
+    return stop is not None and any_rank(stop.signal is not None)
 
 
 class TimeLimit:
