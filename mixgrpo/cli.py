@@ -1,4 +1,4 @@
-"""The `mixgrpo` command: train, sample, eval, export, preprocess, pretrain, config-doc.
+"""The `mixgrpo` command: train, sample, eval, export, serve-rewards, preprocess, pretrain, config-doc.
 
     mixgrpo train --config configs/mixgrpo.yaml [key.sub=value ...] [--resume]   (or --config mixgrpo)
     torchrun --nproc_per_node 8 -m mixgrpo train --config configs/flux_mixgrpo.yaml
@@ -23,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_RECIPE = "mixgrpo"
+DEFAULT_EVAL_REWARDS = ["verifier:score=strict", "verifier"]  # eval without a run or --reward: the shapes world's
 
 
 class UsageError(ConfigError):
@@ -82,11 +83,14 @@ class ModelLoader:
     """Loads the models a sample / eval command names: a run directory (its base from config.yaml + final/, or
     the latest checkpoint when the run did not finish), a checkpoint (RUN/checkpoints/iter_N), an export inside a
     run (RUN/final), a model directory of --model, or "base": the base model of the run among the paths (else
-    --model's registered default). --device, --dtype and --resolution apply to every model; a run's sampling
-    settings (steps, shift, guidance) are the defaults when the command does not give them."""
+    --model's registered default). --device, --dtype and --resolution apply to every model.
 
-    def __init__(self, args: argparse.Namespace, paths: list[str | None], prompts: list[str]):
-        self.args, self.prompts = args, prompts
+    With a run among the paths, what the command does not give follows the run's own held-out evaluation: its
+    eval prompts (the first eval_num_prompts), images per prompt, evaluation seed, sampling steps, shift and
+    guidance, and (eval) its rewards; so `mixgrpo eval RUN` redraws the images the run evaluated."""
+
+    def __init__(self, args: argparse.Namespace, paths: list[str | None]):
+        self.args = args
         self.run = next((r for r in map(_run_of, paths) if r is not None), None)
         self.device = args.device or _default_device()
         self.resolution = _parse_resolution(args.resolution)
@@ -96,15 +100,40 @@ class ModelLoader:
             from mixgrpo.export import run_config
 
             cfg = run_config(self.run, args.set or ())
+        self.cfg = cfg
+        from mixgrpo.seeding import held_out_seed
+
         defaults = {"steps": cfg.sampler.num_steps if cfg else 25, "shift": cfg.sampler.shift if cfg else 3.0,
-                    "guidance": cfg.eval_guidance if cfg else 1.0}
-        taken = [f"{k} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
+                    "guidance": cfg.eval_guidance if cfg else 1.0,
+                    "num_images": cfg.eval_images_per_prompt if cfg else 1,
+                    "seed": held_out_seed(cfg.seed) if cfg else 0}
+        taken = [f"{k.replace('_', ' ')} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
         for key, value in defaults.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+        self.prompts = self._prompts(taken)
+        self.reward_specs = None  # eval: RewardConfigs of the run when --reward is not given
+        if cfg is not None and getattr(args, "reward", "given") is None:
+            self.reward_specs = cfg.rewards
+            taken.append(f"rewards {', '.join(r.name for r in cfg.rewards)}")
         if cfg is not None and taken:
-            print(f"sampling settings of run {self.run}: {', '.join(taken)} (override with --steps, --shift, "
-                  f"--guidance)", flush=True)
+            print(f"settings of run {self.run}: {'; '.join(taken)} (override with --prompt/--prompts, --num-images, "
+                  f"--seed, --steps, --shift, --guidance{', --reward' if hasattr(args, 'reward') else ''})",
+                  flush=True)
+
+    def _prompts(self, taken: list[str]) -> list[str]:
+        """--prompt / --prompts, else the run's held-out prompts (as its evaluation reads them)."""
+        args, cfg = self.args, self.cfg
+        if args.prompt or args.prompts or cfg is None:
+            return _prompts_from(args)
+        from mixgrpo.prompts import read_prompts
+
+        try:
+            prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts or None]
+        except ValueError as e:
+            raise UsageError(f"the run's eval_prompts: {e}; or give --prompts FILE / --prompt TEXT") from None
+        taken.insert(0, f"the first {len(prompts)} prompts of {cfg.eval_prompts}")
+        return prompts
 
     def load(self, path: str | None):
         """The model of `path` (see the class docstring)."""
@@ -239,8 +268,8 @@ def _save_images(images, prompts: list[str], out: Path, video: str = ".gif") -> 
 def _sample(args: argparse.Namespace) -> None:
     from mixgrpo.evaluate import generate
 
-    prompts = _prompts_from(args)
-    loader = ModelLoader(args, [args.path, args.base_path], prompts)
+    loader = ModelLoader(args, [args.path, args.base_path])
+    prompts = loader.prompts
     plan = _sampling_plan(args)
     model = loader.load(args.path)
     base = loader.load(args.base_path) if args.base_path else None  # hybrid: the base takes the last steps
@@ -259,12 +288,12 @@ def _eval(args: argparse.Namespace) -> None:
     from mixgrpo.evaluate import evaluate, write_report
     from mixgrpo.rewards.scoring import build_rewards
 
-    specs = [_reward_spec(r) for r in args.reward or ["verifier:score=strict", "verifier"]]
-    rewards = [(r.label, r.fn) for r in build_rewards(specs)]
-    prompts = _prompts_from(args)
     entries = _model_entries(args.models)
     hybrid = _model_entries([args.hybrid])[0] if args.hybrid else None
-    loader = ModelLoader(args, [path for _, path in entries] + ([hybrid[1]] if hybrid else []), prompts)
+    loader = ModelLoader(args, [path for _, path in entries] + ([hybrid[1]] if hybrid else []))
+    prompts = loader.prompts
+    specs = loader.reward_specs or [_reward_spec(r) for r in args.reward or DEFAULT_EVAL_REWARDS]
+    rewards = [(r.label, r.fn) for r in build_rewards(specs)]
     plan = _sampling_plan(args)
     out = Path(args.out)
     results = {}
@@ -409,6 +438,41 @@ def _reward_spec(text: str):
                                                                      if "frames" in kwargs else {})}, "reward")
 
 
+def _serve_rewards(args: argparse.Namespace) -> None:
+    from mixgrpo.config import RewardConfig, from_dict, read_yaml
+    from mixgrpo.rewards.remote import token_from
+    from mixgrpo.rewards.server import require_serving_packages, serve
+
+    require_serving_packages()
+    specs = []
+    if args.rewards:  # a YAML list of rewards, or a run's config (its rewards:); weight and server do not apply
+        path = Path(args.rewards)
+        if not path.is_file():
+            raise UsageError(f"--rewards {args.rewards!r} does not exist: give a YAML file with a list of rewards "
+                             f"(or a run's config)")
+        import yaml
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.suffix in (".yaml", ".yml") else None
+        entries = data if isinstance(data, list) else read_yaml(path).get("rewards")
+        if not isinstance(entries, list):
+            raise UsageError(f"--rewards {args.rewards!r} holds no list of rewards: give a list of {{name, args}} "
+                             f"or a run's config with rewards:")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise UsageError(f"--rewards {args.rewards!r}: entry {i} is {entry!r}, not a mapping {{name, args}}")
+            entry = {k: v for k, v in entry.items() if k not in ("weight", "server")}
+            specs.append(from_dict(RewardConfig, entry, f"rewards[{i}]"))
+    specs += [_reward_spec(r) for r in args.reward or []]
+    checks = [(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
+              (0 <= args.port < 65536, "--port", args.port, "a port number in 0..65535"),
+              (args.max_request_mb > 0, "--max-request-mb", args.max_request_mb, "a positive number")]
+    for ok, flag, value, want in checks:
+        if not ok:
+            raise UsageError(f"{flag} = {value} is invalid: use {want}")
+    serve(specs, args.host, args.port, args.batch_size, token_from(args.token_env or ""),
+          int(args.max_request_mb * 2**20))
+
+
 def _pretrain(args: argparse.Namespace) -> None:
     from mixgrpo import pretrain
 
@@ -419,6 +483,12 @@ def _preprocess(args: argparse.Namespace) -> None:
     from mixgrpo import preprocess
 
     preprocess.main(args.rest)
+
+
+def _prompts(args: argparse.Namespace) -> None:
+    from mixgrpo import prompt_sets
+
+    prompt_sets.main(args.rest)
 
 
 def _config_doc(args: argparse.Namespace) -> None:
@@ -433,15 +503,18 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="registered base-model name for model directories and 'base' "
                                                    "(default: tiny; a run directory knows its own model)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv) or world:train / world:heldout")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv) or world:train / world:heldout (default: a run's "
+                                     "held-out prompts, the first eval_num_prompts of its eval_prompts)")
+    p.add_argument("--num-images", type=int, help="images per prompt (default: the run's eval_images_per_prompt, "
+                                                  "else 1)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sampler.num_steps, else 25)")
     p.add_argument("--shift", type=float, help="sigma-grid shift (default: the run's sampler.shift, else 3)")
     p.add_argument("--plan", default="ode", help="'ode' (default) or an algorithm preset, e.g. mixgrpo_flash")
     p.add_argument("--iteration", type=int, default=0, help="training iteration that places the plan's window")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the run's "
                                                   "evaluation guidance, else 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="noise seed (default: the run's evaluation seed, seed + 1, so that a "
+                                            "run's own evaluation is redrawn; else 0)")
     p.add_argument("--p-mix", type=float, default=0.8,
                    help="hybrid inference: fraction of the steps run by the fine-tuned model (default 0.8)")
     p.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
@@ -470,9 +543,9 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
     from mixgrpo.plan import MAX_STEPS
     from mixgrpo.preflight import device_problems
 
-    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance")}  # the run's values come later
+    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance", "num_images")}  # a run's come later
     check_values([
-        (args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
+        (unset["num_images"] or args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
         (unset["steps"] or 1 <= args.steps <= MAX_STEPS, "--steps", args.steps,
          f"an integer in [1, {MAX_STEPS}] (flow models sample well in 10 to 100 steps)"),
         (unset["shift"] or 0 < args.shift < inf, "--shift", args.shift, "a finite number > 0 (1 = no shift)"),
@@ -577,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "directory, or 'base': the run's base model), e.g. base=base "
                                              "tuned=runs/mixgrpo")
     p.add_argument("--reward", action="append",
-                   help="reward NAME or NAME:key=value,key=value (repeatable; default: verifier strict + dense); "
+                   help="reward NAME or NAME:key=value,key=value (repeatable; default: the run's rewards, else the "
+                        "shapes world's verifier strict + dense); "
                         "for videos, frames=mean|min|max|median aggregates an image reward's frame scores")
     p.add_argument("--hybrid", help="also evaluate hybrid inference of this fine-tuned model with the base")
     p.add_argument("--save-images", action="store_true",
@@ -595,8 +669,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_arg(p)
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("serve-rewards", help="host rewards on their own devices for training runs (HTTP; "
+                                             "docs/rewards.md)", allow_abbrev=False)
+    p.add_argument("--reward", action="append",
+                   help="reward NAME or NAME:key=value,... (repeatable), e.g. hps:device=cuda:1,path=... or "
+                        "mypkg.rewards:score; device= says where it runs")
+    p.add_argument("--rewards", help="a YAML file: a list of rewards in the form of a run's rewards: (name, args, "
+                                     "frames), or a run's config (its rewards are served)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                                                       "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8601, help="default 8601")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="most images scored together: concurrent requests are batched up to it (default 64)")
+    p.add_argument("--token-env", help="environment variable holding a bearer token that every request must carry")
+    p.add_argument("--max-request-mb", type=float, default=256.0, help="largest request body in MiB (default 256)")
+    p.set_defaults(func=_serve_rewards)
+
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
                            ("preprocess", _preprocess, "encode prompt files into an embedding cache"),
+                           ("prompts", _prompts, "list the prompt sets the recipes name (NAME:SPLIT), or fetch one"),
                            ("config-doc", _config_doc, "print (or --out, --check) the configuration reference")):
         p = sub.add_parser(name, help=text, add_help=False, allow_abbrev=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -604,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PASSTHROUGH = ("pretrain", "preprocess", "config-doc")  # subcommands with their own argument parsers
+_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc")  # subcommands with their own argument parsers
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,13 @@ class RewardConfig:
     weight: float = 1.0  # weight in the fused advantage; 0 = scored and logged only
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
     frames: str = "mean"  # videos: how an image reward's frame scores become one (mixgrpo.rewards.FRAME_AGGREGATIONS)
+    server: str | list[str] = ""  # URL of the reward server (mixgrpo serve-rewards) that scores it, or a list of
+                                  # replicas' URLs that share the images; "" = scored in-process (docs/rewards.md)
+
+    @property
+    def servers(self) -> list[str]:
+        """The server URLs of `server` (none: in-process)."""
+        return [self.server] if isinstance(self.server, str) and self.server else list(self.server or [])
 
 
 @dataclass
@@ -62,6 +69,16 @@ class RewardPolicyConfig:
 
     retries: int = 2  # extra attempts per reward call before the failure counts
     max_failed_groups: float = 0.25  # abort when more than this fraction of an iteration's groups fail
+
+
+@dataclass
+class RewardServersConfig:
+    """How the run talks to its reward servers (rewards with `server:`; docs/rewards.md)."""
+
+    timeout: float = 120.0  # seconds one /score request may take; then it fails and is retried (reward_policy.retries)
+    images: str = "float32"  # how images travel: "float32" (exact: scores equal in-process ones bit for bit),
+                             # "uint8" (4x smaller, quantised as a PNG would be) or "png"
+    token_env: str = ""  # environment variable holding the servers' bearer token; "" = send none
 
 
 @dataclass
@@ -162,6 +179,11 @@ class TrainConfig:
     eval_images_per_prompt: int = 1  # images per held-out prompt in the evaluation
     eval_guidance_scale: float = -1.0  # -1 = same as guidance_scale
     reward_policy: RewardPolicyConfig = field(default_factory=RewardPolicyConfig)
+    reward_servers: RewardServersConfig = field(default_factory=RewardServersConfig)
+    rollout_chunks: int = 1  # the rollout runs in this many parts of whole groups; each part is decoded and scored
+                             # while the next one rolls out (reward_overlap); 1 = one rollout, then the rewards
+    reward_overlap: bool = True  # rollout_chunks > 1: score each part in a background thread during the rollout;
+                                 # false: score every part after the rollout (the same numbers, not overlapped)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     tensorboard: bool = True  # event files in OUT/tensorboard when the tensorboard package is installed
     wandb_project: str = ""  # log to this Weights & Biases project (needs the wandb package); "" = off
@@ -221,6 +243,11 @@ class TrainConfig:
             (self.parallel.checkpoint_format in ("full", "sharded"), "parallel.checkpoint_format",
              "'full' or 'sharded'"),
             (self.parallel.rewards_on in ("every_rank", "rank0"), "parallel.rewards_on", "'every_rank' or 'rank0'"),
+            (1 <= self.rollout_chunks <= self.prompts_per_iteration, "rollout_chunks",
+             f"an integer in [1, prompts_per_iteration = {self.prompts_per_iteration}] (each part holds whole groups)"),
+            (self.reward_servers.timeout > 0, "reward_servers.timeout", "a positive number of seconds"),
+            (self.reward_servers.images in ("float32", "uint8", "png"), "reward_servers.images",
+             "'float32', 'uint8' or 'png'"),
         ]
         return [(ok, name, getattr_path(self, name), want) for ok, name, want in checks] + [
             (math.isfinite(r.weight), f"rewards[{i}].weight", r.weight, "a finite number (0 = logged only)")
@@ -228,6 +255,15 @@ class TrainConfig:
 
     def __post_init__(self):
         check_values(self.checks())
+        for i, reward in enumerate(self.rewards):
+            for url in reward.servers:
+                if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+                    raise ConfigError(f"rewards[{i}].server = {url!r} is invalid: use a URL such as "
+                                      f"http://127.0.0.1:8601 (a reward server of mixgrpo serve-rewards)")
+        if self.rollout_chunks > 1 and self.reward_overlap and self.parallel.rewards_on == "rank0":
+            raise ConfigError("reward_overlap with parallel.rewards_on 'rank0' would gather images across ranks from a "
+                              "background thread: use rewards_on 'every_rank' (or a reward server), or "
+                              "reward_overlap: false")
         if self.parallel.strategy == "ddp" and (self.parallel.param_dtype, self.parallel.reduce_dtype) != ("fp32",) * 2:
             raise ConfigError("parallel.param_dtype / reduce_dtype apply to parallel.strategy 'fsdp' only: with 'ddp' "
                               "use precision: bf16 for bf16 compute, or set parallel.strategy: fsdp")

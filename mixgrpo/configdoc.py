@@ -101,7 +101,9 @@ def _type_name(tp) -> str:
         return "section"
     if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
         return "list of sections"
-    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+    # "str or list[str]": a "|" would split the markdown table's cell
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "").replace(
+        " | ", " or ")
 
 
 def _anchor(key: str) -> str:

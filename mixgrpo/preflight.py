@@ -10,7 +10,8 @@ all of them are reported together:
   checked by the reward's own `check()`;
 - devices: model.args.device and every reward's args.device exist in this torch build and machine;
 - rewards: registered names, arguments that fit the factory, and their files (paths, checkpoint keys and
-  shapes, checked on the meta device by `reward.check()`, before any reward model is built);
+  shapes, checked on the meta device by `reward.check()`, before any reward model is built); a reward with
+  `server:` instead: each of its servers answers /health and hosts it with the config's arguments;
 - prompts: the train and eval prompt files read;
 - the model: its name, arguments that fit its factory, and its own checks (`MODEL_CHECKS`): the pipeline
   directory, the embedding cache's coverage of the train and eval prompts, its widths and token length
@@ -50,7 +51,8 @@ def problems_of(cfg: TrainConfig) -> list[str]:
         return missing
     problems = device_problems("model.args.device", cfg.model.args.get("device"))
     for i, spec in enumerate(cfg.rewards):
-        problems += device_problems(f"rewards[{i}].args.device", spec.args.get("device"))
+        if not spec.servers:  # a served reward's device is the server's
+            problems += device_problems(f"rewards[{i}].args.device", spec.args.get("device"))
     problems += _reward_problems(cfg)
     prompts: dict[str, tuple[str, list[str]]] = {}
     for split, source, count in (("train", cfg.train_prompts, None), ("eval", cfg.eval_prompts, cfg.eval_num_prompts)):
@@ -127,8 +129,10 @@ def _reward_problems(cfg: TrainConfig) -> list[str]:
     import mixgrpo.rewards  # noqa: F401  (registers the rewards)
     from mixgrpo.rewards import RewardError, build_reward
 
-    problems = []
+    problems = _server_problems(cfg)
     for i, spec in enumerate(cfg.rewards):
+        if spec.servers:
+            continue
         try:
             reward = build_reward(spec.name, spec.args, spec.frames)  # lazy: reads no file, builds no model
         except ValueError as e:
@@ -140,6 +144,35 @@ def _reward_problems(cfg: TrainConfig) -> list[str]:
                 check()
             except RewardError as e:
                 problems.append(f"rewards[{i}]: {e}")
+    return problems
+
+
+def _server_problems(cfg: TrainConfig) -> list[str]:
+    """Each reward server the config names answers /health (with the token) and hosts its rewards with the
+    config's name, arguments and frame aggregation."""
+    from mixgrpo.rewards.base import RewardError
+    from mixgrpo.rewards.remote import ServerClient, ServerSetupError, hosted_match, token_from
+
+    urls = list(dict.fromkeys(url for spec in cfg.rewards for url in spec.servers))
+    if not urls:
+        return []
+    try:
+        token = token_from(cfg.reward_servers.token_env)
+    except ValueError as e:
+        return [str(e)]
+    problems, hosted = [], {}
+    for url in urls:
+        try:
+            hosted[url] = ServerClient(url, cfg.reward_servers.timeout, token).health()["rewards"]
+        except (RewardError, ServerSetupError, TimeoutError, ConnectionError) as e:
+            problems.append(f"{e}; start it (mixgrpo serve-rewards, docs/rewards.md) or fix the reward's server:")
+    for i, spec in enumerate(cfg.rewards):
+        for url in spec.servers:
+            if url in hosted:
+                label, why = hosted_match(spec.name, spec.args, spec.frames, hosted[url])
+                if label is None:
+                    problems.append(f"rewards[{i}] ({spec.name}): reward server {url} cannot score it: {why}; serve "
+                                    f"it there (mixgrpo serve-rewards --reward ...) or change the config")
     return problems
 
 

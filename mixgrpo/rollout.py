@@ -47,6 +47,14 @@ class Trajectory:
     final: torch.Tensor
     nfe: int
 
+    @staticmethod
+    def cat(parts: Sequence["Trajectory"]) -> "Trajectory":
+        """The trajectories of consecutive batches of groups as one (rows in order; every part has the same K)."""
+        if len(parts) == 1:
+            return parts[0]
+        fields = ("x", "x_next", "sigma", "sigma_next", "log_prob", "step", "final")
+        return Trajectory(*(torch.cat([getattr(t, f) for t in parts]) for f in fields), parts[0].nfe)
+
 
 def _seeded_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
     gens = []

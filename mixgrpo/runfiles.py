@@ -88,8 +88,10 @@ def _parts(field: str) -> list[str | int]:
 
 
 def identities(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{field: identity} of every path field of a config mapping (see the module docstring)."""
-    return {field: identity(field, value) for field, value in path_fields(data).items()}
+    """{field: identity} of every path field of a config mapping and of its prompt sources, named sets included
+    (see the module docstring)."""
+    fields = {key: data[key] for key in PROMPT_FIELDS if isinstance(data.get(key), str)} | path_fields(data)
+    return {field: identity(field, value) for field, value in fields.items()}
 
 
 def identity(field: str, value: str) -> dict[str, Any]:

@@ -68,6 +68,7 @@ def write_summary(run_dir: Path) -> None:
              f"- iterations: {cfg['iterations']}, prompts x group: {cfg['prompts_per_iteration']} x "
              f"{cfg['group_size']}",
              f"- median seconds per iteration: {_median([m['time/iteration'] for m in metrics]):.2f}", ""]
+    lines += _server_lines(cfg, metrics)
     no_signal = no_signal_message(metrics)
     if no_signal:
         lines += [f"**Warning: {no_signal}.**", ""]
@@ -78,6 +79,21 @@ def write_summary(run_dir: Path) -> None:
                 lines.append(f"| {k[5:]} | {evals[0][k]:.4f} | {evals[-1][k]:.4f} |")
     with writing(run_dir / SUMMARY):
         (run_dir / SUMMARY).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _server_lines(cfg: dict[str, Any], metrics: list[dict[str, Any]]) -> list[str]:
+    """Which reward server scored which rewards, and how many training images over the run (rank 0's)."""
+    from mixgrpo.config import RewardConfig, from_dict
+    from mixgrpo.rewards.scoring import reward_labels
+
+    specs = [from_dict(RewardConfig, r) for r in cfg.get("rewards", [])]
+    hosted: dict[str, list[str]] = {}
+    for spec, label in zip(specs, reward_labels(specs)):
+        for url in spec.servers:
+            hosted.setdefault(url, []).append(label)
+    images = {url: sum(m.get("reward_servers", {}).get(url, 0) for m in metrics) for url in hosted}
+    return [f"- reward server {url} scored {', '.join(labels)}: {images[url]} training images"
+            for url, labels in hosted.items()] + ([""] if hosted else [])
 
 
 def _median(values: list[float]) -> float:

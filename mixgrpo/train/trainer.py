@@ -4,8 +4,11 @@ Flow-GRPO, DanceGRPO, MixGRPO, MixGRPO-Flash and Flash* differ only in their ste
 steps are SDE, ODE or DPM-Solver++, and which are trained. Each iteration (`Trainer.iteration`):
 
 1. plan        build_plan(sampler, iteration, seed): the window position is a pure function of both
-2. rollout     P prompts x G images, shared initial noise per group, old log-probs from the rollout itself
-3. rewards     scored on the decoded images under the failure policy (`mixgrpo.rewards.scoring`)
+2. rollout     P prompts x G images, shared initial noise per group, old log-probs from the rollout itself; in
+               `rollout_chunks` chunks of whole groups, each decoded and handed to the rewards when it is done
+3. rewards     scored on the decoded images under the failure policy (`mixgrpo.rewards.scoring`), in-process or by
+               reward servers; with `reward_overlap`, in the background while the next chunk rolls out
+               (`mixgrpo.train.overlap`), so the update waits only for what is missing
 4. advantages  the rewards fused into group-normalised advantages; failed groups get 0
 5. update      the objective (`mixgrpo.train.objectives`): GRPO re-scores the stored transitions under the
                clipped policy loss; DiffusionNFT / AWM train on the final samples. `updates_per_iteration`
@@ -44,12 +47,13 @@ from mixgrpo.rewards.scoring import RewardSet, score_metrics
 from mixgrpo.rollout import Trajectory, rollout
 from mixgrpo.runfiles import resolve_paths
 from mixgrpo.rundir import FINAL, METRICS, append_record, claim, record_eval, start_records
-from mixgrpo.seeding import group_seeds, prompt_indices, sample_seeds, update_shares
+from mixgrpo.seeding import group_seeds, held_out_seed, prompt_indices, reward_seeds, sample_seeds, update_shares
 from mixgrpo.tracking import Trackers, resource_metrics
 from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
                                    any_rank, require_agreeing_replicas, require_finite_images, require_finite_weights,
                                    require_learning_signal, stop_signalled, warn_without_signal)
 from mixgrpo.train.objectives import GRPO, ForwardProcess, Policy, Samples
+from mixgrpo.train.overlap import ChunkScoring, chunk_bounds
 from mixgrpo.train.report import progress_line, write_summary
 from mixgrpo.train.state import TrainState, check_resumable, fingerprint
 from mixgrpo.train.update import UpdateLoop, UpdateStats
@@ -66,7 +70,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
     attention = contextlib.nullcontext() if cfg.grad_checkpointing else CpuAttentionBackward()
     with claim(cfg.out_dir, resume), attention:  # directory is claimed or any model loads
-        return Trainer(cfg, resume).run(progress, stop_after)
+        trainer = Trainer(cfg, resume)
+        try:
+            return trainer.run(progress, stop_after)
+        finally:
+            trainer.scoring.close()
 
 
 EVAL_PENDING = "eval_pending"
@@ -104,7 +112,9 @@ class Trainer:
         base = {n: p.detach().clone() for n, p in params.items()} if cfg.kl_beta > 0 else None
         self.model = dist.wrap_model(model, cfg.parallel)  # FSDP replaces the parameters by their shards
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.rewards = RewardSet(cfg.rewards, cfg.reward_policy.retries, cfg.parallel.rewards_on == "rank0")
+        self.rewards = RewardSet(cfg.rewards, cfg.reward_policy.retries, cfg.parallel.rewards_on == "rank0",
+                                 cfg.reward_servers)
+        self.scoring = ChunkScoring(self.rewards, cfg.group_size, cfg.reward_overlap and cfg.rollout_chunks > 1)
         self.train_prompts = read_prompts(cfg.train_prompts)
         self.eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
         optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -152,23 +162,27 @@ class Trainer:
 
     def iteration(self, it: int, stop: StopRequest | None = None) -> dict[str, Any] | None:
         """One iteration of the algorithm (module docstring); returns its metrics record, or None when `stop` was
-        signalled before the update (after the rollout or the rewards: the long phases): nothing of the iteration
+        signalled before the update (during the rollout and its rewards, which overlap): nothing of the iteration
         is kept, the weights are those after iteration `it`."""
         cfg, watch = self.cfg, Stopwatch()
         plan = build_plan(cfg.sampler, it, cfg.seed)
         groups = self.groups(it)
-        traj = self.rollout(plan, groups, it)
+        traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
         watch.lap("rollout")
-        if stop_signalled(stop):
-            return None
-        scores, failed, failed_all = self.score(traj, groups, it)
+        scores, failed, failed_all, scoring_seconds = self.score(it)
         advantages = self.rewards.advantages(scores, failed, cfg.reward_mode, cfg.advantage_std, cfg.advantage_clip)
         watch.lap("reward")
         if stop_signalled(stop):
             return None
         stats = self.update(plan, traj, advantages, groups, it)
         watch.lap("update")
-        return self.log(it, plan, traj, scores, failed_all, advantages, stats, watch)
+        record = self.log(it, plan, traj, scores, failed_all, advantages, stats, watch)
+        # reward time in total (hidden behind the rollout or not), and the part the iteration waited for
+        record.update({"time/reward_total": scoring_seconds, "time/reward_exposed": watch.laps["reward"]})
+        served = self.rewards.served()
+        if served:  # which reward server scored how many of this rank's images
+            record["reward_servers"] = served
+        return record
 
     def groups(self, it: int) -> Groups:
         """This rank's slice of the iteration's prompts (the same global order at any world size)."""
@@ -180,35 +194,40 @@ class Trainer:
         return Groups(prompts, cond, uncond, first=rank * P)
 
     def rollout(self, plan: Plan, groups: Groups, it: int) -> Trajectory:
-        """G images per prompt along `plan`, with the weights the objective samples from; stores what it trains."""
+        """G images per prompt along `plan`, with the weights the objective samples from; stores what it trains.
+        In `rollout_chunks` chunks of whole groups: each chunk's decoded images go to `self.scoring` at once."""
         cfg, G, P = self.cfg, self.cfg.group_size, len(groups.prompts)
         mask = self.objective.train_mask(plan, P * G, cfg.seed, it, groups.first * G)
         seeds = group_seeds(cfg.seed, it, groups.first, P)
         if self.clock is not None:
             self.clock.reset()
         self.model.eval()
-        with self.autocast(), dist.unsharded(self.model, cfg.parallel), \
-                swapped_weights(self.model, shadow_of(self.objective.sampler)):
-            traj = rollout(self.model, plan, groups.cond, G, seeds, mask, groups.uncond, cfg.guidance_scale,
-                           cfg.shared_noise)
+        parts = []
+        for a, b in chunk_bounds(P, cfg.rollout_chunks):
+            rows = slice(a, b)
+            with self.autocast(), dist.unsharded(self.model, cfg.parallel), \
+                    swapped_weights(self.model, shadow_of(self.objective.sampler)):
+                parts.append(rollout(self.model, plan, cond_index(groups.cond, rows), G, seeds[rows],
+                                     mask[a * G:b * G], None if groups.uncond is None else
+                                     cond_index(groups.uncond, rows), cfg.guidance_scale, cfg.shared_noise))
+            with torch.no_grad():
+                images = self.model.decode(parts[-1].final).float()
+            require_finite_images(images, it)
+            self.scoring.submit(images, [p for p in groups.prompts[a:b] for _ in range(G)],
+                                reward_seeds(cfg.seed, it, (groups.first + a) * G, (b - a) * G))
         if self.clock is not None:
             self.clock.lap("rollout")
-        return traj
+        return Trajectory.cat(parts)
 
-    def score(self, traj: Trajectory, groups: Groups,
-              it: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """({label: [P, G]} scores, failed [P], failed [P x ranks]) of the decoded images; too many failed
-        groups stop the run."""
-        with torch.no_grad():
-            images = self.model.decode(traj.final).float()
-        require_finite_images(images, it)
-        G = self.cfg.group_size
-        scores, failed = self.rewards.score(images, [p for p in groups.prompts for _ in range(G)], G)
+    def score(self, it: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, float]:
+        """({label: [P, G]} scores, failed [P], failed [P x ranks], seconds spent scoring) of the rollout's images,
+        once every chunk is scored; too many failed groups stop the run."""
+        scores, failed, errors, seconds = self.scoring.collect()
         failed_all = dist.all_gather_cat(failed)
-        failure = self.rewards.failure(failed_all, self.cfg.reward_policy.max_failed_groups, it)
+        failure = self.rewards.failure(failed_all, self.cfg.reward_policy.max_failed_groups, it, errors)
         if failure is not None:
             raise TrainingError(failure)
-        return scores, failed, failed_all
+        return scores, failed, failed_all, seconds
 
     def update(self, plan: Plan, traj: Trajectory, advantages: torch.Tensor, groups: Groups, it: int) -> UpdateStats:
         """The objective's optimizer steps on this iteration's samples, then the learning-rate schedule; a weight
@@ -335,7 +354,7 @@ class Trainer:
             with swapped_weights(self.model, shadow_of(self.ema)):  # EMA weights, without touching the live ones
                 res = evaluate(self.model, self.eval_prompts, self.rewards.functions(),
                                ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), cfg.eval_images_per_prompt,
-                               seed=cfg.seed + 1, guidance_scale=cfg.eval_guidance,
+                               seed=held_out_seed(cfg.seed), guidance_scale=cfg.eval_guidance,
                                stop=None if stop is None else lambda: stop.signal is not None)
             if res is None:
                 return False
@@ -355,12 +374,13 @@ class Trainer:
 @torch.no_grad()
 def layouts_agree(model: torch.nn.Module, cfg: TrainConfig, autocast, uncond_row: Cond | None,
                   device: torch.device) -> bool:
-    """Whether a velocity is the same bit for bit computed as the rollout computes it (eval mode, batch B = P G)
+    """Whether a velocity is the same bit for bit computed as the rollout computes it (eval mode, chunks of P G)
     and as the GRPO update does (train mode, each micro-batch size), so that the rollout's log-probs are the
     update's old ones (ratio == 1 on the first step). One call of each on random inputs; kernels that block by
     batch size (fp32 GEMMs at batch 1 on CPU, bf16 GEMMs on some GPUs) fail it, and the update re-scores instead
     (`GRPO(rescore_old=True)`)."""
-    B = cfg.prompts_per_iteration * cfg.group_size
+    G = cfg.group_size
+    B = cfg.prompts_per_iteration * G
     share = B // cfg.updates_per_iteration
     sizes = sorted({min(cfg.micro_batch_size, share), share % cfg.micro_batch_size} - {0})
     g = torch.Generator().manual_seed(0)
@@ -371,8 +391,12 @@ def layouts_agree(model: torch.nn.Module, cfg: TrainConfig, autocast, uncond_row
     uncond = None if uncond_row is None else rows(uncond_row)
     training = model.training
     model.eval()
-    with autocast(), dist.unsharded(model, cfg.parallel):
-        v_rollout = guided_velocity(model, x, sigma, cond, uncond, cfg.guidance_scale)
+    with autocast(), dist.unsharded(model, cfg.parallel):  # in the rollout's chunks (rollout_chunks)
+        v_rollout = torch.cat([guided_velocity(model, x[a * G:b * G], sigma[a * G:b * G], cond_index(cond, rows),
+                                               None if uncond is None else cond_index(uncond, rows),
+                                               cfg.guidance_scale)
+                               for a, b in chunk_bounds(cfg.prompts_per_iteration, cfg.rollout_chunks)
+                               for rows in [slice(a * G, b * G)]])
     model.train()
     same = True
     for n in sizes:
