@@ -463,12 +463,13 @@ def _serve_rewards(args: argparse.Namespace) -> None:
             entry = {k: v for k, v in entry.items() if k not in ("weight", "server")}
             specs.append(from_dict(RewardConfig, entry, f"rewards[{i}]"))
     specs += [_reward_spec(r) for r in args.reward or []]
-    checks = [(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
-              (0 <= args.port < 65536, "--port", args.port, "a port number in 0..65535"),
-              (args.max_request_mb > 0, "--max-request-mb", args.max_request_mb, "a positive number")]
-    for ok, flag, value, want in checks:
-        if not ok:
-            raise UsageError(f"{flag} = {value} is invalid: use {want}")
+    from math import inf
+
+    from mixgrpo.errors import check_values
+
+    check_values([(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
+                  (0 <= args.port < 65536, "--port", args.port, "a port number in 0..65535"),
+                  (0 < args.max_request_mb < inf, "--max-request-mb", args.max_request_mb, "a positive finite number")])
     serve(specs, args.host, args.port, args.batch_size, token_from(args.token_env or ""),
           int(args.max_request_mb * 2**20))
 
@@ -543,7 +544,7 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
     from mixgrpo.plan import MAX_STEPS
     from mixgrpo.preflight import device_problems
 
-    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance", "num_images")}  # a run's come later
+    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance", "num_images", "seed")}  # the run's
     check_values([
         (unset["num_images"] or args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
         (unset["steps"] or 1 <= args.steps <= MAX_STEPS, "--steps", args.steps,
@@ -552,7 +553,7 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
         (args.iteration >= 0, "--iteration", args.iteration, "an integer >= 0"),
         (unset["guidance"] or 1 <= args.guidance < inf, "--guidance", args.guidance,
          "a finite number >= 1 (1 = no guidance)"),
-        (args.seed >= 0, "--seed", args.seed, "an integer >= 0"),
+        (unset["seed"] or args.seed >= 0, "--seed", args.seed, "an integer >= 0"),
         (args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
         (0 <= args.p_mix <= 1, "--p-mix", args.p_mix,
          "a fraction in [0, 1] (the share of the steps the fine-tuned model runs)")])
