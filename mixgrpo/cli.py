@@ -540,6 +540,7 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
     The run's own sampling settings are checked when they are taken (`ModelLoader`)."""
     from math import inf
 
+    from mixgrpo.dtypes import DTYPES
     from mixgrpo.errors import check_values
     from mixgrpo.plan import MAX_STEPS
     from mixgrpo.preflight import device_problems
@@ -554,6 +555,7 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
         (unset["guidance"] or 1 <= args.guidance < inf, "--guidance", args.guidance,
          "a finite number >= 1 (1 = no guidance)"),
         (unset["seed"] or args.seed >= 0, "--seed", args.seed, "an integer >= 0"),
+        (args.dtype is None or args.dtype in DTYPES, "--dtype", args.dtype, f"one of {sorted(DTYPES)}"),
         (args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
         (0 <= args.p_mix <= 1, "--p-mix", args.p_mix,
          "a fraction in [0, 1] (the share of the steps the fine-tuned model runs)")])

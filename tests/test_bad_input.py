@@ -229,6 +229,7 @@ CASES = [
          ["--device = 'cuda', but torch", "has no CUDA device", "cpu"]),
     Case("a GPU index that is not there", sample_args("--device", "cuda:5"), ["--device = 'cuda:5'"]),
     Case("a device typo", sample_args("--device", "cdua"), ["--device = 'cdua' is not a device", "cpu, cuda"]),
+    Case("a dtype typo", sample_args("--dtype", "flaot16"), ["--dtype = 'flaot16' is invalid", "'float16'"]),
     Case("missing --base-path", sample_args("--path", "{d}/run", "--base-path", "{d}/nope"),
          ["--base-path", "nope' does not exist"]),
     Case("a run without a model yet", sample_args("--path", "{d}/nomodel"),
