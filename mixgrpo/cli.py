@@ -324,6 +324,44 @@ def _eval(args: argparse.Namespace) -> None:
           + (f"; images and captioned grids: {out / 'images'}" if args.save_images else ""))
 
 
+def _compare(args: argparse.Namespace) -> int:
+    """Each run against its recipe's reference (mixgrpo.reference): one line per run, one PNG; exit 1 when a run
+    lies outside a band, 0 when every run lies inside or has no reference."""
+    from mixgrpo.reference import describe, plot_comparison, read_run, reference_of, shipped_references
+
+    runs = [read_run(path) for path in args.runs]
+    refs = [reference_of(run) for run in runs]
+    named = {ref.recipe for ref in refs if ref is not None}
+    if len(named) > 1:
+        raise UsageError(f"the runs follow different recipes ({', '.join(sorted(named))}): compare one recipe's "
+                         f"runs at a time")
+    outside = False
+    for run, ref in zip(runs, refs):
+        if ref is None:
+            print(f"{run.path}: no reference: its config follows no shipped recipe up to seed, length, logging and "
+                  f"precision (references: {', '.join(sorted(shipped_references()))})")
+        elif not ref.seeds:
+            print(f"{run.path}: the reference of {ref.recipe} has no figures yet ({ref.note or ref.path})")
+        else:
+            line = describe(run, ref)
+            outside = outside or "OUTSIDE" in line
+            print(f"{run.path}: {line}")
+    ref = next((r for r in refs if r is not None and r.seeds), None)
+    plot_comparison(runs, ref, Path(args.out))
+    print(f"plot: {args.out}")
+    return 1 if outside else 0
+
+
+def _reference(args: argparse.Namespace) -> None:
+    """Write a recipe's reference file from its runs at several seeds."""
+    from mixgrpo.reference import build_reference, references_dir
+
+    ref = build_reference(args.runs, machine=args.machine, note=args.note)
+    out = Path(args.out) if args.out else references_dir() / f"{ref.recipe}.json"
+    ref.write(out)
+    print(f"reference of {ref.recipe} ({len(ref.seeds)} seeds, {ref.precision}): {out}")
+
+
 def _safe_name(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
@@ -672,6 +710,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set_arg(p)
     p.set_defaults(func=_export)
 
+    p = sub.add_parser("compare", help="runs against their recipe's reference curves: inside the band or not, "
+                                       "and one PNG", allow_abbrev=False)
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default="compare.png", help="the PNG to write (default: compare.png)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("reference", help="write a recipe's reference curves from its runs at several seeds",
+                       allow_abbrev=False)
+    p.add_argument("runs", nargs="+", help="run directories of one recipe, one per seed")
+    p.add_argument("--machine", required=True, help="what ran them, e.g. '1x H100 80GB, CUDA 12.8'")
+    p.add_argument("--note", default="", help="anything a reader of the figures should know")
+    p.add_argument("--out", help="the JSON file (default: configs/references/RECIPE.json)")
+    p.set_defaults(func=_reference)
+
     p = sub.add_parser("serve-rewards", help="host rewards on their own devices for training runs (HTTP; "
                                              "docs/rewards.md)", allow_abbrev=False)
     p.add_argument("--reward", action="append",
@@ -721,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("sample", "eval"):
             _check_sampling_args(args)
-        args.func(args)
+        code = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -736,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in _error_line(e, args).splitlines() or [type(e).__name__]:  # pre-flight: one line each
             print(f"error: {line}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 def _error_line(e: Exception, args: argparse.Namespace) -> str:

@@ -270,3 +270,18 @@ def test_a_size_the_model_cannot_take_is_refused_before_it_loads(name, tmp_path,
     load(**fixed)  # the loader agrees on both sides
     with pytest.raises(ValueError, match="must be multiples of"):
         load(**{**fixed, "height": 66})
+
+
+def test_a_user_module_in_the_working_directory_names_the_pythonpath_fix(tmp_path, monkeypatch):
+    """The `mixgrpo` command does not search the working directory (python -m does): the pre-flight says so."""
+    import sys
+
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    (line,) = problems_of(_cfg(rewards=[{"name": "mypkg.rewards:redness"}]))
+    assert "mypkg is in the working directory" in line and "PYTHONPATH=." in line
+    monkeypatch.chdir(tmp_path.parent)
+    (line,) = problems_of(_cfg(rewards=[{"name": "mypkg.rewards:redness"}]))
+    assert "PYTHONPATH=DIR" in line and "pip install" in line

@@ -13,6 +13,7 @@ from typing import Any
 from mixgrpo.config import read_yaml
 from mixgrpo.fileio import writing
 from mixgrpo.images import plot_panels
+from mixgrpo.reference import training_minutes
 from mixgrpo.rundir import CONFIG, EVALS, SUMMARY, read_metrics, read_records
 from mixgrpo.train.control import no_signal_message
 
@@ -52,10 +53,7 @@ def write_summary(run_dir: Path) -> None:
                 run_dir / "reward_curve.png", xlabels=("iteration",), title=f"{cfg['algorithm']}: training reward",
                 markers={k[7:]: {"held-out": [(e["iteration"], e[f"eval/{k[7:]}"]) for e in evals
                                               if f"eval/{k[7:]}" in e]} for k in reward_keys})
-    minutes, total = {0: 0.0}, 0.0  # training minutes at the end of each iteration (evaluations excluded)
-    for m in metrics:
-        total += m["time/iteration"] / 60
-        minutes[m["iteration"]] = total
+    minutes = training_minutes(metrics)
     eval_keys = [k for k in (evals[0] if evals else {}) if k.startswith("eval/")]
     if eval_keys:
         plot_panels({k[5:]: {"held-out@0": [(e["iteration"], e[k]) for e in evals if k in e],

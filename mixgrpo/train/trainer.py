@@ -34,7 +34,7 @@ import torch
 from mixgrpo import dist
 from mixgrpo.checkpoint import latest_checkpoint, read_state
 from mixgrpo.config import TrainConfig, build_config, to_dict
-from mixgrpo.dtypes import CpuAttentionBackward, model_precision, resolve_precision
+from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_precision, resolve_precision
 from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
 from mixgrpo.images import media_name, save_grid
@@ -43,6 +43,7 @@ from mixgrpo.models.base import build_model, guided_velocity
 from mixgrpo.plan import Plan, build_plan, ode_plan
 from mixgrpo.preflight import check_run
 from mixgrpo.prompts import read_prompts
+from mixgrpo.reference import end_of_run_line
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
 from mixgrpo.rollout import Trajectory, rollout
 from mixgrpo.runfiles import resolve_paths
@@ -69,7 +70,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
     # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
     attention = contextlib.nullcontext() if cfg.grad_checkpointing else CpuAttentionBackward()
-    with claim(cfg.out_dir, resume), attention:  # directory is claimed or any model loads
+    with claim(cfg.out_dir, resume), attention, deterministic_kernels(cfg.deterministic):  # claimed before any model loads
         trainer = Trainer(cfg, resume)
         try:
             return trainer.run(progress, stop_after)
@@ -324,6 +325,9 @@ class Trainer:
         export_model(self.model, self.run_dir / FINAL, shadow_of(self.ema))  # every rank: FSDP shards are gathered
         if dist.is_main():
             write_summary(self.run_dir)
+            against = end_of_run_line(self.run_dir)  # when the recipe has reference curves (mixgrpo compare)
+            if against is not None:
+                print(against, flush=True)
             self.tracker.close()
             dist.print0(f"run directory: {self.run_dir}")
         require_learning_signal(self.run_dir, cfg.prompts_per_iteration * dist.world_size())
