@@ -1,7 +1,7 @@
-"""The `mixgrpo` command: train, sample, eval, export, serve-rewards, preprocess, pretrain, config-doc.
+"""The `mixgrpo` command: train, sample, eval, export, serve-rewards, preprocess, pretrain, config-doc, launch.
 
     mixgrpo train --config configs/mixgrpo.yaml [key.sub=value ...] [--resume]   (or --config mixgrpo)
-    torchrun --nproc_per_node 8 -m mixgrpo train --config configs/flux_mixgrpo.yaml
+    mixgrpo launch --nproc_per_node 8 train --config configs/flux_mixgrpo.yaml   (torchrun, mixgrpo's exit statuses)
 
 Errors in the user's input print one line naming the problem and the fix, and exit with status 2
 (`--debug` shows the traceback instead). A run stopped by SIGTERM/SIGINT exits 128 + the signal number after
@@ -56,6 +56,15 @@ def _train(args: argparse.Namespace) -> None:
                              f"{', '.join(f'{field} = {path}' for field, path in gone)}; give their place now: "
                              f"mixgrpo train --out {args.out} --resume "
                              + " ".join(f"{field}=PATH" for field, _ in gone))
+    if args.dry_run:  # what the run needs and what it would take, without a model or a run directory
+        from mixgrpo import memory
+        from mixgrpo.preflight import check_run
+
+        check_run(cfg)
+        if memory.report(cfg, int(os.environ.get("WORLD_SIZE", "1"))) is None:
+            print(f"no memory estimate for model {cfg.model.name!r} (only for a local diffusers pipeline directory)")
+        print(f"dry run: the pre-flight found nothing; the run would write {cfg.out_dir}")
+        return
     train(cfg, resume=args.resume, progress=not args.quiet)
     from mixgrpo import dist
 
@@ -530,6 +539,12 @@ def _prompts(args: argparse.Namespace) -> None:
     prompt_sets.main(args.rest)
 
 
+def _launch(args: argparse.Namespace) -> None:
+    from mixgrpo import launch
+
+    raise SystemExit(launch.main(args.rest, [c for c in command_names() if c != "launch"]))
+
+
 def _config_doc(args: argparse.Namespace) -> None:
     from mixgrpo import configdoc
 
@@ -672,6 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (same as out_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--dry-run", action="store_true", help="run the pre-flight and print the memory estimate, then "
+                                                          "stop: no model loads, no run directory is written")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. iterations=10 sampler.window.size=2")
     p.set_defaults(func=_train)
 
@@ -743,14 +760,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
                            ("preprocess", _preprocess, "encode prompt files into an embedding cache"),
                            ("prompts", _prompts, "list the prompt sets the recipes name (NAME:SPLIT), or fetch one"),
-                           ("config-doc", _config_doc, "print (or --out, --check) the configuration reference")):
+                           ("config-doc", _config_doc, "print (or --out, --check) the configuration reference"),
+                           ("launch", _launch, "torchrun with mixgrpo's exit statuses: mixgrpo launch [torchrun "
+                                               "options] train ... (docs/distributed.md)")):
         p = sub.add_parser(name, help=text, add_help=False, allow_abbrev=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=fn)
     return parser
 
 
-_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc")  # subcommands with their own argument parsers
+_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc", "launch")  # subcommands with their own parsers
+
+
+def command_names() -> list[str]:
+    """The subcommands of `mixgrpo`."""
+    actions = build_parser()._subparsers._group_actions  # noqa: SLF001  (argparse keeps them nowhere public)
+    return list(actions[0].choices)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -781,14 +806,26 @@ def main(argv: list[str] | None = None) -> int:
         from mixgrpo.train import TrainingStopped
 
         if isinstance(e, TrainingStopped):  # preempted: checkpointed and resumable, but not finished
-            print(f"stopped by {e}", file=sys.stderr)
+            if _reports(e):
+                print(f"stopped by {e}", file=sys.stderr)
             return 128 + e.signum
         if args.debug or not _is_user_error(e):
             raise
-        for line in _error_line(e, args).splitlines() or [type(e).__name__]:  # pre-flight: one line each
-            print(f"error: {line}", file=sys.stderr)
+        if _reports(e):
+            for line in _error_line(e, args).splitlines() or [type(e).__name__]:  # pre-flight: one line each
+                print(f"error: {line}", file=sys.stderr)
         return 2
     return code or 0
+
+
+def _reports(e: Exception) -> bool:
+    """Whether this process prints `e`: every rank stops on the same pre-flight problems (rank 0 found and broadcast
+    them) and the same signal (agreed at the same iteration), so rank 0 alone says so; anything else may be one
+    rank's own, and each rank prints it."""
+    from mixgrpo.preflight import PreflightError
+    from mixgrpo.train import TrainingStopped
+
+    return not isinstance(e, (PreflightError, TrainingStopped)) or os.environ.get("RANK", "0") == "0"
 
 
 def _error_line(e: Exception, args: argparse.Namespace) -> str:
