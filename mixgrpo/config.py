@@ -402,10 +402,12 @@ def to_dict(cfg: Any) -> Any:
 def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     """'key.sub: old -> new' for every leaf that differs between two config fingerprints. A key the old one
     lacks is a field added by a newer mixgrpo (its default keeps the old behaviour), a key the new one lacks a
-    field it removed (it did nothing): neither is a difference."""
+    field it removed (it did nothing): neither is a difference, in lists of the same length (rewards) too."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in sorted(set(old) | set(new), key=str) if k in old and k in new
                 for d in config_diff(old[k], new[k], f"{prefix}{k}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in config_diff(a, b, f"{prefix.rstrip('.')}[{i}].")]
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
