@@ -1,7 +1,7 @@
-"""The `mixgrpo` command: train, sample, eval, export, serve-rewards, preprocess, pretrain, config-doc.
+"""The `mixgrpo` command: train, sample, eval, export, serve-rewards, preprocess, pretrain, config-doc, launch.
 
     mixgrpo train --config configs/mixgrpo.yaml [key.sub=value ...] [--resume]   (or --config mixgrpo)
-    torchrun --nproc_per_node 8 -m mixgrpo train --config configs/flux_mixgrpo.yaml
+    mixgrpo launch --nproc_per_node 8 train --config configs/flux_mixgrpo.yaml   (torchrun, mixgrpo's exit statuses)
 
 Errors in the user's input print one line naming the problem and the fix, and exit with status 2
 (`--debug` shows the traceback instead). A run stopped by SIGTERM/SIGINT exits 128 + the signal number after
@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_RECIPE = "mixgrpo"
+DEFAULT_EVAL_REWARDS = ["verifier:score=strict", "verifier"]  # eval without a run or --reward: the shapes world's
 
 
 class UsageError(ValueError):
@@ -50,6 +51,15 @@ def _train(args: argparse.Namespace) -> None:
                              f"{', '.join(f'{field} = {path}' for field, path in gone)}; give their place now: "
                              f"mixgrpo train --out {args.out} --resume "
                              + " ".join(f"{field}=PATH" for field, _ in gone))
+    if args.dry_run:  # what the run needs and what it would take, without a model or a run directory
+        from mixgrpo import memory
+        from mixgrpo.preflight import check_run
+
+        check_run(cfg)
+        if memory.report(cfg, int(os.environ.get("WORLD_SIZE", "1"))) is None:
+            print(f"no memory estimate for model {cfg.model.name!r} (only for a local diffusers pipeline directory)")
+        print(f"dry run: the pre-flight found nothing; the run would write {cfg.out_dir}")
+        return
     train(cfg, resume=args.resume, progress=not args.quiet)
     from mixgrpo import dist
 
@@ -77,11 +87,14 @@ class ModelLoader:
     """Loads the models a sample / eval command names: a run directory (its base from config.yaml + final/, or
     the latest checkpoint when the run did not finish), a checkpoint (RUN/checkpoints/iter_N), an export inside a
     run (RUN/final), a model directory of --model, or "base": the base model of the run among the paths (else
-    --model's registered default). --device, --dtype and --resolution apply to every model; a run's sampling
-    settings (steps, shift, guidance) are the defaults when the command does not give them."""
+    --model's registered default). --device, --dtype and --resolution apply to every model.
 
-    def __init__(self, args: argparse.Namespace, paths: list[str | None], prompts: list[str]):
-        self.args, self.prompts = args, prompts
+    With a run among the paths, what the command does not give follows the run's own held-out evaluation: its
+    eval prompts (the first eval_num_prompts), images per prompt, evaluation seed, sampling steps, shift and
+    guidance, and (eval) its rewards; so `mixgrpo eval RUN` redraws the images the run evaluated."""
+
+    def __init__(self, args: argparse.Namespace, paths: list[str | None]):
+        self.args = args
         self.run = next((r for r in map(_run_of, paths) if r is not None), None)
         self.device = args.device or _default_device()
         self.resolution = _parse_resolution(args.resolution)
@@ -91,15 +104,40 @@ class ModelLoader:
             from mixgrpo.export import run_config
 
             cfg = run_config(self.run, args.set or ())
+        self.cfg = cfg
+        from mixgrpo.seeding import held_out_seed
+
         defaults = {"steps": cfg.sampler.num_steps if cfg else 25, "shift": cfg.sampler.shift if cfg else 3.0,
-                    "guidance": cfg.eval_guidance if cfg else 1.0}
-        taken = [f"{k} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
+                    "guidance": cfg.eval_guidance if cfg else 1.0,
+                    "num_images": cfg.eval_images_per_prompt if cfg else 1,
+                    "seed": held_out_seed(cfg.seed) if cfg else 0}
+        taken = [f"{k.replace('_', ' ')} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
         for key, value in defaults.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+        self.prompts = self._prompts(taken)
+        self.reward_specs = None  # eval: RewardConfigs of the run when --reward is not given
+        if cfg is not None and getattr(args, "reward", "given") is None:
+            self.reward_specs = cfg.rewards
+            taken.append(f"rewards {', '.join(r.name for r in cfg.rewards)}")
         if cfg is not None and taken:
-            print(f"sampling settings of run {self.run}: {', '.join(taken)} (override with --steps, --shift, "
-                  f"--guidance)", flush=True)
+            print(f"settings of run {self.run}: {'; '.join(taken)} (override with --prompt/--prompts, --num-images, "
+                  f"--seed, --steps, --shift, --guidance{', --reward' if hasattr(args, 'reward') else ''})",
+                  flush=True)
+
+    def _prompts(self, taken: list[str]) -> list[str]:
+        """--prompt / --prompts, else the run's held-out prompts (as its evaluation reads them)."""
+        args, cfg = self.args, self.cfg
+        if args.prompt or args.prompts or cfg is None:
+            return _prompts_from(args)
+        from mixgrpo.prompts import read_prompts
+
+        try:
+            prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts or None]
+        except ValueError as e:
+            raise UsageError(f"the run's eval_prompts: {e}; or give --prompts FILE / --prompt TEXT") from None
+        taken.insert(0, f"the first {len(prompts)} prompts of {cfg.eval_prompts}")
+        return prompts
 
     def load(self, path: str | None):
         """The model of `path` (see the class docstring)."""
@@ -219,8 +257,8 @@ def _save_images(images, prompts: list[str], out: Path, video: str = ".gif") -> 
 def _sample(args: argparse.Namespace) -> None:
     from mixgrpo.evaluate import generate
 
-    prompts = _prompts_from(args)
-    loader = ModelLoader(args, [args.path, args.base_path], prompts)
+    loader = ModelLoader(args, [args.path, args.base_path])
+    prompts = loader.prompts
     model = loader.load(args.path)
     base = loader.load(args.base_path) if args.base_path else None  # hybrid: the base takes the last steps
     plan = _sampling_plan(args)
@@ -239,12 +277,12 @@ def _eval(args: argparse.Namespace) -> None:
     from mixgrpo.evaluate import evaluate, write_report
     from mixgrpo.rewards.scoring import build_rewards
 
-    specs = [_reward_spec(r) for r in args.reward or ["verifier:score=strict", "verifier"]]
-    rewards = [(r.label, r.fn) for r in build_rewards(specs)]
-    prompts = _prompts_from(args)
     entries = _model_entries(args.models)
     hybrid = _model_entries([args.hybrid])[0] if args.hybrid else None
-    loader = ModelLoader(args, [path for _, path in entries] + ([hybrid[1]] if hybrid else []), prompts)
+    loader = ModelLoader(args, [path for _, path in entries] + ([hybrid[1]] if hybrid else []))
+    prompts = loader.prompts
+    specs = loader.reward_specs or [_reward_spec(r) for r in args.reward or DEFAULT_EVAL_REWARDS]
+    rewards = [(r.label, r.fn) for r in build_rewards(specs)]
     plan = _sampling_plan(args)
     out = Path(args.out)
     results = {}
@@ -275,6 +313,44 @@ def _eval(args: argparse.Namespace) -> None:
     print(report.read_text())
     print(f"per-image scores: {out / 'scores.jsonl'}"
           + (f"; images and captioned grids: {out / 'images'}" if args.save_images else ""))
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """Each run against its recipe's reference (mixgrpo.reference): one line per run, one PNG; exit 1 when a run
+    lies outside a band, 0 when every run lies inside or has no reference."""
+    from mixgrpo.reference import describe, plot_comparison, read_run, reference_of, shipped_references
+
+    runs = [read_run(path) for path in args.runs]
+    refs = [reference_of(run) for run in runs]
+    named = {ref.recipe for ref in refs if ref is not None}
+    if len(named) > 1:
+        raise ValueError(f"the runs follow different recipes ({', '.join(sorted(named))}): compare one recipe's "
+                         f"runs at a time")
+    outside = False
+    for run, ref in zip(runs, refs):
+        if ref is None:
+            print(f"{run.path}: no reference: its config follows no shipped recipe up to seed, length, logging and "
+                  f"precision (references: {', '.join(sorted(shipped_references()))})")
+        elif not ref.seeds:
+            print(f"{run.path}: the reference of {ref.recipe} has no figures yet ({ref.note or ref.path})")
+        else:
+            line = describe(run, ref)
+            outside = outside or "OUTSIDE" in line
+            print(f"{run.path}: {line}")
+    ref = next((r for r in refs if r is not None and r.seeds), None)
+    plot_comparison(runs, ref, Path(args.out))
+    print(f"plot: {args.out}")
+    return 1 if outside else 0
+
+
+def _reference(args: argparse.Namespace) -> None:
+    """Write a recipe's reference file from its runs at several seeds."""
+    from mixgrpo.reference import build_reference, references_dir
+
+    ref = build_reference(args.runs, machine=args.machine, note=args.note)
+    out = Path(args.out) if args.out else references_dir() / f"{ref.recipe}.json"
+    ref.write(out)
+    print(f"reference of {ref.recipe} ({len(ref.seeds)} seeds, {ref.precision}): {out}")
 
 
 def _safe_name(label: str) -> str:
@@ -396,6 +472,12 @@ def _prompts(args: argparse.Namespace) -> None:
     prompt_sets.main(args.rest)
 
 
+def _launch(args: argparse.Namespace) -> None:
+    from mixgrpo import launch
+
+    raise SystemExit(launch.main(args.rest, [c for c in command_names() if c != "launch"]))
+
+
 def _config_doc(args: argparse.Namespace) -> None:
     from mixgrpo import configdoc
 
@@ -408,15 +490,18 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="registered base-model name for model directories and 'base' "
                                                    "(default: tiny; a run directory knows its own model)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv) or world:train / world:heldout")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv) or world:train / world:heldout (default: a run's "
+                                     "held-out prompts, the first eval_num_prompts of its eval_prompts)")
+    p.add_argument("--num-images", type=int, help="images per prompt (default: the run's eval_images_per_prompt, "
+                                                  "else 1)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sampler.num_steps, else 25)")
     p.add_argument("--shift", type=float, help="sigma-grid shift (default: the run's sampler.shift, else 3)")
     p.add_argument("--plan", default="ode", help="'ode' (default) or an algorithm preset, e.g. mixgrpo_flash")
     p.add_argument("--iteration", type=int, default=0, help="training iteration that places the plan's window")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the run's "
                                                   "evaluation guidance, else 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="noise seed (default: the run's evaluation seed, seed + 1, so that a "
+                                            "run's own evaluation is redrawn; else 0)")
     p.add_argument("--p-mix", type=float, default=0.8,
                    help="hybrid inference: fraction of the steps run by the fine-tuned model (default 0.8)")
     p.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
@@ -437,8 +522,8 @@ def _add_set_arg(p: argparse.ArgumentParser) -> None:
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
     """Values argparse's types let through but sampling cannot use; checked before any model loads."""
-    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance")}  # the run's values come later
-    checks = [(args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
+    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance", "num_images")}  # a run's come later
+    checks = [(unset["num_images"] or args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
               (unset["steps"] or args.steps >= 1, "--steps", args.steps, "an integer >= 1"),
               (unset["shift"] or args.shift > 0, "--shift", args.shift, "a positive number"),
               (args.iteration >= 0, "--iteration", args.iteration, "an integer >= 0"),
@@ -492,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (same as out_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--dry-run", action="store_true", help="run the pre-flight and print the memory estimate, then "
+                                                          "stop: no model loads, no run directory is written")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. iterations=10 sampler.window.size=2")
     p.set_defaults(func=_train)
 
@@ -511,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "directory, or 'base': the run's base model), e.g. base=base "
                                              "tuned=runs/mixgrpo")
     p.add_argument("--reward", action="append",
-                   help="reward NAME or NAME:key=value,key=value (repeatable; default: verifier strict + dense); "
+                   help="reward NAME or NAME:key=value,key=value (repeatable; default: the run's rewards, else the "
+                        "shapes world's verifier strict + dense); "
                         "for videos, frames=mean|min|max|median aggregates an image reward's frame scores")
     p.add_argument("--hybrid", help="also evaluate hybrid inference of this fine-tuned model with the base")
     p.add_argument("--save-images", action="store_true",
@@ -528,6 +616,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
     _add_set_arg(p)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("compare", help="runs against their recipe's reference curves: inside the band or not, "
+                                       "and one PNG", allow_abbrev=False)
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default="compare.png", help="the PNG to write (default: compare.png)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("reference", help="write a recipe's reference curves from its runs at several seeds",
+                       allow_abbrev=False)
+    p.add_argument("runs", nargs="+", help="run directories of one recipe, one per seed")
+    p.add_argument("--machine", required=True, help="what ran them, e.g. '1x H100 80GB, CUDA 12.8'")
+    p.add_argument("--note", default="", help="anything a reader of the figures should know")
+    p.add_argument("--out", help="the JSON file (default: configs/references/RECIPE.json)")
+    p.set_defaults(func=_reference)
 
     p = sub.add_parser("serve-rewards", help="host rewards on their own devices for training runs (HTTP; "
                                              "docs/rewards.md)", allow_abbrev=False)
@@ -548,14 +650,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
                            ("preprocess", _preprocess, "encode prompt files into an embedding cache"),
                            ("prompts", _prompts, "list the prompt sets the recipes name (NAME:SPLIT), or fetch one"),
-                           ("config-doc", _config_doc, "print (or --out, --check) the configuration reference")):
+                           ("config-doc", _config_doc, "print (or --out, --check) the configuration reference"),
+                           ("launch", _launch, "torchrun with mixgrpo's exit statuses: mixgrpo launch [torchrun "
+                                               "options] train ... (docs/distributed.md)")):
         p = sub.add_parser(name, help=text, add_help=False, allow_abbrev=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=fn)
     return parser
 
 
-_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc")  # subcommands with their own argument parsers
+_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc", "launch")  # subcommands with their own parsers
+
+
+def command_names() -> list[str]:
+    """The subcommands of `mixgrpo`."""
+    actions = build_parser()._subparsers._group_actions  # noqa: SLF001  (argparse keeps them nowhere public)
+    return list(actions[0].choices)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("sample", "eval"):
             _check_sampling_args(args)
-        args.func(args)
+        code = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -586,14 +696,26 @@ def main(argv: list[str] | None = None) -> int:
         from mixgrpo.train import TrainingStopped
 
         if isinstance(e, TrainingStopped):  # preempted: checkpointed and resumable, but not finished
-            print(f"stopped by {e}", file=sys.stderr)
+            if _reports(e):
+                print(f"stopped by {e}", file=sys.stderr)
             return 128 + e.signum
         if args.debug or not _is_user_error(e):
             raise
-        for line in _error_line(e, args.command).splitlines() or [type(e).__name__]:  # pre-flight: one line each
-            print(f"error: {line}", file=sys.stderr)
+        if _reports(e):
+            for line in _error_line(e, args.command).splitlines() or [type(e).__name__]:  # pre-flight: one line each
+                print(f"error: {line}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
+
+
+def _reports(e: Exception) -> bool:
+    """Whether this process prints `e`: every rank stops on the same pre-flight problems (rank 0 found and broadcast
+    them) and the same signal (agreed at the same iteration), so rank 0 alone says so; anything else may be one
+    rank's own, and each rank prints it."""
+    from mixgrpo.preflight import PreflightError
+    from mixgrpo.train import TrainingStopped
+
+    return not isinstance(e, (PreflightError, TrainingStopped)) or os.environ.get("RANK", "0") == "0"
 
 
 def _error_line(e: Exception, command: str) -> str:

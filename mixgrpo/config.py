@@ -162,13 +162,16 @@ class TrainConfig:
     micro_batch_size: int = 32  # samples per forward/backward (memory only: the update does not depend on it)
     clip_range: float = 1e-4  # GRPO ratio clip: ratios outside [1 - clip_range, 1 + clip_range] are clipped
     kl_beta: float = 0.0  # weight of the KL term to the frozen base model; 0 = none
-    ema_decay: float = 0.0  # 0 = no EMA
+    ema_decay: float = 0.0  # 0 = no EMA; > 0: the held-out evaluations and final/ use the EMA weights
+                            # (`mixgrpo export --no-ema` writes the trained ones from a checkpoint)
     lora: LoraConfig = field(default_factory=LoraConfig)
     precision: str = "auto"  # "bf16" (autocast; fp32 master weights), "fp32", or "auto": bf16 where the hardware
                              # multiplies bf16 matrices (CPU with AMX, CUDA >= 8.0), else fp32 (mixgrpo.dtypes)
     grad_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory)
 
     seed: int = 0  # every random draw of the run derives from it (prompts, noise, trained steps)
+    deterministic: bool = False  # deterministic GPU kernels: two runs of a config on one GPU are bit-equal (slower;
+                                 # docs/reproducibility.md); CPU runs are bit-equal without it
     out_dir: str = "runs/mixgrpo"  # the run directory
     checkpoint_every: int = 20  # iterations between checkpoints (the last iteration is always checkpointed)
     keep_checkpoints: int = 2  # complete checkpoints kept; older ones are deleted
@@ -183,7 +186,8 @@ class TrainConfig:
     reward_overlap: bool = True  # rollout_chunks > 1: score each part in a background thread during the rollout;
                                  # false: score every part after the rollout (the same numbers, not overlapped)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    tensorboard: bool = True  # event files in OUT/tensorboard when the tensorboard package is installed
+    tensorboard: bool = True  # event files in OUT/tensorboard (the package is in the tiny and models extras; the
+                              # pre-flight names the pip command when it is missing)
     wandb_project: str = ""  # log to this Weights & Biases project (needs the wandb package); "" = off
     profile: bool = False  # count model calls and time spent inside them (metrics model_calls/*, time/model_*)
 
@@ -376,6 +380,16 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """'key.sub: old -> new' for every leaf that differs between two config fingerprints. A key the old one
+    lacks is a field added by a newer mixgrpo (its default keeps the old behaviour), a key the new one lacks a
+    field it removed (it did nothing): neither is a difference."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str) if k in old and k in new
+                for d in config_diff(old[k], new[k], f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -182,11 +182,13 @@ Series = Sequence[tuple[float, float]]
 
 
 def plot_panels(panels: dict[str, dict[str, Series]], path: str | Path, xlabels: Sequence[str] = ("",),
-                title: str = "", markers: dict[str, dict[str, Series]] | None = None) -> None:
+                title: str = "", markers: dict[str, dict[str, Series]] | None = None,
+                bands: dict[str, dict[str, list[tuple[float, float, float]]]] | None = None) -> None:
     """A grid of line plots in one PNG (matplotlib, no display needed): one row per panel name, one column
     per x axis. panels: row title -> series name -> (x, y) points; with several x labels, the series of a row
     are named "NAME@k" for column k. markers: the same layout, drawn as points (e.g. held-out evaluations
-    over a training curve)."""
+    over a training curve). bands: the same layout with (x, low, high) points, drawn as shaded areas (e.g. a
+    reference's spread over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -204,6 +206,11 @@ def plot_panels(panels: dict[str, dict[str, Series]], path: str | Path, xlabels:
                 pts = [(x, y) for x, y in points if math.isfinite(y)]
                 if pts:
                     ax.plot(*zip(*pts), label=label.removesuffix(suffix), linewidth=1.5)
+            for label, points in ((bands or {}).get(name) or {}).items():
+                if (cols > 1 and not label.endswith(suffix)) or not points:
+                    continue
+                xs, lows, highs = zip(*points)
+                ax.fill_between(xs, lows, highs, alpha=0.25, color="grey", label=label.removesuffix(suffix))
             for label, points in ((markers or {}).get(name) or {}).items():
                 if cols > 1 and not label.endswith(suffix):
                     continue

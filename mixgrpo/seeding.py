@@ -20,6 +20,12 @@ _TRAINING_SIGMAS = 0xF10
 _REWARD_REQUESTS = 0x7E7
 
 
+def held_out_seed(seed: int) -> int:
+    """The evaluation seed of a run of `seed` (`image_seeds(held_out_seed(seed), ...)` is its held-out noise): the
+    trainer's evaluations and `mixgrpo eval` / `sample` of the run draw the same images."""
+    return seed + 1
+
+
 def derive_seed(*values: int) -> int:
     """A 63-bit seed from a tuple of integers (stable across processes and platforms)."""
     return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)

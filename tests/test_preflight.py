@@ -234,3 +234,54 @@ def test_every_printed_fix_command_runs_as_printed_and_fixes_the_problem(tmp_pat
     (command,) = _printed_commands(problem)
     monkeypatch.undo()
     _run_printed(command)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "qwen_image", "flux2", "wan"])
+def test_a_size_the_model_cannot_take_is_refused_before_it_loads(name, tmp_path, monkeypatch):
+    """height / width off the VAE factor x patch grid, and Wan's num_frames off 1 + 4k: one line each from the
+    config files, naming sizes that fit; the sizes it names pass, and the loader takes them."""
+    import re
+
+    import tiny_pipelines
+    from mixgrpo.models import MODELS, base
+
+    save = {"flux": tiny_pipelines.save_tiny_flux, "sd3": tiny_pipelines.save_tiny_sd3,
+            "qwen_image": tiny_pipelines.save_tiny_qwen_image, "flux2": tiny_pipelines.save_tiny_flux2,
+            "wan": tiny_pipelines.save_tiny_wan}[name]
+    path = save(tmp_path / "pipe")
+    (tmp_path / "p.txt").write_text("a red cube\n")
+    video = {"num_frames": 6} if name == "wan" else {}
+    cfg = lambda **a: _cfg(model={"name": name, "args": {"path": str(path), "dtype": "float32",  # noqa: E731
+                                                         "max_sequence_length": 24, **a}},
+                           train_prompts=str(tmp_path / "p.txt"), eval_num_prompts=0)
+    monkeypatch.setattr(base, "build_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    problems = problems_of(cfg(height=66, width=64, **video))
+    assert "height 66 and width 64 must be multiples of" in problems[0] and "VAE factor" in problems[0]
+    height, width = map(int, re.search(r"use e.g. height=(\d+) width=(\d+)$", problems[0]).groups())
+    fixed = {"height": height, "width": width}
+    if name == "wan":
+        assert len(problems) == 2 and "num_frames = 6 must be 1 + 4 k" in problems[1] and "num_frames=5" in problems[1]
+        fixed["num_frames"] = 5
+    else:
+        assert len(problems) == 1
+    monkeypatch.undo()
+    assert problems_of(cfg(**fixed)) == []
+    load = lambda **a: MODELS.get(name)(path=str(path), dtype="float32", max_sequence_length=24, **a)  # noqa: E731
+    load(**fixed)  # the loader agrees on both sides
+    with pytest.raises(ValueError, match="must be multiples of"):
+        load(**{**fixed, "height": 66})
+
+
+def test_a_user_module_in_the_working_directory_names_the_pythonpath_fix(tmp_path, monkeypatch):
+    """The `mixgrpo` command does not search the working directory (python -m does): the pre-flight says so."""
+    import sys
+
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    (line,) = problems_of(_cfg(rewards=[{"name": "mypkg.rewards:redness"}]))
+    assert "mypkg is in the working directory" in line and "PYTHONPATH=." in line
+    monkeypatch.chdir(tmp_path.parent)
+    (line,) = problems_of(_cfg(rewards=[{"name": "mypkg.rewards:redness"}]))
+    assert "PYTHONPATH=DIR" in line and "pip install" in line

@@ -263,10 +263,26 @@ def test_second_signal_stops_a_hung_reward(faults_dir, tmp_path):
     assert child.wait_for("FAULT: reward hangs"), "".join(child.output)
     child.proc.send_signal(signal.SIGTERM)  # would wait for the iteration to end: never
     assert child.wait_for("received SIGTERM")
+    time.sleep(2.5)  # a signal within 2 s of the first is the same stop, echoed by a launcher (StopRequest)
     child.proc.send_signal(signal.SIGTERM)
     assert child.finish(timeout=60) == 130
     assert "interrupted" in "".join(child.output)
     assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_a_signal_echoed_within_the_window_is_the_same_stop_and_a_later_one_stops_at_once():
+    """Ctrl-C under torchrun reaches a worker twice (the terminal, then the launcher's forward): that must not be
+    taken for the impatient second signal that abandons the checkpoint."""
+    from mixgrpo.train.control import StopRequest
+
+    with StopRequest(echo_s=0.5) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the echo: ignored
+        assert stop.signal == signal.SIGINT
+        time.sleep(0.6)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode
 
 
 def test_incomplete_and_temporary_checkpoints_are_never_picked_up(faults_dir, reference, tmp_path):

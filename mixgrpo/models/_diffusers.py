@@ -58,13 +58,14 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
     except ValueError as e:
         return [str(e)]
     config = json.loads((root / "transformer" / "config.json").read_text())
+    problems = size_problems(name, args, config, json.loads((root / "vae" / "config.json").read_text()))
     max_len = args.get("max_sequence_length", max_sequence_length)
     if cache:
         from mixgrpo.models.text import EmbeddingCache, coverage_problems
 
         command = preprocess_command(name, path, [source for source, _ in prompts.values()], cache, max_len,
                                      args.get("dtype"))
-        problems = coverage_problems(cache, prompts, f"encode the run's prompt files into it: `{command}`")
+        problems += coverage_problems(cache, prompts, f"encode the run's prompt files into it: `{command}`")
         try:
             shapes = EmbeddingCache(cache).shapes
         except (OSError, ValueError):
@@ -93,7 +94,40 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
                 print(f"warning: {len(long)} of the {len(distinct)} {split} prompts ({source}) are longer than "
                       f"model.args.max_sequence_length = {max_len} T5 tokens and will be truncated, as diffusers "
                       f"does (e.g. {long[0][:60]!r}); raise max_sequence_length to keep them whole", flush=True)
-    return []
+    return problems
+
+
+def latent_grid(transformer: dict, vae: dict) -> tuple[int, int, int | None]:
+    """(spatial factor, patch, temporal factor or None) of a pipeline, from its transformer's and VAE's config.json:
+    pixels per latent (the VAE's), latents per token side (every adapter here patchifies at least 2 x 2: FLUX.1
+    and FLUX.2 pack 2 x 2 latents into a token themselves), and a video VAE's frames per latent frame."""
+    spatial = vae.get("scale_factor_spatial") or (2 ** len(vae["temperal_downsample"]) if vae.get("temperal_downsample")
+                                                  else 2 ** (len(vae["block_out_channels"]) - 1))
+    patch = transformer.get("patch_size") or 1
+    patch = max(patch[-1] if isinstance(patch, list) else patch, 2)
+    temporal = vae.get("scale_factor_temporal") or (2 ** sum(vae["temperal_downsample"])
+                                                    if vae.get("temperal_downsample") else None)
+    return spatial, patch, temporal
+
+
+def size_problems(name: str, args: dict, transformer: dict, vae: dict) -> list[str]:
+    """model.args height and width (and a video's num_frames) against the factors of the pipeline's config files
+    (`latent_grid`), before anything loads: pixels a multiple of the spatial factor x the patch, frames 1 + (the
+    temporal factor) k. The loaders check the same on the loaded modules."""
+    spatial, patch, temporal = latent_grid(transformer, vae)
+    problems = []
+    height, width = args.get("height"), args.get("width")
+    multiple = spatial * patch
+    if height is not None and width is not None and (height % multiple or width % multiple):
+        fit = lambda n: max(multiple, round(n / multiple) * multiple)  # noqa: E731
+        problems.append(f"model.args: height {height} and width {width} must be multiples of {multiple} for {name} "
+                        f"(VAE factor {spatial} x patch {patch}): use e.g. height={fit(height)} width={fit(width)}")
+    frames = args.get("num_frames")
+    if frames is not None and temporal and (frames < 1 or (frames - 1) % temporal):
+        problems.append(f"model.args.num_frames = {frames} must be 1 + {temporal} k for {name} (the VAE compresses "
+                        f"{temporal} frames into one after the first): use e.g. num_frames="
+                        f"{max(frames - 1, 0) // temporal * temporal + 1}")
+    return problems
 
 
 def load_components(name: str, path: str | Path, example: str, classes: dict[str, type], dtype: str | torch.dtype,

@@ -42,10 +42,13 @@ def any_rank(flag: bool) -> bool:
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT into a flag: the loop finishes the iteration, checkpoints and exits."""
+    """Turns SIGTERM/SIGINT into a flag: the loop finishes the iteration, checkpoints and exits. A second signal
+    stops at once, unless it comes within `echo_s` seconds of the first: that is the same stop delivered twice
+    (Ctrl-C reaches a torchrun worker from the terminal and again forwarded by the launcher)."""
 
-    def __init__(self):
+    def __init__(self, echo_s: float = 2.0):
         self.signal: int | None = None
+        self.echo_s, self._at = echo_s, 0.0
         self._old = {}
 
     def __enter__(self):
@@ -57,9 +60,11 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
+        if self.signal is not None:
+            if time.monotonic() - self._at < self.echo_s:
+                return
+            raise KeyboardInterrupt  # second signal: stop now
+        self.signal, self._at = signum, time.monotonic()
         dist.print0(f"\nreceived {signal.Signals(signum).name}: finishing this iteration, then checkpointing")
 
     def __exit__(self, *exc):

@@ -16,15 +16,16 @@ import torch
 from mixgrpo import dist
 from mixgrpo.checkpoint import (CheckpointError, is_sharded_checkpoint, load_checkpoint, load_sharded_checkpoint,
                                 save_checkpoint, save_sharded_checkpoint)
-from mixgrpo.config import TrainConfig, to_dict
+from mixgrpo.config import TrainConfig, config_diff, to_dict
 from mixgrpo.rundir import CONFIG
 from mixgrpo.runfiles import identities, mismatches, without_paths
 from mixgrpo.train.weights import EMA
 
 # the config fields a resume may change: the run's length and where and how it logs, not what it computes; and
-# the precision: `auto` resolves by the machine, so a run may continue on one without bf16 matrix units
+# the precision: `auto` resolves by the machine, so a run may continue on one without bf16 matrix units; and
+# `deterministic`, which picks kernels, not what they compute
 RESUMABLE_CHANGES = ("iterations", "time_limit_minutes", "out_dir", "checkpoint_every", "keep_checkpoints",
-                     "reward_policy", "parallel", "tensorboard", "wandb_project", "precision")
+                     "reward_policy", "parallel", "tensorboard", "wandb_project", "precision", "deterministic")
 
 
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
@@ -37,16 +38,6 @@ def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
         d.pop(key, None)
     d["prompts_per_iteration"] *= dist.world_size()  # the global batch: a run may resume on another world size
     return {"config": without_paths(json.loads(json.dumps(d))), "files": files}
-
-
-def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """'key.sub: old -> new' for every leaf that differs between two config fingerprints. A key the old one
-    lacks is a field added by a newer mixgrpo (its default keeps the old behaviour), a key the new one lacks a
-    field it removed (it did nothing): neither is a difference."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str) if k in old and k in new
-                for d in config_diff(old[k], new[k], f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def check_resumable(checkpoint: Path, recorded: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:

@@ -31,30 +31,32 @@ from typing import Any
 
 import torch
 
-from mixgrpo import dist
+from mixgrpo import dist, memory
 from mixgrpo.checkpoint import latest_checkpoint, read_state
 from mixgrpo.config import TrainConfig, build_config, to_dict
-from mixgrpo.dtypes import CpuAttentionBackward, model_precision, resolve_precision
+from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_precision, resolve_precision
 from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
 from mixgrpo.images import media_name, save_grid
 from mixgrpo.models import Cond, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model, guided_velocity
 from mixgrpo.plan import Plan, build_plan, ode_plan
+from mixgrpo.progress import PhaseProgress
 from mixgrpo.preflight import check_run
 from mixgrpo.prompts import read_prompts
+from mixgrpo.reference import end_of_run_line
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
 from mixgrpo.rollout import Trajectory, rollout
 from mixgrpo.runfiles import resolve_paths
 from mixgrpo.rundir import FINAL, METRICS, append_record, claim, record_eval, start_records
-from mixgrpo.seeding import group_seeds, prompt_indices, reward_seeds, sample_seeds, update_shares
+from mixgrpo.seeding import group_seeds, held_out_seed, prompt_indices, reward_seeds, sample_seeds, update_shares
 from mixgrpo.tracking import Trackers, resource_metrics
 from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
                                    any_rank, require_agreeing_replicas, require_finite_images, require_finite_weights,
                                    require_learning_signal, warn_without_signal)
 from mixgrpo.train.objectives import GRPO, ForwardProcess, Policy, Samples
 from mixgrpo.train.overlap import ChunkScoring, chunk_bounds
-from mixgrpo.train.report import progress_line, write_summary
+from mixgrpo.train.report import progress_line, write_curves, write_summary
 from mixgrpo.train.state import TrainState, check_resumable, fingerprint
 from mixgrpo.train.update import UpdateLoop, UpdateStats
 from mixgrpo.train.weights import EMA, model_with, shadow_of, swapped_weights, trainable_parameters
@@ -67,9 +69,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     dist.init()
     cfg = build_config(resolve_paths(to_dict(cfg)))  # absolute paths: config.yaml names the files from anywhere
     check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
+    memory.report(cfg, dist.world_size())
     # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
     attention = contextlib.nullcontext() if cfg.grad_checkpointing else CpuAttentionBackward()
-    with claim(cfg.out_dir, resume), attention:  # directory is claimed or any model loads
+    with claim(cfg.out_dir, resume), attention, deterministic_kernels(cfg.deterministic):  # claimed before any model loads
         trainer = Trainer(cfg, resume)
         try:
             return trainer.run(progress, stop_after)
@@ -137,6 +140,7 @@ class Trainer:
             start_records(self.run_dir, cfg, self.start)
             self.tracker = Trackers(self.run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
         self.clock = ModelClock(self.model, sync=self.device.type == "cuda") if cfg.profile else None
+        self.phases = PhaseProgress(self.model)  # bars inside an iteration that takes long (rank 0)
         self.loop = UpdateLoop(self.params, optimizer, cfg.micro_batch_size, cfg.grad_clip, self.ema, self.clock)
         self.held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
 
@@ -159,12 +163,15 @@ class Trainer:
         cfg, watch = self.cfg, Stopwatch()
         plan = build_plan(cfg.sampler, it, cfg.seed)
         groups = self.groups(it)
-        traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
+        chunks = len(chunk_bounds(len(groups.prompts), cfg.rollout_chunks))
+        with self.phases.phase(f"it {it + 1} rollout", total=plan.nfe * chunks):
+            traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
         watch.lap("rollout")
         scores, failed, failed_all, scoring_seconds = self.score(it)
         advantages = self.rewards.advantages(scores, failed, cfg.reward_mode, cfg.advantage_std, cfg.advantage_clip)
         watch.lap("reward")
-        stats = self.update(plan, traj, advantages, groups, it)
+        with self.phases.phase(f"it {it + 1} update"):
+            stats = self.update(plan, traj, advantages, groups, it)
         watch.lap("update")
         record = self.log(it, plan, traj, scores, failed_all, advantages, stats, watch)
         # reward time in total (hidden behind the rollout or not), and the part the iteration waited for
@@ -303,6 +310,9 @@ class Trainer:
         export_model(self.model, self.run_dir / FINAL, shadow_of(self.ema))  # every rank: FSDP shards are gathered
         if dist.is_main():
             write_summary(self.run_dir)
+            against = end_of_run_line(self.run_dir)  # when the recipe has reference curves (mixgrpo compare)
+            if against is not None:
+                print(against, flush=True)
             self.tracker.close()
             dist.print0(f"run directory: {self.run_dir}")
         require_learning_signal(self.run_dir)
@@ -319,13 +329,14 @@ class Trainer:
             with swapped_weights(self.model, shadow_of(self.ema)):  # EMA weights, without touching the live ones
                 res = evaluate(self.model, self.eval_prompts, self.rewards.functions(),
                                ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), cfg.eval_images_per_prompt,
-                               seed=cfg.seed + 1, guidance_scale=cfg.eval_guidance)
+                               seed=held_out_seed(cfg.seed), guidance_scale=cfg.eval_guidance)
             samples = res.images[:64, 0]  # the first image (or video) of each of the first 64 prompts
             grid = self.run_dir / media_name(f"samples_{tag}", samples)  # .png, or .gif for videos
             if tag is not None:
                 save_grid(samples, grid, nrow=8, scale=2, captions=res.prompts[:64])
             self.held_out.update({f"eval/{k}": v["mean"] for k, v in res.summary().items()})
             record_eval(self.run_dir, iteration, self.held_out)
+            write_curves(self.run_dir)
             self.tracker.log(self.held_out, iteration)
             if tag is not None:
                 self.tracker.log_image("samples", grid, iteration)
