@@ -14,7 +14,7 @@ MATH = {"mixgrpo.sampling", "mixgrpo.plan", "mixgrpo.grpo", "mixgrpo.flow_matchi
 COMMANDS = {"mixgrpo.__main__", "mixgrpo.cli", "mixgrpo.preprocess", "mixgrpo.pretrain", "mixgrpo.configdoc",
             "mixgrpo.launch"}
 BELOW_MODELS = {"mixgrpo.registry", "mixgrpo.dtypes", "mixgrpo.fileio", "mixgrpo.progress", "mixgrpo.dist",
-                "mixgrpo.packages"}
+                "mixgrpo.packages", "mixgrpo.errors"}
 
 
 def _module_name(path: Path) -> str:
