@@ -14,7 +14,7 @@ MATH = {"mixgrpo.sampling", "mixgrpo.plan", "mixgrpo.grpo", "mixgrpo.flow_matchi
 COMMANDS = {"mixgrpo.__main__", "mixgrpo.cli", "mixgrpo.preprocess", "mixgrpo.pretrain", "mixgrpo.configdoc",
             "mixgrpo.launch"}
 BELOW_MODELS = {"mixgrpo.registry", "mixgrpo.dtypes", "mixgrpo.fileio", "mixgrpo.progress", "mixgrpo.dist",
-                "mixgrpo.packages"}
+                "mixgrpo.packages", "mixgrpo.errors"}
 
 
 def _module_name(path: Path) -> str:
@@ -125,3 +125,17 @@ def test_the_module_map_of_design_md_is_the_import_order():
     assert sum(len(r) for r in rows) == len(row_of), "a module is in two rows"
     upward = [f"{m} -> {n}" for m in row_of for n in GRAPH[m] if n in row_of and row_of[n] > row_of[m]]
     assert upward == [], "imports from a row below: " + ", ".join(upward)
+
+
+def test_training_against_a_reward_server_needs_no_web_framework_and_serving_names_what_to_install(tmp_path):
+    """FastAPI and uvicorn (the `serve` extra) are imported by `mixgrpo serve-rewards` only: with both blocked, the
+    trainer and the client import, and the command says what to install in one line."""
+    import subprocess
+
+    code = ("import sys\nsys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
+            "import mixgrpo.train, mixgrpo.rewards.remote, mixgrpo.preflight, mixgrpo.cli\n"
+            "sys.exit(mixgrpo.cli.main(['serve-rewards', '--reward', 'verifier']))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "needs fastapi and uvicorn (the 'serve' extra): pip install 'fastapi" in done.stderr

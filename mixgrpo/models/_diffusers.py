@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
+from mixgrpo.errors import ConfigError
 from mixgrpo.models.base import Frozen, PromptSets, TextEncoder
 
 
@@ -22,13 +23,13 @@ def check_pipeline_dir(path: str | Path, pipeline: str, components: Sequence[str
     """The local diffusers pipeline directory `path`, after checking that it holds `components`."""
     path = Path(path).expanduser()
     if not (path / "model_index.json").is_file():
-        raise ValueError(f"{pipeline}: {path} is not a local diffusers pipeline directory (no model_index.json). "
-                         f"Point model.args.path at a downloaded checkpoint, e.g. "
-                         f"`huggingface-cli download {example} --local-dir {shlex.quote(str(path))}`; nothing is "
-                         f"downloaded by mixgrpo.")
+        raise ConfigError(f"{pipeline}: {path} is not a local diffusers pipeline directory (no model_index.json). "
+                          f"Point model.args.path at a downloaded checkpoint, e.g. "
+                          f"`huggingface-cli download {example} --local-dir {shlex.quote(str(path))}`; nothing is "
+                          f"downloaded by mixgrpo.")
     missing = [c for c in components if not (path / c).is_dir()]
     if missing:
-        raise ValueError(f"{pipeline}: {path} lacks the component folders {missing}; is the download complete?")
+        raise ConfigError(f"{pipeline}: {path} lacks the component folders {missing}; is the download complete?")
     return path
 
 
@@ -147,7 +148,7 @@ def load_components(name: str, path: str | Path, example: str, classes: dict[str
     from mixgrpo.progress import bar
 
     if text_encoder is not None and embedding_cache is not None:
-        raise ValueError(f"{name}: give text_encoder or embedding_cache, not both")
+        raise ConfigError(f"{name}: give text_encoder or embedding_cache, not both")
     path = check_pipeline_dir(path, name, [c for c in classes if c not in optional], example)
     dtype = parse_dtype(dtype)
     kw = dict(torch_dtype=dtype, local_files_only=True)
@@ -175,7 +176,7 @@ def check_size(name: str, size: tuple[int, int], multiple: int, why: str) -> Non
     """Raise unless height and width (pixels) are multiples of `multiple` (`why`: e.g. "VAE factor 8 x patch 2")."""
     height, width = size
     if height % multiple or width % multiple:
-        raise ValueError(f"{name}: height {height} and width {width} must be multiples of {multiple} ({why})")
+        raise ConfigError(f"{name}: height {height} and width {width} must be multiples of {multiple} ({why})")
 
 
 def load_pipeline(name: str, path: str | Path, example: str, transformer_class, dtype: str | torch.dtype, device: str,
