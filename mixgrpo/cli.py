@@ -159,7 +159,8 @@ class ModelLoader:
         try:
             prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts or None]
         except ValueError as e:
-            raise UsageError(f"the run's eval_prompts: {e}; or give --prompts FILE / --prompt TEXT") from None
+            raise UsageError(f"the run's eval_prompts: {e}; or give --prompts FILE / --prompt TEXT (a run that moved: "
+                             f"--set eval_prompts=PATH)") from None
         taken.insert(0, f"the first {len(prompts)} prompts of {cfg.eval_prompts}")
         return prompts
 
