@@ -269,4 +269,4 @@ def test_the_slow_phases_of_an_iteration_show_their_model_calls(tmp_path, monkey
     err = capsys.readouterr().err
     nfe = build_plan(cfg.sampler, 0, cfg.seed).nfe
     assert "it 1 rollout: 100%" in err and f" {nfe}/{nfe} " in err, err
-    assert "it 1 update:" in err
+    assert "it 1 update:" in err and "it 1 scoring: 100%" in err
