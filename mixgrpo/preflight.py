@@ -8,11 +8,11 @@ all of them are reported together:
 - rewards: registered names, arguments that fit the factory, and their files (paths, checkpoint keys and
   shapes, checked on the meta device by `reward.check()`, before any reward model is built);
 - prompts: the train and eval prompt files read;
-- the model: its name, arguments that fit its factory, and its own checks (`MODEL_CHECKS`): the pipeline
+- the model: its name, arguments that fit its factory, and its own checks (`ModelSpec.check`): the pipeline
   directory, the embedding cache's coverage of the train and eval prompts, its widths and token length
   against the transformer and model.args, prompt lengths against the text encoders.
 - the trained steps: every sigma a GRPO run's plans train, over all its iterations, lies in the range the model
-  can train (`TRAINED_SIGMA_CHECKS`; Wan 2.2 A14B trains one expert).
+  can train (`ModelSpec.trained_sigma_check`; Wan 2.2 A14B trains one expert).
 
 Rank 0 checks and broadcasts what it found, so every rank stops together.
 """
@@ -94,12 +94,12 @@ def _reward_problems(cfg: TrainConfig) -> list[str]:
 
 def _model_problems(cfg: TrainConfig, prompts: dict[str, tuple[str, list[str]]]) -> list[str]:
     from mixgrpo.models import MODELS
-    from mixgrpo.models.base import MODEL_CHECKS
 
     try:
-        factory = MODELS.get(cfg.model.name)
+        spec = MODELS.spec(cfg.model.name)
     except ValueError as e:
         return [f"model.name: {e}"]
+    factory = spec.factory
     try:
         inspect.signature(factory).bind(**cfg.model.args)
     except TypeError as e:
@@ -107,16 +107,18 @@ def _model_problems(cfg: TrainConfig, prompts: dict[str, tuple[str, list[str]]])
                 f"{', '.join(inspect.signature(factory).parameters)}"]
     except ValueError:  # a callable without a signature: nothing to check
         pass
-    check = MODEL_CHECKS.get(cfg.model.name)
-    return check(cfg.model.args, prompts) if check is not None else []
+    return spec.check(cfg.model.args, prompts) if spec.check is not None else []
 
 
 def _trained_sigma_problems(cfg: TrainConfig) -> list[str]:
     """The model's check of the sigmas its GRPO run trains (the forward-process objectives draw theirs at run time)."""
-    from mixgrpo.models.base import TRAINED_SIGMA_CHECKS
+    from mixgrpo.models import MODELS
     from mixgrpo.plan import build_plan
 
-    check = TRAINED_SIGMA_CHECKS.get(cfg.model.name)
+    try:
+        check = MODELS.spec(cfg.model.name).trained_sigma_check
+    except ValueError:
+        return []  # an unknown model name: named by _model_problems
     if check is None or cfg.objective != "grpo":
         return []
     trained: dict[float, int] = {}

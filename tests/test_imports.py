@@ -123,3 +123,37 @@ def test_the_module_map_of_design_md_is_the_import_order():
     assert sum(len(r) for r in rows) == len(row_of), "a module is in two rows"
     upward = [f"{m} -> {n}" for m in row_of for n in GRAPH[m] if n in row_of and row_of[n] > row_of[m]]
     assert upward == [], "imports from a row below: " + ", ".join(upward)
+
+
+def _string_constants(name: str) -> list[str]:
+    return [node.value for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8")))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+
+
+def test_no_string_names_package_code():
+    """Code is reached by import statements (which the tests above see), never by a "mixgrpo.x:attr" string or an
+    importlib call; only the registry resolves "package.module:attribute" names, and those come from user configs."""
+    dotted = re.compile(r"mixgrpo(\.\w+)+:\w+")
+    for name in MODULES:
+        assert not [s for s in _string_constants(name) if dotted.fullmatch(s.strip())], name
+        if name != "mixgrpo.registry":
+            assert "import_module" not in MODULES[name].read_text(encoding="utf-8"), name
+
+
+REGISTRATION = re.compile(r"^MODELS\.add\(ModelSpec\(", re.MULTILINE)
+
+
+def test_each_base_model_is_one_file_registered_by_one_import():
+    """Every model description (`ModelSpec`) is registered at the foot of the file that defines its factory, and
+    that file is imported by mixgrpo/models/__init__.py: a new model is one file and one import line."""
+    from mixgrpo.models import MODELS
+
+    imported = {m for m in _imported("mixgrpo.models") if m.startswith("mixgrpo.models.")}
+    for spec in MODELS.specs():
+        home = spec.factory.__module__
+        assert REGISTRATION.search(MODULES[home].read_text(encoding="utf-8")), spec.name
+        assert home in imported, f"mixgrpo/models/__init__.py does not import {home} ({spec.name!r})"
+        hooks = (spec.text_encoder, spec.check, spec.trained_sigma_check, spec.lora_format)
+        assert all(h.__module__.startswith("mixgrpo.models.") for h in hooks if h is not None), spec.name
+    registering = {m for m in MODULES if REGISTRATION.search(MODULES[m].read_text(encoding="utf-8"))}
+    assert registering == {s.factory.__module__ for s in MODELS.specs()} <= imported
