@@ -111,15 +111,17 @@ def _model_problems(cfg: TrainConfig, prompts: dict[str, tuple[str, list[str]]])
 
 
 def _trained_sigma_problems(cfg: TrainConfig) -> list[str]:
-    """The model's check of the sigmas its GRPO run trains (the forward-process objectives draw theirs at run time)."""
+    """The model's check of the sigmas its run's plans train, for an objective that trains stored transitions (the
+    forward-process objectives draw their sigmas at run time)."""
     from mixgrpo.models import MODELS
+    from mixgrpo.objectives import OBJECTIVES
     from mixgrpo.plan import build_plan
 
     try:
         check = MODELS.spec(cfg.model.name).trained_sigma_check
     except ValueError:
         return []  # an unknown model name: named by _model_problems
-    if check is None or cfg.objective != "grpo":
+    if check is None or not OBJECTIVES.get(cfg.objective).stores_transitions:
         return []
     trained: dict[float, int] = {}
     for iteration in range(cfg.iterations):
