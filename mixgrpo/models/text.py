@@ -142,7 +142,7 @@ class EmbeddingCache:
         try:
             index = json.loads(index_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"embedding cache {index_file} is not valid JSON ({e}); re-run mixgrpo preprocess")
+            raise ValueError(f"embedding cache {index_file} is not valid JSON ({e}); re-run mixgrpo preprocess") from None
         if index.get("format") != FORMAT or index.get("version") != VERSION:
             raise ValueError(f"embedding cache {index_file}: format {index.get('format')!r} version "
                              f"{index.get('version')!r}, expected {FORMAT!r} version {VERSION}; "
