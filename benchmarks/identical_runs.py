@@ -5,7 +5,9 @@ the ODE plan) trains for 2 iterations on a tiny batch through the real command (
 variants for the paths the recipes leave off (KL to the base, EMA, LoRA, micro-batches of 1 with the old log-probs
 re-scored, a resumed run). Each run directory's files that must not depend on the clock are hashed with sha256:
 metrics.jsonl and summary.md without their timings, eval.jsonl, config.yaml, the checkpoints (weights, optimizer,
-state), final/ and the sample grids.
+state), final/, the sample grids and reward_curve.png; not eval_curve.png, whose second panel plots against training
+minutes. Python's string hashing is fixed (PYTHONHASHSEED=0): peft writes LoRA target modules from a set into the
+LoRA export's metadata, in an order that varies from process to process otherwise.
 
     OMP_NUM_THREADS=1 python benchmarks/identical_runs.py --record   # on the code before the change
     OMP_NUM_THREADS=1 python benchmarks/identical_runs.py            # after: exits 1 and names every file that differs
@@ -70,7 +72,7 @@ def hash_run(run_dir: Path) -> dict[str, str]:
     hashes = {}
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(run_dir).as_posix()
-        if rel == ".lock" or rel.startswith("tensorboard/"):
+        if rel in (".lock", "eval_curve.png") or rel.startswith("tensorboard/"):
             continue
         if rel == "metrics.jsonl":
             data = _metrics_without_timings(path)
@@ -87,7 +89,7 @@ def _train(workdir: Path, recipe: str, overrides: list[str], out: str, resume: b
            *SMALL, *overrides, f"out_dir={out}"]
     # the package of this checkout, whatever is installed: run this file from another checkout to hash its code
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+               PYTHONHASHSEED="0", PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
