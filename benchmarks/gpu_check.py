@@ -31,6 +31,7 @@ import contextlib
 import copy
 import functools
 import json
+import math
 import os
 import socket
 import statistics
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))  # "gpu_check:..." and "fsdp_flux:..." names resolve to these files
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_pipelines: the tiny random pipelines of every model adapter
 PREPARED = ROOT / ".gpu_check"
 FLUX_ALGORITHMS = ["dance_grpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star"]
 
@@ -101,30 +103,34 @@ def matmul_tflops(dtype: torch.dtype, n: int, device: torch.device, repeats: int
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e12
 
 
-def _train(cfg, device: torch.device) -> dict:
-    """Train `cfg` (no checkpoints), return the medians over the iterations after the first, the peak memory
-    and the first iteration's record."""
+def _train(cfg, device: torch.device, warmup: bool = True, export: bool = False) -> dict:
+    """Train `cfg` (no checkpoints; no export unless `export`), return the medians over the iterations (after the
+    first when `warmup`: it compiles kernels and fills caches), the peak memory and the first iteration's record
+    (the model-call figures need profile: true)."""
     from mixgrpo.rundir import read_metrics
     from mixgrpo.train import train
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    with _no_saving():
+    with contextlib.nullcontext() if export else _no_saving():
         train(cfg, progress=False)
     metrics = read_metrics(cfg.out_dir)
-    med = lambda k: statistics.median(m[k] for m in metrics[1:])  # noqa: E731
+    measured = metrics[1:] if warmup and len(metrics) > 1 else metrics
+    med = lambda k: statistics.median(m[k] for m in measured)  # noqa: E731
     first = metrics[0]
-    return {"seconds_per_iteration": med("time/iteration"), "rollout_s": med("time/rollout"),
-            "reward_s": med("time/reward"), "update_s": med("time/update"),
-            "model_share": statistics.median((m["time/model_rollout"] + m["time/model_update"]) / m["time/iteration"]
-                                             for m in metrics[1:]),
-            "rollout_calls": first["model_calls/rollout"], "update_calls": first["model_calls/update"],
-            "nfe_rollout": first["nfe_rollout"], "nfe_trained": first["nfe_trained"],
-            "precision": first["precision"], "rescored_old_log_probs": first["rescored_old_log_probs"],
-            "onpolicy_ratio_error": first["onpolicy_ratio_error"], "clip_fraction": first.get("clip_fraction"),
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-            "iterations_measured": len(metrics) - 1}
+    out = {"seconds_per_iteration": med("time/iteration"), "rollout_s": med("time/rollout"),
+           "reward_s": med("time/reward"), "update_s": med("time/update"), "grad_norm": first["grad_norm"],
+           "nfe_rollout": first["nfe_rollout"], "nfe_trained": first["nfe_trained"],
+           "precision": first["precision"], "rescored_old_log_probs": first["rescored_old_log_probs"],
+           "onpolicy_ratio_error": first["onpolicy_ratio_error"], "clip_fraction": first.get("clip_fraction"),
+           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+           "iterations_measured": len(measured)}
+    if "time/model_rollout" in first:
+        out.update(model_share=statistics.median((m["time/model_rollout"] + m["time/model_update"])
+                                                 / m["time/iteration"] for m in measured),
+                   rollout_calls=first["model_calls/rollout"], update_calls=first["model_calls/update"])
+    return out
 
 
 def main_job(args, device: torch.device, work: Path) -> dict:
@@ -245,10 +251,218 @@ def flux_fsdp(args, device: torch.device, work: Path, peak_tflops: float | None,
         run = _train(cfg, device)
     finally:
         torch_dist.destroy_process_group()
-    flops = result["flux1b"]["forward_gflops_per_sample"] * 1e9
+    from fsdp_flux import forward_flops
+
+    flops = forward_flops("gpu_check:flux_cached", {"preset": args.preset}, device)
     run["update_tflops"] = flops * 3 * args.prompts * args.group * run["nfe_trained"] / run["update_s"] / 1e12
     run["update_share_of_bf16_peak"] = run["update_tflops"] / peak_tflops if peak_tflops else None
     return run
+
+
+# --------------------------------------------------------------------------------------------------
+# every model adapter x MixGRPO, Flash* and DiffusionNFT, LoRA and full, at the real models' head sizes
+
+# adapter -> (tiny pipeline writer in tests/tiny_pipelines.py, model args, guidance scale, the real model's
+# attention head size: FLUX.1, FLUX.2, Qwen-Image and Wan 2.x 128; SD3.5 64)
+ADAPTERS = {
+    "flux": ("save_tiny_flux", {"height": 32, "width": 32, "max_sequence_length": 24}, 1.0, 128),
+    "sd3": ("save_tiny_sd3", {"height": 32, "width": 32, "max_sequence_length": 24}, 4.5, 64),
+    "flux2": ("save_tiny_flux2", {"height": 32, "width": 32, "max_sequence_length": 160}, 4.0, 128),
+    "qwen_image": ("save_tiny_qwen_image", {"height": 64, "width": 64, "max_sequence_length": 200}, 4.0, 128),
+    "wan": ("save_tiny_wan", {"height": 64, "width": 64, "num_frames": 5, "max_sequence_length": 24}, 5.0, 128),
+}
+# algorithm preset, objective
+ADAPTER_ALGORITHMS = {"mixgrpo": ("mixgrpo", "grpo"), "flash_star": ("mixgrpo_flash_star", "grpo"),
+                      "diffusion_nft": ("ode", "diffusion_nft")}
+
+
+def with_head_size(pipeline_dir: Path, head_dim: int, heads: int = 2) -> dict:
+    """Replace the tiny pipeline's transformer by a random one of the same class at `heads` x `head_dim` (the
+    rotary axes scaled with it, SD3's caption projection kept at the inner width); returns its config."""
+    import diffusers
+
+    path = pipeline_dir / "transformer"
+    config = json.loads((path / "config.json").read_text())
+    scale = head_dim // config["attention_head_dim"]
+    config.update(attention_head_dim=head_dim, num_attention_heads=heads)
+    if config.get("axes_dims_rope"):
+        config["axes_dims_rope"] = [a * scale for a in config["axes_dims_rope"]]
+    if "caption_projection_dim" in config:
+        config["caption_projection_dim"] = heads * head_dim
+    cls = getattr(diffusers, config["_class_name"])
+    torch.manual_seed(0)
+    cls.from_config({k: v for k, v in config.items() if not k.startswith("_")}).save_pretrained(path)
+    return config
+
+
+def adapter_runs(args, device: torch.device, work: Path, result: dict, save) -> None:
+    """One iteration of each adapter x algorithm x (LoRA rank 4, full): ok, s/iteration, peak memory, or the
+    error. The --smoke run keeps every adapter with MixGRPO in full, and every algorithm with LoRA on FLUX."""
+    import tiny_pipelines
+
+    from mixgrpo.config import build_config
+
+    section = result.setdefault("adapters", {})
+    for name, (writer, model_args, scale, head_dim) in ADAPTERS.items():
+        if _out_of_time(args):
+            section.setdefault("skipped", []).append(name)
+            continue
+        try:
+            directory = getattr(tiny_pipelines, writer)(work / f"pipe_{name}")
+            section.setdefault("head_dims", {})[name] = with_head_size(directory, head_dim)["attention_head_dim"]
+        except Exception as e:  # noqa: BLE001  (one adapter's failure is a finding, not the end of the check)
+            section[name] = {"error": f"building the pipeline: {type(e).__name__}: {e}"}
+            continue
+        prompts = work / "adapter_prompts.txt"
+        prompts.write_text("a red cube on a table\ntwo blue spheres\n")
+        for label, (algorithm, objective) in ADAPTER_ALGORITHMS.items():
+            for lora in (4, 0):
+                if args.smoke and not ((label == "mixgrpo" and lora == 0) or (name == "flux" and lora)):
+                    continue
+                key = f"{label}_{'lora' if lora else 'full'}"
+                cfg = build_config({
+                    "algorithm": algorithm, "objective": objective, "shared_noise": objective == "grpo",
+                    "sampler": {"num_steps": 6, **({"window": {"size": 2}} if algorithm == "mixgrpo" else {})},
+                    "model": {"name": name, "args": {"path": str(directory), "dtype": "float32", **model_args}},
+                    "rewards": [{"name": "fsdp_flux:brightness"}], "train_prompts": str(prompts),
+                    "guidance_scale": scale, "iterations": 1, "prompts_per_iteration": 2, "group_size": 2,
+                    "updates_per_iteration": 1, "micro_batch_size": 4, "lr": 1e-3, "eval_num_prompts": 0,
+                    "precision": "auto", "lora": {"rank": lora}, "out_dir": str(work / f"adapter_{name}_{key}"),
+                    "checkpoint_every": 10**6, "tensorboard": False})
+                try:
+                    run = _train(cfg, device, warmup=False)
+                    section.setdefault(name, {})[key] = {
+                        "ok": run["grad_norm"] > 0 and math.isfinite(run["grad_norm"]), **{
+                            k: run[k] for k in ("seconds_per_iteration", "peak_memory_gib", "grad_norm", "precision")}}
+                except Exception as e:  # noqa: BLE001
+                    section.setdefault(name, {})[key] = {"ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
+                save()
+
+
+# --------------------------------------------------------------------------------------------------
+# deterministic: true (docs/reproducibility.md)
+
+
+def determinism(args, device: torch.device, work: Path) -> dict:
+    """The tiny FLUX pipeline at FLUX.1's head size, 3 iterations of MixGRPO in bf16, twice with
+    `deterministic: true` (must be bit-equal) and twice without (equal or not: the finding), with s/iteration
+    of each: the cost of deterministic kernels."""
+    import tiny_pipelines
+    from safetensors.torch import load_file
+
+    from mixgrpo.config import build_config
+
+    directory = tiny_pipelines.save_tiny_flux(work / "pipe_determinism")
+    with_head_size(directory, 128)
+    prompts = work / "determinism_prompts.txt"
+    prompts.write_text("a red cube on a table\ntwo blue spheres\na green cone\n")
+    out = {}
+    for deterministic in (True, False):
+        weights, seconds = [], []
+        for i in range(2):
+            cfg = build_config({
+                "algorithm": "mixgrpo", "sampler": {"num_steps": 6, "window": {"size": 2}},
+                "model": {"name": "flux", "args": {"path": str(directory), "dtype": "float32",
+                                                   **ADAPTERS["flux"][1]}},
+                "rewards": [{"name": "fsdp_flux:brightness"}], "train_prompts": str(prompts), "iterations": 3,
+                "prompts_per_iteration": 2, "group_size": 4, "updates_per_iteration": 2, "micro_batch_size": 4,
+                "lr": 1e-3, "eval_num_prompts": 0, "precision": "fp32" if args.smoke else "bf16",
+                "deterministic": deterministic, "out_dir": str(work / f"determinism_{deterministic}_{i}"),
+                "checkpoint_every": 10**6, "tensorboard": False})
+            run = _train(cfg, device, export=True)
+            seconds.append(run["seconds_per_iteration"])
+            weights.append({f"{f.name}/{k}": v for f in sorted((Path(cfg.out_dir) / "final").rglob("*.safetensors"))
+                            for k, v in load_file(str(f)).items()})
+        a, b = weights
+        out["deterministic" if deterministic else "default"] = {
+            "bit_equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
+            "max_abs_difference": max(float((a[k].float() - b[k].float()).abs().max()) for k in a),
+            "seconds_per_iteration": statistics.median(seconds)}
+    out["slowdown"] = out["deterministic"]["seconds_per_iteration"] / out["default"]["seconds_per_iteration"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# a FLUX-like transformer at FLUX.1's width: rollout and update MFU, eager or compiled, with or without
+# gradient checkpointing
+
+FLUX_BLOCK = dict(num_layers=2, num_single_layers=4, attention_head_dim=128, num_attention_heads=24,
+                  joint_attention_dim=4096, pooled_projection_dim=768, text_tokens=512, latent=(16, 64, 64),
+                  patch=2, guidance=3.5, axes_dims_rope=(16, 56, 56))  # FLUX.1's width 3072 at 512 x 512 px
+
+
+def block_mfu(args, device: torch.device, peak_tflops: float | None, result: dict, save) -> None:
+    """Seconds, peak memory and model FLOP utilisation (achieved / the measured bf16 peak) of one rollout call
+    (no grad, batch 8) and one update call (forward + backward, micro-batch 4) of the FLUX-like transformer in
+    bf16 autocast, for eager / torch.compile x gradient checkpointing off / on. The FLOPs are counted once by
+    torch.utils.flop_counter (backward = 2 x forward; checkpointing's recomputation is not counted as work)."""
+    import fsdp_flux
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mixgrpo.dtypes import model_precision
+
+    fsdp_flux.PRESETS["flux_block"] = fsdp_flux.SMOKE if args.smoke else FLUX_BLOCK
+    section = result.setdefault("flux_block", {"preset": "smoke" if args.smoke else FLUX_BLOCK, "variants": {}})
+    model = fsdp_flux.random_flux("flux_block").to(device)
+    section["parameters"] = sum(p.numel() for p in model.denoiser.parameters())
+    rollout_batch, micro_batch = (2, 2) if args.smoke else (8, 4)
+    cond_all = {k: v.to(device) for k, v in model.encode_prompts(["a photo of a cat"] * rollout_batch).items()}
+
+    def inputs(n: int):
+        return (torch.randn(n, *model.latent_shape, device=device), torch.full((n,), 0.5, device=device),
+                {k: v[:n] for k, v in cond_all.items()})
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*inputs(1))
+    flops = float(counter.get_total_flops())
+    section["forward_gflops_per_sample"] = flops / 1e9
+    plain_forward = model.denoiser.forward
+    for compiled in (False, True):
+        for checkpointing in (False, True):
+            key = f"{'compiled' if compiled else 'eager'}{'_checkpointing' if checkpointing else ''}"
+            if _out_of_time(args) or (compiled and args.smoke):  # compiling on CPU takes minutes: not in smoke
+                continue
+            model.denoiser.forward = plain_forward
+            if checkpointing:
+                model.denoiser.enable_gradient_checkpointing()
+            else:
+                model.denoiser.disable_gradient_checkpointing()
+            if compiled:
+                torch._dynamo.reset()
+                model.denoiser.forward = torch.compile(plain_forward)
+            try:
+                row = {}
+                for phase, n, grad in (("rollout", rollout_batch, False), ("update", micro_batch, True)):
+                    model.train(grad)
+                    x, sigma, cond = inputs(n)
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    times = []
+                    for _ in range(4 if args.smoke else 6):  # the first call warms up (and compiles)
+                        _sync(device)
+                        t = time.perf_counter()
+                        with torch.set_grad_enabled(grad), model_precision(device, "bf16"):
+                            v = model(x, sigma, cond).float()
+                            if grad:
+                                v.square().mean().backward()
+                        _sync(device)
+                        times.append(time.perf_counter() - t)
+                    seconds = statistics.median(times[1:])
+                    work_flops = flops * n * (3 if grad else 1)
+                    row[phase] = {"seconds": seconds, "first_call_seconds": times[0],
+                                  "tflops": work_flops / seconds / 1e12,
+                                  "mfu": work_flops / seconds / 1e12 / peak_tflops if peak_tflops else None,
+                                  "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30
+                                  if device.type == "cuda" else None}
+                    model.zero_grad(set_to_none=True)
+                section["variants"][key] = row
+            except Exception as e:  # noqa: BLE001  (compile can fail on a new torch: a finding)
+                section["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            save()
+    model.denoiser.forward = plain_forward
+    model = None  # frees the weights (inputs' closure holds the name)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _out_of_time(args) -> bool:
@@ -285,6 +499,8 @@ def main() -> None:
     parser.add_argument("--cache", default=str(PREPARED / "minilm_cache"))
     parser.add_argument("--iterations", type=int, default=4, help="per run; the first is a warm-up")
     parser.add_argument("--budget-minutes", type=float, default=6.5, help="start no run after this many minutes")
+    parser.add_argument("--sections", nargs="*", help="run only these sections (default: all, in order: adapters, "
+                                                      "determinism, flux_block, flux1b_fsdp, main_job, flux1b)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.modules.setdefault("gpu_check", sys.modules[__name__])  # one model cache for "gpu_check:..." names
@@ -298,7 +514,7 @@ def main() -> None:
         args.iterations = min(args.iterations, 2)
     elif not torch.cuda.is_available():
         raise SystemExit("no GPU: this check measures CUDA; --smoke runs it on CPU with tiny shapes")
-    if not Path(args.cache, "index.json").is_file():
+    if not Path(args.cache, "index.json").is_file() and (not args.sections or "main_job" in args.sections):
         raise SystemExit(f"{args.cache} missing: run `python benchmarks/gpu_check.py --prepare` where the project is "
                          f"installed, and carry .gpu_check/")
     out = Path(args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else PREPARED) / "gpu_check.json")
@@ -316,9 +532,15 @@ def main() -> None:
         peak = result["device"]["bf16_tflops_8192"] = matmul_tflops(torch.bfloat16, 8192, device)
         result["device"]["fp32_tflops_8192"] = matmul_tflops(torch.float32, 8192, device)
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    for name, fn in (("main_job", lambda: main_job(args, device, work)),
-                     ("flux1b", lambda: flux(args, device, work, peak, result, save)),
-                     ("flux1b_fsdp", lambda: flux_fsdp(args, device, work, peak, result))):
+    sections = (("adapters", lambda: adapter_runs(args, device, work, result, save)),
+                ("determinism", lambda: determinism(args, device, work)),
+                ("flux_block", lambda: block_mfu(args, device, peak, result, save)),
+                ("flux1b_fsdp", lambda: flux_fsdp(args, device, work, peak, result)),
+                ("main_job", lambda: main_job(args, device, work)),
+                ("flux1b", lambda: flux(args, device, work, peak, result, save)))
+    for name, fn in sections:
+        if args.sections and name not in args.sections:
+            continue
         if _out_of_time(args):
             result["errors"][name] = f"skipped: past the {args.budget_minutes}-minute budget"
             continue

@@ -1,4 +1,4 @@
-"""The `mixgrpo` command: train, sample, eval, export, preprocess, pretrain, config-doc.
+"""The `mixgrpo` command: train, sample, eval, export, serve-rewards, preprocess, pretrain, config-doc.
 
     mixgrpo train --config configs/mixgrpo.yaml [key.sub=value ...] [--resume]   (or --config mixgrpo)
     torchrun --nproc_per_node 8 -m mixgrpo train --config configs/flux_mixgrpo.yaml
@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_RECIPE = "mixgrpo"
+DEFAULT_EVAL_REWARDS = ["verifier:score=strict", "verifier"]  # eval without a run or --reward: the shapes world's
 
 
 class UsageError(ValueError):
@@ -36,9 +37,20 @@ def _train(args: argparse.Namespace) -> None:
     if args.out:
         overrides.append(f"out_dir={args.out}")
     config = args.config
-    if config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file():
+    own = config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file()
+    if own:
         config = str(Path(args.out) / CONFIG)
     cfg = load_config(recipe_path(config or DEFAULT_RECIPE), overrides)
+    if own:  # a run copied from another machine or directory: name the files it lacks here, and the fix
+        from mixgrpo.config import to_dict
+        from mixgrpo.runfiles import missing
+
+        gone = missing(to_dict(cfg))
+        if gone:
+            raise UsageError(f"run {args.out} names files that are not here (was it moved?): "
+                             f"{', '.join(f'{field} = {path}' for field, path in gone)}; give their place now: "
+                             f"mixgrpo train --out {args.out} --resume "
+                             + " ".join(f"{field}=PATH" for field, _ in gone))
     train(cfg, resume=args.resume, progress=not args.quiet)
     from mixgrpo import dist
 
@@ -66,11 +78,14 @@ class ModelLoader:
     """Loads the models a sample / eval command names: a run directory (its base from config.yaml + final/, or
     the latest checkpoint when the run did not finish), a checkpoint (RUN/checkpoints/iter_N), an export inside a
     run (RUN/final), a model directory of --model, or "base": the base model of the run among the paths (else
-    --model's registered default). --device, --dtype and --resolution apply to every model; a run's sampling
-    settings (steps, shift, guidance) are the defaults when the command does not give them."""
+    --model's registered default). --device, --dtype and --resolution apply to every model.
 
-    def __init__(self, args: argparse.Namespace, paths: list[str | None], prompts: list[str]):
-        self.args, self.prompts = args, prompts
+    With a run among the paths, what the command does not give follows the run's own held-out evaluation: its
+    eval prompts (the first eval_num_prompts), images per prompt, evaluation seed, sampling steps, shift and
+    guidance, and (eval) its rewards; so `mixgrpo eval RUN` redraws the images the run evaluated."""
+
+    def __init__(self, args: argparse.Namespace, paths: list[str | None]):
+        self.args = args
         self.run = next((r for r in map(_run_of, paths) if r is not None), None)
         self.device = args.device or _default_device()
         self.resolution = _parse_resolution(args.resolution)
@@ -79,16 +94,41 @@ class ModelLoader:
         if self.run is not None:
             from mixgrpo.export import run_config
 
-            cfg = run_config(self.run)
+            cfg = run_config(self.run, args.set or ())
+        self.cfg = cfg
+        from mixgrpo.seeding import held_out_seed
+
         defaults = {"steps": cfg.sampler.num_steps if cfg else 25, "shift": cfg.sampler.shift if cfg else 3.0,
-                    "guidance": cfg.eval_guidance if cfg else 1.0}
-        taken = [f"{k} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
+                    "guidance": cfg.eval_guidance if cfg else 1.0,
+                    "num_images": cfg.eval_images_per_prompt if cfg else 1,
+                    "seed": held_out_seed(cfg.seed) if cfg else 0}
+        taken = [f"{k.replace('_', ' ')} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
         for key, value in defaults.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+        self.prompts = self._prompts(taken)
+        self.reward_specs = None  # eval: RewardConfigs of the run when --reward is not given
+        if cfg is not None and getattr(args, "reward", "given") is None:
+            self.reward_specs = cfg.rewards
+            taken.append(f"rewards {', '.join(r.name for r in cfg.rewards)}")
         if cfg is not None and taken:
-            print(f"sampling settings of run {self.run}: {', '.join(taken)} (override with --steps, --shift, "
-                  f"--guidance)", flush=True)
+            print(f"settings of run {self.run}: {'; '.join(taken)} (override with --prompt/--prompts, --num-images, "
+                  f"--seed, --steps, --shift, --guidance{', --reward' if hasattr(args, 'reward') else ''})",
+                  flush=True)
+
+    def _prompts(self, taken: list[str]) -> list[str]:
+        """--prompt / --prompts, else the run's held-out prompts (as its evaluation reads them)."""
+        args, cfg = self.args, self.cfg
+        if args.prompt or args.prompts or cfg is None:
+            return _prompts_from(args)
+        from mixgrpo.prompts import read_prompts
+
+        try:
+            prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts or None]
+        except ValueError as e:
+            raise UsageError(f"the run's eval_prompts: {e}; or give --prompts FILE / --prompt TEXT") from None
+        taken.insert(0, f"the first {len(prompts)} prompts of {cfg.eval_prompts}")
+        return prompts
 
     def load(self, path: str | None):
         """The model of `path` (see the class docstring)."""
@@ -127,8 +167,12 @@ class ModelLoader:
         if weights is not None and weights.name != "final":
             print(f"{run}: loading the weights of {weights}", flush=True)
         overrides = {}
-        cache = run_config(run).model.args.get("embedding_cache")
-        if cache:  # the cache serves the run's prompts; other prompts need the model's own text encoders
+        cache = run_config(run, self.args.set or ()).model.args.get("embedding_cache")
+        if cache and not Path(cache).expanduser().is_dir():  # a run that moved without its cache
+            print(f"the run's embedding cache {cache} is not here: loading the text encoders instead (--set "
+                  f"model.args.embedding_cache=PATH uses the cache where it is now)", flush=True)
+            overrides["embedding_cache"] = None
+        elif cache:  # the cache serves the run's prompts; other prompts need the model's own text encoders
             from mixgrpo.models.text import EmbeddingCache
 
             wanted = set(self.prompts) | ({""} if self.args.guidance != 1.0 else set())
@@ -138,7 +182,7 @@ class ModelLoader:
                       f"encoders instead", flush=True)
                 overrides["embedding_cache"] = None
         model = load_run(run, weights, self.device, self.args.dtype, self.resolution,
-                         text_encoder=self._text_encoders.get(run), args=overrides)
+                         text_encoder=self._text_encoders.get(run), args=overrides, overrides=self.args.set or ())
         self._text_encoders.setdefault(run, model.text_encoder if hasattr(model, "text_encoder") else None)
         return model
 
@@ -204,8 +248,8 @@ def _save_images(images, prompts: list[str], out: Path, video: str = ".gif") -> 
 def _sample(args: argparse.Namespace) -> None:
     from mixgrpo.evaluate import generate
 
-    prompts = _prompts_from(args)
-    loader = ModelLoader(args, [args.path, args.base_path], prompts)
+    loader = ModelLoader(args, [args.path, args.base_path])
+    prompts = loader.prompts
     model = loader.load(args.path)
     base = loader.load(args.base_path) if args.base_path else None  # hybrid: the base takes the last steps
     plan = _sampling_plan(args)
@@ -224,12 +268,12 @@ def _eval(args: argparse.Namespace) -> None:
     from mixgrpo.evaluate import evaluate, write_report
     from mixgrpo.rewards.scoring import build_rewards
 
-    specs = [_reward_spec(r) for r in args.reward or ["verifier:score=strict", "verifier"]]
-    rewards = [(r.label, r.fn) for r in build_rewards(specs)]
-    prompts = _prompts_from(args)
     entries = _model_entries(args.models)
     hybrid = _model_entries([args.hybrid])[0] if args.hybrid else None
-    loader = ModelLoader(args, [path for _, path in entries] + ([hybrid[1]] if hybrid else []), prompts)
+    loader = ModelLoader(args, [path for _, path in entries] + ([hybrid[1]] if hybrid else []))
+    prompts = loader.prompts
+    specs = loader.reward_specs or [_reward_spec(r) for r in args.reward or DEFAULT_EVAL_REWARDS]
+    rewards = [(r.label, r.fn) for r in build_rewards(specs)]
     plan = _sampling_plan(args)
     out = Path(args.out)
     results = {}
@@ -262,13 +306,51 @@ def _eval(args: argparse.Namespace) -> None:
           + (f"; images and captioned grids: {out / 'images'}" if args.save_images else ""))
 
 
+def _compare(args: argparse.Namespace) -> int:
+    """Each run against its recipe's reference (mixgrpo.reference): one line per run, one PNG; exit 1 when a run
+    lies outside a band, 0 when every run lies inside or has no reference."""
+    from mixgrpo.reference import describe, plot_comparison, read_run, reference_of, shipped_references
+
+    runs = [read_run(path) for path in args.runs]
+    refs = [reference_of(run) for run in runs]
+    named = {ref.recipe for ref in refs if ref is not None}
+    if len(named) > 1:
+        raise ValueError(f"the runs follow different recipes ({', '.join(sorted(named))}): compare one recipe's "
+                         f"runs at a time")
+    outside = False
+    for run, ref in zip(runs, refs):
+        if ref is None:
+            print(f"{run.path}: no reference: its config follows no shipped recipe up to seed, length, logging and "
+                  f"precision (references: {', '.join(sorted(shipped_references()))})")
+        elif not ref.seeds:
+            print(f"{run.path}: the reference of {ref.recipe} has no figures yet ({ref.note or ref.path})")
+        else:
+            line = describe(run, ref)
+            outside = outside or "OUTSIDE" in line
+            print(f"{run.path}: {line}")
+    ref = next((r for r in refs if r is not None and r.seeds), None)
+    plot_comparison(runs, ref, Path(args.out))
+    print(f"plot: {args.out}")
+    return 1 if outside else 0
+
+
+def _reference(args: argparse.Namespace) -> None:
+    """Write a recipe's reference file from its runs at several seeds."""
+    from mixgrpo.reference import build_reference, references_dir
+
+    ref = build_reference(args.runs, machine=args.machine, note=args.note)
+    out = Path(args.out) if args.out else references_dir() / f"{ref.recipe}.json"
+    ref.write(out)
+    print(f"reference of {ref.recipe} ({len(ref.seeds)} seeds, {ref.precision}): {out}")
+
+
 def _safe_name(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
 def _export(args: argparse.Namespace) -> None:
     from mixgrpo.checkpoint import complete_checkpoints, latest_checkpoint
-    from mixgrpo.export import export_model, is_run_dir, load_run
+    from mixgrpo.export import export_model, is_run_dir, load_run, run_config
     from mixgrpo.rundir import FINAL
 
     run = Path(args.run)
@@ -287,7 +369,11 @@ def _export(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else run / FINAL
     if out.exists():
         raise UsageError(f"{out} already exists: pass --out DIR to write the export elsewhere")
-    model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(), ema=not args.no_ema)
+    overrides = args.set or ()
+    # the weights are all that is read: neither the text encoders nor the embedding cache are needed here
+    no_cache = {"embedding_cache": None} if run_config(run, overrides).model.args.get("embedding_cache") else None
+    model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(), ema=not args.no_ema,
+                     args=no_cache, overrides=overrides)
     export_model(model, out)
     print(f"exported {checkpoint} to {out}")
 
@@ -324,6 +410,41 @@ def _reward_spec(text: str):
                                                                      if "frames" in kwargs else {})}, "reward")
 
 
+def _serve_rewards(args: argparse.Namespace) -> None:
+    from mixgrpo.config import RewardConfig, from_dict, read_yaml
+    from mixgrpo.rewards.remote import token_from
+    from mixgrpo.rewards.server import require_serving_packages, serve
+
+    require_serving_packages()
+    specs = []
+    if args.rewards:  # a YAML list of rewards, or a run's config (its rewards:); weight and server do not apply
+        path = Path(args.rewards)
+        if not path.is_file():
+            raise UsageError(f"--rewards {args.rewards!r} does not exist: give a YAML file with a list of rewards "
+                             f"(or a run's config)")
+        import yaml
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.suffix in (".yaml", ".yml") else None
+        entries = data if isinstance(data, list) else read_yaml(path).get("rewards")
+        if not isinstance(entries, list):
+            raise UsageError(f"--rewards {args.rewards!r} holds no list of rewards: give a list of {{name, args}} "
+                             f"or a run's config with rewards:")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise UsageError(f"--rewards {args.rewards!r}: entry {i} is {entry!r}, not a mapping {{name, args}}")
+            entry = {k: v for k, v in entry.items() if k not in ("weight", "server")}
+            specs.append(from_dict(RewardConfig, entry, f"rewards[{i}]"))
+    specs += [_reward_spec(r) for r in args.reward or []]
+    checks = [(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
+              (0 <= args.port < 65536, "--port", args.port, "a port number in 0..65535"),
+              (args.max_request_mb > 0, "--max-request-mb", args.max_request_mb, "a positive number")]
+    for ok, flag, value, want in checks:
+        if not ok:
+            raise UsageError(f"{flag} = {value} is invalid: use {want}")
+    serve(specs, args.host, args.port, args.batch_size, token_from(args.token_env or ""),
+          int(args.max_request_mb * 2**20))
+
+
 def _pretrain(args: argparse.Namespace) -> None:
     from mixgrpo import pretrain
 
@@ -334,6 +455,12 @@ def _preprocess(args: argparse.Namespace) -> None:
     from mixgrpo import preprocess
 
     preprocess.main(args.rest)
+
+
+def _prompts(args: argparse.Namespace) -> None:
+    from mixgrpo import prompt_sets
+
+    prompt_sets.main(args.rest)
 
 
 def _config_doc(args: argparse.Namespace) -> None:
@@ -348,15 +475,18 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="registered base-model name for model directories and 'base' "
                                                    "(default: tiny; a run directory knows its own model)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv) or world:train / world:heldout")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv) or world:train / world:heldout (default: a run's "
+                                     "held-out prompts, the first eval_num_prompts of its eval_prompts)")
+    p.add_argument("--num-images", type=int, help="images per prompt (default: the run's eval_images_per_prompt, "
+                                                  "else 1)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sampler.num_steps, else 25)")
     p.add_argument("--shift", type=float, help="sigma-grid shift (default: the run's sampler.shift, else 3)")
     p.add_argument("--plan", default="ode", help="'ode' (default) or an algorithm preset, e.g. mixgrpo_flash")
     p.add_argument("--iteration", type=int, default=0, help="training iteration that places the plan's window")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the run's "
                                                   "evaluation guidance, else 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="noise seed (default: the run's evaluation seed, seed + 1, so that a "
+                                            "run's own evaluation is redrawn; else 0)")
     p.add_argument("--p-mix", type=float, default=0.8,
                    help="hybrid inference: fraction of the steps run by the fine-tuned model (default 0.8)")
     p.add_argument("--device", help="where the models run (default: cuda when available, else cpu)")
@@ -364,14 +494,21 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", help="SIZE or HEIGHTxWIDTH in pixels (default: the run's model.args height and "
                                         "width; models that take a size)")
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (memory only; default 16)")
+    _add_set_arg(p)
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
-                   help="files of a video model's samples: gif (default; Pillow) or mp4 (pip install 'mixgrpo[video]')")
+                   help="files of a video model's samples: gif (default; Pillow) or mp4 (needs imageio and imageio-ffmpeg: mixgrpo's video extra)")
+
+
+def _add_set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field of the run's config.yaml for this command, as `train` takes them "
+                        "(repeatable); e.g. --set model.args.path=/data/FLUX.1-dev for a run whose base model moved")
 
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
     """Values argparse's types let through but sampling cannot use; checked before any model loads."""
-    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance")}  # the run's values come later
-    checks = [(args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
+    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance", "num_images")}  # a run's come later
+    checks = [(unset["num_images"] or args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
               (unset["steps"] or args.steps >= 1, "--steps", args.steps, "an integer >= 1"),
               (unset["shift"] or args.shift > 0, "--shift", args.shift, "a positive number"),
               (args.iteration >= 0, "--iteration", args.iteration, "an integer >= 0"),
@@ -444,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "directory, or 'base': the run's base model), e.g. base=base "
                                              "tuned=runs/mixgrpo")
     p.add_argument("--reward", action="append",
-                   help="reward NAME or NAME:key=value,key=value (repeatable; default: verifier strict + dense); "
+                   help="reward NAME or NAME:key=value,key=value (repeatable; default: the run's rewards, else the "
+                        "shapes world's verifier strict + dense); "
                         "for videos, frames=mean|min|max|median aggregates an image reward's frame scores")
     p.add_argument("--hybrid", help="also evaluate hybrid inference of this fine-tuned model with the base")
     p.add_argument("--save-images", action="store_true",
@@ -459,10 +597,42 @@ def build_parser() -> argparse.ArgumentParser:
                                         "or sharded, written under any world size")
     p.add_argument("--out", help="directory to write (default: RUN/final, when it does not exist yet)")
     p.add_argument("--no-ema", action="store_true", help="export the trained weights, not their EMA")
+    _add_set_arg(p)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("compare", help="runs against their recipe's reference curves: inside the band or not, "
+                                       "and one PNG", allow_abbrev=False)
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default="compare.png", help="the PNG to write (default: compare.png)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("reference", help="write a recipe's reference curves from its runs at several seeds",
+                       allow_abbrev=False)
+    p.add_argument("runs", nargs="+", help="run directories of one recipe, one per seed")
+    p.add_argument("--machine", required=True, help="what ran them, e.g. '1x H100 80GB, CUDA 12.8'")
+    p.add_argument("--note", default="", help="anything a reader of the figures should know")
+    p.add_argument("--out", help="the JSON file (default: configs/references/RECIPE.json)")
+    p.set_defaults(func=_reference)
+
+    p = sub.add_parser("serve-rewards", help="host rewards on their own devices for training runs (HTTP; "
+                                             "docs/rewards.md)", allow_abbrev=False)
+    p.add_argument("--reward", action="append",
+                   help="reward NAME or NAME:key=value,... (repeatable), e.g. hps:device=cuda:1,path=... or "
+                        "mypkg.rewards:score; device= says where it runs")
+    p.add_argument("--rewards", help="a YAML file: a list of rewards in the form of a run's rewards: (name, args, "
+                                     "frames), or a run's config (its rewards are served)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                                                       "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8601, help="default 8601")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="most images scored together: concurrent requests are batched up to it (default 64)")
+    p.add_argument("--token-env", help="environment variable holding a bearer token that every request must carry")
+    p.add_argument("--max-request-mb", type=float, default=256.0, help="largest request body in MiB (default 256)")
+    p.set_defaults(func=_serve_rewards)
 
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
                            ("preprocess", _preprocess, "encode prompt files into an embedding cache"),
+                           ("prompts", _prompts, "list the prompt sets the recipes name (NAME:SPLIT), or fetch one"),
                            ("config-doc", _config_doc, "print (or --out, --check) the configuration reference")):
         p = sub.add_parser(name, help=text, add_help=False, allow_abbrev=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -470,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_PASSTHROUGH = ("pretrain", "preprocess", "config-doc")  # subcommands with their own argument parsers
+_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc")  # subcommands with their own argument parsers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("sample", "eval"):
             _check_sampling_args(args)
-        args.func(args)
+        code = args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -508,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in _error_line(e, args.command).splitlines() or [type(e).__name__]:  # pre-flight: one line each
             print(f"error: {line}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 def _error_line(e: Exception, command: str) -> str:

@@ -46,6 +46,13 @@ class RewardConfig:
     weight: float = 1.0  # weight in the fused advantage; 0 = scored and logged only
     args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the factory
     frames: str = "mean"  # videos: how an image reward's frame scores become one (mixgrpo.rewards.FRAME_AGGREGATIONS)
+    server: str | list[str] = ""  # URL of the reward server (mixgrpo serve-rewards) that scores it, or a list of
+                                  # replicas' URLs that share the images; "" = scored in-process (docs/rewards.md)
+
+    @property
+    def servers(self) -> list[str]:
+        """The server URLs of `server` (none: in-process)."""
+        return [self.server] if isinstance(self.server, str) and self.server else list(self.server or [])
 
 
 @dataclass
@@ -61,6 +68,16 @@ class RewardPolicyConfig:
 
     retries: int = 2  # extra attempts per reward call before the failure counts
     max_failed_groups: float = 0.25  # abort when more than this fraction of an iteration's groups fail
+
+
+@dataclass
+class RewardServersConfig:
+    """How the run talks to its reward servers (rewards with `server:`; docs/rewards.md)."""
+
+    timeout: float = 120.0  # seconds one /score request may take; then it fails and is retried (reward_policy.retries)
+    images: str = "float32"  # how images travel: "float32" (exact: scores equal in-process ones bit for bit),
+                             # "uint8" (4x smaller, quantised as a PNG would be) or "png"
+    token_env: str = ""  # environment variable holding the servers' bearer token; "" = send none
 
 
 @dataclass
@@ -141,13 +158,16 @@ class TrainConfig:
     micro_batch_size: int = 32  # samples per forward/backward (memory only: the update does not depend on it)
     clip_range: float = 1e-4  # GRPO ratio clip: ratios outside [1 - clip_range, 1 + clip_range] are clipped
     kl_beta: float = 0.0  # weight of the KL term to the frozen base model; 0 = none
-    ema_decay: float = 0.0  # 0 = no EMA
+    ema_decay: float = 0.0  # 0 = no EMA; > 0: the held-out evaluations and final/ use the EMA weights
+                            # (`mixgrpo export --no-ema` writes the trained ones from a checkpoint)
     lora: LoraConfig = field(default_factory=LoraConfig)
     precision: str = "auto"  # "bf16" (autocast; fp32 master weights), "fp32", or "auto": bf16 where the hardware
                              # multiplies bf16 matrices (CPU with AMX, CUDA >= 8.0), else fp32 (mixgrpo.dtypes)
     grad_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory)
 
     seed: int = 0  # every random draw of the run derives from it (prompts, noise, trained steps)
+    deterministic: bool = False  # deterministic GPU kernels: two runs of a config on one GPU are bit-equal (slower;
+                                 # docs/reproducibility.md); CPU runs are bit-equal without it
     out_dir: str = "runs/mixgrpo"  # the run directory
     checkpoint_every: int = 20  # iterations between checkpoints (the last iteration is always checkpointed)
     keep_checkpoints: int = 2  # complete checkpoints kept; older ones are deleted
@@ -156,8 +176,14 @@ class TrainConfig:
     eval_images_per_prompt: int = 1  # images per held-out prompt in the evaluation
     eval_guidance_scale: float = -1.0  # -1 = same as guidance_scale
     reward_policy: RewardPolicyConfig = field(default_factory=RewardPolicyConfig)
+    reward_servers: RewardServersConfig = field(default_factory=RewardServersConfig)
+    rollout_chunks: int = 1  # the rollout runs in this many parts of whole groups; each part is decoded and scored
+                             # while the next one rolls out (reward_overlap); 1 = one rollout, then the rewards
+    reward_overlap: bool = True  # rollout_chunks > 1: score each part in a background thread during the rollout;
+                                 # false: score every part after the rollout (the same numbers, not overlapped)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    tensorboard: bool = True  # event files in OUT/tensorboard when the tensorboard package is installed
+    tensorboard: bool = True  # event files in OUT/tensorboard (the package is in the tiny and models extras; the
+                              # pre-flight names the pip command when it is missing)
     wandb_project: str = ""  # log to this Weights & Biases project (needs the wandb package); "" = off
     profile: bool = False  # count model calls and time spent inside them (metrics model_calls/*, time/model_*)
 
@@ -200,6 +226,11 @@ class TrainConfig:
             (self.parallel.checkpoint_format in ("full", "sharded"), "parallel.checkpoint_format",
              "'full' or 'sharded'"),
             (self.parallel.rewards_on in ("every_rank", "rank0"), "parallel.rewards_on", "'every_rank' or 'rank0'"),
+            (1 <= self.rollout_chunks <= self.prompts_per_iteration, "rollout_chunks",
+             f"an integer in [1, prompts_per_iteration = {self.prompts_per_iteration}] (each part holds whole groups)"),
+            (self.reward_servers.timeout > 0, "reward_servers.timeout", "a positive number of seconds"),
+            (self.reward_servers.images in ("float32", "uint8", "png"), "reward_servers.images",
+             "'float32', 'uint8' or 'png'"),
         ]
         for ok, name, want in checks:
             if not ok:
@@ -208,6 +239,14 @@ class TrainConfig:
             if not math.isfinite(reward.weight):
                 raise ConfigError(f"rewards[{i}].weight = {reward.weight} is invalid: use a finite number "
                                   f"(0 = logged only)")
+            for url in reward.servers:
+                if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+                    raise ConfigError(f"rewards[{i}].server = {url!r} is invalid: use a URL such as "
+                                      f"http://127.0.0.1:8601 (a reward server of mixgrpo serve-rewards)")
+        if self.rollout_chunks > 1 and self.reward_overlap and self.parallel.rewards_on == "rank0":
+            raise ConfigError("reward_overlap with parallel.rewards_on 'rank0' would gather images across ranks from a "
+                              "background thread: use rewards_on 'every_rank' (or a reward server), or "
+                              "reward_overlap: false")
         if self.parallel.strategy == "ddp" and (self.parallel.param_dtype, self.parallel.reduce_dtype) != ("fp32",) * 2:
             raise ConfigError("parallel.param_dtype / reduce_dtype apply to parallel.strategy 'fsdp' only: with 'ddp' "
                               "use precision: bf16 for bf16 compute, or set parallel.strategy: fsdp")
@@ -341,6 +380,16 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """'key.sub: old -> new' for every leaf that differs between two config fingerprints. A key the old one
+    lacks is a field added by a newer mixgrpo (its default keeps the old behaviour), a key the new one lacks a
+    field it removed (it did nothing): neither is a difference."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str) if k in old and k in new
+                for d in config_diff(old[k], new[k], f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
 # --------------------------------------------------------------------------------------------------
 # files and overrides
 
@@ -392,8 +441,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+_INDEXED = re.compile(r"(\w+)\[(\d+)\]")
+"""An override key's part that names an element of a list: rewards[0]."""
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one `key.sub=value` override in place; the value is parsed as YAML ("3" -> 3, "[a, b]")."""
+    """Apply one `key.sub=value` override in place; the value is parsed as YAML ("3" -> 3, "[a, b]"). A part
+    `name[i]` steps into element i of a list: rewards[0].args.path=/data/hps.pt."""
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {override!r} is not of the form key.sub=value")
@@ -403,14 +457,30 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         value = raw
     parts = key.strip().split(".")
     node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
+    for i, part in enumerate(parts):
+        indexed = _INDEXED.fullmatch(part)
+        name = indexed.group(1) if indexed else part
+        if indexed:
+            items = node.get(name)
+            index = int(indexed.group(2))
+            if not isinstance(items, list) or index >= len(items):
+                what = f"has {len(items)} elements" if isinstance(items, list) else "is not a list"
+                raise ConfigError(f"override {override!r}: {name!r} {what} in this config: index one it has, or give "
+                                  f"the whole list ({name}='[...]')")
+            if i == len(parts) - 1:
+                items[index] = value
+                return
+            child = items[index]
+        elif i == len(parts) - 1:
+            node[name] = value
+            return
+        else:
+            child = node.get(name)
+            if child is None:
+                child = node[name] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = value
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -101,7 +101,9 @@ def _type_name(tp) -> str:
         return "section"
     if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
         return "list of sections"
-    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+    # "str or list[str]": a "|" would split the markdown table's cell
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "").replace(
+        " | ", " or ")
 
 
 def _anchor(key: str) -> str:
@@ -169,6 +171,12 @@ def render() -> str:
            "values of the wrong type are refused with a message naming the field. `model.args` and each reward's "
            "`args` are the keyword arguments of the registered factory (listed at the end; docs/models.md and "
            "docs/rewards.md explain them).", "",
+           "Values are YAML, so a list or a mapping is written inline and replaces the whole field (quote it for the "
+           "shell): `'rewards=[{name: jpeg_compressibility}, {name: verifier, weight: 0}]'`, "
+           "`'lora.target_modules=[to_q, to_k, to_v]'`, `betas=[0.9,0.99]`, `'model.args={path: /ckpt/FLUX.1-dev, "
+           "dtype: bfloat16}'` (a mapping replaces `model.args` whole; `model.args.height=512` sets one key). A list "
+           "has no per-element override (`rewards.0.weight=...` is refused): give the whole list. Numbers in exponent "
+           "form (`lr=1e-5`) are numbers; `key=` is the empty string.", "",
            "## Top level", ""]
     _section(TrainConfig, "", out)
     _presets(out)

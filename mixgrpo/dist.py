@@ -201,6 +201,47 @@ def average_gradients(grads: list[torch.Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# replica agreement
+
+
+def replica_checksums(groups: dict[str, list[torch.Tensor]]) -> tuple[dict[str, float], dict[str, list[list[float]]]]:
+    """Checksums of named groups of weights (the trainable weights, the EMA, the sampling copy) on every rank, in
+    one all-gather.
+
+    Each tensor contributes (sum, sum of squares) in float64. A tensor held whole on every rank (DDP, or a plain
+    tensor under FSDP) is a replica: its sums must be equal bit for bit on every rank. A sharded tensor (an FSDP
+    DTensor with a Shard placement) contributes this rank's shard, and its full checksum is the sum over ranks.
+    Returns ({group: full checksum (the sum)}, {group: per-rank [sum, sum of squares] of the replicas}); at world
+    size 1 the second is one row per group. Collective: every rank calls it with the same groups and tensors.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    rows = []
+    for tensors in groups.values():
+        replicated, sharded = [], []
+        for t in tensors:
+            t = t.detach()
+            is_shard = isinstance(t, DTensor) and any(isinstance(p, Shard) for p in t.placements)
+            local = t.to_local() if isinstance(t, DTensor) else t
+            (sharded if is_shard else replicated).append(local)
+        rows.append(torch.stack([_sums(replicated), _sums(sharded)]))  # [2 (replicated, sharded), 2 (sums)]
+    local = torch.stack(rows) if rows else torch.zeros(0, 2, 2, dtype=torch.float64)  # [groups, 2, 2]
+    per_rank = all_gather_cat(local.to(device()).unsqueeze(0)).cpu()  # [world, groups, 2, 2]
+    full = {g: float(per_rank[0, i, 0, 0] + per_rank[:, i, 1, 0].sum()) for i, g in enumerate(groups)}
+    replicas = {g: per_rank[:, i, 0].tolist() for i, g in enumerate(groups)}
+    return full, replicas
+
+
+def _sums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[sum, sum of squares] of all elements of `tensors`, float64, on the CPU (one sync)."""
+    if not tensors:
+        return torch.zeros(2, dtype=torch.float64)
+    parts = torch.stack([torch.stack([torch.sum(t, dtype=torch.float64),
+                                      torch.linalg.vector_norm(t, dtype=torch.float64).square()]) for t in tensors])
+    return parts.sum(0).cpu()
+
+
+# --------------------------------------------------------------------------------------------------
 # serving a function from rank 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import warnings
 from pathlib import Path
 
@@ -119,3 +120,31 @@ class CpuAttentionBackward(TorchFunctionMode):
                     and q.shape[:-2] == k.shape[:-2] and any(t.requires_grad for t in (q, k, v))):
                 return _FlashForwardMathBackward.apply(q, k, v, kwargs.get("scale"))
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool):
+    """Within the block (enabled), every kernel is one that gives the same bits for the same inputs on the same
+    GPU and software: `torch.use_deterministic_algorithms(True)` (an op with no deterministic kernel raises,
+    naming itself, instead of running one that is not), cuDNN's deterministic algorithms without autotuning,
+    and `CUBLAS_WORKSPACE_CONFIG=:4096:8` (cuBLAS otherwise splits reductions by a workspace that depends on
+    the stream's history). Deterministic mode also fills uninitialised memory (torch's default), so a read of
+    it cannot differ. The previous settings come back on exit. CPU kernels are deterministic already (for a
+    given thread count): on CPU this changes nothing. What it costs on a GPU: docs/reproducibility.md."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # a user's own ":16:8" (less memory) is kept
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+        if before[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+

@@ -78,23 +78,34 @@ def is_checkpoint_dir(path: str | Path) -> bool:
     return (path / MARKER).is_file() and (path / "state.json").is_file() and is_run_dir(path.parent.parent)
 
 
-def run_config(run_dir: str | Path):
-    """The TrainConfig a run was trained with (its config.yaml)."""
+def run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()):
+    """The TrainConfig a run was trained with (its config.yaml), with `key.sub=value` overrides (a moved run's
+    files: model.args.path=/new/place)."""
     from mixgrpo.config import load_config
 
-    return load_config(Path(run_dir) / CONFIG)
+    return load_config(Path(run_dir) / CONFIG, overrides)
 
 
 def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: str | None = None,
              dtype: str | None = None, resolution: tuple[int, int] | None = None, text_encoder: Any = None,
-             args: dict[str, Any] | None = None, ema: bool = True) -> FlowModel:
-    """A run's model: its base (model.name and model.args of RUN/config.yaml, updated by `args`) with the
-    fine-tuned weights of `weights` put in: "final" (RUN/final, an export), a checkpoint directory (its EMA
-    weights when it has them and `ema`), another export directory, or None for the base alone.
+             args: dict[str, Any] | None = None, ema: bool = True, overrides: list[str] | tuple[str, ...] = ()
+             ) -> FlowModel:
+    """A run's model: its base (model.name and model.args of RUN/config.yaml with `overrides`, updated by `args`)
+    with the fine-tuned weights of `weights` put in: "final" (RUN/final, an export), a checkpoint directory (its
+    EMA weights when it has them and `ema`), another export directory, or None for the base alone. The base
+    model's files must be the ones the run was trained with (`check_base_files`).
     device, dtype, resolution, text_encoder: as `build_model`. In eval mode, nothing trainable."""
+    from mixgrpo.config import ConfigError
+    from mixgrpo.preflight import package_problems
+
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
-    model = build_model(cfg.model.name, {**cfg.model.args, **(args or {})}, device, dtype, resolution, text_encoder)
+    cfg = run_config(run_dir, overrides)
+    missing = package_problems(cfg, training=False)  # before the base model loads (minutes for FLUX.1)
+    if missing:
+        raise ConfigError(missing[0])
+    model_args = {**cfg.model.args, **(args or {})}
+    check_base_files(run_dir, model_args)
+    model = build_model(cfg.model.name, model_args, device, dtype, resolution, text_encoder)
     if weights is not None:
         source = run_dir / FINAL if str(weights) == FINAL else Path(weights)
         if is_checkpoint_dir(source):
@@ -107,6 +118,27 @@ def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: st
         else:
             load_export(model, source)
     return model.eval().requires_grad_(False)
+
+
+def check_base_files(run_dir: Path, model_args: dict[str, Any]) -> None:
+    """Raise ValueError when a file or directory of the run's model.args (its base model, embedding cache) is not
+    here, or is not the one its latest checkpoint was trained with (`mixgrpo.runfiles`), naming the fix: a run
+    that moved is told where its files now are with `--set model.args.path=PATH`."""
+    from mixgrpo.checkpoint import read_state
+    from mixgrpo.runfiles import identities, mismatches, missing
+
+    data = {"model": {"args": model_args}}
+    gone = missing(data)
+    if gone:
+        raise ValueError(f"run {run_dir} names files that are not here (was it moved?): "
+                         f"{', '.join(f'{field} = {path}' for field, path in gone)}; give their place now with "
+                         + " ".join(f"--set {field}=PATH" for field, _ in gone))
+    latest = latest_checkpoint(run_dir)
+    recorded = read_state(latest).get("files", {}) if latest is not None else {}
+    differ = mismatches({k: v for k, v in recorded.items() if k.startswith("model.")}, identities(data))
+    if differ:
+        raise ValueError(f"run {run_dir} was trained with other files ({'; '.join(differ)}): point "
+                         f"--set {differ[0].split(':', 1)[0]}=PATH at a copy of the files it was trained with")
 
 
 def final_or_latest(run_dir: str | Path) -> Path:
@@ -141,8 +173,8 @@ def load_export(model: FlowModel, directory: str | Path) -> FlowModel:
     files = [directory / LORA_WEIGHTS_NAME] if lora else _weight_files(directory)
     if not files:
         raise ValueError(f"{directory} holds no exported model (no {LORA_WEIGHTS_NAME}, no "
-                         f"diffusion_pytorch_model*.safetensors, no model.safetensors): export one with "
-                         f"`mixgrpo export --run RUN`")
+                         f"diffusion_pytorch_model*.safetensors, no model.safetensors): export a run's checkpoint with "
+                         f"mixgrpo export --run and the run directory")
     try:
         if lora:
             load_lora(model.denoiser, directory)
@@ -152,7 +184,8 @@ def load_export(model: FlowModel, directory: str | Path) -> FlowModel:
             state.update(load_file(str(f)))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot load model weights from {directory} ({type(e).__name__}: {e}): the files are "
-                         f"corrupted or incomplete; write them again with `mixgrpo export --run RUN --out DIR`") from e
+                         f"corrupted or incomplete; write them again with mixgrpo export --run and the run directory, to a "
+                         f"new --out directory") from e
     _load_matching(model.denoiser, state, str(directory))
     return model
 

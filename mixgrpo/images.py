@@ -4,7 +4,7 @@
 A sample is an image [3, H, W] or a video [F, 3, H, W] (floats in [0, 1]); a batch adds a leading N. Every
 function here takes both, so that the rest of the stack needs no video branch: images go to PNG files, videos to
 animated files a person can open (GIF through Pillow, always available; MP4 through imageio with its ffmpeg
-plugin, `pip install 'mixgrpo[video]'`), at VIDEO_FPS frames per second. A video grid is an animation whose
+plugin: mixgrpo's `video` extra), at VIDEO_FPS frames per second. A video grid is an animation whose
 frame f is the grid of every video's frame f."""
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ def media_name(stem: str, samples: torch.Tensor, batched: bool = True, video: st
 def mp4_problem() -> str | None:
     """None when MP4 files can be written here; else the line that says what to install (checked before sampling,
     so that no sampled video is lost to a missing writer)."""
-    import importlib.util
+    from mixgrpo import packages
 
-    if importlib.util.find_spec("imageio") and importlib.util.find_spec("imageio_ffmpeg"):
+    absent = packages.missing(("imageio", "imageio_ffmpeg"))
+    if not absent:
         return None
-    return ("MP4 files need imageio and its ffmpeg plugin: pip install 'mixgrpo[video]' (or write .gif, which needs "
-            "nothing more)")
+    return (f"MP4 files need imageio and its ffmpeg plugin: {packages.install_command(absent)} (or write .gif, which "
+            f"needs nothing more)")
 
 
 def _save_atomic(img: Image.Image | list[Image.Image], path: str | Path, fps: float = VIDEO_FPS) -> None:
@@ -181,11 +182,13 @@ Series = Sequence[tuple[float, float]]
 
 
 def plot_panels(panels: dict[str, dict[str, Series]], path: str | Path, xlabels: Sequence[str] = ("",),
-                title: str = "", markers: dict[str, dict[str, Series]] | None = None) -> None:
+                title: str = "", markers: dict[str, dict[str, Series]] | None = None,
+                bands: dict[str, dict[str, list[tuple[float, float, float]]]] | None = None) -> None:
     """A grid of line plots in one PNG (matplotlib, no display needed): one row per panel name, one column
     per x axis. panels: row title -> series name -> (x, y) points; with several x labels, the series of a row
     are named "NAME@k" for column k. markers: the same layout, drawn as points (e.g. held-out evaluations
-    over a training curve)."""
+    over a training curve). bands: the same layout with (x, low, high) points, drawn as shaded areas (e.g. a
+    reference's spread over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -203,6 +206,11 @@ def plot_panels(panels: dict[str, dict[str, Series]], path: str | Path, xlabels:
                 pts = [(x, y) for x, y in points if math.isfinite(y)]
                 if pts:
                     ax.plot(*zip(*pts), label=label.removesuffix(suffix), linewidth=1.5)
+            for label, points in ((bands or {}).get(name) or {}).items():
+                if (cols > 1 and not label.endswith(suffix)) or not points:
+                    continue
+                xs, lows, highs = zip(*points)
+                ax.fill_between(xs, lows, highs, alpha=0.25, color="grey", label=label.removesuffix(suffix))
             for label, points in ((markers or {}).get(name) or {}).items():
                 if cols > 1 and not label.endswith(suffix):
                     continue

@@ -4,9 +4,14 @@ A problem found here costs seconds; found by the run, it costs the model load (m
 first evaluation, or every iteration since the last checkpoint. Each problem is one line naming the fix, and
 all of them are reported together:
 
+- packages: every Python package the run imports beyond the core (the model's, LoRA's peft, the reward models'
+  transformers, tensorboard when `tensorboard: true`, wandb when `wandb_project` is set), each missing one named
+  with the pip command that installs it (`package_problems`); programs a reward runs (OCR's tesseract) are
+  checked by the reward's own `check()`;
 - devices: model.args.device and every reward's args.device exist in this torch build and machine;
 - rewards: registered names, arguments that fit the factory, and their files (paths, checkpoint keys and
-  shapes, checked on the meta device by `reward.check()`, before any reward model is built);
+  shapes, checked on the meta device by `reward.check()`, before any reward model is built); a reward with
+  `server:` instead: each of its servers answers /health and hosts it with the config's arguments;
 - prompts: the train and eval prompt files read;
 - the model: its name, arguments that fit its factory, and its own checks (`ModelSpec.check`): the pipeline
   directory, the embedding cache's coverage of the train and eval prompts, its widths and token length
@@ -23,7 +28,7 @@ import inspect
 
 import torch
 
-from mixgrpo import dist
+from mixgrpo import dist, packages
 from mixgrpo.config import ConfigError, TrainConfig
 from mixgrpo.prompts import read_prompts
 
@@ -41,9 +46,13 @@ def check_run(cfg: TrainConfig) -> None:
 
 
 def problems_of(cfg: TrainConfig) -> list[str]:
+    missing = package_problems(cfg)
+    if missing:  # the checks below import the model's and the rewards' packages
+        return missing
     problems = device_problems("model.args.device", cfg.model.args.get("device"))
     for i, spec in enumerate(cfg.rewards):
-        problems += device_problems(f"rewards[{i}].args.device", spec.args.get("device"))
+        if not spec.servers:  # a served reward's device is the server's
+            problems += device_problems(f"rewards[{i}].args.device", spec.args.get("device"))
     problems += _reward_problems(cfg)
     prompts: dict[str, tuple[str, list[str]]] = {}
     for split, source, count in (("train", cfg.train_prompts, None), ("eval", cfg.eval_prompts, cfg.eval_num_prompts)):
@@ -55,6 +64,42 @@ def problems_of(cfg: TrainConfig) -> list[str]:
             problems.append(f"{split}_prompts: {e}")
     problems += _model_problems(cfg, prompts)
     return problems + _trained_sigma_problems(cfg)
+
+
+REWARD_MODULES = {name: ("transformers",) for name in ("hps", "imagereward", "pickscore", "clipscore", "aesthetic")}
+"""The Python modules a registered reward imports (the others need nothing beyond the core)."""
+
+
+def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, str]]:
+    """(import name, what needs it) for every package beyond the core that a run of `cfg` imports (training
+    False: only what loading its model needs, for sample / eval / export); a user's own model or reward
+    ("package.module:factory") names no package here."""
+    from mixgrpo.models import MODELS
+
+    model = cfg.model.name
+    modules = MODELS.spec(model).modules if model in MODELS else ()  # the model's description names them
+    needs = [(m, f"model {model!r}") for m in modules]
+    if cfg.lora.rank > 0:
+        needs.append(("peft", f"LoRA (lora.rank = {cfg.lora.rank})"))
+    if not training:
+        return needs
+    for reward in cfg.rewards:
+        needs += [(m, f"reward {reward.name!r}") for m in REWARD_MODULES.get(reward.name, ())]
+    if cfg.tensorboard:
+        needs.append(("tensorboard", "tensorboard: true (set tensorboard=false to go without)"))
+    if cfg.wandb_project:
+        needs.append(("wandb", f"wandb_project = {cfg.wandb_project!r}"))
+    return needs
+
+
+def package_problems(cfg: TrainConfig, training: bool = True) -> list[str]:
+    """One line naming every missing package of `package_needs`, what needs it, and the pip command."""
+    needs = package_needs(cfg, training)
+    absent = packages.missing(m for m, _ in needs)
+    if not absent:
+        return []
+    listed = "; ".join(f"{m} ({', '.join(dict.fromkeys(why for n, why in needs if n == m))})" for m in absent)
+    return [f"missing Python packages: {listed}: {packages.install_command(absent)}"]
 
 
 def device_problems(where: str, value) -> list[str]:
@@ -76,8 +121,10 @@ def _reward_problems(cfg: TrainConfig) -> list[str]:
     import mixgrpo.rewards  # noqa: F401  (registers the rewards)
     from mixgrpo.rewards import RewardError, build_reward
 
-    problems = []
+    problems = _server_problems(cfg)
     for i, spec in enumerate(cfg.rewards):
+        if spec.servers:
+            continue
         try:
             reward = build_reward(spec.name, spec.args, spec.frames)  # lazy: reads no file, builds no model
         except ValueError as e:
@@ -89,6 +136,35 @@ def _reward_problems(cfg: TrainConfig) -> list[str]:
                 check()
             except RewardError as e:
                 problems.append(f"rewards[{i}]: {e}")
+    return problems
+
+
+def _server_problems(cfg: TrainConfig) -> list[str]:
+    """Each reward server the config names answers /health (with the token) and hosts its rewards with the
+    config's name, arguments and frame aggregation."""
+    from mixgrpo.rewards.base import RewardError
+    from mixgrpo.rewards.remote import ServerClient, ServerSetupError, hosted_match, token_from
+
+    urls = list(dict.fromkeys(url for spec in cfg.rewards for url in spec.servers))
+    if not urls:
+        return []
+    try:
+        token = token_from(cfg.reward_servers.token_env)
+    except ValueError as e:
+        return [str(e)]
+    problems, hosted = [], {}
+    for url in urls:
+        try:
+            hosted[url] = ServerClient(url, cfg.reward_servers.timeout, token).health()["rewards"]
+        except (RewardError, ServerSetupError, TimeoutError, ConnectionError) as e:
+            problems.append(f"{e}; start it (mixgrpo serve-rewards, docs/rewards.md) or fix the reward's server:")
+    for i, spec in enumerate(cfg.rewards):
+        for url in spec.servers:
+            if url in hosted:
+                label, why = hosted_match(spec.name, spec.args, spec.frames, hosted[url])
+                if label is None:
+                    problems.append(f"rewards[{i}] ({spec.name}): reward server {url} cannot score it: {why}; serve "
+                                    f"it there (mixgrpo serve-rewards --reward ...) or change the config")
     return problems
 
 

@@ -1,4 +1,5 @@
-"""Prompt sources: text files (txt, jsonl, csv) and the embedded world's splits ("world:train")."""
+"""Prompt sources: text files (txt, jsonl, csv), the embedded world's splits ("world:train") and the prompt sets of
+the field by name ("pickscore:train", `mixgrpo.prompt_sets`)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,34 @@ class PromptFileError(ValueError):
     """A prompt file is missing, empty or malformed; the message names the fix."""
 
 
+def is_builtin_source(source: str) -> bool:
+    """Whether a prompt source names a set (world:SPLIT, NAME:SPLIT of `mixgrpo.prompt_sets`), not a user's file."""
+    from mixgrpo.prompt_sets import is_named
+
+    return source.startswith("world:") or is_named(source)
+
+
+def prompt_file(source: str) -> Path | None:
+    """The file a prompt source reads, or None for a generated set (world:SPLIT). A named set that is neither
+    shipped nor fetched raises `mixgrpo.prompt_sets.PromptSetError` with the command that fetches it."""
+    from mixgrpo.prompt_sets import is_named, locate
+
+    if source.startswith("world:"):
+        return None
+    return locate(source) if is_named(source) else Path(source).expanduser()
+
+
 def read_prompts(source: str) -> list[str]:
-    """Prompts from `world:SPLIT`, a .txt file (one per line), .jsonl ({"prompt": ...}) or .csv ("prompt" column)."""
+    """Prompts from `world:SPLIT`, NAME:SPLIT (a shipped or fetched set: `mixgrpo prompts`), a .txt file (one per
+    line), .jsonl ({"prompt": ...}) or .csv ("prompt" column)."""
     if source.startswith("world:"):
         from mixgrpo.world.scene import load_prompts
 
         return load_prompts(source.split(":", 1)[1])
-    path = Path(source)
+    path = prompt_file(source)
     if not path.is_file():
-        raise PromptFileError(f"prompt file {source!r} does not exist: give a .txt/.jsonl/.csv path or world:train")
+        raise PromptFileError(f"prompt file {source!r} does not exist: give a .txt/.jsonl/.csv path, world:train, or "
+                              f"a prompt set (`mixgrpo prompts` lists them)")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import sys
+from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -45,7 +47,7 @@ class Registry(Generic[T]):
                 module = importlib.import_module(module_name)
             except ImportError as e:
                 raise ValueError(f"{self.kind} {name!r}: cannot import module {module_name!r} ({e}); "
-                                 f"check that it is on PYTHONPATH") from None
+                                 f"{_import_hint(module_name)}") from None
             if not hasattr(module, attr):
                 raise ValueError(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
             return getattr(module, attr)
@@ -53,3 +55,15 @@ class Registry(Generic[T]):
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}; "
                          f"or give a Python callable as 'package.module:function'.")
+
+
+def _import_hint(module_name: str) -> str:
+    """How to make a user's module importable: the `mixgrpo` command does not search the working directory
+    (`python -m mixgrpo` and `torchrun -m mixgrpo` do)."""
+    top = module_name.split(".")[0]
+    cwd = Path.cwd()
+    if ((cwd / top).is_dir() or (cwd / f"{top}.py").is_file()) and not ({"", ".", str(cwd)} & set(sys.path)):
+        return (f"{top} is in the working directory, which the mixgrpo command does not search: prefix the command "
+                f"with PYTHONPATH=. (or run python -m mixgrpo)")
+    return ("put the directory that holds it on PYTHONPATH (PYTHONPATH=DIR mixgrpo ...), or pip install its "
+            "package")

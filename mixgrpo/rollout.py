@@ -47,6 +47,14 @@ class Trajectory:
     final: torch.Tensor
     nfe: int
 
+    @staticmethod
+    def cat(parts: Sequence["Trajectory"]) -> "Trajectory":
+        """The trajectories of consecutive batches of groups as one (rows in order; every part has the same K)."""
+        if len(parts) == 1:
+            return parts[0]
+        fields = ("x", "x_next", "sigma", "sigma_next", "log_prob", "step", "final")
+        return Trajectory(*(torch.cat([getattr(t, f) for t in parts]) for f in fields), parts[0].nfe)
+
 
 def _seeded_generators(seeds: Sequence[int], device: torch.device) -> list[torch.Generator]:
     gens = []
@@ -132,8 +140,12 @@ class Rows:
             return self
         repeat = lambda t: t.repeat_interleave(group_size, dim=0)  # noqa: E731
         return Rows(repeat(self.x), tuple((repeat(h), s) for h, s in self.history),
-                    cond_repeat_interleave(self.cond, group_size),
-                    None if self.uncond is None else cond_repeat_interleave(self.uncond, group_size), True)
+                    *_per_sample(self.cond, self.uncond, group_size), per_sample=True)
+
+
+def _per_sample(cond: Cond, uncond: Cond | None, group_size: int) -> tuple[Cond, Cond | None]:
+    """[P, ...] conditioning rows -> [B, ...], each repeated G times in place."""
+    return cond_repeat_interleave(cond, group_size), None if uncond is None else cond_repeat_interleave(uncond, group_size)
 
 
 def _integrate(model_at: Callable[[int], FlowModel], plan: Plan, cond: Cond, group_size: int,
@@ -142,10 +154,11 @@ def _integrate(model_at: Callable[[int], FlowModel], plan: Plan, cond: Cond, gro
     """(final samples [B, *shape], model calls) of `plan` from one generator per prompt: the shared-noise prefix at
     batch P, the rest at batch B; model_at(i): the network of step i; store: where the trained steps go."""
     gens = _seeded_generators(group_seeds, device)
-    x = _noise(gens, 1 if shared_noise else group_size, shape, device, torch.float32)
-    rows = Rows(x, (), cond, uncond, per_sample=False)
-    if not shared_noise:
-        rows = rows.expanded(group_size)
+    if shared_noise:  # one noise per group: the deterministic prefix runs per prompt until the first SDE step
+        rows = Rows(_noise(gens, 1, shape, device, torch.float32), (), cond, uncond, per_sample=False)
+    else:
+        rows = Rows(_noise(gens, group_size, shape, device, torch.float32), (),
+                    *_per_sample(cond, uncond, group_size), per_sample=True)
     nfe = 0
     for i, step in enumerate(plan.steps):
         if step.kind == "sde":

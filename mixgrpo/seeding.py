@@ -17,6 +17,13 @@ import torch
 _PROMPT_ORDER = 0xE90C
 _UPDATE_SHARES = 0x5A5A
 _TRAINING_SIGMAS = 0xF10
+_REWARD_REQUESTS = 0x7E7
+
+
+def held_out_seed(seed: int) -> int:
+    """The evaluation seed of a run of `seed` (`image_seeds(held_out_seed(seed), ...)` is its held-out noise): the
+    trainer's evaluations and `mixgrpo eval` / `sample` of the run draw the same images."""
+    return seed + 1
 
 
 def derive_seed(*values: int) -> int:
@@ -51,6 +58,12 @@ def image_seeds(seed: int, jobs: list[tuple[int, int]]) -> list[int]:
 def sample_seeds(seed: int, iteration: int, first_sample: int, count: int) -> list[int]:
     """The forward-process training draws (sigmas, noises) of global samples [first_sample, first_sample + count)."""
     return [derive_seed(seed, iteration, b, _TRAINING_SIGMAS) for b in range(first_sample, first_sample + count)]
+
+
+def reward_seeds(seed: int, iteration: int, first_sample: int, count: int) -> list[int]:
+    """The seeds a reward that draws (a VLM judge's sampling) gets for global samples [first_sample, first_sample +
+    count) of an iteration: a rerun asks the same questions with the same seeds."""
+    return [derive_seed(seed, iteration, b, _REWARD_REQUESTS) for b in range(first_sample, first_sample + count)]
 
 
 def update_shares(seed: int, iteration: int, first_prompt: int, num_prompts: int, group_size: int, updates: int,

@@ -5,15 +5,15 @@ every numeric metric of every iteration (step = iteration) and of each evaluatio
 evaluations as images, and the resolved config (TensorBoard: a text entry; W&B: the run's config). Only
 rank 0 tracks.
 
-- TensorBoard (`tensorboard: true`, the default): event files in RUN/tensorboard when the `tensorboard`
-  package is installed (`pip install tensorboard`); silently off otherwise.
+- TensorBoard (`tensorboard: true`, the default): event files in RUN/tensorboard. The `tensorboard` package is
+  in the `tiny` and `models` extras; without it the pre-flight stops the run, naming the pip command (or set
+  tensorboard=false).
 - Weights & Biases (`wandb_project: NAME`): needs the `wandb` package and a login (or WANDB_MODE=offline).
   The W&B run id is kept in RUN/wandb_id, so a resumed run continues the same W&B run.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import resource
 import threading
 import time
@@ -34,7 +34,7 @@ class Trackers:
     def __init__(self, run_dir: Path, config: dict[str, Any], tensorboard: bool, wandb_project: str):
         self._tb = None
         self._wandb = None
-        if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+        if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             _quiet_tensorboard_thread()

@@ -143,7 +143,7 @@ CASES = [
     # reward back-ends
     Case("missing OCR binary", train_args("train_prompts={d}/sign.txt", "reward_policy.retries=0",
                                           "rewards=[{name: ocr, args: {binary: /nonexistent}}]"),
-         ["groups failed to get rewards", "'/nonexistent' is not on PATH", "install it"]),
+         ["rewards[0]: ocr:", "'/nonexistent' is not on PATH", "apt-get install -y tesseract-ocr"]),  # pre-flight
     Case("unreachable VLM endpoint",
          train_args("reward_policy.retries=0",
                     "rewards=[{name: vlm, args: {base_url: 'http://127.0.0.1:1', model: judge, retries: 0}}]"),

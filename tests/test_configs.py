@@ -6,8 +6,10 @@ import pytest
 
 from mixgrpo.config import ConfigError, load_config, to_dict
 from mixgrpo.plan import ALGORITHMS, build_plan
+from mixgrpo.prompt_sets import manifest
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -130,6 +132,8 @@ def test_an_installed_package_ships_every_package_and_the_recipes(tmp_path):
     packages = {str(p.parent.relative_to(root)) for p in (root / "mixgrpo").rglob("__init__.py")}
     assert {p for p in packages if f"{p}/__init__.py" not in names} == set()
     assert {f"mixgrpo/configs/{c.name}" for c in CONFIGS} <= set(names)
+    shipped = [e["file"] for s in manifest().values() for e in s["splits"].values() if e["shipped"]]
+    assert {f"mixgrpo/assets/prompts/{f}" for f in [*shipped, "manifest.json", "LICENSE.flow_grpo"]} <= set(names)
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = "from mixgrpo.config import recipes; print(sorted(str(p) for p in recipes().values()))"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
@@ -138,8 +142,11 @@ def test_an_installed_package_ships_every_package_and_the_recipes(tmp_path):
 
 
 PIPELINE_RECIPES = [p for p in CONFIGS if load_config(p).model.name not in ("tiny", "gaussian")]
-# what the pre-flight may still find in a shipped recipe of a real model: its placeholder paths, and GPUs
-PLACEHOLDER = ("does not exist", "is not a local diffusers pipeline directory", "has no CUDA device")
+# what the pre-flight may still find in a shipped recipe of a real model: its placeholder paths, GPUs, and prompt
+# sets that are fetched, not shipped (`mixgrpo prompts fetch`)
+PLACEHOLDER = ("does not exist", "is not a local diffusers pipeline directory", "has no CUDA device",
+               "is not on PATH",  # tesseract, for the OCR recipe on a machine without it
+               "not fetched yet")
 
 
 @pytest.mark.parametrize("path", PIPELINE_RECIPES, ids=lambda p: p.name)
@@ -160,6 +167,29 @@ def test_a_real_model_recipe_fits_its_model_and_rewards(path):
     assert "arXiv" in path.read_text().split("\nalgorithm:")[0]  # the sources, in the header comment
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_a_recipe_names_the_extra_that_holds_everything_it_needs(path):
+    """Every package the recipe's pre-flight asks for (model, LoRA, rewards, tensorboard) is in the extra its
+    install line names, so that one install line is enough; a program it runs (tesseract) is named with its apt
+    command."""
+    import re
+    import tomllib
+
+    from mixgrpo.packages import distribution
+    from mixgrpo.preflight import package_needs
+
+    install = [line for line in path.read_text().splitlines() if line.startswith("#") and "pip install" in line]
+    assert len(install) == 1, "one install line per recipe"
+    named = re.search(r"pip install -e '\.\[([a-z,]+)\]'", install[0]).group(1).split(",")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    provided = {re.split(r"[<>=!~\[;]", spec, maxsplit=1)[0].strip().lower() for e in named for spec in extras[e]}
+    cfg = load_config(path)
+    needed = {distribution(module).lower() for module, _ in package_needs(cfg)}
+    assert needed and needed <= provided, f"{path.name} needs {sorted(needed - provided)} beyond {named}"
+    if any(r.name == "ocr" for r in cfg.rewards):
+        assert "apt-get install -y tesseract-ocr" in install[0]
+
+
 def test_the_video_recipe_scores_frames_and_time():
     """The Wan recipe: a valid frame count, an image reward aggregated over frames and the temporal reward."""
     from mixgrpo.rewards import build_reward
@@ -169,3 +199,26 @@ def test_the_video_recipe_scores_frames_and_time():
     rewards = {r.name: r for r in cfg.rewards}
     assert rewards["pickscore"].frames == "mean" and rewards["temporal_consistency"].weight > 0
     assert getattr(build_reward("temporal_consistency", rewards["temporal_consistency"].args), "scores_videos", False)
+
+
+def test_the_readme_commands_parse():
+    """Every `mixgrpo train / sample / eval / export` line of the README's code blocks is accepted by the CLI's
+    parser as written (continuation lines joined, the quick start's "$@" expanded): no renamed or missing flag."""
+    import re
+    import shlex
+
+    from mixgrpo.cli import build_parser
+
+    readme = (CONFIGS[0].parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    quick = next(shlex.split(line, comments=True)[1:] for line in lines if line.startswith("set -- "))
+    checked = 0
+    for line in lines:
+        words = shlex.split(line.replace('"$@"', shlex.join(quick)), comments=True)
+        argv = words[words.index("mixgrpo") + 1:] if "mixgrpo" in words and "..." not in line else []
+        if argv[:1] and argv[0] in ("train", "sample", "eval", "export"):
+            _, extra = build_parser().parse_known_args(argv)
+            assert all("=" in e and not e.startswith("-") for e in extra), (line, extra)
+            checked += 1
+    assert checked >= 10

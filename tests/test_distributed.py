@@ -109,6 +109,9 @@ TWO_RANKS = {  # name -> overrides of _config, run with 2 processes x P = 2
     "dance_ddp": {"algorithm": "dance_grpo"},
     "dance_fsdp": {"algorithm": "dance_grpo", "parallel": {"strategy": "fsdp"}},
     "mixgrpo_rank0_rewards": {"parallel": {"rewards_on": "rank0"}},
+    # rank 1 keeps its own gradients (DanceGRPO#110's failure: a model no rank averages): the replicas drift apart
+    "selfish_rank1_ddp": {"algorithm": "ode", "objective": "diffusion_nft", "shared_noise": False, "ema_decay": 0.9,
+                          "matching": {"sampler_decay": 0.5}, "test_selfish_rank": 1},
 }
 
 
@@ -116,7 +119,7 @@ TWO_RANKS = {  # name -> overrides of _config, run with 2 processes x P = 2
 def two_ranks(tmp_path_factory) -> Path:
     """Run every TWO_RANKS configuration in one 2-process torchrun; returns the directory of the runs."""
     root = tmp_path_factory.mktemp("two_ranks")
-    configs = [_config(root / name, **over) for name, over in TWO_RANKS.items()]
+    configs = [_config(root / name, **over) for name, over in TWO_RANKS.items()]  # test_* keys: for _main only
     (root / "configs.json").write_text(json.dumps(configs))
     _torchrun([str(Path(__file__)), str(root / "configs.json")])
     return root
@@ -138,6 +141,30 @@ def test_rewards_on_rank0_give_the_same_run(two_ranks):
     assert ranks == {0}  # only rank 0 scored anything ...
     train_calls = [prompts for _, prompts in calls if len(prompts) == 2 * 2 * 4]
     assert len(train_calls) == 2  # ... and it scored both ranks' images (2 ranks x P x G) in each iteration
+
+
+def test_replicas_agree_and_their_checksum_is_logged(two_ranks):
+    """Every iteration of a DDP and an FSDP run logs a replica spread of exactly 0 and the full weights' checksum;
+    FSDP's is summed over the ranks' shards, so it is DDP's (the same run up to float summation order)."""
+    for name in ("mixgrpo_ddp", "mixgrpo_fsdp"):
+        assert _metric(two_ranks / name, "replicas/spread").tolist() == [0.0, 0.0]
+    torch.testing.assert_close(_metric(two_ranks / "mixgrpo_fsdp", "replicas/checksum_weights"),
+                               _metric(two_ranks / "mixgrpo_ddp", "replicas/checksum_weights"), rtol=1e-6, atol=1e-6)
+
+
+def test_replicas_that_drift_apart_stop_the_run_before_anything_is_saved(two_ranks):
+    """Rank 1 skips the gradient average: after the first update the ranks hold different weights (and EMA and
+    sampling copies); the run stops on every rank with one line naming both ranks' checksums, and nothing of the
+    iteration is logged or checkpointed."""
+    run = two_ranks / "selfish_rank1_ddp"
+    message = (run / "error.txt").read_text()
+    assert "\n" not in message.strip()
+    assert message.startswith("the replicas disagree after the update of iteration 1 ")
+    for group in ("trainable weights: ", "EMA weights: ", "sampling copy: "):
+        assert group in message
+    assert "rank 0 (" in message and "rank 1 (" in message
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    assert not (run / "metrics.jsonl").exists() or (run / "metrics.jsonl").read_text() == ""
 
 
 def test_each_rank_draws_distinct_prompts_and_keeps_whole_groups(two_ranks):
@@ -262,13 +289,35 @@ def test_every_rank_stops_when_the_run_directory_is_in_use(tmp_path):
 # the launched script
 
 
+def _selfish(average, selfish_rank: int):
+    """`dist.average_gradients` that, on `selfish_rank`, all-reduces copies of the gradients (so that the other
+    ranks' collective completes) and keeps its own."""
+    from mixgrpo import dist
+
+    return lambda grads: average([g.clone() for g in grads] if dist.rank() == selfish_rank else grads)
+
+
 def _main(configs_file: str) -> None:
     from mixgrpo import dist
 
     torch.set_num_threads(1)
     sys.modules.setdefault("test_distributed", sys.modules["__main__"])  # the reward resolves to this module
+    from mixgrpo.train import TrainingError
+
     for data in json.loads(Path(configs_file).read_text()):
         CALLS.clear()
+        selfish = data.pop("test_selfish_rank", None)
+        if selfish is not None:
+            average = dist.average_gradients
+            dist.average_gradients = _selfish(average, selfish)
+            try:
+                _train_here(data)
+            except TrainingError as e:
+                if dist.is_main():
+                    (Path(data["out_dir"]) / "error.txt").write_text(str(e))
+            finally:
+                dist.average_gradients = average
+            continue
         run = _train_here(data)
         calls = [None] * dist.world_size()
         torch.distributed.all_gather_object(calls, CALLS)

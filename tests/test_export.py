@@ -111,9 +111,10 @@ def _pipeline(base: dict, name: str):
     return pipe
 
 
-def _stock_images(pipe, name: str, prompts: list[str], seed: int = 0) -> torch.Tensor:
+def _stock_images(pipe, name: str, prompts: list[str], seed: int = 1) -> torch.Tensor:
     """What the stock pipeline makes from mixgrpo's noise of image 0 of each prompt, on the ODE plan of
-    `mixgrpo sample` (the run's steps and shift): [N, H, W, 3] in [0, 255] (float, to be rounded as a PNG is)."""
+    `mixgrpo sample` (the run's steps and shift; seed: its default for a run, the run's evaluation seed
+    held_out_seed(0) = 1): [N, H, W, 3] in [0, 255] (float, to be rounded as a PNG is)."""
     from mixgrpo.plan import ode_plan
     from mixgrpo.seeding import derive_seed
     from mixgrpo.models.flux import pack

@@ -12,7 +12,8 @@ PACKAGE = ROOT / "mixgrpo"
 
 MATH = {"mixgrpo.sampling", "mixgrpo.plan", "mixgrpo.grpo", "mixgrpo.flow_matching", "mixgrpo.seeding"}
 COMMANDS = {"mixgrpo.__main__", "mixgrpo.cli", "mixgrpo.preprocess", "mixgrpo.pretrain", "mixgrpo.configdoc"}
-BELOW_MODELS = {"mixgrpo.registry", "mixgrpo.dtypes", "mixgrpo.fileio", "mixgrpo.progress", "mixgrpo.dist"}
+BELOW_MODELS = {"mixgrpo.registry", "mixgrpo.dtypes", "mixgrpo.fileio", "mixgrpo.progress", "mixgrpo.dist",
+                "mixgrpo.packages"}
 
 
 def _module_name(path: Path) -> str:

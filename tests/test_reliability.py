@@ -550,9 +550,9 @@ def test_reward_timeout_is_retried_then_aborts_with_the_reason(faults_dir, tmp_p
     batches = []  # reward calls, counted on the client side (server-side counts depend on scheduling)
     real_call = VlmJudge.__call__
 
-    def counted(self, images, prompts):
+    def counted(self, images, prompts, seeds=None):
         batches.append(len(prompts))
-        return real_call(self, images, prompts)
+        return real_call(self, images, prompts, seeds)
 
     monkeypatch.setattr(VlmJudge, "__call__", counted)
     server = _JudgeServer(("127.0.0.1", 0), _SlowJudge)

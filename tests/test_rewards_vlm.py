@@ -28,7 +28,7 @@ from mixgrpo.rewards.vlm import parse_score
 @pytest.fixture
 def server():
     state = SimpleNamespace(respond=lambda prompt, n: (200, "Final Score: 3", 0.0), requests=[],
-                            lock=threading.Lock())
+                            lock=threading.Lock(), score_of_seed=None)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
@@ -37,6 +37,8 @@ def server():
                 state.requests.append(SimpleNamespace(path=self.path, headers=dict(self.headers), body=body))
                 n = len(state.requests)
             status, text, delay = state.respond(body["messages"][0]["content"][1]["text"], n)
+            if state.score_of_seed is not None:  # a sampling judge: its verdict follows the request's seed
+                text = f"Final Score: {state.score_of_seed(body.get('seed'))}"
             time.sleep(delay)
             payload = {"choices": [{"message": {"role": "assistant", "content": text}}]} if status == 200 \
                 else {"error": {"message": text}}
@@ -147,3 +149,47 @@ def test_a_missing_api_key_variable_is_a_config_error(monkeypatch):
     monkeypatch.delenv("TEST_JUDGE_KEY", raising=False)
     with pytest.raises(ValueError, match="TEST_JUDGE_KEY"):
         REWARDS.get("vlm")(base_url="http://127.0.0.1:1/v1", model="m", api_key_env="TEST_JUDGE_KEY")
+
+
+def test_each_image_is_asked_with_its_seed_and_without_seeds_none_is_sent(server):
+    server.respond = lambda prompt, n: (200, "Final Score: 2", 0.0)
+    from mixgrpo.rewards.base import build_reward, call_reward
+
+    reward = build_reward("vlm", {"base_url": server.base_url, "model": "judge-model", "concurrency": 3,
+                                  "template": "{prompt}"})
+    call_reward(reward, IMAGES, ["a", "b", "c"], seeds=[7, 2**40 + 5, 9])
+    sent = {r.body["messages"][0]["content"][1]["text"]: r.body["seed"] for r in server.requests}
+    assert sent == {"a": 7, "b": (2**40 + 5) % 2**31, "c": 9}
+    server.requests.clear()
+    call_reward(reward, IMAGES, ["a", "b", "c"])
+    assert all("seed" not in r.body for r in server.requests)
+
+
+def test_a_run_asks_the_judge_the_same_questions_with_the_same_seeds_overlapped_or_not(server, tmp_path):
+    """The judge's answer depends on the request's seed (as a sampling judge's would): a run scored in the background
+    while the rollout goes on, and the same run scored after it, send the same seeds and end bit for bit equal; the
+    seeds are those of (seed, iteration, image index)."""
+    from safetensors.torch import load_file
+
+    from gaussian_run import gaussian_run
+    from mixgrpo.config import build_config
+    from mixgrpo.rundir import read_metrics
+    from mixgrpo.seeding import reward_seeds
+    from mixgrpo.train import train
+
+    server.score_of_seed = lambda seed: 1 + seed % 5
+    runs, sent = {}, {}
+    for overlap in (True, False):
+        server.requests.clear()
+        vlm = {"name": "vlm", "args": {"base_url": server.base_url, "model": "judge", "concurrency": 4}}
+        cfg = build_config(gaussian_run(rewards=[vlm], iterations=2, eval_num_prompts=0, rollout_chunks=2,
+                                        reward_overlap=overlap, out_dir=str(tmp_path / f"overlap_{overlap}")))
+        runs[overlap] = train(cfg, progress=False)
+        sent[overlap] = sorted(r.body["seed"] for r in server.requests)
+    assert sent[True] == sent[False]
+    want = sorted(s % 2**31 for it in range(2) for s in reward_seeds(0, it, 0, 8))
+    assert sent[True] == want
+    drop = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))}  # noqa: E731
+    assert [drop(m) for m in read_metrics(runs[True])] == [drop(m) for m in read_metrics(runs[False])]
+    assert torch.equal(load_file(runs[True] / "final" / "model.safetensors")["mu"],
+                       load_file(runs[False] / "final" / "model.safetensors")["mu"])

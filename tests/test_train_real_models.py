@@ -49,3 +49,41 @@ def test_grpo_iteration_on_a_diffusers_model(tmp_path, pipelines, name, lora):
         tuned = FluxTransformer2DModel.from_pretrained(run / "final")
         base = FluxTransformer2DModel.from_pretrained(pipelines[name], subfolder="transformer")
         assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), base.state_dict().values()))
+
+
+def test_eval_and_sample_of_a_run_follow_its_own_evaluation(tmp_path, pipelines):
+    """`mixgrpo eval tuned=RUN` with nothing else: the run's held-out prompts (free text, not the shapes world),
+    its rewards (weight-0 guards included), images per prompt, seed, steps and guidance, so it redraws the
+    run's own final evaluation; `mixgrpo sample --path RUN` samples those prompts."""
+    import json
+
+    from mixgrpo import cli
+
+    (tmp_path / "train.txt").write_text("a red cube on a table\ntwo blue spheres\n")
+    (tmp_path / "eval.txt").write_text("a cat wearing a hat\na yellow dog\na house by a lake\n")
+    args = {"path": str(pipelines["flux"]), "dtype": "float32", "height": 32, "width": 32, "max_sequence_length": 24}
+    cfg = build_config({
+        "algorithm": "mixgrpo", "sampler": {"num_steps": 3, "shift": 2.0, "window": {"size": 1}},
+        "model": {"name": "flux", "args": args},
+        "rewards": [{"name": "toy_rewards:brightness"}, {"name": "jpeg_compressibility", "weight": 0.0}],
+        "train_prompts": str(tmp_path / "train.txt"), "eval_prompts": str(tmp_path / "eval.txt"),
+        "eval_num_prompts": 2, "eval_images_per_prompt": 2, "seed": 7,
+        "iterations": 1, "prompts_per_iteration": 1, "group_size": 2, "updates_per_iteration": 1,
+        "micro_batch_size": 2, "lr": 1.0e-2, "clip_range": 0.2, "out_dir": str(tmp_path / "run"),
+    })
+    run = train(cfg, progress=False)
+    assert cli.main(["eval", f"tuned={run}", "--out", str(tmp_path / "eval")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["a cat wearing a hat"] * 2 + ["a yellow dog"] * 2
+    after = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+    for label in ("brightness", "jpeg_compressibility"):
+        mean = sum(r[label] for r in rows) / len(rows)
+        assert mean == pytest.approx(after[f"eval/{label}"], rel=1e-4, abs=1e-5), label
+    # --reward and --prompt still take over
+    assert cli.main(["eval", f"tuned={run}", "--prompt", "a boat", "--reward", "jpeg_compressibility",
+                     "--num-images", "1", "--out", str(tmp_path / "eval2")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "eval2" / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["prompt"] == "a boat" and "brightness" not in rows[0]
+    assert cli.main(["sample", "--path", str(run), "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "prompts.txt").read_text().splitlines() == ["a cat wearing a hat", "a yellow dog"]
+    assert (tmp_path / "s" / "0001_01.png").is_file()

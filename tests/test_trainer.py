@@ -173,10 +173,10 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
 
 
 def test_wandb_without_the_package_is_refused_by_name(tmp_path, monkeypatch):
-    from mixgrpo.tracking import TrackingError
+    from mixgrpo.preflight import PreflightError
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
-    with pytest.raises(TrackingError, match="pip install wandb"):
+    with pytest.raises(PreflightError, match="pip install .wandb"):
         train(_cfg(tmp_path, iterations=1, wandb_project="proj"), progress=False)
 
 
@@ -228,3 +228,23 @@ def test_sample_grids_are_captioned_with_their_prompts(tmp_path):
     from mixgrpo.images import CAPTION_FONT_SIZE, CAPTION_LINES
 
     assert captioned.height <= tile + 2 + CAPTION_LINES * (CAPTION_FONT_SIZE + 3) + 2
+
+
+def test_final_holds_the_ema_weights_when_ema_decay_is_set(tmp_path):
+    """ema_decay > 0: final/ (and so `mixgrpo sample --path RUN`) is the EMA of the trained weights, the last
+    checkpoint's ema.safetensors, not its live weights; `mixgrpo export --no-ema` writes the live ones."""
+    from safetensors.torch import load_file
+
+    from mixgrpo import cli
+    from mixgrpo.export import load_run
+
+    run = train(_cfg(tmp_path, iterations=3, ema_decay=0.5, eval_num_prompts=0), progress=False)
+    checkpoint = run / "checkpoints" / "iter_000003"
+    ema, live = load_file(str(checkpoint / "ema.safetensors")), load_file(str(checkpoint / "model.safetensors"))
+    final = dict(load_run(run).named_parameters())
+    trained = [n for n in ema if n in final]
+    assert trained and all(torch.equal(final[n], ema[n].to(final[n].dtype)) for n in trained)
+    assert any(not torch.equal(ema[n], live[n]) for n in trained)  # the EMA lags the live weights
+    assert cli.main(["export", "--run", str(run), "--no-ema", "--out", str(tmp_path / "live")]) == 0
+    exported = dict(load_run(run, tmp_path / "live").named_parameters())
+    assert all(torch.equal(exported[n], live[n].to(exported[n].dtype)) for n in trained)

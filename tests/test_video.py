@@ -192,8 +192,8 @@ def test_a_video_run_from_the_cli_to_mixgrpo_sample(tmp_path):
     assert files == ["0000_00.gif", "0000_01.gif", "grid.gif", "prompts.txt"]
     with Image.open(tmp_path / "s" / "0000_01.gif") as gif:
         assert gif.n_frames == 3 and gif.size == (4, 4)
-    mp4 = ["sample", "--path", str(run), "--prompt", "a red circle", "--steps", "3", "--video-format", "mp4",
-           "--out", str(tmp_path / "m")]
+    mp4 = ["sample", "--path", str(run), "--prompt", "a red circle", "--num-images", "1", "--steps", "3",
+           "--video-format", "mp4", "--out", str(tmp_path / "m")]
     from mixgrpo.images import mp4_problem
 
     if mp4_problem():  # refused before any model loads, naming what to install

@@ -6,6 +6,7 @@ Qwen-Image)."""
 from __future__ import annotations
 
 import json
+import shlex
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,6 +17,9 @@ from torch import nn
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.models.base import Frozen, PromptSets, TextEncoder
 
+PIPELINE_MODULES = ("diffusers", "transformers")
+"""What a diffusers-pipeline model imports (`ModelSpec.modules`)."""
+
 
 def check_pipeline_dir(path: str | Path, pipeline: str, *, components: Sequence[str], example: str) -> Path:
     """The local diffusers pipeline directory `path`, after checking that it holds `components`."""
@@ -23,11 +27,20 @@ def check_pipeline_dir(path: str | Path, pipeline: str, *, components: Sequence[
     if not (path / "model_index.json").is_file():
         raise ValueError(f"{pipeline}: {path} is not a local diffusers pipeline directory (no model_index.json). "
                          f"Point model.args.path at a downloaded checkpoint, e.g. "
-                         f"`huggingface-cli download {example} --local-dir DIR`; nothing is downloaded by mixgrpo.")
+                         f"`huggingface-cli download {example} --local-dir {shlex.quote(str(path))}`; nothing is "
+                         f"downloaded by mixgrpo.")
     missing = [c for c in components if not (path / c).is_dir()]
     if missing:
         raise ValueError(f"{pipeline}: {path} lacks the component folders {missing}; is the download complete?")
     return path
+
+
+def preprocess_command(name: str, path: str, prompt_files: Sequence[str], cache: str, max_len: int,
+                       dtype: str | None) -> str:
+    """The `mixgrpo preprocess` command line that writes a run's embedding cache, quoted for a POSIX shell."""
+    return shlex.join(["mixgrpo", "preprocess", "--model", name, "--path", str(path), "--prompts",
+                       *map(str, prompt_files), "--out", str(cache), "--max-sequence-length", str(max_len),
+                       *(["--dtype", str(dtype)] if dtype else [])])
 
 
 def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folders: Sequence[str],
@@ -41,21 +54,22 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
     path, cache = args.get("path"), args.get("embedding_cache")
     if not path:
         return [f"model.args.path is not set: give the local {name} pipeline directory "
-                f"(`huggingface-cli download {example} --local-dir DIR`)"]
+                f"(`huggingface-cli download {example} --local-dir ckpt/{example.split('/')[-1]}`, then "
+                f"model.args.path=ckpt/{example.split('/')[-1]})"]
     try:
         root = check_pipeline_dir(path, name, components=["transformer", "vae", *([] if cache else text_folders)],
                                   example=example)
     except ValueError as e:
         return [str(e)]
     config = json.loads((root / "transformer" / "config.json").read_text())
+    problems = size_problems(name, args, config, json.loads((root / "vae" / "config.json").read_text()))
     max_len = args.get("max_sequence_length", max_sequence_length)
     if cache:
         from mixgrpo.models.text import EmbeddingCache, coverage_problems
 
-        files = " ".join(source for source, _ in prompts.values())
-        problems = coverage_problems(cache, prompts, f"encode the run's prompt files into it: `mixgrpo preprocess "
-                                                     f"--model {name} --path {path} --prompts {files} --out {cache} "
-                                                     f"--max-sequence-length {max_len}`")
+        command = preprocess_command(name, path, [source for source, _ in prompts.values()], cache, max_len,
+                                     args.get("dtype"))
+        problems += coverage_problems(cache, prompts, f"encode the run's prompt files into it: `{command}`")
         try:
             shapes = EmbeddingCache(cache).shapes
         except (OSError, ValueError):
@@ -65,13 +79,13 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
             if shapes.get(key, (None,))[-1] != width:
                 problems.append(f"the embedding cache {cache} has {key} of shape {list(shapes.get(key, []))}, but the "
                                 f"transformer of {path} expects width {width}: it was built with another model; "
-                                f"re-run mixgrpo preprocess with --path {path}")
+                                f"write it again with this one: `{command}`")
         cached = shapes.get("prompt_embeds", (None,))[0]
         if cached is not None and cached != text_length(max_len):
             expected = f"{text_length(max_len)} ({max_len} T5 tokens)" if text_length(max_len) != max_len else max_len
             problems.append(f"the embedding cache {cache} holds {cached} text tokens per prompt, but model.args."
                             f"max_sequence_length = {max_len} expects {expected}: set model.args.max_sequence_length "
-                            f"to the cache's, or re-run mixgrpo preprocess with --max-sequence-length {max_len}")
+                            f"to the cache's, or write the cache again: `{command}`")
         return problems
     if t5_tokenizer:
         from transformers import T5TokenizerFast
@@ -84,7 +98,33 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
                 print(f"warning: {len(long)} of the {len(distinct)} {split} prompts ({source}) are longer than "
                       f"model.args.max_sequence_length = {max_len} T5 tokens and will be truncated, as diffusers "
                       f"does (e.g. {long[0][:60]!r}); raise max_sequence_length to keep them whole", flush=True)
-    return []
+    return problems
+
+
+def size_problems(name: str, args: dict, transformer: dict, vae: dict) -> list[str]:
+    """model.args height and width (and a video's num_frames) against the factors of the pipeline's config files,
+    before anything loads: pixels must be a multiple of the VAE's spatial factor x the latent patch (every
+    adapter here patchifies at least 2 x 2: FLUX.1 and FLUX.2 pack 2 x 2 latents into a token themselves), and
+    frames 1 + (the VAE's temporal factor) k. The loaders check the same on the loaded modules."""
+    spatial = vae.get("scale_factor_spatial") or (2 ** len(vae["temperal_downsample"]) if vae.get("temperal_downsample")
+                                                  else 2 ** (len(vae["block_out_channels"]) - 1))
+    patch = transformer.get("patch_size") or 1
+    patch = max(patch[-1] if isinstance(patch, list) else patch, 2)
+    problems = []
+    height, width = args.get("height"), args.get("width")
+    multiple = spatial * patch
+    if height is not None and width is not None and (height % multiple or width % multiple):
+        fit = lambda n: max(multiple, round(n / multiple) * multiple)  # noqa: E731
+        problems.append(f"model.args: height {height} and width {width} must be multiples of {multiple} for {name} "
+                        f"(VAE factor {spatial} x patch {patch}): use e.g. height={fit(height)} width={fit(width)}")
+    frames = args.get("num_frames")
+    temporal = vae.get("scale_factor_temporal") or (2 ** sum(vae["temperal_downsample"])
+                                                    if vae.get("temperal_downsample") else None)
+    if frames is not None and temporal and (frames < 1 or (frames - 1) % temporal):
+        problems.append(f"model.args.num_frames = {frames} must be 1 + {temporal} k for {name} (the VAE compresses "
+                        f"{temporal} frames into one after the first): use e.g. num_frames="
+                        f"{max(frames - 1, 0) // temporal * temporal + 1}")
+    return problems
 
 
 def load_components(name: str, path: str | Path, *, example: str, classes: dict[str, type],

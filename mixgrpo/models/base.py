@@ -44,6 +44,8 @@ class ModelSpec:
         by the pre-flight so that a window that walks out of that range stops the run before the model loads.
     lora_format: () -> (the diffusers transformer class, the diffusers pipeline whose LoRA format and loader fit
         it), imported when called: `save_lora` writes that pipeline's format (None: no LoRA export).
+    modules: the Python modules beyond the core that building the model imports; the pre-flight names the missing
+        ones with their pip command before anything loads.
     """
 
     name: str
@@ -52,6 +54,7 @@ class ModelSpec:
     check: Callable[[dict, PromptSets], list[str]] | None = None
     trained_sigma_check: Callable[[dict, dict[float, int]], list[str]] | None = None
     lora_format: Callable[[], tuple[type, type]] | None = None
+    modules: tuple[str, ...] = ()
 
 
 class ModelRegistry(Registry["FlowModel"]):

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import check_pipeline_dir, check_pipeline_run, check_size, load_components
+from mixgrpo.models._diffusers import (PIPELINE_MODULES, check_pipeline_dir, check_pipeline_run, check_size,
+                                       load_components)
 from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
 
 EXAMPLE = "black-forest-labs/FLUX.2-klein-base-4B"
@@ -250,4 +251,4 @@ def _flux2_lora_format() -> tuple[type, type]:
 
 
 MODELS.add(ModelSpec("flux2", load_flux2, text_encoder=load_flux2_text_encoder, check=_check_flux2_run,
-                     lora_format=_flux2_lora_format))
+                     lora_format=_flux2_lora_format, modules=PIPELINE_MODULES))

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import check_pipeline_dir, check_pipeline_run, load_pipeline, module_device, tokenize
+from mixgrpo.models._diffusers import (PIPELINE_MODULES, check_pipeline_dir, check_pipeline_run, load_pipeline,
+                                       module_device, tokenize)
 from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder
 from mixgrpo.models.flux import FluxAdapter, flux_lora_format
 
@@ -106,4 +107,4 @@ def _check_flux_run(args: dict, prompts: PromptSets) -> list[str]:
 
 
 MODELS.add(ModelSpec("flux", load_flux, text_encoder=load_flux_text_encoder, check=_check_flux_run,
-                     lora_format=flux_lora_format))
+                     lora_format=flux_lora_format, modules=PIPELINE_MODULES))

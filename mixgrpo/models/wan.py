@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import (CausalVaeDecoder, check_pipeline_dir, check_pipeline_run, check_size,
-                                       load_components, module_device, tokenize)
+from mixgrpo.models._diffusers import (PIPELINE_MODULES, CausalVaeDecoder, check_pipeline_dir, check_pipeline_run,
+                                       check_size, load_components, module_device, tokenize)
 from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
 
 EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -210,9 +210,9 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
 
 
 def _check_wan_run(args: dict, prompts: PromptSets) -> list[str]:
-    return check_pipeline_run("wan", args, prompts, text_folders=["text_encoder", "tokenizer"], t5_tokenizer="tokenizer",
-                              max_sequence_length=512, text_length=lambda n: n, example=EXAMPLE,
-                              widths={"prompt_embeds": "text_dim"})
+    return check_pipeline_run("wan", args, prompts, text_folders=["text_encoder", "tokenizer"],
+                              t5_tokenizer="tokenizer", max_sequence_length=512, text_length=lambda n: n,
+                              example=EXAMPLE, widths={"prompt_embeds": "text_dim"})
 
 
 def _trained_sigma_problems(args: dict, trained: dict[float, int]) -> list[str]:
@@ -245,4 +245,5 @@ def _wan_lora_format() -> tuple[type, type]:
 
 
 MODELS.add(ModelSpec("wan", load_wan, text_encoder=load_wan_text_encoder, check=_check_wan_run,
-                     trained_sigma_check=_trained_sigma_problems, lora_format=_wan_lora_format))
+                     trained_sigma_check=_trained_sigma_problems, lora_format=_wan_lora_format,
+                     modules=PIPELINE_MODULES))

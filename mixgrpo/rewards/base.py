@@ -14,6 +14,10 @@ scores videos with no change.
 A reward that cannot score raises `RewardError` (never returns 0 for a failure); NaN in the scores marks a
 single image it could not score. The trainer applies the failure policy (retry, skip the group, abort).
 
+A reward that draws random numbers (a VLM judge sampling its answer) says so with a true `takes_seeds` attribute and
+is called as `reward(images, prompts, seeds=...)`, one integer per image derived from (seed, iteration, image index)
+(`mixgrpo.seeding.reward_seeds`), so that a rerun asks the same questions with the same seeds; `call_reward` does it.
+
 Factories are registered by name in `REWARDS`; configs name them, with keyword arguments. A user reward is
 named "package.module:function": that function is the reward itself, called as
 `function(images, prompts, **args)`. `build_reward` resolves both kinds.
@@ -41,6 +45,14 @@ class RewardFn(Protocol):
 REWARDS: Registry[RewardFn] = Registry("reward")
 
 
+def call_reward(fn: RewardFn, images: torch.Tensor, prompts: Sequence[str],
+                seeds: Sequence[int] | None = None) -> torch.Tensor:
+    """fn(images, prompts), with `seeds` (one per image) passed on to a reward that takes them."""
+    if seeds is not None and getattr(fn, "takes_seeds", False):
+        return fn(images, prompts, seeds=seeds)
+    return fn(images, prompts)
+
+
 class UserReward:
     """A user reward `function(images, prompts, **args)`, checked when it is built (a function that accepts
     these arguments) and at every call (one number per image), so that a mistake in it is named as such."""
@@ -61,9 +73,11 @@ class UserReward:
                                  f"a user reward is called as f(images, prompts, **args)") from None
         self.name, self.fn, self.args = name, fn, args
         self.scores_videos = bool(getattr(fn, "scores_videos", False))  # a user video reward gets videos whole
+        self.takes_seeds = bool(getattr(fn, "takes_seeds", False))
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        out = self.fn(images, prompts, **self.args)
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
+                 seeds: Sequence[int] | None = None) -> torch.Tensor:
+        out = self.fn(images, prompts, **self.args, **({"seeds": seeds} if seeds is not None else {}))
         try:
             return torch.as_tensor(out, dtype=torch.float32).flatten()
         except (TypeError, ValueError, RuntimeError):
@@ -106,12 +120,14 @@ class PerFrame:
     def __getattr__(self, name: str):  # the wrapped reward's own attributes (check(), ...) stay reachable
         return getattr(self.__dict__["fn"], name) if "fn" in self.__dict__ else super().__getattribute__(name)
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
+                 seeds: Sequence[int] | None = None) -> torch.Tensor:
         if images.dim() != 5:
-            return self.fn(images, prompts)
+            return call_reward(self.fn, images, prompts, seeds)
         b, f = images.shape[:2]
-        scores = torch.as_tensor(self.fn(images.flatten(0, 1), [p for p in prompts for _ in range(f)]),
-                                 dtype=torch.float32).flatten().cpu()
+        frame_seeds = None if seeds is None else [s for s in seeds for _ in range(f)]  # a video's frames share its seed
+        scores = torch.as_tensor(call_reward(self.fn, images.flatten(0, 1), [p for p in prompts for _ in range(f)],
+                                             frame_seeds), dtype=torch.float32).flatten().cpu()
         if scores.numel() != b * f:
             raise RewardError(f"returned {scores.numel()} scores for the {b * f} frames of {b} videos")
         return FRAME_AGGREGATIONS[self.frames](scores.view(b, f))

@@ -181,7 +181,7 @@ def check_model_dir(path: str | Path, reward: str) -> None:
     p = existing_path(path, reward, "model directory")
     if not (p / "config.json").is_file():
         raise RewardError(f"{reward}: {str(p)!r} has no config.json: give the transformers model directory "
-                          f"(what `huggingface-cli download ... --local-dir DIR` writes)")
+                          f"(what huggingface-cli download REPO --local-dir DIR writes)")
 
 
 def load_clip_model(path: str | Path, reward: str, device: torch.device, dtype: torch.dtype) -> CLIPModel:

@@ -78,6 +78,15 @@ class OcrReward:
         self.binary, self.lang, self.psm, self.workers, self.timeout = binary, lang, psm, workers, timeout
         self._path: str | None = None
 
+    def check(self) -> None:
+        """The Tesseract program is on PATH (run by the pre-flight, before any model loads); RewardError naming the
+        install command otherwise."""
+        if self._path is None:
+            self._path = shutil.which(self.binary)
+            if self._path is None:
+                raise RewardError(f"ocr: the Tesseract program {self.binary!r} is not on PATH: apt-get install -y "
+                                  f"tesseract-ocr (Debian/Ubuntu), or set args.binary to the program's path")
+
     def read(self, png: bytes) -> str:
         """The text Tesseract recognises in one PNG image (piped through stdin)."""
         assert self._path is not None
@@ -101,11 +110,7 @@ class OcrReward:
             if not normalise_text(target):
                 raise RewardError(f'ocr: prompt {prompt!r} has no text in double quotes to read; the OCR reward '
                                   f'needs prompts such as \'a sign that says "hello"\'')
-        if self._path is None:
-            self._path = shutil.which(self.binary)
-            if self._path is None:
-                raise RewardError(f"ocr: the Tesseract program {self.binary!r} is not on PATH; install it with "
-                                  f"`apt-get install -y tesseract-ocr` (Debian/Ubuntu) or set args.binary")
+        self.check()
         pngs = [to_png(image) for image in images]
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             texts = list(pool.map(self.read, pngs))

@@ -5,6 +5,11 @@ Per image: one POST to {base_url}/chat/completions with the image as a base64 PN
 with {prompt} filled in; the score is the number of the last "Final Score: X" in the answer (a regex), which
 must lie in [min_score, max_score]. Calls run concurrently in a thread pool; HTTP uses the standard library.
 
+Reproducible questions: in training, each image's request carries a `seed` derived from (the run's seed, the
+iteration, the image's global index) (`mixgrpo.seeding.reward_seeds`, reduced to 31 bits), which vLLM and OpenAI's
+API use to seed the sampling: a rerun (or a resumed run) asks the same questions with the same seeds, whatever the
+order in which the answers arrive.
+
 Failures: a timeout, an unreachable endpoint, HTTP 408/409/429/5xx, a malformed response or an answer without
 a valid score is retried (`retries` times, waiting backoff * 2^attempt seconds); other HTTP errors (400, 401,
 404, ...) fail at once. What a failed image becomes is the `on_failure` policy:
@@ -96,6 +101,7 @@ class VlmJudge:
     temperature: float = 0.0
 
     name = "vlm"
+    takes_seeds = True  # `mixgrpo.rewards.base.call_reward` passes one seed per image
 
     def __post_init__(self) -> None:
         if "{prompt}" not in self.template:
@@ -113,12 +119,14 @@ class VlmJudge:
                                  f"the API key there, or leave api_key_env unset for a server without keys")
         self.url = self.base_url.rstrip("/") + "/chat/completions"
 
-    def request(self, image_url: str, prompt: str) -> str:
+    def request(self, image_url: str, prompt: str, seed: int | None = None) -> str:
         """One chat completion: the answer's text. Raises _CallFailed."""
         body = {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
                 "messages": [{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": image_url}},
                     {"type": "text", "text": self.template.replace("{prompt}", prompt)}]}]}
+        if seed is not None:
+            body["seed"] = int(seed) % 2**31  # servers take a 32-bit signed seed
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -147,14 +155,15 @@ class VlmJudge:
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
         return str(content)
 
-    def score_one(self, image_url: str, prompt: str) -> tuple[float, str]:
-        """(score, '') or (nan, reason of the last failed attempt), after up to 1 + retries attempts."""
+    def score_one(self, image_url: str, prompt: str, seed: int | None = None) -> tuple[float, str]:
+        """(score, '') or (nan, reason of the last failed attempt), after up to 1 + retries attempts (the same seed
+        each time)."""
         reason = ""
         for attempt in range(self.retries + 1):
             if attempt > 0:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                answer = self.request(image_url, prompt)
+                answer = self.request(image_url, prompt, seed)
             except _CallFailed as e:
                 reason = str(e)
                 if not e.retry:
@@ -167,11 +176,12 @@ class VlmJudge:
                       f"{answer[:200]!r}")
         return math.nan, reason
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
+                 seeds: Sequence[int] | None = None) -> torch.Tensor:
         check_batch("vlm", images, prompts)
         urls = [png_data_url(image) for image in images]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(pool.map(self.score_one, urls, prompts))
+            results = list(pool.map(self.score_one, urls, prompts, seeds if seeds is not None else [None] * len(urls)))
         failures = [reason for _, reason in results if reason]
         if failures and (self.on_failure == "raise" or len(failures) == len(results)):
             raise RewardError(f"vlm: {len(failures)} of {len(results)} judge calls failed after "

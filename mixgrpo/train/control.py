@@ -186,6 +186,43 @@ def require_finite_weights(tensors: list[torch.Tensor], iteration: int) -> None:
                             f"or clip_range, or check the rewards for extreme values")
 
 
+def require_agreeing_replicas(groups: dict[str, list[torch.Tensor]], iteration: int) -> dict[str, float]:
+    """Stop when the data-parallel replicas of the weights have drifted apart, before the iteration is logged or
+    checkpointed; returns its metrics (`replicas/spread`, exactly 0 in a run that goes on, and
+    `replicas/checksum_GROUP`, the full weights' sum).
+
+    groups: {"weights": the trainable weights, "ema": ..., "sampler": ...}, each rank's tensors (FSDP: shards).
+    Every rank must hold the same replicated weights after an update; ranks that do not (a rank that skipped the
+    gradient all-reduce, a model left unwrapped on one rank, a rank-dependent random draw in the update) each
+    train their own model and the saved one is rank 0's alone. `dist.replica_checksums` compares them in one
+    all-gather; the error names the ranks by the checksum they hold. No-op at world size 1 (one replica).
+    """
+    if dist.world_size() == 1:
+        return {}
+    full, replicas = dist.replica_checksums(groups)
+    spread = max(max(r[k] for r in rows) - min(r[k] for r in rows) for rows in replicas.values() for k in range(2))
+    disagree = []
+    for group, rows in replicas.items():
+        holders: dict[tuple[float, ...], list[int]] = {}
+        for rank, sums in enumerate(rows):
+            holders.setdefault(tuple(sums), []).append(rank)
+        if len(holders) > 1:
+            ranked = sorted(holders.items(), key=lambda kv: (-len(kv[1]), kv[1][0]))  # the most common first
+            disagree.append(f"{REPLICA_NAMES.get(group, group)}: " + ", ".join(
+                f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} ({sums[0]:.17g}, {sums[1]:.17g})"
+                for sums, ranks in ranked))
+    if disagree:
+        raise TrainingError(f"the replicas disagree after the update of iteration {iteration + 1} (sum, sum of "
+                            f"squares of each rank's copy: "
+                            + "; ".join(disagree) + "): each rank trains its own model; nothing of this iteration "
+                            "was logged or saved. Check that every rank wraps the model and averages its gradients "
+                            "(docs/distributed.md)")
+    return {"replicas/spread": spread, **{f"replicas/checksum_{g}": v for g, v in full.items()}}
+
+
+REPLICA_NAMES = {"weights": "trainable weights", "ema": "EMA weights", "sampler": "sampling copy"}
+
+
 def require_finite_images(images: torch.Tensor, iteration: int) -> None:
     """Stop when a rollout gives NaN or inf pixels (images [B, 3, H, W]): no reward can score them, and
     scoring them as failures would hide a model that has diverged."""

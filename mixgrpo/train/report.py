@@ -13,6 +13,7 @@ from typing import Any
 from mixgrpo.config import read_yaml
 from mixgrpo.fileio import writing
 from mixgrpo.images import plot_panels
+from mixgrpo.reference import training_minutes
 from mixgrpo.rundir import CONFIG, EVALS, SUMMARY, read_metrics, read_records
 from mixgrpo.train.control import no_signal_message
 
@@ -52,10 +53,7 @@ def write_summary(run_dir: Path) -> None:
                 run_dir / "reward_curve.png", xlabels=("iteration",), title=f"{cfg['algorithm']}: training reward",
                 markers={k[7:]: {"held-out": [(e["iteration"], e[f"eval/{k[7:]}"]) for e in evals
                                               if f"eval/{k[7:]}" in e]} for k in reward_keys})
-    minutes, total = {0: 0.0}, 0.0  # training minutes at the end of each iteration (evaluations excluded)
-    for m in metrics:
-        total += m["time/iteration"] / 60
-        minutes[m["iteration"]] = total
+    minutes = training_minutes(metrics)
     eval_keys = [k for k in (evals[0] if evals else {}) if k.startswith("eval/")]
     if eval_keys:
         plot_panels({k[5:]: {"held-out@0": [(e["iteration"], e[k]) for e in evals if k in e],
@@ -68,6 +66,7 @@ def write_summary(run_dir: Path) -> None:
              f"- iterations: {cfg['iterations']}, prompts x group: {cfg['prompts_per_iteration']} x "
              f"{cfg['group_size']}",
              f"- median seconds per iteration: {_median([m['time/iteration'] for m in metrics]):.2f}", ""]
+    lines += _server_lines(cfg, metrics)
     no_signal = no_signal_message(metrics)
     if no_signal:
         lines += [f"**Warning: {no_signal}.**", ""]
@@ -78,6 +77,21 @@ def write_summary(run_dir: Path) -> None:
                 lines.append(f"| {k[5:]} | {evals[0][k]:.4f} | {evals[-1][k]:.4f} |")
     with writing(run_dir / SUMMARY):
         (run_dir / SUMMARY).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _server_lines(cfg: dict[str, Any], metrics: list[dict[str, Any]]) -> list[str]:
+    """Which reward server scored which rewards, and how many training images over the run (rank 0's)."""
+    from mixgrpo.config import RewardConfig, from_dict
+    from mixgrpo.rewards.scoring import reward_labels
+
+    specs = [from_dict(RewardConfig, r) for r in cfg.get("rewards", [])]
+    hosted: dict[str, list[str]] = {}
+    for spec, label in zip(specs, reward_labels(specs)):
+        for url in spec.servers:
+            hosted.setdefault(url, []).append(label)
+    images = {url: sum(m.get("reward_servers", {}).get(url, 0) for m in metrics) for url in hosted}
+    return [f"- reward server {url} scored {', '.join(labels)}: {images[url]} training images"
+            for url, labels in hosted.items()] + ([""] if hosted else [])
 
 
 def _median(values: list[float]) -> float:

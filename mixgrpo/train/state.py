@@ -16,51 +16,58 @@ import torch
 from mixgrpo import dist
 from mixgrpo.checkpoint import (CheckpointError, is_sharded_checkpoint, load_checkpoint, load_sharded_checkpoint,
                                 save_checkpoint, save_sharded_checkpoint)
-from mixgrpo.config import TrainConfig, to_dict
+from mixgrpo.config import TrainConfig, config_diff, to_dict
 from mixgrpo.rundir import CONFIG
+from mixgrpo.runfiles import identities, mismatches, without_paths
 from mixgrpo.train.weights import EMA
 
 # the config fields a resume may change: the run's length and where and how it logs, not what it computes; and
-# the precision: `auto` resolves by the machine, so a run may continue on one without bf16 matrix units
+# the precision: `auto` resolves by the machine, so a run may continue on one without bf16 matrix units; and
+# `deterministic`, which picks kernels, not what they compute
 RESUMABLE_CHANGES = ("iterations", "time_limit_minutes", "out_dir", "checkpoint_every", "keep_checkpoints",
-                     "reward_policy", "parallel", "tensorboard", "wandb_project", "precision")
+                     "reward_policy", "parallel", "tensorboard", "wandb_project", "precision", "deterministic")
 
 
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
-    """The parts of the config a resumed run must share with the original (not its length or logging)."""
+    """What a resumed run must share with the original, as a checkpoint's state.json records it: "config", the
+    config without its length, logging or paths; "files", the identity of every file it reads (`mixgrpo.runfiles`):
+    a run that moved resumes once told where its files are, a run pointed at other files does not."""
     d = to_dict(cfg)
+    files = identities(d)
     for key in RESUMABLE_CHANGES:
         d.pop(key, None)
     d["prompts_per_iteration"] *= dist.world_size()  # the global batch: a run may resume on another world size
-    return json.loads(json.dumps(d))
+    return {"config": without_paths(json.loads(json.dumps(d))), "files": files}
 
 
-def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """'key.sub: old -> new' for every leaf that differs between two config fingerprints. A key the old one
-    lacks is a field added by a newer mixgrpo (its default keeps the old behaviour), a key the new one lacks a
-    field it removed (it did nothing): neither is a difference."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str) if k in old and k in new
-                for d in config_diff(old[k], new[k], f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
-def check_resumable(checkpoint: Path, old: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
-    """Refuse to resume from a checkpoint of another configuration, naming the differences and the fix. A
-    different global batch alone (another world size) gets the prompts_per_iteration that restores it."""
+def check_resumable(checkpoint: Path, recorded: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to resume from a checkpoint of another configuration or other files (`fingerprint`s: the recorded
+    one of `checkpoint`'s state.json and this launch's), naming the differences and the fix. A different global
+    batch alone (another world size) gets the prompts_per_iteration that restores it. A checkpoint written before
+    files were identified (it records their paths as config values) is compared without its paths."""
+    old, new = without_paths(recorded.get("config") or {}), current["config"]
     changed = config_diff(old, new)
-    if not changed:
-        return
     world, before, now = dist.world_size(), old.get("prompts_per_iteration"), new.get("prompts_per_iteration")
-    if all(c.startswith("prompts_per_iteration:") for c in changed) and isinstance(before, int):
+    if changed and all(c.startswith("prompts_per_iteration:") for c in changed) and isinstance(before, int):
         fix = (f"resume with prompts_per_iteration={before // world}" if before % world == 0 else
                f"resume on a number of processes that divides {before}")
         raise CheckpointError(f"checkpoint {checkpoint} was trained with {before} prompts per iteration in all "
                               f"(prompts_per_iteration x processes), this launch has {now} "
                               f"({now // world} x {world} process{'es' if world > 1 else ''}): {fix}")
-    raise CheckpointError(f"checkpoint {checkpoint} was written with a different configuration "
-                          f"({', '.join(changed[:4])}): resume with the run's own config "
-                          f"({run_dir / CONFIG}) or start a new out_dir")
+    if changed:
+        raise CheckpointError(f"checkpoint {checkpoint} was written with a different configuration "
+                              f"({', '.join(changed[:4])}): resume with the run's own config (`mixgrpo train --out "
+                              f"{run_dir} --resume` reads {run_dir / CONFIG}) or start a new out_dir")
+    if "files" not in recorded:
+        dist.print0(f"note: {checkpoint} predates file identities: the model, cache, prompt and reward files of this "
+                    f"launch are not compared with the ones it was trained with")
+        return
+    differ = mismatches(recorded["files"], current["files"])
+    if differ:
+        fields = sorted({d.split(":", 1)[0] for d in differ})
+        raise CheckpointError(f"checkpoint {checkpoint} was trained with other files ({'; '.join(differ)}): point "
+                              f"{' and '.join(fields)} at a copy of the files it was trained with (e.g. `mixgrpo "
+                              f"train --out {run_dir} --resume {fields[0]}=PATH`), or start a new out_dir")
 
 
 class TrainState:
@@ -71,10 +78,11 @@ class TrainState:
                  scheduler: torch.optim.lr_scheduler.LRScheduler, copies: dict[str, EMA]):
         self.model, self.optimizer, self.scheduler, self.copies = model, optimizer, scheduler, copies
 
-    def save(self, run_dir: Path, iteration: int, config: dict[str, Any], sharded: bool, keep: int) -> None:
-        """Checkpoint (every rank calls it). Full: weights and optimizer state gathered to rank 0, which writes
-        them; sharded: every rank writes its shards with torch.distributed.checkpoint."""
-        state = {"config": config}
+    def save(self, run_dir: Path, iteration: int, identity: dict[str, Any], sharded: bool, keep: int) -> None:
+        """Checkpoint (every rank calls it), recording the run's `fingerprint` (`identity`). Full: weights and
+        optimizer state gathered to rank 0, which writes them; sharded: every rank writes its shards with
+        torch.distributed.checkpoint."""
+        state = dict(identity)
         if sharded:
             save_sharded_checkpoint(run_dir, iteration, self._sharded(), state, keep=keep)
             return
@@ -93,7 +101,7 @@ class TrainState:
 
     def restore(self, path: Path, params: dict[str, torch.nn.Parameter]) -> dict[str, Any]:
         """Load checkpoint `path` (either format, written under any world size) in place; returns its state
-        (iteration, config fingerprint)."""
+        (iteration, the run's fingerprint)."""
         if is_sharded_checkpoint(path):
             app = self._sharded()
             state = load_sharded_checkpoint(path, app)  # in place; DCP reshards to this world size

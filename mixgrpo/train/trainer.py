@@ -4,8 +4,11 @@ Flow-GRPO, DanceGRPO, MixGRPO, MixGRPO-Flash and Flash* differ only in their ste
 steps are SDE, ODE or DPM-Solver++, and which are trained. Each iteration (`Trainer.iteration`):
 
 1. plan        build_plan(sampler, iteration, seed): the window position is a pure function of both
-2. rollout     P prompts x G images, shared initial noise per group, old log-probs from the rollout itself
-3. rewards     scored on the decoded images under the failure policy (`mixgrpo.rewards.scoring`)
+2. rollout     P prompts x G images, shared initial noise per group, old log-probs from the rollout itself; in
+               `rollout_chunks` chunks of whole groups, each decoded and handed to the rewards when it is done
+3. rewards     scored on the decoded images under the failure policy (`mixgrpo.rewards.scoring`), in-process or by
+               reward servers; with `reward_overlap`, in the background while the next chunk rolls out
+               (`mixgrpo.train.overlap`), so the update waits only for what is missing
 4. advantages  the rewards fused into group-normalised advantages; failed groups get 0
 5. update      the objective (`mixgrpo.objectives`): GRPO re-scores the stored transitions under the
                clipped policy loss; DiffusionNFT / AWM train on the final samples. `updates_per_iteration`
@@ -30,8 +33,8 @@ import torch
 
 from mixgrpo import dist
 from mixgrpo.checkpoint import latest_checkpoint, read_state
-from mixgrpo.config import TrainConfig, to_dict
-from mixgrpo.dtypes import CpuAttentionBackward, model_precision, resolve_precision
+from mixgrpo.config import TrainConfig, build_config, to_dict
+from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_precision, resolve_precision
 from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
 from mixgrpo.images import media_name, save_grid
@@ -41,14 +44,17 @@ from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, micro_bat
 from mixgrpo.plan import Plan, build_plan, ode_plan
 from mixgrpo.preflight import check_run
 from mixgrpo.prompts import read_prompts
+from mixgrpo.reference import end_of_run_line
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
 from mixgrpo.rollout import Trajectory, rollout
+from mixgrpo.runfiles import resolve_paths
 from mixgrpo.rundir import FINAL, METRICS, append_record, claim, record_eval, start_records
-from mixgrpo.seeding import group_seeds, prompt_indices, sample_seeds, update_shares
+from mixgrpo.seeding import group_seeds, held_out_seed, prompt_indices, reward_seeds, sample_seeds, update_shares
 from mixgrpo.tracking import Trackers, resource_metrics
 from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
-                                   any_rank, require_finite_images, require_finite_weights, require_learning_signal,
-                                   warn_without_signal)
+                                   any_rank, require_agreeing_replicas, require_finite_images, require_finite_weights,
+                                   require_learning_signal, warn_without_signal)
+from mixgrpo.train.overlap import ChunkScoring, chunk_bounds
 from mixgrpo.train.report import progress_line, write_summary
 from mixgrpo.train.state import TrainState, check_resumable, fingerprint
 from mixgrpo.train.update import UpdateLoop, UpdateStats
@@ -60,11 +66,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     (tests use it to simulate an interruption). The run directory is locked for the whole run
     (`mixgrpo.rundir.claim`): a second process on it stops at once."""
     dist.init()
+    cfg = build_config(resolve_paths(to_dict(cfg)))  # absolute paths: config.yaml names the files from anywhere
     check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
     # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
     attention = contextlib.nullcontext() if cfg.grad_checkpointing else CpuAttentionBackward()
-    with claim(cfg.out_dir, resume), attention:  # directory is claimed or any model loads
-        return Trainer(cfg, resume).run(progress, stop_after)
+    with claim(cfg.out_dir, resume), attention, deterministic_kernels(cfg.deterministic):  # claimed before any model loads
+        trainer = Trainer(cfg, resume)
+        try:
+            return trainer.run(progress, stop_after)
+        finally:
+            trainer.scoring.close()
 
 
 @dataclass
@@ -87,9 +98,10 @@ class Trainer:
         # "auto" resolves by this machine (bf16 where it multiplies bf16 matrices); logged in every metrics record
         self.precision, why = resolve_precision(cfg.precision, self.device)
         latest = latest_checkpoint(self.run_dir) if resume else None
+        self.identity = fingerprint(cfg)  # computed once: it reads the run's files
         if latest is not None:
             # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
-            check_resumable(latest, read_state(latest).get("config") or {}, fingerprint(cfg), self.run_dir)
+            check_resumable(latest, read_state(latest), self.identity, self.run_dir)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model.name, cfg.model.args).to(self.device)
         params = trainable_parameters(model, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
@@ -97,7 +109,9 @@ class Trainer:
         base = {n: p.detach().clone() for n, p in params.items()} if cfg.kl_beta > 0 else None
         self.model = dist.wrap_model(model, cfg.parallel)  # FSDP replaces the parameters by their shards
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.rewards = RewardSet(cfg.rewards, cfg.reward_policy.retries, cfg.parallel.rewards_on == "rank0")
+        self.rewards = RewardSet(cfg.rewards, cfg.reward_policy.retries, cfg.parallel.rewards_on == "rank0",
+                                 cfg.reward_servers)
+        self.scoring = ChunkScoring(self.rewards, cfg.group_size, cfg.reward_overlap and cfg.rollout_chunks > 1)
         self.train_prompts = read_prompts(cfg.train_prompts)
         self.eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
         optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -117,7 +131,7 @@ class Trainer:
         policy = Policy(self.model, model_with(self.model, base), self.autocast,
                         sampling=lambda: swapped_weights(self.model, shadow_of(self.sampler)))
         self.objective: Objective = objective.from_config(cfg, policy, self.rescore_old)
-        # the weights the rollout samples from: a soft copy of the live ones (forward-process objectives), or those
+        # the weights the rollout samples from: a soft copy of the live ones (forward-process objectives), or None
         decay = self.objective.sampler_decay
         self.sampler = EMA(self.params, decay) if decay > 0 else None
         copies = {name: c for name, c in (("ema", self.ema), ("sampler", self.sampler)) if c is not None}
@@ -146,14 +160,20 @@ class Trainer:
         cfg, watch = self.cfg, Stopwatch()
         plan = build_plan(cfg.sampler, it, cfg.seed)
         groups = self.groups(it)
-        traj = self.rollout(plan, groups, it)
+        traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
         watch.lap("rollout")
-        scores, failed, failed_all = self.score(traj, groups, it)
+        scores, failed, failed_all, scoring_seconds = self.score(it)
         advantages = self.rewards.advantages(scores, failed, cfg.reward_mode, cfg.advantage_std, cfg.advantage_clip)
         watch.lap("reward")
         stats = self.update(plan, traj, advantages, groups, it)
         watch.lap("update")
-        return self.log(it, plan, traj, scores, failed_all, advantages, stats, watch)
+        record = self.log(it, plan, traj, scores, failed_all, advantages, stats, watch)
+        # reward time in total (hidden behind the rollout or not), and the part the iteration waited for
+        record.update({"time/reward_total": scoring_seconds, "time/reward_exposed": watch.laps["reward"]})
+        served = self.rewards.served()
+        if served:  # which reward server scored how many of this rank's images
+            record["reward_servers"] = served
+        return record
 
     def groups(self, it: int) -> Groups:
         """This rank's slice of the iteration's prompts (the same global order at any world size)."""
@@ -165,39 +185,44 @@ class Trainer:
         return Groups(prompts, cond, uncond, first=rank * P)
 
     def rollout(self, plan: Plan, groups: Groups, it: int) -> Trajectory:
-        """G images per prompt along `plan`, with the weights the objective samples from; stores what it trains."""
+        """G images per prompt along `plan`, with the weights the objective samples from; stores what it trains.
+        In `rollout_chunks` chunks of whole groups: each chunk's decoded images go to `self.scoring` at once."""
         cfg, G, P = self.cfg, self.cfg.group_size, len(groups.prompts)
         mask = self.objective.train_mask(plan, P * G, cfg.seed, it, groups.first * G)
         seeds = group_seeds(cfg.seed, it, groups.first, P)
         if self.clock is not None:
             self.clock.reset()
         self.model.eval()
-        with self.autocast(), dist.unsharded(self.model, cfg.parallel), \
-                swapped_weights(self.model, shadow_of(self.sampler)):
-            traj = rollout(self.model, plan, groups.cond, G, seeds, mask, groups.uncond, cfg.guidance_scale,
-                           cfg.shared_noise)
+        parts = []
+        for a, b in chunk_bounds(P, cfg.rollout_chunks):
+            rows = slice(a, b)
+            with self.autocast(), dist.unsharded(self.model, cfg.parallel), \
+                    swapped_weights(self.model, shadow_of(self.sampler)):
+                parts.append(rollout(self.model, plan, cond_index(groups.cond, rows), G, seeds[rows],
+                                     mask[a * G:b * G], None if groups.uncond is None else
+                                     cond_index(groups.uncond, rows), cfg.guidance_scale, cfg.shared_noise))
+            with torch.no_grad():
+                images = self.model.decode(parts[-1].final).float()
+            require_finite_images(images, it)
+            self.scoring.submit(images, [p for p in groups.prompts[a:b] for _ in range(G)],
+                                reward_seeds(cfg.seed, it, (groups.first + a) * G, (b - a) * G))
         if self.clock is not None:
             self.clock.lap("rollout")
-        return traj
+        return Trajectory.cat(parts)
 
-    def score(self, traj: Trajectory, groups: Groups,
-              it: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """({label: [P, G]} scores, failed [P], failed [P x ranks]) of the decoded images; too many failed
-        groups stop the run."""
-        with torch.no_grad():
-            images = self.model.decode(traj.final).float()
-        require_finite_images(images, it)
-        G = self.cfg.group_size
-        scores, failed = self.rewards.score(images, [p for p in groups.prompts for _ in range(G)], G)
+    def score(self, it: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, float]:
+        """({label: [P, G]} scores, failed [P], failed [P x ranks], seconds spent scoring) of the rollout's images,
+        once every chunk is scored; too many failed groups stop the run."""
+        scores, failed, errors, seconds = self.scoring.collect()
         failed_all = dist.all_gather_cat(failed)
-        failure = self.rewards.failure(failed_all, self.cfg.reward_policy.max_failed_groups, it)
+        failure = self.rewards.failure(failed_all, self.cfg.reward_policy.max_failed_groups, it, errors)
         if failure is not None:
             raise TrainingError(failure)
-        return scores, failed, failed_all
+        return scores, failed, failed_all, seconds
 
     def update(self, plan: Plan, traj: Trajectory, advantages: torch.Tensor, groups: Groups, it: int) -> UpdateStats:
         """The objective's optimizer steps on this iteration's samples, then the learning-rate schedule; a weight
-        made non-finite stops the run before anything is saved."""
+        made non-finite, or replicas that disagree (world size > 1), stop the run before anything is saved."""
         cfg, G, P = self.cfg, self.cfg.group_size, len(groups.prompts)
         self.model.train()
         samples = Samples(plan, traj, advantages.flatten().to(self.device), cond_repeat_interleave(groups.cond, G),
@@ -208,8 +233,10 @@ class Trainer:
         if self.sampler is not None:
             self.sampler.update(self.params)
         self.scheduler.step()
-        require_finite_weights([*self.params.values(), *(t for c in self.state.copies.values()
-                                                         for t in c.shadow.values())], it)
+        weights = {"weights": list(self.params.values()),
+                   **{name: list(copy.shadow.values()) for name, copy in self.state.copies.items()}}
+        require_finite_weights([t for group in weights.values() for t in group], it)
+        stats.replicas = require_agreeing_replicas(weights, it)
         if self.clock is not None:
             self.clock.lap("update")
         return stats
@@ -227,6 +254,7 @@ class Trainer:
         local = {"advantage_abs_mean": float(advantages.abs().mean()),
                  "zero_advantage_groups": float((advantages.abs().sum(1) == 0).float().mean()), **stats.means()}
         record.update(dist.mean_over_ranks(local))  # every rank holds the same number of samples
+        record.update(stats.replicas)  # equal on every rank
         warn_without_signal(record)
         record.update({**watch.metrics(), **resource_metrics(self.device)})
         if self.clock is not None:
@@ -260,7 +288,7 @@ class Trainer:
                     print(progress_line(record, list(self.rewards.weights), self.held_out, cfg.iterations,
                                         limit.eta(done, cfg.iterations - it - 1)), flush=True)
                 if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
-                    self.state.save(self.run_dir, it + 1, fingerprint(cfg), cfg.parallel.checkpoint_format == "sharded",
+                    self.state.save(self.run_dir, it + 1, self.identity, cfg.parallel.checkpoint_format == "sharded",
                                     cfg.keep_checkpoints)
                 if last:
                     break
@@ -277,6 +305,9 @@ class Trainer:
         export_model(self.model, self.run_dir / FINAL, shadow_of(self.ema))  # every rank: FSDP shards are gathered
         if dist.is_main():
             write_summary(self.run_dir)
+            against = end_of_run_line(self.run_dir)  # when the recipe has reference curves (mixgrpo compare)
+            if against is not None:
+                print(against, flush=True)
             self.tracker.close()
             dist.print0(f"run directory: {self.run_dir}")
         require_learning_signal(self.run_dir)
@@ -293,7 +324,7 @@ class Trainer:
             with swapped_weights(self.model, shadow_of(self.ema)):  # EMA weights, without touching the live ones
                 res = evaluate(self.model, self.eval_prompts, self.rewards.functions(),
                                ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), cfg.eval_images_per_prompt,
-                               seed=cfg.seed + 1, guidance_scale=cfg.eval_guidance)
+                               seed=held_out_seed(cfg.seed), guidance_scale=cfg.eval_guidance)
             samples = res.images[:64, 0]  # the first image (or video) of each of the first 64 prompts
             grid = self.run_dir / media_name(f"samples_{tag}", samples)  # .png, or .gif for videos
             if tag is not None:
@@ -309,12 +340,13 @@ class Trainer:
 @torch.no_grad()
 def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], contextlib.AbstractContextManager],
                   uncond_row: Cond | None, device: torch.device) -> bool:
-    """Whether a velocity is the same bit for bit computed as the rollout computes it (eval mode, batch B = P G)
+    """Whether a velocity is the same bit for bit computed as the rollout computes it (eval mode, chunks of P G)
     and as the GRPO update does (train mode, each micro-batch size), so that the rollout's log-probs are the
     update's old ones (ratio == 1 on the first step). One call of each on random inputs; kernels that block by
     batch size (fp32 GEMMs at batch 1 on CPU, bf16 GEMMs on some GPUs) fail it, and the update re-scores instead
     (`GRPO(rescore_old=True)`)."""
-    B = cfg.prompts_per_iteration * cfg.group_size
+    G = cfg.group_size
+    B = cfg.prompts_per_iteration * G
     share = B // cfg.updates_per_iteration
     sizes = sorted({len(mb) for mb in micro_batches(torch.arange(share), cfg.micro_batch_size)})
     g = torch.Generator().manual_seed(0)
@@ -325,8 +357,12 @@ def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], con
     uncond = None if uncond_row is None else rows(uncond_row)
     training = model.training
     model.eval()
-    with autocast(), dist.unsharded(model, cfg.parallel):
-        v_rollout = guided_velocity(model, x, sigma, cond, uncond, cfg.guidance_scale)
+    with autocast(), dist.unsharded(model, cfg.parallel):  # in the rollout's chunks (rollout_chunks)
+        v_rollout = torch.cat([guided_velocity(model, x[a * G:b * G], sigma[a * G:b * G], cond_index(cond, rows),
+                                               None if uncond is None else cond_index(uncond, rows),
+                                               cfg.guidance_scale)
+                               for a, b in chunk_bounds(cfg.prompts_per_iteration, cfg.rollout_chunks)
+                               for rows in [slice(a * G, b * G)]])
     model.train()
     same = True
     for n in sizes:

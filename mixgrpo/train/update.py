@@ -31,6 +31,7 @@ class UpdateStats:
     grad_norms: list[float] = field(default_factory=list)
     onpolicy_ratio_error: float = 0.0
     model_calls: int = 0
+    replicas: dict[str, float] = field(default_factory=dict)  # the replica-agreement metrics (world size > 1)
 
     def add(self, stats: dict[str, torch.Tensor], w: float) -> None:
         for k, v in stats.items():
