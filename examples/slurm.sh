@@ -1,15 +1,17 @@
 #!/bin/bash
-# Multi-node MixGRPO training under SLURM: one torchrun per node, c10d rendezvous on the first node.
+# Multi-node MixGRPO training under SLURM: one launcher (`mixgrpo launch`: torchrun with mixgrpo's exit statuses) per
+# node, c10d rendezvous on the first node.
 #
 #   sbatch --nodes 4 examples/slurm.sh configs/flux_mixgrpo.yaml out_dir=/shared/runs/flux parallel.strategy=fsdp
 #
-# Every node runs `torchrun -m mixgrpo train` with the same arguments; torchrun starts one process per GPU
+# Every node runs `mixgrpo launch ... train` with the same arguments; it starts one process per GPU
 # and finds the other nodes through the rendezvous endpoint, so no address is written anywhere. The run
 # directory (out_dir) must be on a filesystem all nodes share. `--resume` makes a requeued or resubmitted job
 # continue from the last complete checkpoint (a fresh run starts normally). SLURM sends SIGTERM 5 minutes
-# before the time limit (--signal below); torchrun passes it to the trainers, which finish the iteration and
-# checkpoint, but torchrun kills them after its own grace period (about 30 s): if an iteration takes longer,
-# the next job resumes from the previous checkpoint, so keep checkpoint_every small enough to lose little.
+# before the time limit (--signal below); the launcher passes it to the trainers, which finish the iteration and
+# checkpoint (it waits up to 900 s, --shutdown-timeout; plain torchrun kills them after 30 s), and the job step ends
+# with status 143, not a success. If SLURM's own limit comes first, the next job resumes from the previous
+# checkpoint, so keep checkpoint_every small enough to lose little.
 #
 #SBATCH --job-name=mixgrpo
 #SBATCH --nodes=2
@@ -38,10 +40,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export HF_HUB_OFFLINE=1  # models and rewards load from local paths only
 # export NCCL_SOCKET_IFNAME=ib0  # set when the nodes have several network interfaces
 
-srun --kill-on-bad-exit=1 torchrun \
+srun --kill-on-bad-exit=1 python -m mixgrpo launch \
     --nnodes "$SLURM_NNODES" \
     --nproc_per_node "$GPUS_PER_NODE" \
     --rdzv-id "$SLURM_JOB_ID" \
     --rdzv-backend c10d \
     --rdzv-endpoint "$HEAD_NODE:$RDZV_PORT" \
-    -m mixgrpo train --config "$CONFIG" --resume "$@"
+    train --config "$CONFIG" --resume "$@"

@@ -1,7 +1,7 @@
-"""The `mixgrpo` command: train, sample, eval, export, serve-rewards, preprocess, pretrain, config-doc.
+"""The `mixgrpo` command: train, sample, eval, export, serve-rewards, preprocess, pretrain, config-doc, launch.
 
     mixgrpo train --config configs/mixgrpo.yaml [key.sub=value ...] [--resume]   (or --config mixgrpo)
-    torchrun --nproc_per_node 8 -m mixgrpo train --config configs/flux_mixgrpo.yaml
+    mixgrpo launch --nproc_per_node 8 train --config configs/flux_mixgrpo.yaml   (torchrun, mixgrpo's exit statuses)
 
 Errors in the user's input print one line naming the problem and the fix, and exit with status 2
 (`--debug` shows the traceback instead). A run stopped by SIGTERM/SIGINT exits 128 + the signal number after
@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from mixgrpo.errors import ConfigError, UserError
+
 # Nothing is ever fetched from a model hub: models and rewards load from local paths.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,7 +26,7 @@ DEFAULT_RECIPE = "mixgrpo"
 DEFAULT_EVAL_REWARDS = ["verifier:score=strict", "verifier"]  # eval without a run or --reward: the shapes world's
 
 
-class UsageError(ValueError):
+class UsageError(ConfigError):
     """Bad command-line input."""
 
 
@@ -34,13 +36,16 @@ def _train(args: argparse.Namespace) -> None:
     from mixgrpo.train import train
 
     overrides = list(args.overrides)
-    if args.out:
+    if args.out is not None:
+        if not args.out.strip():  # else the recipe's out_dir would take the run, or --resume continue another
+            raise UsageError("--out is empty (an unset shell variable?): give the run directory")
         overrides.append(f"out_dir={args.out}")
     config = args.config
     own = config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file()
     if own:
         config = str(Path(args.out) / CONFIG)
     cfg = load_config(recipe_path(config or DEFAULT_RECIPE), overrides)
+    args.run_dir = Path(cfg.out_dir)  # for the message of an error that stops the run (`_error_line`)
     if own:  # a run copied from another machine or directory: name the files it lacks here, and the fix
         from mixgrpo.config import to_dict
         from mixgrpo.runfiles import missing
@@ -51,6 +56,15 @@ def _train(args: argparse.Namespace) -> None:
                              f"{', '.join(f'{field} = {path}' for field, path in gone)}; give their place now: "
                              f"mixgrpo train --out {args.out} --resume "
                              + " ".join(f"{field}=PATH" for field, _ in gone))
+    if args.dry_run:  # what the run needs and what it would take, without a model or a run directory
+        from mixgrpo import memory
+        from mixgrpo.preflight import check_run
+
+        check_run(cfg)
+        if memory.report(cfg, int(os.environ.get("WORLD_SIZE", "1"))) is None:
+            print(f"no memory estimate for model {cfg.model.name!r} (only for a local diffusers pipeline directory)")
+        print(f"dry run: the pre-flight found nothing; the run would write {cfg.out_dir}")
+        return
     train(cfg, resume=args.resume, progress=not args.quiet)
     from mixgrpo import dist
 
@@ -148,8 +162,20 @@ class ModelLoader:
                                  f"'base', or a run directory") from None
         p = Path(path)
         run = _run_of(path)
+        if run is not None and p != run:
+            return self._load_run(run, p)
         if run is not None:
-            return self._load_run(run, final_or_latest(run) if p == run else p)
+            from mixgrpo.checkpoint import CheckpointRotated
+
+            for attempt in range(3):  # a run still training rotates its old checkpoints away, maybe during the read
+                weights = final_or_latest(run)
+                try:
+                    return self._load_run(run, weights)
+                except CheckpointRotated:
+                    if attempt == 2:
+                        raise
+                    print(f"{weights.name} was rotated away by the run training into {run} while it was read: "
+                          f"loading the newest checkpoint instead", flush=True)
         if not p.exists():
             raise UsageError(f"model path {path!r} does not exist: give a model directory or a run directory")
         from safetensors import SafetensorError
@@ -214,7 +240,10 @@ def _sampling_plan(args: argparse.Namespace):
         raise UsageError(f"--plan {args.plan!r} is unknown: use 'ode' or one of {sorted(ALGORITHMS)}")
     import dataclasses
 
-    cfg = dataclasses.replace(ALGORITHMS[args.plan], num_steps=args.steps, shift=args.shift)
+    try:
+        cfg = dataclasses.replace(ALGORITHMS[args.plan], num_steps=args.steps, shift=args.shift)
+    except ValueError as e:  # the preset's own checks (a window larger than --steps, ...)
+        raise UsageError(f"--plan {args.plan} with --steps {args.steps} --shift {args.shift:g}: {e}") from None
     return build_plan(cfg, iteration=args.iteration, seed=args.seed)
 
 
@@ -250,9 +279,9 @@ def _sample(args: argparse.Namespace) -> None:
 
     loader = ModelLoader(args, [args.path, args.base_path])
     prompts = loader.prompts
+    plan = _sampling_plan(args)
     model = loader.load(args.path)
     base = loader.load(args.base_path) if args.base_path else None  # hybrid: the base takes the last steps
-    plan = _sampling_plan(args)
     switch_at = round(args.p_mix * len(plan.steps)) if base is not None else None
     images = generate(model, prompts, plan, args.num_images, args.seed, args.guidance, batch_size=args.batch_size,
                       switch_model=base, switch_at=switch_at)
@@ -286,9 +315,7 @@ def _eval(args: argparse.Namespace) -> None:
                                   batch_size=args.batch_size, desc=f"{label}: sampling")
         print(f"{label}: " + ", ".join(f"{k} {v['mean']:.4f} ± {v['ci95']:.4f}"
                                         for k, v in results[label].summary().items()), flush=True)
-    if hybrid is not None:
-        if base is None:
-            raise UsageError("--hybrid needs a model labelled base (e.g. base=base) among the models")
+    if hybrid is not None:  # base is among the entries (`_check_sampling_args`)
         tuned = loader.load(hybrid[1])
         switch_at = round(args.p_mix * len(plan.steps))
         label = f"hybrid p_mix={args.p_mix}"
@@ -315,7 +342,7 @@ def _compare(args: argparse.Namespace) -> int:
     refs = [reference_of(run) for run in runs]
     named = {ref.recipe for ref in refs if ref is not None}
     if len(named) > 1:
-        raise ValueError(f"the runs follow different recipes ({', '.join(sorted(named))}): compare one recipe's "
+        raise UsageError(f"the runs follow different recipes ({', '.join(sorted(named))}): compare one recipe's "
                          f"runs at a time")
     outside = False
     for run, ref in zip(runs, refs):
@@ -348,34 +375,82 @@ def _safe_name(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
+def _no_checkpoint_why(run: Path) -> str:
+    from mixgrpo.checkpoint import describe_checkpoints
+
+    state = describe_checkpoints(run)
+    return "" if state == "no checkpoint" else f": it holds {state}"
+
+
 def _export(args: argparse.Namespace) -> None:
-    from mixgrpo.checkpoint import complete_checkpoints, latest_checkpoint
-    from mixgrpo.export import export_model, is_run_dir, load_run, run_config
+    from mixgrpo.checkpoint import CheckpointRotated, latest_checkpoint
+    from mixgrpo.export import export_model, load_run, run_config
+    from mixgrpo.fileio import remove_dead_temporaries
     from mixgrpo.rundir import FINAL
 
+    run, out = _check_export_args(args)
+    out = out or run / FINAL
+    overrides = args.set or ()
+    # the weights are all that is read: neither the text encoders nor the embedding cache are needed here
+    no_cache = {"embedding_cache": None} if run_config(run, overrides).model.args.get("embedding_cache") else None
+    for attempt in range(3):  # the latest checkpoint of a run still training may be rotated away while it is read
+        checkpoint = run / "checkpoints" / args.checkpoint if args.checkpoint else latest_checkpoint(run)
+        if checkpoint is None:
+            raise UsageError(f"{run} has no complete checkpoint to export{_no_checkpoint_why(run)}")
+        try:
+            model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(),
+                             ema=not args.no_ema, args=no_cache, overrides=overrides)
+            break
+        except CheckpointRotated:
+            if args.checkpoint or attempt == 2:
+                raise
+            print(f"{checkpoint.name} was rotated away by the run training into {run} while it was read: exporting "
+                  f"the newest checkpoint instead", flush=True)
+    if out.exists():  # again: another export may have written it meanwhile
+        raise UsageError(f"{out} already exists: pass --out DIR to write the export elsewhere")
+    removed = remove_dead_temporaries(out)  # what a killed export of out left (a run sweeps its own likewise)
+    if removed:
+        print(f"note: removed what an interrupted export left: {', '.join(str(p) for p in removed)}", flush=True)
+    export_model(model, out)
+    print(f"exported {checkpoint} to {out}")
+
+
+def _check_export_args(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """(run, out) of an export, checked before any model loads: a run directory, a checkpoint of it named
+    iter_N and complete, an --out that does not exist yet and can be created."""
+    import re
+
+    from mixgrpo.checkpoint import MARKER, complete_checkpoints
+    from mixgrpo.export import is_run_dir
+    from mixgrpo.rundir import FINAL
+
+    for flag in ("run", "checkpoint", "out"):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():
+            raise UsageError(f"--{flag} is empty (an unset shell variable?): "
+                             + {"run": "give the out_dir of a run", "checkpoint": "give iter_N, or leave it out "
+                                "to export the newest", "out": "give the directory to write, or leave it out for "
+                                "RUN/final"}[flag])
     run = Path(args.run)
     if not is_run_dir(run):
         raise UsageError(f"--run {args.run!r} is not a run directory (no config.yaml): give the out_dir of a run")
     if args.checkpoint:
+        names = ", ".join(c.name for c in complete_checkpoints(run)) or "none"
+        if not re.fullmatch(r"iter_\d+", args.checkpoint):
+            raise UsageError(f"--checkpoint {args.checkpoint!r} is not a checkpoint name: give one of {run}'s "
+                             f"complete checkpoints by name ({names})")
         checkpoint = run / "checkpoints" / args.checkpoint
         if not checkpoint.is_dir():
-            names = [c.name for c in complete_checkpoints(run)]
-            raise UsageError(f"{run} has no checkpoint {args.checkpoint!r}; its complete checkpoints: "
-                             f"{', '.join(names) or 'none'}")
-    else:
-        checkpoint = latest_checkpoint(run)
-        if checkpoint is None:
-            raise UsageError(f"{run} has no complete checkpoint to export")
-    out = Path(args.out) if args.out else run / FINAL
-    if out.exists():
-        raise UsageError(f"{out} already exists: pass --out DIR to write the export elsewhere")
-    overrides = args.set or ()
-    # the weights are all that is read: neither the text encoders nor the embedding cache are needed here
-    no_cache = {"embedding_cache": None} if run_config(run, overrides).model.args.get("embedding_cache") else None
-    model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(), ema=not args.no_ema,
-                     args=no_cache, overrides=overrides)
-    export_model(model, out)
-    print(f"exported {checkpoint} to {out}")
+            raise UsageError(f"{run} has no checkpoint {args.checkpoint!r}; its complete checkpoints: {names}")
+        if not (checkpoint / MARKER).is_file():
+            raise UsageError(f"{checkpoint} is not a complete checkpoint (no {MARKER} marker): its save was "
+                             f"interrupted, or its deletion is under way; export a complete one: {names}")
+    out = Path(args.out) if args.out else None
+    if (out or run / FINAL).exists():
+        raise UsageError(f"{out or run / FINAL} already exists: pass --out DIR to write the export elsewhere")
+    if out is not None:
+        _check_out_dir(out, "--out")
+    return run, out
 
 
 class _NoTextEncoder:
@@ -435,12 +510,13 @@ def _serve_rewards(args: argparse.Namespace) -> None:
             entry = {k: v for k, v in entry.items() if k not in ("weight", "server")}
             specs.append(from_dict(RewardConfig, entry, f"rewards[{i}]"))
     specs += [_reward_spec(r) for r in args.reward or []]
-    checks = [(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
-              (0 <= args.port < 65536, "--port", args.port, "a port number in 0..65535"),
-              (args.max_request_mb > 0, "--max-request-mb", args.max_request_mb, "a positive number")]
-    for ok, flag, value, want in checks:
-        if not ok:
-            raise UsageError(f"{flag} = {value} is invalid: use {want}")
+    from math import inf
+
+    from mixgrpo.errors import check_values
+
+    check_values([(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
+                  (0 <= args.port < 65536, "--port", args.port, "a port number in 0..65535"),
+                  (0 < args.max_request_mb < inf, "--max-request-mb", args.max_request_mb, "a positive finite number")])
     serve(specs, args.host, args.port, args.batch_size, token_from(args.token_env or ""),
           int(args.max_request_mb * 2**20))
 
@@ -461,6 +537,12 @@ def _prompts(args: argparse.Namespace) -> None:
     from mixgrpo import prompt_sets
 
     prompt_sets.main(args.rest)
+
+
+def _launch(args: argparse.Namespace) -> None:
+    from mixgrpo import launch
+
+    raise SystemExit(launch.main(args.rest, [c for c in command_names() if c != "launch"]))
 
 
 def _config_doc(args: argparse.Namespace) -> None:
@@ -506,31 +588,74 @@ def _add_set_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
-    """Values argparse's types let through but sampling cannot use; checked before any model loads."""
-    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance", "num_images")}  # a run's come later
-    checks = [(unset["num_images"] or args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
-              (unset["steps"] or args.steps >= 1, "--steps", args.steps, "an integer >= 1"),
-              (unset["shift"] or args.shift > 0, "--shift", args.shift, "a positive number"),
-              (args.iteration >= 0, "--iteration", args.iteration, "an integer >= 0"),
-              (unset["guidance"] or args.guidance >= 1, "--guidance", args.guidance, "a number >= 1 (1 = no guidance)"),
-              (args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
-              (0 <= args.p_mix <= 1, "--p-mix", args.p_mix,
-               "a fraction in [0, 1] (the share of the steps the fine-tuned model runs)")]
-    for ok, flag, value, want in checks:
-        if not ok:  # `not`: NaN fails every comparison
-            raise UsageError(f"{flag} = {value} is invalid: use {want}")
+    """Everything of a sample / eval command that can be checked before any model loads: the values argparse's
+    types let through (ranges, NaN and inf), the device, the model paths and entries, the output directory.
+    The run's own sampling settings are checked when they are taken (`ModelLoader`)."""
+    from math import inf
+
+    from mixgrpo.dtypes import DTYPES
+    from mixgrpo.errors import check_values
+    from mixgrpo.plan import MAX_STEPS
+    from mixgrpo.preflight import device_problems
+
+    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance", "num_images", "seed")}  # the run's
+    check_values([
+        (unset["num_images"] or args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
+        (unset["steps"] or 1 <= args.steps <= MAX_STEPS, "--steps", args.steps,
+         f"an integer in [1, {MAX_STEPS}] (flow models sample well in 10 to 100 steps)"),
+        (unset["shift"] or 0 < args.shift < inf, "--shift", args.shift, "a finite number > 0 (1 = no shift)"),
+        (args.iteration >= 0, "--iteration", args.iteration, "an integer >= 0"),
+        (unset["guidance"] or 1 <= args.guidance < inf, "--guidance", args.guidance,
+         "a finite number >= 1 (1 = no guidance)"),
+        (unset["seed"] or args.seed >= 0, "--seed", args.seed, "an integer >= 0"),
+        (args.dtype is None or args.dtype in DTYPES, "--dtype", args.dtype, f"one of {sorted(DTYPES)}"),
+        (args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
+        (0 <= args.p_mix <= 1, "--p-mix", args.p_mix,
+         "a fraction in [0, 1] (the share of the steps the fine-tuned model runs)")])
+    for problem in device_problems("--device", args.device):
+        raise UsageError(problem)
     from mixgrpo.images import mp4_problem
 
     if args.video_format == "mp4" and mp4_problem():  # no sampled video lost to a missing writer
         raise UsageError(f"--video-format mp4: {mp4_problem()}")
-    for flag in ("path", "base_path", "hybrid"):
-        if getattr(args, flag, None) == "":
-            raise UsageError(f"--{flag.replace('_', '-')} is empty (an unset shell variable?): give a model "
-                             f"directory or a run directory")
+    paths = {f"--{flag.replace('_', '-')}": getattr(args, flag, None) for flag in ("path", "base_path", "hybrid")}
     if args.command == "eval":  # before the first model is evaluated
-        _model_entries(args.models)
+        entries = _model_entries(args.models)
         if args.hybrid:
             _model_entries([args.hybrid])
+            if not any(label == "base" or path == "base" for label, path in entries):
+                raise UsageError("--hybrid needs the base model among the models, labelled base (e.g. base=base, or "
+                                 "base=PATH): the hybrid runs the fine-tuned model's first steps and the base's last")
+        paths.update({f"model entry {label}={path}": path for label, path in entries})
+    for what, path in paths.items():
+        _check_model_path(what, path)
+    _check_out_dir(Path(args.out))
+
+
+def _check_model_path(what: str, path: str | None) -> None:
+    """A model path of a sample / eval command, before any model loads: given, existing, and, for a run
+    directory, holding a fine-tuned model (final/ or a complete checkpoint)."""
+    from mixgrpo.export import final_or_latest
+
+    if path is None or path == "base":
+        return
+    if not path.strip():
+        raise UsageError(f"{what} is empty (an unset shell variable?): give a model directory or a run directory")
+    if not Path(path).exists():
+        raise UsageError(f"{what}: model path {path!r} does not exist: give a model directory or a run directory")
+    run = _run_of(path)
+    if run is not None and Path(path) == run:
+        final_or_latest(run)  # a run that has no model yet says so now, not after the other models were sampled
+
+
+def _check_out_dir(out: Path, flag: str = "--out") -> None:
+    """An output directory (sample --out, eval --out) that can be created: no file in the way, checked before
+    the models load and sample, so that no sampled image is lost."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"{flag} {str(out)!r}: {str(p)!r} is a file, not a directory: choose another {flag}")
+            return
 
 
 def _model_entries(specs: list[str]) -> list[tuple[str, str]]:
@@ -562,6 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (same as out_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--dry-run", action="store_true", help="run the pre-flight and print the memory estimate, then "
+                                                          "stop: no model loads, no run directory is written")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. iterations=10 sampler.window.size=2")
     p.set_defaults(func=_train)
 
@@ -633,14 +760,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, text in (("pretrain", _pretrain, "pre-train the tiny base model on the shapes world"),
                            ("preprocess", _preprocess, "encode prompt files into an embedding cache"),
                            ("prompts", _prompts, "list the prompt sets the recipes name (NAME:SPLIT), or fetch one"),
-                           ("config-doc", _config_doc, "print (or --out, --check) the configuration reference")):
+                           ("config-doc", _config_doc, "print (or --out, --check) the configuration reference"),
+                           ("launch", _launch, "torchrun with mixgrpo's exit statuses: mixgrpo launch [torchrun "
+                                               "options] train ... (docs/distributed.md)")):
         p = sub.add_parser(name, help=text, add_help=False, allow_abbrev=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=fn)
     return parser
 
 
-_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc")  # subcommands with their own argument parsers
+_PASSTHROUGH = ("pretrain", "preprocess", "prompts", "config-doc", "launch")  # subcommands with their own parsers
+
+
+def command_names() -> list[str]:
+    """The subcommands of `mixgrpo`."""
+    actions = build_parser()._subparsers._group_actions  # noqa: SLF001  (argparse keeps them nowhere public)
+    return list(actions[0].choices)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -671,36 +806,49 @@ def main(argv: list[str] | None = None) -> int:
         from mixgrpo.train import TrainingStopped
 
         if isinstance(e, TrainingStopped):  # preempted: checkpointed and resumable, but not finished
-            print(f"stopped by {e}", file=sys.stderr)
+            if _reports(e):
+                print(f"stopped by {e}", file=sys.stderr)
             return 128 + e.signum
         if args.debug or not _is_user_error(e):
             raise
-        for line in _error_line(e, args.command).splitlines() or [type(e).__name__]:  # pre-flight: one line each
-            print(f"error: {line}", file=sys.stderr)
+        if _reports(e):
+            for line in _error_line(e, args).splitlines() or [type(e).__name__]:  # pre-flight: one line each
+                print(f"error: {line}", file=sys.stderr)
         return 2
     return code or 0
 
 
-def _error_line(e: Exception, command: str) -> str:
+def _reports(e: Exception) -> bool:
+    """Whether this process prints `e`: every rank stops on the same pre-flight problems (rank 0 found and broadcast
+    them) and the same signal (agreed at the same iteration), so rank 0 alone says so; anything else may be one
+    rank's own, and each rank prints it."""
+    from mixgrpo.preflight import PreflightError
+    from mixgrpo.train import TrainingStopped
+
+    return not isinstance(e, (PreflightError, TrainingStopped)) or os.environ.get("RANK", "0") == "0"
+
+
+def _error_line(e: Exception, args: argparse.Namespace) -> str:
     """The one line printed for a user error."""
     if not isinstance(e, OSError):
         return str(e)
     from mixgrpo.fileio import os_error_message
 
     line = os_error_message(e)
-    if command == "train" and e.errno in (errno.ENOSPC, errno.EDQUOT):  # the run is resumable
-        line += ", then continue the run with --resume (its last checkpoint is intact)"
+    run = getattr(args, "run_dir", None)
+    if args.command == "train" and run is not None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        from mixgrpo.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(run)  # what is on disk now, not what a run usually has
+        line += (f", then continue the run with --resume (its last checkpoint, {latest.name}, is intact)" if latest
+                 else ", then run it again with --resume (it had written no checkpoint yet: the run starts over)")
     return line
 
 
 def _is_user_error(e: BaseException) -> bool:
-    """Errors caused by input the user can fix: shown as one line. Anything else is a bug: traceback."""
-    from mixgrpo.checkpoint import CheckpointError
-    from mixgrpo.rewards import RewardError
-    from mixgrpo.tracking import TrackingError
-    from mixgrpo.train import TrainingError
-
-    return isinstance(e, (ValueError, OSError, CheckpointError, RewardError, TrainingError, TrackingError))
+    """Errors of the user's input (`mixgrpo.errors.UserError`) and of the machine (OSError: a full disk, a missing
+    file): shown as one line. Anything else is a bug, in mixgrpo or a library: traceback."""
+    return isinstance(e, (UserError, OSError))
 
 
 if __name__ == "__main__":

@@ -24,14 +24,11 @@ from typing import Any
 import yaml
 
 from mixgrpo.dtypes import PRECISIONS
+from mixgrpo.errors import ConfigError, check_values
 from mixgrpo.fileio import atomic_file
 from mixgrpo.flow_matching import AWM_WEIGHTINGS, NFT_WEIGHTINGS, SIGMA_SAMPLERS
 from mixgrpo.objectives import OBJECTIVES
 from mixgrpo.plan import ALGORITHMS, SamplerConfig
-
-
-class ConfigError(ValueError):
-    """A configuration value or file is wrong; the message names the field and the fix."""
 
 
 @dataclass
@@ -109,20 +106,25 @@ class MatchingConfig:
     nft_weighting: str = "none"  # diffusion_nft: "none" (velocity MSE) or "adaptive" (the paper code's x0 loss)
     awm_weighting: str = "uniform"  # awm: w(sigma) of log p = -w ||v - u||^2: "uniform", "sigma" or "sigma2"
 
-    def __post_init__(self):
-        checks = [
-            (self.sigmas in SIGMA_SAMPLERS, "matching.sigmas", f"one of {SIGMA_SAMPLERS}"),
-            (self.sigma_std > 0, "matching.sigma_std", "a number > 0"),
-            (self.sigmas_per_sample >= 1, "matching.sigmas_per_sample", "an integer >= 1"),
-            (0 <= self.sampler_decay < 1, "matching.sampler_decay", "a number in [0, 1) (0 = on-policy)"),
-            (self.beta > 0, "matching.beta", "a number > 0"),
-            (self.adv_clip > 0, "matching.adv_clip", "a number > 0"),
-            (self.nft_weighting in NFT_WEIGHTINGS, "matching.nft_weighting", f"one of {NFT_WEIGHTINGS}"),
-            (self.awm_weighting in AWM_WEIGHTINGS, "matching.awm_weighting", f"one of {AWM_WEIGHTINGS}"),
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (self.sigmas in SIGMA_SAMPLERS, "matching.sigmas", self.sigmas, f"one of {SIGMA_SAMPLERS}"),
+            (math.isfinite(self.sigma_mean), "matching.sigma_mean", self.sigma_mean, "a finite number"),
+            (0 < self.sigma_std < math.inf, "matching.sigma_std", self.sigma_std, "a finite number > 0"),
+            (self.sigmas_per_sample >= 1, "matching.sigmas_per_sample", self.sigmas_per_sample, "an integer >= 1"),
+            (0 <= self.sampler_decay < 1, "matching.sampler_decay", self.sampler_decay,
+             "a number in [0, 1) (0 = on-policy)"),
+            (0 < self.beta < math.inf, "matching.beta", self.beta, "a finite number > 0"),
+            (0 < self.adv_clip < math.inf, "matching.adv_clip", self.adv_clip, "a finite number > 0"),
+            (self.nft_weighting in NFT_WEIGHTINGS, "matching.nft_weighting", self.nft_weighting,
+             f"one of {NFT_WEIGHTINGS}"),
+            (self.awm_weighting in AWM_WEIGHTINGS, "matching.awm_weighting", self.awm_weighting,
+             f"one of {AWM_WEIGHTINGS}"),
         ]
-        for ok, name, want in checks:
-            if not ok:
-                raise ConfigError(f"{name} = {getattr_path(self, name.split('.', 1)[1])!r} is invalid: use {want}")
+
+    def __post_init__(self):
+        check_values(self.checks())
 
 
 @dataclass
@@ -192,12 +194,17 @@ class TrainConfig:
         """The guidance scale of held-out evaluations: eval_guidance_scale, or guidance_scale when it is -1."""
         return self.guidance_scale if self.eval_guidance_scale < 0 else self.eval_guidance_scale
 
-    def __post_init__(self):
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every top-level, lora, reward_policy and parallel field
+        (`mixgrpo.errors.check_values`); the sampler and matching sections check their own. Written so that NaN
+        fails (floats are finite already: `_convert` refuses NaN and inf)."""
         checks = [
             (self.algorithm in ALGORITHMS, "algorithm", f"one of {sorted(ALGORITHMS)}"),
             (self.objective in OBJECTIVES, "objective", f"one of {tuple(OBJECTIVES)}"),
             (self.reward_mode in ("advantage", "reward"), "reward_mode", "'advantage' or 'reward'"),
             (self.advantage_std in ("group", "global"), "advantage_std", "'group' or 'global'"),
+            (0 < self.advantage_clip < math.inf, "advantage_clip",
+             "a positive finite number (advantages are clipped to [-advantage_clip, advantage_clip])"),
             (self.iterations >= 1, "iterations", "an integer >= 1"),
             (self.time_limit_minutes >= 0, "time_limit_minutes", "a number >= 0 (0 = no limit)"),
             (self.prompts_per_iteration >= 1, "prompts_per_iteration", "an integer >= 1"),
@@ -208,11 +215,17 @@ class TrainConfig:
             (0 < self.lr < math.inf, "lr", "a positive finite number"),
             (0 <= self.weight_decay < math.inf, "weight_decay", "a finite number >= 0"),
             (all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1), e.g. [0.9, 0.999]"),
-            (self.clip_range > 0, "clip_range", "a positive number"),
+            (0 < self.clip_range < math.inf, "clip_range", "a positive finite number"),
+            (0 <= self.grad_clip < math.inf, "grad_clip", "a finite number >= 0 (0 = no clipping)"),
+            (self.warmup_iterations >= 0, "warmup_iterations", "an integer >= 0 (0 = no warm-up)"),
             (0 <= self.kl_beta < math.inf, "kl_beta", "a finite number >= 0"),
             (0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)"),
             (self.precision in PRECISIONS, "precision", "'auto', 'fp32' or 'bf16'"),
-            (self.guidance_scale >= 1, "guidance_scale", "a number >= 1 (1 = no guidance)"),
+            (1 <= self.guidance_scale < math.inf, "guidance_scale", "a finite number >= 1 (1 = no guidance)"),
+            (self.eval_guidance_scale == -1 or 1 <= self.eval_guidance_scale < math.inf, "eval_guidance_scale",
+             "-1 (the same as guidance_scale) or a finite number >= 1 (1 = no guidance)"),
+            (self.seed >= 0, "seed", "an integer >= 0"),
+            (bool(self.out_dir.strip()), "out_dir", "a directory path (an empty one is an unset shell variable?)"),
             (len(self.rewards) >= 1, "rewards", "a list with at least one reward"),
             (self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1"),
             (self.eval_every >= 0, "eval_every", "an integer >= 0 (0 = before and after training only)"),
@@ -220,6 +233,10 @@ class TrainConfig:
             (self.eval_num_prompts >= 0, "eval_num_prompts", "an integer >= 0 (0 = no evaluation)"),
             (self.eval_images_per_prompt >= 1, "eval_images_per_prompt", "an integer >= 1"),
             (self.lora.rank >= 0, "lora.rank", "an integer >= 0 (0 = full fine-tuning)"),
+            (self.lora.alpha >= 0, "lora.alpha", "a number >= 0 (0 = the same as lora.rank)"),
+            (self.reward_policy.retries >= 0, "reward_policy.retries", "an integer >= 0 (0 = no retry)"),
+            (0 <= self.reward_policy.max_failed_groups <= 1, "reward_policy.max_failed_groups",
+             "a fraction in [0, 1] (0 = stop at the first failed group, 1 = never stop)"),
             (self.parallel.strategy in ("ddp", "fsdp"), "parallel.strategy", "'ddp' or 'fsdp'"),
             (self.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "'fp32' or 'bf16'"),
             (self.parallel.reduce_dtype in ("fp32", "bf16"), "parallel.reduce_dtype", "'fp32' or 'bf16'"),
@@ -232,13 +249,13 @@ class TrainConfig:
             (self.reward_servers.images in ("float32", "uint8", "png"), "reward_servers.images",
              "'float32', 'uint8' or 'png'"),
         ]
-        for ok, name, want in checks:
-            if not ok:
-                raise ConfigError(f"{name} = {getattr_path(self, name)!r} is invalid: use {want}")
+        return [(ok, name, getattr_path(self, name), want) for ok, name, want in checks] + [
+            (math.isfinite(r.weight), f"rewards[{i}].weight", r.weight, "a finite number (0 = logged only)")
+            for i, r in enumerate(self.rewards)]
+
+    def __post_init__(self):
+        check_values(self.checks())
         for i, reward in enumerate(self.rewards):
-            if not math.isfinite(reward.weight):
-                raise ConfigError(f"rewards[{i}].weight = {reward.weight} is invalid: use a finite number "
-                                  f"(0 = logged only)")
             for url in reward.servers:
                 if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
                     raise ConfigError(f"rewards[{i}].server = {url!r} is invalid: use a URL such as "
@@ -339,9 +356,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
             value = float(value)  # PyYAML (YAML 1.1) reads "1e-4" as a string: it needs a dot, "1.0e-4"
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
-            return float(value)  # NaN is never a setting; a field without a range check would take it silently
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)  # NaN and inf are never a setting (0 or -1 mean "off" where a field has an off)
+        raise ConfigError(f"{where} must be a {'finite ' * isinstance(value, float)}number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -383,10 +400,12 @@ def to_dict(cfg: Any) -> Any:
 def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     """'key.sub: old -> new' for every leaf that differs between two config fingerprints. A key the old one
     lacks is a field added by a newer mixgrpo (its default keeps the old behaviour), a key the new one lacks a
-    field it removed (it did nothing): neither is a difference."""
+    field it removed (it did nothing): neither is a difference, in lists of the same length (rewards) too."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in sorted(set(old) | set(new), key=str) if k in old and k in new
                 for d in config_diff(old[k], new[k], f"{prefix}{k}.")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in config_diff(a, b, f"{prefix.rstrip('.')}[{i}].")]
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 

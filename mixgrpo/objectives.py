@@ -8,8 +8,8 @@
   plan feeds them. The rollout runs a soft copy of the weights (the sampling copy, `matching.sampler_decay`),
   which the trainer keeps and updates after every iteration.
 
-An objective (`Objective`) tells the config, the pre-flight and the trainer what it needs (`stores_transitions`,
-`sampler_decay`), which steps the rollout stores (`train_mask`), how many loss terms a sample has (`terms`), and
+An objective (`Objective`) tells the config, the pre-flight, the memory estimate and the trainer what it needs
+(`stores_transitions`, `guided_update`, `sampler_decay`), which steps the rollout stores (`train_mask`), how many loss terms a sample has (`terms`), and
 runs the update (`update`) through the shared update loop (`mixgrpo.train.update.UpdateLoop`) over the micro-batches
 of `micro_batches`. Each takes an optional KL term to the frozen base (`kl_beta`).
 
@@ -85,6 +85,10 @@ class Objective(Protocol):
     plan must train steps; the rollout's log-probs are the update's old ones only when the two layouts agree,
     `mixgrpo.train.trainer.layouts_agree`); False: the update trains on the rollout's final samples only."""
 
+    guided_update: ClassVar[bool]
+    """Whether the update calls the model with classifier-free guidance (conditional and unconditional rows in one
+    batch, as the rollout does) when guidance_scale != 1; False: it trains the conditional velocity alone."""
+
     sampler_decay: float
     """> 0: the rollout samples from a soft copy of the weights, theta_old <- d theta_old + (1 - d) theta after every
     iteration (kept by the trainer and its checkpoints); 0: from the live weights."""
@@ -124,6 +128,7 @@ class GRPO:
     """
 
     stores_transitions = True
+    guided_update = True
     sampler_decay = 0.0  # the rollout runs the live weights
 
     def __init__(self, policy: Policy, clip_range: float, kl_beta: float, guidance_scale: float,
@@ -244,6 +249,7 @@ class ForwardProcess:
     `prepare` has computed what it needs from the whole batch once."""
 
     stores_transitions = False
+    guided_update = False
 
     def __init__(self, policy: Policy, matching: MatchingConfig, clip_range: float, kl_beta: float,
                  micro_batch_size: int, updates: int, epochs: int):

@@ -103,8 +103,15 @@ def package_problems(cfg: TrainConfig, training: bool = True) -> list[str]:
 
 
 def device_problems(where: str, value) -> list[str]:
-    """A CUDA device named where this torch has none (a CPU-only build, no GPU visible, or a wrong index)."""
-    if not isinstance(value, str) or not value.startswith("cuda"):
+    """A device name torch does not know (a typo), or a CUDA device named where this torch has none (a CPU-only
+    build, no GPU visible, or a wrong index)."""
+    if not isinstance(value, str):
+        return []
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return [f"{where} = {value!r} is not a device: use cpu, cuda (each rank's own GPU) or cuda:N"]
+    if not value.startswith("cuda"):
         return []
     if not torch.cuda.is_available():
         why = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"

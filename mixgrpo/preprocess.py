@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.models.base import Cond
 from mixgrpo.models.text import EmbeddingCache, write_cache
 from mixgrpo.progress import bar
@@ -51,7 +52,7 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
     Raises ValueError for a missing, empty, non-UTF-8 or malformed prompt file.
     """
     if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"preprocess: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
+        raise ConfigError(f"preprocess: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
     files = [str(prompt_files)] if isinstance(prompt_files, (str, Path)) else [str(f) for f in prompt_files]
     prompts = unique_prompts([p for f in files for p in read_prompts(f)])
     encode = _encode_fn(model)
@@ -70,11 +71,28 @@ def _load_text_encoder(model: str, path: str | None, dtype: str, device: str, ma
     spec = MODELS.spec(model)
     if spec.text_encoder is not None:
         if not path:
-            raise ValueError(f"preprocess: --model {model} needs --path (the local pipeline directory)")
+            raise ConfigError(f"preprocess: --model {model} needs --path (the local pipeline directory)")
         kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         return spec.text_encoder(path, dtype=dtype, device=device, **kw, **args)
     kw = dict(args) | ({"path": path} if path else {})
     return spec.factory(**kw)
+
+
+def _check_args(args) -> None:
+    """The values of a preprocess command, before any encoder loads (`mixgrpo.errors.check_values`)."""
+    from mixgrpo.dtypes import DTYPES
+    from mixgrpo.errors import check_values
+    from mixgrpo.preflight import device_problems
+
+    check_values([
+        (args.shard_size >= 1, "--shard-size", args.shard_size, "an integer >= 1"),
+        (args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
+        (args.max_sequence_length is None or args.max_sequence_length >= 1, "--max-sequence-length",
+         args.max_sequence_length, "an integer >= 1"),
+        (args.dtype in DTYPES, "--dtype", args.dtype, f"one of {sorted(DTYPES)}"),
+        (bool(args.out.strip()), "--out", args.out, "the cache directory to write (empty: an unset shell variable?)")])
+    for problem in device_problems("--device", args.device):
+        raise ConfigError(problem)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep:
             parser.error(f"--arg {item!r}: expected KEY=VALUE")
         extra[key.strip()] = yaml.safe_load(value)
+    _check_args(args)
 
     start = time.perf_counter()
     encoder = _load_text_encoder(args.model, args.path, args.dtype, args.device, args.max_sequence_length, extra)

@@ -14,7 +14,7 @@ without figures yet (the real models: a GPU run fills them in with `mixgrpo refe
 
 The band of a metric at an evaluated iteration is the 95% prediction interval of one more seed from the n
 reference seeds: mean +- t(0.975, n - 1) sd sqrt(1 + 1/n) (sd over seeds, n - 1 in the denominator; 4.97 sd at
-n = 3). A run lies inside for a metric when every evaluation it shares with the reference (the same iteration)
+n = 3), and no narrower than the metric's median band (seeds that agree by chance). A run lies inside for a metric when every evaluation it shares with the reference (the same iteration)
 lies inside the band. Minutes are drawn, never judged: they depend on the machine.
 
 A run belongs to a reference when its config equals the recipe's up to what does not change the computation
@@ -76,7 +76,8 @@ class Reference:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(**data, path=path)
         except (json.JSONDecodeError, TypeError) as e:
-            raise ConfigError(f"reference file {path} is not a reference ({e}): rewrite it with mixgrpo reference") from None
+            raise ConfigError(f"reference file {path} is not a reference ({e}): rewrite it with mixgrpo "
+                              f"reference") from None
 
     def write(self, path: Path) -> None:
         data = {k: v for k, v in self.__dict__.items() if k != "path"}
@@ -98,7 +99,7 @@ class Reference:
                 if metric in row:
                     by_it.setdefault(row["iteration"], []).append((row["minutes"], row[metric]))
         n = len(self.seeds)
-        out = []
+        rows = []  # (iteration, mean minutes, mean, half-width)
         for it in sorted(by_it):
             points = by_it[it]
             if len(points) < n or n < 2:
@@ -106,9 +107,12 @@ class Reference:
             values = [v for _, v in points]
             mean = sum(values) / n
             sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-            half = t.ppf(0.5 + CONFIDENCE / 2, n - 1) * sd * math.sqrt(1 + 1 / n)
-            out.append((it, sum(m for m, _ in points) / n, mean, mean - half, mean + half))
-        return out
+            rows.append((it, sum(m for m, _ in points) / n, mean,
+                         t.ppf(0.5 + CONFIDENCE / 2, n - 1) * sd * math.sqrt(1 + 1 / n)))
+        # a few seeds can agree by chance (a count metric: the verifier's strict accuracy is k / 212): no point's
+        # band is narrower than the metric's median one
+        floor = sorted(h for *_, h in rows)[len(rows) // 2] if rows else 0.0
+        return [(it, minutes, mean, mean - max(h, floor), mean + max(h, floor)) for it, minutes, mean, h in rows]
 
     def gain(self, metric: str, iteration: int) -> list[float]:
         """Each seed's change of `metric` from its first evaluation to the one at `iteration` (paired: the same

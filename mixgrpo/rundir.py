@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 
 from mixgrpo import dist
-from mixgrpo.checkpoint import latest_checkpoint
+from mixgrpo.checkpoint import incomplete_checkpoints, latest_checkpoint
 from mixgrpo.config import ConfigError, TrainConfig, save_config
 from mixgrpo.fileio import atomic_file, writing
 
@@ -193,8 +193,12 @@ def _check_start(run_dir: Path, resume: bool) -> None:
     found = results(run_dir)
     finished = any(f in found for f in (f"{FINAL}/", SUMMARY))
     if found and (finished or not resume):
-        what = "a finished run whose checkpoints were deleted" if finished else "the records of an earlier run"
-        fix = "" if finished else " (or pass --resume to start that run over: it never reached a checkpoint)"
+        incomplete = [p.name for p in incomplete_checkpoints(run_dir)]
+        lost = (f"whose checkpoints are all incomplete ({', '.join(incomplete)}: saves that were interrupted)"
+                if incomplete else "whose checkpoints were deleted")
+        what = f"a finished run {lost}" if finished else "the records of an earlier run"
+        never = "it has no complete checkpoint" if incomplete else "it never reached a checkpoint"
+        fix = "" if finished else f" (or pass --resume to start that run over: {never})"
         raise ConfigError(f"{run_dir} holds {what} ({', '.join(found)}) and no checkpoint to continue from: "
                           f"choose another out_dir, or move those files away{fix}")
     if resume:  # the first launch of a job that always passes --resume

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from mixgrpo.errors import UserError
 from mixgrpo.fileio import writing
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """A tracker that was asked for cannot start."""
 
 

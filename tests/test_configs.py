@@ -203,11 +203,15 @@ def test_the_video_recipe_scores_frames_and_time():
 
 def test_the_readme_commands_parse():
     """Every `mixgrpo train / sample / eval / export` line of the README's code blocks is accepted by the CLI's
-    parser as written (continuation lines joined, the quick start's "$@" expanded): no renamed or missing flag."""
+    parser as written (continuation lines joined, the quick start's "$@" expanded): no renamed or missing flag; under
+    `mixgrpo launch`, its torchrun options by torchrun's parser."""
     import re
     import shlex
 
-    from mixgrpo.cli import build_parser
+    from torch.distributed.run import parse_args
+
+    from mixgrpo.cli import build_parser, command_names
+    from mixgrpo.launch import split
 
     readme = (CONFIGS[0].parent.parent / "README.md").read_text(encoding="utf-8")
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
@@ -217,6 +221,9 @@ def test_the_readme_commands_parse():
     for line in lines:
         words = shlex.split(line.replace('"$@"', shlex.join(quick)), comments=True)
         argv = words[words.index("mixgrpo") + 1:] if "mixgrpo" in words and "..." not in line else []
+        if argv[:1] == ["launch"]:
+            options, argv = split(argv[1:], [c for c in command_names() if c != "launch"])
+            parse_args([*options, "-m", "mixgrpo"])
         if argv[:1] and argv[0] in ("train", "sample", "eval", "export"):
             _, extra = build_parser().parse_known_args(argv)
             assert all("=" in e and not e.startswith("-") for e in extra), (line, extra)

@@ -16,10 +16,12 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from gaussian_run import gaussian_run
@@ -328,3 +330,59 @@ def _main(configs_file: str) -> None:
 
 if __name__ == "__main__":
     _main(sys.argv[1])
+
+
+# mixgrpo launch: torchrun with mixgrpo's exit statuses
+
+
+def _launch(tmp_path: Path, *extra: str, iterations: int = 2) -> subprocess.Popen:
+    """`python -m mixgrpo launch --nproc_per_node 2 ... train` of the Gaussian run, in its own session (a terminal's
+    Ctrl-C is a SIGINT to the whole process group)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(_config(tmp_path / "run", iterations=iterations, eval_num_prompts=0,
+                                             checkpoint_every=10_000)))
+    cmd = [sys.executable, "-m", "mixgrpo", "launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "train", "--config", str(config), *extra]
+    return subprocess.Popen(cmd, env={**_env(), "TQDM_DISABLE": "1"}, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_launch_prints_a_pre_flight_error_once_and_exits_2(tmp_path):
+    """Plain torchrun prints the error on both ranks, then its ~35-line ChildFailedError block, and exits 1."""
+    proc = _launch(tmp_path, "rewards=[{name: jpeg}]")
+    out, err = proc.communicate(timeout=240)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: rewards[0]: unknown reward 'jpeg'"), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # two 2-process launches that train until signalled: ~40 s on 2 busy cores
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_launch_stops_cleanly_on_a_signal_with_the_documented_status(tmp_path, how):
+    """Ctrl-C (SIGINT to the process group: every worker gets it twice, from the terminal and from the launcher) and
+    a scheduler's SIGTERM to the launcher alone: the iteration ends, the checkpoint is written, rank 0 says so once,
+    and the launcher exits 130 / 143 with no traceback."""
+    import signal
+    import threading
+
+    from mixgrpo.checkpoint import latest_checkpoint
+
+    proc = _launch(tmp_path, iterations=100_000)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 180
+    while not any(line.startswith("it ") and "/100000" in line for line in lines[2:]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == (130 if how == "ctrl-c" else 143), err
+    reader.join(timeout=10)
+    name = "SIGINT" if how == "ctrl-c" else "SIGTERM"
+    assert err.count(f"stopped by {name}: checkpoint saved") == 1 and "Traceback" not in err, err
+    assert "interrupted" not in err  # the echoed signal did not abandon the checkpoint
+    assert latest_checkpoint(tmp_path / "run") is not None

@@ -11,9 +11,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mixgrpo"
 
 MATH = {"mixgrpo.sampling", "mixgrpo.plan", "mixgrpo.grpo", "mixgrpo.flow_matching", "mixgrpo.seeding"}
-COMMANDS = {"mixgrpo.__main__", "mixgrpo.cli", "mixgrpo.preprocess", "mixgrpo.pretrain", "mixgrpo.configdoc"}
+COMMANDS = {"mixgrpo.__main__", "mixgrpo.cli", "mixgrpo.preprocess", "mixgrpo.pretrain", "mixgrpo.configdoc",
+            "mixgrpo.launch"}
 BELOW_MODELS = {"mixgrpo.registry", "mixgrpo.dtypes", "mixgrpo.fileio", "mixgrpo.progress", "mixgrpo.dist",
-                "mixgrpo.packages"}
+                "mixgrpo.packages", "mixgrpo.errors"}
 
 
 def _module_name(path: Path) -> str:

@@ -128,3 +128,13 @@ def test_every_recipe_has_a_current_reference(name):
         assert all(rows[0]["iteration"] == 0 and len(rows) >= 2 for rows in ref.seeds.values())
     else:
         assert "mixgrpo reference" in ref.note
+
+
+def test_seeds_that_agree_by_chance_do_not_make_a_zero_width_band():
+    rows = lambda *values: [{"iteration": it, "minutes": it / 10, "eval/strict": v}  # noqa: E731
+                            for it, v in zip((0, 16, 32), values)]
+    ref = Reference(recipe="r", config={}, command="", precision="fp32", machine="", torch="", mixgrpo="",
+                    seeds={"0": rows(0.09, 0.15, 0.20), "1": rows(0.09, 0.17, 0.21), "2": rows(0.09, 0.16, 0.23)})
+    band = {it: (lo, hi) for it, _, _, lo, hi in ref.band("eval/strict")}
+    assert band[0][0] < 0.09 < band[0][1]  # all three seeds scored 0.09 before training
+    assert band[0][1] - band[0][0] == pytest.approx(band[16][1] - band[16][0])  # the median width: iteration 16's

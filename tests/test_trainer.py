@@ -198,6 +198,10 @@ def test_periodic_evaluation_resumes_without_duplicated_or_lost_rows(tmp_path):
     cut = _cfg(tmp_path / "cut", **over)
     train(cut, progress=False, stop_after=3)
     assert [r["iteration"] for r in _eval_rows(tmp_path / "cut" / "run")] == [0, 2]
+    # the curves are drawn at every evaluation, not only at the end (a run stopped here has no summary)
+    assert not (tmp_path / "cut" / "run" / "summary.md").exists()
+    for name in ("eval_curve.png", "reward_curve.png"):
+        assert (tmp_path / "cut" / "run" / name).stat().st_size > 10_000, name
     assert _eval_rows(train(cut, resume=True, progress=False)) == rows
 
     # a crash after the evaluation at 4 but before the checkpoint at 4 (here: the later checkpoints removed)
@@ -248,3 +252,21 @@ def test_final_holds_the_ema_weights_when_ema_decay_is_set(tmp_path):
     assert cli.main(["export", "--run", str(run), "--no-ema", "--out", str(tmp_path / "live")]) == 0
     exported = dict(load_run(run, tmp_path / "live").named_parameters())
     assert all(torch.equal(exported[n], live[n].to(exported[n].dtype)) for n in trained)
+
+
+def test_the_slow_phases_of_an_iteration_show_their_model_calls(tmp_path, monkeypatch, capsys):
+    """A phase longer than SLOW_PHASE_S gets a bar of its model calls (the rollout's: the plan's NFE); a fast one
+    (the Gaussian model's, with the default threshold) adds nothing to the one line per iteration."""
+    from mixgrpo import progress
+    from mixgrpo.plan import build_plan
+
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    train(_cfg(tmp_path / "fast", iterations=1, eval_num_prompts=0), progress=False)
+    assert "rollout" not in capsys.readouterr().err
+    monkeypatch.setattr(progress, "SLOW_PHASE_S", 0.0)
+    cfg = _cfg(tmp_path / "slow", iterations=1, eval_num_prompts=0)
+    train(cfg, progress=False)
+    err = capsys.readouterr().err
+    nfe = build_plan(cfg.sampler, 0, cfg.seed).nfe
+    assert "it 1 rollout: 100%" in err and f" {nfe}/{nfe} " in err, err
+    assert "it 1 update:" in err

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
+from mixgrpo.errors import ConfigError
 from mixgrpo.models.base import Frozen, PromptSets, TextEncoder
 
 PIPELINE_MODULES = ("diffusers", "transformers")
@@ -25,13 +26,13 @@ def check_pipeline_dir(path: str | Path, pipeline: str, *, components: Sequence[
     """The local diffusers pipeline directory `path`, after checking that it holds `components`."""
     path = Path(path).expanduser()
     if not (path / "model_index.json").is_file():
-        raise ValueError(f"{pipeline}: {path} is not a local diffusers pipeline directory (no model_index.json). "
-                         f"Point model.args.path at a downloaded checkpoint, e.g. "
-                         f"`huggingface-cli download {example} --local-dir {shlex.quote(str(path))}`; nothing is "
-                         f"downloaded by mixgrpo.")
+        raise ConfigError(f"{pipeline}: {path} is not a local diffusers pipeline directory (no model_index.json). "
+                          f"Point model.args.path at a downloaded checkpoint, e.g. "
+                          f"`huggingface-cli download {example} --local-dir {shlex.quote(str(path))}`; nothing is "
+                          f"downloaded by mixgrpo.")
     missing = [c for c in components if not (path / c).is_dir()]
     if missing:
-        raise ValueError(f"{pipeline}: {path} lacks the component folders {missing}; is the download complete?")
+        raise ConfigError(f"{pipeline}: {path} lacks the component folders {missing}; is the download complete?")
     return path
 
 
@@ -101,15 +102,24 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
     return problems
 
 
-def size_problems(name: str, args: dict, transformer: dict, vae: dict) -> list[str]:
-    """model.args height and width (and a video's num_frames) against the factors of the pipeline's config files,
-    before anything loads: pixels must be a multiple of the VAE's spatial factor x the latent patch (every
-    adapter here patchifies at least 2 x 2: FLUX.1 and FLUX.2 pack 2 x 2 latents into a token themselves), and
-    frames 1 + (the VAE's temporal factor) k. The loaders check the same on the loaded modules."""
+def latent_grid(transformer: dict, vae: dict) -> tuple[int, int, int | None]:
+    """(spatial factor, patch, temporal factor or None) of a pipeline, from its transformer's and VAE's config.json:
+    pixels per latent (the VAE's), latents per token side (every adapter here patchifies at least 2 x 2: FLUX.1
+    and FLUX.2 pack 2 x 2 latents into a token themselves), and a video VAE's frames per latent frame."""
     spatial = vae.get("scale_factor_spatial") or (2 ** len(vae["temperal_downsample"]) if vae.get("temperal_downsample")
                                                   else 2 ** (len(vae["block_out_channels"]) - 1))
     patch = transformer.get("patch_size") or 1
     patch = max(patch[-1] if isinstance(patch, list) else patch, 2)
+    temporal = vae.get("scale_factor_temporal") or (2 ** sum(vae["temperal_downsample"])
+                                                    if vae.get("temperal_downsample") else None)
+    return spatial, patch, temporal
+
+
+def size_problems(name: str, args: dict, transformer: dict, vae: dict) -> list[str]:
+    """model.args height and width (and a video's num_frames) against the factors of the pipeline's config files
+    (`latent_grid`), before anything loads: pixels a multiple of the spatial factor x the patch, frames 1 + (the
+    temporal factor) k. The loaders check the same on the loaded modules."""
+    spatial, patch, temporal = latent_grid(transformer, vae)
     problems = []
     height, width = args.get("height"), args.get("width")
     multiple = spatial * patch
@@ -118,8 +128,6 @@ def size_problems(name: str, args: dict, transformer: dict, vae: dict) -> list[s
         problems.append(f"model.args: height {height} and width {width} must be multiples of {multiple} for {name} "
                         f"(VAE factor {spatial} x patch {patch}): use e.g. height={fit(height)} width={fit(width)}")
     frames = args.get("num_frames")
-    temporal = vae.get("scale_factor_temporal") or (2 ** sum(vae["temperal_downsample"])
-                                                    if vae.get("temperal_downsample") else None)
     if frames is not None and temporal and (frames < 1 or (frames - 1) % temporal):
         problems.append(f"model.args.num_frames = {frames} must be 1 + {temporal} k for {name} (the VAE compresses "
                         f"{temporal} frames into one after the first): use e.g. num_frames="
@@ -144,7 +152,7 @@ def load_components(name: str, path: str | Path, *, example: str, classes: dict[
     from mixgrpo.progress import bar
 
     if text_encoder is not None and embedding_cache is not None:
-        raise ValueError(f"{name}: give text_encoder or embedding_cache, not both")
+        raise ConfigError(f"{name}: give text_encoder or embedding_cache, not both")
     path = check_pipeline_dir(path, name, components=[c for c in classes if c not in optional], example=example)
     dtype = parse_dtype(dtype)
     kw = dict(torch_dtype=dtype, local_files_only=True)
@@ -172,7 +180,7 @@ def check_size(name: str, size: tuple[int, int], multiple: int, why: str) -> Non
     """Raise unless height and width (pixels) are multiples of `multiple` (`why`: e.g. "VAE factor 8 x patch 2")."""
     height, width = size
     if height % multiple or width % multiple:
-        raise ValueError(f"{name}: height {height} and width {width} must be multiples of {multiple} ({why})")
+        raise ConfigError(f"{name}: height {height} and width {width} must be multiples of {multiple} ({why})")
 
 
 def load_pipeline(name: str, path: str | Path, *, example: str, transformer_class: type, dtype: str | torch.dtype,

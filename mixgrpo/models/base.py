@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
+from mixgrpo.errors import ConfigError
 from mixgrpo.registry import Registry
 
 Cond = dict[str, torch.Tensor]
@@ -72,7 +73,7 @@ class ModelRegistry(Registry["FlowModel"]):
 
     def spec(self, name: str) -> ModelSpec:
         """The description of a registered model; a user's "package.module:factory" gets one with its factory
-        only (no checks, no separate text encoder). Raises ValueError for an unknown name."""
+        only (no checks, no separate text encoder). Raises ConfigError for an unknown name."""
         factory = self.get(name)
         return self._specs.get(name) or ModelSpec(name, factory)
 
@@ -175,8 +176,8 @@ def build_model(name: str, args: dict[str, Any], device: str | None = None, dtyp
     args = dict(args)
     if resolution is not None:
         if not (accepts(factory, "height") and accepts(factory, "width")):
-            raise ValueError(f"model {name!r} has a fixed resolution (its factory takes no height/width): drop "
-                             f"--resolution")
+            raise ConfigError(f"model {name!r} has a fixed resolution (its factory takes no height/width): drop "
+                              f"--resolution")
         args["height"], args["width"] = resolution
     for key, value in (("device", device), ("dtype", dtype)):
         if value is not None and accepts(factory, key):
@@ -186,7 +187,7 @@ def build_model(name: str, args: dict[str, Any], device: str | None = None, dtyp
     try:
         model = factory(**args)
     except TypeError as e:
-        raise ValueError(f"model.args do not fit model {name!r}: {e}") from None
+        raise ConfigError(f"model.args do not fit model {name!r}: {e}") from None
     if device is not None and not accepts(factory, "device"):
         model = model.to(device)
     if dtype is not None and not accepts(factory, "dtype"):

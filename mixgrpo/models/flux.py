@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.models.base import Cond, TextEncoder, TransformerAdapter
 
 
@@ -76,15 +77,15 @@ class FluxAdapter(TransformerAdapter):
         c, h, w = latent_shape
         patch = patch_size
         if h % patch or w % patch:
-            raise ValueError(f"latent_shape {latent_shape}: H and W must be divisible by the patch size {patch}")
+            raise ConfigError(f"latent_shape {latent_shape}: H and W must be divisible by the patch size {patch}")
         in_channels = transformer.config.in_channels
         if in_channels != c * patch * patch:
-            raise ValueError(f"transformer.in_channels = {in_channels} but C * patch^2 = {c} * {patch}^2 = "
-                             f"{c * patch * patch}; build the transformer with in_channels = C * patch^2")
+            raise ConfigError(f"transformer.in_channels = {in_channels} but C * patch^2 = {c} * {patch}^2 = "
+                              f"{c * patch * patch}; build the transformer with in_channels = C * patch^2")
         has_guidance = bool(transformer.config.guidance_embeds)
         if has_guidance != (guidance is not None):
-            raise ValueError(f"transformer guidance_embeds={has_guidance} but guidance={guidance}: a guidance "
-                             f"value is needed exactly when the transformer has a guidance embedding")
+            raise ConfigError(f"transformer guidance_embeds={has_guidance} but guidance={guidance}: a guidance "
+                              f"value is needed exactly when the transformer has a guidance embedding")
         super().__init__(transformer, text_encoder, decoder, (c, h, w))
         self.patch_size = patch
         self.guidance = guidance

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
+from mixgrpo.errors import ConfigError
 from mixgrpo.models._diffusers import (PIPELINE_MODULES, check_pipeline_dir, check_pipeline_run, check_size,
                                        load_components)
 from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
@@ -52,8 +53,8 @@ def variant_of(path: str | Path) -> str:
     """"dev" or "klein", from the pipeline class of a local FLUX.2 directory's model_index.json."""
     name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
     if name not in VARIANTS:
-        raise ValueError(f"flux2: {path} holds a {name} (model_index.json), not a FLUX.2 pipeline "
-                         f"({' or '.join(VARIANTS)}); point model.args.path at a FLUX.2 dev or klein directory")
+        raise ConfigError(f"flux2: {path} holds a {name} (model_index.json), not a FLUX.2 pipeline "
+                          f"({' or '.join(VARIANTS)}); point model.args.path at a FLUX.2 dev or klein directory")
     return VARIANTS[name]
 
 
@@ -99,8 +100,8 @@ def _tokenizer(path: Path):
         elif (folder / "chat_template.json").is_file():
             tokenizer.chat_template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
         else:
-            raise ValueError(f"flux2: {folder} has no chat template (chat_template.jinja / .json, or in "
-                             f"tokenizer_config.json); is the download complete?")
+            raise ConfigError(f"flux2: {folder} has no chat template (chat_template.jinja / .json, or in "
+                              f"tokenizer_config.json); is the download complete?")
     return tokenizer
 
 
@@ -144,13 +145,13 @@ class Flux2Adapter(TransformerAdapter):
                  decoder: nn.Module, guidance: float | None):
         c, h, w = latent_shape
         if c != transformer.config.in_channels:
-            raise ValueError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
-                             f"{transformer.config.in_channels}")
+            raise ConfigError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
+                              f"{transformer.config.in_channels}")
         has_guidance = bool(transformer.config.guidance_embeds)
         if has_guidance != (guidance is not None):
-            raise ValueError(f"flux2: the transformer has guidance_embeds={has_guidance} but guidance={guidance}: "
-                             f"FLUX.2 dev takes a guidance value (e.g. 4.0), klein none (guidance: null) and true "
-                             f"CFG through guidance_scale instead")
+            raise ConfigError(f"flux2: the transformer has guidance_embeds={has_guidance} but guidance={guidance}: "
+                              f"FLUX.2 dev takes a guidance value (e.g. 4.0), klein none (guidance: null) and true "
+                              f"CFG through guidance_scale instead")
         super().__init__(transformer, text_encoder, decoder, latent_shape)
         self.guidance = guidance
         self.register_buffer("img_ids", latent_ids(h, w), persistent=False)
@@ -231,9 +232,9 @@ def load_flux2(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "
     latent_shape = (transformer.config.in_channels, height // (2 * factor(components)),
                     width // (2 * factor(components)))
     if variant == "klein" and guidance is not None:
-        raise ValueError(f"flux2: {root} is FLUX.2 klein, which has no guidance embedding: drop model.args.guidance "
-                         f"and set the run's guidance_scale (true CFG; 4.0 for the base models, 1 for the "
-                         f"step-distilled ones)")
+        raise ConfigError(f"flux2: {root} is FLUX.2 klein, which has no guidance embedding: drop model.args.guidance "
+                          f"and set the run's guidance_scale (true CFG; 4.0 for the base models, 1 for the "
+                          f"step-distilled ones)")
     return Flux2Adapter(transformer, text_encoder, latent_shape, Flux2Decoder(vae),
                         (DEV_GUIDANCE if guidance is None else guidance) if variant == "dev" else None).eval()
 

@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.fileio import atomic_directory
 from mixgrpo.models.base import MODELS, FlowModel
 
@@ -55,7 +56,7 @@ def apply_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
     from peft import LoraConfig
 
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1 (got {rank}); use rank 0 in the config for full fine-tuning")
+        raise ConfigError(f"LoRA rank must be >= 1 (got {rank}); use rank 0 in the config for full fine-tuning")
     if has_lora(transformer):
         raise ValueError("the transformer already has a LoRA adapter; apply_lora once per model")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank,
@@ -64,8 +65,8 @@ def apply_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
         transformer.add_adapter(config, adapter_name=ADAPTER)
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in transformer.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"LoRA target_modules {list(target_modules)} match no layer of "
-                         f"{type(transformer).__name__} ({e}); linear layer names end in: {names}") from None
+        raise ConfigError(f"LoRA target_modules {list(target_modules)} match no layer of "
+                          f"{type(transformer).__name__} ({e}); linear layer names end in: {names}") from None
     transformer.requires_grad_(False)
     for param in lora_parameters(transformer, trainable_only=False):
         param.data = param.data.to(dtype)
@@ -138,9 +139,9 @@ def load_lora(transformer: nn.Module, directory: str | Path, dtype: torch.dtype 
     state = {k.removeprefix("transformer.").removesuffix(".weight") + f".{ADAPTER}.weight": v
              for k, v in load_file(str(file)).items()}
     if set(state) != set(params) or any(state[n].shape != p.shape for n, p in params.items()):
-        raise ValueError(f"load_lora: {file} does not match the model's LoRA adapter (extra "
-                         f"{sorted(set(state) - set(params))[:3]}, missing {sorted(set(params) - set(state))[:3]}, "
-                         f"or other shapes); was it saved with the same rank and target_modules?")
+        raise ConfigError(f"load_lora: {file} does not match the model's LoRA adapter (extra "
+                          f"{sorted(set(state) - set(params))[:3]}, missing {sorted(set(params) - set(state))[:3]}, "
+                          f"or other shapes); was it saved with the same rank and target_modules?")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(state[name])

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
+from mixgrpo.errors import ConfigError
 from mixgrpo.models._diffusers import (PIPELINE_MODULES, CausalVaeDecoder, check_pipeline_dir, check_pipeline_run,
                                        check_size, load_components, module_device)
 from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
@@ -56,8 +57,8 @@ class QwenImageTextEncoder(Frozen):
     def __init__(self, tokenizer, text_encoder: nn.Module, max_sequence_length: int = 512):
         super().__init__()
         if not 1 <= max_sequence_length <= TOKENIZER_MAX_LENGTH:
-            raise ValueError(f"qwen_image: max_sequence_length = {max_sequence_length} must be in 1..1024 (the "
-                             f"pipeline's limit)")
+            raise ConfigError(f"qwen_image: max_sequence_length = {max_sequence_length} must be in 1..1024 (the "
+                              f"pipeline's limit)")
         self.tokenizer = tokenizer
         self.qwen = text_encoder.eval().requires_grad_(False)
         self.max_sequence_length = max_sequence_length
@@ -111,12 +112,12 @@ class QwenImageAdapter(TransformerAdapter):
                  decoder: nn.Module):
         c, h, w = latent_shape
         if transformer.config.in_channels != 4 * c:
-            raise ValueError(f"latent_shape {latent_shape}: the transformer's in_channels "
-                             f"{transformer.config.in_channels} must be 4 C (2 x 2 patches)")
+            raise ConfigError(f"latent_shape {latent_shape}: the transformer's in_channels "
+                              f"{transformer.config.in_channels} must be 4 C (2 x 2 patches)")
         if h % 2 or w % 2:
-            raise ValueError(f"latent_shape {latent_shape}: h and w must be even (2 x 2 patches)")
+            raise ConfigError(f"latent_shape {latent_shape}: h and w must be even (2 x 2 patches)")
         if transformer.config.guidance_embeds:
-            raise ValueError("qwen_image: a transformer with a guidance embedding is not Qwen-Image's")
+            raise ConfigError("qwen_image: a transformer with a guidance embedding is not Qwen-Image's")
         super().__init__(transformer, text_encoder, decoder, latent_shape)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:

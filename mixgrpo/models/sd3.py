@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
+from mixgrpo.errors import ConfigError
 from mixgrpo.models._diffusers import (PIPELINE_MODULES, check_pipeline_dir, check_pipeline_run, load_pipeline,
                                        module_device, tokenize)
 from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
@@ -89,10 +90,10 @@ class SD3Adapter(TransformerAdapter):
         c, h, w = latent_shape
         patch = transformer.config.patch_size
         if c != transformer.config.in_channels:
-            raise ValueError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
-                             f"{transformer.config.in_channels}")
+            raise ConfigError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
+                              f"{transformer.config.in_channels}")
         if h % patch or w % patch:
-            raise ValueError(f"latent_shape {latent_shape}: H and W must be divisible by the patch size {patch}")
+            raise ConfigError(f"latent_shape {latent_shape}: H and W must be divisible by the patch size {patch}")
         super().__init__(transformer, text_encoder, decoder, (c, h, w))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
+from mixgrpo.errors import ConfigError
 from mixgrpo.models._diffusers import (PIPELINE_MODULES, CausalVaeDecoder, check_pipeline_dir, check_pipeline_run,
                                        check_size, load_components, module_device, tokenize)
 from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
@@ -104,14 +105,15 @@ class WanAdapter(TransformerAdapter):
         c, _, h, w = latent_shape
         _, ph, pw = transformer.config.patch_size
         if c != transformer.config.in_channels:
-            raise ValueError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
-                             f"{transformer.config.in_channels}")
+            raise ConfigError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
+                              f"{transformer.config.in_channels}")
         if h % ph or w % pw:
-            raise ValueError(f"latent_shape {latent_shape}: h and w must be divisible by the patch {ph} x {pw}")
+            raise ConfigError(f"latent_shape {latent_shape}: h and w must be divisible by the patch {ph} x {pw}")
         if (transformer_2 is None) != (boundary is None):
-            raise ValueError("Wan 2.2's two experts need a boundary (boundary_ratio) and Wan 2.1's one transformer none")
+            raise ConfigError("Wan 2.2's two experts need a boundary (boundary_ratio) and Wan 2.1's one transformer "
+                              "none")
         if trained_expert not in EXPERTS:
-            raise ValueError(f"trained_expert = {trained_expert!r}: use one of {EXPERTS}")
+            raise ConfigError(f"trained_expert = {trained_expert!r}: use one of {EXPERTS}")
         super().__init__(transformer, text_encoder, decoder, latent_shape)
         self.transformer_2 = transformer_2
         self.boundary = boundary
@@ -143,11 +145,11 @@ class WanAdapter(TransformerAdapter):
         frozen = ~high if self.trained_expert == "high_noise" else high
         if torch.is_grad_enabled() and bool(frozen.any()) and any(p.requires_grad for p in self.denoiser.parameters()):
             s = float(sigma[frozen][0])
-            raise ValueError(f"wan: a trained step at sigma {s:.3f} is denoised by the frozen "
-                             f"{EXPERTS[int(self.trained_expert == 'high_noise')]} expert (Wan 2.2's boundary is sigma "
-                             f"{self.boundary}); model.args.trained_expert = {self.trained_expert!r} trains only "
-                             f"sigma {'>=' if self.trained_expert == 'high_noise' else '<'} {self.boundary}: keep the "
-                             f"trained steps (the window) there, or train the other expert")
+            raise ConfigError(f"wan: a trained step at sigma {s:.3f} is denoised by the frozen "
+                              f"{EXPERTS[int(self.trained_expert == 'high_noise')]} expert (Wan 2.2's boundary is "
+                              f"sigma {self.boundary}); model.args.trained_expert = {self.trained_expert!r} trains "
+                              f"only sigma {'>=' if self.trained_expert == 'high_noise' else '<'} {self.boundary}: "
+                              f"keep the trained steps (the window) there, or train the other expert")
         out = torch.empty_like(x)
         for rows, transformer in ((high, self.transformer), (~high, self.transformer_2)):
             if rows.any():
@@ -181,8 +183,9 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
     vae_config = json.loads((root / "vae" / "config.json").read_text())
     temporal = vae_config.get("scale_factor_temporal") or 4
     if num_frames < 1 or (num_frames - 1) % temporal:
-        raise ValueError(f"wan: num_frames = {num_frames} must be 1 + {temporal} k (the VAE compresses {temporal} "
-                         f"frames into one after the first), e.g. {(max(num_frames - 1, 0) // temporal) * temporal + 1}")
+        example = (max(num_frames - 1, 0) // temporal) * temporal + 1
+        raise ConfigError(f"wan: num_frames = {num_frames} must be 1 + {temporal} k (the VAE compresses {temporal} "
+                          f"frames into one after the first), e.g. {example}")
 
     def check(c: dict[str, nn.Module]) -> None:
         spatial = c["vae"].config.scale_factor_spatial
@@ -201,7 +204,7 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
     transformer_2 = components.get("transformer_2")
     boundary = config.get("boundary_ratio") if transformer_2 is not None else None
     if transformer_2 is not None and boundary is None:
-        raise ValueError(f"wan: {root} has a transformer_2 but model_index.json has no boundary_ratio")
+        raise ConfigError(f"wan: {root} has a transformer_2 but model_index.json has no boundary_ratio")
     spatial = vae.config.scale_factor_spatial
     latent_shape = (transformer.config.in_channels, (num_frames - 1) // temporal + 1, height // spatial,
                     width // spatial)

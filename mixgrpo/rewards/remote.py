@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.rewards.base import RewardError
 from mixgrpo.rewards.wire import PROTOCOL, WireError, read_answer, score_request
 
@@ -34,7 +35,7 @@ PLACEMENT_ARGS = ("device",)
 """Arguments that say where a reward runs, not what it computes: not compared between a run and its server."""
 
 
-class ServerSetupError(ValueError):
+class ServerSetupError(ConfigError):
     """A server refused a request (4xx: a wrong token, a reward it does not host): retrying cannot help."""
 
 
@@ -113,8 +114,8 @@ def token_from(env: str) -> str | None:
         return None
     token = os.environ.get(env)
     if not token:
-        raise ValueError(f"reward_servers.token_env = {env!r}, but that environment variable is not set: export the "
-                         f"token the servers were started with, or set reward_servers.token_env to ''")
+        raise ConfigError(f"reward_servers.token_env = {env!r}, but that environment variable is not set: export the "
+                          f"token the servers were started with, or set reward_servers.token_env to ''")
     return token
 
 

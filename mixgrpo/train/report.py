@@ -41,18 +41,20 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def write_summary(run_dir: Path) -> None:
-    """summary.md (before / after table) and the two curves: reward_curve.png (training reward per iteration,
-    one panel per reward, held-out evaluations as points) and eval_curve.png (every held-out metric against
-    iterations and training minutes)."""
+def write_curves(run_dir: Path) -> None:
+    """The two curves, from the run directory's files: reward_curve.png (training reward per iteration, one panel
+    per reward, held-out evaluations as points; once an iteration is logged) and eval_curve.png (every held-out
+    metric against iterations and training minutes). The trainer redraws them at every evaluation, so a long run
+    can be watched without TensorBoard."""
     cfg = read_yaml(run_dir / CONFIG)
     metrics = read_metrics(run_dir)
     evals = read_records(run_dir / EVALS)
     reward_keys = [k for k in metrics[0] if k.startswith("reward/") and not k.endswith("_std")] if metrics else []
-    plot_panels({k[7:]: {"train": [(m["iteration"], m[k]) for m in metrics]} for k in reward_keys},
-                run_dir / "reward_curve.png", xlabels=("iteration",), title=f"{cfg['algorithm']}: training reward",
-                markers={k[7:]: {"held-out": [(e["iteration"], e[f"eval/{k[7:]}"]) for e in evals
-                                              if f"eval/{k[7:]}" in e]} for k in reward_keys})
+    if reward_keys:
+        plot_panels({k[7:]: {"train": [(m["iteration"], m[k]) for m in metrics]} for k in reward_keys},
+                    run_dir / "reward_curve.png", xlabels=("iteration",), title=f"{cfg['algorithm']}: training reward",
+                    markers={k[7:]: {"held-out": [(e["iteration"], e[f"eval/{k[7:]}"]) for e in evals
+                                                  if f"eval/{k[7:]}" in e]} for k in reward_keys})
     minutes = training_minutes(metrics)
     eval_keys = [k for k in (evals[0] if evals else {}) if k.startswith("eval/")]
     if eval_keys:
@@ -62,6 +64,14 @@ def write_summary(run_dir: Path) -> None:
                     run_dir / "eval_curve.png", xlabels=("iteration", "training minutes"),
                     title=f"{cfg['algorithm']}: held-out evaluation ({cfg['eval_num_prompts']} prompts x "
                           f"{cfg['eval_images_per_prompt']} images, the same noise each time)")
+
+
+def write_summary(run_dir: Path) -> None:
+    """summary.md (before / after table) and the two curves (`write_curves`)."""
+    write_curves(run_dir)
+    cfg = read_yaml(run_dir / CONFIG)
+    metrics = read_metrics(run_dir)
+    evals = read_records(run_dir / EVALS)
     lines = [f"# Run summary: {cfg['algorithm']} ({cfg['objective']})", "",
              f"- iterations: {cfg['iterations']}, prompts x group: {cfg['prompts_per_iteration']} x "
              f"{cfg['group_size']}",

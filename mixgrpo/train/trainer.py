@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from mixgrpo import dist
+from mixgrpo import dist, memory
 from mixgrpo.checkpoint import latest_checkpoint, read_state
 from mixgrpo.config import TrainConfig, build_config, to_dict
 from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_precision, resolve_precision
@@ -42,6 +42,7 @@ from mixgrpo.models import Cond, FlowModel, cond_index, cond_repeat_interleave, 
 from mixgrpo.models.base import build_model, guided_velocity
 from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, micro_batches
 from mixgrpo.plan import Plan, build_plan, ode_plan
+from mixgrpo.progress import PhaseProgress
 from mixgrpo.preflight import check_run
 from mixgrpo.prompts import read_prompts
 from mixgrpo.reference import end_of_run_line
@@ -53,9 +54,9 @@ from mixgrpo.seeding import group_seeds, held_out_seed, prompt_indices, reward_s
 from mixgrpo.tracking import Trackers, resource_metrics
 from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
                                    any_rank, require_agreeing_replicas, require_finite_images, require_finite_weights,
-                                   require_learning_signal, warn_without_signal)
+                                   require_learning_signal, stop_signalled, warn_without_signal)
 from mixgrpo.train.overlap import ChunkScoring, chunk_bounds
-from mixgrpo.train.report import progress_line, write_summary
+from mixgrpo.train.report import progress_line, write_curves, write_summary
 from mixgrpo.train.state import TrainState, check_resumable, fingerprint
 from mixgrpo.train.update import UpdateLoop, UpdateStats
 from mixgrpo.train.weights import EMA, model_with, shadow_of, swapped_weights, trainable_parameters
@@ -68,6 +69,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     dist.init()
     cfg = build_config(resolve_paths(to_dict(cfg)))  # absolute paths: config.yaml names the files from anywhere
     check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
+    memory.report(cfg, dist.world_size())
     # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
     attention = contextlib.nullcontext() if cfg.grad_checkpointing else CpuAttentionBackward()
     with claim(cfg.out_dir, resume), attention, deterministic_kernels(cfg.deterministic):  # claimed before any model loads
@@ -76,6 +78,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             return trainer.run(progress, stop_after)
         finally:
             trainer.scoring.close()
+
+
+EVAL_PENDING = "eval_pending"
+"""state.json of a checkpoint whose periodic evaluation a stop cut short: the resume evaluates first."""
 
 
 @dataclass
@@ -136,15 +142,18 @@ class Trainer:
         self.sampler = EMA(self.params, decay) if decay > 0 else None
         copies = {name: c for name, c in (("ema", self.ema), ("sampler", self.sampler)) if c is not None}
         self.state = TrainState(self.model, optimizer, self.scheduler, copies)
-        self.start = 0
+        self.start, self.eval_pending = 0, False
         if latest is not None:
-            self.start = self.state.restore(latest, self.params)["iteration"]
+            restored = self.state.restore(latest, self.params)
+            # a stop that cut the checkpoint's periodic evaluation short leaves it to the resume
+            self.start, self.eval_pending = restored["iteration"], bool(restored.get(EVAL_PENDING))
             dist.print0(f"resumed from {latest} at iteration {self.start}")
         self.tracker = None
         if dist.is_main():
             start_records(self.run_dir, cfg, self.start)
             self.tracker = Trackers(self.run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
         self.clock = ModelClock(self.model, sync=self.device.type == "cuda") if cfg.profile else None
+        self.phases = PhaseProgress(self.model)  # bars inside an iteration that takes long (rank 0)
         self.loop = UpdateLoop(self.params, optimizer, cfg.micro_batch_size, cfg.grad_clip, self.ema, self.clock)
         self.held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
 
@@ -155,17 +164,24 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # one iteration
 
-    def iteration(self, it: int) -> dict[str, Any]:
-        """One iteration of the algorithm (module docstring); returns its metrics record."""
+    def iteration(self, it: int, stop: StopRequest | None = None) -> dict[str, Any] | None:
+        """One iteration of the algorithm (module docstring); returns its metrics record, or None when `stop` was
+        signalled before the update (during the rollout and its rewards, which overlap): nothing of the iteration
+        is kept, the weights are those after iteration `it`."""
         cfg, watch = self.cfg, Stopwatch()
         plan = build_plan(cfg.sampler, it, cfg.seed)
         groups = self.groups(it)
-        traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
+        chunks = len(chunk_bounds(len(groups.prompts), cfg.rollout_chunks))
+        with self.phases.phase(f"it {it + 1} rollout", total=plan.nfe * chunks):
+            traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
         watch.lap("rollout")
         scores, failed, failed_all, scoring_seconds = self.score(it)
         advantages = self.rewards.advantages(scores, failed, cfg.reward_mode, cfg.advantage_std, cfg.advantage_clip)
         watch.lap("reward")
-        stats = self.update(plan, traj, advantages, groups, it)
+        if stop_signalled(stop):
+            return None
+        with self.phases.phase(f"it {it + 1} update"):
+            stats = self.update(plan, traj, advantages, groups, it)
         watch.lap("update")
         record = self.log(it, plan, traj, scores, failed_all, advantages, stats, watch)
         # reward time in total (hidden behind the rollout or not), and the part the iteration waited for
@@ -272,8 +288,14 @@ class Trainer:
             self.evaluate(0, "before")
         limit, done, end = TimeLimit(cfg.time_limit_minutes), 0, self.start
         with StopRequest() as stop:
+            if self.eval_pending and self.eval_prompts and not self.evaluate(self.start, None, stop):
+                raise stop.stopped(f"stopped before iteration {self.start + 1}, in the evaluation of iteration "
+                                   f"{self.start} that the last stop left to this launch; nothing was trained: "
+                                   f"continue with --resume", saved=False)
             for it in range(self.start, cfg.iterations):
-                record = self.iteration(it)
+                record = self.iteration(it, stop)
+                if record is None:  # a signal before the update: iteration it + 1 is dropped, checkpoint it
+                    self._stop_before(it, stop)
                 done, end = done + 1, it + 1
                 if dist.is_main():
                     append_record(self.run_dir / METRICS, record)
@@ -282,14 +304,19 @@ class Trainer:
                 signalled, out_of_time = agreed_stops(stop, limit)
                 last = it + 1 == cfg.iterations or out_of_time
                 stopping = signalled or (stop_after is not None and done >= stop_after)
+                evaluated = True
                 if self.eval_prompts and cfg.eval_every and (it + 1) % cfg.eval_every == 0 and not last:
-                    self.evaluate(it + 1, None)  # before the checkpoint: a checkpoint at N implies its evaluation
+                    # before the checkpoint: a checkpoint at N implies its evaluation, or says it is pending (a
+                    # signal before or inside it: the resume evaluates first, so nothing waits for the evaluation)
+                    evaluated = not signalled and self.evaluate(it + 1, None, stop)
+                    signalled = signalled or agreed_stops(stop, limit)[0]
+                    stopping = stopping or signalled
                 if dist.is_main() and progress:
                     print(progress_line(record, list(self.rewards.weights), self.held_out, cfg.iterations,
                                         limit.eta(done, cfg.iterations - it - 1)), flush=True)
                 if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
-                    self.state.save(self.run_dir, it + 1, self.identity, cfg.parallel.checkpoint_format == "sharded",
-                                    cfg.keep_checkpoints)
+                    self.state.save(self.run_dir, it + 1, {**self.identity, EVAL_PENDING: not evaluated},
+                                    cfg.parallel.checkpoint_format == "sharded", cfg.keep_checkpoints)
                 if last:
                     break
                 if stopping:
@@ -310,31 +337,50 @@ class Trainer:
                 print(against, flush=True)
             self.tracker.close()
             dist.print0(f"run directory: {self.run_dir}")
-        require_learning_signal(self.run_dir)
+        require_learning_signal(self.run_dir, cfg.prompts_per_iteration * dist.world_size())
         return self.run_dir
 
-    def evaluate(self, iteration: int, tag: str | None) -> None:
+    def _stop_before(self, it: int, stop: StopRequest) -> None:
+        """End a launch signalled inside iteration it + 1, before its update: checkpoint the weights after
+        iteration `it` unless that checkpoint exists, then raise TrainingStopped."""
+        if it == 0:
+            raise stop.stopped("stopped in iteration 1, before any update: nothing was trained; start the run again "
+                               "with --resume", saved=False)
+        latest = latest_checkpoint(self.run_dir)
+        if latest is None or read_state(latest)["iteration"] != it:
+            self.state.save(self.run_dir, it, {**self.identity, EVAL_PENDING: False},
+                            self.cfg.parallel.checkpoint_format == "sharded", self.cfg.keep_checkpoints)
+        raise stop.stopped(f"stopped after iteration {it} (iteration {it + 1} was dropped before its update); "
+                           f"continue with --resume")
+
+    def evaluate(self, iteration: int, tag: str | None, stop: StopRequest | None = None) -> bool:
         """Held-out evaluation on the same noise every time (EMA weights when on), one row of eval.jsonl;
-        tag "before"/"after" also saves the sample grid and prints the figures."""
+        tag "before"/"after" also saves the sample grid and prints the figures. Returns False, writing nothing,
+        when `stop` is signalled before it ends (checked between its batches)."""
         cfg = self.cfg
         # FSDP: every rank gathers the weights, rank 0 evaluates; in the run's precision, like the rollout
         with dist.unsharded(self.model, cfg.parallel), self.autocast():
-            if not dist.is_main():
-                return
+            if not dist.is_main():  # rank 0 writes the checkpoint's eval_pending; the stop is agreed after
+                return True
             with swapped_weights(self.model, shadow_of(self.ema)):  # EMA weights, without touching the live ones
                 res = evaluate(self.model, self.eval_prompts, self.rewards.functions(),
                                ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), cfg.eval_images_per_prompt,
-                               seed=held_out_seed(cfg.seed), guidance_scale=cfg.eval_guidance)
+                               seed=held_out_seed(cfg.seed), guidance_scale=cfg.eval_guidance,
+                               stop=None if stop is None else lambda: stop.signal is not None)
+            if res is None:
+                return False
             samples = res.images[:64, 0]  # the first image (or video) of each of the first 64 prompts
             grid = self.run_dir / media_name(f"samples_{tag}", samples)  # .png, or .gif for videos
             if tag is not None:
                 save_grid(samples, grid, nrow=8, scale=2, captions=res.prompts[:64])
             self.held_out.update({f"eval/{k}": v["mean"] for k, v in res.summary().items()})
             record_eval(self.run_dir, iteration, self.held_out)
+            write_curves(self.run_dir)
             self.tracker.log(self.held_out, iteration)
             if tag is not None:
                 self.tracker.log_image("samples", grid, iteration)
                 dist.print0(f"{tag} training: " + ", ".join(f"{k} {v:.4f}" for k, v in self.held_out.items()))
+        return True
 
 
 @torch.no_grad()
