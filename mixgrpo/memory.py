@@ -51,7 +51,8 @@ class Estimate:
 
     def lines(self) -> list[str]:
         """What `mixgrpo train` prints before loading the model."""
-        counts = ", ".join(f"{name} {n / 1e9:.2f} B" if n >= 1e7 else f"{name} {n:,}" for name, n in self.params.items())
+        counts = ", ".join(f"{name} {n / 1e9:.2f} B" if n >= 1e7 else f"{name} {n:,}"
+                           for name, n in self.params.items())
         out = [f"memory estimate per process (before loading; a lower bound, docs/distributed.md): "
                f"{_size(self.total)}"]
         out += [f"  {what}: {_size(b)}" for what, b in self.parts.items()]
@@ -66,13 +67,10 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
     root = Path(str(args.get("path") or ""))
     if not (root / "model_index.json").is_file():
         return None
-    import inspect
-
     from mixgrpo.dtypes import parse_dtype
-    from mixgrpo.models import MODELS
+    from mixgrpo.pipeline_grid import model_args
 
-    defaults = {k: p.default for k, p in inspect.signature(MODELS.get(cfg.model.name)).parameters.items()}
-    get = lambda key: args.get(key, defaults.get(key))  # noqa: E731
+    get = model_args(cfg.model.name, args).get
     modules = meta_components(root, text=not args.get("embedding_cache"))
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
     trained_name = "transformer_2" if get("trained_expert") == "low_noise" and "transformer_2" in modules \

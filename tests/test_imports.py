@@ -157,3 +157,17 @@ def test_each_base_model_is_one_file_registered_by_one_import():
         assert all(h.__module__.startswith("mixgrpo.models.") for h in hooks if h is not None), spec.name
     registering = {m for m in MODULES if REGISTRATION.search(MODULES[m].read_text(encoding="utf-8"))}
     assert registering == {s.factory.__module__ for s in MODELS.specs()} <= imported
+
+
+def test_training_against_a_reward_server_needs_no_web_framework_and_serving_names_what_to_install(tmp_path):
+    """FastAPI and uvicorn (the `serve` extra) are imported by `mixgrpo serve-rewards` only: with both blocked, the
+    trainer and the client import, and the command says what to install in one line."""
+    import subprocess
+
+    code = ("import sys\nsys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
+            "import mixgrpo.train, mixgrpo.rewards.remote, mixgrpo.preflight, mixgrpo.cli\n"
+            "sys.exit(mixgrpo.cli.main(['serve-rewards', '--reward', 'verifier']))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "needs fastapi and uvicorn (the 'serve' extra): pip install 'fastapi" in done.stderr

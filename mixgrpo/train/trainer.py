@@ -41,9 +41,10 @@ from mixgrpo.images import media_name, save_grid
 from mixgrpo.models import Cond, FlowModel, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model, guided_velocity
 from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, micro_batches
+from mixgrpo.pipeline_grid import grid_of
 from mixgrpo.plan import Plan, build_plan, ode_plan
-from mixgrpo.progress import PhaseProgress
 from mixgrpo.preflight import check_run
+from mixgrpo.progress import PhaseProgress
 from mixgrpo.prompts import read_prompts
 from mixgrpo.reference import end_of_run_line
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
@@ -156,6 +157,12 @@ class Trainer:
         self.phases = PhaseProgress(self.model)  # bars inside an iteration that takes long (rank 0)
         self.loop = UpdateLoop(self.params, optimizer, cfg.micro_batch_size, cfg.grad_clip, self.ema, self.clock)
         self.held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
+        # held-out evaluations on the model's own pipeline grid (a real model), else the training grid's ODE plan
+        grid = grid_of(cfg.model.name, cfg.model.args)
+        self.eval_plan = grid.plan() if grid is not None else ode_plan(cfg.sampler.num_steps, cfg.sampler.shift)
+        if grid is not None and self.eval_prompts:
+            dist.print0(f"held-out evaluation: {grid.describe()} (training: {cfg.sampler.num_steps} steps, shift "
+                        f"{cfg.sampler.shift:g})")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context of every model call of the run (rollout, update, evaluation) in its resolved precision."""
@@ -363,9 +370,9 @@ class Trainer:
             if not dist.is_main():  # rank 0 writes the checkpoint's eval_pending; the stop is agreed after
                 return True
             with swapped_weights(self.model, shadow_of(self.ema)):  # EMA weights, without touching the live ones
-                res = evaluate(self.model, self.eval_prompts, self.rewards.functions(),
-                               ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), cfg.eval_images_per_prompt,
-                               seed=held_out_seed(cfg.seed), guidance_scale=cfg.eval_guidance,
+                res = evaluate(self.model, self.eval_prompts, self.rewards.functions(), self.eval_plan,
+                               cfg.eval_images_per_prompt, seed=held_out_seed(cfg.seed),
+                               guidance_scale=cfg.eval_guidance,
                                stop=None if stop is None else lambda: stop.signal is not None)
             if res is None:
                 return False
