@@ -27,12 +27,8 @@ from mixgrpo.dtypes import PRECISIONS
 from mixgrpo.errors import ConfigError, check_values
 from mixgrpo.fileio import atomic_file
 from mixgrpo.flow_matching import AWM_WEIGHTINGS, NFT_WEIGHTINGS, SIGMA_SAMPLERS
+from mixgrpo.objectives import OBJECTIVES
 from mixgrpo.plan import ALGORITHMS, SamplerConfig
-
-OBJECTIVES = ("grpo", "diffusion_nft", "awm")
-"""grpo: the clipped policy gradient over the rollout's stored SDE transitions (every algorithm of
-`mixgrpo.plan.ALGORITHMS`); diffusion_nft, awm: forward-process objectives on the rollout's final samples
-(`mixgrpo.flow_matching`), fed by any plan."""
 
 
 @dataclass
@@ -204,7 +200,7 @@ class TrainConfig:
         fails (floats are finite already: `_convert` refuses NaN and inf)."""
         checks = [
             (self.algorithm in ALGORITHMS, "algorithm", f"one of {sorted(ALGORITHMS)}"),
-            (self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}"),
+            (self.objective in OBJECTIVES, "objective", f"one of {tuple(OBJECTIVES)}"),
             (self.reward_mode in ("advantage", "reward"), "reward_mode", "'advantage' or 'reward'"),
             (self.advantage_std in ("group", "global"), "advantage_std", "'group' or 'global'"),
             (0 < self.advantage_clip < math.inf, "advantage_clip",
@@ -274,11 +270,13 @@ class TrainConfig:
         if self.parallel.strategy == "fsdp" and (self.kl_beta > 0 or self.ema_decay > 0):
             raise ConfigError("kl_beta > 0 and ema_decay > 0 are not supported with parallel.strategy 'fsdp' yet (the "
                               "reference and EMA copies are not sharded): use strategy 'ddp', or set them to 0")
-        if self.objective == "grpo" and self.sampler.train_steps == "none":
+        objective = OBJECTIVES.get(self.objective)
+        if objective.stores_transitions and self.sampler.train_steps == "none":
+            final_samples = " / ".join(repr(n) for n in OBJECTIVES if not OBJECTIVES.get(n).stores_transitions)
             raise ConfigError(f"algorithm {self.algorithm!r} trains no step (sampler.train_steps = 'none'), so GRPO has "
-                              f"nothing to re-score: use a GRPO algorithm, or objective 'diffusion_nft' / 'awm', which "
+                              f"nothing to re-score: use a GRPO algorithm, or objective {final_samples}, which "
                               f"train on the final samples of any plan")
-        if self.objective != "grpo":
+        if not objective.stores_transitions:
             if self.sampler.sde_steps == "none" and self.shared_noise:
                 raise ConfigError(f"shared_noise with a deterministic plan (sampler.sde_steps = 'none') makes the "
                                   f"{self.group_size} images of a group identical, so no group has a preference: set "

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from mixgrpo.config import TrainConfig
+from mixgrpo.objectives import OBJECTIVES
 
 GIB = 1024 ** 3
 
@@ -93,7 +94,8 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
         if fsdp:  # the denoiser's weights are sharded too
             est.parts["weights"] -= params[trained_name] * weight_bytes * (1 - share)
     copies = [("EMA", cfg.ema_decay > 0, 4), ("KL reference", cfg.kl_beta > 0, state_bytes),
-              ("sampling copy", cfg.objective != "grpo" and cfg.matching.sampler_decay > 0, 4)]
+              ("sampling copy", not OBJECTIVES.get(cfg.objective).stores_transitions and cfg.matching.sampler_decay > 0,
+               4)]
     for name, on, nbytes in copies:
         if on:
             est.parts[f"{name} of the trained weights"] = est.trained * nbytes
@@ -126,7 +128,8 @@ def _activations(cfg: TrainConfig, root: Path, transformer: Any, get) -> dict[st
         tokens += text
     hidden = transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0)
     layers = transformer.get("num_layers", 0) + transformer.get("num_single_layers", 0)
-    rows = cfg.micro_batch_size * (2 if cfg.objective == "grpo" and cfg.guidance_scale != 1 else 1)
+    guided = OBJECTIVES.get(cfg.objective).guided_update and cfg.guidance_scale != 1  # cond and uncond rows
+    rows = cfg.micro_batch_size * (2 if guided else 1)
     scale = (2 if cfg.precision in ("bf16", "auto") else 4) / 2  # the formula's bytes are 16-bit
     per_layer = 34 * tokens * rows * hidden * scale
     stored = (2 * tokens * rows * hidden * scale * layers + per_layer) if cfg.grad_checkpointing else per_layer * layers

@@ -174,7 +174,7 @@ def test_update_passes_see_every_sample_once_each_with_fresh_sigmas(tmp_path):
     from mixgrpo.models import MODELS
     from mixgrpo.plan import build_plan
     from mixgrpo.seeding import update_shares
-    from mixgrpo.train.objectives import matching_batch
+    from mixgrpo.objectives import matching_batch
 
     def _update_shares(cfg, iteration, rank):
         P, G = cfg.prompts_per_iteration, cfg.group_size
@@ -189,7 +189,7 @@ def test_update_passes_see_every_sample_once_each_with_fresh_sigmas(tmp_path):
     model = MODELS.get("gaussian")(size=4)
     cond = model.encode_prompts(["a red circle"] * 8)
     batch = matching_batch(model, torch.zeros(8, 3, 4, 4), cond, build_plan(two.sampler), list(range(8)), two.matching,
-                           two.update_epochs, two.micro_batch_size, two.objective)
+                           two.update_epochs, two.micro_batch_size)
     assert batch.sigma.shape == (8, 2) and not torch.equal(batch.sigma[:, 0], batch.sigma[:, 1])
 
 

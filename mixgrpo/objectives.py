@@ -1,46 +1,62 @@
-"""The objective seam: what the update trains on, and how.
+"""The objectives: what the update trains on, and how. One class each, registered by name in `OBJECTIVES`.
 
-- `GRPO`: the clipped policy loss (`mixgrpo.grpo.policy_loss`) over the rollout's stored SDE transitions,
+- `GRPO` ("grpo"): the clipped policy loss (`mixgrpo.grpo.policy_loss`) over the rollout's stored SDE transitions,
   each re-scored with the current weights (`mixgrpo.sampling.transition_log_prob`); every algorithm of
   `mixgrpo.plan.ALGORITHMS` that trains steps.
-- `ForwardProcess`: DiffusionNFT or AWM (`mixgrpo.flow_matching`) on the rollout's final samples only, noised
-  again by the forward process; any plan feeds them. The rollout runs a soft copy of the weights (the sampling
-  copy, `matching.sampler_decay`), updated after every iteration.
+- `DiffusionNFT` ("diffusion_nft") and `AWM` ("awm"): forward-process objectives (`mixgrpo.flow_matching`) on the
+  rollout's final samples only, noised again by the forward process (their shared core: `ForwardProcess`); any
+  plan feeds them. The rollout runs a soft copy of the weights (the sampling copy, `matching.sampler_decay`),
+  which the trainer keeps and updates after every iteration.
 
-An objective tells the trainer which steps the rollout stores (`train_mask`), which weights roll out
-(`sampler`), how many loss terms a sample has (`terms`) and runs the update (`update`) through the shared
-update loop (`mixgrpo.train.update.UpdateLoop`). Both take an optional KL term to the frozen base (`kl_beta`).
+An objective (`Objective`) tells the config, the pre-flight, the memory estimate and the trainer what it needs
+(`stores_transitions`, `guided_update`, `sampler_decay`), which steps the rollout stores (`train_mask`), how many loss terms a sample has (`terms`), and
+runs the update (`update`) through the shared update loop (`mixgrpo.train.update.UpdateLoop`) over the micro-batches
+of `micro_batches`. Each takes an optional KL term to the frozen base (`kl_beta`).
+
+Adding an objective: one class with the protocol's members, registered with `@OBJECTIVES.register("name")`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+import contextlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Protocol
 
 import torch
 
-from mixgrpo.config import MatchingConfig
 from mixgrpo.flow_matching import awm_log_prob, forward_noise, nft_loss, optimality_probability, sample_sigmas
 from mixgrpo.grpo import kl_to_reference, policy_loss
-from mixgrpo.models import Cond, cond_index
-from mixgrpo.models.base import guided_velocity
+from mixgrpo.models.base import Cond, cond_index, guided_velocity
 from mixgrpo.plan import Plan, train_mask
+from mixgrpo.registry import Registry
 from mixgrpo.rollout import Trajectory
 from mixgrpo.sampling import transition_log_prob
-from mixgrpo.train.update import UpdateLoop, UpdateStats
-from mixgrpo.train.weights import EMA, shadow_of, swapped_weights
+
+if TYPE_CHECKING:
+    from mixgrpo.config import MatchingConfig, TrainConfig
+    from mixgrpo.train.update import UpdateLoop, UpdateStats
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x, sigma, cond) -> v
+
+
+def micro_batches(indices: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
+    """The update's micro-batch layout, its one definition: `indices` (the samples of one optimizer step's share,
+    in order) cut into consecutive chunks of `size`, the last one shorter. The update loop, GRPO's re-scoring of
+    the old log-probs, the forward-process objectives' old velocities and `layouts_agree` all use it."""
+    return indices.split(size)
 
 
 @dataclass
 class Policy:
     """The trained model as an objective sees it: `model` (the live weights), `reference` (the frozen base as a
-    velocity callable, for the KL term) and `autocast` (the compute-precision context of the forward passes)."""
+    velocity callable, for the KL term), `autocast` (the compute-precision context of the forward passes) and
+    `sampling` (a context in which `model` carries the weights the rollout sampled with: the sampling copy of the
+    forward-process objectives; the live weights by default)."""
 
     model: torch.nn.Module
     reference: Velocity
     autocast: Callable[[], Any]
+    sampling: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
 
 
 @dataclass
@@ -61,6 +77,46 @@ class Samples:
     seeds: list[int]
 
 
+class Objective(Protocol):
+    """What the config, the pre-flight and the trainer ask an objective; see the module docstring."""
+
+    stores_transitions: ClassVar[bool]
+    """True: the rollout stores its trained SDE transitions with their log-probs and the update re-scores them (the
+    plan must train steps; the rollout's log-probs are the update's old ones only when the two layouts agree,
+    `mixgrpo.train.trainer.layouts_agree`); False: the update trains on the rollout's final samples only."""
+
+    guided_update: ClassVar[bool]
+    """Whether the update calls the model with classifier-free guidance (conditional and unconditional rows in one
+    batch, as the rollout does) when guidance_scale != 1; False: it trains the conditional velocity alone."""
+
+    sampler_decay: float
+    """> 0: the rollout samples from a soft copy of the weights, theta_old <- d theta_old + (1 - d) theta after every
+    iteration (kept by the trainer and its checkpoints); 0: from the live weights."""
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> Objective:
+        """The objective of a run; rescore_old: the layouts disagree (only read where stores_transitions)."""
+        ...
+
+    def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int,
+                   first_sample: int) -> torch.Tensor:
+        """[B, nfe] bool: the steps whose transitions the rollout stores for this rank's samples."""
+        ...
+
+    def terms(self, traj: Trajectory) -> int:
+        """K: loss terms per sample and update pass (trained steps, or training sigmas)."""
+        ...
+
+    def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
+        """The optimizer steps of one iteration on `s`."""
+        ...
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective")
+"""name -> objective class; `objective:` of a config is one of its names (in registration order)."""
+
+
+@OBJECTIVES.register("grpo")
 class GRPO:
     """The clipped GRPO loss over the stored transitions x -> x' (K trained steps per sample), with the KL term
     to the reference when kl_beta > 0; guidance_scale: CFG, as in the rollout.
@@ -71,12 +127,18 @@ class GRPO:
     first step.
     """
 
-    sampler: EMA | None = None  # the rollout runs the live weights
+    stores_transitions = True
+    guided_update = True
+    sampler_decay = 0.0  # the rollout runs the live weights
 
     def __init__(self, policy: Policy, clip_range: float, kl_beta: float, guidance_scale: float,
                  rescore_old: bool = False):
         self.policy, self.clip_range, self.kl_beta, self.guidance_scale = policy, clip_range, kl_beta, guidance_scale
         self.rescore_old = rescore_old
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> GRPO:
+        return cls(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale, rescore_old)
 
     def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int, first_sample: int) -> torch.Tensor:
         return train_mask(plan, batch_size, seed, iteration, sample_offset=first_sample)
@@ -101,7 +163,7 @@ class GRPO:
         old = s.traj.log_prob.clone()
         done = torch.zeros(len(old), dtype=torch.bool, device=device)
         for share in s.shares:
-            for mb in share.to(device).split(micro_batch_size):  # the layout of `UpdateLoop.run`
+            for mb in micro_batches(share.to(device), micro_batch_size):
                 new = ~done[mb]
                 if not new.any():
                     continue
@@ -137,28 +199,24 @@ class GRPO:
 
         return loop.run(s.shares, traj.x.shape[1], loss_of, traj.x.device)
 
-    def after_update(self, params: dict[str, torch.nn.Parameter]) -> None:
-        pass
-
 
 @dataclass
 class MatchingBatch:
     """The forward-process training data of one iteration: K training sigmas per final sample.
 
     x_t, target, v_old: [B, K, *latent] (x_sigma, u = eps - x0, the sampling policy's velocity at x_sigma);
-    sigma: [B, K] float64; log_prob_old: [B, K] AWM's surrogate under the sampling policy (None for NFT).
+    sigma: [B, K] float64.
     """
 
     x_t: torch.Tensor
     target: torch.Tensor
     sigma: torch.Tensor
     v_old: torch.Tensor
-    log_prob_old: torch.Tensor | None
 
 
 @torch.no_grad()
 def matching_batch(velocity: Velocity, final: torch.Tensor, cond: Cond, plan: Plan, seeds: list[int],
-                   matching: MatchingConfig, epochs: int, micro_batch_size: int, objective: str) -> MatchingBatch:
+                   matching: MatchingConfig, epochs: int, micro_batch_size: int) -> MatchingBatch:
     """Draw K = matching.sigmas_per_sample training sigmas and noises per final sample ([B, *latent]) and
     update pass (`epochs`) from the sample's own seed (the same on any rank and after a resume), noise the
     samples by the forward process, and evaluate the sampling policy `velocity` there in micro-batches
@@ -176,34 +234,34 @@ def matching_batch(velocity: Velocity, final: torch.Tensor, cond: Cond, plan: Pl
     x_t, target = forward_noise(x0.flatten(0, 1), eps.flatten(0, 1), sigma.flatten())
     x_t, target = x_t.view_as(eps), target.view_as(eps)
     v_old = torch.empty_like(x_t)
-    for b in range(0, B, micro_batch_size):
-        rows = slice(b, b + micro_batch_size)
-        rows_cond = cond_index(cond, torch.arange(B, device=final.device)[rows])
+    for rows in micro_batches(torch.arange(B, device=final.device), micro_batch_size):
+        rows_cond = cond_index(cond, rows)
         for k in range(K):
             v_old[rows, k] = velocity(x_t[rows, k], sigma[rows, k].float(), rows_cond)
-    log_prob_old = None
-    if objective == "awm":
-        log_prob_old = awm_log_prob(v_old.flatten(0, 1), target.flatten(0, 1), sigma.flatten(),
-                                    m.awm_weighting).view(B, K)
-    return MatchingBatch(x_t, target, sigma, v_old, log_prob_old)
+    return MatchingBatch(x_t, target, sigma, v_old)
 
 
 class ForwardProcess:
-    """DiffusionNFT (`objective` "diffusion_nft") or AWM ("awm") on the final samples: optimizer steps over the
-    noised samples. The trained velocity is the conditional one (CFG-free training); an optional KL term
-    (kl_beta) is mean ||v - v_ref||^2 to the base. Each of the `epochs` passes of `updates` optimizer steps has
-    training sigmas of its own.
+    """The forward-process objectives' shared core: optimizer steps over the final samples noised again at fresh
+    training sigmas (`matching_batch`). The trained velocity is the conditional one (CFG-free training); an optional
+    KL term (kl_beta) is mean ||v - v_ref||^2 to the base. Each of the `epochs` passes of `updates` optimizer steps
+    has training sigmas of its own. A subclass gives the loss of one micro-batch and term (`loss`), after
+    `prepare` has computed what it needs from the whole batch once."""
 
-    params: the trainable weights, of which the sampling copy is kept (matching.sampler_decay > 0).
-    """
+    stores_transitions = False
+    guided_update = False
 
-    def __init__(self, objective: str, policy: Policy, params: dict[str, torch.nn.Parameter], matching: MatchingConfig,
-                 clip_range: float, kl_beta: float, micro_batch_size: int, updates: int, epochs: int):
-        self.objective, self.policy, self.matching = objective, policy, matching
+    def __init__(self, policy: Policy, matching: MatchingConfig, clip_range: float, kl_beta: float,
+                 micro_batch_size: int, updates: int, epochs: int):
+        self.policy, self.matching = policy, matching
         self.clip_range, self.kl_beta = clip_range, kl_beta
         self.micro_batch_size, self.updates, self.epochs = micro_batch_size, updates, epochs
-        # the rollout runs a soft copy of the weights (matching.sampler_decay; 0 = theta itself)
-        self.sampler = EMA(params, matching.sampler_decay) if matching.sampler_decay > 0 else None
+        self.sampler_decay = matching.sampler_decay  # the rollout runs a soft copy of the weights (0: theta itself)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> ForwardProcess:
+        return cls(policy, cfg.matching, cfg.clip_range, cfg.kl_beta, cfg.micro_batch_size,
+                   cfg.updates_per_iteration, cfg.update_epochs)
 
     def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int, first_sample: int) -> torch.Tensor:
         return torch.zeros((batch_size, len(plan.steps)), dtype=torch.bool)  # nothing to store: final samples only
@@ -215,12 +273,20 @@ class ForwardProcess:
         with self.policy.autocast():
             return self.policy.model(x, sigma, cond).float()
 
+    def prepare(self, batch: MatchingBatch, s: Samples) -> None:
+        """Whatever the loss needs from the whole iteration (once, before the first optimizer step)."""
+
+    def loss(self, v: torch.Tensor, batch: MatchingBatch, s: Samples, mb: torch.Tensor, k: int, u: int,
+             stats: UpdateStats) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, statistics) of the trained velocity v [N, *latent] at rows mb, term k, of optimizer step u."""
+        raise NotImplementedError
+
     def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
         m, policy = self.matching, self.policy
-        with swapped_weights(policy.model, shadow_of(self.sampler)):
+        with policy.sampling():
             batch = matching_batch(self._sampling_velocity, s.traj.final, s.cond, s.plan, s.seeds, m, self.epochs,
-                                   self.micro_batch_size, self.objective)
-        r = optimality_probability(s.advantages, m.adv_clip)
+                                   self.micro_batch_size)
+        self.prepare(batch, s)
 
         def loss_of(u: int, mb: torch.Tensor, k: int, stats: UpdateStats):
             k += (u // self.updates) * m.sigmas_per_sample  # each update pass has sigmas of its own
@@ -228,14 +294,7 @@ class ForwardProcess:
             x_t, sigma = batch.x_t[mb, k], batch.sigma[mb, k]
             with policy.autocast():
                 v = policy.model(x_t, sigma.float(), cond).float()
-            if self.objective == "diffusion_nft":
-                loss, step_stats = nft_loss(v, batch.v_old[mb, k], batch.target[mb, k], r[mb], sigma, m.beta,
-                                            m.nft_weighting)
-            else:
-                logp = awm_log_prob(v, batch.target[mb, k], sigma, m.awm_weighting)
-                loss, step_stats = policy_loss(logp, batch.log_prob_old[mb, k], s.advantages[mb], self.clip_range)
-                if u == 0:
-                    stats.note_ratio(logp, batch.log_prob_old[mb, k])
+            loss, step_stats = self.loss(v, batch, s, mb, k, u, stats)
             if self.kl_beta > 0:
                 with torch.no_grad(), policy.autocast():
                     v_ref = policy.reference(x_t, sigma.float(), cond).float()
@@ -246,6 +305,36 @@ class ForwardProcess:
 
         return loop.run(s.shares, m.sigmas_per_sample, loss_of, batch.x_t.device)
 
-    def after_update(self, params: dict[str, torch.nn.Parameter]) -> None:
-        if self.sampler is not None:
-            self.sampler.update(params)
+
+@OBJECTIVES.register("diffusion_nft")
+class DiffusionNFT(ForwardProcess):
+    """DiffusionNFT (arXiv 2509.16117): implicit positive and negative policies around the sampling policy's
+    velocity, weighted by the optimality probability r of each sample's advantage (`mixgrpo.flow_matching.nft_loss`)."""
+
+    def prepare(self, batch: MatchingBatch, s: Samples) -> None:
+        self.r = optimality_probability(s.advantages, self.matching.adv_clip)  # [B]
+
+    def loss(self, v, batch, s, mb, k, u, stats):
+        m = self.matching
+        return nft_loss(v, batch.v_old[mb, k], batch.target[mb, k], self.r[mb], batch.sigma[mb, k], m.beta,
+                        m.nft_weighting)
+
+
+@OBJECTIVES.register("awm")
+class AWM(ForwardProcess):
+    """AWM, Advantage Weighted Matching (arXiv 2509.25050): the clipped policy loss with the flow-matching surrogate
+    log p = -w(sigma) ||v - u||^2 (`mixgrpo.flow_matching.awm_log_prob`) as the log-probability, the sampling
+    policy's as the old one."""
+
+    @torch.no_grad()
+    def prepare(self, batch: MatchingBatch, s: Samples) -> None:
+        B, K = batch.sigma.shape
+        self.log_prob_old = awm_log_prob(batch.v_old.flatten(0, 1), batch.target.flatten(0, 1), batch.sigma.flatten(),
+                                         self.matching.awm_weighting).view(B, K)  # [B, K]
+
+    def loss(self, v, batch, s, mb, k, u, stats):
+        logp = awm_log_prob(v, batch.target[mb, k], batch.sigma[mb, k], self.matching.awm_weighting)
+        loss, step_stats = policy_loss(logp, self.log_prob_old[mb, k], s.advantages[mb], self.clip_range)
+        if u == 0:
+            stats.note_ratio(logp, self.log_prob_old[mb, k])
+        return loss, step_stats
