@@ -160,6 +160,9 @@ class TrainConfig:
     micro_batch_size: int = 32  # samples per forward/backward (memory only: the update does not depend on it)
     clip_range: float = 1e-4  # GRPO ratio clip: ratios outside [1 - clip_range, 1 + clip_range] are clipped
     kl_beta: float = 0.0  # weight of the KL term to the frozen base model; 0 = none
+    grpo_guard: bool = False  # GRPO-Guard (arXiv 2510.22319): re-centre the log importance ratio by the policy's
+                              # drift so that the clip binds as intended, and weight steps by 1/|dt|
+                              # (docs/notation.md); objectives with a ratio only
     ema_decay: float = 0.0  # 0 = no EMA; > 0: the held-out evaluations and final/ use the EMA weights
                             # (`mixgrpo export --no-ema` writes the trained ones from a checkpoint)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -271,6 +274,11 @@ class TrainConfig:
             raise ConfigError("kl_beta > 0 and ema_decay > 0 are not supported with parallel.strategy 'fsdp' yet (the "
                               "reference and EMA copies are not sharded): use strategy 'ddp', or set them to 0")
         objective = OBJECTIVES.get(self.objective)
+        if self.grpo_guard and not objective.supports_guard:
+            with_guard = " / ".join(repr(n) for n in OBJECTIVES if OBJECTIVES.get(n).supports_guard)
+            raise ConfigError(f"grpo_guard re-centres the ratio of a Gaussian density with one std per sample, which "
+                              f"objective {self.objective!r} does not clip: use objective {with_guard}, or "
+                              f"grpo_guard: false")
         if objective.stores_transitions and self.sampler.train_steps == "none":
             final_samples = " / ".join(repr(n) for n in OBJECTIVES if not OBJECTIVES.get(n).stores_transitions)
             raise ConfigError(f"algorithm {self.algorithm!r} trains no step (sampler.train_steps = 'none'), so GRPO has "

@@ -130,13 +130,17 @@ def awm_log_prob(v: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor,
         raise ValueError(f"v {tuple(v.shape)} and target {tuple(target.shape)} must have the same shape")
     dtype = _dtype(v, target)
     err = reduce_latent((v.to(dtype) - target.to(dtype)) ** 2, "mean")  # [N]
-    s = sigma.to(dtype)
+    return -awm_weight(sigma.to(dtype), weighting) * err
+
+
+def awm_weight(sigma: torch.Tensor, weighting: str = "uniform") -> torch.Tensor:
+    """AWM's w(sigma), [N]: 1 ("uniform"), sigma ("sigma") or sigma^2 ("sigma2"). The surrogate -w ||v - u||^2 is
+    log N(u | v, 1 / (2 w)) up to a constant, a Gaussian of std 1 / sqrt(2 w) (what GRPO-Guard re-centres)."""
     if weighting == "uniform":
-        w = torch.ones_like(s)
-    elif weighting == "sigma":
-        w = s
-    elif weighting == "sigma2":
-        w = s * s
-    else:
-        raise ValueError(f"weighting {weighting!r} is unknown: use one of {AWM_WEIGHTINGS}")
-    return -w * err
+        return torch.ones_like(sigma)
+    if weighting == "sigma":
+        return sigma
+    if weighting == "sigma2":
+        return sigma * sigma
+    raise ValueError(f"weighting {weighting!r} is unknown: use one of {AWM_WEIGHTINGS}")
+

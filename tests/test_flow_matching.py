@@ -145,6 +145,7 @@ def _cfg(tmp_path, **over):
     ("diffusion_nft", "mixgrpo_flash_star", {"shared_noise": True}),
     ("diffusion_nft", "mixgrpo", {"shared_noise": True}),
     ("awm", "ode", {"clip_range": 0.2, "matching": {"sampler_decay": 0.0}}),
+    ("awm", "ode", {"clip_range": 0.2, "grpo_guard": True, "matching": {"sampler_decay": 0.0}}),
 ])
 def test_the_reward_rises_with_any_rollout(tmp_path, objective, algorithm, extra):
     """A brightness reward: the Gaussian model's trainable data mean moves up, from ODE, Flash* and
@@ -206,9 +207,10 @@ def test_resume_reproduces_the_uninterrupted_run_with_the_sampling_copy(tmp_path
     assert [drop(m) for m in read_metrics(full)] == [drop(m) for m in read_metrics(resumed)]
 
 
-def test_awm_is_on_policy_on_its_first_optimizer_step(tmp_path):
-    run = train(_cfg(tmp_path, objective="awm", iterations=2, clip_range=0.2, matching={"sampler_decay": 0.0}),
-                progress=False)
+@pytest.mark.parametrize("guard", [False, True])
+def test_awm_is_on_policy_on_its_first_optimizer_step(tmp_path, guard):
+    run = train(_cfg(tmp_path, objective="awm", iterations=2, clip_range=0.2, grpo_guard=guard,
+                     matching={"sampler_decay": 0.0}), progress=False)
     assert all(m["onpolicy_ratio_error"] < 1e-6 for m in read_metrics(run))
 
 
@@ -218,6 +220,7 @@ def test_awm_is_on_policy_on_its_first_optimizer_step(tmp_path):
     ({"objective": "grpo"}, "trains no step"),
     ({"matching": {"sampler_decay": 1.0}}, "sampler_decay"),
     ({"objective": "nft"}, "objective"),
+    ({"grpo_guard": True}, "grpo_guard"),  # DiffusionNFT clips no ratio
 ])
 def test_inconsistent_settings_are_named(tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):
