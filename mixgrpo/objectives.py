@@ -3,7 +3,7 @@
 - `GRPO` ("grpo"): the clipped policy loss (`mixgrpo.grpo.policy_loss`) over the rollout's stored SDE transitions,
   each re-scored with the current weights (`mixgrpo.sampling.transition_log_prob`); every algorithm of
   `mixgrpo.plan.ALGORITHMS` that trains steps.
-- `DiffusionNFT` ("diffusion_nft") and `AWM` ("awm"): forward-process objectives (`mixgrpo.flow_matching`) on the
+- `DiffusionNFT` ("diffusion_nft"), `AWM` ("awm") and `VGRPO` ("v_grpo"): forward-process objectives (`mixgrpo.flow_matching`) on the
   rollout's final samples only, noised again by the forward process (their shared core: `ForwardProcess`); any
   plan feeds them. The rollout runs a soft copy of the weights (the sampling copy, `matching.sampler_decay`),
   which the trainer keeps and updates after every iteration.
@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Proto
 
 import torch
 
-from mixgrpo.flow_matching import awm_log_prob, awm_weight, forward_noise, nft_loss, optimality_probability, sample_sigmas
+from mixgrpo.flow_matching import (awm_log_prob, awm_weight, forward_noise, nft_loss, optimality_probability,
+                                   sample_sigmas, stratified_sigmas, vgrpo_loss)
 from mixgrpo.grpo import guard_log_ratio, guard_step_weight, kl_to_reference, policy_loss, ratio_loss
 from mixgrpo.models.base import Cond, cond_index, guided_velocity
 from mixgrpo.plan import Plan, train_mask
@@ -33,7 +34,7 @@ from mixgrpo.rollout import Trajectory
 from mixgrpo.sampling import transition_log_prob
 
 if TYPE_CHECKING:
-    from mixgrpo.config import MatchingConfig, TrainConfig
+    from mixgrpo.config import MatchingConfig, TrainConfig, VGRPOConfig
     from mixgrpo.train.update import UpdateLoop, UpdateStats
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x, sigma, cond) -> v
@@ -102,6 +103,11 @@ class Objective(Protocol):
         """The objective of a run; rescore_old: the layouts disagree (only read where stores_transitions)."""
         ...
 
+    @staticmethod
+    def forwards_per_backward(cfg: TrainConfig) -> int:
+        """Trained forwards whose activations a micro-batch holds at once (the memory estimate)."""
+        ...
+
     def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int,
                    first_sample: int) -> torch.Tensor:
         """[B, nfe] bool: the steps whose transitions the rollout stores for this rank's samples."""
@@ -148,6 +154,10 @@ class GRPO:
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> GRPO:
         return cls(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale, rescore_old, cfg.grpo_guard)
+
+    @staticmethod
+    def forwards_per_backward(cfg: TrainConfig) -> int:
+        return 1
 
     def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int, first_sample: int) -> torch.Tensor:
         return train_mask(plan, batch_size, seed, iteration, sample_offset=first_sample)
@@ -299,6 +309,10 @@ class ForwardProcess:
         return cls(policy, cfg.matching, cfg.clip_range, cfg.kl_beta, cfg.micro_batch_size,
                    cfg.updates_per_iteration, cfg.update_epochs, cfg.grpo_guard)
 
+    @staticmethod
+    def forwards_per_backward(cfg: TrainConfig) -> int:
+        return 1
+
     def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int, first_sample: int) -> torch.Tensor:
         return torch.zeros((batch_size, len(plan.steps)), dtype=torch.bool)  # nothing to store: final samples only
 
@@ -331,15 +345,19 @@ class ForwardProcess:
             with policy.autocast():
                 v = policy.model(x_t, sigma.float(), cond).float()
             loss, step_stats = self.loss(v, batch, s, mb, k, u, stats)
-            if self.kl_beta > 0:
-                with torch.no_grad(), policy.autocast():
-                    v_ref = policy.reference(x_t, sigma.float(), cond).float()
-                kl = ((v - v_ref) ** 2).flatten(1).mean(1).mean()
-                loss = loss + self.kl_beta * kl
-                step_stats = {**step_stats, "kl_to_base": kl.detach()}
-            return loss, step_stats
+            return self._with_base_kl(loss, step_stats, v, x_t, sigma, cond)
 
         return loop.run(s.shares, m.sigmas_per_sample, loss_of, batch.x_t.device)
+
+    def _with_base_kl(self, loss: torch.Tensor, step_stats: dict[str, torch.Tensor], v: torch.Tensor,
+                      x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss plus kl_beta mean ||v - v_ref||^2 to the frozen base at x_t ([N, *latent]; sigma [N])."""
+        if self.kl_beta <= 0:
+            return loss, step_stats
+        with torch.no_grad(), self.policy.autocast():
+            v_ref = self.policy.reference(x_t, sigma.float(), cond).float()
+        kl = ((v - v_ref) ** 2).flatten(1).mean(1).mean()
+        return loss + self.kl_beta * kl, {**step_stats, "kl_to_base": kl.detach()}
 
 
 @OBJECTIVES.register("diffusion_nft")
@@ -385,3 +403,73 @@ class AWM(ForwardProcess):
         if u == 0:
             stats.note_ratio(logp, self.log_prob_old[mb, k])
         return loss, step_stats
+
+
+def vgrpo_pairs(seeds: list[int], group_size: int, latent: tuple[int, ...], v_grpo: VGRPOConfig,
+                matching: MatchingConfig, epochs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """V-GRPO's timestep-noise pairs of one iteration: (sigma [B, E M] float64, eps [B, E M, *latent]), M =
+    v_grpo.pairs per update pass (pass e uses pairs [e M, (e + 1) M)), E = `epochs`. Drawn from the sample's own
+    seed, or with `shared_pairs` from the seed of its group's first sample (rows in group order, whole groups per
+    rank), so every sample of a group is scored on the same pairs, on any rank and after a resume. Sigmas are
+    stratified (`mixgrpo.flow_matching.stratified_sigmas`) or i.i.d. from matching.sigmas."""
+    K = v_grpo.pairs * epochs
+    draws: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for b, seed in enumerate(seeds):
+        key = seeds[b - b % group_size] if v_grpo.shared_pairs else seed
+        if key not in draws:
+            g = torch.Generator().manual_seed(key)
+            sigma = (stratified_sigmas(K, v_grpo.pairs, g) if v_grpo.stratified
+                     else sample_sigmas(K, g, matching.sigmas, matching.sigma_mean, matching.sigma_std))
+            draws[key] = sigma, torch.randn((K, *latent), generator=g)
+    rows = [draws[seeds[b - b % group_size] if v_grpo.shared_pairs else seed] for b, seed in enumerate(seeds)]
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+@OBJECTIVES.register("v_grpo")
+class VGRPO(ForwardProcess):
+    """V-GRPO, Variational GRPO (arXiv 2604.23380): the whole generation is one action, its log-likelihood the
+    negative flow-matching loss of the final sample over M = v_grpo.pairs timestep-noise pairs (`vgrpo_pairs`), in
+    GRPO's clipped loss with one ratio per sample against the sampling policy (`mixgrpo.flow_matching.vgrpo_loss`).
+    An optimizer step's micro-batch runs M trained forwards before its backward (M times the activations of the
+    other forward-process objectives). The stabilisers are options of `v_grpo:` (and `clip_range`, `kl_beta`)."""
+
+    def __init__(self, policy: Policy, matching: MatchingConfig, clip_range: float, kl_beta: float,
+                 micro_batch_size: int, updates: int, epochs: int, v_grpo: VGRPOConfig, group_size: int):
+        super().__init__(policy, matching, clip_range, kl_beta, micro_batch_size, updates, epochs)
+        self.v_grpo, self.group_size = v_grpo, group_size
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> VGRPO:
+        return cls(policy, cfg.matching, cfg.clip_range, cfg.kl_beta, cfg.micro_batch_size, cfg.updates_per_iteration,
+                   cfg.update_epochs, cfg.v_grpo, cfg.group_size)
+
+    @staticmethod
+    def forwards_per_backward(cfg: TrainConfig) -> int:
+        return cfg.v_grpo.pairs  # the M pairs of one ratio are in one backward
+
+    def terms(self, traj: Trajectory) -> int:
+        return self.v_grpo.pairs
+
+    def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
+        vg, policy, final = self.v_grpo, self.policy, s.traj.final
+        M = vg.pairs
+        sigma, eps = vgrpo_pairs(s.seeds, self.group_size, tuple(final.shape[1:]), vg, self.matching, self.epochs)
+        with policy.sampling():
+            batch = noised_batch(self._sampling_velocity, final, s.cond, sigma.to(final.device),
+                                 eps.to(final.device, final.dtype), self.micro_batch_size)
+
+        def loss_of(u: int, mb: torch.Tensor, _: int, stats: UpdateStats):
+            pairs = slice((u // self.updates) * M, (u // self.updates + 1) * M)  # this update pass's pairs
+            cond = cond_index(s.cond, mb)
+            x_t, sig = batch.x_t[mb, pairs], batch.sigma[mb, pairs]  # [N, M, *latent], [N, M]
+            with policy.autocast():
+                v = torch.stack([policy.model(x_t[:, m], sig[:, m].float(), cond).float() for m in range(M)], 1)
+            loss, step_stats = vgrpo_loss(v, batch.v_old[mb, pairs], batch.target[mb, pairs], sig, s.advantages[mb],
+                                          self.clip_range, vg.weighting, vg.adv_soft_clip, vg.kl_old)
+            if u == 0:
+                extremes = torch.stack([step_stats["ratio_max"], step_stats["ratio_min"]]).log()
+                stats.note_ratio(extremes, torch.zeros_like(extremes))
+            cond_rows = cond_index(s.cond, mb.repeat_interleave(M))
+            return self._with_base_kl(loss, step_stats, v.flatten(0, 1), x_t.flatten(0, 1), sig.flatten(), cond_rows)
+
+        return loop.run(s.shares, 1, loss_of, final.device)  # one loss term per sample: the M pairs in one ratio
