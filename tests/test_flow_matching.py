@@ -339,3 +339,13 @@ def test_awm_is_on_policy_on_its_first_optimizer_step(tmp_path, guard):
 def test_inconsistent_settings_are_named(tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):
         _cfg(tmp_path, **over)
+
+
+@pytest.mark.parametrize("objective", ["diffusion_nft", "v_grpo"])
+def test_the_kl_to_the_base_starts_at_zero_and_is_logged(tmp_path, objective):
+    """kl_beta > 0: the KL to the frozen base is logged, and is 0 on the first optimizer step (the trained weights
+    are the base's) and > 0 after the model moved."""
+    run = train(_cfg(tmp_path, objective=objective, iterations=2, kl_beta=1.0, clip_range=0.2, lr=0.1,
+                     eval_num_prompts=0, updates_per_iteration=1), progress=False)
+    first, second = read_metrics(run)
+    assert first["kl_to_base"] == 0 and second["kl_to_base"] > 0
