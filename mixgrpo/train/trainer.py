@@ -219,7 +219,8 @@ class Trainer:
         with self.phases.phase(f"it {it + 1} rollout", total=plan.nfe * chunks):
             traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
         watch.lap("rollout")
-        scores, failed, failed_all, scoring_seconds = self.score(it)
+        with self.phases.phase(f"it {it + 1} scoring", total=chunks, unit="chunk"):
+            scores, failed, failed_all, scoring_seconds = self.score(it)
         advantages = self.rewards.advantages(scores, failed, cfg.reward_mode, cfg.advantage_std, cfg.advantage_clip)
         watch.lap("reward")
         if stop_signalled(stop):
@@ -273,7 +274,7 @@ class Trainer:
     def score(self, it: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, float]:
         """({label: [P, G]} scores, failed [P], failed [P x ranks], seconds spent scoring) of the rollout's images,
         once every chunk is scored; too many failed groups stop the run."""
-        scores, failed, errors, seconds = self.scoring.collect()
+        scores, failed, errors, seconds = self.scoring.collect(self.phases.tick)
         failed_all = dist.all_gather_cat(failed)
         failure = self.rewards.failure(failed_all, self.cfg.reward_policy.max_failed_groups, it, errors)
         if failure is not None:
