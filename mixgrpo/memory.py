@@ -168,10 +168,15 @@ def _size(n: float) -> str:
 
 
 def report(cfg: TrainConfig, world_size: int) -> Estimate | None:
-    """Print the estimate (rank 0) before the model loads; a model without one prints nothing."""
+    """Print the estimate (rank 0) before the model loads; a model without one prints nothing, and an estimate that
+    fails (a component class this module cannot build on the meta device) says so in one line."""
     from mixgrpo import dist
 
-    est = estimate(cfg, world_size)
+    try:
+        est = estimate(cfg, world_size)
+    except Exception as e:  # noqa: BLE001  (an estimate never stops a run: the pre-flight has passed)
+        dist.print0(f"memory estimate unavailable ({type(e).__name__}: {e})")
+        return None
     if est is not None:
         dist.print0("\n".join(est.lines()))
     return est
