@@ -112,14 +112,20 @@ class ModelLoader:
         self.cfg = cfg
         from mixgrpo.seeding import held_out_seed
 
-        defaults = {"steps": cfg.sampler.num_steps if cfg else 25, "shift": cfg.sampler.shift if cfg else 3.0,
-                    "guidance": cfg.eval_guidance if cfg else 1.0,
+        self.grid = self._pipeline_grid(paths)
+        grid = {} if self.grid else {"steps": cfg.sampler.num_steps if cfg else 25,
+                                     "shift": cfg.sampler.shift if cfg else 3.0}
+        defaults = {**grid, "guidance": cfg.eval_guidance if cfg else 1.0,
                     "num_images": cfg.eval_images_per_prompt if cfg else 1,
                     "seed": held_out_seed(cfg.seed) if cfg else 0}
         taken = [f"{k.replace('_', ' ')} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
         for key, value in defaults.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+        if self.grid is not None:
+            args.steps = self.grid.num_steps
+            print(f"sampling: {self.grid.describe()} (--steps N: the same schedule at N steps; --shift S: the static "
+                  f"shift-S grid instead)", flush=True)
         self.prompts = self._prompts(taken)
         self.reward_specs = None  # eval: RewardConfigs of the run when --reward is not given
         if cfg is not None and getattr(args, "reward", "given") is None:
@@ -129,6 +135,19 @@ class ModelLoader:
             print(f"settings of run {self.run}: {'; '.join(taken)} (override with --prompt/--prompts, --num-images, "
                   f"--seed, --steps, --shift, --guidance{', --reward' if hasattr(args, 'reward') else ''})",
                   flush=True)
+
+    def _pipeline_grid(self, paths: list[str | None]):
+        """The base model's own pipeline grid (`mixgrpo.pipeline_grid`), unless --shift or a --plan other than
+        ode asks for this engine's static grid; None for a model without a pipeline directory (tiny)."""
+        args = self.args
+        if args.shift is not None or args.plan != "ode":
+            return None
+        from mixgrpo.pipeline_grid import grid_of
+
+        if self.cfg is not None:
+            return grid_of(self.cfg.model.name, self.cfg.model.args, self.resolution, args.steps)
+        path = next((p for p in paths if p and p != "base" and Path(p).is_dir()), None)
+        return grid_of(args.model, {"path": path} if path else {}, self.resolution, args.steps)
 
     def _prompts(self, taken: list[str]) -> list[str]:
         """--prompt / --prompts, else the run's held-out prompts (as its evaluation reads them)."""
@@ -140,7 +159,8 @@ class ModelLoader:
         try:
             prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts or None]
         except ValueError as e:
-            raise UsageError(f"the run's eval_prompts: {e}; or give --prompts FILE / --prompt TEXT") from None
+            raise UsageError(f"the run's eval_prompts: {e}; or give --prompts FILE / --prompt TEXT (a run that moved: "
+                             f"--set eval_prompts=PATH)") from None
         taken.insert(0, f"the first {len(prompts)} prompts of {cfg.eval_prompts}")
         return prompts
 
@@ -233,9 +253,13 @@ def _parse_resolution(text: str | None) -> tuple[int, int] | None:
     return (values[0], values[-1])
 
 
-def _sampling_plan(args: argparse.Namespace):
+def _sampling_plan(args: argparse.Namespace, loader: ModelLoader):
+    """The plan of sample / eval: the base model's pipeline grid (`ModelLoader.grid`), else the preset --plan on
+    the static grid of --steps and --shift."""
     from mixgrpo.plan import ALGORITHMS, build_plan
 
+    if loader.grid is not None:
+        return loader.grid.plan()
     if args.plan not in ALGORITHMS:
         raise UsageError(f"--plan {args.plan!r} is unknown: use 'ode' or one of {sorted(ALGORITHMS)}")
     import dataclasses
@@ -279,7 +303,7 @@ def _sample(args: argparse.Namespace) -> None:
 
     loader = ModelLoader(args, [args.path, args.base_path])
     prompts = loader.prompts
-    plan = _sampling_plan(args)
+    plan = _sampling_plan(args, loader)
     model = loader.load(args.path)
     base = loader.load(args.base_path) if args.base_path else None  # hybrid: the base takes the last steps
     switch_at = round(args.p_mix * len(plan.steps)) if base is not None else None
@@ -303,7 +327,7 @@ def _eval(args: argparse.Namespace) -> None:
     prompts = loader.prompts
     specs = loader.reward_specs or [_reward_spec(r) for r in args.reward or DEFAULT_EVAL_REWARDS]
     rewards = [(r.label, r.fn) for r in build_rewards(specs)]
-    plan = _sampling_plan(args)
+    plan = _sampling_plan(args, loader)
     out = Path(args.out)
     results = {}
     base = None
@@ -561,8 +585,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                                      "held-out prompts, the first eval_num_prompts of its eval_prompts)")
     p.add_argument("--num-images", type=int, help="images per prompt (default: the run's eval_images_per_prompt, "
                                                   "else 1)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sampler.num_steps, else 25)")
-    p.add_argument("--shift", type=float, help="sigma-grid shift (default: the run's sampler.shift, else 3)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: a real model's pipeline default, e.g. 28 for "
+                                             "FLUX.1; the tiny model: the run's sampler.num_steps, else 25)")
+    p.add_argument("--shift", type=float, help="static sigma-grid shift: replaces a real model's own pipeline grid "
+                                               "(default: that grid; the tiny model: the run's sampler.shift, else 3)")
     p.add_argument("--plan", default="ode", help="'ode' (default) or an algorithm preset, e.g. mixgrpo_flash")
     p.add_argument("--iteration", type=int, default=0, help="training iteration that places the plan's window")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the run's "
@@ -578,7 +604,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (memory only; default 16)")
     _add_set_arg(p)
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
-                   help="files of a video model's samples: gif (default; Pillow) or mp4 (needs imageio and imageio-ffmpeg: mixgrpo's video extra)")
+                   help="files of a video model's samples: gif (default; Pillow) or mp4 (needs imageio and "
+                        "imageio-ffmpeg: mixgrpo's video extra)")
 
 
 def _add_set_arg(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -27,15 +26,6 @@ from mixgrpo.models.base import Cond
 from mixgrpo.models.text import EmbeddingCache, write_cache
 from mixgrpo.progress import bar
 from mixgrpo.prompts import read_prompts
-
-# Base models whose text encoder loads without the transformer: name -> "module:function(path, dtype, device,
-# max_sequence_length)". Any other registered model is loaded whole and its encode_prompts is used.
-TEXT_ENCODERS = {"flux": "mixgrpo.models.flux_pipeline:load_flux_text_encoder",
-                 "sd3": "mixgrpo.models.sd3:load_sd3_text_encoder",
-                 "qwen_image": "mixgrpo.models.qwen_image:load_qwen_image_text_encoder",
-                 "flux2": "mixgrpo.models.flux2:load_flux2_text_encoder",
-                 "wan": "mixgrpo.models.wan:load_wan_text_encoder"}
-
 
 def _encode_fn(model: Any) -> Callable[[list[str]], Cond]:
     """`encode_prompts` of a FlowModel, or `encode` of a text encoder (or of an EmbeddingCache)."""
@@ -74,18 +64,18 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
 
 def _load_text_encoder(model: str, path: str | None, dtype: str, device: str, max_sequence_length: int | None,
                        args: dict[str, Any]) -> Any:
-    if model in TEXT_ENCODERS:
-        if not path:
-            raise ConfigError(f"preprocess: --model {model} needs --path (the local pipeline directory)")
-        module, _, fn = TEXT_ENCODERS[model].partition(":")
-        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
-        return getattr(importlib.import_module(module), fn)(path, dtype=dtype, device=device, **kw, **args)
-    import mixgrpo.models.sd3  # noqa: F401  (registers "flux" and "sd3" among the built-in models)
-    import mixgrpo.models.tiny  # noqa: F401  (registers "tiny")
+    """The model's text encoder alone when its description has a loader (`ModelSpec.text_encoder`: the pipeline
+    models), else the whole registered model (its encode_prompts)."""
     from mixgrpo.models import MODELS
 
+    spec = MODELS.spec(model)
+    if spec.text_encoder is not None:
+        if not path:
+            raise ConfigError(f"preprocess: --model {model} needs --path (the local pipeline directory)")
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        return spec.text_encoder(path, dtype=dtype, device=device, **kw, **args)
     kw = dict(args) | ({"path": path} if path else {})
-    return MODELS.get(model)(**kw)
+    return spec.factory(**kw)
 
 
 def _check_args(args) -> None:

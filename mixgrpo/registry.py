@@ -32,6 +32,14 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._factories)
 
+    def __iter__(self):
+        """The registered names, in registration order."""
+        return iter(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        """Whether `name` is registered (a "package.module:attribute" name is not)."""
+        return name in self._factories
+
     def get(self, name: str) -> Callable[..., T]:
         if name in self._factories:
             return self._factories[name]

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import mixgrpo.checkpoint as checkpoint
-import mixgrpo.train.objectives as objectives
+import mixgrpo.objectives as objectives
 import mixgrpo.train.trainer as trainer
 from mixgrpo.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from mixgrpo.cli import main

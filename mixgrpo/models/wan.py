@@ -33,10 +33,9 @@ from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.errors import ConfigError
-from mixgrpo.models._diffusers import (CausalVaeDecoder, check_pipeline_dir, check_pipeline_run, check_size,
-                                       load_components, module_device, tokenize)
-from mixgrpo.models.base import (MODEL_CHECKS, MODELS, TRAINED_SIGMA_CHECKS, Cond, Frozen, TextEncoder,
-                                 TransformerAdapter)
+from mixgrpo.models._diffusers import (PIPELINE_MODULES, CausalVaeDecoder, check_pipeline_dir, check_pipeline_run,
+                                       check_size, load_components, module_device, tokenize)
+from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
 
 EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 NUM_TRAIN_TIMESTEPS = 1000  # the transformer takes timestep = 1000 sigma
@@ -71,12 +70,12 @@ class WanTextEncoder(Frozen):
         return {"prompt_embeds": states.to(self.umt5.dtype)}
 
 
-def load_wan_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
+def load_wan_text_encoder(path: str | Path, *, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                           max_sequence_length: int = 512) -> WanTextEncoder:
     """The UMT5 text encoder of a local Wan pipeline directory (used by `mixgrpo preprocess`)."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    path = check_pipeline_dir(path, "wan", ["text_encoder", "tokenizer"], EXAMPLE)
+    path = check_pipeline_dir(path, "wan", components=["text_encoder", "tokenizer"], example=EXAMPLE)
     return WanTextEncoder(
         AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
         UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=parse_dtype(dtype),
@@ -162,7 +161,6 @@ def _pipeline_config(path: Path) -> dict:
     return json.loads((path / "model_index.json").read_text())
 
 
-@MODELS.register("wan")
 def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu", height: int = 480,
              width: int = 832, num_frames: int = 81, max_sequence_length: int = 512, trained_expert: str = "high_noise",
              embedding_cache: str | None = None, text_encoder: TextEncoder | None = None) -> WanAdapter:
@@ -180,7 +178,7 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    root = check_pipeline_dir(path, "wan", ["transformer", "vae"], EXAMPLE)
+    root = check_pipeline_dir(path, "wan", components=["transformer", "vae"], example=EXAMPLE)
     config = _pipeline_config(root)
     vae_config = json.loads((root / "vae" / "config.json").read_text())
     temporal = vae_config.get("scale_factor_temporal") or 4
@@ -195,10 +193,13 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
         check_size("wan", (height, width), spatial * ph, f"VAE factor {spatial} x patch {ph}")
 
     components, text_encoder = load_components(
-        "wan", root, EXAMPLE, {"transformer": WanTransformer3DModel, "transformer_2": WanTransformer3DModel,
-                               "vae": AutoencoderKLWan}, dtype, device, text_encoder, embedding_cache,
-        lambda r, torch_dtype: load_wan_text_encoder(r, torch_dtype, device, max_sequence_length),
-        lambda c: {"prompt_embeds": c["transformer"].config.text_dim}, check, optional=["transformer_2"])
+        "wan", root, example=EXAMPLE, classes={"transformer": WanTransformer3DModel,
+                                               "transformer_2": WanTransformer3DModel, "vae": AutoencoderKLWan},
+        dtype=dtype, device=device, text_encoder=text_encoder, embedding_cache=embedding_cache,
+        load_text_encoder=lambda r, torch_dtype: load_wan_text_encoder(
+            r, dtype=torch_dtype, device=device, max_sequence_length=max_sequence_length),
+        cache_widths=lambda c: {"prompt_embeds": c["transformer"].config.text_dim}, check=check,
+        optional=["transformer_2"])
     vae, transformer = components["vae"], components["transformer"]
     transformer_2 = components.get("transformer_2")
     boundary = config.get("boundary_ratio") if transformer_2 is not None else None
@@ -211,9 +212,10 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
                       trained_expert, bool(config.get("expand_timesteps", False))).eval()
 
 
-MODEL_CHECKS["wan"] = lambda args, prompts: check_pipeline_run(
-    "wan", args, prompts, text_folders=["text_encoder", "tokenizer"], t5_tokenizer="tokenizer",
-    max_sequence_length=512, text_length=lambda n: n, example=EXAMPLE, widths={"prompt_embeds": "text_dim"})
+def _check_wan_run(args: dict, prompts: PromptSets) -> list[str]:
+    return check_pipeline_run("wan", args, prompts, text_folders=["text_encoder", "tokenizer"],
+                              t5_tokenizer="tokenizer", max_sequence_length=512, text_length=lambda n: n,
+                              example=EXAMPLE, widths={"prompt_embeds": "text_dim"})
 
 
 def _trained_sigma_problems(args: dict, trained: dict[float, int]) -> list[str]:
@@ -239,4 +241,12 @@ def _trained_sigma_problems(args: dict, trained: dict[float, int]) -> list[str]:
             f"sampler.window.strategy=frozen, or fewer iterations), or train the other expert"]
 
 
-TRAINED_SIGMA_CHECKS["wan"] = _trained_sigma_problems
+def _wan_lora_format() -> tuple[type, type]:
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    return WanTransformer3DModel, WanPipeline
+
+
+MODELS.add(ModelSpec("wan", load_wan, text_encoder=load_wan_text_encoder, check=_check_wan_run,
+                     trained_sigma_check=_trained_sigma_problems, lora_format=_wan_lora_format,
+                     modules=PIPELINE_MODULES))

@@ -10,7 +10,7 @@ steps are SDE, ODE or DPM-Solver++, and which are trained. Each iteration (`Trai
                reward servers; with `reward_overlap`, in the background while the next chunk rolls out
                (`mixgrpo.train.overlap`), so the update waits only for what is missing
 4. advantages  the rewards fused into group-normalised advantages; failed groups get 0
-5. update      the objective (`mixgrpo.train.objectives`): GRPO re-scores the stored transitions under the
+5. update      the objective (`mixgrpo.objectives`): GRPO re-scores the stored transitions under the
                clipped policy loss; DiffusionNFT / AWM train on the final samples. `updates_per_iteration`
                optimizer steps per pass; step u sees the u-th share of every group
 6. log         one line of metrics.jsonl; a checkpoint every `checkpoint_every` iterations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,11 +38,13 @@ from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_pr
 from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
 from mixgrpo.images import media_name, save_grid
-from mixgrpo.models import Cond, cond_index, cond_repeat_interleave, cond_to
+from mixgrpo.models import Cond, FlowModel, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model, guided_velocity
+from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, micro_batches
+from mixgrpo.pipeline_grid import grid_of
 from mixgrpo.plan import Plan, build_plan, ode_plan
-from mixgrpo.progress import PhaseProgress
 from mixgrpo.preflight import check_run
+from mixgrpo.progress import PhaseProgress
 from mixgrpo.prompts import read_prompts
 from mixgrpo.reference import end_of_run_line
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
@@ -54,7 +56,6 @@ from mixgrpo.tracking import Trackers, resource_metrics
 from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
                                    any_rank, require_agreeing_replicas, require_finite_images, require_finite_weights,
                                    require_learning_signal, stop_signalled, warn_without_signal)
-from mixgrpo.train.objectives import GRPO, ForwardProcess, Policy, Samples
 from mixgrpo.train.overlap import ChunkScoring, chunk_bounds
 from mixgrpo.train.report import progress_line, write_curves, write_summary
 from mixgrpo.train.state import TrainState, check_resumable, fingerprint
@@ -127,13 +128,20 @@ class Trainer:
         # [1, ...]: CFG's empty prompt
         self.uncond_row = cond_to(self.model.encode_prompts([""]), self.device) if cfg.guidance_scale != 1.0 else None
         # GRPO's old log-probs are the rollout's only if a row's velocity does not depend on the batch it is in
-        self.rescore_old = cfg.objective == "grpo" and not layouts_agree(self.model, cfg, self.autocast,
-                                                                           self.uncond_row, self.device)
+        objective = OBJECTIVES.get(cfg.objective)
+        self.rescore_old = objective.stores_transitions and not layouts_agree(self.model, cfg, self.autocast,
+                                                                              self.uncond_row, self.device)
         dist.print0(f"precision: {self.precision} ({why})" + (
             "; old log-probs re-scored in the update's micro-batches (this machine's kernels depend on the batch "
             "size)" if self.rescore_old else ""))
-        self.objective = self._objective(Policy(self.model, model_with(self.model, base), self.autocast))
-        copies = {name: c for name, c in (("ema", self.ema), ("sampler", self.objective.sampler)) if c is not None}
+        # the objective samples through `sampling`, which reads self.sampler when called (after it is set below)
+        policy = Policy(self.model, model_with(self.model, base), self.autocast,
+                        sampling=lambda: swapped_weights(self.model, shadow_of(self.sampler)))
+        self.objective: Objective = objective.from_config(cfg, policy, self.rescore_old)
+        # the weights the rollout samples from: a soft copy of the live ones (forward-process objectives), or None
+        decay = self.objective.sampler_decay
+        self.sampler = EMA(self.params, decay) if decay > 0 else None
+        copies = {name: c for name, c in (("ema", self.ema), ("sampler", self.sampler)) if c is not None}
         self.state = TrainState(self.model, optimizer, self.scheduler, copies)
         self.start, self.eval_pending = 0, False
         if latest is not None:
@@ -149,17 +157,16 @@ class Trainer:
         self.phases = PhaseProgress(self.model)  # bars inside an iteration that takes long (rank 0)
         self.loop = UpdateLoop(self.params, optimizer, cfg.micro_batch_size, cfg.grad_clip, self.ema, self.clock)
         self.held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
+        # held-out evaluations on the model's own pipeline grid (a real model), else the training grid's ODE plan
+        grid = grid_of(cfg.model.name, cfg.model.args)
+        self.eval_plan = grid.plan() if grid is not None else ode_plan(cfg.sampler.num_steps, cfg.sampler.shift)
+        if grid is not None and self.eval_prompts:
+            dist.print0(f"held-out evaluation: {grid.describe()} (training: {cfg.sampler.num_steps} steps, shift "
+                        f"{cfg.sampler.shift:g})")
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
         """The context of every model call of the run (rollout, update, evaluation) in its resolved precision."""
         return model_precision(self.device, self.precision)
-
-    def _objective(self, policy: Policy) -> GRPO | ForwardProcess:
-        cfg = self.cfg
-        if cfg.objective == "grpo":
-            return GRPO(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale, self.rescore_old)
-        return ForwardProcess(cfg.objective, policy, self.params, cfg.matching, cfg.clip_range, cfg.kl_beta,
-                              cfg.micro_batch_size, cfg.updates_per_iteration, cfg.update_epochs)
 
     # ----------------------------------------------------------------------------------------------
     # one iteration
@@ -175,7 +182,8 @@ class Trainer:
         with self.phases.phase(f"it {it + 1} rollout", total=plan.nfe * chunks):
             traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
         watch.lap("rollout")
-        scores, failed, failed_all, scoring_seconds = self.score(it)
+        with self.phases.phase(f"it {it + 1} scoring", total=chunks, unit="chunk"):
+            scores, failed, failed_all, scoring_seconds = self.score(it)
         advantages = self.rewards.advantages(scores, failed, cfg.reward_mode, cfg.advantage_std, cfg.advantage_clip)
         watch.lap("reward")
         if stop_signalled(stop):
@@ -213,7 +221,7 @@ class Trainer:
         for a, b in chunk_bounds(P, cfg.rollout_chunks):
             rows = slice(a, b)
             with self.autocast(), dist.unsharded(self.model, cfg.parallel), \
-                    swapped_weights(self.model, shadow_of(self.objective.sampler)):
+                    swapped_weights(self.model, shadow_of(self.sampler)):
                 parts.append(rollout(self.model, plan, cond_index(groups.cond, rows), G, seeds[rows],
                                      mask[a * G:b * G], None if groups.uncond is None else
                                      cond_index(groups.uncond, rows), cfg.guidance_scale, cfg.shared_noise))
@@ -229,7 +237,7 @@ class Trainer:
     def score(self, it: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, float]:
         """({label: [P, G]} scores, failed [P], failed [P x ranks], seconds spent scoring) of the rollout's images,
         once every chunk is scored; too many failed groups stop the run."""
-        scores, failed, errors, seconds = self.scoring.collect()
+        scores, failed, errors, seconds = self.scoring.collect(self.phases.tick)
         failed_all = dist.all_gather_cat(failed)
         failure = self.rewards.failure(failed_all, self.cfg.reward_policy.max_failed_groups, it, errors)
         if failure is not None:
@@ -246,7 +254,8 @@ class Trainer:
                           update_shares(cfg.seed, it, groups.first, P, G, cfg.updates_per_iteration, cfg.update_epochs),
                           sample_seeds(cfg.seed, it, groups.first * G, P * G))
         stats = self.objective.update(self.loop, samples)
-        self.objective.after_update(self.params)
+        if self.sampler is not None:
+            self.sampler.update(self.params)
         self.scheduler.step()
         weights = {"weights": list(self.params.values()),
                    **{name: list(copy.shadow.values()) for name, copy in self.state.copies.items()}}
@@ -362,9 +371,9 @@ class Trainer:
             if not dist.is_main():  # rank 0 writes the checkpoint's eval_pending; the stop is agreed after
                 return True
             with swapped_weights(self.model, shadow_of(self.ema)):  # EMA weights, without touching the live ones
-                res = evaluate(self.model, self.eval_prompts, self.rewards.functions(),
-                               ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), cfg.eval_images_per_prompt,
-                               seed=held_out_seed(cfg.seed), guidance_scale=cfg.eval_guidance,
+                res = evaluate(self.model, self.eval_prompts, self.rewards.functions(), self.eval_plan,
+                               cfg.eval_images_per_prompt, seed=held_out_seed(cfg.seed),
+                               guidance_scale=cfg.eval_guidance,
                                stop=None if stop is None else lambda: stop.signal is not None)
             if res is None:
                 return False
@@ -383,8 +392,8 @@ class Trainer:
 
 
 @torch.no_grad()
-def layouts_agree(model: torch.nn.Module, cfg: TrainConfig, autocast, uncond_row: Cond | None,
-                  device: torch.device) -> bool:
+def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], contextlib.AbstractContextManager],
+                  uncond_row: Cond | None, device: torch.device) -> bool:
     """Whether a velocity is the same bit for bit computed as the rollout computes it (eval mode, chunks of P G)
     and as the GRPO update does (train mode, each micro-batch size), so that the rollout's log-probs are the
     update's old ones (ratio == 1 on the first step). One call of each on random inputs; kernels that block by
@@ -393,7 +402,7 @@ def layouts_agree(model: torch.nn.Module, cfg: TrainConfig, autocast, uncond_row
     G = cfg.group_size
     B = cfg.prompts_per_iteration * G
     share = B // cfg.updates_per_iteration
-    sizes = sorted({min(cfg.micro_batch_size, share), share % cfg.micro_batch_size} - {0})
+    sizes = sorted({len(mb) for mb in micro_batches(torch.arange(share), cfg.micro_batch_size)})
     g = torch.Generator().manual_seed(0)
     x = torch.randn((B, *model.latent_shape), generator=g).to(device)
     sigma = torch.full((B,), 0.5, device=device)
