@@ -216,7 +216,7 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
     truncated warns, the others are counted: `mixgrpo.models.text.note_truncations`)."""
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="pt").input_ids
-    note_truncations(tokenizer, max_length, prompts, [len(i) for i in tokenizer(prompts).input_ids])
+    note_truncations(tokenizer, max_length, prompts, [len(i) for i in tokenizer(prompts, verbose=False).input_ids])
     return ids
 
 

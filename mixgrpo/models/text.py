@@ -198,8 +198,7 @@ def note_truncations(tokenizer: Any, max_length: int, prompts: Sequence[str], le
     long = {p: int(n) for p, n in zip(prompts, lengths) if n > max_length}
     if not long:
         return
-    folder = Path(str(getattr(tokenizer, "name_or_path", "") or "")).name
-    label = f"{type(tokenizer).__name__} ({folder})" if folder else type(tokenizer).__name__
+    label = type(tokenizer).__name__  # SD3's two CLIPs truncate the same prompts: one line for both
     record = _TRUNCATIONS.get(tokenizer)
     if record is None:
         prompt, tokens = next(iter(long.items()))
