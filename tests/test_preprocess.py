@@ -14,7 +14,7 @@ import torch
 from mixgrpo.models.flux_pipeline import load_flux, load_flux_text_encoder
 from mixgrpo.models.sd3 import load_sd3
 from mixgrpo import fileio
-from mixgrpo.models.text import EmbeddingCache, MissingPromptError, take_truncations, truncation_lines
+from mixgrpo.models.text import EmbeddingCache, MissingPromptError
 from mixgrpo.preprocess import main, preprocess
 
 from tiny_pipelines import save_tiny_flux, save_tiny_sd3
@@ -233,6 +233,8 @@ def test_truncations_are_one_warning_and_one_summary_line_per_text_encoder(flux_
 def test_encoding_without_a_cache_warns_once_and_is_summarised(flux_dir, recwarn):
     """Training without a cache encodes batch after batch: the first truncation per tokenizer warns, the rest are
     counted for the one summary line per text encoder that the end of a run prints."""
+    from mixgrpo.models.text import take_truncations, truncation_lines
+
     encoder = load_flux_text_encoder(flux_dir, dtype="float32", max_sequence_length=MAX_SEQ)
     for i in range(0, 6, 2):
         encoder.encode(LONG[i:i + 2])
