@@ -13,8 +13,8 @@ Usage:
 
 --dtype is the dtype the embeddings are stored in: the run's model.args.dtype, which the models cast them to
 anyway, so a cache written on one machine serves a run on another. --encode-dtype auto runs the text encoders
-in it too, except on a CPU without bf16 matrix units (no AMX), where they run in float32 (as `precision: auto`
-decides: bf16 there is several times slower). A preprocess that is killed leaves its finished shards; run it
+in it too, except on a CPU without bf16 instructions (neither AMX nor AVX512-BF16), where they run in float32:
+bf16 is emulated there, several times slower (`mixgrpo.dtypes.cpu_bf16_instructions`). A preprocess that is killed leaves its finished shards; run it
 again and it resumes from them (`mixgrpo.models.text.write_cache`).
 """
 
@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mixgrpo.dtypes import bf16_matmul_units, parse_dtype
+from mixgrpo.dtypes import cpu_bf16_instructions, parse_dtype
 from mixgrpo.errors import ConfigError
 from mixgrpo.models.base import Cond
 from mixgrpo.models.text import EmbeddingCache, write_cache
@@ -83,13 +83,13 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
 
 def encode_dtype(requested: str, dtype: str, device: str) -> tuple[str, str]:
     """(the dtype the text encoders run in, why) for --encode-dtype `requested` ("auto" or a dtype), the stored
-    `dtype` and `device`: "auto" is `dtype`, except float32 on a CPU without bf16 matrix units
-    (`bf16_matmul_units`, as `precision: auto` decides), where bf16 or fp16 would be several times slower."""
+    `dtype` and `device`: "auto" is `dtype`, except float32 on a CPU without bf16 instructions
+    (`cpu_bf16_instructions`), where bf16 or fp16 is emulated and several times slower."""
     if requested != "auto":
         return requested, "--encode-dtype"
     if torch.device(device).type != "cpu" or parse_dtype(dtype) == torch.float32:
         return dtype, "auto: the stored dtype"
-    fast, found = bf16_matmul_units(device)
+    fast, found = cpu_bf16_instructions()
     return (dtype, f"auto: {found}") if fast else ("float32", f"auto: {found}")
 
 
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                             "model.args.dtype (default bfloat16)")
     parser.add_argument("--encode-dtype", default="auto",
                         help="dtype the text encoders run in (default auto: --dtype, but float32 on a CPU without "
-                             "bf16 matrix units)")
+                             "bf16 instructions)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-sequence-length", type=int, help="T5 tokens per prompt (default: the model's)")
     parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard file (default 256)")

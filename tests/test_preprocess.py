@@ -246,24 +246,25 @@ def test_encoding_without_a_cache_warns_once_and_is_summarised(flux_dir, recwarn
     assert len([w for w in recwarn if "was truncated to" in str(w.message)]) == 2 and take_truncations()
 
 
-@pytest.mark.parametrize("amx,encoded", [(False, "float32"), (True, "bfloat16")])
+@pytest.mark.parametrize("bf16,encoded", [(False, "float32"), (True, "bfloat16")])
 def test_a_cpu_without_bf16_units_encodes_in_float32_and_stores_the_runs_dtype(flux_dir, tmp_path, capsys,
-                                                                                monkeypatch, amx, encoded):
-    """The default --dtype bfloat16 on a CPU: the encoders run in float32 unless the CPU has AMX (as `precision:
-    auto` decides), and the cache holds bfloat16 either way (what a bf16 run reads, wherever the cache was made)."""
+                                                                                monkeypatch, bf16, encoded):
+    """The default --dtype bfloat16 on a CPU: the encoders run in float32 unless the CPU has bf16 instructions
+    (emulated bf16 is several times slower), and the cache holds bfloat16 either way (what a bf16 run reads,
+    wherever the cache was made)."""
     import mixgrpo.preprocess as pre
 
-    monkeypatch.setattr(pre, "bf16_matmul_units", lambda device: (amx, "CPU with AMX" if amx else "CPU without AMX"))
+    found = "CPU with AVX512-BF16" if bf16 else "CPU without bf16 instructions"
+    monkeypatch.setattr(pre, "cpu_bf16_instructions", lambda: (bf16, found))
     (tmp_path / "p.txt").write_text("a red cube\na cat\n", encoding="utf-8")
     assert main(["--model", "flux", "--path", str(flux_dir), "--prompts", str(tmp_path / "p.txt"), "--out",
                  str(tmp_path / "cache"), "--max-sequence-length", str(MAX_SEQ), "--device", "cpu"]) == 0
-    found = "with AMX" if amx else "without AMX"
-    assert (f"text encoders run in {encoded} on cpu (auto: CPU {found}); embeddings stored as bfloat16 (--dtype)"
+    assert (f"text encoders run in {encoded} on cpu (auto: {found}); embeddings stored as bfloat16 (--dtype)"
             in capsys.readouterr().out)
     cache = EmbeddingCache(tmp_path / "cache")
     assert cache.source["encode_dtype"] == encoded and cache.source["dtype"] == "bfloat16"
     got = cache.encode(["a cat"])
     assert got["prompt_embeds"].dtype == got["pooled"].dtype == torch.bfloat16
-    if not amx:
+    if not bf16:
         exact = load_flux_text_encoder(flux_dir, dtype="float32", max_sequence_length=MAX_SEQ).encode(["a cat"])
         torch.testing.assert_close(got["prompt_embeds"], exact["prompt_embeds"].bfloat16(), rtol=0, atol=0)
