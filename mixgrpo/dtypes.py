@@ -62,7 +62,7 @@ def cpu_bf16_instructions() -> tuple[bool, str]:
     """(whether this CPU has bf16 dot-product instructions: AMX or AVX512-BF16, what was found), for inference in
     bf16 (`mixgrpo preprocess`'s text encoders). Unlike training (`bf16_matmul_units`), a large encoder's forward is
     dominated by matrix products, which AVX512-BF16 alone makes faster; without either, bf16 is emulated and much
-    slower (benchmarks/text_encoder_dtype.py: 2.9x faster with AVX512-BF16, 3.4x slower without, on one EPYC)."""
+    slower (benchmarks/text_encoder_dtype.py: 3.5x faster with AVX512-BF16, 3.1x slower without, on one EPYC)."""
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() or "amx_bf16" in _cpu_flags()
     if amx:
         return True, "CPU with AMX"
