@@ -196,7 +196,7 @@ def call_costs(cfg, device: torch.device, repeats: int = 5) -> dict[str, float]:
 
     costs = {"forward_batch": timed(B, False), "forward_prefix": timed(cfg.prompts_per_iteration, False),
              "forward_backward": timed(mb, True)}
-    del model
+    model = None  # frees the weights (timed's closure holds the name) before the cache is emptied
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return costs
@@ -228,7 +228,7 @@ def flux(args, device: torch.device, work: Path, peak_tflops: float | None, resu
         section["runs"][a] = run
         save()
     base = section["runs"].get("dance_grpo")
-    for a, run in section["runs"].items():
+    for run in section["runs"].values():
         if base:
             run["speedup"] = base["seconds_per_iteration"] / run["seconds_per_iteration"]
             run["speedup_theory"] = base["theory_seconds"] / run["theory_seconds"]
@@ -460,7 +460,7 @@ def block_mfu(args, device: torch.device, peak_tflops: float | None, result: dic
                 section["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:500]}
             save()
     model.denoiser.forward = plain_forward
-    del model
+    model = None  # frees the weights (inputs' closure holds the name)
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

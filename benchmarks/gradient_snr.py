@@ -33,7 +33,7 @@ from mixgrpo.prompts import read_prompts
 from mixgrpo.rewards.scoring import build_rewards, score_groups
 from mixgrpo.rollout import rollout
 from mixgrpo.seeding import derive_seed
-from mixgrpo.train.objectives import GRPO, Policy, Samples
+from mixgrpo.objectives import GRPO, Policy, Samples
 from mixgrpo.train.update import UpdateLoop
 from mixgrpo.train.weights import trainable_parameters
 

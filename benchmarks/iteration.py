@@ -155,7 +155,7 @@ def main() -> None:
                         runs[label] = (a, position, shared,
                                        _config(a, args, work / label.replace("/", "_"), precision, position, shared))
     for r in range(1, args.iterations + 2):
-        for label, (_, _, _, cfg) in runs.items():
+        for _, _, _, cfg in runs.values():
             train(_with_iterations(cfg, r), resume=r > 1, progress=False)
         print(f"round {r}/{args.iterations + 1} done ({len(runs)} runs)", flush=True)
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mixgrpo.errors import UserError
 from mixgrpo.fileio import as_os_error
 
 MARKER = "COMPLETE"
@@ -34,7 +35,7 @@ WEIGHT_COPIES = ("ema", "sampler")
 """Named copies of the trainable weights a checkpoint may hold beside the weights themselves."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupted or from another configuration."""
 
 
@@ -114,6 +115,29 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def incomplete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories of a run that are not complete, oldest first: iter_N without COMPLETE (a deletion or
+    copy cut short) and .tmp-iter_* (a save under way, or killed)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in (*root.glob("iter_*"), *root.glob(".tmp-iter_*")) if p.is_dir() and not (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: p.name.removeprefix(".tmp-"))
+
+
+def describe_checkpoints(run_dir: str | Path) -> str:
+    """What a run directory holds in checkpoints/, for a message: "checkpoints iter_000002, iter_000004",
+    "no complete checkpoint (only incomplete ones: iter_000003 without COMPLETE)", or "no checkpoint"."""
+    complete = complete_checkpoints(run_dir)
+    if complete:
+        return f"checkpoint{'s' * (len(complete) > 1)} {', '.join(p.name for p in complete)}"
+    incomplete = incomplete_checkpoints(run_dir)
+    if incomplete:
+        return (f"no complete checkpoint (only incomplete ones, from saves that were interrupted or are under way: "
+                f"{', '.join(p.name for p in incomplete)})")
+    return "no checkpoint"
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = complete_checkpoints(run_dir)
     return found[-1] if found else None
@@ -130,9 +154,43 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 
 def _require_complete(path: Path) -> None:
+    if not path.is_dir():
+        raise CheckpointRotated(f"checkpoint {path} no longer exists: the run training into {path.parent.parent} "
+                                f"keeps only its newest checkpoints (keep_checkpoints) and rotated this one away; "
+                                f"name a newer one, or leave out the checkpoint to take the newest")
     if not (path / MARKER).is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): it was interrupted "
-                              f"while being written; resume from an older one")
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): its save was interrupted, "
+                              f"or its deletion is under way; use a complete one (the newest: {_newest_name(path)})")
+
+
+def _newest_name(path: Path) -> str:
+    latest = latest_checkpoint(path.parent.parent)
+    return latest.name if latest is not None else "none yet"
+
+
+class CheckpointRotated(CheckpointError):
+    """A checkpoint was deleted while it was read: the run still training into its directory rotated it away
+    (keep_checkpoints)."""
+
+
+def read_weights(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable weights of a full checkpoint (its EMA weights when it has them and `ema`), read into memory
+    at once, without the optimizer state. A reader (export, sample) reads them before it builds the base model, so
+    that a run still training into the directory, which deletes all but its newest `keep_checkpoints`, can only
+    take the checkpoint away during this read, and that is then said (CheckpointRotated)."""
+    path = Path(path)
+    _require_complete(path)
+    try:
+        name = "ema.safetensors" if ema and (path / "ema.safetensors").is_file() else "model.safetensors"
+        return load_file(path / name)
+    except Exception as e:  # noqa: BLE001  (any read failure: a deletion under way, or corruption)
+        if not (path / MARKER).is_file():  # deleted marker first (`_remove`): rotated away while read
+            raise CheckpointRotated(f"checkpoint {path} was deleted while it was read: the run training into "
+                                    f"{path.parent.parent} keeps only its newest checkpoints (keep_checkpoints) and "
+                                    f"rotated this one away; name a newer one, or leave out the checkpoint to take "
+                                    f"the newest") from None
+        raise CheckpointError(f"checkpoint {path} is corrupted ({type(e).__name__}: {e}); delete it and use the "
+                              f"previous one") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from mixgrpo.errors import ConfigError, UserError
+
 # Nothing is ever fetched from a model hub: models and rewards load from local paths.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,7 +26,7 @@ DEFAULT_RECIPE = "mixgrpo"
 DEFAULT_EVAL_REWARDS = ["verifier:score=strict", "verifier"]  # eval without a run or --reward: the shapes world's
 
 
-class UsageError(ValueError):
+class UsageError(ConfigError):
     """Bad command-line input."""
 
 
@@ -34,13 +36,16 @@ def _train(args: argparse.Namespace) -> None:
     from mixgrpo.train import train
 
     overrides = list(args.overrides)
-    if args.out:
+    if args.out is not None:
+        if not args.out.strip():  # else the recipe's out_dir would take the run, or --resume continue another
+            raise UsageError("--out is empty (an unset shell variable?): give the run directory")
         overrides.append(f"out_dir={args.out}")
     config = args.config
     own = config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file()
     if own:
         config = str(Path(args.out) / CONFIG)
     cfg = load_config(recipe_path(config or DEFAULT_RECIPE), overrides)
+    args.run_dir = Path(cfg.out_dir)  # for the message of an error that stops the run (`_error_line`)
     if own:  # a run copied from another machine or directory: name the files it lacks here, and the fix
         from mixgrpo.config import to_dict
         from mixgrpo.runfiles import missing
@@ -107,14 +112,20 @@ class ModelLoader:
         self.cfg = cfg
         from mixgrpo.seeding import held_out_seed
 
-        defaults = {"steps": cfg.sampler.num_steps if cfg else 25, "shift": cfg.sampler.shift if cfg else 3.0,
-                    "guidance": cfg.eval_guidance if cfg else 1.0,
+        self.grid = self._pipeline_grid(paths)
+        grid = {} if self.grid else {"steps": cfg.sampler.num_steps if cfg else 25,
+                                     "shift": cfg.sampler.shift if cfg else 3.0}
+        defaults = {**grid, "guidance": cfg.eval_guidance if cfg else 1.0,
                     "num_images": cfg.eval_images_per_prompt if cfg else 1,
                     "seed": held_out_seed(cfg.seed) if cfg else 0}
         taken = [f"{k.replace('_', ' ')} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
         for key, value in defaults.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+        if self.grid is not None:
+            args.steps = self.grid.num_steps
+            print(f"sampling: {self.grid.describe()} (--steps N: the same schedule at N steps; --shift S: the static "
+                  f"shift-S grid instead)", flush=True)
         self.prompts = self._prompts(taken)
         self.reward_specs = None  # eval: RewardConfigs of the run when --reward is not given
         if cfg is not None and getattr(args, "reward", "given") is None:
@@ -124,6 +135,19 @@ class ModelLoader:
             print(f"settings of run {self.run}: {'; '.join(taken)} (override with --prompt/--prompts, --num-images, "
                   f"--seed, --steps, --shift, --guidance{', --reward' if hasattr(args, 'reward') else ''})",
                   flush=True)
+
+    def _pipeline_grid(self, paths: list[str | None]):
+        """The base model's own pipeline grid (`mixgrpo.pipeline_grid`), unless --shift or a --plan other than
+        ode asks for this engine's static grid; None for a model without a pipeline directory (tiny)."""
+        args = self.args
+        if args.shift is not None or args.plan != "ode":
+            return None
+        from mixgrpo.pipeline_grid import grid_of
+
+        if self.cfg is not None:
+            return grid_of(self.cfg.model.name, self.cfg.model.args, self.resolution, args.steps)
+        path = next((p for p in paths if p and p != "base" and Path(p).is_dir()), None)
+        return grid_of(args.model, {"path": path} if path else {}, self.resolution, args.steps)
 
     def _prompts(self, taken: list[str]) -> list[str]:
         """--prompt / --prompts, else the run's held-out prompts (as its evaluation reads them)."""
@@ -135,7 +159,8 @@ class ModelLoader:
         try:
             prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts or None]
         except ValueError as e:
-            raise UsageError(f"the run's eval_prompts: {e}; or give --prompts FILE / --prompt TEXT") from None
+            raise UsageError(f"the run's eval_prompts: {e}; or give --prompts FILE / --prompt TEXT (a run that moved: "
+                             f"--set eval_prompts=PATH)") from None
         taken.insert(0, f"the first {len(prompts)} prompts of {cfg.eval_prompts}")
         return prompts
 
@@ -157,8 +182,20 @@ class ModelLoader:
                                  f"'base', or a run directory") from None
         p = Path(path)
         run = _run_of(path)
+        if run is not None and p != run:
+            return self._load_run(run, p)
         if run is not None:
-            return self._load_run(run, final_or_latest(run) if p == run else p)
+            from mixgrpo.checkpoint import CheckpointRotated
+
+            for attempt in range(3):  # a run still training rotates its old checkpoints away, maybe during the read
+                weights = final_or_latest(run)
+                try:
+                    return self._load_run(run, weights)
+                except CheckpointRotated:
+                    if attempt == 2:
+                        raise
+                    print(f"{weights.name} was rotated away by the run training into {run} while it was read: "
+                          f"loading the newest checkpoint instead", flush=True)
         if not p.exists():
             raise UsageError(f"model path {path!r} does not exist: give a model directory or a run directory")
         from safetensors import SafetensorError
@@ -216,14 +253,21 @@ def _parse_resolution(text: str | None) -> tuple[int, int] | None:
     return (values[0], values[-1])
 
 
-def _sampling_plan(args: argparse.Namespace):
+def _sampling_plan(args: argparse.Namespace, loader: ModelLoader):
+    """The plan of sample / eval: the base model's pipeline grid (`ModelLoader.grid`), else the preset --plan on
+    the static grid of --steps and --shift."""
     from mixgrpo.plan import ALGORITHMS, build_plan
 
+    if loader.grid is not None:
+        return loader.grid.plan()
     if args.plan not in ALGORITHMS:
         raise UsageError(f"--plan {args.plan!r} is unknown: use 'ode' or one of {sorted(ALGORITHMS)}")
     import dataclasses
 
-    cfg = dataclasses.replace(ALGORITHMS[args.plan], num_steps=args.steps, shift=args.shift)
+    try:
+        cfg = dataclasses.replace(ALGORITHMS[args.plan], num_steps=args.steps, shift=args.shift)
+    except ValueError as e:  # the preset's own checks (a window larger than --steps, ...)
+        raise UsageError(f"--plan {args.plan} with --steps {args.steps} --shift {args.shift:g}: {e}") from None
     return build_plan(cfg, iteration=args.iteration, seed=args.seed)
 
 
@@ -259,9 +303,9 @@ def _sample(args: argparse.Namespace) -> None:
 
     loader = ModelLoader(args, [args.path, args.base_path])
     prompts = loader.prompts
+    plan = _sampling_plan(args, loader)
     model = loader.load(args.path)
     base = loader.load(args.base_path) if args.base_path else None  # hybrid: the base takes the last steps
-    plan = _sampling_plan(args)
     switch_at = round(args.p_mix * len(plan.steps)) if base is not None else None
     images = generate(model, prompts, plan, args.num_images, args.seed, args.guidance, batch_size=args.batch_size,
                       switch_model=base, switch_at=switch_at)
@@ -283,7 +327,7 @@ def _eval(args: argparse.Namespace) -> None:
     prompts = loader.prompts
     specs = loader.reward_specs or [_reward_spec(r) for r in args.reward or DEFAULT_EVAL_REWARDS]
     rewards = [(r.label, r.fn) for r in build_rewards(specs)]
-    plan = _sampling_plan(args)
+    plan = _sampling_plan(args, loader)
     out = Path(args.out)
     results = {}
     base = None
@@ -295,9 +339,7 @@ def _eval(args: argparse.Namespace) -> None:
                                   batch_size=args.batch_size, desc=f"{label}: sampling")
         print(f"{label}: " + ", ".join(f"{k} {v['mean']:.4f} ± {v['ci95']:.4f}"
                                         for k, v in results[label].summary().items()), flush=True)
-    if hybrid is not None:
-        if base is None:
-            raise UsageError("--hybrid needs a model labelled base (e.g. base=base) among the models")
+    if hybrid is not None:  # base is among the entries (`_check_sampling_args`)
         tuned = loader.load(hybrid[1])
         switch_at = round(args.p_mix * len(plan.steps))
         label = f"hybrid p_mix={args.p_mix}"
@@ -324,7 +366,7 @@ def _compare(args: argparse.Namespace) -> int:
     refs = [reference_of(run) for run in runs]
     named = {ref.recipe for ref in refs if ref is not None}
     if len(named) > 1:
-        raise ValueError(f"the runs follow different recipes ({', '.join(sorted(named))}): compare one recipe's "
+        raise UsageError(f"the runs follow different recipes ({', '.join(sorted(named))}): compare one recipe's "
                          f"runs at a time")
     outside = False
     for run, ref in zip(runs, refs):
@@ -357,34 +399,82 @@ def _safe_name(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
+def _no_checkpoint_why(run: Path) -> str:
+    from mixgrpo.checkpoint import describe_checkpoints
+
+    state = describe_checkpoints(run)
+    return "" if state == "no checkpoint" else f": it holds {state}"
+
+
 def _export(args: argparse.Namespace) -> None:
-    from mixgrpo.checkpoint import complete_checkpoints, latest_checkpoint
-    from mixgrpo.export import export_model, is_run_dir, load_run, run_config
+    from mixgrpo.checkpoint import CheckpointRotated, latest_checkpoint
+    from mixgrpo.export import export_model, load_run, run_config
+    from mixgrpo.fileio import remove_dead_temporaries
     from mixgrpo.rundir import FINAL
 
+    run, out = _check_export_args(args)
+    out = out or run / FINAL
+    overrides = args.set or ()
+    # the weights are all that is read: neither the text encoders nor the embedding cache are needed here
+    no_cache = {"embedding_cache": None} if run_config(run, overrides).model.args.get("embedding_cache") else None
+    for attempt in range(3):  # the latest checkpoint of a run still training may be rotated away while it is read
+        checkpoint = run / "checkpoints" / args.checkpoint if args.checkpoint else latest_checkpoint(run)
+        if checkpoint is None:
+            raise UsageError(f"{run} has no complete checkpoint to export{_no_checkpoint_why(run)}")
+        try:
+            model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(),
+                             ema=not args.no_ema, args=no_cache, overrides=overrides)
+            break
+        except CheckpointRotated:
+            if args.checkpoint or attempt == 2:
+                raise
+            print(f"{checkpoint.name} was rotated away by the run training into {run} while it was read: exporting "
+                  f"the newest checkpoint instead", flush=True)
+    if out.exists():  # again: another export may have written it meanwhile
+        raise UsageError(f"{out} already exists: pass --out DIR to write the export elsewhere")
+    removed = remove_dead_temporaries(out)  # what a killed export of out left (a run sweeps its own likewise)
+    if removed:
+        print(f"note: removed what an interrupted export left: {', '.join(str(p) for p in removed)}", flush=True)
+    export_model(model, out)
+    print(f"exported {checkpoint} to {out}")
+
+
+def _check_export_args(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """(run, out) of an export, checked before any model loads: a run directory, a checkpoint of it named
+    iter_N and complete, an --out that does not exist yet and can be created."""
+    import re
+
+    from mixgrpo.checkpoint import MARKER, complete_checkpoints
+    from mixgrpo.export import is_run_dir
+    from mixgrpo.rundir import FINAL
+
+    for flag in ("run", "checkpoint", "out"):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():
+            raise UsageError(f"--{flag} is empty (an unset shell variable?): "
+                             + {"run": "give the out_dir of a run", "checkpoint": "give iter_N, or leave it out "
+                                "to export the newest", "out": "give the directory to write, or leave it out for "
+                                "RUN/final"}[flag])
     run = Path(args.run)
     if not is_run_dir(run):
         raise UsageError(f"--run {args.run!r} is not a run directory (no config.yaml): give the out_dir of a run")
     if args.checkpoint:
+        names = ", ".join(c.name for c in complete_checkpoints(run)) or "none"
+        if not re.fullmatch(r"iter_\d+", args.checkpoint):
+            raise UsageError(f"--checkpoint {args.checkpoint!r} is not a checkpoint name: give one of {run}'s "
+                             f"complete checkpoints by name ({names})")
         checkpoint = run / "checkpoints" / args.checkpoint
         if not checkpoint.is_dir():
-            names = [c.name for c in complete_checkpoints(run)]
-            raise UsageError(f"{run} has no checkpoint {args.checkpoint!r}; its complete checkpoints: "
-                             f"{', '.join(names) or 'none'}")
-    else:
-        checkpoint = latest_checkpoint(run)
-        if checkpoint is None:
-            raise UsageError(f"{run} has no complete checkpoint to export")
-    out = Path(args.out) if args.out else run / FINAL
-    if out.exists():
-        raise UsageError(f"{out} already exists: pass --out DIR to write the export elsewhere")
-    overrides = args.set or ()
-    # the weights are all that is read: neither the text encoders nor the embedding cache are needed here
-    no_cache = {"embedding_cache": None} if run_config(run, overrides).model.args.get("embedding_cache") else None
-    model = load_run(run, checkpoint, device="cpu", dtype=None, text_encoder=_NoTextEncoder(), ema=not args.no_ema,
-                     args=no_cache, overrides=overrides)
-    export_model(model, out)
-    print(f"exported {checkpoint} to {out}")
+            raise UsageError(f"{run} has no checkpoint {args.checkpoint!r}; its complete checkpoints: {names}")
+        if not (checkpoint / MARKER).is_file():
+            raise UsageError(f"{checkpoint} is not a complete checkpoint (no {MARKER} marker): its save was "
+                             f"interrupted, or its deletion is under way; export a complete one: {names}")
+    out = Path(args.out) if args.out else None
+    if (out or run / FINAL).exists():
+        raise UsageError(f"{out or run / FINAL} already exists: pass --out DIR to write the export elsewhere")
+    if out is not None:
+        _check_out_dir(out, "--out")
+    return run, out
 
 
 class _NoTextEncoder:
@@ -444,12 +534,13 @@ def _serve_rewards(args: argparse.Namespace) -> None:
             entry = {k: v for k, v in entry.items() if k not in ("weight", "server")}
             specs.append(from_dict(RewardConfig, entry, f"rewards[{i}]"))
     specs += [_reward_spec(r) for r in args.reward or []]
-    checks = [(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
-              (0 <= args.port < 65536, "--port", args.port, "a port number in 0..65535"),
-              (args.max_request_mb > 0, "--max-request-mb", args.max_request_mb, "a positive number")]
-    for ok, flag, value, want in checks:
-        if not ok:
-            raise UsageError(f"{flag} = {value} is invalid: use {want}")
+    from math import inf
+
+    from mixgrpo.errors import check_values
+
+    check_values([(args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
+                  (0 <= args.port < 65536, "--port", args.port, "a port number in 0..65535"),
+                  (0 < args.max_request_mb < inf, "--max-request-mb", args.max_request_mb, "a positive finite number")])
     serve(specs, args.host, args.port, args.batch_size, token_from(args.token_env or ""),
           int(args.max_request_mb * 2**20))
 
@@ -494,8 +585,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                                      "held-out prompts, the first eval_num_prompts of its eval_prompts)")
     p.add_argument("--num-images", type=int, help="images per prompt (default: the run's eval_images_per_prompt, "
                                                   "else 1)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sampler.num_steps, else 25)")
-    p.add_argument("--shift", type=float, help="sigma-grid shift (default: the run's sampler.shift, else 3)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: a real model's pipeline default, e.g. 28 for "
+                                             "FLUX.1; the tiny model: the run's sampler.num_steps, else 25)")
+    p.add_argument("--shift", type=float, help="static sigma-grid shift: replaces a real model's own pipeline grid "
+                                               "(default: that grid; the tiny model: the run's sampler.shift, else 3)")
     p.add_argument("--plan", default="ode", help="'ode' (default) or an algorithm preset, e.g. mixgrpo_flash")
     p.add_argument("--iteration", type=int, default=0, help="training iteration that places the plan's window")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: the run's "
@@ -511,7 +604,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling batch (memory only; default 16)")
     _add_set_arg(p)
     p.add_argument("--video-format", choices=["gif", "mp4"], default="gif",
-                   help="files of a video model's samples: gif (default; Pillow) or mp4 (needs imageio and imageio-ffmpeg: mixgrpo's video extra)")
+                   help="files of a video model's samples: gif (default; Pillow) or mp4 (needs imageio and "
+                        "imageio-ffmpeg: mixgrpo's video extra)")
 
 
 def _add_set_arg(p: argparse.ArgumentParser) -> None:
@@ -521,31 +615,74 @@ def _add_set_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _check_sampling_args(args: argparse.Namespace) -> None:
-    """Values argparse's types let through but sampling cannot use; checked before any model loads."""
-    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance", "num_images")}  # a run's come later
-    checks = [(unset["num_images"] or args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
-              (unset["steps"] or args.steps >= 1, "--steps", args.steps, "an integer >= 1"),
-              (unset["shift"] or args.shift > 0, "--shift", args.shift, "a positive number"),
-              (args.iteration >= 0, "--iteration", args.iteration, "an integer >= 0"),
-              (unset["guidance"] or args.guidance >= 1, "--guidance", args.guidance, "a number >= 1 (1 = no guidance)"),
-              (args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
-              (0 <= args.p_mix <= 1, "--p-mix", args.p_mix,
-               "a fraction in [0, 1] (the share of the steps the fine-tuned model runs)")]
-    for ok, flag, value, want in checks:
-        if not ok:  # `not`: NaN fails every comparison
-            raise UsageError(f"{flag} = {value} is invalid: use {want}")
+    """Everything of a sample / eval command that can be checked before any model loads: the values argparse's
+    types let through (ranges, NaN and inf), the device, the model paths and entries, the output directory.
+    The run's own sampling settings are checked when they are taken (`ModelLoader`)."""
+    from math import inf
+
+    from mixgrpo.dtypes import DTYPES
+    from mixgrpo.errors import check_values
+    from mixgrpo.plan import MAX_STEPS
+    from mixgrpo.preflight import device_problems
+
+    unset = {k: getattr(args, k) is None for k in ("steps", "shift", "guidance", "num_images", "seed")}  # the run's
+    check_values([
+        (unset["num_images"] or args.num_images >= 1, "--num-images", args.num_images, "an integer >= 1"),
+        (unset["steps"] or 1 <= args.steps <= MAX_STEPS, "--steps", args.steps,
+         f"an integer in [1, {MAX_STEPS}] (flow models sample well in 10 to 100 steps)"),
+        (unset["shift"] or 0 < args.shift < inf, "--shift", args.shift, "a finite number > 0 (1 = no shift)"),
+        (args.iteration >= 0, "--iteration", args.iteration, "an integer >= 0"),
+        (unset["guidance"] or 1 <= args.guidance < inf, "--guidance", args.guidance,
+         "a finite number >= 1 (1 = no guidance)"),
+        (unset["seed"] or args.seed >= 0, "--seed", args.seed, "an integer >= 0"),
+        (args.dtype is None or args.dtype in DTYPES, "--dtype", args.dtype, f"one of {sorted(DTYPES)}"),
+        (args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
+        (0 <= args.p_mix <= 1, "--p-mix", args.p_mix,
+         "a fraction in [0, 1] (the share of the steps the fine-tuned model runs)")])
+    for problem in device_problems("--device", args.device):
+        raise UsageError(problem)
     from mixgrpo.images import mp4_problem
 
     if args.video_format == "mp4" and mp4_problem():  # no sampled video lost to a missing writer
         raise UsageError(f"--video-format mp4: {mp4_problem()}")
-    for flag in ("path", "base_path", "hybrid"):
-        if getattr(args, flag, None) == "":
-            raise UsageError(f"--{flag.replace('_', '-')} is empty (an unset shell variable?): give a model "
-                             f"directory or a run directory")
+    paths = {f"--{flag.replace('_', '-')}": getattr(args, flag, None) for flag in ("path", "base_path", "hybrid")}
     if args.command == "eval":  # before the first model is evaluated
-        _model_entries(args.models)
+        entries = _model_entries(args.models)
         if args.hybrid:
             _model_entries([args.hybrid])
+            if not any(label == "base" or path == "base" for label, path in entries):
+                raise UsageError("--hybrid needs the base model among the models, labelled base (e.g. base=base, or "
+                                 "base=PATH): the hybrid runs the fine-tuned model's first steps and the base's last")
+        paths.update({f"model entry {label}={path}": path for label, path in entries})
+    for what, path in paths.items():
+        _check_model_path(what, path)
+    _check_out_dir(Path(args.out))
+
+
+def _check_model_path(what: str, path: str | None) -> None:
+    """A model path of a sample / eval command, before any model loads: given, existing, and, for a run
+    directory, holding a fine-tuned model (final/ or a complete checkpoint)."""
+    from mixgrpo.export import final_or_latest
+
+    if path is None or path == "base":
+        return
+    if not path.strip():
+        raise UsageError(f"{what} is empty (an unset shell variable?): give a model directory or a run directory")
+    if not Path(path).exists():
+        raise UsageError(f"{what}: model path {path!r} does not exist: give a model directory or a run directory")
+    run = _run_of(path)
+    if run is not None and Path(path) == run:
+        final_or_latest(run)  # a run that has no model yet says so now, not after the other models were sampled
+
+
+def _check_out_dir(out: Path, flag: str = "--out") -> None:
+    """An output directory (sample --out, eval --out) that can be created: no file in the way, checked before
+    the models load and sample, so that no sampled image is lost."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"{flag} {str(out)!r}: {str(p)!r} is a file, not a directory: choose another {flag}")
+            return
 
 
 def _model_entries(specs: list[str]) -> list[tuple[str, str]]:
@@ -702,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or not _is_user_error(e):
             raise
         if _reports(e):
-            for line in _error_line(e, args.command).splitlines() or [type(e).__name__]:  # pre-flight: one line each
+            for line in _error_line(e, args).splitlines() or [type(e).__name__]:  # pre-flight: one line each
                 print(f"error: {line}", file=sys.stderr)
         return 2
     return code or 0
@@ -718,26 +855,27 @@ def _reports(e: Exception) -> bool:
     return not isinstance(e, (PreflightError, TrainingStopped)) or os.environ.get("RANK", "0") == "0"
 
 
-def _error_line(e: Exception, command: str) -> str:
+def _error_line(e: Exception, args: argparse.Namespace) -> str:
     """The one line printed for a user error."""
     if not isinstance(e, OSError):
         return str(e)
     from mixgrpo.fileio import os_error_message
 
     line = os_error_message(e)
-    if command == "train" and e.errno in (errno.ENOSPC, errno.EDQUOT):  # the run is resumable
-        line += ", then continue the run with --resume (its last checkpoint is intact)"
+    run = getattr(args, "run_dir", None)
+    if args.command == "train" and run is not None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        from mixgrpo.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(run)  # what is on disk now, not what a run usually has
+        line += (f", then continue the run with --resume (its last checkpoint, {latest.name}, is intact)" if latest
+                 else ", then run it again with --resume (it had written no checkpoint yet: the run starts over)")
     return line
 
 
 def _is_user_error(e: BaseException) -> bool:
-    """Errors caused by input the user can fix: shown as one line. Anything else is a bug: traceback."""
-    from mixgrpo.checkpoint import CheckpointError
-    from mixgrpo.rewards import RewardError
-    from mixgrpo.tracking import TrackingError
-    from mixgrpo.train import TrainingError
-
-    return isinstance(e, (ValueError, OSError, CheckpointError, RewardError, TrainingError, TrackingError))
+    """Errors of the user's input (`mixgrpo.errors.UserError`) and of the machine (OSError: a full disk, a missing
+    file): shown as one line. Anything else is a bug, in mixgrpo or a library: traceback."""
+    return isinstance(e, (UserError, OSError))
 
 
 if __name__ == "__main__":

@@ -24,18 +24,11 @@ from typing import Any
 import yaml
 
 from mixgrpo.dtypes import PRECISIONS
+from mixgrpo.errors import ConfigError, check_values
 from mixgrpo.fileio import atomic_file
 from mixgrpo.flow_matching import AWM_WEIGHTINGS, NFT_WEIGHTINGS, SIGMA_SAMPLERS
+from mixgrpo.objectives import OBJECTIVES
 from mixgrpo.plan import ALGORITHMS, SamplerConfig
-
-OBJECTIVES = ("grpo", "diffusion_nft", "awm")
-"""grpo: the clipped policy gradient over the rollout's stored SDE transitions (every algorithm of
-`mixgrpo.plan.ALGORITHMS`); diffusion_nft, awm: forward-process objectives on the rollout's final samples
-(`mixgrpo.flow_matching`), fed by any plan."""
-
-
-class ConfigError(ValueError):
-    """A configuration value or file is wrong; the message names the field and the fix."""
 
 
 @dataclass
@@ -99,8 +92,9 @@ class ParallelConfig:
 
 @dataclass
 class MatchingConfig:
-    """The forward-process objectives (objective: diffusion_nft or awm; docs/notation.md): every final sample
-    of the rollout is noised again at `sigmas_per_sample` fresh sigmas and trained with flow matching."""
+    """The forward-process objectives (objective: diffusion_nft, awm or v_grpo; docs/notation.md): every final
+    sample of the rollout is noised again at `sigmas_per_sample` fresh sigmas and trained with flow matching
+    (v_grpo draws its own pairs, `v_grpo:`, and reads sampler_decay, and the sigma sampler when not stratified)."""
 
     sigmas: str = "logit_normal"  # training sigmas: "logit_normal" or "uniform"
     sigma_mean: float = 0.0  # logit_normal: sigma = sigmoid(mean + std z)
@@ -113,20 +107,52 @@ class MatchingConfig:
     nft_weighting: str = "none"  # diffusion_nft: "none" (velocity MSE) or "adaptive" (the paper code's x0 loss)
     awm_weighting: str = "uniform"  # awm: w(sigma) of log p = -w ||v - u||^2: "uniform", "sigma" or "sigma2"
 
-    def __post_init__(self):
-        checks = [
-            (self.sigmas in SIGMA_SAMPLERS, "matching.sigmas", f"one of {SIGMA_SAMPLERS}"),
-            (self.sigma_std > 0, "matching.sigma_std", "a number > 0"),
-            (self.sigmas_per_sample >= 1, "matching.sigmas_per_sample", "an integer >= 1"),
-            (0 <= self.sampler_decay < 1, "matching.sampler_decay", "a number in [0, 1) (0 = on-policy)"),
-            (self.beta > 0, "matching.beta", "a number > 0"),
-            (self.adv_clip > 0, "matching.adv_clip", "a number > 0"),
-            (self.nft_weighting in NFT_WEIGHTINGS, "matching.nft_weighting", f"one of {NFT_WEIGHTINGS}"),
-            (self.awm_weighting in AWM_WEIGHTINGS, "matching.awm_weighting", f"one of {AWM_WEIGHTINGS}"),
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (self.sigmas in SIGMA_SAMPLERS, "matching.sigmas", self.sigmas, f"one of {SIGMA_SAMPLERS}"),
+            (math.isfinite(self.sigma_mean), "matching.sigma_mean", self.sigma_mean, "a finite number"),
+            (0 < self.sigma_std < math.inf, "matching.sigma_std", self.sigma_std, "a finite number > 0"),
+            (self.sigmas_per_sample >= 1, "matching.sigmas_per_sample", self.sigmas_per_sample, "an integer >= 1"),
+            (0 <= self.sampler_decay < 1, "matching.sampler_decay", self.sampler_decay,
+             "a number in [0, 1) (0 = on-policy)"),
+            (0 < self.beta < math.inf, "matching.beta", self.beta, "a finite number > 0"),
+            (0 < self.adv_clip < math.inf, "matching.adv_clip", self.adv_clip, "a finite number > 0"),
+            (self.nft_weighting in NFT_WEIGHTINGS, "matching.nft_weighting", self.nft_weighting,
+             f"one of {NFT_WEIGHTINGS}"),
+            (self.awm_weighting in AWM_WEIGHTINGS, "matching.awm_weighting", self.awm_weighting,
+             f"one of {AWM_WEIGHTINGS}"),
         ]
-        for ok, name, want in checks:
-            if not ok:
-                raise ConfigError(f"{name} = {getattr_path(self, name.split('.', 1)[1])!r} is invalid: use {want}")
+
+    def __post_init__(self):
+        check_values(self.checks())
+
+
+@dataclass
+class VGRPOConfig:
+    """V-GRPO (objective: v_grpo; arXiv 2604.23380; docs/notation.md): the flow-matching loss of each final sample
+    over `pairs` timestep-noise pairs as its log-likelihood, in GRPO's clipped loss (`clip_range`). Every stabiliser
+    is an option; the defaults are the paper's."""
+
+    pairs: int = 4  # M timestep-noise pairs per sample and update pass, all inside one ratio (the paper's 4)
+    shared_pairs: bool = True  # the samples of a group share their M pairs (sigma and noise)
+    stratified: bool = True  # pair m's sigma uniform in [m / M, (m + 1) / M); false: i.i.d. from matching.sigmas
+    weighting: str = "adaptive"  # "adaptive": x0-space error over its detached mean absolute value; "none": velocity MSE
+    adv_soft_clip: float = 3.0  # eta of the advantage soft-clip eta tanh(A / eta); 0 = off
+    kl_old: float = 0.0  # weight of the KL to the old policy, mean ||x0_hat - x0_hat_old||^2; 0 = off
+
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (self.pairs >= 1, "v_grpo.pairs", self.pairs, "an integer >= 1"),
+            (self.weighting in NFT_WEIGHTINGS, "v_grpo.weighting", self.weighting, f"one of {NFT_WEIGHTINGS}"),
+            (0 <= self.adv_soft_clip < math.inf, "v_grpo.adv_soft_clip", self.adv_soft_clip,
+             "a finite number >= 0 (0 = off)"),
+            (0 <= self.kl_old < math.inf, "v_grpo.kl_old", self.kl_old, "a finite number >= 0 (0 = off)"),
+        ]
+
+    def __post_init__(self):
+        check_values(self.checks())
 
 
 @dataclass
@@ -135,6 +161,7 @@ class TrainConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     objective: str = "grpo"  # one of OBJECTIVES: what the rollout trains
     matching: MatchingConfig = field(default_factory=MatchingConfig)
+    v_grpo: VGRPOConfig = field(default_factory=VGRPOConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     reward_mode: str = "advantage"  # "advantage": normalise each reward then sum; "reward": sum then normalise
@@ -162,6 +189,9 @@ class TrainConfig:
     micro_batch_size: int = 32  # samples per forward/backward (memory only: the update does not depend on it)
     clip_range: float = 1e-4  # GRPO ratio clip: ratios outside [1 - clip_range, 1 + clip_range] are clipped
     kl_beta: float = 0.0  # weight of the KL term to the frozen base model; 0 = none
+    grpo_guard: bool = False  # GRPO-Guard (arXiv 2510.22319): re-centre the log importance ratio by the policy's
+                              # drift so that the clip binds as intended, and weight steps by 1/|dt|
+                              # (docs/notation.md); objectives with a ratio only
     ema_decay: float = 0.0  # 0 = no EMA; > 0: the held-out evaluations and final/ use the EMA weights
                             # (`mixgrpo export --no-ema` writes the trained ones from a checkpoint)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -196,12 +226,17 @@ class TrainConfig:
         """The guidance scale of held-out evaluations: eval_guidance_scale, or guidance_scale when it is -1."""
         return self.guidance_scale if self.eval_guidance_scale < 0 else self.eval_guidance_scale
 
-    def __post_init__(self):
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every top-level, lora, reward_policy and parallel field
+        (`mixgrpo.errors.check_values`); the sampler and matching sections check their own. Written so that NaN
+        fails (floats are finite already: `_convert` refuses NaN and inf)."""
         checks = [
             (self.algorithm in ALGORITHMS, "algorithm", f"one of {sorted(ALGORITHMS)}"),
-            (self.objective in OBJECTIVES, "objective", f"one of {OBJECTIVES}"),
+            (self.objective in OBJECTIVES, "objective", f"one of {tuple(OBJECTIVES)}"),
             (self.reward_mode in ("advantage", "reward"), "reward_mode", "'advantage' or 'reward'"),
             (self.advantage_std in ("group", "global"), "advantage_std", "'group' or 'global'"),
+            (0 < self.advantage_clip < math.inf, "advantage_clip",
+             "a positive finite number (advantages are clipped to [-advantage_clip, advantage_clip])"),
             (self.iterations >= 1, "iterations", "an integer >= 1"),
             (self.time_limit_minutes >= 0, "time_limit_minutes", "a number >= 0 (0 = no limit)"),
             (self.prompts_per_iteration >= 1, "prompts_per_iteration", "an integer >= 1"),
@@ -212,11 +247,17 @@ class TrainConfig:
             (0 < self.lr < math.inf, "lr", "a positive finite number"),
             (0 <= self.weight_decay < math.inf, "weight_decay", "a finite number >= 0"),
             (all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1), e.g. [0.9, 0.999]"),
-            (self.clip_range > 0, "clip_range", "a positive number"),
+            (0 < self.clip_range < math.inf, "clip_range", "a positive finite number"),
+            (0 <= self.grad_clip < math.inf, "grad_clip", "a finite number >= 0 (0 = no clipping)"),
+            (self.warmup_iterations >= 0, "warmup_iterations", "an integer >= 0 (0 = no warm-up)"),
             (0 <= self.kl_beta < math.inf, "kl_beta", "a finite number >= 0"),
             (0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)"),
             (self.precision in PRECISIONS, "precision", "'auto', 'fp32' or 'bf16'"),
-            (self.guidance_scale >= 1, "guidance_scale", "a number >= 1 (1 = no guidance)"),
+            (1 <= self.guidance_scale < math.inf, "guidance_scale", "a finite number >= 1 (1 = no guidance)"),
+            (self.eval_guidance_scale == -1 or 1 <= self.eval_guidance_scale < math.inf, "eval_guidance_scale",
+             "-1 (the same as guidance_scale) or a finite number >= 1 (1 = no guidance)"),
+            (self.seed >= 0, "seed", "an integer >= 0"),
+            (bool(self.out_dir.strip()), "out_dir", "a directory path (an empty one is an unset shell variable?)"),
             (len(self.rewards) >= 1, "rewards", "a list with at least one reward"),
             (self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1"),
             (self.eval_every >= 0, "eval_every", "an integer >= 0 (0 = before and after training only)"),
@@ -224,6 +265,10 @@ class TrainConfig:
             (self.eval_num_prompts >= 0, "eval_num_prompts", "an integer >= 0 (0 = no evaluation)"),
             (self.eval_images_per_prompt >= 1, "eval_images_per_prompt", "an integer >= 1"),
             (self.lora.rank >= 0, "lora.rank", "an integer >= 0 (0 = full fine-tuning)"),
+            (self.lora.alpha >= 0, "lora.alpha", "a number >= 0 (0 = the same as lora.rank)"),
+            (self.reward_policy.retries >= 0, "reward_policy.retries", "an integer >= 0 (0 = no retry)"),
+            (0 <= self.reward_policy.max_failed_groups <= 1, "reward_policy.max_failed_groups",
+             "a fraction in [0, 1] (0 = stop at the first failed group, 1 = never stop)"),
             (self.parallel.strategy in ("ddp", "fsdp"), "parallel.strategy", "'ddp' or 'fsdp'"),
             (self.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "'fp32' or 'bf16'"),
             (self.parallel.reduce_dtype in ("fp32", "bf16"), "parallel.reduce_dtype", "'fp32' or 'bf16'"),
@@ -236,13 +281,13 @@ class TrainConfig:
             (self.reward_servers.images in ("float32", "uint8", "png"), "reward_servers.images",
              "'float32', 'uint8' or 'png'"),
         ]
-        for ok, name, want in checks:
-            if not ok:
-                raise ConfigError(f"{name} = {getattr_path(self, name)!r} is invalid: use {want}")
+        return [(ok, name, getattr_path(self, name), want) for ok, name, want in checks] + [
+            (math.isfinite(r.weight), f"rewards[{i}].weight", r.weight, "a finite number (0 = logged only)")
+            for i, r in enumerate(self.rewards)]
+
+    def __post_init__(self):
+        check_values(self.checks())
         for i, reward in enumerate(self.rewards):
-            if not math.isfinite(reward.weight):
-                raise ConfigError(f"rewards[{i}].weight = {reward.weight} is invalid: use a finite number "
-                                  f"(0 = logged only)")
             for url in reward.servers:
                 if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
                     raise ConfigError(f"rewards[{i}].server = {url!r} is invalid: use a URL such as "
@@ -257,11 +302,18 @@ class TrainConfig:
         if self.parallel.strategy == "fsdp" and (self.kl_beta > 0 or self.ema_decay > 0):
             raise ConfigError("kl_beta > 0 and ema_decay > 0 are not supported with parallel.strategy 'fsdp' yet (the "
                               "reference and EMA copies are not sharded): use strategy 'ddp', or set them to 0")
-        if self.objective == "grpo" and self.sampler.train_steps == "none":
+        objective = OBJECTIVES.get(self.objective)
+        if self.grpo_guard and not objective.supports_guard:
+            with_guard = " / ".join(repr(n) for n in OBJECTIVES if OBJECTIVES.get(n).supports_guard)
+            raise ConfigError(f"grpo_guard re-centres the ratio of a Gaussian density with one std per sample, which "
+                              f"objective {self.objective!r} does not clip: use objective {with_guard}, or "
+                              f"grpo_guard: false")
+        if objective.stores_transitions and self.sampler.train_steps == "none":
+            final_samples = " / ".join(repr(n) for n in OBJECTIVES if not OBJECTIVES.get(n).stores_transitions)
             raise ConfigError(f"algorithm {self.algorithm!r} trains no step (sampler.train_steps = 'none'), so GRPO has "
-                              f"nothing to re-score: use a GRPO algorithm, or objective 'diffusion_nft' / 'awm', which "
+                              f"nothing to re-score: use a GRPO algorithm, or objective {final_samples}, which "
                               f"train on the final samples of any plan")
-        if self.objective != "grpo":
+        if not objective.stores_transitions:
             if self.sampler.sde_steps == "none" and self.shared_noise:
                 raise ConfigError(f"shared_noise with a deterministic plan (sampler.sde_steps = 'none') makes the "
                                   f"{self.group_size} images of a group identical, so no group has a preference: set "
@@ -341,9 +393,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
             value = float(value)  # PyYAML (YAML 1.1) reads "1e-4" as a string: it needs a dot, "1.0e-4"
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
-            return float(value)  # NaN is never a setting; a field without a range check would take it silently
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)  # NaN and inf are never a setting (0 or -1 mean "off" where a field has an off)
+        raise ConfigError(f"{where} must be a {'finite ' * isinstance(value, float)}number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from mixgrpo.errors import ConfigError
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -29,7 +31,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not known; use one of {sorted(DTYPES)}")
+        raise ConfigError(f"dtype {dtype!r} is not known; use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -59,7 +61,7 @@ def bf16_matmul_units(device: torch.device | str) -> tuple[bool, str]:
 def resolve_precision(precision: str, device: torch.device | str) -> tuple[str, str]:
     """"auto" -> "bf16" or "fp32" by `bf16_matmul_units`; "fp32" and "bf16" stay. Returns (precision, why)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not known; use one of {PRECISIONS}")
+        raise ConfigError(f"precision {precision!r} is not known; use one of {PRECISIONS}")
     if precision != "auto":
         return precision, "set in the config"
     ok, found = bf16_matmul_units(device)

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from mixgrpo.errors import UserError
+from mixgrpo.fileio import writing
 from mixgrpo.models.base import FlowModel, cond_to
 from mixgrpo.plan import Plan
 from mixgrpo.progress import bar
@@ -21,6 +23,10 @@ from mixgrpo.rollout import sample
 from mixgrpo.seeding import image_seeds
 
 RewardFns = Sequence[tuple[str, Callable]]
+
+
+class NonFiniteImages(UserError):
+    """A model sampled images with NaN or inf values: nothing is written or scored (they would be black)."""
 
 
 @dataclass
@@ -44,22 +50,37 @@ class EvalResult:
 @torch.no_grad()
 def generate(model: FlowModel, prompts: Sequence[str], plan: Plan, images_per_prompt: int = 1, seed: int = 0,
              guidance_scale: float = 1.0, batch_size: int = 64, switch_model: FlowModel | None = None,
-             switch_at: int | None = None, desc: str = "sampling") -> torch.Tensor:
+             switch_at: int | None = None, desc: str = "sampling",
+             stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
     """[N, n, 3, H, W] images in [0, 1]: image j of prompt i starts from the noise of `image_seeds(seed, [(i, j)])`.
-    Batches of `batch_size` images (memory only: an image does not depend on its batch); a progress bar `desc`."""
+    Batches of `batch_size` images (memory only: an image does not depend on its batch); a progress bar `desc`.
+    A batch with a NaN or inf latent or pixel raises NonFiniteImages at once, as the trainer's rollout check does
+    (`mixgrpo.train.control.require_finite_images`): saved, such an image is black; scored, a wrong number.
+    stop: checked before every batch; None is returned as soon as it is true (a training run told to stop)."""
     device = next(model.parameters()).device
     jobs = [(i, j) for i in range(len(prompts)) for j in range(images_per_prompt)]
     uncond_row = cond_to(model.encode_prompts([""]), device) if guidance_scale != 1.0 else None
     out = []
     with bar(total=len(jobs), desc=desc, unit="image") as progress:
         for start in range(0, len(jobs), batch_size):
+            if stop is not None and stop():
+                return None
             chunk = jobs[start:start + batch_size]
             cond = cond_to(model.encode_prompts([prompts[i] for i, _ in chunk]), device)
             uncond = None if uncond_row is None else {k: v.expand(len(chunk), *v.shape[1:])
                                                       for k, v in uncond_row.items()}
             seeds = image_seeds(seed, chunk)
             latents = sample(model, plan, cond, seeds, uncond, guidance_scale, switch_model, switch_at)
-            out.append(model.decode(latents).float().cpu())
+            images = model.decode(latents).float().cpu()
+            bad = int(((~torch.isfinite(latents)).flatten(1).any(1).cpu() | (~torch.isfinite(images)).flatten(1).any(1))
+                      .sum())
+            if bad:
+                raise NonFiniteImages(
+                    f"{desc}: {bad} of the {len(chunk)} images of a batch came out NaN or inf (the model's outputs "
+                    f"overflowed: weights that diverged in training, or sampling settings beyond the model's range); "
+                    f"nothing was written: sample an earlier checkpoint of the run (RUN/checkpoints/iter_N), or "
+                    f"change --guidance / --shift")
+            out.append(images)
             progress.update(len(chunk))
     images = torch.cat(out)
     return images.view(len(prompts), images_per_prompt, *images.shape[1:])
@@ -76,9 +97,14 @@ def score_images(rewards: RewardFns, images: torch.Tensor, prompts: Sequence[str
 
 def evaluate(model: FlowModel, prompts: Sequence[str], rewards: RewardFns, plan: Plan, images_per_prompt: int = 1,
              seed: int = 0, guidance_scale: float = 1.0, switch_model: FlowModel | None = None,
-             switch_at: int | None = None, batch_size: int = 64, desc: str = "evaluation") -> EvalResult:
+             switch_at: int | None = None, batch_size: int = 64, desc: str = "evaluation",
+             stop: Callable[[], bool] | None = None) -> EvalResult | None:
+    """Images of `generate` and their scores; None when `stop` became true (checked before every batch and
+    before the scoring)."""
     images = generate(model, prompts, plan, images_per_prompt, seed, guidance_scale, batch_size=batch_size,
-                      switch_model=switch_model, switch_at=switch_at, desc=desc)
+                      switch_model=switch_model, switch_at=switch_at, desc=desc, stop=stop)
+    if images is None or (stop is not None and stop()):
+        return None
     return EvalResult(list(prompts), images, score_images(rewards, images, prompts))
 
 
@@ -86,7 +112,7 @@ def write_report(results: dict[str, EvalResult], out_dir: str | Path) -> Path:
     """Per-image JSON lines and a markdown table of means with 95% confidence intervals, one row per model."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "scores.jsonl", "w", encoding="utf-8") as f:
+    with writing(out_dir / "scores.jsonl"), open(out_dir / "scores.jsonl", "w", encoding="utf-8") as f:
         for label, res in results.items():
             for i, prompt in enumerate(res.prompts):
                 for j in range(res.images.shape[1]):
@@ -103,5 +129,6 @@ def write_report(results: dict[str, EvalResult], out_dir: str | Path) -> Path:
                      " | ".join(f"{s[n]['best_of_n']:.4f}" for n in names) + " |")
     n_img = next(iter(results.values())).images.shape[:2]
     table = "\n".join(lines) + f"\n\n{n_img[0]} prompts x {n_img[1]} images per model.\n"
-    (out_dir / "report.md").write_text(table, encoding="utf-8")
+    with writing(out_dir / "report.md"):  # a full disk names the file, as sample and export do
+        (out_dir / "report.md").write_text(table, encoding="utf-8")
     return out_dir / "report.md"

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from mixgrpo import dist
-from mixgrpo.checkpoint import (MARKER, CheckpointError, dcp_load, is_sharded_checkpoint, latest_checkpoint,
-                                 load_checkpoint)
+from mixgrpo.checkpoint import (MARKER, CheckpointError, dcp_load, describe_checkpoints, is_sharded_checkpoint,
+                                 latest_checkpoint, read_weights)
+from mixgrpo.errors import ConfigError
 from mixgrpo.fileio import atomic_directory, writing
 from mixgrpo.models.base import FlowModel, build_model
 from mixgrpo.rundir import CONFIG, FINAL
@@ -95,7 +96,6 @@ def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: st
     EMA weights when it has them and `ema`), another export directory, or None for the base alone. The base
     model's files must be the ones the run was trained with (`check_base_files`).
     device, dtype, resolution, text_encoder: as `build_model`. In eval mode, nothing trainable."""
-    from mixgrpo.config import ConfigError
     from mixgrpo.preflight import package_problems
 
     run_dir = Path(run_dir)
@@ -105,18 +105,21 @@ def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: st
         raise ConfigError(missing[0])
     model_args = {**cfg.model.args, **(args or {})}
     check_base_files(run_dir, model_args)
+    source = None if weights is None else run_dir / FINAL if str(weights) == FINAL else Path(weights)
+    checkpoint = source is not None and (source.parent.name == "checkpoints" or is_checkpoint_dir(source))
+    # a checkpoint's weights are read before the base loads (minutes for FLUX): a run still training into run_dir
+    # rotates old checkpoints away, and can then do so only during the read, which says so (CheckpointRotated)
+    read = read_weights(source, ema) if checkpoint and not is_sharded_checkpoint(source) else None
     model = build_model(cfg.model.name, model_args, device, dtype, resolution, text_encoder)
-    if weights is not None:
-        source = run_dir / FINAL if str(weights) == FINAL else Path(weights)
-        if is_checkpoint_dir(source):
-            if cfg.lora.rank > 0:
-                from mixgrpo.models.lora import apply_lora
+    if checkpoint:
+        if cfg.lora.rank > 0:
+            from mixgrpo.models.lora import apply_lora
 
-                apply_lora(model.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha or cfg.lora.rank,
-                           target_modules=list(cfg.lora.target_modules))
-            load_checkpoint_weights(model, source, ema=ema)
-        else:
-            load_export(model, source)
+            apply_lora(model.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha or cfg.lora.rank,
+                       target_modules=list(cfg.lora.target_modules))
+        load_checkpoint_weights(model, source, ema=ema, weights=read)
+    elif source is not None:
+        load_export(model, source)
     return model.eval().requires_grad_(False)
 
 
@@ -130,15 +133,15 @@ def check_base_files(run_dir: Path, model_args: dict[str, Any]) -> None:
     data = {"model": {"args": model_args}}
     gone = missing(data)
     if gone:
-        raise ValueError(f"run {run_dir} names files that are not here (was it moved?): "
-                         f"{', '.join(f'{field} = {path}' for field, path in gone)}; give their place now with "
-                         + " ".join(f"--set {field}=PATH" for field, _ in gone))
+        raise ConfigError(f"run {run_dir} names files that are not here (was it moved?): "
+                          f"{', '.join(f'{field} = {path}' for field, path in gone)}; give their place now with "
+                          + " ".join(f"--set {field}=PATH" for field, _ in gone))
     latest = latest_checkpoint(run_dir)
     recorded = read_state(latest).get("files", {}) if latest is not None else {}
     differ = mismatches({k: v for k, v in recorded.items() if k.startswith("model.")}, identities(data))
     if differ:
-        raise ValueError(f"run {run_dir} was trained with other files ({'; '.join(differ)}): point "
-                         f"--set {differ[0].split(':', 1)[0]}=PATH at a copy of the files it was trained with")
+        raise ConfigError(f"run {run_dir} was trained with other files ({'; '.join(differ)}): point "
+                          f"--set {differ[0].split(':', 1)[0]}=PATH at a copy of the files it was trained with")
 
 
 def final_or_latest(run_dir: str | Path) -> Path:
@@ -148,7 +151,8 @@ def final_or_latest(run_dir: str | Path) -> Path:
         return run_dir / FINAL
     latest = latest_checkpoint(run_dir)
     if latest is None:
-        raise ValueError(f"run {run_dir} has no final/ and no complete checkpoint: it has no fine-tuned model yet")
+        raise ConfigError(f"run {run_dir} has no final/ and {describe_checkpoints(run_dir)}: it has no fine-tuned "
+                          f"model yet; wait for its first checkpoint (checkpoint_every)")
     return latest
 
 
@@ -172,9 +176,9 @@ def load_export(model: FlowModel, directory: str | Path) -> FlowModel:
     lora = (directory / LORA_WEIGHTS_NAME).is_file()
     files = [directory / LORA_WEIGHTS_NAME] if lora else _weight_files(directory)
     if not files:
-        raise ValueError(f"{directory} holds no exported model (no {LORA_WEIGHTS_NAME}, no "
-                         f"diffusion_pytorch_model*.safetensors, no model.safetensors): export a run's checkpoint with "
-                         f"mixgrpo export --run and the run directory")
+        raise ConfigError(f"{directory} holds no exported model (no {LORA_WEIGHTS_NAME}, no "
+                          f"diffusion_pytorch_model*.safetensors, no model.safetensors): export a run's checkpoint "
+                          f"with mixgrpo export --run and the run directory")
     try:
         if lora:
             load_lora(model.denoiser, directory)
@@ -183,9 +187,9 @@ def load_export(model: FlowModel, directory: str | Path) -> FlowModel:
         for f in files:
             state.update(load_file(str(f)))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot load model weights from {directory} ({type(e).__name__}: {e}): the files are "
-                         f"corrupted or incomplete; write them again with mixgrpo export --run and the run directory, to a "
-                         f"new --out directory") from e
+        raise ConfigError(f"cannot load model weights from {directory} ({type(e).__name__}: {e}): the files are "
+                          f"corrupted or incomplete; write them again with mixgrpo export --run and the run directory, "
+                          f"to a new --out directory") from e
     _load_matching(model.denoiser, state, str(directory))
     return model
 
@@ -201,15 +205,17 @@ def _load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], sour
     if missing or unexpected or shapes:
         parts = [f"{len(v)} {what} (e.g. {v[0]!r})" for what, v in
                  (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
-        raise ValueError(f"the weights in {source} do not fit the model ({', '.join(parts)}): they are from another "
-                         f"model or size; use the run directory they belong to")
+        raise ConfigError(f"the weights in {source} do not fit the model ({', '.join(parts)}): they are from another "
+                          f"model or size; use the run directory they belong to")
     module.load_state_dict(state, strict=strict)
 
 
-def load_checkpoint_weights(model: FlowModel, checkpoint: str | Path, ema: bool = True) -> FlowModel:
+def load_checkpoint_weights(model: FlowModel, checkpoint: str | Path, ema: bool = True,
+                            weights: dict[str, torch.Tensor] | None = None) -> FlowModel:
     """Put a checkpoint's trainable weights (EMA weights when it has them and `ema`) into `model`, which must
     have the run's trainable layout (the LoRA adapter added for a LoRA run). Full and sharded checkpoints,
-    written under any world size, are read by one process."""
+    written under any world size, are read by one process. weights: those of a full checkpoint, already read
+    (`mixgrpo.checkpoint.read_weights`)."""
     checkpoint = Path(checkpoint)
     params = dict(model.named_parameters())
     if is_sharded_checkpoint(checkpoint):
@@ -222,8 +228,8 @@ def load_checkpoint_weights(model: FlowModel, checkpoint: str | Path, ema: bool 
             raise CheckpointError(f"sharded checkpoint {checkpoint} does not fit the run's model "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         return model
-    ckpt = load_checkpoint(checkpoint)
-    weights = ckpt["ema"] if ema and ckpt["ema"] is not None else ckpt["model"]
+    if weights is None:
+        weights = read_weights(checkpoint, ema)
     missing = [n for n in _checkpoint_names(model) if n not in weights]
     if missing:
         raise CheckpointError(f"checkpoint {checkpoint} lacks {len(missing)} weights of the run's model (e.g. "

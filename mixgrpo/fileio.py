@@ -8,6 +8,7 @@ import errno
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -21,12 +22,12 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_OWNER}-", dir=path.parent))
     try:
         yield tmp
         tmp.chmod(0o755)
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{_OWNER}-", dir=path.parent))
             path.rename(old / path.name)
             tmp.rename(path)
             shutil.rmtree(old)
@@ -35,6 +36,38 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_OWNER = f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+"""HOST-PID in the names of atomic_directory's temporaries, so that a later process knows whether their writer
+is dead (`remove_dead_temporaries`)."""
+
+
+def remove_dead_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporaries that `atomic_directory(path)` left when its process was killed (kill -9, OOM, a
+    node lost): tens of GB for a full FLUX export. Only those of a process on this host that no longer runs: a
+    live writer, or one on another host of a shared file system, keeps its own. Returns what was deleted."""
+    path = Path(path)
+    removed = []
+    for kind in ("tmp", "old"):
+        prefix = f".{path.name}.{kind}-"
+        for p in path.parent.glob(f"{prefix}*"):
+            host, _, pid = p.name[len(prefix):].rsplit("-", 1)[0].rpartition("-")
+            if host != _OWNER.rpartition("-")[0] or not pid.isdigit() or _alive(int(pid)):
+                continue
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 FULL_BELOW = 1 << 20

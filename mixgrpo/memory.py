@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from mixgrpo.config import TrainConfig
+from mixgrpo.objectives import OBJECTIVES
 
 GIB = 1024 ** 3
 
@@ -50,7 +51,8 @@ class Estimate:
 
     def lines(self) -> list[str]:
         """What `mixgrpo train` prints before loading the model."""
-        counts = ", ".join(f"{name} {n / 1e9:.2f} B" if n >= 1e7 else f"{name} {n:,}" for name, n in self.params.items())
+        counts = ", ".join(f"{name} {n / 1e9:.2f} B" if n >= 1e7 else f"{name} {n:,}"
+                           for name, n in self.params.items())
         out = [f"memory estimate per process (before loading; a lower bound, docs/distributed.md): "
                f"{_size(self.total)}"]
         out += [f"  {what}: {_size(b)}" for what, b in self.parts.items()]
@@ -65,13 +67,10 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
     root = Path(str(args.get("path") or ""))
     if not (root / "model_index.json").is_file():
         return None
-    import inspect
-
     from mixgrpo.dtypes import parse_dtype
-    from mixgrpo.models import MODELS
+    from mixgrpo.pipeline_grid import model_args
 
-    defaults = {k: p.default for k, p in inspect.signature(MODELS.get(cfg.model.name)).parameters.items()}
-    get = lambda key: args.get(key, defaults.get(key))  # noqa: E731
+    get = model_args(cfg.model.name, args).get
     modules = meta_components(root, text=not args.get("embedding_cache"))
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
     trained_name = "transformer_2" if get("trained_expert") == "low_noise" and "transformer_2" in modules \
@@ -95,7 +94,8 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
         if fsdp:  # the denoiser's weights are sharded too
             est.parts["weights"] -= params[trained_name] * weight_bytes * (1 - share)
     copies = [("EMA", cfg.ema_decay > 0, 4), ("KL reference", cfg.kl_beta > 0, state_bytes),
-              ("sampling copy", cfg.objective != "grpo" and cfg.matching.sampler_decay > 0, 4)]
+              ("sampling copy", not OBJECTIVES.get(cfg.objective).stores_transitions and cfg.matching.sampler_decay > 0,
+               4)]
     for name, on, nbytes in copies:
         if on:
             est.parts[f"{name} of the trained weights"] = est.trained * nbytes
@@ -128,7 +128,9 @@ def _activations(cfg: TrainConfig, root: Path, transformer: Any, get) -> dict[st
         tokens += text
     hidden = transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0)
     layers = transformer.get("num_layers", 0) + transformer.get("num_single_layers", 0)
-    rows = cfg.micro_batch_size * (2 if cfg.objective == "grpo" and cfg.guidance_scale != 1 else 1)
+    objective = OBJECTIVES.get(cfg.objective)
+    guided = objective.guided_update and cfg.guidance_scale != 1  # cond and uncond rows
+    rows = cfg.micro_batch_size * (2 if guided else 1) * objective.forwards_per_backward(cfg)
     scale = (2 if cfg.precision in ("bf16", "auto") else 4) / 2  # the formula's bytes are 16-bit
     per_layer = 34 * tokens * rows * hidden * scale
     stored = (2 * tokens * rows * hidden * scale * layers + per_layer) if cfg.grad_checkpointing else per_layer * layers
@@ -166,10 +168,15 @@ def _size(n: float) -> str:
 
 
 def report(cfg: TrainConfig, world_size: int) -> Estimate | None:
-    """Print the estimate (rank 0) before the model loads; a model without one prints nothing."""
+    """Print the estimate (rank 0) before the model loads; a model without one prints nothing, and an estimate that
+    fails (a component class this module cannot build on the meta device) says so in one line."""
     from mixgrpo import dist
 
-    est = estimate(cfg, world_size)
+    try:
+        est = estimate(cfg, world_size)
+    except Exception as e:  # noqa: BLE001  (an estimate never stops a run: the pre-flight has passed)
+        dist.print0(f"memory estimate unavailable ({type(e).__name__}: {e})")
+        return None
     if est is not None:
         dist.print0("\n".join(est.lines()))
     return est

@@ -28,6 +28,8 @@ WINDOW_STRATEGIES = ("progressive", "frozen", "random", "linear_decay", "exp_dec
 SDE_STEPS = ("window", "all", "none")
 TRAIN_STEPS = ("window", "all_but_last", "random_fraction", "none")
 STEP_KINDS = ("ode", "sde", "dpm")
+MAX_STEPS = 10_000
+"""The most steps a plan may have: a plan is materialised (one Step per step), and no flow model needs more."""
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -126,12 +128,15 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if self.num_steps < 1:
             raise ValueError(f"num_steps = {self.num_steps}: a rollout needs at least one step")
-        if self.shift <= 0:
-            raise ValueError(f"shift = {self.shift}: the time shift must be > 0 (1 = no shift)")
+        if self.num_steps > MAX_STEPS:
+            raise ValueError(f"num_steps = {self.num_steps}: use at most {MAX_STEPS} steps (flow models sample well "
+                             f"in 10 to 100; the plan of {self.num_steps:,} would not fit in memory)")
+        if not 0 < self.shift < math.inf:
+            raise ValueError(f"shift = {self.shift}: the time shift must be a finite number > 0 (1 = no shift)")
         _one_of("sde_form", self.sde_form, SDE_FORMS)
         _one_of("sde_steps", self.sde_steps, SDE_STEPS)
         _one_of("train_steps", self.train_steps, TRAIN_STEPS)
-        if self.eta < 0 or (self.sde_form == "cps" and self.eta > 1):
+        if not 0 <= self.eta < math.inf or (self.sde_form == "cps" and self.eta > 1):
             limit = "in [0, 1] for sde_form='cps'" if self.sde_form == "cps" else ">= 0"
             raise ValueError(f"eta = {self.eta}: the noise level must be {limit}")
         if not 0 < self.train_fraction <= 1:

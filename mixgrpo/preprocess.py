@@ -15,26 +15,17 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.models.base import Cond
 from mixgrpo.models.text import EmbeddingCache, write_cache
 from mixgrpo.progress import bar
 from mixgrpo.prompts import read_prompts
-
-# Base models whose text encoder loads without the transformer: name -> "module:function(path, dtype, device,
-# max_sequence_length)". Any other registered model is loaded whole and its encode_prompts is used.
-TEXT_ENCODERS = {"flux": "mixgrpo.models.flux_pipeline:load_flux_text_encoder",
-                 "sd3": "mixgrpo.models.sd3:load_sd3_text_encoder",
-                 "qwen_image": "mixgrpo.models.qwen_image:load_qwen_image_text_encoder",
-                 "flux2": "mixgrpo.models.flux2:load_flux2_text_encoder",
-                 "wan": "mixgrpo.models.wan:load_wan_text_encoder"}
-
 
 def _encode_fn(model: Any) -> Callable[[list[str]], Cond]:
     """`encode_prompts` of a FlowModel, or `encode` of a text encoder (or of an EmbeddingCache)."""
@@ -61,7 +52,7 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
     Raises ValueError for a missing, empty, non-UTF-8 or malformed prompt file.
     """
     if shard_size < 1 or batch_size < 1:
-        raise ValueError(f"preprocess: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
+        raise ConfigError(f"preprocess: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
     files = [str(prompt_files)] if isinstance(prompt_files, (str, Path)) else [str(f) for f in prompt_files]
     prompts = unique_prompts([p for f in files for p in read_prompts(f)])
     encode = _encode_fn(model)
@@ -73,18 +64,35 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
 
 def _load_text_encoder(model: str, path: str | None, dtype: str, device: str, max_sequence_length: int | None,
                        args: dict[str, Any]) -> Any:
-    if model in TEXT_ENCODERS:
-        if not path:
-            raise ValueError(f"preprocess: --model {model} needs --path (the local pipeline directory)")
-        module, _, fn = TEXT_ENCODERS[model].partition(":")
-        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
-        return getattr(importlib.import_module(module), fn)(path, dtype=dtype, device=device, **kw, **args)
-    import mixgrpo.models.sd3  # noqa: F401  (registers "flux" and "sd3" among the built-in models)
-    import mixgrpo.models.tiny  # noqa: F401  (registers "tiny")
+    """The model's text encoder alone when its description has a loader (`ModelSpec.text_encoder`: the pipeline
+    models), else the whole registered model (its encode_prompts)."""
     from mixgrpo.models import MODELS
 
+    spec = MODELS.spec(model)
+    if spec.text_encoder is not None:
+        if not path:
+            raise ConfigError(f"preprocess: --model {model} needs --path (the local pipeline directory)")
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        return spec.text_encoder(path, dtype=dtype, device=device, **kw, **args)
     kw = dict(args) | ({"path": path} if path else {})
-    return MODELS.get(model)(**kw)
+    return spec.factory(**kw)
+
+
+def _check_args(args) -> None:
+    """The values of a preprocess command, before any encoder loads (`mixgrpo.errors.check_values`)."""
+    from mixgrpo.dtypes import DTYPES
+    from mixgrpo.errors import check_values
+    from mixgrpo.preflight import device_problems
+
+    check_values([
+        (args.shard_size >= 1, "--shard-size", args.shard_size, "an integer >= 1"),
+        (args.batch_size >= 1, "--batch-size", args.batch_size, "an integer >= 1"),
+        (args.max_sequence_length is None or args.max_sequence_length >= 1, "--max-sequence-length",
+         args.max_sequence_length, "an integer >= 1"),
+        (args.dtype in DTYPES, "--dtype", args.dtype, f"one of {sorted(DTYPES)}"),
+        (bool(args.out.strip()), "--out", args.out, "the cache directory to write (empty: an unset shell variable?)")])
+    for problem in device_problems("--device", args.device):
+        raise ConfigError(problem)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep:
             parser.error(f"--arg {item!r}: expected KEY=VALUE")
         extra[key.strip()] = yaml.safe_load(value)
+    _check_args(args)
 
     start = time.perf_counter()
     encoder = _load_text_encoder(args.model, args.path, args.dtype, args.device, args.max_sequence_length, extra)

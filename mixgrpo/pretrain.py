@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.images import plot_lines, save_grid
 from mixgrpo.models.base import FlowModel
 from mixgrpo.models.flux import FluxAdapter
@@ -72,13 +73,13 @@ class PretrainConfig:
             self.model = TinyConfig.from_dict(self.model)
         for name in ("steps", "batch_size", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"PretrainConfig.{name} = {getattr(self, name)} must be >= 1")
+                raise ConfigError(f"PretrainConfig.{name} = {getattr(self, name)} must be >= 1")
         if self.minutes <= 0:
-            raise ValueError(f"PretrainConfig.minutes = {self.minutes} must be > 0")
+            raise ConfigError(f"PretrainConfig.minutes = {self.minutes} must be > 0")
         if not 0 <= self.prompt_dropout < 1:
-            raise ValueError(f"PretrainConfig.prompt_dropout = {self.prompt_dropout} must be in [0, 1)")
+            raise ConfigError(f"PretrainConfig.prompt_dropout = {self.prompt_dropout} must be in [0, 1)")
         if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"PretrainConfig.decay_fraction = {self.decay_fraction} must be in [0, 1]")
+            raise ConfigError(f"PretrainConfig.decay_fraction = {self.decay_fraction} must be in [0, 1]")
 
 
 def rectified_flow_loss(model: FlowModel, x0: torch.Tensor, cond: dict, t: torch.Tensor,
@@ -142,8 +143,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
     if cfg.init:
         start_from = load_tiny(cfg.init, model.text_encoder)
         if start_from.config != cfg.model:
-            raise ValueError(f"PretrainConfig.init: {cfg.init} has config {start_from.config}, the run has "
-                             f"{cfg.model}; pre-train with the checkpoint's model config")
+            raise ConfigError(f"PretrainConfig.init: {cfg.init} has config {start_from.config}, the run has "
+                              f"{cfg.model}; pre-train with the checkpoint's model config")
         model.transformer.load_state_dict(start_from.transformer.state_dict())
     ema: FluxAdapter = build_tiny(cfg.model, model.text_encoder)
     ema.transformer.load_state_dict(model.transformer.state_dict())

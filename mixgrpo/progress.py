@@ -4,8 +4,8 @@ Shown on rank 0 only, on stderr. In a terminal they refresh every second; in a l
 30 s, so a log gets a few lines per phase instead of one per step. TQDM_DISABLE=1 turns every bar off (tqdm's
 own switch; the tests set it).
 
-Inside a training iteration (`PhaseProgress`), the rollout's and the update's model calls get a bar of their own
-only when the phase lasts longer than SLOW_PHASE_S: a real model's iteration takes minutes, the tiny model's a
+Inside a training iteration (`PhaseProgress`), the rollout's and the update's model calls, and the wait for the
+chunks' scores, get a bar of their own only when the phase lasts longer than SLOW_PHASE_S: a real model's iteration takes minutes, the tiny model's a
 second, and its one line per iteration is enough.
 """
 
@@ -48,10 +48,14 @@ class PhaseProgress:
         if self._bar is not None:
             self._bar.update()
 
+    def tick(self) -> None:
+        """One unit of the current phase done, for a phase whose units are not model calls (scored chunks)."""
+        self._tick()
+
     @contextlib.contextmanager
-    def phase(self, desc: str, total: int | None = None) -> Iterator[None]:
-        """Count the model calls of the block under `desc` (of `total` when known)."""
-        with bar(total=total, desc=desc, unit="model call", delay=self.delay) as b:
+    def phase(self, desc: str, total: int | None = None, unit: str = "model call") -> Iterator[None]:
+        """Count the model calls (or `tick`s) of the block under `desc` (of `total` when known)."""
+        with bar(total=total, desc=desc, unit=unit, delay=self.delay) as b:
             self._bar = b
             try:
                 yield

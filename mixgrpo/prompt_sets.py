@@ -22,11 +22,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from mixgrpo.errors import ConfigError
+
 ASSETS = Path(__file__).resolve().parent / "assets" / "prompts"
 STORE_ENV = "MIXGRPO_PROMPTS"
 
 
-class PromptSetError(ValueError):
+class PromptSetError(ConfigError):
     """A named prompt set is unknown, not fetched yet, or its download does not match its checksum."""
 
 

@@ -8,8 +8,10 @@ import io
 import json
 from pathlib import Path
 
+from mixgrpo.errors import ConfigError
 
-class PromptFileError(ValueError):
+
+class PromptFileError(ConfigError):
     """A prompt file is missing, empty or malformed; the message names the fix."""
 
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
+from mixgrpo.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -30,6 +32,14 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._factories)
 
+    def __iter__(self):
+        """The registered names, in registration order."""
+        return iter(self._factories)
+
+    def __contains__(self, name: object) -> bool:
+        """Whether `name` is registered (a "package.module:attribute" name is not)."""
+        return name in self._factories
+
     def get(self, name: str) -> Callable[..., T]:
         if name in self._factories:
             return self._factories[name]
@@ -38,15 +48,15 @@ class Registry(Generic[T]):
             try:
                 module = importlib.import_module(module_name)
             except ImportError as e:
-                raise ValueError(f"{self.kind} {name!r}: cannot import module {module_name!r} ({e}); "
-                                 f"{_import_hint(module_name)}") from None
+                raise ConfigError(f"{self.kind} {name!r}: cannot import module {module_name!r} ({e}); "
+                                  f"{_import_hint(module_name)}") from None
             if not hasattr(module, attr):
-                raise ValueError(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
+                raise ConfigError(f"{self.kind} {name!r}: module {module_name!r} has no attribute {attr!r}")
             return getattr(module, attr)
         close = difflib.get_close_matches(name, self.names(), n=1) or [n for n in self.names() if n.startswith(name)]
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}; "
-                         f"or give a Python callable as 'package.module:function'.")
+        raise ConfigError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}; "
+                          f"or give a Python callable as 'package.module:function'.")
 
 
 def _import_hint(module_name: str) -> str:

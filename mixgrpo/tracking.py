@@ -23,17 +23,23 @@ from typing import Any
 
 import torch
 
+from mixgrpo import dist
+from mixgrpo.errors import UserError
 from mixgrpo.fileio import writing
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """A tracker that was asked for cannot start."""
 
 
 class Trackers:
+    """The run's trackers; every rank holds one, and off rank 0 it tracks nothing (each method returns at once)."""
+
     def __init__(self, run_dir: Path, config: dict[str, Any], tensorboard: bool, wandb_project: str):
         self._tb = None
         self._wandb = None
+        if not dist.is_main():
+            return
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -3,6 +3,7 @@ must end with exit status 2 and one line on stderr, `error: ...`, that names the
 traceback unless `--debug`. docs/reliability.md lists the same cases."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from mixgrpo.cli import main
 from mixgrpo.config import load_config
@@ -46,6 +49,18 @@ def files(tmp_path_factory) -> Path:
               d / "corrupt" / "final" / "model.safetensors"):
         f.write_bytes(f.read_bytes()[:40])  # truncated: what a full disk or a killed copy leaves
     shutil.copytree(d / "run", d / "finished", ignore=shutil.ignore_patterns("checkpoints"))  # cleaned up
+    (d / "nomodel").mkdir()  # a run that has not reached its first checkpoint
+    shutil.copy(d / "run" / "config.yaml", d / "nomodel" / "config.yaml")
+    shutil.copytree(d / "run", d / "diverged", ignore=shutil.ignore_patterns("final", "iter_000001"))
+    ckpt = d / "diverged" / "checkpoints" / "iter_000002" / "model.safetensors"
+    # weights that overflowed (the analytic model stays finite for any finite mean; the tiny transformer with weights
+    # of 1e10, the repro, gives NaN)
+    save_file({k: torch.full_like(v, float("inf")) for k, v in load_file(ckpt).items()}, ckpt)
+    shutil.copytree(d / "run", d / "incomplete")
+    (d / "incomplete" / "checkpoints" / "iter_000002" / "COMPLETE").unlink()  # a save cut short by kill -9
+    shutil.copytree(d / "run", d / "finished_incomplete")  # a finished run whose only checkpoints are incomplete
+    shutil.rmtree(d / "finished_incomplete" / "checkpoints" / "iter_000001")
+    (d / "finished_incomplete" / "checkpoints" / "iter_000002" / "COMPLETE").unlink()
     busy = RunLock(d / "busy")  # a run directory in use by a live run (this process)
     (d / "busy").mkdir()
     busy.acquire()
@@ -91,8 +106,7 @@ CASES = [
     Case("group not divisible by updates", train_args("updates_per_iteration=3"),
          ["not a multiple of updates_per_iteration", "choose updates_per_iteration among [1, 2, 4]"]),
     Case("negative lr", train_args("lr=-1"), ["lr = -1.0 is invalid", "positive finite number"]),
-    Case("infinite lr", train_args("lr=.inf", "updates_per_iteration=1"),
-         ["lr = inf is invalid", "positive finite number"]),
+    Case("infinite lr", train_args("lr=.inf", "updates_per_iteration=1"), ["lr must be a finite number", "got inf"]),
     Case("betas out of range", train_args("betas=[1.5, 0.999]"), ["betas = (1.5, 0.999) is invalid", "[0, 1)"]),
     Case("negative weight_decay", train_args("weight_decay=-1"), ["weight_decay = -1.0 is invalid", ">= 0"]),
     Case("negative eval_num_prompts", train_args("eval_num_prompts=-1"),
@@ -100,9 +114,26 @@ CASES = [
     Case("zero eval images per prompt", train_args("eval_images_per_prompt=0"),
          ["eval_images_per_prompt = 0 is invalid", "integer >= 1"]),
     Case("NaN reward weight", train_args("rewards=[{name: 'toy_rewards:brightness', weight: .nan}]"),
-         ["rewards[0].weight must be a number", "got nan"]),
+         ["rewards[0].weight must be a finite number", "got nan"]),
     Case("infinite reward weight", train_args("rewards=[{name: 'toy_rewards:brightness', weight: .inf}]"),
-         ["rewards[0].weight = inf is invalid", "finite number"]),
+         ["rewards[0].weight must be a finite number", "got inf"]),
+    Case("negative advantage_clip", train_args("advantage_clip=-1"),
+         ["advantage_clip = -1.0 is invalid", "positive finite number"]),
+    Case("zero advantage_clip", train_args("advantage_clip=0"), ["advantage_clip = 0.0 is invalid"]),
+    Case("eval guidance below 1", train_args("eval_guidance_scale=0.5"),
+         ["eval_guidance_scale = 0.5 is invalid", "-1 (the same as guidance_scale)", ">= 1"]),
+    Case("infinite sigma_std", train_args("objective=diffusion_nft", "matching.sigma_std=.inf"),
+         ["matching.sigma_std must be a finite number", "got inf"]),
+    Case("infinite NFT beta", train_args("objective=diffusion_nft", "matching.beta=.inf"),
+         ["matching.beta must be a finite number", "got inf"]),
+    Case("negative reward retries", train_args("reward_policy.retries=-1"),
+         ["reward_policy.retries = -1 is invalid", "integer >= 0"]),
+    Case("negative max_failed_groups", train_args("reward_policy.max_failed_groups=-1"),
+         ["reward_policy.max_failed_groups = -1.0 is invalid", "fraction in [0, 1]"]),
+    Case("frames on a whole-video reward", train_args("rewards=[{name: temporal_consistency, frames: min}]"),
+         ["frames = 'min' does not apply to reward 'temporal_consistency'", "drop frames"]),
+    Case("empty --out", ["train", "--config", "{d}/base.yaml", "--out", "", "--resume"],
+         ["--out is empty", "unset shell variable"]),
     Case("zero steps", train_args("sampler.num_steps=0"), ["num_steps = 0", "at least one step"]),
     Case("unknown precision", train_args("precision=fp16"), ["precision = 'fp16' is invalid", "'auto', 'fp32' or 'bf16'"]),
     Case("every reward weight 0", train_args("rewards=[{name: 'toy_rewards:brightness', weight: 0}]"),
@@ -155,6 +186,9 @@ CASES = [
          ["not a directory", "a_file/run", "choose another path"]),
     Case("existing run without --resume", ["train", "--config", "{d}/base.yaml", "--out", "{d}/run"],
          ["already holds checkpoints", "pass --resume"]),
+    Case("finished run with only incomplete checkpoints",
+         ["train", "--config", "{d}/base.yaml", "--out", "{d}/finished_incomplete"],
+         ["finished run whose checkpoints are all incomplete (iter_000002", "choose another out_dir"]),
     Case("finished run whose checkpoints were deleted", ["train", "--config", "{d}/base.yaml", "--out", "{d}/finished"],
          ["holds a finished run whose checkpoints were deleted", "final/", "metrics.jsonl (2 records)",
           "choose another out_dir"]),
@@ -181,9 +215,54 @@ CASES = [
     Case("zero images per prompt", sample_args("--num-images", "0"), ["--num-images = 0 is invalid", ">= 1"]),
     Case("empty --path", sample_args("--path", ""), ["--path is empty", "unset shell variable"]),
     Case("no prompts", ["sample", "--model", "gaussian", "--out", "{out}"], ["no prompts", "--prompt TEXT"]),
-    Case("sample output is a file",
-         ["sample", "--model", "gaussian", "--prompt", "a red circle", "--out", "{d}/a_file"],
-         ["file exists", "choose another path"]),
+    Case("sample output is a file", sample_args("--path", "{d}/run", "--out", "{d}/a_file"),
+         ["--out", "a_file' is a file, not a directory", "choose another --out"]),
+    Case("sample output under a file", sample_args("--path", "{d}/run", "--out", "{d}/a_file/samples"),
+         ["a_file' is a file, not a directory", "choose another --out"]),
+    Case("infinite guidance", sample_args("--guidance", "inf"), ["--guidance = inf is invalid", "finite number >= 1"]),
+    Case("infinite shift", sample_args("--shift", "inf"), ["--shift = inf is invalid", "finite number > 0"]),
+    Case("NaN shift", sample_args("--shift", "nan"), ["--shift = nan is invalid", "finite number > 0"]),
+    Case("a billion steps", sample_args("--steps", "1000000000"), ["--steps = 1000000000 is invalid", "[1, 10000]"]),
+    Case("a diverged checkpoint", sample_args("--path", "{d}/diverged"),
+         ["came out NaN or inf", "nothing was written", "earlier checkpoint"]),
+    Case("eval of a diverged checkpoint", ["eval", "--prompt", "a red circle", "tuned={d}/diverged", "--reward",
+                                           "toy_rewards:brightness", "--out", "{out}"],
+         ["tuned: sampling: 1 of the 1 images of a batch came out NaN or inf", "nothing was written"]),
+    Case("CUDA on a CPU-only build", sample_args("--device", "cuda"),
+         ["--device = 'cuda', but torch", "has no CUDA device", "cpu"]),
+    Case("a GPU index that is not there", sample_args("--device", "cuda:5"), ["--device = 'cuda:5'"]),
+    Case("a device typo", sample_args("--device", "cdua"), ["--device = 'cdua' is not a device", "cpu, cuda"]),
+    Case("a dtype typo", sample_args("--dtype", "flaot16"), ["--dtype = 'flaot16' is invalid", "'float16'"]),
+    Case("missing --base-path", sample_args("--path", "{d}/run", "--base-path", "{d}/nope"),
+         ["--base-path", "nope' does not exist"]),
+    Case("a run without a model yet", sample_args("--path", "{d}/nomodel"),
+         ["has no final/ and no checkpoint", "wait for its first checkpoint"]),
+    Case("eval --hybrid without a base entry", ["eval", "--model", "gaussian", "--prompt", "a red circle",
+                                                "tuned={d}/run", "--hybrid", "{d}/run", "--out", "{out}"],
+         ["--hybrid needs the base model among the models", "base=base"]),
+    Case("eval entry without a model", ["eval", "--model", "gaussian", "--prompt", "a red circle", "base=base",
+                                        "early={d}/nomodel", "--out", "{out}"],
+         ["nomodel has no final/ and no checkpoint", "no fine-tuned model yet"]),
+    Case("eval on a GPU of a CPU-only build", ["eval", "--model", "gaussian", "--prompt", "a red circle", "--device",
+                                              "cuda:5", "base=base", "--out", "{out}"], ["--device = 'cuda:5'"]),
+    # export
+    Case("export of a checkpoint without COMPLETE", ["export", "--run", "{d}/incomplete", "--checkpoint",
+                                                     "iter_000002", "--out", "{out}"],
+         ["iter_000002 is not a complete checkpoint (no COMPLETE marker)", "export a complete one: iter_000001"]),
+    Case("export of a killed save", ["export", "--run", "{d}/run", "--checkpoint", ".tmp-iter_000003-4242",
+                                     "--out", "{out}"], ["is not a checkpoint name", "iter_000001, iter_000002"]),
+    Case("export --checkpoint outside the run", ["export", "--run", "{d}/run", "--checkpoint", "../final",
+                                                 "--out", "{out}"], ["'../final' is not a checkpoint name"]),
+    Case("export of a run without a checkpoint", ["export", "--run", "{d}/nomodel", "--out", "{out}"],
+         ["has no complete checkpoint to export"]),
+    Case("export --out is a file", ["export", "--run", "{d}/run", "--out", "{d}/a_file"],
+         ["a_file already exists", "--out DIR"]),
+    Case("empty export --run", ["export", "--run", ""], ["--run is empty", "unset shell variable"]),
+    # preprocess
+    Case("preprocess batch of 0", ["preprocess", "--model", "tiny", "--prompts", "world:train", "--out", "{out}",
+                                   "--batch-size", "0"], ["--batch-size = 0 is invalid", "integer >= 1"]),
+    Case("preprocess on CUDA of a CPU-only build", ["preprocess", "--model", "tiny", "--prompts", "world:train",
+                                                    "--out", "{out}", "--device", "cuda"], ["--device = 'cuda', but"]),
     Case("eval entry with an empty path", ["eval", "--model", "gaussian", "--prompt", "a red circle", "base=base",
                                            "tuned=", "--out", "{out}"],
          ["'tuned=' has an empty path", "unset shell variable", "LABEL=PATH"]),
@@ -198,14 +277,78 @@ def _fill(argv: list[str], d: Path, out: Path) -> list[str]:
     return [a.replace("{d}", str(d)).replace("{out}", str(out)) for a in argv]
 
 
+MESSAGES: dict[str, str] = {}
+"""The real message of each case, as docs/reliability.md shows it (paths, pid, host and time replaced)."""
+
+
+def _run_case(case: Case, d: Path, out: Path, capsys) -> tuple[int, str]:
+    rc = main(_fill(case.argv, d, out))
+    err = capsys.readouterr().err.strip()
+    shown = err.replace(str(out), "OUT").replace(str(d), "DIR").replace(f"pid {os.getpid()} ", "pid PID ")
+    MESSAGES[case.name] = re.sub(r"on host \S+ \(started [^)]*\)", "on host HOST (started TIME)", shown)
+    return rc, err
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_bad_input_gives_one_line_naming_problem_and_fix(case, files, tmp_path, capsys):
-    rc = main(_fill(case.argv, files, tmp_path / "out"))
-    err = capsys.readouterr().err.strip()
+    rc, err = _run_case(case, files, tmp_path / "out", capsys)
     assert rc == 2, err
     assert err.startswith("error: ") and "\n" not in err, err
     for text in case.expect:
         assert text.lower() in err.lower(), f"{text!r} not in {err!r}"
+
+
+def _command(case: Case) -> str:
+    """The case's command line as the catalogue shows it (`train ...`: the test's base config and out_dir)."""
+    argv = [a.replace("{d}", "DIR").replace("{out}", "OUT") for a in case.argv]
+    for prefix, short in ((train_args(), ["train", "..."]), (sample_args(), ["sample", "..."])):
+        if case.argv[:len(prefix)] == prefix:
+            argv = short + argv[len(prefix):]
+    return " ".join(a if a else '""' for a in argv)
+
+
+def catalogue_rows() -> list[str]:
+    return [f"| {c.name} | `{_command(c)}` | 2 | `` {MESSAGES[c.name]} `` |" for c in CASES]
+
+
+CATALOGUE_HEADER = "| case | command | exit | message |"
+
+
+def test_the_catalogue_in_the_docs_is_the_real_messages(files, tmp_path, capsys):
+    """docs/reliability.md's bad-input table is generated from the cases above and their real messages:
+    `MIXGRPO_WRITE_CATALOGUE=1 pytest tests/test_bad_input.py` rewrites it; otherwise it must match."""
+    for i, case in enumerate(CASES):
+        if case.name not in MESSAGES:  # this test run alone
+            _run_case(case, files, tmp_path / f"out{i}", capsys)
+    doc = ROOT / "docs" / "reliability.md"
+    lines = doc.read_text(encoding="utf-8").splitlines()
+    start = lines.index(CATALOGUE_HEADER) + 2
+    end = next(i for i in range(start, len(lines) + 1) if i == len(lines) or not lines[i].startswith("|"))
+    if os.environ.get("MIXGRPO_WRITE_CATALOGUE"):
+        doc.write_text("\n".join(lines[:start] + catalogue_rows() + lines[end:]) + "\n", encoding="utf-8")
+    assert lines[start:end] == catalogue_rows(), "regenerate: MIXGRPO_WRITE_CATALOGUE=1 pytest tests/test_bad_input.py"
+
+
+def test_every_numeric_config_field_has_a_range_check():
+    """One place checks every value of train's config (`TrainConfig.checks`, `MatchingConfig.checks`; the sampler's
+    in `SamplerConfig`): a numeric field added without a range would take any value."""
+    import dataclasses
+    import typing
+
+    from mixgrpo.config import MatchingConfig, TrainConfig
+
+    def numeric(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp) and f.name != "sampler":
+                yield from numeric(tp, f"{prefix}{f.name}.")
+            elif tp in (int, float) or typing.get_origin(tp) is tuple:
+                yield prefix + f.name
+
+    checked = {name for _, name, _, _ in TrainConfig().checks() + MatchingConfig().checks()}
+    unchecked = sorted(set(numeric(TrainConfig)) - checked)
+    assert unchecked == [], f"no range check for {unchecked}"
 
 
 def test_catalogue_has_at_least_20_kinds():

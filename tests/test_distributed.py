@@ -39,6 +39,11 @@ def recorded_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tenso
     return -(images.mean(dim=(1, 2, 3)) - 1.0).abs()
 
 
+def crashing_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """A reward with a bug: what `mixgrpo launch` must report as one, with its traceback."""
+    return [][len(prompts)]
+
+
 def _config(out_dir: Path, **over) -> dict:
     data = gaussian_run(rewards=[{"name": "test_distributed:recorded_brightness"}], iterations=2, clip_range=0.2,
                         out_dir=str(out_dir), checkpoint_every=1, keep_checkpoints=3, eval_num_prompts=2)
@@ -386,3 +391,15 @@ def test_launch_stops_cleanly_on_a_signal_with_the_documented_status(tmp_path, h
     assert err.count(f"stopped by {name}: checkpoint saved") == 1 and "Traceback" not in err, err
     assert "interrupted" not in err  # the echoed signal did not abandon the checkpoint
     assert latest_checkpoint(tmp_path / "run") is not None
+
+
+@pytest.mark.slow  # one 2-process launch: ~15 s on 2 busy cores
+def test_launch_reports_a_bug_with_its_traceback_and_the_rank(tmp_path):
+    """A worker's bug (an IndexError in a reward) keeps its traceback, then one launcher line names the rank; the
+    status is the worker's (1), not a signal's or a user error's."""
+    proc = _launch(tmp_path, "rewards=[{name: 'test_distributed:crashing_reward'}]")
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1, err
+    assert "Traceback" in err and "IndexError" in err
+    assert err.strip().splitlines()[-1].startswith("mixgrpo launch: rank ")
+    assert "ChildFailedError" not in err  # torchrun's own block is not printed

@@ -104,30 +104,26 @@ def _pipeline(base: dict, name: str):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     cls = FluxPipeline if name == "flux" else StableDiffusion3Pipeline
-    pipe = cls.from_pretrained(base[name], local_files_only=True)
+    pipe = cls.from_pretrained(base[name], local_files_only=True)  # its own scheduler: mixgrpo samples on its grid
     pipe.set_progress_bar_config(disable=True)
-    # shift 1 and no dynamic shift: the scheduler takes mixgrpo's (already shifted) sigma grid as it is
-    pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, use_dynamic_shifting=False, shift=1.0)
     return pipe
 
 
 def _stock_images(pipe, name: str, prompts: list[str], seed: int = 1) -> torch.Tensor:
-    """What the stock pipeline makes from mixgrpo's noise of image 0 of each prompt, on the ODE plan of
-    `mixgrpo sample` (the run's steps and shift; seed: its default for a run, the run's evaluation seed
-    held_out_seed(0) = 1): [N, H, W, 3] in [0, 255] (float, to be rounded as a PNG is)."""
-    from mixgrpo.plan import ode_plan
+    """What the stock pipeline makes with its own defaults (its scheduler, its number of steps, its resolution-
+    dependent shift) from mixgrpo's noise of image 0 of each prompt, as `mixgrpo sample` samples a real model by
+    default (seed: its default for a run, the run's evaluation seed held_out_seed(0) = 1): [N, H, W, 3] in
+    [0, 255] (float, to be rounded as a PNG is)."""
     from mixgrpo.seeding import derive_seed
     from mixgrpo.models.flux import pack
 
-    sigmas = [s.sigma for s in ode_plan(STEPS, 3.0).steps]
     shape = (16, SIZE // 2, SIZE // 2)  # latents of the tiny VAE (factor 2)
     noise = torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(derive_seed(seed, i, 0)))
                        for i in range(len(prompts))])
     kw = {"guidance_scale": 3.5} if name == "flux" else {"guidance_scale": GUIDANCE["sd3"]}
     with torch.no_grad():
-        images = pipe(prompts, height=SIZE, width=SIZE, num_inference_steps=len(sigmas), sigmas=sigmas,
-                      latents=pack(noise, 2) if name == "flux" else noise, max_sequence_length=MAX_SEQ,
-                      output_type="pt", **kw).images
+        images = pipe(prompts, height=SIZE, width=SIZE, latents=pack(noise, 2) if name == "flux" else noise,
+                      max_sequence_length=MAX_SEQ, output_type="pt", **kw).images
     return (images.clamp(0, 1) * 255).permute(0, 2, 3, 1)
 
 
@@ -162,7 +158,8 @@ def test_fsdp_run_exports_what_stock_pipelines_load_and_reproduce(runs, base, tm
     assert (final / ("pytorch_lora_weights.safetensors" if lora else "config.json")).is_file()
     assert (run / "summary.md").is_file() and (run / "samples_after.png").is_file()
 
-    # the stock pipeline with the export reproduces `mixgrpo sample --path RUN` (the run's steps, shift, guidance)
+    # the stock pipeline with the export, at its own defaults, reproduces `mixgrpo sample --path RUN` (the
+    # pipeline's own grid, the run's guidance)
     assert _cli("sample", "--path", run, "--prompts", base["root"] / "eval.txt", "--out", tmp_path / "s") == 0
     ours = _pngs(tmp_path / "s")
     pipe = _pipeline(base, name)

@@ -14,7 +14,7 @@ MATH = {"mixgrpo.sampling", "mixgrpo.plan", "mixgrpo.grpo", "mixgrpo.flow_matchi
 COMMANDS = {"mixgrpo.__main__", "mixgrpo.cli", "mixgrpo.preprocess", "mixgrpo.pretrain", "mixgrpo.configdoc",
             "mixgrpo.launch"}
 BELOW_MODELS = {"mixgrpo.registry", "mixgrpo.dtypes", "mixgrpo.fileio", "mixgrpo.progress", "mixgrpo.dist",
-                "mixgrpo.packages"}
+                "mixgrpo.packages", "mixgrpo.errors"}
 
 
 def _module_name(path: Path) -> str:
@@ -125,3 +125,49 @@ def test_the_module_map_of_design_md_is_the_import_order():
     assert sum(len(r) for r in rows) == len(row_of), "a module is in two rows"
     upward = [f"{m} -> {n}" for m in row_of for n in GRAPH[m] if n in row_of and row_of[n] > row_of[m]]
     assert upward == [], "imports from a row below: " + ", ".join(upward)
+
+
+def _string_constants(name: str) -> list[str]:
+    return [node.value for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8")))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+
+
+def test_no_string_names_package_code():
+    """Package code is reached by import statements (which the tests above see), never by a "mixgrpo.x:attr" string
+    resolved with importlib; only the registry resolves "package.module:attribute" names, from user configs."""
+    dotted = re.compile(r"mixgrpo(\.\w+)+:\w+")
+    for name in MODULES:
+        assert not [s for s in _string_constants(name) if dotted.fullmatch(s.strip())], name
+
+
+REGISTRATION = re.compile(r"^MODELS\.add\(ModelSpec\(", re.MULTILINE)
+
+
+def test_each_base_model_is_one_file_registered_by_one_import():
+    """Every model description (`ModelSpec`) is registered at the foot of the file that defines its factory, and
+    that file is imported by mixgrpo/models/__init__.py: a new model is one file and one import line."""
+    from mixgrpo.models import MODELS
+
+    imported = {m for m in _imported("mixgrpo.models") if m.startswith("mixgrpo.models.")}
+    for spec in MODELS.specs():
+        home = spec.factory.__module__
+        assert REGISTRATION.search(MODULES[home].read_text(encoding="utf-8")), spec.name
+        assert home in imported, f"mixgrpo/models/__init__.py does not import {home} ({spec.name!r})"
+        hooks = (spec.text_encoder, spec.check, spec.trained_sigma_check, spec.lora_format)
+        assert all(h.__module__.startswith("mixgrpo.models.") for h in hooks if h is not None), spec.name
+    registering = {m for m in MODULES if REGISTRATION.search(MODULES[m].read_text(encoding="utf-8"))}
+    assert registering == {s.factory.__module__ for s in MODELS.specs()} <= imported
+
+
+def test_training_against_a_reward_server_needs_no_web_framework_and_serving_names_what_to_install(tmp_path):
+    """FastAPI and uvicorn (the `serve` extra) are imported by `mixgrpo serve-rewards` only: with both blocked, the
+    trainer and the client import, and the command says what to install in one line."""
+    import subprocess
+
+    code = ("import sys\nsys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
+            "import mixgrpo.train, mixgrpo.rewards.remote, mixgrpo.preflight, mixgrpo.cli\n"
+            "sys.exit(mixgrpo.cli.main(['serve-rewards', '--reward', 'verifier']))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "needs fastapi and uvicorn (the 'serve' extra): pip install 'fastapi" in done.stderr

@@ -111,3 +111,20 @@ def test_unknown_split_and_set(capsys):
         read_prompts("pickscore:validation")
     assert main(["prompts", "fetch", "nosuchset:train"]) == 2
     assert "not a prompt set" in capsys.readouterr().err
+
+
+def test_the_documented_sizes_are_the_manifest_s():
+    """docs/prompts.md's table gives each split's prompts and bytes as the manifest records them."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "prompts.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 4 and cells[0].startswith("`") and cells[1] in ("train", "test"):
+            rows[f"{cells[0].strip('`')}:{cells[1]}"] = (cells[2].replace(",", ""), cells[3].replace(",", ""))
+    assert set(rows) == set(prompt_sets.names())
+    for source, (prompts, size) in rows.items():
+        entry = prompt_sets.entry(source)[2]
+        if entry["prompts"] is not None:
+            assert (prompts, size) == (str(entry["prompts"]), str(entry["bytes"])), source

@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import mixgrpo.checkpoint as checkpoint
-import mixgrpo.train.objectives as objectives
+import mixgrpo.objectives as objectives
 import mixgrpo.train.trainer as trainer
 from mixgrpo.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from mixgrpo.cli import main
@@ -101,6 +102,20 @@ if __name__ == "__main__":
                 time.sleep(3600)
 
         checkpoint.save_file = save_file
+    stall_eval = os.environ.get("FAULT_STALL_EVAL")  # the N-th evaluation batch takes 3 s more
+    if stall_eval:
+        import mixgrpo.evaluate as evaluate
+
+        real_sample, calls = evaluate.sample, []
+
+        def sample(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == int(stall_eval):
+                print("FAULT: inside the evaluation", flush=True)
+                time.sleep(3)
+            return real_sample(*args, **kwargs)
+
+        evaluate.sample = sample
     if os.environ.get("FAULT_STALL_EXPORT"):  # inside the export of final/, after its weights are written
         from mixgrpo.models.analytic import GaussianFlow
 
@@ -205,9 +220,9 @@ def _stop_with(sig: signal.Signals, child: Child, after: int, run: Path) -> int:
     child.proc.send_signal(sig)
     assert child.finish(timeout=60) == 128 + sig  # bounded: the rest of one iteration and a save
     output = "".join(child.output)
-    assert f"received {sig.name}: finishing this iteration" in output
+    assert f"received {sig.name}: stopping at the next safe point" in output
     assert f"stopped by {sig.name}: checkpoint saved" in output
-    stopped = int(output.split("stopped after iteration ")[1].split(";")[0])
+    stopped = int(re.search(r"stopped after iteration (\d+)", output).group(1))
     assert stopped in (after, after + 1)
     assert latest_checkpoint(run).name == f"iter_{stopped:06d}"
     assert len(read_metrics(run)) == stopped
@@ -233,6 +248,46 @@ def test_kill9_inside_a_save_then_sigint_then_sigterm_and_the_resumed_run_equals
     child = Child(faults_dir, _run_args(run, resume=True))
     assert child.finish() == 0, "".join(child.output)
     _assert_same_run(run, reference)
+
+
+def test_a_signal_inside_the_periodic_evaluation_stops_before_another_iteration(faults_dir, tmp_path):
+    """SIGTERM while the evaluation of iteration 2 runs (eval_every=2, no checkpoint due): exit 143 before
+    iteration 3 starts, a checkpoint at 2 that says its evaluation is pending; the resume evaluates first and
+    ends equal to the uninterrupted run (once, the stop waited for one more whole iteration)."""
+    over = ["iterations=4", "checkpoint_every=10", "eval_every=2"]
+    want = train(load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'ref'}", *over]), progress=False)
+    run = tmp_path / "run"
+    child = Child(faults_dir, _run_args(run, resume=False) + over, FAULT_STALL_EVAL="2")
+    assert child.wait_for("FAULT: inside the evaluation"), "".join(child.output)
+    child.proc.send_signal(signal.SIGTERM)
+    assert child.finish(timeout=60) == 143, "".join(child.output)
+    assert "stopped by SIGTERM: checkpoint saved, stopped after iteration 2" in "".join(child.output)
+    assert len(read_metrics(run)) == 2
+    assert latest_checkpoint(run).name == "iter_000002"
+    assert json.loads((latest_checkpoint(run) / "state.json").read_text())["eval_pending"] is True
+    assert [r["iteration"] for r in map(json.loads, (run / "eval.jsonl").read_text().splitlines())] == [0]
+    child = Child(faults_dir, _run_args(run, resume=True) + over)
+    assert child.finish() == 0, "".join(child.output)
+    _assert_same_run(run, want)
+
+
+def test_a_signal_after_the_rollout_drops_the_iteration_and_checkpoints_the_last_one(faults_dir, tmp_path):
+    """SIGTERM during the rollout of iteration 3 (checkpoint_every=10: none is due): the iteration is dropped
+    before its update, the weights after iteration 2 are checkpointed, exit 143; the resume equals the
+    uninterrupted run."""
+    over = ["iterations=4", "checkpoint_every=10"]
+    want = train(load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'ref'}", *over]), progress=False)
+    run = tmp_path / "run"
+    child = Child(faults_dir, _run_args(run, resume=False) + over, FAULT_REWARD_SLEEP="1")
+    assert child.wait_for("it    2/"), "".join(child.output)
+    child.proc.send_signal(signal.SIGTERM)  # lands in iteration 3's rollout or rewards (the reward takes 1 s)
+    assert child.finish(timeout=60) == 143, "".join(child.output)
+    assert "stopped after iteration 2 (iteration 3 was dropped before its update)" in "".join(child.output)
+    assert len(read_metrics(run)) == 2 and latest_checkpoint(run).name == "iter_000002"
+    child = Child(faults_dir, _run_args(run, resume=True) + over)
+    assert child.finish() == 0, "".join(child.output)
+    got, ref = _end_state(run), _end_state(want)
+    assert torch.equal(got["weights"], ref["weights"]) and got["metrics"] == ref["metrics"]
 
 
 @pytest.mark.slow  # 35-50 s: 9 child processes on 2 busy cores
@@ -467,13 +522,15 @@ def test_a_really_full_disk_stops_clearly_and_loses_nothing(where, leave_kib, fa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and "No space left on device" in err, err
     assert str(small_disk) in err and ("free disk space" in err), err
-    if leave_kib is not None and leave_kib < 100:
-        assert f"{run / where}): free disk space, then continue the run with --resume" in err, err
+    if leave_kib is not None and leave_kib < 100:  # before the first checkpoint: none is said to be intact
+        assert f"{run / where}): free disk space, then run it again with --resume (it had written no checkpoint " \
+               f"yet: the run starts over)" in err, err
     if "checkpoint" in where:
         assert err.startswith("error: could not write checkpoint") and "previous checkpoint is intact" in err
         assert "SafetensorError" in seen[0] if "safetensors" in where else "unexpected pos" in seen[0], seen
     if "export" in where:
-        assert str(run / "final") in err and "continue the run with --resume" in err
+        assert str(run / "final") in err and "continue the run with --resume (its last checkpoint, iter_000003, " \
+                                             "is intact)" in err, err
         assert latest_checkpoint(run).name == "iter_000003"
     for filler in fillers:
         filler.unlink()
@@ -699,3 +756,133 @@ def test_a_run_with_some_learning_signal_warns_only_where_it_had_none(faults_dir
     assert [line[:33] for line in out.splitlines() if "no learning signal" in line] == [
         "warning: iteration 1: no learning"]
     assert "Warning" not in (run / "summary.md").read_text()
+
+
+def test_a_run_whose_every_group_failed_says_so_not_a_constant_reward(faults_dir, tmp_path, capsys):
+    """Every group failed to get rewards (max_failed_groups = 1 let the run go on): the end-of-run message says
+    that, not "a constant or saturated reward"."""
+    rc = main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(tmp_path / "run"), "--quiet",
+               "iterations=2", "eval_num_prompts=0", "reward_policy.max_failed_groups=1",
+               "rewards=[{name: 'toy_rewards:flaky', args: {fail_every: 1}}]"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert "every group of every iteration failed to get rewards" in err and "constant" not in err, err
+
+
+# --------------------------------------------------------------------------------------------------
+# readers of a run: export and sample of a run that is still training; a killed export; eval on a full disk
+
+
+@pytest.fixture
+def live_run(faults_dir, tmp_path) -> Path:
+    """A run with checkpoints 1 to 3 and no final/ (it is still training, as far as a reader can tell)."""
+    run = train(load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'live'}", "iterations=3",
+                                                         "keep_checkpoints=3", "eval_num_prompts=0"]), progress=False)
+    import shutil
+
+    shutil.rmtree(run / "final")
+    return run
+
+
+def test_export_of_a_checkpoint_rotated_away_while_the_base_loads_succeeds(live_run, tmp_path, monkeypatch, capsys):
+    """The trainer deletes the chosen checkpoint (keep_checkpoints) while the base model loads, minutes for
+    FLUX: its weights were read before, so the export succeeds (it failed 4 of 4 times)."""
+    import mixgrpo.export as export
+
+    chosen = live_run / "checkpoints" / "iter_000002"
+    want = load_file(chosen / "model.safetensors")["mu"]
+    real_build = export.build_model
+    monkeypatch.setattr(export, "build_model", lambda *a, **k: (checkpoint._remove(chosen), real_build(*a, **k))[1])
+    assert main(["export", "--run", str(live_run), "--checkpoint", "iter_000002", "--out", str(tmp_path / "e")]) == 0
+    assert torch.equal(load_file(tmp_path / "e" / "model.safetensors")["mu"], want)
+
+
+def test_a_checkpoint_rotated_away_during_its_read_is_named_as_such(live_run, tmp_path, monkeypatch, capsys):
+    """Deleted during the read itself: an explicit --checkpoint says that the run rotated it away (exit 2, not
+    "run the command again"); the default (newest) takes the next newest and succeeds."""
+    real_load_file = checkpoint.load_file
+    rotated = []
+
+    def load_file_while_rotating(path, *args, **kwargs):
+        if not rotated:  # the trainer's rotation lands in the first read
+            rotated.append(Path(path).parent)
+            checkpoint._remove(Path(path).parent)
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_load_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_file", load_file_while_rotating)
+    out = tmp_path / "explicit"
+    assert main(["export", "--run", str(live_run), "--checkpoint", "iter_000002", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "was deleted while it was read" in err and "rotated this one away" in err, err
+    assert not out.exists()
+    rotated.clear()
+    want = load_file(live_run / "checkpoints" / "iter_000001" / "model.safetensors")["mu"]
+    assert main(["export", "--run", str(live_run), "--out", str(tmp_path / "newest")]) == 0
+    assert "iter_000003 was rotated away by the run" in capsys.readouterr().out
+    assert torch.equal(load_file(tmp_path / "newest" / "model.safetensors")["mu"], want)
+
+
+def test_sample_of_a_run_whose_newest_checkpoint_is_rotated_away_takes_the_next(live_run, tmp_path, monkeypatch,
+                                                                               capsys):
+    real_load_file = checkpoint.load_file
+    rotated = []
+
+    def load_file_while_rotating(path, *args, **kwargs):
+        if not rotated:
+            rotated.append(Path(path).parent)
+            checkpoint._remove(Path(path).parent)
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_load_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_file", load_file_while_rotating)
+    assert main(["sample", "--path", str(live_run), "--prompt", "a red circle", "--out", str(tmp_path / "s")]) == 0
+    assert "iter_000003 was rotated away by the run" in capsys.readouterr().out
+    assert (tmp_path / "s" / "0000_00.png").is_file()
+
+
+def test_a_killed_export_leaves_nothing_once_export_runs_again(faults_dir, live_run, tmp_path):
+    """kill -9 inside `mixgrpo export --out DIR` (after its weights are written) leaves .DIR.tmp-HOST-PID-*
+    beside DIR (tens of GB for a full FLUX); the next export of DIR removes it, as a run sweeps its own."""
+    out = tmp_path / "exported"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(faults_dir)]), "OMP_NUM_THREADS": "1",
+           "FAULT_STALL_EXPORT": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "faults", "export", "--run", str(live_run), "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "FAULT: inside the export" in line:
+            break
+    proc.kill()
+    proc.wait(timeout=30)
+    left = list(tmp_path.glob(".exported.tmp-*"))
+    assert left and not out.exists()
+    assert main(["export", "--run", str(live_run), "--out", str(out)]) == 0
+    assert not list(tmp_path.glob(".exported.*")) and (out / "model.safetensors").is_file()
+
+
+def test_eval_on_a_full_disk_names_the_file(live_run, tmp_path, monkeypatch, capsys):
+    """A write() that fails with ENOSPC and no file name (what a full disk gives): the line names the file."""
+    import builtins
+
+    import mixgrpo.evaluate as evaluate
+
+    class Full:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "open", lambda path, *a, **k: Full() if str(path).endswith(".jsonl")
+                        else builtins.open(path, *a, **k), raising=False)
+    out = tmp_path / "eval"
+    assert main(["eval", "--prompt", "a red circle", f"tuned={live_run}", "--reward", "faults:brightness",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: No space left on device ({out / 'scores.jsonl'}): free disk space", err

@@ -25,11 +25,14 @@ def _cond(model, n=P):
     return model.encode_prompts([f"prompt {i}" for i in range(n)])
 
 
-def _reference_rollout(model, plan, cond, seeds, mask):
+def _reference_rollout(model, plan, cond, seeds, mask, shared_noise=True):
     """Naive loop: every image integrated on its own rows from the start (no shared prefix), noise drawn in
-    the same order as the rollout draws it."""
+    the same order as the rollout draws it (shared_noise False: each image's own initial noise)."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    x = torch.cat([torch.randn((1, *model.latent_shape), generator=g) for g in gens]).repeat_interleave(G, 0)
+    if shared_noise:
+        x = torch.cat([torch.randn((1, *model.latent_shape), generator=g) for g in gens]).repeat_interleave(G, 0)
+    else:
+        x = torch.cat([torch.randn((G, *model.latent_shape), generator=g) for g in gens])
     rows = {k: v.repeat_interleave(G, 0) for k, v in cond.items()}
     history, logps = (), {}
     for i, step in enumerate(plan.steps):
@@ -59,6 +62,19 @@ def test_nfe_counted_equals_plan(algorithm, iteration):
     traj = rollout(model, plan, _cond(model), G, [11, 12], train_mask(plan, P * G, 1, iteration))
     assert len(calls) == plan.nfe == traj.nfe
     assert traj.x.shape[1] == plan.num_trained
+
+
+@pytest.mark.parametrize("algorithm", ["ode", "mixgrpo", "mixgrpo_flash_star"])
+def test_per_image_noise_equals_the_naive_loop(algorithm):
+    """shared_noise=False: every image of a group starts from its own noise, on its own rows from the first step."""
+    model = _model()
+    plan = build_plan(ALGORITHMS[algorithm], iteration=3, seed=0)
+    cond, seeds = _cond(model), [7, 8]
+    traj = rollout(model, plan, cond, G, seeds, train_mask(plan, P * G, 0, 3), shared_noise=False)
+    ref_final, _ = _reference_rollout(model, plan, cond, seeds, None, shared_noise=False)
+    assert traj.final.shape == ref_final.shape == (P * G, *model.latent_shape)
+    torch.testing.assert_close(traj.final, ref_final, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(traj.final[0], traj.final[1])  # a group's images differ
 
 
 @pytest.mark.parametrize("algorithm", ["mixgrpo", "mixgrpo_flash", "flow_grpo", "dance_grpo"])

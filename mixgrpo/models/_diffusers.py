@@ -15,20 +15,24 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
+from mixgrpo.errors import ConfigError
 from mixgrpo.models.base import Frozen, PromptSets, TextEncoder
 
+PIPELINE_MODULES = ("diffusers", "transformers")
+"""What a diffusers-pipeline model imports (`ModelSpec.modules`)."""
 
-def check_pipeline_dir(path: str | Path, pipeline: str, components: Sequence[str], example: str) -> Path:
+
+def check_pipeline_dir(path: str | Path, pipeline: str, *, components: Sequence[str], example: str) -> Path:
     """The local diffusers pipeline directory `path`, after checking that it holds `components`."""
     path = Path(path).expanduser()
     if not (path / "model_index.json").is_file():
-        raise ValueError(f"{pipeline}: {path} is not a local diffusers pipeline directory (no model_index.json). "
-                         f"Point model.args.path at a downloaded checkpoint, e.g. "
-                         f"`huggingface-cli download {example} --local-dir {shlex.quote(str(path))}`; nothing is "
-                         f"downloaded by mixgrpo.")
+        raise ConfigError(f"{pipeline}: {path} is not a local diffusers pipeline directory (no model_index.json). "
+                          f"Point model.args.path at a downloaded checkpoint, e.g. "
+                          f"`huggingface-cli download {example} --local-dir {shlex.quote(str(path))}`; nothing is "
+                          f"downloaded by mixgrpo.")
     missing = [c for c in components if not (path / c).is_dir()]
     if missing:
-        raise ValueError(f"{pipeline}: {path} lacks the component folders {missing}; is the download complete?")
+        raise ConfigError(f"{pipeline}: {path} lacks the component folders {missing}; is the download complete?")
     return path
 
 
@@ -43,7 +47,7 @@ def preprocess_command(name: str, path: str, prompt_files: Sequence[str], cache:
 def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folders: Sequence[str],
                        t5_tokenizer: str | None, max_sequence_length: int, text_length: Callable[[int], int],
                        example: str, widths: dict[str, str] | None = None) -> list[str]:
-    """Pre-flight of a diffusers-pipeline run (`MODEL_CHECKS`), from files only: the pipeline directory; with an
+    """Pre-flight of a diffusers-pipeline run (`ModelSpec.check`), from files only: the pipeline directory; with an
     embedding cache, its coverage of the prompts, its widths against the transformer's config (`widths`: cache key
     -> config field; default FLUX.1 / SD3's joint_attention_dim and pooled_projection_dim) and its text length
     (`text_length(max_sequence_length)` tokens) against model.args; without one, a warning for the prompts the
@@ -54,7 +58,8 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
                 f"(`huggingface-cli download {example} --local-dir ckpt/{example.split('/')[-1]}`, then "
                 f"model.args.path=ckpt/{example.split('/')[-1]})"]
     try:
-        root = check_pipeline_dir(path, name, ["transformer", "vae", *([] if cache else text_folders)], example)
+        root = check_pipeline_dir(path, name, components=["transformer", "vae", *([] if cache else text_folders)],
+                                  example=example)
     except ValueError as e:
         return [str(e)]
     config = json.loads((root / "transformer" / "config.json").read_text())
@@ -130,9 +135,9 @@ def size_problems(name: str, args: dict, transformer: dict, vae: dict) -> list[s
     return problems
 
 
-def load_components(name: str, path: str | Path, example: str, classes: dict[str, type], dtype: str | torch.dtype,
-                    device: str, text_encoder: TextEncoder | None, embedding_cache: str | None,
-                    load_text_encoder: Callable[[Path, torch.dtype], TextEncoder],
+def load_components(name: str, path: str | Path, *, example: str, classes: dict[str, type],
+                    dtype: str | torch.dtype, device: str, text_encoder: TextEncoder | None,
+                    embedding_cache: str | None, load_text_encoder: Callable[[Path, torch.dtype], TextEncoder],
                     cache_widths: Callable[[dict[str, nn.Module]], dict[str, int]],
                     check: Callable[[dict[str, nn.Module]], None] | None = None,
                     optional: Sequence[str] = ()) -> tuple[dict[str, nn.Module], TextEncoder]:
@@ -147,8 +152,8 @@ def load_components(name: str, path: str | Path, example: str, classes: dict[str
     from mixgrpo.progress import bar
 
     if text_encoder is not None and embedding_cache is not None:
-        raise ValueError(f"{name}: give text_encoder or embedding_cache, not both")
-    path = check_pipeline_dir(path, name, [c for c in classes if c not in optional], example)
+        raise ConfigError(f"{name}: give text_encoder or embedding_cache, not both")
+    path = check_pipeline_dir(path, name, components=[c for c in classes if c not in optional], example=example)
     dtype = parse_dtype(dtype)
     kw = dict(torch_dtype=dtype, local_files_only=True)
     present = {c: cls for c, cls in classes.items() if c not in optional or (path / c).is_dir()}
@@ -175,11 +180,11 @@ def check_size(name: str, size: tuple[int, int], multiple: int, why: str) -> Non
     """Raise unless height and width (pixels) are multiples of `multiple` (`why`: e.g. "VAE factor 8 x patch 2")."""
     height, width = size
     if height % multiple or width % multiple:
-        raise ValueError(f"{name}: height {height} and width {width} must be multiples of {multiple} ({why})")
+        raise ConfigError(f"{name}: height {height} and width {width} must be multiples of {multiple} ({why})")
 
 
-def load_pipeline(name: str, path: str | Path, example: str, transformer_class, dtype: str | torch.dtype, device: str,
-                  size: tuple[int, int], patch: int | None, text_encoder: TextEncoder | None,
+def load_pipeline(name: str, path: str | Path, *, example: str, transformer_class: type, dtype: str | torch.dtype,
+                  device: str, size: tuple[int, int], patch: int | None, text_encoder: TextEncoder | None,
                   embedding_cache: str | None, load_text_encoder: Callable[[Path, torch.dtype], TextEncoder]):
     """(transformer, VAE decoder, text encoder, VAE downsampling factor) of a local FLUX / SD3 pipeline
     directory `path`, in eval mode on `device`, behind one loading bar.
@@ -198,10 +203,11 @@ def load_pipeline(name: str, path: str | Path, example: str, transformer_class, 
         check_size(name, size, factor * p, f"VAE factor {factor} x patch {p}")
 
     components, text_encoder = load_components(
-        name, path, example, {"transformer": transformer_class, "vae": AutoencoderKL}, dtype, device, text_encoder,
-        embedding_cache, load_text_encoder, lambda c: {"prompt_embeds": c["transformer"].config.joint_attention_dim,
-                                                       "pooled": c["transformer"].config.pooled_projection_dim},
-        check)
+        name, path, example=example, classes={"transformer": transformer_class, "vae": AutoencoderKL}, dtype=dtype,
+        device=device, text_encoder=text_encoder, embedding_cache=embedding_cache,
+        load_text_encoder=load_text_encoder, check=check,
+        cache_widths=lambda c: {"prompt_embeds": c["transformer"].config.joint_attention_dim,
+                                "pooled": c["transformer"].config.pooled_projection_dim})
     return components["transformer"], VaeDecoder(components["vae"]), text_encoder, factor_and_patch(components)[0]
 
 

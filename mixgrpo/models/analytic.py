@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mixgrpo.models.base import MODELS, Cond, FlowModel
+from mixgrpo.models.base import MODELS, Cond, FlowModel, ModelSpec
 
 
 class GaussianFlow(FlowModel):
@@ -62,7 +62,6 @@ class GaussianFlow(FlowModel):
         save_file({"mu": mu.detach().cpu().contiguous()}, str(Path(path) / "model.safetensors"))
 
 
-@MODELS.register("gaussian")
 def gaussian(size: int = 8, data_std: float = 0.5, init_mean: float = 0.0, path: str | None = None,
              frames: int = 0) -> GaussianFlow:
     """The analytic Gaussian-data model (exact velocity; tests, benchmarks; frames > 0: videos of F frames)."""
@@ -74,3 +73,6 @@ def gaussian(size: int = 8, data_std: float = 0.5, init_mean: float = 0.0, path:
 
         model.mu.data.copy_(load_file(str(Path(path) / "model.safetensors"))["mu"])
     return model
+
+
+MODELS.add(ModelSpec("gaussian", gaussian))

@@ -13,30 +13,75 @@ generically with the helpers below.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
+from mixgrpo.errors import ConfigError
 from mixgrpo.registry import Registry
 
 Cond = dict[str, torch.Tensor]
 
-MODELS: Registry["FlowModel"] = Registry("base model")
-
 PromptSets = dict[str, tuple[str, list[str]]]
 """Prompts a run will encode: {"train": (source, prompts), "eval": (source, prompts)}."""
 
-MODEL_CHECKS: dict[str, Callable[[dict, PromptSets], list[str]]] = {}
-"""Registered model name -> check(model.args, prompt sets) -> problems (one line each, naming the fix), run
-before training loads the model (`mixgrpo.preflight`): files, embedding-cache coverage, prompt lengths."""
 
-TRAINED_SIGMA_CHECKS: dict[str, Callable[[dict, dict[float, int]], list[str]]] = {}
-"""Registered model name -> check(model.args, trained) -> problems, for a model that can train only some sigmas
-(Wan 2.2 A14B: one expert per run); trained = {sigma: the first iteration that trains it} of a GRPO run's plans.
-Run by the pre-flight, so that a window that walks out of that range stops the run before the model loads, not
-hours into it."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the package knows about one base model, registered at the foot of its file
+    (`MODELS.add(ModelSpec(...))`): a new model is one file and one import line in `mixgrpo/models/__init__.py`.
+
+    factory: (**model.args) -> FlowModel; keyword arguments only (`build_model` passes device, dtype, height,
+        width and text_encoder to a factory that takes them).
+    text_encoder: (path, *, dtype, device, [max_sequence_length], **args) -> a text encoder (`encode(prompts)`),
+        loaded without the transformer, for `mixgrpo preprocess`; None: preprocess loads the whole model.
+    check: (model.args, prompt sets) -> problems (one line each, naming the fix), run before training loads the
+        model (`mixgrpo.preflight`): files, embedding-cache coverage, prompt lengths.
+    trained_sigma_check: (model.args, trained) -> problems, for a model that can train only some sigmas (Wan 2.2
+        A14B: one expert per run); trained = {sigma: the first iteration that trains it} of a run's plans, checked
+        by the pre-flight so that a window that walks out of that range stops the run before the model loads.
+    lora_format: () -> (the diffusers transformer class, the diffusers pipeline whose LoRA format and loader fit
+        it), imported when called: `save_lora` writes that pipeline's format (None: no LoRA export).
+    modules: the Python modules beyond the core that building the model imports; the pre-flight names the missing
+        ones with their pip command before anything loads.
+    """
+
+    name: str
+    factory: Callable[..., "FlowModel"]
+    text_encoder: Callable[..., Any] | None = None
+    check: Callable[[dict, PromptSets], list[str]] | None = None
+    trained_sigma_check: Callable[[dict, dict[float, int]], list[str]] | None = None
+    lora_format: Callable[[], tuple[type, type]] | None = None
+    modules: tuple[str, ...] = ()
+
+
+class ModelRegistry(Registry["FlowModel"]):
+    """The base models: name -> `ModelSpec`. `get(name)` is the factory (or a "package.module:factory" callable
+    of user code), `spec(name)` the whole description."""
+
+    def __init__(self) -> None:
+        super().__init__("base model")
+        self._specs: dict[str, ModelSpec] = {}
+
+    def add(self, spec: ModelSpec) -> ModelSpec:
+        self.register(spec.name)(spec.factory)
+        self._specs[spec.name] = spec
+        return spec
+
+    def spec(self, name: str) -> ModelSpec:
+        """The description of a registered model; a user's "package.module:factory" gets one with its factory
+        only (no checks, no separate text encoder). Raises ConfigError for an unknown name."""
+        factory = self.get(name)
+        return self._specs.get(name) or ModelSpec(name, factory)
+
+    def specs(self) -> list[ModelSpec]:
+        return [self._specs[n] for n in self.names()]
+
+
+MODELS = ModelRegistry()
 
 
 class Frozen(nn.Module):
@@ -131,8 +176,8 @@ def build_model(name: str, args: dict[str, Any], device: str | None = None, dtyp
     args = dict(args)
     if resolution is not None:
         if not (accepts(factory, "height") and accepts(factory, "width")):
-            raise ValueError(f"model {name!r} has a fixed resolution (its factory takes no height/width): drop "
-                             f"--resolution")
+            raise ConfigError(f"model {name!r} has a fixed resolution (its factory takes no height/width): drop "
+                              f"--resolution")
         args["height"], args["width"] = resolution
     for key, value in (("device", device), ("dtype", dtype)):
         if value is not None and accepts(factory, key):
@@ -142,7 +187,7 @@ def build_model(name: str, args: dict[str, Any], device: str | None = None, dtyp
     try:
         model = factory(**args)
     except TypeError as e:
-        raise ValueError(f"model.args do not fit model {name!r}: {e}") from None
+        raise ConfigError(f"model.args do not fit model {name!r}: {e}") from None
     if device is not None and not accepts(factory, "device"):
         model = model.to(device)
     if dtype is not None and not accepts(factory, "dtype"):

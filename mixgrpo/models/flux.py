@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.models.base import Cond, TextEncoder, TransformerAdapter
 
 
@@ -48,6 +49,14 @@ def decode_pixels(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
+def flux_lora_format() -> tuple[type, type]:
+    """(transformer class, pipeline class) of FLUX.1's LoRA format (`ModelSpec.lora_format`): the tiny model's and
+    FLUX.1's transformers are both `FluxTransformer2DModel`."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    return FluxTransformer2DModel, FluxPipeline
+
+
 class FluxAdapter(TransformerAdapter):
     """(x, sigma, cond) -> velocity for a `FluxTransformer2DModel`.
 
@@ -68,15 +77,15 @@ class FluxAdapter(TransformerAdapter):
         c, h, w = latent_shape
         patch = patch_size
         if h % patch or w % patch:
-            raise ValueError(f"latent_shape {latent_shape}: H and W must be divisible by the patch size {patch}")
+            raise ConfigError(f"latent_shape {latent_shape}: H and W must be divisible by the patch size {patch}")
         in_channels = transformer.config.in_channels
         if in_channels != c * patch * patch:
-            raise ValueError(f"transformer.in_channels = {in_channels} but C * patch^2 = {c} * {patch}^2 = "
-                             f"{c * patch * patch}; build the transformer with in_channels = C * patch^2")
+            raise ConfigError(f"transformer.in_channels = {in_channels} but C * patch^2 = {c} * {patch}^2 = "
+                              f"{c * patch * patch}; build the transformer with in_channels = C * patch^2")
         has_guidance = bool(transformer.config.guidance_embeds)
         if has_guidance != (guidance is not None):
-            raise ValueError(f"transformer guidance_embeds={has_guidance} but guidance={guidance}: a guidance "
-                             f"value is needed exactly when the transformer has a guidance embedding")
+            raise ConfigError(f"transformer guidance_embeds={has_guidance} but guidance={guidance}: a guidance "
+                              f"value is needed exactly when the transformer has a guidance embedding")
         super().__init__(transformer, text_encoder, decoder, (c, h, w))
         self.patch_size = patch
         self.guidance = guidance

@@ -34,8 +34,10 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import check_pipeline_dir, check_pipeline_run, check_size, load_components
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, Frozen, TextEncoder, TransformerAdapter
+from mixgrpo.errors import ConfigError
+from mixgrpo.models._diffusers import (PIPELINE_MODULES, check_pipeline_dir, check_pipeline_run, check_size,
+                                       load_components)
+from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
 
 EXAMPLE = "black-forest-labs/FLUX.2-klein-base-4B"
 VARIANTS = {"Flux2Pipeline": "dev", "Flux2KleinPipeline": "klein"}  # model_index.json's _class_name -> variant
@@ -51,8 +53,8 @@ def variant_of(path: str | Path) -> str:
     """"dev" or "klein", from the pipeline class of a local FLUX.2 directory's model_index.json."""
     name = json.loads((Path(path) / "model_index.json").read_text()).get("_class_name")
     if name not in VARIANTS:
-        raise ValueError(f"flux2: {path} holds a {name} (model_index.json), not a FLUX.2 pipeline "
-                         f"({' or '.join(VARIANTS)}); point model.args.path at a FLUX.2 dev or klein directory")
+        raise ConfigError(f"flux2: {path} holds a {name} (model_index.json), not a FLUX.2 pipeline "
+                          f"({' or '.join(VARIANTS)}); point model.args.path at a FLUX.2 dev or klein directory")
     return VARIANTS[name]
 
 
@@ -98,15 +100,15 @@ def _tokenizer(path: Path):
         elif (folder / "chat_template.json").is_file():
             tokenizer.chat_template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
         else:
-            raise ValueError(f"flux2: {folder} has no chat template (chat_template.jinja / .json, or in "
-                             f"tokenizer_config.json); is the download complete?")
+            raise ConfigError(f"flux2: {folder} has no chat template (chat_template.jinja / .json, or in "
+                              f"tokenizer_config.json); is the download complete?")
     return tokenizer
 
 
-def load_flux2_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
+def load_flux2_text_encoder(path: str | Path, *, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                             max_sequence_length: int = 512) -> Flux2TextEncoder:
     """The text encoder of a local FLUX.2 dev or klein pipeline directory (used by `mixgrpo preprocess`)."""
-    path = check_pipeline_dir(path, "flux2", ["text_encoder", "tokenizer"], EXAMPLE)
+    path = check_pipeline_dir(path, "flux2", components=["text_encoder", "tokenizer"], example=EXAMPLE)
     variant = variant_of(path)
     if variant == "dev":
         from transformers import Mistral3ForConditionalGeneration as Model
@@ -143,13 +145,13 @@ class Flux2Adapter(TransformerAdapter):
                  decoder: nn.Module, guidance: float | None):
         c, h, w = latent_shape
         if c != transformer.config.in_channels:
-            raise ValueError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
-                             f"{transformer.config.in_channels}")
+            raise ConfigError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
+                              f"{transformer.config.in_channels}")
         has_guidance = bool(transformer.config.guidance_embeds)
         if has_guidance != (guidance is not None):
-            raise ValueError(f"flux2: the transformer has guidance_embeds={has_guidance} but guidance={guidance}: "
-                             f"FLUX.2 dev takes a guidance value (e.g. 4.0), klein none (guidance: null) and true "
-                             f"CFG through guidance_scale instead")
+            raise ConfigError(f"flux2: the transformer has guidance_embeds={has_guidance} but guidance={guidance}: "
+                              f"FLUX.2 dev takes a guidance value (e.g. 4.0), klein none (guidance: null) and true "
+                              f"CFG through guidance_scale instead")
         super().__init__(transformer, text_encoder, decoder, latent_shape)
         self.guidance = guidance
         self.register_buffer("img_ids", latent_ids(h, w), persistent=False)
@@ -196,7 +198,6 @@ class Flux2Decoder(Frozen):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-@MODELS.register("flux2")
 def load_flux2(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu", height: int = 1024,
                width: int = 1024, guidance: float | None = None, max_sequence_length: int = 512,
                embedding_cache: str | None = None, text_encoder: TextEncoder | None = None) -> Flux2Adapter:
@@ -214,29 +215,41 @@ def load_flux2(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "
     """
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 
-    root = check_pipeline_dir(path, "flux2", ["transformer", "vae"], EXAMPLE)
+    root = check_pipeline_dir(path, "flux2", components=["transformer", "vae"], example=EXAMPLE)
     variant = variant_of(root)
 
     def factor(c: dict[str, nn.Module]) -> int:
         return 2 ** (len(c["vae"].config.block_out_channels) - 1)
 
     components, text_encoder = load_components(
-        "flux2", root, EXAMPLE, {"transformer": Flux2Transformer2DModel, "vae": AutoencoderKLFlux2}, dtype, device,
-        text_encoder, embedding_cache,
-        lambda r, torch_dtype: load_flux2_text_encoder(r, torch_dtype, device, max_sequence_length),
-        lambda c: {"prompt_embeds": c["transformer"].config.joint_attention_dim},
-        lambda c: check_size("flux2", (height, width), 2 * factor(c), f"VAE factor {factor(c)} x patch 2"))
+        "flux2", root, example=EXAMPLE, classes={"transformer": Flux2Transformer2DModel, "vae": AutoencoderKLFlux2},
+        dtype=dtype, device=device, text_encoder=text_encoder, embedding_cache=embedding_cache,
+        load_text_encoder=lambda r, torch_dtype: load_flux2_text_encoder(
+            r, dtype=torch_dtype, device=device, max_sequence_length=max_sequence_length),
+        cache_widths=lambda c: {"prompt_embeds": c["transformer"].config.joint_attention_dim},
+        check=lambda c: check_size("flux2", (height, width), 2 * factor(c), f"VAE factor {factor(c)} x patch 2"))
     transformer, vae = components["transformer"], components["vae"]
     latent_shape = (transformer.config.in_channels, height // (2 * factor(components)),
                     width // (2 * factor(components)))
     if variant == "klein" and guidance is not None:
-        raise ValueError(f"flux2: {root} is FLUX.2 klein, which has no guidance embedding: drop model.args.guidance "
-                         f"and set the run's guidance_scale (true CFG; 4.0 for the base models, 1 for the "
-                         f"step-distilled ones)")
+        raise ConfigError(f"flux2: {root} is FLUX.2 klein, which has no guidance embedding: drop model.args.guidance "
+                          f"and set the run's guidance_scale (true CFG; 4.0 for the base models, 1 for the "
+                          f"step-distilled ones)")
     return Flux2Adapter(transformer, text_encoder, latent_shape, Flux2Decoder(vae),
                         (DEV_GUIDANCE if guidance is None else guidance) if variant == "dev" else None).eval()
 
 
-MODEL_CHECKS["flux2"] = lambda args, prompts: check_pipeline_run(
-    "flux2", args, prompts, text_folders=["text_encoder", "tokenizer"], t5_tokenizer=None, max_sequence_length=512,
-    text_length=lambda n: n, example=EXAMPLE, widths={"prompt_embeds": "joint_attention_dim"})
+def _check_flux2_run(args: dict, prompts: PromptSets) -> list[str]:
+    return check_pipeline_run("flux2", args, prompts, text_folders=["text_encoder", "tokenizer"], t5_tokenizer=None,
+                              max_sequence_length=512, text_length=lambda n: n, example=EXAMPLE,
+                              widths={"prompt_embeds": "joint_attention_dim"})
+
+
+def _flux2_lora_format() -> tuple[type, type]:
+    from diffusers import Flux2Pipeline, Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel, Flux2Pipeline  # dev and klein share the transformer and its LoRA format
+
+
+MODELS.add(ModelSpec("flux2", load_flux2, text_encoder=load_flux2_text_encoder, check=_check_flux2_run,
+                     lora_format=_flux2_lora_format, modules=PIPELINE_MODULES))

@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import check_pipeline_dir, check_pipeline_run, load_pipeline, module_device, tokenize
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, Frozen, TextEncoder
-from mixgrpo.models.flux import FluxAdapter
+from mixgrpo.models._diffusers import (PIPELINE_MODULES, check_pipeline_dir, check_pipeline_run, load_pipeline,
+                                       module_device, tokenize)
+from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder
+from mixgrpo.models.flux import FluxAdapter, flux_lora_format
 
 EXAMPLE = "black-forest-labs/FLUX.1-dev"  # the checkpoint the error messages name
+TEXT_FOLDERS = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]  # CLIP-L, then T5-XXL
 
 
 class FluxTextEncoder(Frozen):
@@ -52,13 +54,12 @@ class FluxTextEncoder(Frozen):
         return {"prompt_embeds": states.to(self.t5.dtype), "pooled": pooled.to(self.clip.dtype)}
 
 
-def load_flux_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
+def load_flux_text_encoder(path: str | Path, *, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                            max_sequence_length: int = 512) -> FluxTextEncoder:
     """The CLIP-L + T5 text encoder of a local FLUX.1 pipeline directory (used by `mixgrpo preprocess`)."""
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    path = check_pipeline_dir(path, "flux", ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
-                              EXAMPLE)
+    path = check_pipeline_dir(path, "flux", components=TEXT_FOLDERS, example=EXAMPLE)
     dtype = parse_dtype(dtype)
     kw = dict(torch_dtype=dtype, local_files_only=True)
     return FluxTextEncoder(
@@ -70,7 +71,6 @@ def load_flux_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat1
     )
 
 
-@MODELS.register("flux")
 def load_flux(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu", height: int = 1024,
               width: int = 1024, guidance: float | None = 3.5, max_sequence_length: int = 512,
               embedding_cache: str | None = None, text_encoder: TextEncoder | None = None) -> FluxAdapter:
@@ -92,15 +92,19 @@ def load_flux(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "c
 
     # the adapter packs 2 x 2 latent patches into one token (the transformer's own patch_size is 1)
     transformer, decoder, text_encoder, factor = load_pipeline(
-        "flux", path, EXAMPLE, FluxTransformer2DModel, dtype, device, (height, width), 2, text_encoder,
-        embedding_cache, lambda root, torch_dtype: load_flux_text_encoder(root, torch_dtype, device,
-                                                                          max_sequence_length))
+        "flux", path, example=EXAMPLE, transformer_class=FluxTransformer2DModel, dtype=dtype, device=device,
+        size=(height, width), patch=2, text_encoder=text_encoder, embedding_cache=embedding_cache,
+        load_text_encoder=lambda root, torch_dtype: load_flux_text_encoder(
+            root, dtype=torch_dtype, device=device, max_sequence_length=max_sequence_length))
     latent_shape = (transformer.config.in_channels // 4, height // factor, width // factor)
     return FluxAdapter(transformer, text_encoder, patch_size=2, latent_shape=latent_shape, decoder=decoder,
                        guidance=guidance).eval()
 
 
-MODEL_CHECKS["flux"] = lambda args, prompts: check_pipeline_run(
-    "flux", args, prompts, text_folders=["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"],
-    t5_tokenizer="tokenizer_2", max_sequence_length=512, text_length=lambda n: n,
-    example=EXAMPLE)
+def _check_flux_run(args: dict, prompts: PromptSets) -> list[str]:
+    return check_pipeline_run("flux", args, prompts, text_folders=TEXT_FOLDERS, t5_tokenizer="tokenizer_2",
+                              max_sequence_length=512, text_length=lambda n: n, example=EXAMPLE)
+
+
+MODELS.add(ModelSpec("flux", load_flux, text_encoder=load_flux_text_encoder, check=_check_flux_run,
+                     lora_format=flux_lora_format, modules=PIPELINE_MODULES))

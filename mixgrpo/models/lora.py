@@ -6,7 +6,7 @@
 - `save_lora` writes diffusers' LoRA format (pytorch_lora_weights.safetensors, keys "transformer.<module>.lora_A
   .weight", with the peft config — rank, alpha, targets — in the safetensors metadata), so that
   `FluxPipeline.load_lora_weights(dir)` / `StableDiffusion3Pipeline.load_lora_weights(dir)` (and the Qwen-Image,
-  FLUX.2 and Wan pipelines', `LORA_PIPELINES`) load it as is.
+  FLUX.2 and Wan pipelines': each base model's `ModelSpec.lora_format`) load it as is.
 - `save_full` writes a diffusers transformer directory (config.json + sharded safetensors), loadable with
   `FluxTransformer2DModel.from_pretrained(dir)` and passable as `transformer=` to a stock pipeline.
 Every save is atomic: it goes to a temporary sibling directory that is renamed into place at the end.
@@ -21,8 +21,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.fileio import atomic_directory
-from mixgrpo.models.base import FlowModel
+from mixgrpo.models.base import MODELS, FlowModel
 
 ADAPTER = "default"  # the peft adapter name; one adapter per model
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what load_lora_weights looks for
@@ -55,7 +56,7 @@ def apply_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
     from peft import LoraConfig
 
     if rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1 (got {rank}); use rank 0 in the config for full fine-tuning")
+        raise ConfigError(f"LoRA rank must be >= 1 (got {rank}); use rank 0 in the config for full fine-tuning")
     if has_lora(transformer):
         raise ValueError("the transformer already has a LoRA adapter; apply_lora once per model")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank,
@@ -64,8 +65,8 @@ def apply_lora(transformer: nn.Module, rank: int, alpha: float | None = None,
         transformer.add_adapter(config, adapter_name=ADAPTER)
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in transformer.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(f"LoRA target_modules {list(target_modules)} match no layer of "
-                         f"{type(transformer).__name__} ({e}); linear layer names end in: {names}") from None
+        raise ConfigError(f"LoRA target_modules {list(target_modules)} match no layer of "
+                          f"{type(transformer).__name__} ({e}); linear layer names end in: {names}") from None
     transformer.requires_grad_(False)
     for param in lora_parameters(transformer, trainable_only=False):
         param.data = param.data.to(dtype)
@@ -79,23 +80,15 @@ def lora_parameters(transformer: nn.Module, trainable_only: bool = True) -> list
             if ".lora_" in n and (p.requires_grad or not trainable_only)]
 
 
-LORA_PIPELINES = {  # transformer class -> the diffusers pipeline whose LoRA format (and loader) fits it
-    "FluxTransformer2DModel": "FluxPipeline",
-    "SD3Transformer2DModel": "StableDiffusion3Pipeline",
-    "QwenImageTransformer2DModel": "QwenImagePipeline",
-    "Flux2Transformer2DModel": "Flux2Pipeline",  # FLUX.2 dev and klein share the transformer and its LoRA format
-    "WanTransformer3DModel": "WanPipeline",
-}
-
-
-def _pipeline_class(transformer: nn.Module):
-    import diffusers
-
-    for cls in type(transformer).__mro__:  # an FSDP-wrapped transformer is a subclass of the diffusers class
-        if cls.__name__ in LORA_PIPELINES:
-            return getattr(diffusers, LORA_PIPELINES[cls.__name__])
+def _pipeline_class(transformer: nn.Module) -> type:
+    """The diffusers pipeline whose LoRA format fits `transformer`, from the base models' `ModelSpec.lora_format`
+    (an FSDP-wrapped transformer is a subclass of the diffusers class)."""
+    formats = [spec.lora_format() for spec in MODELS.specs() if spec.lora_format is not None]
+    for transformer_class, pipeline_class in formats:
+        if isinstance(transformer, transformer_class):
+            return pipeline_class
     raise TypeError(f"no diffusers LoRA format known for {type(transformer).__name__}; save_lora supports "
-                    f"{', '.join(LORA_PIPELINES)}")
+                    f"{', '.join(dict.fromkeys(t.__name__ for t, _ in formats))}")
 
 
 def save_lora(model: nn.Module, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -146,9 +139,9 @@ def load_lora(transformer: nn.Module, directory: str | Path, dtype: torch.dtype 
     state = {k.removeprefix("transformer.").removesuffix(".weight") + f".{ADAPTER}.weight": v
              for k, v in load_file(str(file)).items()}
     if set(state) != set(params) or any(state[n].shape != p.shape for n, p in params.items()):
-        raise ValueError(f"load_lora: {file} does not match the model's LoRA adapter (extra "
-                         f"{sorted(set(state) - set(params))[:3]}, missing {sorted(set(params) - set(state))[:3]}, "
-                         f"or other shapes); was it saved with the same rank and target_modules?")
+        raise ConfigError(f"load_lora: {file} does not match the model's LoRA adapter (extra "
+                          f"{sorted(set(state) - set(params))[:3]}, missing {sorted(set(params) - set(state))[:3]}, "
+                          f"or other shapes); was it saved with the same rank and target_modules?")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(state[name])

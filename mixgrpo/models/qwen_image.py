@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import (CausalVaeDecoder, check_pipeline_dir, check_pipeline_run, check_size,
-                                       load_components, module_device)
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, Frozen, TextEncoder, TransformerAdapter
+from mixgrpo.errors import ConfigError
+from mixgrpo.models._diffusers import (PIPELINE_MODULES, CausalVaeDecoder, check_pipeline_dir, check_pipeline_run,
+                                       check_size, load_components, module_device)
+from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
 from mixgrpo.models.flux import pack, unpack
 
 EXAMPLE = "Qwen/Qwen-Image"
@@ -56,8 +57,8 @@ class QwenImageTextEncoder(Frozen):
     def __init__(self, tokenizer, text_encoder: nn.Module, max_sequence_length: int = 512):
         super().__init__()
         if not 1 <= max_sequence_length <= TOKENIZER_MAX_LENGTH:
-            raise ValueError(f"qwen_image: max_sequence_length = {max_sequence_length} must be in 1..1024 (the "
-                             f"pipeline's limit)")
+            raise ConfigError(f"qwen_image: max_sequence_length = {max_sequence_length} must be in 1..1024 (the "
+                              f"pipeline's limit)")
         self.tokenizer = tokenizer
         self.qwen = text_encoder.eval().requires_grad_(False)
         self.max_sequence_length = max_sequence_length
@@ -85,12 +86,12 @@ class QwenImageTextEncoder(Frozen):
         return {"prompt_embeds": embeds.to(self.qwen.dtype), "prompt_mask": out_mask}
 
 
-def load_qwen_image_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
+def load_qwen_image_text_encoder(path: str | Path, *, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                                  max_sequence_length: int = 512) -> QwenImageTextEncoder:
     """The Qwen2.5-VL text encoder of a local Qwen-Image pipeline directory (used by `mixgrpo preprocess`)."""
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-    path = check_pipeline_dir(path, "qwen_image", ["text_encoder", "tokenizer"], EXAMPLE)
+    path = check_pipeline_dir(path, "qwen_image", components=["text_encoder", "tokenizer"], example=EXAMPLE)
     return QwenImageTextEncoder(
         AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
         Qwen2_5_VLForConditionalGeneration.from_pretrained(path, subfolder="text_encoder",
@@ -111,12 +112,12 @@ class QwenImageAdapter(TransformerAdapter):
                  decoder: nn.Module):
         c, h, w = latent_shape
         if transformer.config.in_channels != 4 * c:
-            raise ValueError(f"latent_shape {latent_shape}: the transformer's in_channels "
-                             f"{transformer.config.in_channels} must be 4 C (2 x 2 patches)")
+            raise ConfigError(f"latent_shape {latent_shape}: the transformer's in_channels "
+                              f"{transformer.config.in_channels} must be 4 C (2 x 2 patches)")
         if h % 2 or w % 2:
-            raise ValueError(f"latent_shape {latent_shape}: h and w must be even (2 x 2 patches)")
+            raise ConfigError(f"latent_shape {latent_shape}: h and w must be even (2 x 2 patches)")
         if transformer.config.guidance_embeds:
-            raise ValueError("qwen_image: a transformer with a guidance embedding is not Qwen-Image's")
+            raise ConfigError("qwen_image: a transformer with a guidance embedding is not Qwen-Image's")
         super().__init__(transformer, text_encoder, decoder, latent_shape)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -157,7 +158,6 @@ class QwenImageDecoder(nn.Module):
         return self.video(latents.unsqueeze(2))[:, 0]
 
 
-@MODELS.register("qwen_image")
 def load_qwen_image(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu", height: int = 1024,
                     width: int = 1024, max_sequence_length: int = 512, embedding_cache: str | None = None,
                     text_encoder: TextEncoder | None = None) -> QwenImageAdapter:
@@ -176,17 +176,30 @@ def load_qwen_image(path: str, dtype: str | torch.dtype = "bfloat16", device: st
         return 2 ** len(c["vae"].config.temperal_downsample)  # the pipeline's vae_scale_factor
 
     components, text_encoder = load_components(
-        "qwen_image", path, EXAMPLE, {"transformer": QwenImageTransformer2DModel, "vae": AutoencoderKLQwenImage},
-        dtype, device, text_encoder, embedding_cache,
-        lambda root, torch_dtype: load_qwen_image_text_encoder(root, torch_dtype, device, max_sequence_length),
-        lambda c: {"prompt_embeds": c["transformer"].config.joint_attention_dim},
-        lambda c: check_size("qwen_image", (height, width), 2 * factor(c), f"VAE factor {factor(c)} x patch 2"))
+        "qwen_image", path, example=EXAMPLE,
+        classes={"transformer": QwenImageTransformer2DModel, "vae": AutoencoderKLQwenImage}, dtype=dtype,
+        device=device, text_encoder=text_encoder, embedding_cache=embedding_cache,
+        load_text_encoder=lambda root, torch_dtype: load_qwen_image_text_encoder(
+            root, dtype=torch_dtype, device=device, max_sequence_length=max_sequence_length),
+        cache_widths=lambda c: {"prompt_embeds": c["transformer"].config.joint_attention_dim},
+        check=lambda c: check_size("qwen_image", (height, width), 2 * factor(c), f"VAE factor {factor(c)} x patch 2"))
     transformer, vae = components["transformer"], components["vae"]
     latent_shape = (vae.config.z_dim, height // factor(components), width // factor(components))
     return QwenImageAdapter(transformer, text_encoder, latent_shape, QwenImageDecoder(vae)).eval()
 
 
-MODEL_CHECKS["qwen_image"] = lambda args, prompts: check_pipeline_run(
-    "qwen_image", args, prompts, text_folders=["text_encoder", "tokenizer"], t5_tokenizer=None,
-    max_sequence_length=512, text_length=lambda n: n, example=EXAMPLE,
-    widths={"prompt_embeds": "joint_attention_dim"})
+def _check_qwen_image_run(args: dict, prompts: PromptSets) -> list[str]:
+    return check_pipeline_run("qwen_image", args, prompts, text_folders=["text_encoder", "tokenizer"],
+                              t5_tokenizer=None, max_sequence_length=512, text_length=lambda n: n, example=EXAMPLE,
+                              widths={"prompt_embeds": "joint_attention_dim"})
+
+
+def _qwen_image_lora_format() -> tuple[type, type]:
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel, QwenImagePipeline
+
+
+MODELS.add(ModelSpec("qwen_image", load_qwen_image, text_encoder=load_qwen_image_text_encoder,
+                     check=_check_qwen_image_run, lora_format=_qwen_image_lora_format,
+                     modules=PIPELINE_MODULES))

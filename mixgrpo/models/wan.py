@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
-from mixgrpo.models._diffusers import (CausalVaeDecoder, check_pipeline_dir, check_pipeline_run, check_size,
-                                       load_components, module_device, tokenize)
-from mixgrpo.models.base import (MODEL_CHECKS, MODELS, TRAINED_SIGMA_CHECKS, Cond, Frozen, TextEncoder,
-                                 TransformerAdapter)
+from mixgrpo.errors import ConfigError
+from mixgrpo.models._diffusers import (PIPELINE_MODULES, CausalVaeDecoder, check_pipeline_dir, check_pipeline_run,
+                                       check_size, load_components, module_device, tokenize)
+from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
 
 EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 NUM_TRAIN_TIMESTEPS = 1000  # the transformer takes timestep = 1000 sigma
@@ -70,12 +70,12 @@ class WanTextEncoder(Frozen):
         return {"prompt_embeds": states.to(self.umt5.dtype)}
 
 
-def load_wan_text_encoder(path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
+def load_wan_text_encoder(path: str | Path, *, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                           max_sequence_length: int = 512) -> WanTextEncoder:
     """The UMT5 text encoder of a local Wan pipeline directory (used by `mixgrpo preprocess`)."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    path = check_pipeline_dir(path, "wan", ["text_encoder", "tokenizer"], EXAMPLE)
+    path = check_pipeline_dir(path, "wan", components=["text_encoder", "tokenizer"], example=EXAMPLE)
     return WanTextEncoder(
         AutoTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True),
         UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=parse_dtype(dtype),
@@ -105,14 +105,15 @@ class WanAdapter(TransformerAdapter):
         c, _, h, w = latent_shape
         _, ph, pw = transformer.config.patch_size
         if c != transformer.config.in_channels:
-            raise ValueError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
-                             f"{transformer.config.in_channels}")
+            raise ConfigError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
+                              f"{transformer.config.in_channels}")
         if h % ph or w % pw:
-            raise ValueError(f"latent_shape {latent_shape}: h and w must be divisible by the patch {ph} x {pw}")
+            raise ConfigError(f"latent_shape {latent_shape}: h and w must be divisible by the patch {ph} x {pw}")
         if (transformer_2 is None) != (boundary is None):
-            raise ValueError("Wan 2.2's two experts need a boundary (boundary_ratio) and Wan 2.1's one transformer none")
+            raise ConfigError("Wan 2.2's two experts need a boundary (boundary_ratio) and Wan 2.1's one transformer "
+                              "none")
         if trained_expert not in EXPERTS:
-            raise ValueError(f"trained_expert = {trained_expert!r}: use one of {EXPERTS}")
+            raise ConfigError(f"trained_expert = {trained_expert!r}: use one of {EXPERTS}")
         super().__init__(transformer, text_encoder, decoder, latent_shape)
         self.transformer_2 = transformer_2
         self.boundary = boundary
@@ -144,11 +145,11 @@ class WanAdapter(TransformerAdapter):
         frozen = ~high if self.trained_expert == "high_noise" else high
         if torch.is_grad_enabled() and bool(frozen.any()) and any(p.requires_grad for p in self.denoiser.parameters()):
             s = float(sigma[frozen][0])
-            raise ValueError(f"wan: a trained step at sigma {s:.3f} is denoised by the frozen "
-                             f"{EXPERTS[int(self.trained_expert == 'high_noise')]} expert (Wan 2.2's boundary is sigma "
-                             f"{self.boundary}); model.args.trained_expert = {self.trained_expert!r} trains only "
-                             f"sigma {'>=' if self.trained_expert == 'high_noise' else '<'} {self.boundary}: keep the "
-                             f"trained steps (the window) there, or train the other expert")
+            raise ConfigError(f"wan: a trained step at sigma {s:.3f} is denoised by the frozen "
+                              f"{EXPERTS[int(self.trained_expert == 'high_noise')]} expert (Wan 2.2's boundary is "
+                              f"sigma {self.boundary}); model.args.trained_expert = {self.trained_expert!r} trains "
+                              f"only sigma {'>=' if self.trained_expert == 'high_noise' else '<'} {self.boundary}: "
+                              f"keep the trained steps (the window) there, or train the other expert")
         out = torch.empty_like(x)
         for rows, transformer in ((high, self.transformer), (~high, self.transformer_2)):
             if rows.any():
@@ -160,7 +161,6 @@ def _pipeline_config(path: Path) -> dict:
     return json.loads((path / "model_index.json").read_text())
 
 
-@MODELS.register("wan")
 def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu", height: int = 480,
              width: int = 832, num_frames: int = 81, max_sequence_length: int = 512, trained_expert: str = "high_noise",
              embedding_cache: str | None = None, text_encoder: TextEncoder | None = None) -> WanAdapter:
@@ -178,13 +178,14 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
     """
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    root = check_pipeline_dir(path, "wan", ["transformer", "vae"], EXAMPLE)
+    root = check_pipeline_dir(path, "wan", components=["transformer", "vae"], example=EXAMPLE)
     config = _pipeline_config(root)
     vae_config = json.loads((root / "vae" / "config.json").read_text())
     temporal = vae_config.get("scale_factor_temporal") or 4
     if num_frames < 1 or (num_frames - 1) % temporal:
-        raise ValueError(f"wan: num_frames = {num_frames} must be 1 + {temporal} k (the VAE compresses {temporal} "
-                         f"frames into one after the first), e.g. {(max(num_frames - 1, 0) // temporal) * temporal + 1}")
+        example = (max(num_frames - 1, 0) // temporal) * temporal + 1
+        raise ConfigError(f"wan: num_frames = {num_frames} must be 1 + {temporal} k (the VAE compresses {temporal} "
+                          f"frames into one after the first), e.g. {example}")
 
     def check(c: dict[str, nn.Module]) -> None:
         spatial = c["vae"].config.scale_factor_spatial
@@ -192,15 +193,18 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
         check_size("wan", (height, width), spatial * ph, f"VAE factor {spatial} x patch {ph}")
 
     components, text_encoder = load_components(
-        "wan", root, EXAMPLE, {"transformer": WanTransformer3DModel, "transformer_2": WanTransformer3DModel,
-                               "vae": AutoencoderKLWan}, dtype, device, text_encoder, embedding_cache,
-        lambda r, torch_dtype: load_wan_text_encoder(r, torch_dtype, device, max_sequence_length),
-        lambda c: {"prompt_embeds": c["transformer"].config.text_dim}, check, optional=["transformer_2"])
+        "wan", root, example=EXAMPLE, classes={"transformer": WanTransformer3DModel,
+                                               "transformer_2": WanTransformer3DModel, "vae": AutoencoderKLWan},
+        dtype=dtype, device=device, text_encoder=text_encoder, embedding_cache=embedding_cache,
+        load_text_encoder=lambda r, torch_dtype: load_wan_text_encoder(
+            r, dtype=torch_dtype, device=device, max_sequence_length=max_sequence_length),
+        cache_widths=lambda c: {"prompt_embeds": c["transformer"].config.text_dim}, check=check,
+        optional=["transformer_2"])
     vae, transformer = components["vae"], components["transformer"]
     transformer_2 = components.get("transformer_2")
     boundary = config.get("boundary_ratio") if transformer_2 is not None else None
     if transformer_2 is not None and boundary is None:
-        raise ValueError(f"wan: {root} has a transformer_2 but model_index.json has no boundary_ratio")
+        raise ConfigError(f"wan: {root} has a transformer_2 but model_index.json has no boundary_ratio")
     spatial = vae.config.scale_factor_spatial
     latent_shape = (transformer.config.in_channels, (num_frames - 1) // temporal + 1, height // spatial,
                     width // spatial)
@@ -208,9 +212,10 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
                       trained_expert, bool(config.get("expand_timesteps", False))).eval()
 
 
-MODEL_CHECKS["wan"] = lambda args, prompts: check_pipeline_run(
-    "wan", args, prompts, text_folders=["text_encoder", "tokenizer"], t5_tokenizer="tokenizer",
-    max_sequence_length=512, text_length=lambda n: n, example=EXAMPLE, widths={"prompt_embeds": "text_dim"})
+def _check_wan_run(args: dict, prompts: PromptSets) -> list[str]:
+    return check_pipeline_run("wan", args, prompts, text_folders=["text_encoder", "tokenizer"],
+                              t5_tokenizer="tokenizer", max_sequence_length=512, text_length=lambda n: n,
+                              example=EXAMPLE, widths={"prompt_embeds": "text_dim"})
 
 
 def _trained_sigma_problems(args: dict, trained: dict[float, int]) -> list[str]:
@@ -236,4 +241,12 @@ def _trained_sigma_problems(args: dict, trained: dict[float, int]) -> list[str]:
             f"sampler.window.strategy=frozen, or fewer iterations), or train the other expert"]
 
 
-TRAINED_SIGMA_CHECKS["wan"] = _trained_sigma_problems
+def _wan_lora_format() -> tuple[type, type]:
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    return WanTransformer3DModel, WanPipeline
+
+
+MODELS.add(ModelSpec("wan", load_wan, text_encoder=load_wan_text_encoder, check=_check_wan_run,
+                     trained_sigma_check=_trained_sigma_problems, lora_format=_wan_lora_format,
+                     modules=PIPELINE_MODULES))

@@ -31,10 +31,11 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from mixgrpo.errors import ConfigError, UserError
 from mixgrpo.registry import Registry
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     """A reward could not score a batch (model failure, unreachable endpoint, ...)."""
 
 
@@ -59,8 +60,8 @@ class UserReward:
 
     def __init__(self, name: str, fn: Callable, args: dict[str, Any]):
         if not callable(fn):
-            raise ValueError(f"reward {name!r} is {type(fn).__name__} {repr(fn)[:40]}, not a function: name a function "
-                             f"f(images, prompts, **args) that returns one score per image")
+            raise ConfigError(f"reward {name!r} is {type(fn).__name__} {repr(fn)[:40]}, not a function: name a "
+                              f"function f(images, prompts, **args) that returns one score per image")
         try:
             signature = inspect.signature(fn)
         except (TypeError, ValueError):  # some builtins have none: nothing to check
@@ -69,8 +70,8 @@ class UserReward:
             try:
                 signature.bind(None, None, **args)
             except TypeError as e:
-                raise ValueError(f"reward {name!r}: arguments {args} do not fit {fn.__name__}{signature}: {e}; "
-                                 f"a user reward is called as f(images, prompts, **args)") from None
+                raise ConfigError(f"reward {name!r}: arguments {args} do not fit {fn.__name__}{signature}: {e}; "
+                                  f"a user reward is called as f(images, prompts, **args)") from None
         self.name, self.fn, self.args = name, fn, args
         self.scores_videos = bool(getattr(fn, "scores_videos", False))  # a user video reward gets videos whole
         self.takes_seeds = bool(getattr(fn, "takes_seeds", False))
@@ -84,8 +85,9 @@ class UserReward:
             what = type(out).__name__
             if isinstance(out, (list, tuple)) and out:
                 what += f" of {type(out[0]).__name__}"
-            raise ValueError(f"reward {self.name!r} returned {what} {reprlib.repr(out)}, not numbers: a reward returns "
-                             f"one float score per image (a tensor, array or list of {len(prompts)} numbers)") from None
+            raise ConfigError(f"reward {self.name!r} returned {what} {reprlib.repr(out)}, not numbers: a reward "
+                              f"returns one float score per image (a tensor, array or list of {len(prompts)} "
+                              f"numbers)") from None
 
 
 def check_batch(name: str, images: torch.Tensor, prompts: Sequence[str] | None = None) -> None:
@@ -114,7 +116,8 @@ class PerFrame:
 
     def __init__(self, fn: RewardFn, frames: str = "mean"):
         if frames not in FRAME_AGGREGATIONS:
-            raise ValueError(f"frames = {frames!r} is not a frame aggregation: use one of {sorted(FRAME_AGGREGATIONS)}")
+            raise ConfigError(f"frames = {frames!r} is not a frame aggregation: use one of "
+                              f"{sorted(FRAME_AGGREGATIONS)}")
         self.fn, self.frames = fn, frames
 
     def __getattr__(self, name: str):  # the wrapped reward's own attributes (check(), ...) stay reachable
@@ -145,5 +148,10 @@ def build_reward(name: str, args: dict[str, Any] | None = None, frames: str = "m
         try:
             fn = target(**args)
         except TypeError as e:
-            raise ValueError(f"reward {name!r}: arguments {args} do not fit its factory: {e}") from None
-    return fn if getattr(fn, "scores_videos", False) else PerFrame(fn, frames)
+            raise ConfigError(f"reward {name!r}: arguments {args} do not fit its factory: {e}") from None
+    if not getattr(fn, "scores_videos", False):
+        return PerFrame(fn, frames)
+    if frames != "mean":  # the default: a video reward gets no aggregation, so any other value is a mistake
+        raise ConfigError(f"frames = {frames!r} does not apply to reward {name!r}: it scores whole videos, not frame "
+                          f"by frame; drop frames (it aggregates the frame scores of an image reward)")
+    return fn

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mixgrpo.dtypes import parse_dtype  # noqa: F401  (re-exported to the reward modules)
+from mixgrpo.errors import ConfigError
 from mixgrpo.rewards.base import REWARDS, RewardError, check_batch
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ class LazyModelReward:
     def __init__(self, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                  batch_size: int = 16):
         if batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.dtype = parse_dtype(dtype)
         self.batch_size = batch_size
@@ -258,7 +259,7 @@ def clipscore(path: str, tokenizer: str | None = None, mode: str = "cosine", dev
     transforms = {"cosine": lambda cos, model: cos,
                   "torchmetrics": lambda cos, model: (100.0 * cos).clamp(min=0.0)}
     if mode not in transforms:
-        raise ValueError(f"clipscore: unknown mode {mode!r}; use 'cosine' or 'torchmetrics'")
+        raise ConfigError(f"clipscore: unknown mode {mode!r}; use 'cosine' or 'torchmetrics'")
     torch_dtype, torch_device = parse_dtype(dtype), torch.device(device)
     return ClipSimilarityReward(
         "clipscore", lambda: load_clip_model(path, "clipscore", torch_device, torch_dtype),

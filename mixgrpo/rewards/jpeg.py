@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.rewards.base import REWARDS, check_batch
 
 
@@ -32,7 +33,7 @@ class JpegCompressibility:
 
     def __init__(self, quality: int = 95):
         if not 1 <= quality <= 95:
-            raise ValueError(f"jpeg_compressibility: quality must be in 1..95 (Pillow's useful range), got {quality}")
+            raise ConfigError(f"jpeg_compressibility: quality must be in 1..95 (Pillow's useful range), got {quality}")
         self.quality = quality
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.images import to_pil
 from mixgrpo.rewards.base import REWARDS, RewardError, check_batch
 
@@ -55,7 +56,7 @@ def text_similarity(recognised: str, target: str) -> float:
     """1 - min(d, |t|) / |t| with d = levenshtein(norm(recognised), t), t = norm(target); in [0, 1]."""
     t = normalise_text(target)
     if not t:
-        raise ValueError("the target text is empty")
+        raise ConfigError("the target text is empty")
     return 1.0 - min(levenshtein(normalise_text(recognised), t), len(t)) / len(t)
 
 
@@ -74,7 +75,7 @@ class OcrReward:
     def __init__(self, binary: str = "tesseract", lang: str = "eng", psm: int = 11, workers: int = 2,
                  timeout: float = 60.0):
         if workers < 1:
-            raise ValueError(f"ocr: workers must be >= 1, got {workers}")
+            raise ConfigError(f"ocr: workers must be >= 1, got {workers}")
         self.binary, self.lang, self.psm, self.workers, self.timeout = binary, lang, psm, workers, timeout
         self._path: str | None = None
 

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.rewards.base import RewardError
 from mixgrpo.rewards.wire import PROTOCOL, WireError, read_answer, score_request
 
@@ -34,7 +35,7 @@ PLACEMENT_ARGS = ("device",)
 """Arguments that say where a reward runs, not what it computes: not compared between a run and its server."""
 
 
-class ServerSetupError(ValueError):
+class ServerSetupError(ConfigError):
     """A server refused a request (4xx: a wrong token, a reward it does not host): retrying cannot help."""
 
 
@@ -113,8 +114,8 @@ def token_from(env: str) -> str | None:
         return None
     token = os.environ.get(env)
     if not token:
-        raise ValueError(f"reward_servers.token_env = {env!r}, but that environment variable is not set: export the "
-                         f"token the servers were started with, or set reward_servers.token_env to ''")
+        raise ConfigError(f"reward_servers.token_env = {env!r}, but that environment variable is not set: export the "
+                          f"token the servers were started with, or set reward_servers.token_env to ''")
     return token
 
 
@@ -176,10 +177,12 @@ class ServerScorer:
             return scores, notes
         raise RewardError("; ".join(errors))
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
-                 seeds: Sequence[int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int] | None = None,
+                 only: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
+        """Every reward of the scorer, or those of `only` (run labels)."""
         hosted = self._server_labels()
-        labels = [hosted[label] for label in self.labels]
+        wanted = list(only or self.labels)
+        labels = [hosted[label] for label in wanted]
         bounds = torch.linspace(0, len(prompts), len(self.clients) + 1).round().long().tolist()
         parts = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
         with ThreadPoolExecutor(max_workers=len(parts)) as pool:
@@ -187,6 +190,6 @@ class ServerScorer:
                                                            list(prompts[ip[1][0]:ip[1][1]]),
                                                            None if seeds is None else list(seeds[ip[1][0]:ip[1][1]])),
                                     enumerate(parts)))
-        scores = {run: torch.cat([r[0][srv] for r in results]) for run, srv in zip(self.labels, labels)}
-        notes = {run: "; ".join(n for r in results if (n := r[1][srv])) or None for run, srv in zip(self.labels, labels)}
+        scores = {run: torch.cat([r[0][srv] for r in results]) for run, srv in zip(wanted, labels)}
+        notes = {run: "; ".join(n for r in results if (n := r[1][srv])) or None for run, srv in zip(wanted, labels)}
         return scores, notes

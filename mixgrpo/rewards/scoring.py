@@ -82,7 +82,7 @@ def _one_label(scorer: ServerScorer, label: str) -> Callable:
     """reward(images, prompts[, seeds]) -> [B]: the scores of `label` alone from `scorer`; NaN where unscored."""
 
     def reward(images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None) -> torch.Tensor:
-        return scorer(images, prompts, seeds)[0][label]
+        return scorer(images, prompts, seeds, only=[label])[0][label]
 
     reward.takes_seeds = True
     return reward

@@ -36,6 +36,7 @@ import torch
 
 import mixgrpo
 from mixgrpo.config import RewardConfig
+from mixgrpo.errors import ConfigError
 from mixgrpo.rewards.base import build_reward, call_reward
 from mixgrpo.rewards.scoring import reward_labels
 from mixgrpo.rewards.wire import PROTOCOL, WireError, read_request, score_answer
@@ -47,8 +48,8 @@ def require_serving_packages() -> None:
 
     absent = missing(["fastapi", "uvicorn"])
     if absent:
-        raise ValueError(f"mixgrpo serve-rewards needs {' and '.join(absent)} (the 'serve' extra): "
-                         f"{install_command(absent)}")
+        raise ConfigError(f"mixgrpo serve-rewards needs {' and '.join(absent)} (the 'serve' extra): "
+                          f"{install_command(absent)}")
 
 
 @dataclass
@@ -82,7 +83,7 @@ class RewardHost:
 
     def __init__(self, specs: list[RewardConfig], batch_size: int, log=print):
         if not specs:
-            raise ValueError("no reward to serve: pass --reward NAME[:key=value,...] or --rewards FILE")
+            raise ConfigError("no reward to serve: pass --reward NAME[:key=value,...] or --rewards FILE")
         self.rewards = {label: HostedReward(label, spec, build_reward(spec.name, spec.args, spec.frames))
                         for label, spec in zip(reward_labels(specs), specs)}
         self.batch_size, self.log = batch_size, log

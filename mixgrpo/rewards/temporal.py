@@ -17,6 +17,7 @@ from typing import Sequence
 
 import torch
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.rewards.base import REWARDS
 
 
@@ -27,17 +28,17 @@ class TemporalConsistency:
 
     def __init__(self, order: int = 2):
         if order not in (1, 2):
-            raise ValueError(f"temporal_consistency: order must be 1 (frame-to-frame) or 2 (flicker), got {order}")
+            raise ConfigError(f"temporal_consistency: order must be 1 (frame-to-frame) or 2 (flicker), got {order}")
         self.order = order
 
     def __call__(self, videos: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if videos.dim() != 5 or videos.shape[2] != 3:
-            raise ValueError(f"temporal_consistency scores videos [B, F, 3, H, W], got shape {tuple(videos.shape)}: "
-                             f"it needs a video model (e.g. wan); drop it from the rewards of an image model")
+            raise ConfigError(f"temporal_consistency scores videos [B, F, 3, H, W], got shape {tuple(videos.shape)}: "
+                              f"it needs a video model (e.g. wan); drop it from the rewards of an image model")
         if videos.shape[1] <= self.order:
-            raise ValueError(f"temporal_consistency of order {self.order} needs more than {self.order} frames, the "
-                             f"videos have {videos.shape[1]}: generate more frames (model.args.num_frames) or use "
-                             f"order 1")
+            raise ConfigError(f"temporal_consistency of order {self.order} needs more than {self.order} frames, the "
+                              f"videos have {videos.shape[1]}: generate more frames (model.args.num_frames) or use "
+                              f"order 1")
         x = videos.detach().to("cpu", torch.float32)
         diff = torch.diff(x, n=self.order, dim=1)                                 # [B, F - k, 3, H, W]
         return 1 - diff.abs().flatten(1).mean(1) / 2 ** (self.order - 1)         # [B]

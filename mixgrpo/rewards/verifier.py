@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.rewards.base import REWARDS
 from mixgrpo.world.quality import color_purity as _color_purity
 from mixgrpo.world.quality import shape_quality as _shape_quality
@@ -52,7 +53,7 @@ class VerifierReward(_SceneReward):
     def __init__(self, score: str = "dense"):
         super().__init__()
         if score not in ("dense", "strict"):
-            raise ValueError(f"verifier reward: score must be 'dense' or 'strict', got {score!r}")
+            raise ConfigError(f"verifier reward: score must be 'dense' or 'strict', got {score!r}")
         self.score = score
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

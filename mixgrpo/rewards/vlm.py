@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.images import to_pil
 from mixgrpo.rewards.base import REWARDS, RewardError, check_batch
 
@@ -105,18 +106,18 @@ class VlmJudge:
 
     def __post_init__(self) -> None:
         if "{prompt}" not in self.template:
-            raise ValueError("vlm: the template must contain {prompt}, where the image's prompt is inserted")
+            raise ConfigError("vlm: the template must contain {prompt}, where the image's prompt is inserted")
         if self.on_failure not in ("raise", "nan"):
-            raise ValueError(f"vlm: on_failure must be 'raise' or 'nan', got {self.on_failure!r}")
+            raise ConfigError(f"vlm: on_failure must be 'raise' or 'nan', got {self.on_failure!r}")
         if self.retries < 0 or self.concurrency < 1:
-            raise ValueError(f"vlm: need retries >= 0 and concurrency >= 1, got {self.retries}, {self.concurrency}")
+            raise ConfigError(f"vlm: need retries >= 0 and concurrency >= 1, got {self.retries}, {self.concurrency}")
         re.compile(self.pattern)
         self._api_key = None
         if self.api_key_env:
             self._api_key = os.environ.get(self.api_key_env)
             if not self._api_key:
-                raise ValueError(f"vlm: environment variable {self.api_key_env!r} (api_key_env) is not set; export "
-                                 f"the API key there, or leave api_key_env unset for a server without keys")
+                raise ConfigError(f"vlm: environment variable {self.api_key_env!r} (api_key_env) is not set; export "
+                                  f"the API key there, or leave api_key_env unset for a server without keys")
         self.url = self.base_url.rstrip("/") + "/chat/completions"
 
     def request(self, image_url: str, prompt: str, seed: int | None = None) -> str:

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from mixgrpo import dist
+from mixgrpo.errors import UserError
 from mixgrpo.rundir import read_metrics
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (too many failed rewards, non-finite loss, ...); the message says why."""
 
 
@@ -65,16 +66,23 @@ class StopRequest:
                 return
             raise KeyboardInterrupt  # second signal: stop now
         self.signal, self._at = signum, time.monotonic()
-        dist.print0(f"\nreceived {signal.Signals(signum).name}: finishing this iteration, then checkpointing")
+        dist.print0(f"\nreceived {signal.Signals(signum).name}: stopping at the next safe point (after the rollout, "
+                    f"the rewards, the update or within the evaluation), then checkpointing")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    def stopped(self, message: str) -> TrainingStopped:
-        """The exception that ends a signalled run, after its checkpoint."""
+    def stopped(self, message: str, saved: bool = True) -> TrainingStopped:
+        """The exception that ends a signalled run, after its checkpoint (`saved`; else nothing needed one)."""
         signum = self.signal or signal.SIGTERM
-        return TrainingStopped(f"{signal.Signals(signum).name}: checkpoint saved, {message}", signum)
+        return TrainingStopped(f"{signal.Signals(signum).name}: {'checkpoint saved, ' * saved}{message}", signum)
+
+
+def stop_signalled(stop: StopRequest | None) -> bool:
+    """Whether any rank got SIGTERM/SIGINT (a collective: every rank calls it at the same point); False without
+    a StopRequest."""
+    return stop is not None and any_rank(stop.signal is not None)
 
 
 class TimeLimit:
@@ -246,19 +254,31 @@ def warn_without_signal(record: dict[str, Any]) -> None:
                     f"got equal rewards (or failed), so every advantage is 0 and the update changes nothing")
 
 
-def no_signal_message(metrics: list[dict[str, Any]]) -> str | None:
-    """Why a whole run learned nothing, when no iteration of it had learning signal; else None."""
+def no_signal_message(metrics: list[dict[str, Any]], groups: int | None = None) -> str | None:
+    """Why a whole run learned nothing, when no iteration of it had learning signal; else None. The reason is read
+    from the records: groups that failed to get rewards (`failed_groups`, of `groups` per iteration when known)
+    or groups whose images got equal rewards."""
     if not metrics or any(m.get("zero_advantage_groups", 0.0) < 1.0 for m in metrics):
         return None
-    return (f"no learning signal in any of the {len(metrics)} iterations: within every group the images got equal "
-            f"rewards (a constant or saturated reward?), so the policy gradient was always 0 and final/ is the base "
-            f"model (up to weight decay); check the reward on the base model's images (mixgrpo eval) and its args")
+    failed = sum(m.get("failed_groups", 0) for m in metrics)
+    if groups is not None and failed == groups * len(metrics):
+        why = ("every group of every iteration failed to get rewards (reward_policy.max_failed_groups let the run go "
+               "on), so the policy gradient was always 0")
+        fix = "fix the reward: the warnings of the run name its errors"
+    else:
+        some = f"{failed} groups failed to get rewards and " if failed else ""
+        why = (f"{some}within every {'other ' * bool(failed)}group the images got equal rewards (a constant or "
+               f"saturated reward?), so the policy gradient was always 0")
+        fix = "check the reward on the base model's images (mixgrpo eval) and its args"
+    return (f"no learning signal in any of the {len(metrics)} iterations: {why}, and final/ is the base model (up to "
+            f"weight decay); {fix}")
 
 
-def require_learning_signal(run_dir: Path) -> None:
+def require_learning_signal(run_dir: Path, groups: int) -> None:
     """The end-of-run policy (docs/reliability.md): a run in which no iteration had learning signal ends with
     TrainingError (exit 2) after everything is written, so that neither a person nor a job scheduler takes it
-    for a success. Every rank calls it; rank 0 reads metrics.jsonl (the whole run, resumed parts included)."""
-    message = no_signal_message(read_metrics(run_dir)) if dist.is_main() else None
+    for a success. Every rank calls it; rank 0 reads metrics.jsonl (the whole run, resumed parts included).
+    groups: the groups of an iteration, over all ranks."""
+    message = no_signal_message(read_metrics(run_dir), groups) if dist.is_main() else None
     if any_rank(message is not None):
         raise TrainingError(message or "no learning signal in any iteration (rank 0 says more)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import torch
 
@@ -53,10 +54,15 @@ class ChunkScoring:
         job = (images, prompts, seeds)
         self._parts.append(self._pool.submit(self._score, *job) if self._pool is not None else job)
 
-    def collect(self) -> Scored:
+    def collect(self, on_chunk: Callable[[], None] | None = None) -> Scored:
         """Every submitted chunk's scores, concatenated in chunk order: ({label: [P, G]}, failed [P], errors,
-        seconds spent scoring in total, hidden or not). A reward's exception (a bug) is raised here."""
-        parts = [p.result() if isinstance(p, Future) else self._score(*p) for p in self._parts]
+        seconds spent scoring in total, hidden or not); `on_chunk` is called as each chunk's scores are in (a
+        progress bar). A reward's exception (a bug) is raised here."""
+        parts = []
+        for p in self._parts:
+            parts.append(p.result() if isinstance(p, Future) else self._score(*p))
+            if on_chunk is not None:
+                on_chunk()
         self._parts = []
         errors: dict[str, str] = {}
         for _, _, e, _ in parts:

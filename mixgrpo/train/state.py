@@ -74,7 +74,8 @@ class TrainState:
     """The live training state: model, optimizer, scheduler and the weight copies ({"ema": EMA, "sampler":
     EMA}, the ones a run has), saved to and restored from a checkpoint of either format."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, copies: dict[str, EMA]):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, copies: dict[str, EMA]):
         self.model, self.optimizer, self.scheduler, self.copies = model, optimizer, scheduler, copies
 
     def save(self, run_dir: Path, iteration: int, identity: dict[str, Any], sharded: bool, keep: int) -> None:

@@ -10,7 +10,7 @@ steps are SDE, ODE or DPM-Solver++, and which are trained. Each iteration (`Trai
                reward servers; with `reward_overlap`, in the background while the next chunk rolls out
                (`mixgrpo.train.overlap`), so the update waits only for what is missing
 4. advantages  the rewards fused into group-normalised advantages; failed groups get 0
-5. update      the objective (`mixgrpo.train.objectives`): GRPO re-scores the stored transitions under the
+5. update      the objective (`mixgrpo.objectives`): GRPO re-scores the stored transitions under the
                clipped policy loss; DiffusionNFT / AWM train on the final samples. `updates_per_iteration`
                optimizer steps per pass; step u sees the u-th share of every group
 6. log         one line of metrics.jsonl; a checkpoint every `checkpoint_every` iterations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,23 +38,24 @@ from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_pr
 from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
 from mixgrpo.images import media_name, save_grid
-from mixgrpo.models import Cond, cond_index, cond_repeat_interleave, cond_to
+from mixgrpo.models import Cond, FlowModel, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model, guided_velocity
+from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, micro_batches
+from mixgrpo.pipeline_grid import grid_of
 from mixgrpo.plan import Plan, build_plan, ode_plan
-from mixgrpo.progress import PhaseProgress
 from mixgrpo.preflight import check_run
+from mixgrpo.progress import PhaseProgress
 from mixgrpo.prompts import read_prompts
 from mixgrpo.reference import end_of_run_line
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
 from mixgrpo.rollout import Trajectory, rollout
 from mixgrpo.runfiles import resolve_paths
-from mixgrpo.rundir import FINAL, METRICS, append_record, claim, record_eval, start_records
+from mixgrpo.rundir import FINAL, RunRecords, claim
 from mixgrpo.seeding import group_seeds, held_out_seed, prompt_indices, reward_seeds, sample_seeds, update_shares
 from mixgrpo.tracking import Trackers, resource_metrics
 from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
                                    any_rank, require_agreeing_replicas, require_finite_images, require_finite_weights,
-                                   require_learning_signal, warn_without_signal)
-from mixgrpo.train.objectives import GRPO, ForwardProcess, Policy, Samples
+                                   require_learning_signal, stop_signalled, warn_without_signal)
 from mixgrpo.train.overlap import ChunkScoring, chunk_bounds
 from mixgrpo.train.report import progress_line, write_curves, write_summary
 from mixgrpo.train.state import TrainState, check_resumable, fingerprint
@@ -80,6 +81,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             trainer.scoring.close()
 
 
+EVAL_PENDING = "eval_pending"
+"""state.json of a checkpoint whose periodic evaluation a stop cut short: the resume evaluates first."""
+
+
 @dataclass
 class Groups:
     """This rank's prompts of one iteration: P prompts, their conditioning and CFG's empty prompt ([P, ...]),
@@ -97,69 +102,116 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool):
         self.cfg, self.device, self.run_dir = cfg, dist.device(), Path(cfg.out_dir)
+        # The setup, in this order (each step's docstring says what it must follow):
+        latest = self._check_resume(resume)
+        base = self._build_model()
+        self._load_rewards_and_prompts()
+        optimizer = self._build_optimizer()
+        self._build_objective(base)
+        self._restore(latest, optimizer)
+        self._open_records()
+        self.clock = ModelClock(self.model, sync=self.device.type == "cuda") if cfg.profile else None
+        self.phases = PhaseProgress(self.model)  # bars inside an iteration that takes long (rank 0)
+        self.loop = UpdateLoop(self.params, optimizer, cfg.micro_batch_size, cfg.grad_clip, self.ema, self.clock)
+        self.held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
+        # held-out evaluations on the model's own pipeline grid (a real model), else the training grid's ODE plan
+        grid = grid_of(cfg.model.name, cfg.model.args)
+        self.eval_plan = grid.plan() if grid is not None else ode_plan(cfg.sampler.num_steps, cfg.sampler.shift)
+        if grid is not None and self.eval_prompts:
+            dist.print0(f"held-out evaluation: {grid.describe()} (training: {cfg.sampler.num_steps} steps, shift "
+                        f"{cfg.sampler.shift:g})")
+
+    def _check_resume(self, resume: bool) -> Path | None:
+        """First, before any model loads: the checkpoint to resume from, checked against the config (a checkpoint of
+        another config is named as such, not as a weight-shape error); the precision "auto" resolves to."""
         # "auto" resolves by this machine (bf16 where it multiplies bf16 matrices); logged in every metrics record
-        self.precision, why = resolve_precision(cfg.precision, self.device)
+        self.precision, self.precision_why = resolve_precision(self.cfg.precision, self.device)
         latest = latest_checkpoint(self.run_dir) if resume else None
-        self.identity = fingerprint(cfg)  # computed once: it reads the run's files
+        self.identity = fingerprint(self.cfg)  # computed once: it reads the run's files
         if latest is not None:
-            # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
             check_resumable(latest, read_state(latest), self.identity, self.run_dir)
+        return latest
+
+    def _build_model(self) -> dict[str, torch.Tensor] | None:
+        """The model, seeded first (LoRA's initial draw), and its trainable parameters. Returns the frozen base weights
+        of the KL term (None without one), cloned before FSDP wraps the model, since the wrap replaces the parameters
+        by their shards; the parameters are read again after the wrap."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model.name, cfg.model.args).to(self.device)
         params = trainable_parameters(model, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
                                       cfg.grad_checkpointing)
         base = {n: p.detach().clone() for n, p in params.items()} if cfg.kl_beta > 0 else None
-        self.model = dist.wrap_model(model, cfg.parallel)  # FSDP replaces the parameters by their shards
+        self.model = dist.wrap_model(model, cfg.parallel)
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return base
+
+    def _load_rewards_and_prompts(self) -> None:
+        cfg = self.cfg
         self.rewards = RewardSet(cfg.rewards, cfg.reward_policy.retries, cfg.parallel.rewards_on == "rank0",
                                  cfg.reward_servers)
         self.scoring = ChunkScoring(self.rewards, cfg.group_size, cfg.reward_overlap and cfg.rollout_chunks > 1)
         self.train_prompts = read_prompts(cfg.train_prompts)
         self.eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """After the wrap (they hold the wrapped parameters): AdamW, the warm-up schedule and the EMA copy."""
+        cfg = self.cfg
         optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         warmup = max(cfg.warmup_iterations, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
         self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        # [1, ...]: CFG's empty prompt
+        return optimizer
+
+    def _build_objective(self, base: dict[str, torch.Tensor] | None) -> None:
+        """After the precision and the wrap: CFG's empty prompt ([1, ...]); whether the rollout's log-probs are the
+        update's (`layouts_agree`, which needs the precision, the wrapped model and that row); the objective and the
+        sampling copy it asks for (of the wrapped parameters)."""
+        cfg = self.cfg
         self.uncond_row = cond_to(self.model.encode_prompts([""]), self.device) if cfg.guidance_scale != 1.0 else None
         # GRPO's old log-probs are the rollout's only if a row's velocity does not depend on the batch it is in
-        self.rescore_old = cfg.objective == "grpo" and not layouts_agree(self.model, cfg, self.autocast,
-                                                                           self.uncond_row, self.device)
-        dist.print0(f"precision: {self.precision} ({why})" + (
+        objective = OBJECTIVES.get(cfg.objective)
+        self.rescore_old = objective.stores_transitions and not layouts_agree(self.model, cfg, self.autocast,
+                                                                              self.uncond_row, self.device)
+        dist.print0(f"precision: {self.precision} ({self.precision_why})" + (
             "; old log-probs re-scored in the update's micro-batches (this machine's kernels depend on the batch "
             "size)" if self.rescore_old else ""))
-        self.objective = self._objective(Policy(self.model, model_with(self.model, base), self.autocast))
-        copies = {name: c for name, c in (("ema", self.ema), ("sampler", self.objective.sampler)) if c is not None}
-        self.state = TrainState(self.model, optimizer, self.scheduler, copies)
-        self.start = 0
-        if latest is not None:
-            self.start = self.state.restore(latest, self.params)["iteration"]
-            dist.print0(f"resumed from {latest} at iteration {self.start}")
-        self.tracker = None
-        if dist.is_main():
-            start_records(self.run_dir, cfg, self.start)
-            self.tracker = Trackers(self.run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
-        self.clock = ModelClock(self.model, sync=self.device.type == "cuda") if cfg.profile else None
-        self.phases = PhaseProgress(self.model)  # bars inside an iteration that takes long (rank 0)
-        self.loop = UpdateLoop(self.params, optimizer, cfg.micro_batch_size, cfg.grad_clip, self.ema, self.clock)
-        self.held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
+        # the objective samples through `sampling`, which reads self.sampler when called (after it is set below)
+        policy = Policy(self.model, model_with(self.model, base), self.autocast,
+                        sampling=lambda: swapped_weights(self.model, shadow_of(self.sampler)))
+        self.objective: Objective = objective.from_config(cfg, policy, self.rescore_old)
+        # the weights the rollout samples from: a soft copy of the live ones (forward-process objectives), or None
+        decay = self.objective.sampler_decay
+        self.sampler = EMA(self.params, decay) if decay > 0 else None
 
-    def autocast(self):
+    def _restore(self, latest: Path | None, optimizer: torch.optim.Optimizer) -> None:
+        """After every copy (EMA, sampling copy) exists, since a checkpoint restores them: the state, resumed."""
+        copies = {name: c for name, c in (("ema", self.ema), ("sampler", self.sampler)) if c is not None}
+        self.state = TrainState(self.model, optimizer, self.scheduler, copies)
+        self.start, self.eval_pending = 0, False
+        if latest is not None:
+            restored = self.state.restore(latest, self.params)
+            # a stop that cut the checkpoint's periodic evaluation short leaves it to the resume
+            self.start, self.eval_pending = restored["iteration"], bool(restored.get(EVAL_PENDING))
+            dist.print0(f"resumed from {latest} at iteration {self.start}")
+
+    def _open_records(self) -> None:
+        """After the restore (the records are cut to its iteration): the run directory's records and the trackers,
+        which write nothing off rank 0."""
+        self.records = RunRecords(self.run_dir, self.cfg, self.start)
+        self.tracker = Trackers(self.run_dir, to_dict(self.cfg), self.cfg.tensorboard, self.cfg.wandb_project)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
         """The context of every model call of the run (rollout, update, evaluation) in its resolved precision."""
         return model_precision(self.device, self.precision)
-
-    def _objective(self, policy: Policy) -> GRPO | ForwardProcess:
-        cfg = self.cfg
-        if cfg.objective == "grpo":
-            return GRPO(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale, self.rescore_old)
-        return ForwardProcess(cfg.objective, policy, self.params, cfg.matching, cfg.clip_range, cfg.kl_beta,
-                              cfg.micro_batch_size, cfg.updates_per_iteration, cfg.update_epochs)
 
     # ----------------------------------------------------------------------------------------------
     # one iteration
 
-    def iteration(self, it: int) -> dict[str, Any]:
-        """One iteration of the algorithm (module docstring); returns its metrics record."""
+    def iteration(self, it: int, stop: StopRequest | None = None) -> dict[str, Any] | None:
+        """One iteration of the algorithm (module docstring); returns its metrics record, or None when `stop` was
+        signalled before the update (during the rollout and its rewards, which overlap): nothing of the iteration
+        is kept, the weights are those after iteration `it`."""
         cfg, watch = self.cfg, Stopwatch()
         plan = build_plan(cfg.sampler, it, cfg.seed)
         groups = self.groups(it)
@@ -167,9 +219,12 @@ class Trainer:
         with self.phases.phase(f"it {it + 1} rollout", total=plan.nfe * chunks):
             traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
         watch.lap("rollout")
-        scores, failed, failed_all, scoring_seconds = self.score(it)
+        with self.phases.phase(f"it {it + 1} scoring", total=chunks, unit="chunk"):
+            scores, failed, failed_all, scoring_seconds = self.score(it)
         advantages = self.rewards.advantages(scores, failed, cfg.reward_mode, cfg.advantage_std, cfg.advantage_clip)
         watch.lap("reward")
+        if stop_signalled(stop):
+            return None
         with self.phases.phase(f"it {it + 1} update"):
             stats = self.update(plan, traj, advantages, groups, it)
         watch.lap("update")
@@ -203,7 +258,7 @@ class Trainer:
         for a, b in chunk_bounds(P, cfg.rollout_chunks):
             rows = slice(a, b)
             with self.autocast(), dist.unsharded(self.model, cfg.parallel), \
-                    swapped_weights(self.model, shadow_of(self.objective.sampler)):
+                    swapped_weights(self.model, shadow_of(self.sampler)):
                 parts.append(rollout(self.model, plan, cond_index(groups.cond, rows), G, seeds[rows],
                                      mask[a * G:b * G], None if groups.uncond is None else
                                      cond_index(groups.uncond, rows), cfg.guidance_scale, cfg.shared_noise))
@@ -219,7 +274,7 @@ class Trainer:
     def score(self, it: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, float]:
         """({label: [P, G]} scores, failed [P], failed [P x ranks], seconds spent scoring) of the rollout's images,
         once every chunk is scored; too many failed groups stop the run."""
-        scores, failed, errors, seconds = self.scoring.collect()
+        scores, failed, errors, seconds = self.scoring.collect(self.phases.tick)
         failed_all = dist.all_gather_cat(failed)
         failure = self.rewards.failure(failed_all, self.cfg.reward_policy.max_failed_groups, it, errors)
         if failure is not None:
@@ -236,7 +291,8 @@ class Trainer:
                           update_shares(cfg.seed, it, groups.first, P, G, cfg.updates_per_iteration, cfg.update_epochs),
                           sample_seeds(cfg.seed, it, groups.first * G, P * G))
         stats = self.objective.update(self.loop, samples)
-        self.objective.after_update(self.params)
+        if self.sampler is not None:
+            self.sampler.update(self.params)
         self.scheduler.step()
         weights = {"weights": list(self.params.values()),
                    **{name: list(copy.shadow.values()) for name, copy in self.state.copies.items()}}
@@ -271,81 +327,116 @@ class Trainer:
 
     def run(self, progress: bool, stop_after: int | None) -> Path:
         """Train from the start iteration to the end (or a signal, the time limit, `stop_after` iterations of
-        this launch): evaluations, checkpoints, the export and the summary."""
+        this launch): evaluations, checkpoints, the export and the summary. A signal raises TrainingStopped after
+        its checkpoint; every other end of a launch leaves by the one return at the bottom."""
         cfg = self.cfg
         if self.start == 0 and self.eval_prompts:  # eval_num_prompts = 0 skips evaluation
             self.evaluate(0, "before")
         limit, done, end = TimeLimit(cfg.time_limit_minutes), 0, self.start
+        finished = True  # the run's last iteration or the time limit reached (False: `stop_after` ended the launch)
         with StopRequest() as stop:
+            if self.eval_pending and self.eval_prompts and not self.evaluate(self.start, None, stop):
+                raise stop.stopped(f"stopped before iteration {self.start + 1}, in the evaluation of iteration "
+                                   f"{self.start} that the last stop left to this launch; nothing was trained: "
+                                   f"continue with --resume", saved=False)
             for it in range(self.start, cfg.iterations):
-                record = self.iteration(it)
+                record = self.iteration(it, stop)
+                if record is None:  # a signal before the update: iteration it + 1 is dropped, checkpoint it
+                    self._stop_before(it, stop)
                 done, end = done + 1, it + 1
-                if dist.is_main():
-                    append_record(self.run_dir / METRICS, record)
-                    self.tracker.log(record, it + 1)
+                self.records.metrics(record)
+                self.tracker.log(record, it + 1)
                 # every rank stops at the same iteration, even when only some of them got the signal or ran out of time
                 signalled, out_of_time = agreed_stops(stop, limit)
                 last = it + 1 == cfg.iterations or out_of_time
                 stopping = signalled or (stop_after is not None and done >= stop_after)
+                evaluated = True
                 if self.eval_prompts and cfg.eval_every and (it + 1) % cfg.eval_every == 0 and not last:
-                    self.evaluate(it + 1, None)  # before the checkpoint: a checkpoint at N implies its evaluation
-                if dist.is_main() and progress:
-                    print(progress_line(record, list(self.rewards.weights), self.held_out, cfg.iterations,
-                                        limit.eta(done, cfg.iterations - it - 1)), flush=True)
+                    # before the checkpoint: a checkpoint at N implies its evaluation, or says it is pending (a
+                    # signal before or inside it: the resume evaluates first, so nothing waits for the evaluation)
+                    evaluated = not signalled and self.evaluate(it + 1, None, stop)
+                    signalled = signalled or agreed_stops(stop, limit)[0]
+                    stopping = stopping or signalled
+                if progress:
+                    dist.print0(progress_line(record, list(self.rewards.weights), self.held_out, cfg.iterations,
+                                              limit.eta(done, cfg.iterations - it - 1)))
                 if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
-                    self.state.save(self.run_dir, it + 1, self.identity, cfg.parallel.checkpoint_format == "sharded",
-                                    cfg.keep_checkpoints)
+                    self.state.save(self.run_dir, it + 1, {**self.identity, EVAL_PENDING: not evaluated},
+                                    cfg.parallel.checkpoint_format == "sharded", cfg.keep_checkpoints)
                 if last:
                     break
                 if stopping:
-                    message = f"stopped after iteration {it + 1}; continue with --resume"
                     if signalled:
-                        raise stop.stopped(message)
-                    dist.print0(message)
-                    if self.tracker is not None:
-                        self.tracker.close()
-                    return self.run_dir
-        if self.eval_prompts:
-            self.evaluate(end, "after")
-        export_model(self.model, self.run_dir / FINAL, shadow_of(self.ema))  # every rank: FSDP shards are gathered
-        if dist.is_main():
-            write_summary(self.run_dir)
-            against = end_of_run_line(self.run_dir)  # when the recipe has reference curves (mixgrpo compare)
-            if against is not None:
-                print(against, flush=True)
-            self.tracker.close()
-            dist.print0(f"run directory: {self.run_dir}")
-        require_learning_signal(self.run_dir)
+                        raise stop.stopped(f"stopped after iteration {end}; continue with --resume")
+                    finished = False
+                    break
+        if finished:
+            self._finish(end)
+        self.tracker.close()
+        dist.print0(f"run directory: {self.run_dir}" if finished else
+                    f"stopped after iteration {end}; continue with --resume")
+        if finished:
+            require_learning_signal(self.run_dir, cfg.prompts_per_iteration * dist.world_size())
         return self.run_dir
 
-    def evaluate(self, iteration: int, tag: str | None) -> None:
+    def _finish(self, end: int) -> None:
+        """The end of the run: the held-out evaluation, the export (every rank: FSDP shards are gathered), then on
+        rank 0 summary.md with the curves and the line against the recipe's reference curves (mixgrpo compare)."""
+        if self.eval_prompts:
+            self.evaluate(end, "after")
+        export_model(self.model, self.run_dir / FINAL, shadow_of(self.ema))
+        if dist.is_main():
+            write_summary(self.run_dir)
+            against = end_of_run_line(self.run_dir)
+            if against is not None:
+                print(against, flush=True)
+
+    def _stop_before(self, it: int, stop: StopRequest) -> None:
+        """End a launch signalled inside iteration it + 1, before its update: checkpoint the weights after
+        iteration `it` unless that checkpoint exists, then raise TrainingStopped."""
+        if it == 0:
+            raise stop.stopped("stopped in iteration 1, before any update: nothing was trained; start the run again "
+                               "with --resume", saved=False)
+        latest = latest_checkpoint(self.run_dir)
+        if latest is None or read_state(latest)["iteration"] != it:
+            self.state.save(self.run_dir, it, {**self.identity, EVAL_PENDING: False},
+                            self.cfg.parallel.checkpoint_format == "sharded", self.cfg.keep_checkpoints)
+        raise stop.stopped(f"stopped after iteration {it} (iteration {it + 1} was dropped before its update); "
+                           f"continue with --resume")
+
+    def evaluate(self, iteration: int, tag: str | None, stop: StopRequest | None = None) -> bool:
         """Held-out evaluation on the same noise every time (EMA weights when on), one row of eval.jsonl;
-        tag "before"/"after" also saves the sample grid and prints the figures."""
+        tag "before"/"after" also saves the sample grid and prints the figures. Returns False, writing nothing,
+        when `stop` is signalled before it ends (checked between its batches)."""
         cfg = self.cfg
         # FSDP: every rank gathers the weights, rank 0 evaluates; in the run's precision, like the rollout
         with dist.unsharded(self.model, cfg.parallel), self.autocast():
-            if not dist.is_main():
-                return
+            if not dist.is_main():  # rank 0 writes the checkpoint's eval_pending; the stop is agreed after
+                return True
             with swapped_weights(self.model, shadow_of(self.ema)):  # EMA weights, without touching the live ones
-                res = evaluate(self.model, self.eval_prompts, self.rewards.functions(),
-                               ode_plan(cfg.sampler.num_steps, cfg.sampler.shift), cfg.eval_images_per_prompt,
-                               seed=held_out_seed(cfg.seed), guidance_scale=cfg.eval_guidance)
+                res = evaluate(self.model, self.eval_prompts, self.rewards.functions(), self.eval_plan,
+                               cfg.eval_images_per_prompt, seed=held_out_seed(cfg.seed),
+                               guidance_scale=cfg.eval_guidance,
+                               stop=None if stop is None else lambda: stop.signal is not None)
+            if res is None:
+                return False
             samples = res.images[:64, 0]  # the first image (or video) of each of the first 64 prompts
             grid = self.run_dir / media_name(f"samples_{tag}", samples)  # .png, or .gif for videos
             if tag is not None:
                 save_grid(samples, grid, nrow=8, scale=2, captions=res.prompts[:64])
             self.held_out.update({f"eval/{k}": v["mean"] for k, v in res.summary().items()})
-            record_eval(self.run_dir, iteration, self.held_out)
+            self.records.evaluation(iteration, self.held_out)
             write_curves(self.run_dir)
             self.tracker.log(self.held_out, iteration)
             if tag is not None:
                 self.tracker.log_image("samples", grid, iteration)
                 dist.print0(f"{tag} training: " + ", ".join(f"{k} {v:.4f}" for k, v in self.held_out.items()))
+        return True
 
 
 @torch.no_grad()
-def layouts_agree(model: torch.nn.Module, cfg: TrainConfig, autocast, uncond_row: Cond | None,
-                  device: torch.device) -> bool:
+def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], contextlib.AbstractContextManager],
+                  uncond_row: Cond | None, device: torch.device) -> bool:
     """Whether a velocity is the same bit for bit computed as the rollout computes it (eval mode, chunks of P G)
     and as the GRPO update does (train mode, each micro-batch size), so that the rollout's log-probs are the
     update's old ones (ratio == 1 on the first step). One call of each on random inputs; kernels that block by
@@ -354,7 +445,7 @@ def layouts_agree(model: torch.nn.Module, cfg: TrainConfig, autocast, uncond_row
     G = cfg.group_size
     B = cfg.prompts_per_iteration * G
     share = B // cfg.updates_per_iteration
-    sizes = sorted({min(cfg.micro_batch_size, share), share % cfg.micro_batch_size} - {0})
+    sizes = sorted({len(mb) for mb in micro_batches(torch.arange(share), cfg.micro_batch_size)})
     g = torch.Generator().manual_seed(0)
     x = torch.randn((B, *model.latent_shape), generator=g).to(device)
     sigma = torch.full((B,), 0.5, device=device)

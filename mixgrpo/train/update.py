@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from mixgrpo import dist
+from mixgrpo.objectives import micro_batches
 from mixgrpo.train.control import ModelClock, TrainingError
 from mixgrpo.train.weights import EMA
 
@@ -65,7 +66,7 @@ class UpdateLoop:
         for u, share in enumerate(shares):
             self.optimizer.zero_grad(set_to_none=True)
             n_share = dist.all_reduce_mean(torch.tensor(float(len(share)))).item() * dist.world_size()
-            for mb in share.split(self.micro_batch_size):
+            for mb in micro_batches(share, self.micro_batch_size):
                 mb = mb.to(device)
                 for k in range(num_terms):
                     loss, step_stats = loss_of(u, mb, k, stats)

@@ -14,7 +14,7 @@ import torch
 from torch.func import functional_call
 
 from mixgrpo.config import ConfigError
-from mixgrpo.models import FlowModel
+from mixgrpo.models import Cond, FlowModel
 
 
 def trainable_parameters(model: FlowModel, model_name: str, lora_rank: int, lora_alpha: float,
@@ -79,7 +79,8 @@ def swapped_weights(model: FlowModel, weights: dict[str, torch.Tensor] | None):
                     p.copy_(backup[n])
 
 
-def model_with(model: FlowModel, weights: dict[str, torch.Tensor] | None) -> Callable:
+def model_with(model: FlowModel,
+               weights: dict[str, torch.Tensor] | None) -> Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]:
     """A callable (x, sigma, cond) -> v that runs `model` with some parameters replaced (e.g. the frozen base)."""
     if weights is None:
         return model

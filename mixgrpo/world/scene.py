@@ -28,6 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mixgrpo.errors import ConfigError
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
     "green": (40, 190, 60),
@@ -80,7 +82,7 @@ HELDOUT_COUNTS: frozenset[tuple[int, str, str]] = frozenset({(2, "yellow", "tria
 """Held-out (count, colour, shape) triples; train still has each count with other colour-shapes."""
 
 
-class PromptParseError(ValueError):
+class PromptParseError(ConfigError):
     """A prompt does not follow the shapes-world grammar (see `parse_prompt`)."""
 
 
@@ -407,7 +409,7 @@ def _prompt_file(split: str) -> Path:
 def load_prompts(split: str) -> list[str]:
     """The prompts of a split ("train" or "heldout"), one per line of mixgrpo/world/prompts/{split}.txt."""
     if split not in ("train", "heldout"):
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'heldout'")
+        raise ConfigError(f"unknown split {split!r}; use 'train' or 'heldout'")
     return [line for line in _prompt_file(split).read_text().splitlines() if line.strip()]
 
 
