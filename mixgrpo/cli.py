@@ -563,10 +563,10 @@ def _prompts(args: argparse.Namespace) -> None:
     prompt_sets.main(args.rest)
 
 
-def _launch(args: argparse.Namespace) -> None:
+def _launch(args: argparse.Namespace) -> int:
     from mixgrpo import launch
 
-    raise SystemExit(launch.main(args.rest, [c for c in command_names() if c != "launch"]))
+    return launch.main(args.rest, [c for c in command_names() if c != "launch"])
 
 
 def _config_doc(args: argparse.Namespace) -> None:

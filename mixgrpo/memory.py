@@ -111,6 +111,7 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
 
 def _activations(cfg: TrainConfig, root: Path, transformer: Any, get) -> dict[str, float]:
     """The training forward's stored activations at the micro-batch (module docstring)."""
+    from mixgrpo.models import MODELS
     from mixgrpo.models._diffusers import latent_grid
 
     vae = json.loads((root / "vae" / "config.json").read_text())
@@ -121,10 +122,9 @@ def _activations(cfg: TrainConfig, root: Path, transformer: Any, get) -> dict[st
     frames = get("num_frames")
     latent_frames = (frames - 1) // temporal + 1 if frames and temporal else 1
     tokens = (height // (spatial * patch)) * (width // (spatial * patch)) * latent_frames
-    text = get("max_sequence_length") or 0
-    if cfg.model.name == "sd3":
-        text += 77  # CLIP's tokens before T5's
-    if cfg.model.name != "wan":  # joint attention: text tokens run through every block (Wan: cross-attention)
+    spec = MODELS.spec(cfg.model.name)
+    text = spec.text_tokens(get("max_sequence_length") or 0)  # SD3: CLIP's tokens before T5's
+    if spec.joint_attention:  # text tokens run through every block (Wan: cross-attention)
         tokens += text
     hidden = transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0)
     layers = transformer.get("num_layers", 0) + transformer.get("num_single_layers", 0)

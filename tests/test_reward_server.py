@@ -413,3 +413,12 @@ def test_images_as_png_reach_the_server_quantised(liar):
     Retrying(ServerScorer([liar.url], {"brightness": ("toy_rewards:brightness", {}, "mean")}, 10, None, "png"),
              0)(IMAGES, PROMPTS)
     assert torch.equal(seen[0], decode_images(encode_images(IMAGES, "uint8")))
+
+
+def test_a_reward_whose_files_are_missing_stops_the_server_at_start(tmp_path):
+    """The server runs each reward's own check (files, checkpoint keys) before it listens: one line, exit 2."""
+    done = subprocess.run([sys.executable, "-m", "mixgrpo", "serve-rewards", "--port", str(free_port()), "--reward",
+                           f"pickscore:path={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: reward pickscore: ") and "does not exist" in done.stderr
