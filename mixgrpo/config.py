@@ -92,8 +92,9 @@ class ParallelConfig:
 
 @dataclass
 class MatchingConfig:
-    """The forward-process objectives (objective: diffusion_nft or awm; docs/notation.md): every final sample
-    of the rollout is noised again at `sigmas_per_sample` fresh sigmas and trained with flow matching."""
+    """The forward-process objectives (objective: diffusion_nft, awm or v_grpo; docs/notation.md): every final
+    sample of the rollout is noised again at `sigmas_per_sample` fresh sigmas and trained with flow matching
+    (v_grpo draws its own pairs, `v_grpo:`, and reads sampler_decay, and the sigma sampler when not stratified)."""
 
     sigmas: str = "logit_normal"  # training sigmas: "logit_normal" or "uniform"
     sigma_mean: float = 0.0  # logit_normal: sigma = sigmoid(mean + std z)
@@ -128,11 +129,40 @@ class MatchingConfig:
 
 
 @dataclass
+class VGRPOConfig:
+    """V-GRPO (objective: v_grpo; arXiv 2604.23380; docs/notation.md): the flow-matching loss of each final sample
+    over `pairs` timestep-noise pairs as its log-likelihood, in GRPO's clipped loss (`clip_range`). Every stabiliser
+    is an option; the defaults are the paper's."""
+
+    pairs: int = 4  # M timestep-noise pairs per sample and update pass, all inside one ratio (the paper's 4)
+    shared_pairs: bool = True  # the samples of a group share their M pairs (sigma and noise)
+    stratified: bool = True  # pair m's sigma uniform in [m / M, (m + 1) / M); false: i.i.d. from matching.sigmas
+    weighting: str = "adaptive"  # "adaptive": x0-space error over its detached mean absolute value; "none":
+                                 # the velocity MSE
+    adv_soft_clip: float = 3.0  # eta of the advantage soft-clip eta tanh(A / eta); 0 = off
+    kl_old: float = 0.0  # weight of the KL to the old policy, mean ||x0_hat - x0_hat_old||^2; 0 = off
+
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (self.pairs >= 1, "v_grpo.pairs", self.pairs, "an integer >= 1"),
+            (self.weighting in NFT_WEIGHTINGS, "v_grpo.weighting", self.weighting, f"one of {NFT_WEIGHTINGS}"),
+            (0 <= self.adv_soft_clip < math.inf, "v_grpo.adv_soft_clip", self.adv_soft_clip,
+             "a finite number >= 0 (0 = off)"),
+            (0 <= self.kl_old < math.inf, "v_grpo.kl_old", self.kl_old, "a finite number >= 0 (0 = off)"),
+        ]
+
+    def __post_init__(self):
+        check_values(self.checks())
+
+
+@dataclass
 class TrainConfig:
     algorithm: str = "mixgrpo"  # sampler preset: a key of mixgrpo.plan.ALGORITHMS
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     objective: str = "grpo"  # one of OBJECTIVES: what the rollout trains
     matching: MatchingConfig = field(default_factory=MatchingConfig)
+    v_grpo: VGRPOConfig = field(default_factory=VGRPOConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
     reward_mode: str = "advantage"  # "advantage": normalise each reward then sum; "reward": sum then normalise
@@ -160,6 +190,9 @@ class TrainConfig:
     micro_batch_size: int = 32  # samples per forward/backward (memory only: the update does not depend on it)
     clip_range: float = 1e-4  # GRPO ratio clip: ratios outside [1 - clip_range, 1 + clip_range] are clipped
     kl_beta: float = 0.0  # weight of the KL term to the frozen base model; 0 = none
+    grpo_guard: bool = False  # GRPO-Guard (arXiv 2510.22319): re-centre the log importance ratio by the policy's
+                              # drift so that the clip binds as intended, and weight steps by 1/|dt|
+                              # (docs/notation.md); objectives with a ratio only
     ema_decay: float = 0.0  # 0 = no EMA; > 0: the held-out evaluations and final/ use the EMA weights
                             # (`mixgrpo export --no-ema` writes the trained ones from a checkpoint)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -271,6 +304,11 @@ class TrainConfig:
             raise ConfigError("kl_beta > 0 and ema_decay > 0 are not supported with parallel.strategy 'fsdp' yet (the "
                               "reference and EMA copies are not sharded): use strategy 'ddp', or set them to 0")
         objective = OBJECTIVES.get(self.objective)
+        if self.grpo_guard and not objective.supports_guard:
+            with_guard = " / ".join(repr(n) for n in OBJECTIVES if OBJECTIVES.get(n).supports_guard)
+            raise ConfigError(f"grpo_guard re-centres the ratio of a Gaussian density with one std per sample, which "
+                              f"objective {self.objective!r} does not clip: use objective {with_guard}, or "
+                              f"grpo_guard: false")
         if objective.stores_transitions and self.sampler.train_steps == "none":
             final_samples = " / ".join(repr(n) for n in OBJECTIVES if not OBJECTIVES.get(n).stores_transitions)
             raise ConfigError(f"algorithm {self.algorithm!r} trains no step (sampler.train_steps = 'none'), so GRPO has "

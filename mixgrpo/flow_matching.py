@@ -17,6 +17,12 @@ a Flash grid, the MixGRPO window); no SDE, log-probability or trajectory is stor
   the flow-matching loss as a log-likelihood surrogate, log p = -w(sigma) ||v_theta - u||^2, inside the clipped
   policy-gradient loss with the group advantages; the ratio is taken against the sampling policy.
 
+- V-GRPO, Variational GRPO (Tang et al., arXiv 2604.23380), `vgrpo_loss`: the whole generation is one action
+  whose log-likelihood is the negative flow-matching loss of the final sample over M timestep-noise pairs,
+  log p ~ -L = -(1/M) sum_m l(v_m, u_m, sigma_m) (`vgrpo_surrogate`), inside GRPO's clipped loss with the
+  ratio exp(L_old - L) and softly clipped advantages (`soft_clip_advantages`); the pairs are drawn by
+  `stratified_sigmas` and shared within a group (`mixgrpo.objectives.VGRPO`).
+
 Shapes: N samples; latents [N, *latent]; sigma [N]; per-sample reductions are the MEAN over latent elements,
 as for `mixgrpo.sampling.gaussian_log_prob`. All losses are computed in float32 (float64 if an input is).
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from mixgrpo.grpo import ratio_loss
 from mixgrpo.sampling import reduce_latent
 
 SIGMA_SAMPLERS = ("logit_normal", "uniform")
@@ -130,13 +137,74 @@ def awm_log_prob(v: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor,
         raise ValueError(f"v {tuple(v.shape)} and target {tuple(target.shape)} must have the same shape")
     dtype = _dtype(v, target)
     err = reduce_latent((v.to(dtype) - target.to(dtype)) ** 2, "mean")  # [N]
-    s = sigma.to(dtype)
+    return -awm_weight(sigma.to(dtype), weighting) * err
+
+
+def awm_weight(sigma: torch.Tensor, weighting: str = "uniform") -> torch.Tensor:
+    """AWM's w(sigma), [N]: 1 ("uniform"), sigma ("sigma") or sigma^2 ("sigma2"). The surrogate -w ||v - u||^2 is
+    log N(u | v, 1 / (2 w)) up to a constant, a Gaussian of std 1 / sqrt(2 w) (what GRPO-Guard re-centres)."""
     if weighting == "uniform":
-        w = torch.ones_like(s)
-    elif weighting == "sigma":
-        w = s
-    elif weighting == "sigma2":
-        w = s * s
-    else:
-        raise ValueError(f"weighting {weighting!r} is unknown: use one of {AWM_WEIGHTINGS}")
-    return -w * err
+        return torch.ones_like(sigma)
+    if weighting == "sigma":
+        return sigma
+    if weighting == "sigma2":
+        return sigma * sigma
+    raise ValueError(f"weighting {weighting!r} is unknown: use one of {AWM_WEIGHTINGS}")
+
+def stratified_sigmas(num: int, strata: int, generator: torch.Generator) -> torch.Tensor:
+    """[num] float64 training sigmas, term j uniform in its stratum [(j mod M) / M, (j mod M + 1) / M) of
+    M = `strata` equal parts of (0, 1) (V-GRPO's stratified timesteps: every M consecutive terms cover the whole
+    noise range once), clamped to [SIGMA_MIN, 1 - SIGMA_MIN]."""
+    u = torch.rand(num, generator=generator, dtype=torch.float64)
+    j = torch.arange(num, dtype=torch.float64) % strata
+    return ((j + u) / strata).clamp(SIGMA_MIN, 1 - SIGMA_MIN)
+
+
+def soft_clip_advantages(advantages: torch.Tensor, eta: float) -> torch.Tensor:
+    """V-GRPO's advantage soft-clip, eta tanh(A / eta) (|A| < eta, and ~A for |A| << eta); eta = 0: A unchanged."""
+    if eta < 0:
+        raise ValueError(f"eta = {eta}: the soft-clip scale must be > 0 (or 0 for none)")
+    return advantages if eta == 0 else eta * torch.tanh(advantages / eta)
+
+
+def vgrpo_surrogate(v: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor, weighting: str = "adaptive"
+                    ) -> torch.Tensor:
+    """V-GRPO's flow-matching loss of each sample over its M pairs, L = (1/M) sum_m l(v_m, u_m, sigma_m), [N]:
+    l the velocity MSE ("none") or the x0-space error normalised by its own detached mean absolute value
+    ("adaptive", the paper's adaptive loss weighting; `_matching_error`). v, target: [N, M, *latent]; sigma: [N, M]."""
+    if v.shape != target.shape or v.shape[:2] != sigma.shape:
+        raise ValueError(f"v {tuple(v.shape)} and target {tuple(target.shape)} must be [N, M, *latent] and sigma "
+                         f"{tuple(sigma.shape)} [N, M]")
+    dtype = _dtype(v, target)
+    err = _matching_error(v.flatten(0, 1).to(dtype), target.flatten(0, 1).to(dtype), sigma.flatten(), weighting)
+    return err.view(sigma.shape).mean(1)
+
+
+def vgrpo_loss(v: torch.Tensor, v_old: torch.Tensor, target: torch.Tensor, sigma: torch.Tensor,
+               advantages: torch.Tensor, clip_range: float, weighting: str = "adaptive", adv_soft_clip: float = 3.0,
+               kl_old: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """V-GRPO's loss, averaged over N samples (docs/notation.md). Returns (scalar loss, stats).
+
+    v: [N, M, *latent] the trained velocities at the sample's M noised points (requires grad); v_old: the old
+    (sampling) policy's there; target: u = eps - x0; sigma: [N, M]; advantages: [N] group advantages.
+    log ratio = L(v_old) - L(v) (`vgrpo_surrogate`: one ratio per sample, the generation one action);
+    L = mean(max(-A' ratio, -A' clip(ratio, 1 - c, 1 + c))) + kl_old mean ||x0_hat - x0_hat_old||^2 with
+    A' = `soft_clip_advantages`(A, adv_soft_clip) and x0_hat - x0_hat_old = -sigma (v - v_old) (the paper's KL to the
+    old policy). Stats: those of `mixgrpo.grpo.ratio_loss`, surrogate (mean L), and kl_to_old when kl_old > 0.
+    """
+    if v.shape != v_old.shape:
+        raise ValueError(f"v {tuple(v.shape)} and v_old {tuple(v_old.shape)} must have the same shape [N, M, *latent]")
+    if advantages.shape != v.shape[:1]:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must have shape [N] = [{v.shape[0]}]")
+    surrogate = vgrpo_surrogate(v, target, sigma, weighting)                              # [N]
+    with torch.no_grad():
+        surrogate_old = vgrpo_surrogate(v_old, target, sigma, weighting)                  # [N]
+    adv = soft_clip_advantages(advantages.to(surrogate.dtype), adv_soft_clip)
+    loss, stats = ratio_loss(surrogate_old - surrogate, adv, clip_range)
+    stats = {**stats, "surrogate": surrogate.detach().mean()}
+    if kl_old > 0:
+        shift = _bcast(sigma.flatten(), v.flatten(0, 1)) * (v.flatten(0, 1) - v_old.flatten(0, 1).detach())
+        kl = reduce_latent(shift.to(surrogate.dtype) ** 2, "mean").mean()
+        loss = loss + kl_old * kl
+        stats["kl_to_old"] = kl.detach()
+    return loss, stats

@@ -26,6 +26,8 @@ import os
 import sys
 from typing import Sequence
 
+from mixgrpo.errors import ConfigError
+
 SHUTDOWN_TIMEOUT = 900  # s: an iteration of FLUX.1 at 8 x 12 images and its checkpoint, with room to spare
 
 
@@ -34,8 +36,8 @@ def split(argv: Sequence[str], commands: Sequence[str]) -> tuple[list[str], list
     for i, arg in enumerate(argv):
         if arg in commands:
             return list(argv[:i]), list(argv[i:])
-    raise SystemExit(f"mixgrpo launch: no mixgrpo command (one of {', '.join(commands)}) after the torchrun options, "
-                     f"e.g. mixgrpo launch --nproc_per_node 8 train --config mixgrpo")
+    raise ConfigError(f"mixgrpo launch: no mixgrpo command (one of {', '.join(commands)}) after the torchrun "
+                     f"options, e.g. mixgrpo launch --nproc_per_node 8 train --config mixgrpo")
 
 
 def exit_status(exitcode: int) -> int:
@@ -44,7 +46,14 @@ def exit_status(exitcode: int) -> int:
 
 
 def main(argv: Sequence[str], commands: Sequence[str]) -> int:
-    """Launch `argv` ([torchrun options] COMMAND [arguments], COMMAND one of `commands`); returns the exit status."""
+    """Launch `argv` ([torchrun options] COMMAND [arguments], COMMAND one of `commands`); returns the exit status.
+    -h / --help before the command: this module's usage, then torchrun's options."""
+    if any(a in ("-h", "--help") for a in argv) and not any(a in commands for a in argv):
+        from torch.distributed.run import get_args_parser
+
+        print(__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1] + "\n\ntorchrun's options:")
+        get_args_parser().print_help()
+        return 0
     options, command = split(argv, commands)
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException

@@ -111,6 +111,7 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
 
 def _activations(cfg: TrainConfig, root: Path, transformer: Any, get) -> dict[str, float]:
     """The training forward's stored activations at the micro-batch (module docstring)."""
+    from mixgrpo.models import MODELS
     from mixgrpo.models._diffusers import latent_grid
 
     vae = json.loads((root / "vae" / "config.json").read_text())
@@ -121,15 +122,15 @@ def _activations(cfg: TrainConfig, root: Path, transformer: Any, get) -> dict[st
     frames = get("num_frames")
     latent_frames = (frames - 1) // temporal + 1 if frames and temporal else 1
     tokens = (height // (spatial * patch)) * (width // (spatial * patch)) * latent_frames
-    text = get("max_sequence_length") or 0
-    if cfg.model.name == "sd3":
-        text += 77  # CLIP's tokens before T5's
-    if cfg.model.name != "wan":  # joint attention: text tokens run through every block (Wan: cross-attention)
+    spec = MODELS.spec(cfg.model.name)
+    text = spec.text_tokens(get("max_sequence_length") or 0)  # SD3: CLIP's tokens before T5's
+    if spec.joint_attention:  # text tokens run through every block (Wan: cross-attention)
         tokens += text
     hidden = transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0)
     layers = transformer.get("num_layers", 0) + transformer.get("num_single_layers", 0)
-    guided = OBJECTIVES.get(cfg.objective).guided_update and cfg.guidance_scale != 1  # cond and uncond rows
-    rows = cfg.micro_batch_size * (2 if guided else 1)
+    objective = OBJECTIVES.get(cfg.objective)
+    guided = objective.guided_update and cfg.guidance_scale != 1  # cond and uncond rows
+    rows = cfg.micro_batch_size * (2 if guided else 1) * objective.forwards_per_backward(cfg)
     scale = (2 if cfg.precision in ("bf16", "auto") else 4) / 2  # the formula's bytes are 16-bit
     per_layer = 34 * tokens * rows * hidden * scale
     stored = (2 * tokens * rows * hidden * scale * layers + per_layer) if cfg.grad_checkpointing else per_layer * layers
@@ -167,10 +168,15 @@ def _size(n: float) -> str:
 
 
 def report(cfg: TrainConfig, world_size: int) -> Estimate | None:
-    """Print the estimate (rank 0) before the model loads; a model without one prints nothing."""
+    """Print the estimate (rank 0) before the model loads; a model without one prints nothing, and an estimate that
+    fails (a component class this module cannot build on the meta device) says so in one line."""
     from mixgrpo import dist
 
-    est = estimate(cfg, world_size)
+    try:
+        est = estimate(cfg, world_size)
+    except Exception as e:  # noqa: BLE001  (an estimate never stops a run: the pre-flight has passed)
+        dist.print0(f"memory estimate unavailable ({type(e).__name__}: {e})")
+        return None
     if est is not None:
         dist.print0("\n".join(est.lines()))
     return est

@@ -3,10 +3,10 @@
 - `GRPO` ("grpo"): the clipped policy loss (`mixgrpo.grpo.policy_loss`) over the rollout's stored SDE transitions,
   each re-scored with the current weights (`mixgrpo.sampling.transition_log_prob`); every algorithm of
   `mixgrpo.plan.ALGORITHMS` that trains steps.
-- `DiffusionNFT` ("diffusion_nft") and `AWM` ("awm"): forward-process objectives (`mixgrpo.flow_matching`) on the
-  rollout's final samples only, noised again by the forward process (their shared core: `ForwardProcess`); any
-  plan feeds them. The rollout runs a soft copy of the weights (the sampling copy, `matching.sampler_decay`),
-  which the trainer keeps and updates after every iteration.
+- `DiffusionNFT` ("diffusion_nft"), `AWM` ("awm") and `VGRPO` ("v_grpo"): forward-process objectives
+  (`mixgrpo.flow_matching`) on the rollout's final samples only, noised again by the forward process (their shared
+  core: `ForwardProcess`); any plan feeds them. The rollout runs a soft copy of the weights (the sampling copy,
+  `matching.sampler_decay`), which the trainer keeps and updates after every iteration.
 
 An objective (`Objective`) tells the config, the pre-flight, the memory estimate and the trainer what it needs
 (`stores_transitions`, `guided_update`, `sampler_decay`), which steps the rollout stores (`train_mask`), how many loss terms a sample has (`terms`), and
@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Proto
 
 import torch
 
-from mixgrpo.flow_matching import awm_log_prob, forward_noise, nft_loss, optimality_probability, sample_sigmas
-from mixgrpo.grpo import kl_to_reference, policy_loss
+from mixgrpo.flow_matching import (awm_log_prob, awm_weight, forward_noise, nft_loss, optimality_probability,
+                                   sample_sigmas, stratified_sigmas, vgrpo_loss)
+from mixgrpo.grpo import guard_log_ratio, guard_step_weight, kl_to_reference, policy_loss, ratio_loss
 from mixgrpo.models.base import Cond, cond_index, guided_velocity
 from mixgrpo.plan import Plan, train_mask
 from mixgrpo.registry import Registry
@@ -33,7 +34,7 @@ from mixgrpo.rollout import Trajectory
 from mixgrpo.sampling import transition_log_prob
 
 if TYPE_CHECKING:
-    from mixgrpo.config import MatchingConfig, TrainConfig
+    from mixgrpo.config import MatchingConfig, TrainConfig, VGRPOConfig
     from mixgrpo.train.update import UpdateLoop, UpdateStats
 
 Velocity = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]  # (x, sigma, cond) -> v
@@ -89,6 +90,10 @@ class Objective(Protocol):
     """Whether the update calls the model with classifier-free guidance (conditional and unconditional rows in one
     batch, as the rollout does) when guidance_scale != 1; False: it trains the conditional velocity alone."""
 
+    supports_guard: ClassVar[bool]
+    """Whether `grpo_guard` applies: the loss clips the importance ratio of a Gaussian density (transition or
+    surrogate) with one std per sample."""
+
     sampler_decay: float
     """> 0: the rollout samples from a soft copy of the weights, theta_old <- d theta_old + (1 - d) theta after every
     iteration (kept by the trainer and its checkpoints); 0: from the live weights."""
@@ -96,6 +101,11 @@ class Objective(Protocol):
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> Objective:
         """The objective of a run; rescore_old: the layouts disagree (only read where stores_transitions)."""
+        ...
+
+    @staticmethod
+    def forwards_per_backward(cfg: TrainConfig) -> int:
+        """Trained forwards whose activations a micro-batch holds at once (the memory estimate)."""
         ...
 
     def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int,
@@ -125,20 +135,29 @@ class GRPO:
     one extra forward per trained transition before the first step) instead of the rollout's: for kernels whose
     results depend on the batch size (`mixgrpo.train.trainer.layouts_agree`), so that the ratio is 1 on the
     first step.
+
+    guard: GRPO-Guard (arXiv 2510.22319): the re-centred ratio of `mixgrpo.grpo.guard_log_ratio` against the old
+    transition means (re-scored, as with rescore_old: the rollout does not store them) and each step weighted by
+    `mixgrpo.grpo.guard_step_weight`.
     """
 
     stores_transitions = True
     guided_update = True
+    supports_guard = True
     sampler_decay = 0.0  # the rollout runs the live weights
 
     def __init__(self, policy: Policy, clip_range: float, kl_beta: float, guidance_scale: float,
-                 rescore_old: bool = False):
+                 rescore_old: bool = False, guard: bool = False):
         self.policy, self.clip_range, self.kl_beta, self.guidance_scale = policy, clip_range, kl_beta, guidance_scale
-        self.rescore_old = rescore_old
+        self.rescore_old, self.guard = rescore_old, guard
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> GRPO:
-        return cls(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale, rescore_old)
+        return cls(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale, rescore_old, cfg.grpo_guard)
+
+    @staticmethod
+    def forwards_per_backward(cfg: TrainConfig) -> int:
+        return 1
 
     def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int, first_sample: int) -> torch.Tensor:
         return train_mask(plan, batch_size, seed, iteration, sample_offset=first_sample)
@@ -156,11 +175,13 @@ class GRPO:
         return transition_log_prob(x, v, x_next, sigma, sigma_next, s.plan.sde_form, s.plan.eta)
 
     @torch.no_grad()
-    def _rescored(self, s: Samples, micro_batch_size: int) -> torch.Tensor:
-        """[B, K] old log-probs in the update's layout: each sample in the micro-batch of the first share that
-        holds it (the first pass, where the ratio must be 1)."""
+    def _rescored(self, s: Samples, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([B, K] old log-probs, [B, K, *latent] old transition means or None without the guard) in the update's
+        layout: each sample in the micro-batch of the first share that holds it (the first pass, where the ratio
+        must be 1)."""
         device = s.traj.x.device
         old = s.traj.log_prob.clone()
+        old_mean = torch.empty(s.traj.x.shape, dtype=torch.float32, device=device) if self.guard else None
         done = torch.zeros(len(old), dtype=torch.bool, device=device)
         for share in s.shares:
             for mb in micro_batches(share.to(device), micro_batch_size):
@@ -170,14 +191,21 @@ class GRPO:
                 cond = cond_index(s.cond, mb)
                 uncond = None if s.uncond is None else cond_index(s.uncond, mb)
                 for k in range(s.traj.x.shape[1]):
-                    logp = self._log_prob(s, mb, k, cond, uncond).log_prob
+                    logp, mean, _ = self._log_prob(s, mb, k, cond, uncond)
                     old[mb[new], k] = logp[new].to(old.dtype)
+                    if old_mean is not None:
+                        old_mean[mb[new], k] = mean[new].to(old_mean.dtype)
                 done[mb] = True
-        return old
+        return old, old_mean
 
     def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
         traj, plan, policy = s.traj, s.plan, self.policy
-        old_log_prob = self._rescored(s, loop.micro_batch_size) if self.rescore_old else traj.log_prob  # [B, K]
+        # the guard needs the old transition means, which the rollout does not store: it always re-scores
+        if self.rescore_old or self.guard:
+            old_log_prob, old_mean = self._rescored(s, loop.micro_batch_size)  # [B, K], [B, K, *latent] or None
+        else:
+            old_log_prob, old_mean = traj.log_prob, None
+        mean_step = (plan.steps[0].sigma - plan.steps[-1].sigma_next) / plan.nfe
 
         def loss_of(u: int, mb: torch.Tensor, k: int, stats: UpdateStats):
             cond = cond_index(s.cond, mb)
@@ -185,7 +213,12 @@ class GRPO:
             x, x_next = traj.x[mb, k], traj.x_next[mb, k]                   # [N, *latent]
             sigma, sigma_next = traj.sigma[mb, k], traj.sigma_next[mb, k]   # [N] float64
             logp, mean, std = self._log_prob(s, mb, k, cond, uncond)
-            loss, step_stats = policy_loss(logp, old_log_prob[mb, k], s.advantages[mb], self.clip_range)
+            if self.guard:
+                log_ratio = guard_log_ratio(logp - old_log_prob[mb, k], mean, old_mean[mb, k], std)
+                weight = guard_step_weight(sigma, sigma_next, mean_step)
+                loss, step_stats = ratio_loss(log_ratio, s.advantages[mb], self.clip_range, weight)
+            else:
+                loss, step_stats = policy_loss(logp, old_log_prob[mb, k], s.advantages[mb], self.clip_range)
             if self.kl_beta > 0:
                 with torch.no_grad(), policy.autocast():
                     v_ref = guided_velocity(policy.reference, x, sigma.float(), cond, uncond, self.guidance_scale)
@@ -194,7 +227,10 @@ class GRPO:
                 loss = loss + self.kl_beta * kl
                 step_stats = {**step_stats, "kl_to_base": kl.detach()}
             if u == 0:
-                stats.note_ratio(logp, old_log_prob[mb, k])
+                if self.guard:
+                    stats.note_ratio(log_ratio, torch.zeros_like(log_ratio))
+                else:
+                    stats.note_ratio(logp, old_log_prob[mb, k])
             return loss, step_stats
 
         return loop.run(s.shares, traj.x.shape[1], loss_of, traj.x.device)
@@ -222,7 +258,7 @@ def matching_batch(velocity: Velocity, final: torch.Tensor, cond: Cond, plan: Pl
     samples by the forward process, and evaluate the sampling policy `velocity` there in micro-batches
     (conditional velocity: training is CFG-free; cond: [B, ...] rows). Pass e uses terms [e K, (e + 1) K)."""
     m = matching
-    B, K = final.shape[0], m.sigmas_per_sample * epochs
+    K = m.sigmas_per_sample * epochs
     sigmas, noises = [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
@@ -230,6 +266,15 @@ def matching_batch(velocity: Velocity, final: torch.Tensor, cond: Cond, plan: Pl
         noises.append(torch.randn((K, *final.shape[1:]), generator=g))
     sigma = torch.stack(sigmas).to(final.device)  # [B, K]
     eps = torch.stack(noises).to(final.device, final.dtype)  # [B, K, *latent]
+    return noised_batch(velocity, final, cond, sigma, eps, micro_batch_size)
+
+
+@torch.no_grad()
+def noised_batch(velocity: Velocity, final: torch.Tensor, cond: Cond, sigma: torch.Tensor, eps: torch.Tensor,
+                 micro_batch_size: int) -> MatchingBatch:
+    """The final samples [B, *latent] noised at the drawn sigma [B, K] with noises eps [B, K, *latent], and the
+    sampling policy `velocity` there in micro-batches (conditional velocity; cond: [B, ...] rows)."""
+    B, K = sigma.shape
     x0 = final[:, None].expand_as(eps)
     x_t, target = forward_noise(x0.flatten(0, 1), eps.flatten(0, 1), sigma.flatten())
     x_t, target = x_t.view_as(eps), target.view_as(eps)
@@ -250,18 +295,23 @@ class ForwardProcess:
 
     stores_transitions = False
     guided_update = False
+    supports_guard = False
 
     def __init__(self, policy: Policy, matching: MatchingConfig, clip_range: float, kl_beta: float,
-                 micro_batch_size: int, updates: int, epochs: int):
+                 micro_batch_size: int, updates: int, epochs: int, guard: bool = False):
         self.policy, self.matching = policy, matching
-        self.clip_range, self.kl_beta = clip_range, kl_beta
+        self.clip_range, self.kl_beta, self.guard = clip_range, kl_beta, guard  # guard: objectives with a ratio
         self.micro_batch_size, self.updates, self.epochs = micro_batch_size, updates, epochs
         self.sampler_decay = matching.sampler_decay  # the rollout runs a soft copy of the weights (0: theta itself)
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> ForwardProcess:
         return cls(policy, cfg.matching, cfg.clip_range, cfg.kl_beta, cfg.micro_batch_size,
-                   cfg.updates_per_iteration, cfg.update_epochs)
+                   cfg.updates_per_iteration, cfg.update_epochs, cfg.grpo_guard)
+
+    @staticmethod
+    def forwards_per_backward(cfg: TrainConfig) -> int:
+        return 1
 
     def train_mask(self, plan: Plan, batch_size: int, seed: int, iteration: int, first_sample: int) -> torch.Tensor:
         return torch.zeros((batch_size, len(plan.steps)), dtype=torch.bool)  # nothing to store: final samples only
@@ -295,15 +345,19 @@ class ForwardProcess:
             with policy.autocast():
                 v = policy.model(x_t, sigma.float(), cond).float()
             loss, step_stats = self.loss(v, batch, s, mb, k, u, stats)
-            if self.kl_beta > 0:
-                with torch.no_grad(), policy.autocast():
-                    v_ref = policy.reference(x_t, sigma.float(), cond).float()
-                kl = ((v - v_ref) ** 2).flatten(1).mean(1).mean()
-                loss = loss + self.kl_beta * kl
-                step_stats = {**step_stats, "kl_to_base": kl.detach()}
-            return loss, step_stats
+            return self._with_base_kl(loss, step_stats, v, x_t, sigma, cond)
 
         return loop.run(s.shares, m.sigmas_per_sample, loss_of, batch.x_t.device)
+
+    def _with_base_kl(self, loss: torch.Tensor, step_stats: dict[str, torch.Tensor], v: torch.Tensor, x_t: torch.Tensor,
+                      sigma: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss plus kl_beta mean ||v - v_ref||^2 to the frozen base at x_t ([N, *latent]; sigma [N])."""
+        if self.kl_beta <= 0:
+            return loss, step_stats
+        with torch.no_grad(), self.policy.autocast():
+            v_ref = self.policy.reference(x_t, sigma.float(), cond).float()
+        kl = ((v - v_ref) ** 2).flatten(1).mean(1).mean()
+        return loss + self.kl_beta * kl, {**step_stats, "kl_to_base": kl.detach()}
 
 
 @OBJECTIVES.register("diffusion_nft")
@@ -324,7 +378,10 @@ class DiffusionNFT(ForwardProcess):
 class AWM(ForwardProcess):
     """AWM, Advantage Weighted Matching (arXiv 2509.25050): the clipped policy loss with the flow-matching surrogate
     log p = -w(sigma) ||v - u||^2 (`mixgrpo.flow_matching.awm_log_prob`) as the log-probability, the sampling
-    policy's as the old one."""
+    policy's as the old one. With the guard (`grpo_guard`), the ratio is re-centred as GRPO-Guard's
+    (`mixgrpo.grpo.guard_log_ratio`): the surrogate is log N(u | v, 1 / (2 w)), the mean v, the std 1 / sqrt(2 w)."""
+
+    supports_guard = True
 
     @torch.no_grad()
     def prepare(self, batch: MatchingBatch, s: Samples) -> None:
@@ -333,8 +390,86 @@ class AWM(ForwardProcess):
                                          self.matching.awm_weighting).view(B, K)  # [B, K]
 
     def loss(self, v, batch, s, mb, k, u, stats):
-        logp = awm_log_prob(v, batch.target[mb, k], batch.sigma[mb, k], self.matching.awm_weighting)
+        sigma = batch.sigma[mb, k]
+        logp = awm_log_prob(v, batch.target[mb, k], sigma, self.matching.awm_weighting)
+        if self.guard:
+            std = (2 * awm_weight(sigma.to(logp.dtype), self.matching.awm_weighting)).rsqrt()  # [N]
+            log_ratio = guard_log_ratio(logp - self.log_prob_old[mb, k], v, batch.v_old[mb, k], std)
+            loss, step_stats = ratio_loss(log_ratio, s.advantages[mb], self.clip_range)
+            if u == 0:
+                stats.note_ratio(log_ratio, torch.zeros_like(log_ratio))
+            return loss, step_stats
         loss, step_stats = policy_loss(logp, self.log_prob_old[mb, k], s.advantages[mb], self.clip_range)
         if u == 0:
             stats.note_ratio(logp, self.log_prob_old[mb, k])
         return loss, step_stats
+
+
+def vgrpo_pairs(seeds: list[int], group_size: int, latent: tuple[int, ...], v_grpo: VGRPOConfig,
+                matching: MatchingConfig, epochs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """V-GRPO's timestep-noise pairs of one iteration: (sigma [B, E M] float64, eps [B, E M, *latent]), M =
+    v_grpo.pairs per update pass (pass e uses pairs [e M, (e + 1) M)), E = `epochs`. Drawn from the sample's own
+    seed, or with `shared_pairs` from the seed of its group's first sample (rows in group order, whole groups per
+    rank), so every sample of a group is scored on the same pairs, on any rank and after a resume. Sigmas are
+    stratified (`mixgrpo.flow_matching.stratified_sigmas`) or i.i.d. from matching.sigmas."""
+    K = v_grpo.pairs * epochs
+    draws: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for b, seed in enumerate(seeds):
+        key = seeds[b - b % group_size] if v_grpo.shared_pairs else seed
+        if key not in draws:
+            g = torch.Generator().manual_seed(key)
+            sigma = (stratified_sigmas(K, v_grpo.pairs, g) if v_grpo.stratified
+                     else sample_sigmas(K, g, matching.sigmas, matching.sigma_mean, matching.sigma_std))
+            draws[key] = sigma, torch.randn((K, *latent), generator=g)
+    rows = [draws[seeds[b - b % group_size] if v_grpo.shared_pairs else seed] for b, seed in enumerate(seeds)]
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+@OBJECTIVES.register("v_grpo")
+class VGRPO(ForwardProcess):
+    """V-GRPO, Variational GRPO (arXiv 2604.23380): the whole generation is one action, its log-likelihood the
+    negative flow-matching loss of the final sample over M = v_grpo.pairs timestep-noise pairs (`vgrpo_pairs`), in
+    GRPO's clipped loss with one ratio per sample against the sampling policy (`mixgrpo.flow_matching.vgrpo_loss`).
+    An optimizer step's micro-batch runs M trained forwards before its backward (M times the activations of the
+    other forward-process objectives). The stabilisers are options of `v_grpo:` (and `clip_range`, `kl_beta`)."""
+
+    def __init__(self, policy: Policy, matching: MatchingConfig, clip_range: float, kl_beta: float,
+                 micro_batch_size: int, updates: int, epochs: int, v_grpo: VGRPOConfig, group_size: int):
+        super().__init__(policy, matching, clip_range, kl_beta, micro_batch_size, updates, epochs)
+        self.v_grpo, self.group_size = v_grpo, group_size
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> VGRPO:
+        return cls(policy, cfg.matching, cfg.clip_range, cfg.kl_beta, cfg.micro_batch_size, cfg.updates_per_iteration,
+                   cfg.update_epochs, cfg.v_grpo, cfg.group_size)
+
+    @staticmethod
+    def forwards_per_backward(cfg: TrainConfig) -> int:
+        return cfg.v_grpo.pairs  # the M pairs of one ratio are in one backward
+
+    def terms(self, traj: Trajectory) -> int:
+        return self.v_grpo.pairs
+
+    def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
+        vg, policy, final = self.v_grpo, self.policy, s.traj.final
+        M = vg.pairs
+        sigma, eps = vgrpo_pairs(s.seeds, self.group_size, tuple(final.shape[1:]), vg, self.matching, self.epochs)
+        with policy.sampling():
+            batch = noised_batch(self._sampling_velocity, final, s.cond, sigma.to(final.device),
+                                 eps.to(final.device, final.dtype), self.micro_batch_size)
+
+        def loss_of(u: int, mb: torch.Tensor, _: int, stats: UpdateStats):
+            pairs = slice((u // self.updates) * M, (u // self.updates + 1) * M)  # this update pass's pairs
+            cond = cond_index(s.cond, mb)
+            x_t, sig = batch.x_t[mb, pairs], batch.sigma[mb, pairs]  # [N, M, *latent], [N, M]
+            with policy.autocast():
+                v = torch.stack([policy.model(x_t[:, m], sig[:, m].float(), cond).float() for m in range(M)], 1)
+            loss, step_stats = vgrpo_loss(v, batch.v_old[mb, pairs], batch.target[mb, pairs], sig, s.advantages[mb],
+                                          self.clip_range, vg.weighting, vg.adv_soft_clip, vg.kl_old)
+            if u == 0:
+                extremes = torch.stack([step_stats["ratio_max"], step_stats["ratio_min"]]).log()
+                stats.note_ratio(extremes, torch.zeros_like(extremes))
+            cond_rows = cond_index(s.cond, mb.repeat_interleave(M))
+            return self._with_base_kl(loss, step_stats, v.flatten(0, 1), x_t.flatten(0, 1), sig.flatten(), cond_rows)
+
+        return loop.run(s.shares, 1, loss_of, final.device)  # one loss term per sample: the M pairs in one ratio

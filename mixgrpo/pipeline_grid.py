@@ -75,8 +75,8 @@ def pipeline_grid(path: str | Path, height: int, width: int, num_steps: int | No
     pipe_cls = getattr(diffusers, str(index.get("_class_name")), None)
     sched_name = (index.get("scheduler") or [None, None])[1]
     sched_cls = getattr(diffusers, str(sched_name), None)
-    if pipe_cls is None or sched_cls is None:
-        return None
+    if pipe_cls is None or sched_cls is None or not (root / "scheduler" / "scheduler_config.json").is_file():
+        return None  # not a pipeline this module can read: the engine's static grid
     steps = num_steps or inspect.signature(pipe_cls.__call__).parameters["num_inference_steps"].default
     scheduler = sched_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
     config = scheduler.config

@@ -6,7 +6,8 @@
     RUN/checkpoints/    iter_NNNNNN/ (mixgrpo.checkpoint); final/, summary.md, reward_curve.png: the results
 
 The records are JSON lines with an "iteration"; a launch rewrites config.yaml and keeps the records its
-checkpoint covers (`start_records`), every later record is appended (`append_record`, `record_eval`).
+checkpoint covers, every later record is appended: `RunRecords`, which a training launch holds on every rank
+and which writes on rank 0 only.
 
 Every `train` goes through `claim` before it writes anything: it takes the lock (a second process on the same
 directory stops at once, naming the holder), refuses to start a new run over the results of an earlier one,
@@ -127,13 +128,30 @@ def keep_records_before(path: Path, iteration: int) -> None:
         tmp.write_text("".join(keep), encoding="utf-8")
 
 
-def start_records(run_dir: Path, cfg: TrainConfig, start: int) -> None:
-    """A launch that starts at iteration `start` (0, or its checkpoint's): write its config.yaml and keep the
-    records the checkpoint covers, metrics up to `start` and, since a checkpoint at N is written after N's
-    evaluation, the evaluations up to `start` (none on a fresh start). Rank 0 only."""
-    save_config(cfg, run_dir / CONFIG)
-    keep_records_before(run_dir / METRICS, start + 1)
-    keep_records_before(run_dir / EVALS, start + 1 if start else 0)
+class RunRecords:
+    """The run directory's records as a training launch writes them: config.yaml, metrics.jsonl, eval.jsonl.
+    Every rank holds one; off rank 0 it writes nothing.
+
+    Opening it for a launch that starts at iteration `start` (0, or its checkpoint's) writes the launch's
+    config.yaml and keeps the records the checkpoint covers: metrics up to `start` and, since a checkpoint at N is
+    written after N's evaluation, the evaluations up to `start` (none on a fresh start)."""
+
+    def __init__(self, run_dir: Path, cfg: TrainConfig, start: int):
+        self.run_dir, self.active = run_dir, dist.is_main()
+        if self.active:
+            save_config(cfg, run_dir / CONFIG)
+            keep_records_before(run_dir / METRICS, start + 1)
+            keep_records_before(run_dir / EVALS, start + 1 if start else 0)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        """One iteration's line of metrics.jsonl."""
+        if self.active:
+            append_record(self.run_dir / METRICS, record)
+
+    def evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
+        """The evaluation at `iteration` in eval.jsonl (`record_eval`)."""
+        if self.active:
+            record_eval(self.run_dir, iteration, metrics)
 
 
 def append_record(path: Path, record: dict[str, Any]) -> None:

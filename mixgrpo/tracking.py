@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mixgrpo import dist
 from mixgrpo.errors import UserError
 from mixgrpo.fileio import writing
 
@@ -32,9 +33,13 @@ class TrackingError(UserError, RuntimeError):
 
 
 class Trackers:
+    """The run's trackers; every rank holds one, and off rank 0 it tracks nothing (each method returns at once)."""
+
     def __init__(self, run_dir: Path, config: dict[str, Any], tensorboard: bool, wandb_project: str):
         self._tb = None
         self._wandb = None
+        if not dist.is_main():
+            return
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

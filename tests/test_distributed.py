@@ -403,3 +403,14 @@ def test_launch_reports_a_bug_with_its_traceback_and_the_rank(tmp_path):
     assert "Traceback" in err and "IndexError" in err
     assert err.strip().splitlines()[-1].startswith("mixgrpo launch: rank ")
     assert "ChildFailedError" not in err  # torchrun's own block is not printed
+
+
+def test_launch_without_a_command_is_a_usage_error_and_help_shows_torchruns_options(capsys):
+    from mixgrpo import cli
+
+    assert cli.main(["launch", "--nproc_per_node", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: mixgrpo launch: no mixgrpo command") and "train" in err
+    assert cli.main(["launch", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "mixgrpo launch --nproc_per_node 8 train" in out and "--nproc-per-node" in out

@@ -11,7 +11,8 @@ import torch
 from mixgrpo.checkpoint import latest_checkpoint, load_checkpoint
 from mixgrpo.config import ConfigError, build_config
 from mixgrpo.flow_matching import (awm_log_prob, forward_noise, nft_loss, optimality_probability,
-                                   sample_sigmas)
+                                   sample_sigmas, soft_clip_advantages, stratified_sigmas, vgrpo_loss,
+                                   vgrpo_surrogate)
 from mixgrpo.rundir import read_metrics
 from mixgrpo.train import train
 
@@ -113,6 +114,103 @@ def test_awm_with_a_positive_advantage_follows_the_flow_matching_gradient():
     torch.testing.assert_close(v.grad, w.grad, rtol=1e-12, atol=0)
 
 
+def _pairs_batch(n=5, M=3, shape=(2, 3, 3), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v, v_old, target = (torch.randn((n, M, *shape), generator=g, dtype=F64) for _ in range(3))
+    v = v_old + 0.3 * v  # a policy near the old one
+    sigma = torch.rand(n, M, generator=g, dtype=F64).clamp(0.05, 0.95)
+    adv = 2.5 * torch.randn(n, generator=g, dtype=F64)
+    return v, v_old, target, sigma, adv
+
+
+def loop_vgrpo_loss(v, v_old, target, sigma, adv, clip_range, weighting, eta, kl_old):
+    """One sample, pair and element at a time, from the formulas of docs/notation.md."""
+    import math
+
+    def surrogate(vel, b):
+        total = 0.0
+        for m in range(vel.shape[1]):
+            d = [p - q for p, q in zip(vel[b, m].flatten().tolist(), target[b, m].flatten().tolist())]
+            s = float(sigma[b, m])
+            if weighting == "none":
+                total += sum(x * x for x in d) / len(d)
+            else:
+                e = [s * x for x in d]
+                total += sum(x * x for x in e) / len(d) / max(sum(abs(x) for x in e) / len(d), 1e-5)
+        return total / vel.shape[1]
+
+    out = 0.0
+    for b in range(v.shape[0]):
+        a = eta * math.tanh(float(adv[b]) / eta) if eta > 0 else float(adv[b])
+        ratio = math.exp(surrogate(v_old, b) - surrogate(v, b))
+        out += max(-a * ratio, -a * min(max(ratio, 1 - clip_range), 1 + clip_range))
+        if kl_old > 0:
+            kl = 0.0
+            for m in range(v.shape[1]):
+                s = float(sigma[b, m])
+                d = [s * (p - q) for p, q in zip(v[b, m].flatten().tolist(), v_old[b, m].flatten().tolist())]
+                kl += sum(x * x for x in d) / len(d)
+            out += kl_old * kl / v.shape[1]
+    return out / v.shape[0]
+
+
+@pytest.mark.parametrize("weighting,clip_range,eta,kl_old", [
+    ("adaptive", 0.2, 3.0, 0.0), ("none", 0.2, 3.0, 0.0), ("adaptive", 1e-3, 0.0, 0.0), ("adaptive", 10.0, 1.0, 0.5),
+])
+def test_vgrpo_loss_equals_the_plain_loop(weighting, clip_range, eta, kl_old):
+    v, v_old, target, sigma, adv = _pairs_batch()
+    loss, stats = vgrpo_loss(v, v_old, target, sigma, adv, clip_range, weighting, eta, kl_old)
+    assert loss.dtype == F64
+    assert loss.item() == pytest.approx(loop_vgrpo_loss(v, v_old, target, sigma, adv, clip_range, weighting, eta,
+                                                        kl_old), rel=1e-12)
+    assert ("kl_to_old" in stats) == (kl_old > 0)
+
+
+@pytest.mark.parametrize("weighting", ["adaptive", "none"])
+def test_vgrpo_gradient_at_the_old_policy_is_the_advantage_weighted_flow_matching_direction(weighting):
+    """At v = v_old the ratio is 1 and no clip binds: the gradient of the loss is that of
+    (1/N) sum_i A'_i L_i(v), the flow-matching loss of every sample weighted by its soft-clipped advantage
+    (positive advantages pull the velocity towards the sample's targets, negative ones push it away)."""
+    _, v_old, target, sigma, adv = _pairs_batch()
+    v = v_old.clone().requires_grad_(True)
+    loss, stats = vgrpo_loss(v, v_old, target, sigma, adv, 1e-4, weighting, 3.0)
+    loss.backward()
+    assert stats["ratio_max"] == 1 and stats["ratio_min"] == 1 and stats["clip_fraction"] == 0
+    w = v_old.clone().requires_grad_(True)
+    (soft_clip_advantages(adv, 3.0) * vgrpo_surrogate(w, target, sigma, weighting)).mean().backward()
+    torch.testing.assert_close(v.grad, w.grad, rtol=1e-12, atol=1e-15)
+    if weighting == "none":  # explicitly: A'_i 2 (v - u) / (N M numel)
+        n, M, numel = v.shape[0], v.shape[1], v[0, 0].numel()
+        expected = soft_clip_advantages(adv, 3.0).view(-1, 1, 1, 1, 1) * 2 * (v_old - target) / (n * M * numel)
+        torch.testing.assert_close(v.grad, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_stratified_sigmas_cover_every_stratum_and_the_soft_clip_bounds_advantages():
+    s = stratified_sigmas(4 * 500, 4, torch.Generator().manual_seed(0)).view(500, 4)
+    for m in range(4):
+        assert (s[:, m] >= max(m / 4, 1e-3)).all() and (s[:, m] <= min((m + 1) / 4, 1 - 1e-3)).all()
+        assert abs(s[:, m].mean().item() - (m + 0.5) / 4) < 0.01
+    a = torch.tensor([-100.0, -1e-3, 0.0, 1e-3, 100.0], dtype=F64)
+    clipped = soft_clip_advantages(a, 3.0)
+    assert clipped.abs().max() <= 3.0 and clipped[-1].item() == pytest.approx(3.0) and clipped[3] > 0
+    torch.testing.assert_close(clipped[1:4], a[1:4], rtol=1e-6, atol=0)
+    assert torch.equal(soft_clip_advantages(a, 0.0), a)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_vgrpo_pairs_are_shared_within_a_group_and_fresh_across_groups(shared):
+    from mixgrpo.config import MatchingConfig, VGRPOConfig
+    from mixgrpo.objectives import vgrpo_pairs
+
+    seeds = list(range(100, 108))  # 2 groups of 4
+    sigma, eps = vgrpo_pairs(seeds, 4, (3, 2, 2), VGRPOConfig(shared_pairs=shared), MatchingConfig(), epochs=2)
+    assert sigma.shape == (8, 8) and eps.shape == (8, 8, 3, 2, 2)
+    assert torch.equal(sigma[0], sigma[3]) == shared and torch.equal(eps[1], eps[2]) == shared
+    assert not torch.equal(sigma[0], sigma[4]) and not torch.equal(eps[0], eps[4])
+    again, _ = vgrpo_pairs(seeds[4:], 4, (3, 2, 2), VGRPOConfig(shared_pairs=shared), MatchingConfig(), epochs=2)
+    assert torch.equal(again, sigma[4:])  # the same on the rank that holds only the second group
+
+
 def test_forward_noise_and_sigma_samplers():
     x0, eps = torch.randn(4, 3, 2, 2, dtype=F64), torch.randn(4, 3, 2, 2, dtype=F64)
     sigma = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=F64)
@@ -145,6 +243,9 @@ def _cfg(tmp_path, **over):
     ("diffusion_nft", "mixgrpo_flash_star", {"shared_noise": True}),
     ("diffusion_nft", "mixgrpo", {"shared_noise": True}),
     ("awm", "ode", {"clip_range": 0.2, "matching": {"sampler_decay": 0.0}}),
+    ("awm", "ode", {"clip_range": 0.2, "grpo_guard": True, "matching": {"sampler_decay": 0.0}}),
+    ("v_grpo", "ode", {"clip_range": 0.2}),
+    ("v_grpo", "mixgrpo_flash_star", {"clip_range": 0.2, "shared_noise": True}),
 ])
 def test_the_reward_rises_with_any_rollout(tmp_path, objective, algorithm, extra):
     """A brightness reward: the Gaussian model's trainable data mean moves up, from ODE, Flash* and
@@ -193,9 +294,10 @@ def test_update_passes_see_every_sample_once_each_with_fresh_sigmas(tmp_path):
     assert batch.sigma.shape == (8, 2) and not torch.equal(batch.sigma[:, 0], batch.sigma[:, 1])
 
 
-def test_resume_reproduces_the_uninterrupted_run_with_the_sampling_copy(tmp_path):
-    full = train(_cfg(tmp_path / "full"), progress=False)
-    cfg = _cfg(tmp_path / "cut")
+@pytest.mark.parametrize("over", [{}, {"objective": "v_grpo", "clip_range": 0.2}])
+def test_resume_reproduces_the_uninterrupted_run_with_the_sampling_copy(tmp_path, over):
+    full = train(_cfg(tmp_path / "full", **over), progress=False)
+    cfg = _cfg(tmp_path / "cut", **over)
     train(cfg, progress=False, stop_after=3)
     ckpt = load_checkpoint(latest_checkpoint(cfg.out_dir))
     assert ckpt["sampler"] is not None and not torch.equal(ckpt["sampler"]["mu"], ckpt["model"]["mu"])
@@ -206,9 +308,20 @@ def test_resume_reproduces_the_uninterrupted_run_with_the_sampling_copy(tmp_path
     assert [drop(m) for m in read_metrics(full)] == [drop(m) for m in read_metrics(resumed)]
 
 
-def test_awm_is_on_policy_on_its_first_optimizer_step(tmp_path):
-    run = train(_cfg(tmp_path, objective="awm", iterations=2, clip_range=0.2, matching={"sampler_decay": 0.0}),
-                progress=False)
+def test_vgrpo_is_on_policy_on_its_first_step_and_counts_its_pairs(tmp_path):
+    """sampler_decay 0: the ratio is 1 on the first optimizer step; profile counts M = 3 pairs per sample and pass:
+    M old-policy calls per pass, then M trained calls per optimizer step (2 steps per pass, one micro-batch)."""
+    cfg = _cfg(tmp_path, objective="v_grpo", iterations=2, clip_range=0.2, profile=True, update_epochs=2,
+               micro_batch_size=8, matching={"sampler_decay": 0.0}, v_grpo={"pairs": 3})
+    metrics = read_metrics(train(cfg, progress=False))
+    assert all(m["onpolicy_ratio_error"] < 1e-6 for m in metrics)
+    assert metrics[0]["model_calls/update"] == 3 * 2 + 2 * 2 * 3 and metrics[0]["nfe_trained"] == 3 * 2
+
+
+@pytest.mark.parametrize("guard", [False, True])
+def test_awm_is_on_policy_on_its_first_optimizer_step(tmp_path, guard):
+    run = train(_cfg(tmp_path, objective="awm", iterations=2, clip_range=0.2, grpo_guard=guard,
+                     matching={"sampler_decay": 0.0}), progress=False)
     assert all(m["onpolicy_ratio_error"] < 1e-6 for m in read_metrics(run))
 
 
@@ -218,7 +331,21 @@ def test_awm_is_on_policy_on_its_first_optimizer_step(tmp_path):
     ({"objective": "grpo"}, "trains no step"),
     ({"matching": {"sampler_decay": 1.0}}, "sampler_decay"),
     ({"objective": "nft"}, "objective"),
+    ({"grpo_guard": True}, "grpo_guard"),  # DiffusionNFT clips no ratio
+    ({"objective": "v_grpo", "grpo_guard": True}, "grpo_guard"),  # its per-pair weights: no one std per sample
+    ({"objective": "v_grpo", "v_grpo": {"pairs": 0}}, "v_grpo.pairs"),
+    ({"objective": "v_grpo", "v_grpo": {"weighting": "sigma"}}, "v_grpo.weighting"),
 ])
 def test_inconsistent_settings_are_named(tmp_path, over, match):
     with pytest.raises(ConfigError, match=match):
         _cfg(tmp_path, **over)
+
+
+@pytest.mark.parametrize("objective", ["diffusion_nft", "v_grpo"])
+def test_the_kl_to_the_base_starts_at_zero_and_is_logged(tmp_path, objective):
+    """kl_beta > 0: the KL to the frozen base is logged, and is 0 on the first optimizer step (the trained weights
+    are the base's) and > 0 after the model moved."""
+    run = train(_cfg(tmp_path, objective=objective, iterations=2, kl_beta=1.0, clip_range=0.2, lr=0.1,
+                     eval_num_prompts=0, updates_per_iteration=1), progress=False)
+    first, second = read_metrics(run)
+    assert first["kl_to_base"] == 0 and second["kl_to_base"] > 0

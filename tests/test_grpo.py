@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from mixgrpo.grpo import combine_rewards, group_advantages, kl_to_reference, policy_loss
+from mixgrpo.grpo import (combine_rewards, group_advantages, guard_log_ratio, guard_step_weight, kl_to_reference,
+                         policy_loss, ratio_loss)
 from mixgrpo.sampling import gaussian_log_prob, sde_mean_std
 
 F64 = torch.float64
@@ -229,3 +230,93 @@ def test_kl_to_reference_equals_torch_kl():
     assert bool((kl_to_reference(mean, mean, 0.3) == 0).all())
     with pytest.raises(ValueError, match="same shape"):
         kl_to_reference(mean, ref[:2], 0.2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GRPO-Guard (arXiv 2510.22319): the re-centred ratio
+# ---------------------------------------------------------------------------------------------------
+
+
+def loop_guard_loss(x_next, mean, mean_old, std, adv, clip_range, weight):
+    """One transition and one element at a time: log N densities, the drift b = ||mean - mean_old||^2 / (2 s^2),
+    log r = s (log p - log p_old + b) (docs/notation.md), then the weighted clipped loss."""
+    total = 0.0
+    for n in range(x_next.shape[0]):
+        xs, m, mo = x_next[n].flatten().tolist(), mean[n].flatten().tolist(), mean_old[n].flatten().tolist()
+        s = float(std[n])
+        logpdf = lambda x, mu: -(x - mu) ** 2 / (2 * s * s) - math.log(s) - 0.5 * math.log(2 * math.pi)  # noqa: E731
+        delta = sum(logpdf(x, a) - logpdf(x, b) for x, a, b in zip(xs, m, mo)) / len(xs)
+        drift = sum((a - b) ** 2 for a, b in zip(m, mo)) / len(xs) / (2 * s * s)
+        ratio = math.exp(s * (delta + drift))
+        a = float(adv[n])
+        clipped = min(max(ratio, 1 - clip_range), 1 + clip_range)
+        total += float(weight[n]) * max(-a * ratio, -a * clipped)
+    return total / x_next.shape[0]
+
+
+def _guard_batch(n=6, shape=(3, 2, 2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mean_old = torch.randn((n, *shape), generator=g, dtype=F64)
+    std = 0.05 + torch.rand(n, generator=g, dtype=F64)
+    x_next = mean_old + std.view(-1, 1, 1, 1) * torch.randn((n, *shape), generator=g, dtype=F64)
+    mean = mean_old + 0.1 * torch.randn((n, *shape), generator=g, dtype=F64)
+    adv = torch.randn(n, generator=g, dtype=F64)
+    return x_next, mean, mean_old, std, adv
+
+
+@pytest.mark.parametrize("clip_range", [1e-4, 0.05, 10.0])
+def test_guard_loss_equals_the_plain_loop(clip_range):
+    x_next, mean, mean_old, std, adv = _guard_batch()
+    s4 = std.view(-1, 1, 1, 1)  # the std as sde_mean_std gives it, [N, 1, ...]
+    log_ratio = gaussian_log_prob(x_next, mean, s4) - gaussian_log_prob(x_next, mean_old, s4)
+    guarded = guard_log_ratio(log_ratio, mean, mean_old, s4)
+    # the closed form: mean((x' - mean_old)(mean - mean_old)) / std
+    torch.testing.assert_close(guarded, ((x_next - mean_old) * (mean - mean_old)).flatten(1).mean(1) / std,
+                               rtol=1e-10, atol=1e-12)
+    weight = guard_step_weight(torch.linspace(0.9, 0.3, 6, dtype=F64), torch.linspace(0.8, 0.05, 6, dtype=F64), 0.1)
+    loss, _ = ratio_loss(guarded, adv, clip_range, weight)
+    assert loss.item() == pytest.approx(loop_guard_loss(x_next, mean, mean_old, std, adv, clip_range, weight),
+                                        rel=1e-10)
+
+
+def test_guard_ratio_is_exactly_one_on_policy():
+    x_next, _, mean_old, std, adv = _guard_batch()
+    logp = gaussian_log_prob(x_next, mean_old, std.view(-1, 1, 1, 1))
+    guarded = guard_log_ratio(logp - logp, mean_old.clone(), mean_old, std)
+    assert torch.equal(torch.exp(guarded), torch.ones_like(guarded))
+    loss, stats = ratio_loss(guarded, adv, 1e-4)
+    assert stats["clip_fraction"] == 0 and loss.item() == pytest.approx(-adv.mean().item(), rel=1e-12)
+
+
+def test_guard_recentres_the_left_shifted_ratio_and_makes_it_step_consistent():
+    """x' ~ N(mean_old, s^2), a policy that moved by d: the plain log-ratio has mean -||d||^2 / (2 s^2) (left of 0,
+    the more so the smaller the step's std) and a spread ~ |d| / s; the guard's has mean 0 and the same spread at
+    every std, so one clip range means the same at every step."""
+    g = torch.Generator().manual_seed(1)
+    n, shape = 20000, (4,)
+    mean_old = torch.zeros((n, *shape), dtype=F64)
+    mean = torch.full((n, *shape), 0.02, dtype=F64)
+    z = torch.randn((n, *shape), generator=g, dtype=F64)
+    plain, guarded = {}, {}
+    for s in (0.05, 0.5):
+        x_next = mean_old + s * z
+        lr = gaussian_log_prob(x_next, mean, s) - gaussian_log_prob(x_next, mean_old, s)
+        plain[s], guarded[s] = lr, guard_log_ratio(lr, mean, mean_old, torch.tensor(s, dtype=F64))
+        assert lr.mean().item() == pytest.approx(-(0.02 ** 2) / (2 * s * s), rel=0.05)  # the drift
+        assert abs(guarded[s].mean().item()) < 4 * guarded[s].std().item() / math.sqrt(n)  # re-centred
+    assert plain[0.05].std().item() == pytest.approx(10 * plain[0.5].std().item(), rel=1e-6)
+    torch.testing.assert_close(guarded[0.05], guarded[0.5], rtol=1e-9, atol=1e-12)  # z d: the std drops out
+
+
+def test_guard_step_weight_is_one_on_a_uniform_grid():
+    sigma = torch.linspace(1.0, 0.125, 8, dtype=F64)
+    torch.testing.assert_close(guard_step_weight(sigma, sigma - 0.125, 0.125), torch.ones(8, dtype=F64))
+    assert guard_step_weight(torch.tensor([0.5]), torch.tensor([0.45]), 0.1).item() == pytest.approx(2.0)
+
+
+def test_policy_loss_is_ratio_loss_of_the_log_ratio_bit_for_bit():
+    g = torch.Generator().manual_seed(4)
+    logp, logp_old, adv = (torch.randn(32, generator=g) for _ in range(3))
+    a, sa = policy_loss(logp, logp_old, adv, 0.01)
+    b, sb = ratio_loss(logp - logp_old, adv, 0.01)
+    assert torch.equal(a, b) and all(torch.equal(sa[k], sb[k]) for k in sa)

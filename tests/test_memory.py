@@ -71,3 +71,15 @@ def test_dry_run_loads_no_model_and_writes_no_run_directory(tmp_path, monkeypatc
     assert not (tmp_path / "run").exists()
     # a problem is still a problem
     assert cli.main(["train", "--config", str(tmp_path / "c.yaml"), "--dry-run", "rewards=[{name: jpeg}]"]) == 2
+
+
+def test_an_estimate_that_cannot_be_made_says_so_and_stops_nothing(tmp_path, capsys):
+    import json
+
+    from mixgrpo.memory import report
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                           "transformer": ["diffusers", "NoSuchTransformer"]}))
+    cfg = build_config({"model": {"name": "flux", "args": {"path": str(tmp_path)}}})
+    assert report(cfg, 1) is None
+    assert capsys.readouterr().out.startswith("memory estimate unavailable (")

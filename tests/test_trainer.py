@@ -43,6 +43,17 @@ def test_on_policy_ratio_is_one_on_the_first_optimizer_step(tmp_path):
         assert m["onpolicy_ratio_error"] < 1e-5
 
 
+@pytest.mark.parametrize("algorithm", ["mixgrpo", "flow_grpo"])
+def test_grpo_guard_is_on_policy_on_the_first_step_and_the_reward_rises(tmp_path, algorithm):
+    """GRPO-Guard: the re-centred ratio is exactly 1 before the first optimizer step (the old means are re-scored
+    in the update's own layout), the clip binds, and the brightness reward rises as without the guard."""
+    run = train(_cfg(tmp_path, algorithm=algorithm, iterations=16, lr=0.1, grpo_guard=True), progress=False)
+    metrics = read_metrics(run)
+    assert all(m["onpolicy_ratio_error"] == 0 for m in metrics)
+    rewards = [m["reward/brightness"] for m in metrics]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.05
+
+
 def test_micro_batch_size_does_not_change_the_update(tmp_path):
     a = train(_cfg(tmp_path / "a", iterations=2, micro_batch_size=1), progress=False)
     b = train(_cfg(tmp_path / "b", iterations=2, micro_batch_size=4), progress=False)
@@ -51,9 +62,10 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path):
     torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    full = train(_cfg(tmp_path / "full"), progress=False)
-    cfg = _cfg(tmp_path / "cut")
+@pytest.mark.parametrize("over", [{}, {"grpo_guard": True}])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, over):
+    full = train(_cfg(tmp_path / "full", **over), progress=False)
+    cfg = _cfg(tmp_path / "cut", **over)
     train(cfg, progress=False, stop_after=3)  # interrupted after iteration 3 (checkpointed on stop)
     assert latest_checkpoint(cfg.out_dir).name == "iter_000003"
     resumed = train(cfg, resume=True, progress=False)

@@ -47,6 +47,9 @@ class ModelSpec:
         it), imported when called: `save_lora` writes that pipeline's format (None: no LoRA export).
     modules: the Python modules beyond the core that building the model imports; the pre-flight names the missing
         ones with their pip command before anything loads.
+    text_tokens: max_sequence_length -> the text tokens the transformer sees (SD3: CLIP's 77 before T5's), and
+    joint_attention: whether they run through every block beside the image tokens (False: cross-attention, Wan);
+        both for the memory estimate (`mixgrpo.memory`).
     """
 
     name: str
@@ -56,6 +59,8 @@ class ModelSpec:
     trained_sigma_check: Callable[[dict, dict[float, int]], list[str]] | None = None
     lora_format: Callable[[], tuple[type, type]] | None = None
     modules: tuple[str, ...] = ()
+    text_tokens: Callable[[int], int] = lambda n: n
+    joint_attention: bool = True
 
 
 class ModelRegistry(Registry["FlowModel"]):

@@ -168,11 +168,15 @@ def _text_folders(use_t5: bool) -> list[str]:
                                                                              if use_t5 else [])
 
 
+def _text_tokens(max_sequence_length: int) -> int:
+    return 77 + max_sequence_length  # CLIP's 77 tokens, then T5's
+
+
 def _check_sd3_run(args: dict, prompts: PromptSets) -> list[str]:
     t5 = args.get("use_t5", True)
     return check_pipeline_run("sd3", args, prompts, text_folders=_text_folders(t5),
                               t5_tokenizer="tokenizer_3" if t5 else None, max_sequence_length=256,
-                              text_length=lambda n: 77 + n,  # 77 CLIP tokens, then T5's
+                              text_length=_text_tokens,
                               example=EXAMPLE)
 
 
@@ -183,4 +187,5 @@ def _sd3_lora_format() -> tuple[type, type]:
 
 
 MODELS.add(ModelSpec("sd3", load_sd3, text_encoder=load_sd3_text_encoder, check=_check_sd3_run,
-                     lora_format=_sd3_lora_format, modules=PIPELINE_MODULES))
+                     lora_format=_sd3_lora_format, modules=PIPELINE_MODULES,
+                     text_tokens=_text_tokens))

@@ -249,4 +249,4 @@ def _wan_lora_format() -> tuple[type, type]:
 
 MODELS.add(ModelSpec("wan", load_wan, text_encoder=load_wan_text_encoder, check=_check_wan_run,
                      trained_sigma_check=_trained_sigma_problems, lora_format=_wan_lora_format,
-                     modules=PIPELINE_MODULES))
+                     modules=PIPELINE_MODULES, joint_attention=False))  # text enters by cross-attention

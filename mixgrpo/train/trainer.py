@@ -51,7 +51,7 @@ from mixgrpo.reference import end_of_run_line
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
 from mixgrpo.rollout import Trajectory, rollout
 from mixgrpo.runfiles import resolve_paths
-from mixgrpo.rundir import FINAL, METRICS, append_record, claim, record_eval, start_records
+from mixgrpo.rundir import FINAL, RunRecords, claim
 from mixgrpo.seeding import group_seeds, held_out_seed, prompt_indices, reward_seeds, sample_seeds, update_shares
 from mixgrpo.tracking import Trackers, resource_metrics
 from mixgrpo.train.control import (ModelClock, Stopwatch, StopRequest, TimeLimit, TrainingError, agreed_stops,
@@ -103,57 +103,14 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool):
         self.cfg, self.device, self.run_dir = cfg, dist.device(), Path(cfg.out_dir)
-        # "auto" resolves by this machine (bf16 where it multiplies bf16 matrices); logged in every metrics record
-        self.precision, why = resolve_precision(cfg.precision, self.device)
-        latest = latest_checkpoint(self.run_dir) if resume else None
-        self.identity = fingerprint(cfg)  # computed once: it reads the run's files
-        if latest is not None:
-            # the fingerprint first: a checkpoint of another config is named as such, not as a weight-shape error
-            check_resumable(latest, read_state(latest), self.identity, self.run_dir)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model.name, cfg.model.args).to(self.device)
-        params = trainable_parameters(model, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
-                                      cfg.grad_checkpointing)
-        base = {n: p.detach().clone() for n, p in params.items()} if cfg.kl_beta > 0 else None
-        self.model = dist.wrap_model(model, cfg.parallel)  # FSDP replaces the parameters by their shards
-        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        self.rewards = RewardSet(cfg.rewards, cfg.reward_policy.retries, cfg.parallel.rewards_on == "rank0",
-                                 cfg.reward_servers)
-        self.scoring = ChunkScoring(self.rewards, cfg.group_size, cfg.reward_overlap and cfg.rollout_chunks > 1)
-        self.train_prompts = read_prompts(cfg.train_prompts)
-        self.eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
-        optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        warmup = max(cfg.warmup_iterations, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
-        self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        # [1, ...]: CFG's empty prompt
-        self.uncond_row = cond_to(self.model.encode_prompts([""]), self.device) if cfg.guidance_scale != 1.0 else None
-        # GRPO's old log-probs are the rollout's only if a row's velocity does not depend on the batch it is in
-        objective = OBJECTIVES.get(cfg.objective)
-        self.rescore_old = objective.stores_transitions and not layouts_agree(self.model, cfg, self.autocast,
-                                                                              self.uncond_row, self.device)
-        dist.print0(f"precision: {self.precision} ({why})" + (
-            "; old log-probs re-scored in the update's micro-batches (this machine's kernels depend on the batch "
-            "size)" if self.rescore_old else ""))
-        # the objective samples through `sampling`, which reads self.sampler when called (after it is set below)
-        policy = Policy(self.model, model_with(self.model, base), self.autocast,
-                        sampling=lambda: swapped_weights(self.model, shadow_of(self.sampler)))
-        self.objective: Objective = objective.from_config(cfg, policy, self.rescore_old)
-        # the weights the rollout samples from: a soft copy of the live ones (forward-process objectives), or None
-        decay = self.objective.sampler_decay
-        self.sampler = EMA(self.params, decay) if decay > 0 else None
-        copies = {name: c for name, c in (("ema", self.ema), ("sampler", self.sampler)) if c is not None}
-        self.state = TrainState(self.model, optimizer, self.scheduler, copies)
-        self.start, self.eval_pending = 0, False
-        if latest is not None:
-            restored = self.state.restore(latest, self.params)
-            # a stop that cut the checkpoint's periodic evaluation short leaves it to the resume
-            self.start, self.eval_pending = restored["iteration"], bool(restored.get(EVAL_PENDING))
-            dist.print0(f"resumed from {latest} at iteration {self.start}")
-        self.tracker = None
-        if dist.is_main():
-            start_records(self.run_dir, cfg, self.start)
-            self.tracker = Trackers(self.run_dir, to_dict(cfg), cfg.tensorboard, cfg.wandb_project)
+        # The setup, in this order (each step's docstring says what it must follow):
+        latest = self._check_resume(resume)
+        base = self._build_model()
+        self._load_rewards_and_prompts()
+        optimizer = self._build_optimizer()
+        self._build_objective(base)
+        self._restore(latest, optimizer)
+        self._open_records()
         self.clock = ModelClock(self.model, sync=self.device.type == "cuda") if cfg.profile else None
         self.phases = PhaseProgress(self.model)  # bars inside an iteration that takes long (rank 0)
         self.loop = UpdateLoop(self.params, optimizer, cfg.micro_batch_size, cfg.grad_clip, self.ema, self.clock)
@@ -164,6 +121,86 @@ class Trainer:
         if grid is not None and self.eval_prompts:
             dist.print0(f"held-out evaluation: {grid.describe()} (training: {cfg.sampler.num_steps} steps, shift "
                         f"{cfg.sampler.shift:g})")
+
+    def _check_resume(self, resume: bool) -> Path | None:
+        """First, before any model loads: the checkpoint to resume from, checked against the config (a checkpoint of
+        another config is named as such, not as a weight-shape error); the precision "auto" resolves to."""
+        # "auto" resolves by this machine (bf16 where it multiplies bf16 matrices); logged in every metrics record
+        self.precision, self.precision_why = resolve_precision(self.cfg.precision, self.device)
+        latest = latest_checkpoint(self.run_dir) if resume else None
+        self.identity = fingerprint(self.cfg)  # computed once: it reads the run's files
+        if latest is not None:
+            check_resumable(latest, read_state(latest), self.identity, self.run_dir)
+        return latest
+
+    def _build_model(self) -> dict[str, torch.Tensor] | None:
+        """The model, seeded first (LoRA's initial draw), and its trainable parameters. Returns the frozen base weights
+        of the KL term (None without one), cloned before FSDP wraps the model, since the wrap replaces the parameters
+        by their shards; the parameters are read again after the wrap."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model.name, cfg.model.args).to(self.device)
+        params = trainable_parameters(model, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
+                                      cfg.grad_checkpointing)
+        base = {n: p.detach().clone() for n, p in params.items()} if cfg.kl_beta > 0 else None
+        self.model = dist.wrap_model(model, cfg.parallel)
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return base
+
+    def _load_rewards_and_prompts(self) -> None:
+        cfg = self.cfg
+        self.rewards = RewardSet(cfg.rewards, cfg.reward_policy.retries, cfg.parallel.rewards_on == "rank0",
+                                 cfg.reward_servers)
+        self.scoring = ChunkScoring(self.rewards, cfg.group_size, cfg.reward_overlap and cfg.rollout_chunks > 1)
+        self.train_prompts = read_prompts(cfg.train_prompts)
+        self.eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """After the wrap (they hold the wrapped parameters): AdamW, the warm-up schedule and the EMA copy."""
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        warmup = max(cfg.warmup_iterations, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
+        self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        return optimizer
+
+    def _build_objective(self, base: dict[str, torch.Tensor] | None) -> None:
+        """After the precision and the wrap: CFG's empty prompt ([1, ...]); whether the rollout's log-probs are the
+        update's (`layouts_agree`, which needs the precision, the wrapped model and that row); the objective and the
+        sampling copy it asks for (of the wrapped parameters)."""
+        cfg = self.cfg
+        self.uncond_row = cond_to(self.model.encode_prompts([""]), self.device) if cfg.guidance_scale != 1.0 else None
+        # GRPO's old log-probs are the rollout's only if a row's velocity does not depend on the batch it is in
+        objective = OBJECTIVES.get(cfg.objective)
+        self.rescore_old = objective.stores_transitions and not layouts_agree(self.model, cfg, self.autocast,
+                                                                              self.uncond_row, self.device)
+        dist.print0(f"precision: {self.precision} ({self.precision_why})" + (
+            "; old log-probs re-scored in the update's micro-batches (this machine's kernels depend on the batch "
+            "size)" if self.rescore_old else ""))
+        # the objective samples through `sampling`, which reads self.sampler when called (after it is set below)
+        policy = Policy(self.model, model_with(self.model, base), self.autocast,
+                        sampling=lambda: swapped_weights(self.model, shadow_of(self.sampler)))
+        self.objective: Objective = objective.from_config(cfg, policy, self.rescore_old)
+        # the weights the rollout samples from: a soft copy of the live ones (forward-process objectives), or None
+        decay = self.objective.sampler_decay
+        self.sampler = EMA(self.params, decay) if decay > 0 else None
+
+    def _restore(self, latest: Path | None, optimizer: torch.optim.Optimizer) -> None:
+        """After every copy (EMA, sampling copy) exists, since a checkpoint restores them: the state, resumed."""
+        copies = {name: c for name, c in (("ema", self.ema), ("sampler", self.sampler)) if c is not None}
+        self.state = TrainState(self.model, optimizer, self.scheduler, copies)
+        self.start, self.eval_pending = 0, False
+        if latest is not None:
+            restored = self.state.restore(latest, self.params)
+            # a stop that cut the checkpoint's periodic evaluation short leaves it to the resume
+            self.start, self.eval_pending = restored["iteration"], bool(restored.get(EVAL_PENDING))
+            dist.print0(f"resumed from {latest} at iteration {self.start}")
+
+    def _open_records(self) -> None:
+        """After the restore (the records are cut to its iteration): the run directory's records and the trackers,
+        which write nothing off rank 0."""
+        self.records = RunRecords(self.run_dir, self.cfg, self.start)
+        self.tracker = Trackers(self.run_dir, to_dict(self.cfg), self.cfg.tensorboard, self.cfg.wandb_project)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context of every model call of the run (rollout, update, evaluation) in its resolved precision."""
@@ -291,11 +328,13 @@ class Trainer:
 
     def run(self, progress: bool, stop_after: int | None) -> Path:
         """Train from the start iteration to the end (or a signal, the time limit, `stop_after` iterations of
-        this launch): evaluations, checkpoints, the export and the summary."""
+        this launch): evaluations, checkpoints, the export and the summary. A signal raises TrainingStopped after
+        its checkpoint; every other end of a launch leaves by the one return at the bottom."""
         cfg = self.cfg
         if self.start == 0 and self.eval_prompts:  # eval_num_prompts = 0 skips evaluation
             self.evaluate(0, "before")
         limit, done, end = TimeLimit(cfg.time_limit_minutes), 0, self.start
+        finished = True  # the run's last iteration or the time limit reached (False: `stop_after` ended the launch)
         with StopRequest() as stop:
             if self.eval_pending and self.eval_prompts and not self.evaluate(self.start, None, stop):
                 raise stop.stopped(f"stopped before iteration {self.start + 1}, in the evaluation of iteration "
@@ -306,9 +345,8 @@ class Trainer:
                 if record is None:  # a signal before the update: iteration it + 1 is dropped, checkpoint it
                     self._stop_before(it, stop)
                 done, end = done + 1, it + 1
-                if dist.is_main():
-                    append_record(self.run_dir / METRICS, record)
-                    self.tracker.log(record, it + 1)
+                self.records.metrics(record)
+                self.tracker.log(record, it + 1)
                 # every rank stops at the same iteration, even when only some of them got the signal or ran out of time
                 signalled, out_of_time = agreed_stops(stop, limit)
                 last = it + 1 == cfg.iterations or out_of_time
@@ -320,36 +358,41 @@ class Trainer:
                     evaluated = not signalled and self.evaluate(it + 1, None, stop)
                     signalled = signalled or agreed_stops(stop, limit)[0]
                     stopping = stopping or signalled
-                if dist.is_main() and progress:
-                    print(progress_line(record, list(self.rewards.weights), self.held_out, cfg.iterations,
-                                        limit.eta(done, cfg.iterations - it - 1)), flush=True)
+                if progress:
+                    dist.print0(progress_line(record, list(self.rewards.weights), self.held_out, cfg.iterations,
+                                              limit.eta(done, cfg.iterations - it - 1)))
                 if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
                     self.state.save(self.run_dir, it + 1, {**self.identity, EVAL_PENDING: not evaluated},
                                     cfg.parallel.checkpoint_format == "sharded", cfg.keep_checkpoints)
                 if last:
                     break
                 if stopping:
-                    message = f"stopped after iteration {it + 1}; continue with --resume"
                     if signalled:
-                        raise stop.stopped(message)
-                    dist.print0(message)
-                    if self.tracker is not None:
-                        self.tracker.close()
-                    return self.run_dir
+                        raise stop.stopped(f"stopped after iteration {end}; continue with --resume")
+                    finished = False
+                    break
+        if finished:
+            self._finish(end)
+        self.tracker.close()
+        dist.print0(f"run directory: {self.run_dir}" if finished else
+                    f"stopped after iteration {end}; continue with --resume")
+        if finished:
+            require_learning_signal(self.run_dir, cfg.prompts_per_iteration * dist.world_size())
+        return self.run_dir
+
+    def _finish(self, end: int) -> None:
+        """The end of the run: the held-out evaluation, the export (every rank: FSDP shards are gathered), then on
+        rank 0 summary.md with the curves and the line against the recipe's reference curves (mixgrpo compare)."""
         if self.eval_prompts:
             self.evaluate(end, "after")
-        export_model(self.model, self.run_dir / FINAL, shadow_of(self.ema))  # every rank: FSDP shards are gathered
+        export_model(self.model, self.run_dir / FINAL, shadow_of(self.ema))
         if dist.is_main():
             write_summary(self.run_dir)
             for line in truncation_lines(take_truncations()):  # without a cache: one line per text encoder
                 print(line, flush=True)
-            against = end_of_run_line(self.run_dir)  # when the recipe has reference curves (mixgrpo compare)
+            against = end_of_run_line(self.run_dir)
             if against is not None:
                 print(against, flush=True)
-            self.tracker.close()
-            dist.print0(f"run directory: {self.run_dir}")
-        require_learning_signal(self.run_dir, cfg.prompts_per_iteration * dist.world_size())
-        return self.run_dir
 
     def _stop_before(self, it: int, stop: StopRequest) -> None:
         """End a launch signalled inside iteration it + 1, before its update: checkpoint the weights after
@@ -385,7 +428,7 @@ class Trainer:
             if tag is not None:
                 save_grid(samples, grid, nrow=8, scale=2, captions=res.prompts[:64])
             self.held_out.update({f"eval/{k}": v["mean"] for k, v in res.summary().items()})
-            record_eval(self.run_dir, iteration, self.held_out)
+            self.records.evaluation(iteration, self.held_out)
             write_curves(self.run_dir)
             self.tracker.log(self.held_out, iteration)
             if tag is not None:
