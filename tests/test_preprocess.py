@@ -268,3 +268,11 @@ def test_a_cpu_without_bf16_units_encodes_in_float32_and_stores_the_runs_dtype(f
     if not bf16:
         exact = load_flux_text_encoder(flux_dir, dtype="float32", max_sequence_length=MAX_SEQ).encode(["a cat"])
         torch.testing.assert_close(got["prompt_embeds"], exact["prompt_embeds"].bfloat16(), rtol=0, atol=0)
+
+
+def test_a_bad_encode_dtype_is_named_before_any_encoder_loads(tmp_path):
+    from mixgrpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--encode-dtype = 'float8' is invalid: use auto or one of"):
+        main(["--model", "flux", "--path", str(tmp_path / "nowhere"), "--prompts", "p.txt", "--out",
+              str(tmp_path / "cache"), "--encode-dtype", "float8", "--device", "cpu"])
