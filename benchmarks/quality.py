@@ -36,12 +36,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(label: str, recipe: str, extra: list[str], seed: int, args: argparse.Namespace, out: Path) -> Path:
-    overrides = [f"seed={seed}", f"time_limit_minutes={args.minutes}", f"checkpoint_every={args.checkpoint_every}",
+    run_dir = out / f"{label}_s{seed}"
+    left = args.minutes - trained_minutes(run_dir)  # time_limit_minutes counts per launch: a resumed run gets the rest
+    overrides = [f"seed={seed}", f"time_limit_minutes={max(left, 1e-9)}", f"checkpoint_every={args.checkpoint_every}",
                  "keep_checkpoints=100000", "eval_num_prompts=0", *args.override, *extra]
     if args.max_iterations:
         overrides.append(f"iterations={args.max_iterations}")
-    return train_or_reuse(ROOT / "configs" / f"{recipe}.yaml", overrides, out / f"{label}_s{seed}",
-                          f"{label} seed {seed}: {args.minutes:g} min", args.quiet)
+    return train_or_reuse(ROOT / "configs" / f"{recipe}.yaml", overrides, run_dir,
+                          f"{label} seed {seed}: {args.minutes:g} min ({left:.2f} left)", args.quiet)
+
+
+def trained_minutes(run_dir: Path) -> float:
+    """Training minutes of a run up to its latest checkpoint (where a resume continues), 0 for a new run."""
+    from mixgrpo.checkpoint import latest_checkpoint
+    from mixgrpo.rundir import read_metrics
+
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ckpt is None:
+        return 0.0
+    upto = int(ckpt.name.rsplit("_", 1)[1])
+    return sum(m["time/iteration"] for m in read_metrics(run_dir) if m["iteration"] <= upto) / 60
 
 
 def evaluate_run(run_dir: Path, cfg, rewards: list, prompts: list[str], args: argparse.Namespace) -> list[dict]:
@@ -122,7 +136,8 @@ def report(results: dict[str, dict[int, list[dict]]], base: dict, args: argparse
 
 def main() -> None:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
-    p.add_argument("--algorithms", nargs="+", default=["dance_grpo", "mixgrpo", "mixgrpo_flash_star"])
+    p.add_argument("--algorithms", nargs="*", default=["dance_grpo", "mixgrpo", "mixgrpo_flash_star"],
+                   help="recipes run as they are (none: only the --variant ones)")
     p.add_argument("--variant", nargs="+", action="append", default=[], metavar="LABEL RECIPE KEY=VALUE",
                    help="a recipe with overrides of its own, reported as LABEL (repeatable)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -149,7 +164,10 @@ def main() -> None:
     from mixgrpo.rewards.scoring import build_rewards
 
     # the recipes share the model, rewards, prompts and guidance: the first one's settings evaluate them all
-    cfg = load_config(ROOT / "configs" / f"{args.algorithms[0]}.yaml", args.override)
+    recipes = [*args.algorithms, *(v[1] for v in args.variant if len(v) >= 2)]
+    if not recipes:
+        raise SystemExit("nothing to run: name --algorithms or a --variant")
+    cfg = load_config(ROOT / "configs" / f"{recipes[0]}.yaml", args.override)
     labels = [r.label for r in build_rewards(cfg.rewards, build=False)]
     if args.metric not in labels:
         raise SystemExit(f"--metric {args.metric!r} is not one of the recipes' rewards {labels}: pick one of those")

@@ -137,7 +137,8 @@ class VGRPOConfig:
     pairs: int = 4  # M timestep-noise pairs per sample and update pass, all inside one ratio (the paper's 4)
     shared_pairs: bool = True  # the samples of a group share their M pairs (sigma and noise)
     stratified: bool = True  # pair m's sigma uniform in [m / M, (m + 1) / M); false: i.i.d. from matching.sigmas
-    weighting: str = "adaptive"  # "adaptive": x0-space error over its detached mean absolute value; "none": velocity MSE
+    weighting: str = "adaptive"  # "adaptive": x0-space error over its detached mean absolute value; "none":
+                                 # the velocity MSE
     adv_soft_clip: float = 3.0  # eta of the advantage soft-clip eta tanh(A / eta); 0 = off
     kl_old: float = 0.0  # weight of the KL to the old policy, mean ||x0_hat - x0_hat_old||^2; 0 = off
 

@@ -114,7 +114,8 @@ def guard_log_ratio(log_ratio: torch.Tensor, mean: torch.Tensor, mean_old: torch
     the mean -||mean - mean_old||^2 / (2 std^2) < 0 over x' (its distribution drifts left as the policy moves, so
     the upper clip rarely binds); adding that drift back and scaling by std,
 
-        log r_guard = std (log_ratio + ||mean - mean_old||^2 / (2 std^2)) = mean((x' - mean_old)(mean - mean_old)) / std,
+        log r_guard = std (log_ratio + ||mean - mean_old||^2 / (2 std^2))
+                    = mean((x' - mean_old)(mean - mean_old)) / std,
 
     has mean 0 over x' for every policy and step, and is exactly 0 when mean == mean_old (on-policy). ||.||^2 is
     the mean over latent elements, as in the log-probs (`mixgrpo.sampling.gaussian_log_prob`); the drift term

@@ -3,10 +3,10 @@
 - `GRPO` ("grpo"): the clipped policy loss (`mixgrpo.grpo.policy_loss`) over the rollout's stored SDE transitions,
   each re-scored with the current weights (`mixgrpo.sampling.transition_log_prob`); every algorithm of
   `mixgrpo.plan.ALGORITHMS` that trains steps.
-- `DiffusionNFT` ("diffusion_nft"), `AWM` ("awm") and `VGRPO` ("v_grpo"): forward-process objectives (`mixgrpo.flow_matching`) on the
-  rollout's final samples only, noised again by the forward process (their shared core: `ForwardProcess`); any
-  plan feeds them. The rollout runs a soft copy of the weights (the sampling copy, `matching.sampler_decay`),
-  which the trainer keeps and updates after every iteration.
+- `DiffusionNFT` ("diffusion_nft"), `AWM` ("awm") and `VGRPO` ("v_grpo"): forward-process objectives
+  (`mixgrpo.flow_matching`) on the rollout's final samples only, noised again by the forward process (their shared
+  core: `ForwardProcess`); any plan feeds them. The rollout runs a soft copy of the weights (the sampling copy,
+  `matching.sampler_decay`), which the trainer keeps and updates after every iteration.
 
 An objective (`Objective`) tells the config, the pre-flight, the memory estimate and the trainer what it needs
 (`stores_transitions`, `guided_update`, `sampler_decay`), which steps the rollout stores (`train_mask`), how many loss terms a sample has (`terms`), and
@@ -349,8 +349,8 @@ class ForwardProcess:
 
         return loop.run(s.shares, m.sigmas_per_sample, loss_of, batch.x_t.device)
 
-    def _with_base_kl(self, loss: torch.Tensor, step_stats: dict[str, torch.Tensor], v: torch.Tensor,
-                      x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _with_base_kl(self, loss: torch.Tensor, step_stats: dict[str, torch.Tensor], v: torch.Tensor, x_t: torch.Tensor,
+                      sigma: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss plus kl_beta mean ||v - v_ref||^2 to the frozen base at x_t ([N, *latent]; sigma [N])."""
         if self.kl_beta <= 0:
             return loss, step_stats

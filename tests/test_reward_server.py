@@ -413,3 +413,27 @@ def test_images_as_png_reach_the_server_quantised(liar):
     Retrying(ServerScorer([liar.url], {"brightness": ("toy_rewards:brightness", {}, "mean")}, 10, None, "png"),
              0)(IMAGES, PROMPTS)
     assert torch.equal(seen[0], decode_images(encode_images(IMAGES, "uint8")))
+
+
+def test_a_reward_whose_files_are_missing_stops_the_server_at_start(tmp_path):
+    """The server runs each reward's own check (files, checkpoint keys) before it listens: one line, exit 2."""
+    done = subprocess.run([sys.executable, "-m", "mixgrpo", "serve-rewards", "--port", str(free_port()), "--reward",
+                           f"pickscore:path={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: reward pickscore: ") and "does not exist" in done.stderr
+
+
+def test_mixgrpo_eval_scores_through_a_server_as_in_process(served, tmp_path):
+    """`mixgrpo eval --reward NAME:server=URL`: the per-image scores equal the in-process ones."""
+    from mixgrpo.cli import main
+
+    server = served("--reward", "toy_rewards:brightness")
+    common = ["eval", "base=base", "--model", "gaussian", "--prompt", "a", "--prompt", "b", "--num-images", "2",
+              "--steps", "4"]
+    assert main([*common, "--reward", "toy_rewards:brightness", "--out", str(tmp_path / "local")]) == 0
+    assert main([*common, "--reward", f"toy_rewards:brightness:server={server.url}",
+                 "--out", str(tmp_path / "remote")]) == 0
+    read = lambda d: [json.loads(line) for line in (d / "scores.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read(tmp_path / "remote") == read(tmp_path / "local")
+    assert "batch 1: 1 request(s), 4 images" in "".join(server.output)

@@ -37,7 +37,7 @@ import torch
 import mixgrpo
 from mixgrpo.config import RewardConfig
 from mixgrpo.errors import ConfigError
-from mixgrpo.rewards.base import build_reward, call_reward
+from mixgrpo.rewards.base import RewardError, build_reward, call_reward
 from mixgrpo.rewards.scoring import reward_labels
 from mixgrpo.rewards.wire import PROTOCOL, WireError, read_request, score_answer
 
@@ -86,6 +86,13 @@ class RewardHost:
             raise ConfigError("no reward to serve: pass --reward NAME[:key=value,...] or --rewards FILE")
         self.rewards = {label: HostedReward(label, spec, build_reward(spec.name, spec.args, spec.frames))
                         for label, spec in zip(reward_labels(specs), specs)}
+        for label, reward in self.rewards.items():  # its files, before the first request finds them missing
+            check = getattr(reward.fn, "check", None)
+            if callable(check):
+                try:
+                    check()
+                except RewardError as e:
+                    raise ConfigError(f"reward {label}: {e}") from None
         self.batch_size, self.log = batch_size, log
         self.queue: asyncio.Queue | None = None
         self.waiting_images = 0
