@@ -261,16 +261,18 @@ def build_reference(run_dirs: list[str | Path], machine: str, note: str = "") ->
     import torch
 
     runs = [read_run(p) for p in run_dirs]
-    configs = {json.dumps(comparable(r.config), sort_keys=True) for r in runs}
-    if len(configs) != 1:
-        raise ConfigError("the runs differ in more than their seed: a reference is one recipe over seeds")
+    mine = comparable(runs[0].config)
+    for run in runs[1:]:
+        changed = config_diff(mine, comparable(run.config))
+        if changed:
+            raise ConfigError(f"the runs differ in more than their seed ({run.path}: {'; '.join(changed)}): a reference "
+                              f"is one recipe over seeds")
     seeds = [str(r.config["seed"]) for r in runs]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"two runs share a seed ({seeds}): give one run per seed")
     precisions = {r.config["precision"] for r in runs}
     if len(precisions) != 1:
         raise ConfigError(f"the runs differ in precision ({sorted(precisions)}): pin it (precision=fp32)")
-    mine = comparable(runs[0].config)
     name = next((n for n in recipes() if not config_diff(recipe_config(n), mine)), None)
     if name is None:
         raise ConfigError("the runs follow no shipped recipe (configs/*.yaml): a reference belongs to a recipe; "

@@ -118,7 +118,10 @@ def test_every_recipe_has_a_current_reference(name):
     """Every shipped recipe has a reference file whose config is the recipe's (a recipe changed since its
     figures were made fails here: rerun the reference's command), with figures over at least 3 seeds or a
     note saying how to make them."""
-    ref = Reference.read(reference.references_dir() / f"{name}.json")
+    path = reference.references_dir() / f"{name}.json"
+    assert path.is_file(), (f"{path} is missing: every recipe has a reference file, with figures (mixgrpo reference) "
+                            f"or with its command and no seeds yet (docs/reproducibility.md)")
+    ref = Reference.read(path)
     assert ref.recipe == name
     assert config_diff(ref.config, recipe_config(name)) == []
     assert ref.config == comparable(ref.config)
