@@ -323,6 +323,8 @@ def load_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: 
                                                          set_optimizer_state_dict)
 
     options = StateDictOptions(full_state_dict=full, strict=False)
+    if hasattr(model, "reshard"):  # FSDP2 leaves the root's parameters unsharded after a forward; loaded so, a full
+        model.reshard()            # state meets plain tensors where it expects DTensors and fails (2 ranks, resume)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
