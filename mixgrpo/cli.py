@@ -66,9 +66,19 @@ def _train(args: argparse.Namespace) -> None:
             print(f"no memory estimate for model {cfg.model.name!r} (only for a local diffusers pipeline directory)")
         print(f"dry run: the pre-flight found nothing; the run would write {cfg.out_dir}")
         return
-    train(cfg, resume=args.resume, progress=not args.quiet)
     from mixgrpo import dist
+    from mixgrpo.preflight import PreflightError
+    from mixgrpo.train import TrainingStopped
 
+    try:
+        train(cfg, resume=args.resume, progress=not args.quiet)
+    except (PreflightError, TrainingStopped):
+        # Every rank stops here together (rank 0's findings and the stop signal are agreed), so leave the process
+        # group cleanly: a gloo group torn down at interpreter exit aborts the worker now and then (status 134,
+        # "terminate called without an active exception") instead of exiting 2 / 143. An error of one rank alone
+        # skips this: its peers may be inside a collective, and the launcher stops them.
+        dist.shutdown()
+        raise
     dist.shutdown()
 
 
