@@ -7,7 +7,8 @@ re-scored, a resumed run). Each run directory's files that must not depend on th
 metrics.jsonl and summary.md without their timings, eval.jsonl, config.yaml, the checkpoints (weights, optimizer,
 state), final/, the sample grids and reward_curve.png; not eval_curve.png, whose second panel plots against training
 minutes. Python's string hashing is fixed (PYTHONHASHSEED=0): peft writes LoRA target modules from a set into the
-LoRA export's metadata, in an order that varies from process to process otherwise.
+LoRA export's metadata, in an order that varies from process to process otherwise; and that export's metadata keys
+are hashed in sorted order, since safetensors writes them in an order of its own (`_safetensors_bytes`).
 
     OMP_NUM_THREADS=1 python benchmarks/identical_runs.py --record   # on the code before the change
     OMP_NUM_THREADS=1 python benchmarks/identical_runs.py            # after: exits 1 and names every file that differs
@@ -67,6 +68,18 @@ def _summary_without_timings(path: Path) -> bytes:
                      if "seconds" not in line and " s/it" not in line).encode()
 
 
+def _safetensors_bytes(path: Path) -> bytes:
+    """A .safetensors file as hashed: as written, unless its header's metadata has several keys, whose order the
+    writer (a Rust hash map) varies from process to process: then with the header's keys sorted (the tensor bytes
+    and their offsets as written)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if len(header.get("__metadata__") or {}) <= 1:
+        return data
+    return json.dumps(header, sort_keys=True).encode() + data[8 + n:]
+
+
 def hash_run(run_dir: Path) -> dict[str, str]:
     """sha256 of every deterministic file of a run directory, by path relative to it."""
     hashes = {}
@@ -78,6 +91,8 @@ def hash_run(run_dir: Path) -> dict[str, str]:
             data = _metrics_without_timings(path)
         elif rel == "summary.md":
             data = _summary_without_timings(path)
+        elif rel.endswith(".safetensors"):
+            data = _safetensors_bytes(path)
         else:
             data = path.read_bytes()
         hashes[rel] = hashlib.sha256(data).hexdigest()

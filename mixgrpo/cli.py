@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -128,6 +129,7 @@ class ModelLoader:
                   f"shift-S grid instead)", flush=True)
         self.prompts = self._prompts(taken)
         self.reward_specs = None  # eval: RewardConfigs of the run when --reward is not given
+        self.reward_servers = cfg.reward_servers if cfg is not None else None  # how the run reached its servers
         if cfg is not None and getattr(args, "reward", "given") is None:
             self.reward_specs = cfg.rewards
             taken.append(f"rewards {', '.join(r.name for r in cfg.rewards)}")
@@ -326,7 +328,7 @@ def _eval(args: argparse.Namespace) -> None:
     loader = ModelLoader(args, [path for _, path in entries] + ([hybrid[1]] if hybrid else []))
     prompts = loader.prompts
     specs = loader.reward_specs or [_reward_spec(r) for r in args.reward or DEFAULT_EVAL_REWARDS]
-    rewards = [(r.label, r.fn) for r in build_rewards(specs)]
+    rewards = [(r.label, r.fn) for r in build_rewards(specs, servers=loader.reward_servers)]
     plan = _sampling_plan(args, loader)
     out = Path(args.out)
     results = {}
@@ -494,8 +496,10 @@ def _reward_spec(text: str):
 
     name, rest = text, ""
     head, sep, tail = text.rpartition(":")
-    if sep and "=" in tail and "=" not in head:
-        name, rest = head, tail
+    # the arguments start at the first ':' followed by key= (a value may hold ':' too: device=cuda:1, server=URL)
+    split = re.match(r"(.+?):([A-Za-z_]\w*=.*)", text, flags=re.S)
+    if split is not None:
+        name, rest = split.groups()
     elif sep and head in REWARDS.names():
         raise UsageError(f"--reward {text!r}: {tail!r} is not key=value (e.g. {head}:score=strict)")
     kwargs = {}
@@ -504,9 +508,10 @@ def _reward_spec(text: str):
         if not eq:
             raise UsageError(f"--reward {text!r}: {item!r} is not key=value")
         kwargs[key.strip()] = yaml.safe_load(value)
-    # frames= is the reward's own config field (videos: how frame scores aggregate), not a factory argument
-    return from_dict(RewardConfig, {"name": name, "args": kwargs, **({"frames": kwargs.pop("frames")}
-                                                                     if "frames" in kwargs else {})}, "reward")
+    # frames= (videos: how frame scores aggregate) and server= (the reward server that scores it) are the reward's
+    # own config fields, not factory arguments
+    fields = {key: kwargs.pop(key) for key in ("frames", "server") if key in kwargs}
+    return from_dict(RewardConfig, {"name": name, "args": kwargs, **fields}, "reward")
 
 
 def _serve_rewards(args: argparse.Namespace) -> None:
@@ -737,7 +742,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", action="append",
                    help="reward NAME or NAME:key=value,key=value (repeatable; default: the run's rewards, else the "
                         "shapes world's verifier strict + dense); "
-                        "for videos, frames=mean|min|max|median aggregates an image reward's frame scores")
+                        "for videos, frames=mean|min|max|median aggregates an image reward's frame scores; "
+                        "server=URL scores it on a reward server (mixgrpo serve-rewards)")
     p.add_argument("--hybrid", help="also evaluate hybrid inference of this fine-tuned model with the base")
     p.add_argument("--save-images", action="store_true",
                    help="also write every image and a captioned grid per model to OUT/images/")

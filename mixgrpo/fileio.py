@@ -43,20 +43,27 @@ _OWNER = f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
 is dead (`remove_dead_temporaries`)."""
 
 
-def remove_dead_temporaries(path: str | Path) -> list[Path]:
-    """Delete the temporaries that `atomic_directory(path)` left when its process was killed (kill -9, OOM, a
-    node lost): tens of GB for a full FLUX export. Only those of a process on this host that no longer runs: a
-    live writer, or one on another host of a shared file system, keeps its own. Returns what was deleted."""
+def dead_temporaries(path: str | Path) -> list[Path]:
+    """The temporaries that `atomic_directory(path)` left when its process was killed (kill -9, OOM, a node
+    lost, a `timeout`): only those of a process on this host that no longer runs. A live writer, or one on
+    another host of a shared file system, keeps its own."""
     path = Path(path)
-    removed = []
+    dead = []
     for kind in ("tmp", "old"):
         prefix = f".{path.name}.{kind}-"
-        for p in path.parent.glob(f"{prefix}*"):
+        for p in sorted(path.parent.glob(f"{prefix}*")):
             host, _, pid = p.name[len(prefix):].rsplit("-", 1)[0].rpartition("-")
-            if host != _OWNER.rpartition("-")[0] or not pid.isdigit() or _alive(int(pid)):
-                continue
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+            if host == _OWNER.rpartition("-")[0] and pid.isdigit() and not _alive(int(pid)):
+                dead.append(p)
+    return dead
+
+
+def remove_dead_temporaries(path: str | Path) -> list[Path]:
+    """Delete `dead_temporaries(path)`: tens of GB for a full FLUX export or a large embedding cache. Returns
+    what was deleted."""
+    removed = dead_temporaries(path)
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
     return removed
 
 

@@ -338,6 +338,6 @@ ALGORITHMS: dict[str, SamplerConfig] = {
     "dance_grpo": SamplerConfig(sde_form="dance", eta=0.3, sde_steps="all", train_steps="random_fraction",
                                 train_fraction=0.6),
     # Deterministic Euler sampling, nothing trained: a rollout for the forward-process objectives
-    # (objective: diffusion_nft / awm), which train on final samples only.
+    # (objective: diffusion_nft / awm / v_grpo), which train on final samples only.
     "ode": SamplerConfig(sde_steps="none", train_steps="none"),
 }

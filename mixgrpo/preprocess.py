@@ -9,7 +9,13 @@ The cache's format, its writer and its reader (`EmbeddingCache`) live beside the
 
 Usage:
   mixgrpo preprocess --model flux --path /ckpt/FLUX.1-dev --prompts train.txt test.txt --out cache/flux \
-      [--dtype bfloat16] [--device cuda] [--max-sequence-length 512] [--shard-size 256]
+      [--dtype bfloat16] [--encode-dtype auto] [--device cuda] [--max-sequence-length 512] [--shard-size 256]
+
+--dtype is the dtype the embeddings are stored in: the run's model.args.dtype, which the models cast them to
+anyway, so a cache written on one machine serves a run on another. --encode-dtype auto runs the text encoders
+in it too, except on a CPU without bf16 instructions (neither AMX nor AVX512-BF16), where they run in float32:
+bf16 is emulated there, several times slower (`mixgrpo.dtypes.cpu_bf16_instructions`). A preprocess that is killed leaves its finished shards; run it
+again and it resumes from them (`mixgrpo.models.text.write_cache`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mixgrpo.dtypes import cpu_bf16_instructions, parse_dtype
 from mixgrpo.errors import ConfigError
 from mixgrpo.models.base import Cond
 from mixgrpo.models.text import EmbeddingCache, write_cache
@@ -42,13 +49,16 @@ def unique_prompts(prompts: Sequence[str]) -> list[str]:
 
 
 def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_dir: str | Path,
-               shard_size: int = 256, batch_size: int = 16, source: dict | None = None) -> Path:
+               shard_size: int = 256, batch_size: int = 16, source: dict | None = None,
+               dtype: str | torch.dtype | None = None) -> Path:
     """Encode every prompt of `prompt_files` (one or several .txt / .jsonl / .csv files or world:SPLIT sources,
     e.g. a run's train and eval prompts) with `model` into a cache at `out_dir`.
 
     model: a FlowModel (its encode_prompts) or a text encoder (its encode); Cond values must be [B, ...].
     shard_size: prompts per safetensors file. batch_size: prompts per encoder call.
-    source: free-form description stored in the index (model name, path, ...). Returns `out_dir`.
+    source: free-form description stored in the index (model name, path, ...). dtype: what floating-point
+    embeddings are stored as (None: as encoded). Prints what `write_cache` reports (a resume, the prompts the
+    text encoders truncated). Returns `out_dir`.
     Raises ValueError for a missing, empty, non-UTF-8 or malformed prompt file.
     """
     if shard_size < 1 or batch_size < 1:
@@ -56,10 +66,31 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
     files = [str(prompt_files)] if isinstance(prompt_files, (str, Path)) else [str(f) for f in prompt_files]
     prompts = unique_prompts([p for f in files for p in read_prompts(f)])
     encode = _encode_fn(model)
+    if dtype is not None:
+        encode_as = encode
+        store = parse_dtype(dtype)
+
+        def encode(batch: list[str]) -> Cond:
+            return {k: v.to(store) if v.is_floating_point() else v for k, v in encode_as(batch).items()}
+
     with bar(total=len(prompts), desc="encoding prompts", unit="prompt") as progress:
-        write_cache(prompts, encode, out_dir, {"prompt_file": " ".join(files), **(source or {})}, shard_size,
-                    batch_size, progress)
+        notes = write_cache(prompts, encode, out_dir, {"prompt_file": " ".join(files), **(source or {})}, shard_size,
+                            batch_size, progress)
+    for line in notes:
+        print(line, flush=True)
     return Path(out_dir)
+
+
+def encode_dtype(requested: str, dtype: str, device: str) -> tuple[str, str]:
+    """(the dtype the text encoders run in, why) for --encode-dtype `requested` ("auto" or a dtype), the stored
+    `dtype` and `device`: "auto" is `dtype`, except float32 on a CPU without bf16 instructions
+    (`cpu_bf16_instructions`), where bf16 or fp16 is emulated and several times slower."""
+    if requested != "auto":
+        return requested, "--encode-dtype"
+    if torch.device(device).type != "cpu" or parse_dtype(dtype) == torch.float32:
+        return dtype, "auto: the stored dtype"
+    fast, found = cpu_bf16_instructions()
+    return (dtype, f"auto: {found}") if fast else ("float32", f"auto: {found}")
 
 
 def _load_text_encoder(model: str, path: str | None, dtype: str, device: str, max_sequence_length: int | None,
@@ -90,6 +121,8 @@ def _check_args(args) -> None:
         (args.max_sequence_length is None or args.max_sequence_length >= 1, "--max-sequence-length",
          args.max_sequence_length, "an integer >= 1"),
         (args.dtype in DTYPES, "--dtype", args.dtype, f"one of {sorted(DTYPES)}"),
+        (args.encode_dtype in ("auto", *DTYPES), "--encode-dtype", args.encode_dtype,
+         f"auto or one of {sorted(DTYPES)}"),
         (bool(args.out.strip()), "--out", args.out, "the cache directory to write (empty: an unset shell variable?)")])
     for problem in device_problems("--device", args.device):
         raise ConfigError(problem)
@@ -107,7 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="prompt files: .txt (one per line), .jsonl ({\"prompt\": ...}) or .csv (a \"prompt\" "
                              "column), or world:SPLIT; several files (a run's train and eval prompts) go in one cache")
     parser.add_argument("--out", required=True, help="cache directory to write (replaced atomically)")
-    parser.add_argument("--dtype", default="bfloat16", help="text-encoder dtype (default bfloat16)")
+    parser.add_argument("--dtype", default="bfloat16", help="dtype the embeddings are stored in: the run's "
+                                                            "model.args.dtype (default bfloat16)")
+    parser.add_argument("--encode-dtype", default="auto",
+                        help="dtype the text encoders run in (default auto: --dtype, but float32 on a CPU without "
+                             "bf16 instructions)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-sequence-length", type=int, help="T5 tokens per prompt (default: the model's)")
     parser.add_argument("--shard-size", type=int, default=256, help="prompts per shard file (default 256)")
@@ -124,11 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_args(args)
 
     start = time.perf_counter()
-    encoder = _load_text_encoder(args.model, args.path, args.dtype, args.device, args.max_sequence_length, extra)
-    source = {"model": args.model, "path": args.path, "dtype": args.dtype,
+    run_in, why = encode_dtype(args.encode_dtype, args.dtype, args.device)
+    print(f"text encoders run in {run_in} on {args.device} ({why}); embeddings stored as {args.dtype} (--dtype)",
+          flush=True)
+    encoder = _load_text_encoder(args.model, args.path, run_in, args.device, args.max_sequence_length, extra)
+    source = {"model": args.model, "path": args.path, "dtype": args.dtype, "encode_dtype": run_in,
               "max_sequence_length": args.max_sequence_length, **extra}
     out = preprocess(args.prompts, encoder, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
-                     source=source)
+                     source=source, dtype=args.dtype)
     cache = EmbeddingCache(out)
     shapes = ", ".join(f"{k} {list(v)}" for k, v in cache.shapes.items())
     print(f"wrote {len(cache)} prompt embeddings ({shapes}) to {out} in {time.perf_counter() - start:.1f} s")

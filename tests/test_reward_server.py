@@ -422,3 +422,18 @@ def test_a_reward_whose_files_are_missing_stops_the_server_at_start(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: reward pickscore: ") and "does not exist" in done.stderr
+
+
+def test_mixgrpo_eval_scores_through_a_server_as_in_process(served, tmp_path):
+    """`mixgrpo eval --reward NAME:server=URL`: the per-image scores equal the in-process ones."""
+    from mixgrpo.cli import main
+
+    server = served("--reward", "toy_rewards:brightness")
+    common = ["eval", "base=base", "--model", "gaussian", "--prompt", "a", "--prompt", "b", "--num-images", "2",
+              "--steps", "4"]
+    assert main([*common, "--reward", "toy_rewards:brightness", "--out", str(tmp_path / "local")]) == 0
+    assert main([*common, "--reward", f"toy_rewards:brightness:server={server.url}",
+                 "--out", str(tmp_path / "remote")]) == 0
+    read = lambda d: [json.loads(line) for line in (d / "scores.jsonl").read_text().splitlines()]  # noqa: E731
+    assert read(tmp_path / "remote") == read(tmp_path / "local")
+    assert "batch 1: 1 request(s), 4 images" in "".join(server.output)

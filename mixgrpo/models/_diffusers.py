@@ -1,13 +1,12 @@
 """Loading helpers shared by the diffusers-pipeline models (FLUX.1, SD3, Qwen-Image, FLUX.2, Wan): directory checks
 and pre-flight, the components (transformer, VAE, the text encoder or its embedding cache) behind one loading bar,
-tokenisation with a truncation warning, and the VAE decoders (FLUX.1 / SD3's, and the causal video VAE's of Wan and
+tokenisation with a truncation record, and the VAE decoders (FLUX.1 / SD3's, and the causal video VAE's of Wan and
 Qwen-Image)."""
 
 from __future__ import annotations
 
 import json
 import shlex
-import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -17,6 +16,7 @@ from torch import nn
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.errors import ConfigError
 from mixgrpo.models.base import Frozen, PromptSets, TextEncoder
+from mixgrpo.models.text import note_truncations
 
 PIPELINE_MODULES = ("diffusers", "transformers")
 """What a diffusers-pipeline model imports (`ModelSpec.modules`)."""
@@ -212,14 +212,11 @@ def load_pipeline(name: str, path: str | Path, *, example: str, transformer_clas
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
-    """Token ids [B, max_length] padded to max_length, truncating (with a warning) like the diffusers pipelines."""
+    """Token ids [B, max_length] padded to max_length, truncating like the diffusers pipelines (the first prompt
+    truncated warns, the others are counted: `mixgrpo.models.text.note_truncations`)."""
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                     return_tensors="pt").input_ids
-    full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-    if full.shape[-1] > max_length:
-        longest = prompts[int((full != tokenizer.pad_token_id).sum(1).argmax())]
-        warnings.warn(f"prompt {longest[:80]!r}... has {full.shape[-1]} tokens and was truncated to {max_length} "
-                      f"by {type(tokenizer).__name__} (as the diffusers pipeline does)", stacklevel=3)
+    note_truncations(tokenizer, max_length, prompts, [len(i) for i in tokenizer(prompts, verbose=False).input_ids])
     return ids
 
 

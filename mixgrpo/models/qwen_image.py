@@ -20,7 +20,6 @@ What the adapter does, as `QwenImagePipeline.__call__` does it:
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +32,7 @@ from mixgrpo.models._diffusers import (PIPELINE_MODULES, CausalVaeDecoder, check
                                        check_size, load_components, module_device)
 from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
 from mixgrpo.models.flux import pack, unpack
+from mixgrpo.models.text import note_truncations
 
 EXAMPLE = "Qwen/Qwen-Image"
 # QwenImagePipeline's prompt template and the number of its leading tokens dropped from the states (the system
@@ -51,7 +51,8 @@ class QwenImageTextEncoder(Frozen):
 
     encode(prompts) -> {"prompt_embeds": [B, L, D] (L = max_sequence_length, zeros past a prompt's end; D = 3584),
                         "prompt_mask": [B, L] long, 1 on the prompt's tokens}.
-    A prompt of more than L tokens is truncated to L (with a warning), as the pipeline's max_sequence_length does.
+    A prompt of more than L tokens is truncated to L, as the pipeline's max_sequence_length does (the first with a
+    warning, the others counted: `note_truncations`).
     """
 
     def __init__(self, tokenizer, text_encoder: nn.Module, max_sequence_length: int = 512):
@@ -75,14 +76,14 @@ class QwenImageTextEncoder(Frozen):
         length = self.max_sequence_length
         embeds = states.new_zeros(len(texts), length, states.shape[-1])
         out_mask = torch.zeros(len(texts), length, dtype=torch.long, device=device)
+        lengths = []
         for b in range(len(texts)):
             real = states[b][mask[b].bool()][PROMPT_TEMPLATE_START:]                       # the prompt's tokens
-            if real.shape[0] > length:
-                warnings.warn(f"prompt {prompts[b][:80]!r}... has {real.shape[0]} tokens and was truncated to "
-                              f"{length} (max_sequence_length, as the diffusers pipeline does)", stacklevel=2)
-                real = real[:length]
+            lengths.append(real.shape[0])
+            real = real[:length]
             embeds[b, :real.shape[0]] = real
             out_mask[b, :real.shape[0]] = 1
+        note_truncations(self.tokenizer, length, prompts, lengths)
         return {"prompt_embeds": embeds.to(self.qwen.dtype), "prompt_mask": out_mask}
 
 

@@ -9,22 +9,27 @@ per prompt, so each prompt of a run is encoded once.
 prompt embeddings that `mixgrpo preprocess` wrote once, offline (`write_cache`). Layout of a cache directory
 (written atomically):
   index.json            {"format", "version", "keys": {name: {"shape": per-prompt shape, "dtype"}},
-                         "shards": [file names], "prompts": {prompt: [shard, row]}, "source": {...}}
+                         "shards": [file names], "prompts": {prompt: [shard, row]}, "source": {...},
+                         "truncated": {tokenizer: {"max_length", "prompts": {prompt: tokens}}}}
   shard-00000.safetensors  one tensor per conditioning key, [rows, *shape]; rows are prompts
+  truncated.txt         the prompts the text encoders truncated (tokenizer, tokens, prompt), when any were
 The empty prompt "" is always included: it is the unconditional input of classifier-free guidance.
 Rows are read lazily (safetensors slices), so a cache larger than memory is fine.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from mixgrpo.errors import ConfigError, UserError
-from mixgrpo.fileio import atomic_directory
+from mixgrpo.fileio import atomic_directory, atomic_file, dead_temporaries, remove_dead_temporaries
 from mixgrpo.models.base import Cond, Frozen, PromptSets
 
 INDEX = "index.json"
@@ -97,17 +102,48 @@ class MiniLMEncoder(Frozen):
         return {"prompt_embeds": states, "pooled": pooled}
 
 
+PARTIAL = ".partial.json"
+"""In a cache's temporary directory: the index of the shards written so far, so that a preprocess killed (a
+`timeout`, kill -9) resumes from its finished shards instead of encoding them again."""
+TRUNCATED_LIST = "truncated.txt"
+"""In a cache directory: the prompts its text encoders truncated (`truncation_lines`), when there are any."""
+
+
 def write_cache(prompts: list[str], encode: Callable[[list[str]], Cond], out_dir: str | Path, source: dict[str, Any],
-                shard_size: int, batch_size: int, progress) -> None:
+                shard_size: int, batch_size: int, progress) -> list[str]:
     """Write the cache of `prompts` (distinct, "" included) to `out_dir`, atomically: `encode` is called on
     batches of `batch_size` prompts, `shard_size` prompts go in each shard, `source` describes the encoder in the
-    index; `progress` (a bar) advances by the prompts encoded."""
+    index; `progress` (a bar) advances by the prompts encoded.
+
+    The temporaries of a dead writer of `out_dir` are deleted (`remove_dead_temporaries`); the finished shards of
+    one that wrote the same prompts with the same `source` and `shard_size` are taken over first (a resume).
+    Returns what happened, one line each: the resume, and per text encoder the prompts it truncated
+    (`truncation_lines`, listed in TRUNCATED_LIST)."""
     from safetensors.torch import save_file
 
+    identity = json.loads(json.dumps({"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+                                      "shard_size": shard_size, "source": source}))  # as PARTIAL reads back
     index: dict[str, Any] = {"format": FORMAT, "version": VERSION, "keys": {}, "shards": [], "prompts": {},
-                             "source": source}
+                             "source": source, "truncated": {}}
+    notes = []
     with atomic_directory(out_dir) as tmp:
+        for dead in dead_temporaries(out_dir):
+            partial = _read_partial(dead)
+            if partial is None or partial["identity"] != identity or index["shards"]:
+                continue
+            for name in partial["index"]["shards"]:
+                (dead / name).rename(tmp / name)
+            index = partial["index"]
+            notes.append(f"resumed from {len(index['shards'])} finished shards ({len(index['prompts'])} prompts) "
+                         f"of an interrupted preprocess ({dead.name})")
+        removed = remove_dead_temporaries(out_dir)
+        if removed:
+            notes.append(f"removed what an interrupted preprocess left: {', '.join(p.name for p in removed)}")
+        progress.update(len(index["prompts"]))
+        take_truncations()  # the record of this process's encoder starts here
         for shard, start in enumerate(range(0, len(prompts), shard_size)):
+            if shard < len(index["shards"]):
+                continue
             chunk = prompts[start:start + shard_size]
             parts = []
             for i in range(0, len(chunk), batch_size):
@@ -126,7 +162,82 @@ def write_cache(prompts: list[str], encode: Callable[[list[str]], Cond], out_dir
             save_file(tensors, str(tmp / name))
             index["shards"].append(name)
             index["prompts"].update({p: [shard, row] for row, p in enumerate(chunk)})
+            for label, record in take_truncations().items():
+                seen = index["truncated"].setdefault(label, {"max_length": record["max_length"], "prompts": {}})
+                seen["prompts"].update(record["prompts"])
+            with atomic_file(tmp / PARTIAL) as part:
+                part.write_text(json.dumps({"identity": identity, "index": index}, ensure_ascii=False),
+                                encoding="utf-8")
+        (tmp / PARTIAL).unlink(missing_ok=True)
+        if index["truncated"]:
+            notes += truncation_lines(index["truncated"], tmp / TRUNCATED_LIST, Path(out_dir) / TRUNCATED_LIST)
         (tmp / INDEX).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return notes
+
+
+def _read_partial(directory: Path) -> dict[str, Any] | None:
+    """The PARTIAL record of a dead writer's temporary directory, or None (none written, or unreadable)."""
+    try:
+        partial = json.loads((directory / PARTIAL).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    complete = all((directory / name).is_file() for name in partial.get("index", {}).get("shards", []))
+    return partial if complete and "identity" in partial else None
+
+
+_TRUNCATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""tokenizer -> {"label", "max_length", "prompts": {prompt: its number of tokens}}: what `note_truncations`
+recorded since the last `take_truncations`."""
+
+
+def note_truncations(tokenizer: Any, max_length: int, prompts: Sequence[str], lengths: Sequence[int]) -> None:
+    """Record the prompts that `tokenizer` truncated to `max_length` tokens (`lengths`: each prompt's number of
+    tokens), as the diffusers pipelines do. The first one of each tokenizer is a UserWarning ("... was truncated
+    to L"); the others are only counted, for one summary line per text encoder (`take_truncations`,
+    `truncation_lines`): a prompt set with thousands of long prompts would otherwise print thousands of lines."""
+    long = {p: int(n) for p, n in zip(prompts, lengths) if n > max_length}
+    if not long:
+        return
+    label = type(tokenizer).__name__  # SD3's two CLIPs truncate the same prompts: one line for both
+    record = _TRUNCATIONS.get(tokenizer)
+    if record is None:
+        prompt, tokens = next(iter(long.items()))
+        warnings.warn(f"prompt {prompt[:80]!r}... has {tokens} tokens and was truncated to {max_length} by {label} "
+                      f"(as the diffusers pipeline does); the further prompts it truncates are counted and "
+                      f"summarised, not printed", stacklevel=3)
+        record = _TRUNCATIONS[tokenizer] = {"label": label, "max_length": max_length, "prompts": {}}
+    record["max_length"] = max_length
+    record["prompts"].update(long)
+
+
+def take_truncations() -> dict[str, dict[str, Any]]:
+    """{label: {"max_length", "prompts": {prompt: tokens}}} of the prompts truncated since the last call (which
+    it forgets; a tokenizer that has warned does not warn again)."""
+    taken: dict[str, dict[str, Any]] = {}
+    for record in list(_TRUNCATIONS.values()):
+        if record["prompts"]:
+            seen = taken.setdefault(record["label"], {"max_length": record["max_length"], "prompts": {}})
+            seen["prompts"].update(record["prompts"])
+            record["prompts"] = {}
+    return taken
+
+
+def truncation_lines(truncated: dict[str, dict[str, Any]], write_to: Path | None = None,
+                     named: Path | None = None) -> list[str]:
+    """One line per text encoder of `truncated` (`take_truncations`): how many prompts it truncated to how many
+    tokens, and where they are listed: the file `write_to` (written here, tab-separated: tokenizer, tokens,
+    prompt; called `named` in the line) or, without one, the first three."""
+    if write_to is not None:
+        rows = [f"{label}\t{n}\t{p}" for label, r in truncated.items() for p, n in r["prompts"].items()]
+        write_to.write_text("tokenizer\ttokens\tprompt\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    lines = []
+    for label, record in truncated.items():
+        prompts = record["prompts"]
+        where = (f"listed in {named or write_to}" if write_to is not None else
+                 "e.g. " + ", ".join(repr(p[:60]) for p in list(prompts)[:3]))
+        lines.append(f"note: {label} truncated {len(prompts)} prompts to {record['max_length']} tokens, as the "
+                     f"diffusers pipelines do ({where})")
+    return lines
 
 
 class EmbeddingCache:

@@ -1,7 +1,7 @@
 """Training: the `Trainer` recipe and the components it is built from (see docs/design.md).
 
     trainer.py     Trainer: the iteration (plan, rollout, rewards, advantages, update, log) and the run loop
-                   (the objectives it trains, GRPO, DiffusionNFT and AWM, are `mixgrpo.objectives`)
+                   (the objectives it trains, GRPO, DiffusionNFT, AWM and V-GRPO, are `mixgrpo.objectives`)
     update.py      the update loop shared by the objectives (optimizer steps over shares of the samples)
     weights.py     trainable parameters, EMA and sampling copies, the frozen reference, weight swapping
     state.py       the checkpoint state: what is saved and restored, the config fingerprint a resume checks

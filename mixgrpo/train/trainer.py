@@ -40,6 +40,7 @@ from mixgrpo.export import export_model
 from mixgrpo.images import media_name, save_grid
 from mixgrpo.models import Cond, FlowModel, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model, guided_velocity
+from mixgrpo.models.text import take_truncations, truncation_lines
 from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, micro_batches
 from mixgrpo.pipeline_grid import grid_of
 from mixgrpo.plan import Plan, build_plan, ode_plan
@@ -387,6 +388,8 @@ class Trainer:
         export_model(self.model, self.run_dir / FINAL, shadow_of(self.ema))
         if dist.is_main():
             write_summary(self.run_dir)
+            for line in truncation_lines(take_truncations()):  # without a cache: one line per text encoder
+                print(line, flush=True)
             against = end_of_run_line(self.run_dir)
             if against is not None:
                 print(against, flush=True)
