@@ -1,4 +1,4 @@
-"""One GPU check: what the project has never measured on a GPU, in one run of under 8 minutes on one H200.
+"""One GPU check: what the project has never measured on a GPU, in one run well inside 8 minutes on one H100.
 
     python benchmarks/gpu_check.py --prepare     # here, with the project installed: writes .gpu_check/
     bash benchmarks/gpu_check.sh                  # there (torch 2.11, no diffusers): carried wheels, then the check
@@ -9,19 +9,26 @@ machine) and minilm_cache/ (the MiniLM embeddings of the training prompts: the e
 too large to carry, and its outputs for a fixed prompt set never change; `mixgrpo.preprocess`).
 
 The check writes one JSON (--out; default $OUT/gpu_check.json, else .gpu_check/gpu_check.json), rewritten
-after every section so that a run cut short keeps what it measured:
+after every section so that a run cut short keeps what it measured; `--sections` runs some of them. In order:
 - `device`: GPU name, torch version, bf16 and fp32 matrix-product peaks (8192^3, TFLOP/s).
+- `adapters`: every model adapter (FLUX.1, SD3.5, FLUX.2, Qwen-Image, Wan) on its tiny random pipeline
+  (tests/tiny_pipelines.py) rebuilt at 2 heads of the real model's head size x MixGRPO, Flash* and
+  DiffusionNFT x LoRA and full, one iteration each: ok, s/iteration, peak memory, or the error.
+- `determinism`: `deterministic: true` twice (bit-equal?) and the default twice, with the cost in s/iteration.
+- `flux_block`: a FLUX-architecture transformer at FLUX.1's width (3072), bf16 autocast: rollout and update
+  calls, eager / torch.compile x gradient checkpointing off / on: seconds, TFLOP/s, MFU, peak memory.
+- `flux1b_fsdp`: MixGRPO on the ~1B-parameter FLUX transformer of benchmarks/fsdp_flux.py under FSDP2 on a
+  real process group of one rank (param_dtype bf16).
 - `main_job`: `configs/mixgrpo.yaml` (the embedded tiny model, 8 x 8 images, guidance 3) on CUDA for a few
   iterations (the first a warm-up), held-out evaluation off, under `precision: auto` and `fp32`: s/it, phases,
-  the on-policy ratio error of the first step, and whether the batch-layout probe (`mixgrpo.train.trainer.layouts_agree`)
-  found batch-size-dependent kernels (then the old log-probs were re-scored).
+  the on-policy ratio error of the first step, and whether the batch-layout probe (`layouts_agree`) found
+  batch-size-dependent kernels (then the old log-probs were re-scored).
 - `flux1b`: DanceGRPO, MixGRPO, Flash and Flash* (windows at l = 0, T = 25, 1 prompt x 8 images, micro-batch
-  4, full fine-tuning, `precision: auto` = bf16 autocast) on the ~1B-parameter FLUX-architecture transformer of
-  benchmarks/fsdp_flux.py at FLUX.1's 512 x 512 interface: s/it, phases, peak memory, update TFLOP/s and its
-  share of the measured bf16 peak, the per-call costs and the speed-ups against DanceGRPO with their theory.
-- `flux1b_fsdp`: MixGRPO the same under FSDP2 on a real process group of one rank (param_dtype bf16).
-Checkpoints and the final export are skipped in this process (they would time the disk: ~13 GB of weights
-and optimizer state per checkpoint of the 1B model), so every figure is training time.
+  4, full fine-tuning, `precision: auto` = bf16 autocast) on the 1B transformer at FLUX.1's 512 x 512
+  interface: s/it, phases, peak memory, update TFLOP/s and its share of the measured bf16 peak, the per-call
+  costs and the speed-ups against DanceGRPO with their theory, as far as the budget allows.
+Checkpoints and exports are skipped (they would time the disk), except in `determinism`, which compares the
+exported weights, so every other figure is training time.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ trained reward (shape_quality, all 106 held-out compositions x 2 images, the sam
 by at least half of the smallest rise of the shipped reference's seeds at iteration 16
 (configs/references/diffusion_nft.json). It also prints where the run lies against the reference band.
 
-About 3 minutes on 2 idle CPU cores, so it is marked slow; .ci/run runs it after the default suite:
+4.4 CPU-minutes (about 4-5 minutes on an idle machine), so it is marked slow; .ci/run runs it after the default
+suite:
     pytest -m slow tests/test_convergence.py
 """
 
