@@ -4,7 +4,9 @@ training precision: what `precision: auto` resolves to on this machine, and the 
 `auto` is bf16 autocast (float32 master weights) where the hardware multiplies bf16 matrices natively
 (CPUs with AMX, CUDA GPUs of compute capability 8.0 or newer) and float32 elsewhere. On a CPU without AMX,
 bf16 is not the default even with avx512_bf16: the tiny model's calls are dominated by element-wise work
-that bf16 does not speed up, and without AMX its matrix products gain little (docs/benchmarks.md).
+that bf16 does not speed up, and without AMX its matrix products gain little (docs/benchmarks.md). Wide
+inference is another matter: `mixgrpo preprocess --encode-dtype auto` runs text encoders in bf16 wherever
+avx512_bf16 or AMX is present (`cpu_bf16_instructions`; measured in docs/models.md).
 """
 
 from __future__ import annotations
