@@ -54,20 +54,14 @@ REWARDS: Registry[RewardFn] = Registry("reward")
 def call_reward(fn: RewardFn, images: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int] | None = None,
                 inputs: torch.Tensor | None = None) -> torch.Tensor:
     """fn(images, prompts), with `seeds` (one per image) and `inputs` ([B, 3, H, W]) passed on to a reward that takes
-    them (`takes_seeds`, `takes_inputs`). That a takes_inputs reward gets inputs is checked when a run or an
-    evaluation starts (`inputs_problem`)."""
+    them (`takes_seeds`, `takes_inputs`). That a takes_inputs reward gets inputs is checked before a run starts
+    (`mixgrpo.preflight.input_problems`)."""
     kwargs: dict[str, Any] = {}
     if seeds is not None and getattr(fn, "takes_seeds", False):
         kwargs["seeds"] = seeds
     if inputs is not None and getattr(fn, "takes_inputs", False):
         kwargs["inputs"] = inputs
     return fn(images, prompts, **kwargs)
-
-
-def inputs_problem(name: str) -> str:
-    """The line for a reward that compares results with input images in a run whose examples have none."""
-    return (f"reward {name!r} compares each result with its example's input image (takes_inputs), but these prompts "
-            f"have no input images: drop the reward, or train an editing model on examples with images")
 
 
 class UserReward:
