@@ -159,6 +159,20 @@ def save_tiny_flux(directory: str | Path, seed: int = 0, guidance_embeds: bool =
     return Path(directory)
 
 
+def tiny_flux_kontext_pipeline(seed: int = 0):
+    """A random `FluxKontextPipeline` at toy size: `tiny_flux_pipeline`'s components (FLUX.1-Kontext-dev has FLUX.1's
+    layout and architecture; it differs in weights and in the input image's tokens)."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**tiny_flux_pipeline(seed).components)
+
+
+def save_tiny_flux_kontext(directory: str | Path, seed: int = 0) -> Path:
+    """Build `tiny_flux_kontext_pipeline` and save it as a diffusers pipeline directory."""
+    tiny_flux_kontext_pipeline(seed).save_pretrained(directory)
+    return Path(directory)
+
+
 def save_tiny_sd3(directory: str | Path, seed: int = 0) -> Path:
     """Build `tiny_sd3_pipeline` and save it as a diffusers pipeline directory (model_index.json + folders)."""
     tiny_sd3_pipeline(seed).save_pretrained(directory)
