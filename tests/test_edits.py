@@ -10,11 +10,10 @@ from PIL import Image
 
 from mixgrpo.errors import ConfigError
 from mixgrpo.rewards.base import build_reward
-from mixgrpo.world.edit_verifier import EditInputError, verify_edit
+from mixgrpo.world.edit_verifier import FAILURES, EditInputError, failed_layout, verify_edit
 from mixgrpo.world.edits import (
     EDIT_KINDS,
     EXAMPLES_PER_SPLIT,
-    FAILURES,
     HELDOUT_EDITS,
     Edit,
     EditError,
@@ -24,7 +23,6 @@ from mixgrpo.world.edits import (
     edit_layouts,
     edit_pairs,
     example_file,
-    failed_layout,
     format_instruction,
     load_edit_examples,
     parse_instruction,

@@ -11,7 +11,7 @@ import torch
 from mixgrpo.errors import ConfigError
 from mixgrpo.rewards.base import REWARDS
 from mixgrpo.world.edit_verifier import verify_edit
-from mixgrpo.world.edits import Edit, parse_instruction
+from mixgrpo.world.edits import Edit, EditParseError, parse_instruction
 from mixgrpo.world.quality import color_purity as _color_purity
 from mixgrpo.world.quality import shape_quality as _shape_quality
 from mixgrpo.world.scene import PromptParseError, Scene, parse_prompt
@@ -121,7 +121,7 @@ class EditVerifierReward:
             try:
                 self._edits[prompt] = parse_instruction(prompt)
             except PromptParseError as e:
-                raise PromptParseError(f"edit_verifier reward: {e}. It scores shapes-world edit instructions only "
+                raise EditParseError(f"edit_verifier reward: {e}. It scores shapes-world edit instructions only "
                                        f"(world:edit_train, world:edit_heldout)") from None
         return self._edits[prompt]
 

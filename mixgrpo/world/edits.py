@@ -41,7 +41,6 @@ from mixgrpo.world.scene import (
     COLORS,
     DEFAULT_INSTANCES,
     GAP,
-    MAX_INSTANCES,
     MAX_OBJECTS,
     MAX_RADIUS,
     MIN_RADIUS,
@@ -361,7 +360,7 @@ def random_edits(rng: np.random.Generator, n: int, split: str = "train",
 # Layout-preserving rendering
 
 
-def _place(others: Sequence[Instance], r: float, rng: np.random.Generator, size: int, tries: int = 256,
+def place(others: Sequence[Instance], r: float, rng: np.random.Generator, size: int, tries: int = 256,
            holds: Sequence[tuple[str, Instance, float]] = (),
            fails: Sequence[tuple[str, Instance, float]] = ()) -> tuple[float, float] | None:
     """A centre (x, y) in pixels for a new box of half-size r inside the border and GAP from every box of
@@ -398,7 +397,7 @@ def edit_layouts(scene: Scene, edit: Edit, rng: np.random.Generator,
         if scene.relation is not None:  # "first <relation> second" of the input, as "moved <relation> anchor"
             first_moved = (scene.objects[0].color, scene.objects[0].shape) == key
             holds = [(scene.relation if first_moved else _OPPOSITE[scene.relation], anchor, RELATION_MARGIN * size)]
-        centre = _place([anchor], moved.r, rng, size, holds=holds,
+        centre = place([anchor], moved.r, rng, size, holds=holds,
                         fails=[(edit.relation, anchor, MOVE_INPUT_MARGIN * size)])
         if centre is None:
             return None
@@ -410,7 +409,7 @@ def edit_layouts(scene: Scene, edit: Edit, rng: np.random.Generator,
     if edit.kind in ("add", "add_one"):
         r = rng.uniform(MIN_RADIUS, MAX_RADIUS) * size
         while True:
-            centre = _place(out, r, rng, size)
+            centre = place(out, r, rng, size)
             if centre is not None:
                 return layout, out + [Instance(edit.color, edit.shape, *centre, r)]
             if r <= MIN_RADIUS * size:
@@ -443,79 +442,6 @@ def render_edits(pairs: Sequence[tuple[Scene, Edit]], seed: int | np.random.Gene
         inputs.append(drawn[0])
         targets.append(drawn[1])
     return draw(inputs, size), draw(targets, size)
-
-
-FAILURES: tuple[str, ...] = ("unedited", "wrong edit", "other moved", "other recolored", "other reshaped",
-                              "other removed", "extra object")
-"""Ways an edit can fail (`failed_layout`), for testing and measuring the edit verifier: the first two leave the
-edit unmade, the others break what should be kept."""
-
-
-def failed_layout(layout: Sequence[Instance], target: Sequence[Instance], edit: Edit, failure: str,
-                  rng: np.random.Generator, size: int = 32) -> list[Instance] | None:
-    """A wrong result of an edit drawn as (input `layout`, true `target`), or None when this pair has no such
-    failure (no other object, no room):
-
-        unedited         the input itself
-        wrong edit       recolor / reshape to another colour / shape, add an object of another colour, add one
-                         more of another colour, move to another relation (the asked one failing); none for remove
-        other moved      an untouched object moved by at least twice the edit verifier's POSITION_TOLERANCE
-        other recolored  an untouched object given a colour the scene does not show
-        other reshaped   an untouched object given a shape its colour does not show
-        other removed    an untouched object gone
-        extra object     an object of a colour-shape the target does not show, in free space
-    """
-    from mixgrpo.world.edit_verifier import POSITION_TOLERANCE
-
-    key, out = (edit.color, edit.shape), list(target)
-    shown = {(i.color, i.shape) for i in (*layout, *target)}
-    others = [j for j, inst in enumerate(out) if inst in layout]  # untouched: the same instance in both
-    if failure == "unedited":
-        return list(layout)
-    if failure == "wrong edit":
-        if edit.kind == "remove":
-            return None
-        if edit.kind == "move":
-            (anchor,) = [i for i in target if (i.color, i.shape) == tuple(edit.anchor)]
-            (j,) = [j for j, i in enumerate(out) if (i.color, i.shape) == key]
-            wrong = [r for r in RELATIONS if r != edit.relation]
-            centre = _place([anchor], out[j].r, rng, size, holds=[(wrong[int(rng.integers(3))], anchor, 0.0)],
-                            fails=[(edit.relation, anchor, MOVE_INPUT_MARGIN * size)])
-            return None if centre is None else out[:j] + [replace(out[j], x=centre[0], y=centre[1])] + out[j + 1:]
-        j = len(out) - 1 if edit.kind in ("add", "add_one") else next(
-            j for j, i in enumerate(out) if (i.color, i.shape) == edit.subject)
-        if edit.kind == "reshape":
-            choices = [replace(out[j], shape=s) for s in SHAPES if (edit.color, s) not in shown]
-        else:
-            choices = [replace(out[j], color=c) for c in COLORS if (c, out[j].shape) not in shown]
-        return out[:j] + [choices[int(rng.integers(len(choices)))]] + out[j + 1:] if choices else None
-    if failure == "extra object":
-        free = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in shown]
-        r = MIN_RADIUS * size
-        centre = _place(out, r, rng, size)
-        if centre is None or len(out) >= MAX_INSTANCES:
-            return None
-        return out + [Instance(*free[int(rng.integers(len(free)))], *centre, r)]
-    if failure not in FAILURES:
-        raise ValueError(f"unknown failure {failure!r}; known: {', '.join(FAILURES)}")
-    if not others:
-        return None
-    j = others[int(rng.integers(len(others)))]
-    inst = out[j]
-    if failure == "other removed":
-        return out[:j] + out[j + 1:]
-    if failure == "other moved":
-        shift = 2 * POSITION_TOLERANCE * size
-        for _ in range(8):
-            centre = _place(out[:j] + out[j + 1:], inst.r, rng, size)
-            if centre is not None and max(abs(centre[0] - inst.x), abs(centre[1] - inst.y)) >= shift:
-                return out[:j] + [replace(inst, x=centre[0], y=centre[1])] + out[j + 1:]
-        return None
-    if failure == "other recolored":
-        choices = [replace(inst, color=c) for c in COLORS if (c, inst.shape) not in shown]
-    else:
-        choices = [replace(inst, shape=s) for s in SHAPES if (inst.color, s) not in shown]
-    return out[:j] + [choices[int(rng.integers(len(choices)))]] + out[j + 1:] if choices else None
 
 
 def edit_pairs(seed: int, n: int, split: str = "train",
