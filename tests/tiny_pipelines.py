@@ -185,13 +185,15 @@ def save_tiny_sd3(directory: str | Path, seed: int = 0) -> Path:
 WAN_VARIANTS = ("2.1", "2.2-ti2v", "2.2-a14b")
 
 
-def _wan_transformer(in_channels: int, seed: int):
+def _wan_transformer(in_channels: int, seed: int, out_channels: int | None = None, image_dim: int | None = None):
+    """A 2-block WanTransformer3DModel of width 24; with image_dim, Wan 2.1 I2V's image cross-attention."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                 in_channels=in_channels, out_channels=in_channels, text_dim=32, freq_dim=16,
-                                 ffn_dim=32, num_layers=2, rope_max_seq_len=32).eval()
+                                 in_channels=in_channels, out_channels=out_channels or in_channels, text_dim=32,
+                                 freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, image_dim=image_dim,
+                                 added_kv_proj_dim=24 if image_dim else None).eval()
 
 
 def tiny_wan_pipeline(seed: int = 0, variant: str = "2.1"):
@@ -234,6 +236,41 @@ def tiny_wan_pipeline(seed: int = 0, variant: str = "2.1"):
 def save_tiny_wan(directory: str | Path, seed: int = 0, variant: str = "2.1") -> Path:
     """Build `tiny_wan_pipeline` and save it as a diffusers pipeline directory."""
     tiny_wan_pipeline(seed, variant).save_pretrained(directory)
+    return Path(directory)
+
+
+WAN_I2V_VARIANTS = ("2.1", "2.2-ti2v")
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0, variant: str = "2.1"):
+    """A random `WanImageToVideoPipeline` at toy size: "2.1" in Wan2.1-I2V's layout (a CLIP vision encoder of width 16
+    on 32 x 32 crops, whose penultimate states the transformer cross-attends to; the transformer takes the 16 noisy
+    channels, 4 mask channels and the first frame's 16 latent channels: in_channels 36), or "2.2-ti2v" in
+    Wan2.2-TI2V-5B's (no image encoder; the first frame's latents replace the first latent frame, per-token
+    timesteps). The text encoder, VAE and scheduler are `tiny_wan_pipeline`'s."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    if variant not in WAN_I2V_VARIANTS:
+        raise ValueError(f"variant {variant!r}: one of {WAN_I2V_VARIANTS}")
+    parts = tiny_wan_pipeline(seed, variant).components
+    if variant == "2.2-ti2v":
+        return WanImageToVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"],
+                                       vae=parts["vae"], scheduler=parts["scheduler"],
+                                       transformer=_wan_transformer(16, seed), expand_timesteps=True)
+    torch.manual_seed(seed + 4)
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return WanImageToVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
+                                   scheduler=parts["scheduler"], image_processor=image_processor,
+                                   image_encoder=image_encoder,
+                                   transformer=_wan_transformer(36, seed, out_channels=16, image_dim=16))
+
+
+def save_tiny_wan_i2v(directory: str | Path, seed: int = 0, variant: str = "2.1") -> Path:
+    """Build `tiny_wan_i2v_pipeline` and save it as a diffusers pipeline directory."""
+    tiny_wan_i2v_pipeline(seed, variant).save_pretrained(directory)
     return Path(directory)
 
 
