@@ -10,10 +10,10 @@ optional spatial relation between the first two objects when both are single:
     "a red circle, a blue square and a green triangle"
 
 `render` draws a random layout satisfying the spec (objects never overlap; a relation holds with a clear
-margin along its axis); `mixgrpo.world.verifier` checks images against the same spec. Held-out
-compositions (`is_heldout`) are object pairs and count-colour-shape triples that no train prompt contains;
-`split_prompts` enumerates the two prompt files shipped in `mixgrpo/world/prompts/` (regenerate them with
-`python -m mixgrpo.world.scene`).
+margin along its axis; `layout_batch` and `draw` are its two halves); `mixgrpo.world.verifier` checks images
+against the same spec. Held-out compositions (`is_heldout`) are object pairs and count-colour-shape triples
+that no train prompt contains; `split_prompts` enumerates the two prompt files shipped in
+`mixgrpo/world/prompts/` (regenerate them with `python -m mixgrpo.world.scene`).
 """
 
 from __future__ import annotations
