@@ -53,6 +53,10 @@ class InputConsistency:
         if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
             raise ConfigError(f"input_consistency: grid must be a positive integer (cells along the shorter side), "
                               f"got {grid!r}")
+        try:  # a YAML 1.1 reader leaves 1e-6 a string
+            tolerance = float(tolerance)
+        except (TypeError, ValueError):
+            raise ConfigError(f"input_consistency: tolerance must be a number, got {tolerance!r}") from None
         if not 0 < tolerance < 1:
             raise ConfigError(f"input_consistency: tolerance must lie in (0, 1) (a change of a cell's mean colour, "
                               f"pixels in [0, 1]), got {tolerance!r}")
