@@ -9,7 +9,8 @@ import torch
 from mixgrpo.models import MODELS
 from mixgrpo.models.lora import apply_lora, lora_parameters, save_full, save_lora
 from mixgrpo.models.wan import LORA_TARGETS
-from mixgrpo.models.wan_i2v import WanI2VAdapter, load_wan_i2v, to_pil
+from mixgrpo.models._diffusers import to_pil
+from mixgrpo.models.wan_i2v import WanI2VAdapter, load_wan_i2v
 from mixgrpo.plan import ode_plan
 from mixgrpo.rollout import sample
 from tiny_pipelines import WAN_I2V_VARIANTS, save_tiny_wan, save_tiny_wan_i2v

@@ -16,6 +16,7 @@ by accident.
 
 from __future__ import annotations
 
+import functools
 import string
 from pathlib import Path
 
@@ -284,13 +285,18 @@ QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['con
                   "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
-def tiny_qwen_tokenizer(chat_template: str | None = None):
-    """A Qwen2 tokenizer (byte-level BPE, no merges: one token per byte) with Qwen's special tokens."""
+QWEN_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def tiny_qwen_tokenizer(chat_template: str | None = None, vision: bool = False):
+    """A Qwen2 tokenizer (byte-level BPE, no merges: one token per byte) with Qwen's special tokens (and with
+    `vision`, Qwen2.5-VL's image tokens)."""
     from transformers import Qwen2Tokenizer
 
-    vocab = {t: i for i, t in enumerate(_byte_alphabet() + QWEN_SPECIAL)}
+    special = QWEN_SPECIAL + (QWEN_VISION if vision else [])
+    vocab = {t: i for i, t in enumerate(_byte_alphabet() + special)}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=chat_template)
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[1:]})
+    tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
     return tokenizer
 
 
@@ -333,6 +339,97 @@ def save_tiny_qwen_image(directory: str | Path, seed: int = 0) -> Path:
     """Build `tiny_qwen_image_pipeline` and save it as a diffusers pipeline directory."""
     tiny_qwen_image_pipeline(seed).save_pretrained(directory)
     return Path(directory)
+
+
+QWEN_EDIT_VARIANTS = ("2509", "2511")
+
+
+def tiny_qwen_image_edit_pipeline(seed: int = 0, variant: str = "2511"):
+    """A random `QwenImageEditPlusPipeline` at toy size, in Qwen-Image-Edit-2509's layout ("2509") or 2511's (the
+    transformer's zero_cond_t: the input images' tokens modulated at timestep 0): `tiny_qwen_image_pipeline`'s
+    transformer, VAE and scheduler, and a Qwen2.5-VL whose vision tower (1 block of width 16, the real patch 14 and
+    2 x 2 merge) sees the input images. Its processor is a `TinyQwenVLProcessor` (see there)."""
+    from diffusers import QwenImageEditPlusPipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if variant not in QWEN_EDIT_VARIANTS:
+        raise ValueError(f"variant {variant!r}: one of {QWEN_EDIT_VARIANTS}")
+    parts = tiny_qwen_image_pipeline(seed).components
+    tokenizer = tiny_qwen_tokenizer(vision=True)
+    special = tokenizer.convert_tokens_to_ids(QWEN_SPECIAL + QWEN_VISION)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+                         bos_token_id=special[0], eos_token_id=special[2], pad_token_id=special[0]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[0], patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        vision_start_token_id=special[3], vision_end_token_id=special[4], image_token_id=special[5],
+        video_token_id=special[6])
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    transformer = parts["transformer"]
+    if variant == "2511":
+        from diffusers import QwenImageTransformer2DModel
+
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel.from_config(transformer.config, zero_cond_t=True).eval()
+    processor = _qwen_vl_processor_class()(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
+    return QwenImageEditPlusPipeline(scheduler=parts["scheduler"], vae=parts["vae"], text_encoder=text_encoder,
+                                     tokenizer=tokenizer, processor=processor, transformer=transformer)
+
+
+@functools.cache
+def _qwen_vl_processor_class():
+    """TinyQwenVLProcessor, defined when first used (it subclasses a transformers class)."""
+    from transformers import Qwen2VLProcessor
+
+    class TinyQwenVLProcessor(Qwen2VLProcessor):
+        """transformers 5 builds a `Qwen2VLProcessor` only with a video processor, whose class needs torchvision (which
+        the tests must not need): this one skips that class check and has none (the edit pipelines never pass a
+        video). Saved, it is a Qwen2VLProcessor directory (the tokenizer and the image processor's config)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, video_processor=None, **kwargs):
+            super().__init__(image_processor, tokenizer, video_processor, **kwargs)
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return type(argument)
+
+        def save_pretrained(self, save_directory, **kwargs):
+            self.tokenizer.save_pretrained(save_directory)
+            self.image_processor.save_pretrained(save_directory)
+
+        @classmethod
+        def from_pretrained(cls, directory, **kwargs):
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            return cls(AutoImageProcessor.from_pretrained(directory, **kwargs),
+                       AutoTokenizer.from_pretrained(directory, **kwargs))
+
+    return TinyQwenVLProcessor
+
+
+def save_tiny_qwen_image_edit(directory: str | Path, seed: int = 0, variant: str = "2511") -> Path:
+    """Build `tiny_qwen_image_edit_pipeline` and save it as a diffusers pipeline directory, its processor/ in the
+    official layout (model_index.json names Qwen2VLProcessor, as the hub's Qwen-Image-Edit repositories do)."""
+    import json
+
+    pipe = tiny_qwen_image_edit_pipeline(seed, variant)
+    processor = pipe.processor
+    pipe.register_modules(processor=None)
+    pipe.save_pretrained(directory)
+    processor.save_pretrained(Path(directory) / "processor")
+    index = Path(directory) / "model_index.json"
+    config = json.loads(index.read_text())
+    config["processor"] = ["transformers", "Qwen2VLProcessor"]
+    index.write_text(json.dumps(config, indent=2) + "\n")
+    return Path(directory)
+
+
+def load_tiny_qwen_vl_processor(directory: str | Path):
+    """The processor/ of a `save_tiny_qwen_image_edit` directory, as a `TinyQwenVLProcessor` for the stock pipeline."""
+    return _qwen_vl_processor_class().from_pretrained(Path(directory) / "processor", local_files_only=True)
 
 
 MISTRAL_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]

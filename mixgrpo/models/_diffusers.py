@@ -322,3 +322,18 @@ def input_images(name: str, prompts: Sequence[str], images: Sequence[Sequence[to
                                   f"model's resolution")
         stacked.append(torch.stack([image.float() for image in example]))
     return torch.stack(stacked)
+
+
+def to_pil(image: torch.Tensor):
+    """[3, H, W] float in [0, 1] -> an 8-bit RGB PIL image (rounded), what the stock pipelines' image processors take:
+    exact for an image read from a file (values k / 255)."""
+    from PIL import Image
+
+    return Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def from_pil(image) -> torch.Tensor:
+    """An RGB PIL image -> [3, H, W] float32 in [0, 1], as diffusers' image processors read one (uint8 / 255)."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)

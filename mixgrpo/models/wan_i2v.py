@@ -32,19 +32,12 @@ from torch import nn
 
 from mixgrpo.errors import ConfigError
 from mixgrpo.models._diffusers import (PIPELINE_MODULES, CausalVaeEncoder, check_pipeline_run, input_images,
-                                       module_device)
+                                       module_device, to_pil)
 from mixgrpo.models.base import MODELS, Cond, ModelSpec, PromptSets, TextEncoder
 from mixgrpo.models.wan import (WanAdapter, _trained_sigma_problems, _wan_lora_format, load_wan_components,
                                 load_wan_text_encoder)
 
 EXAMPLE = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
-
-
-def to_pil(image: torch.Tensor):
-    """[3, H, W] float in [0, 1] -> an 8-bit RGB PIL image (rounded), what the stock pipelines' image processors take."""
-    from PIL import Image
-
-    return Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
 class WanI2VAdapter(WanAdapter):
