@@ -152,3 +152,14 @@ def test_exports_load_into_the_stock_pipeline_and_reproduce_our_samples(dirs, tm
     after = run_stock(pipe, images, noise_of(model, seeds), 3)
     torch.testing.assert_close(after, latents, rtol=1e-5, atol=1e-5)
     assert (after - before).abs().max() > 1e-3  # the export changed the samples
+
+
+def test_preflight_names_a_missing_image_encoder(dirs, tmp_path):
+    import shutil
+
+    check = MODELS.spec("wan_i2v").check
+    args = {"path": str(dirs["2.1"]), "height": SIZE, "width": SIZE, "num_frames": FRAMES}
+    assert check(args, {}) == [] and check({**args, "path": str(dirs["2.2-ti2v"])}, {}) == []
+    shutil.copytree(dirs["2.1"], tmp_path / "copy", ignore=shutil.ignore_patterns("image_encoder"))
+    (problem,) = check({**args, "path": str(tmp_path / "copy")}, {})
+    assert "lacks ['image_encoder']" in problem
