@@ -312,3 +312,8 @@ def test_edit_verifier_reward_refuses_bad_use():
         reward(images, ["remove the red circle"])
     with pytest.raises(EditParseError, match="edit_verifier reward.*edit instructions only"):
         reward(images, ["a red circle"], inputs=images)
+
+
+def test_an_unknown_example_split_names_the_sources():
+    with pytest.raises(ConfigError, match="world:edit_train and world:edit_heldout"):
+        load_edit_examples("test")

@@ -467,7 +467,8 @@ def example_file(split: str) -> Path:
     """The JSONL file of the shipped editing examples of `split` ("train" or "heldout"): one
     {"prompt": instruction, "images": [path of the input PNG, relative to the file's folder]} per line."""
     if split not in EXAMPLES_PER_SPLIT:
-        raise ConfigError(f"unknown edit split {split!r}; use 'edit_train' or 'edit_heldout'")
+        raise ConfigError(f"unknown edit split {split!r}: the editing examples are world:edit_train and "
+                          f"world:edit_heldout")
     return _examples_dir() / f"{split}.jsonl"
 
 
