@@ -126,7 +126,8 @@ class FluxAdapter(TransformerAdapter):
         self.guidance = guidance
         self.text_positions = text_positions
         self.image_encoder = image_encoder
-        self.image_inputs = 0 if image_encoder is None else 1
+        if image_encoder is not None:
+            self.image_inputs = 1
         self.register_buffer("img_ids", image_ids(h // patch, w // patch), persistent=False)
 
     def image_size(self) -> tuple[int, int]:

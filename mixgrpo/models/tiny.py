@@ -169,8 +169,9 @@ def tiny(path: str | None = None) -> FluxAdapter:
 
 
 def tiny_edit(path: str | None = None) -> FluxAdapter:
-    """The embedded editing base: the tiny model with the input image's tokens beside the target's (the shipped
-    pre-trained checkpoint, mixgrpo/assets/tiny_edit_base, unless `path` is given)."""
+    """The embedded editing base: the tiny model, the input image's tokens beside the target's (Kontext-style).
+
+    The shipped pre-trained checkpoint (mixgrpo/assets/tiny_edit_base) unless `path` is given."""
     return _load_kind(path, EDIT_PATH, image_inputs=1)
 
 
