@@ -320,7 +320,8 @@ class Trainer:
                  "zero_advantage_groups": float((advantages.abs().sum(1) == 0).float().mean()), **stats.means()}
         record.update(dist.mean_over_ranks(local))  # every rank holds the same number of samples
         record.update(stats.replicas)  # equal on every rank
-        warn_without_signal(record)
+        if not self.objective.distills:  # a distilling objective learns from its teachers, advantages or not
+            warn_without_signal(record)
         record.update({**watch.metrics(), **resource_metrics(self.device)})
         if self.clock is not None:
             record.update(self.clock.metrics())
@@ -379,7 +380,7 @@ class Trainer:
         self.tracker.close()
         dist.print0(f"run directory: {self.run_dir}" if finished else
                     f"stopped after iteration {end}; continue with --resume")
-        if finished:
+        if finished and not self.objective.distills:
             require_learning_signal(self.run_dir, cfg.prompts_per_iteration * dist.world_size())
         return self.run_dir
 
