@@ -106,6 +106,8 @@ def test_registered_and_the_encoding_equals_the_pipeline(dirs):
     assert (without_image - model.encode_prompts(PROMPTS[:1], [(inputs()[0],)])["prompt_embeds"]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="takes 1 to 3 input images per example"):
         model.encode_prompts(PROMPTS[:1], [tuple(inputs(n=4))])
+    with pytest.raises(ValueError, match=r"have \[1, 2\] input images; give every example .* the same number"):
+        model.encode_prompts(PROMPTS, [tuple(inputs(n=1)), tuple(inputs(n=2))])
 
 
 @pytest.mark.parametrize("variant,count", [("2511", 1), ("2511", 2), ("2509", 1)])

@@ -90,8 +90,11 @@ def test_registered_and_conditioning(dirs):
     ti2v = load(dirs["2.2-ti2v"])
     assert ti2v.image_encoder is None and ti2v.latent_shape == (16, 2, 4, 4)
     assert set(ti2v.encode_prompts(PROMPTS, [(f,) for f in frames()])) == {"prompt_embeds", "image_condition"}
-    with pytest.raises(ValueError, match="every example needs one"):
+    assert model.image_size() == (SIZE, SIZE) and MODELS.spec("wan_i2v").image_inputs == 1
+    with pytest.raises(ValueError, match="was given none: give prompts with images"):
         model.encode_prompts(PROMPTS)
+    with pytest.raises(ValueError, match=r"takes \[3, 64, 64\] .* resize the inputs"):
+        model.encode_prompts(PROMPTS[:1], [(torch.zeros(3, 32, 64),)])
 
 
 def test_a_text_to_video_checkpoint_is_named(tmp_path):
