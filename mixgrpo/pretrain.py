@@ -34,12 +34,14 @@ import numpy as np
 import torch
 
 from mixgrpo.errors import ConfigError
+from mixgrpo.evaluate import generate
 from mixgrpo.images import plot_lines, save_grid
 from mixgrpo.models.base import FlowModel
 from mixgrpo.models.flux import FluxAdapter
 from mixgrpo.models.tiny import TinyConfig, build_tiny, load_tiny, save_tiny
-from mixgrpo.evaluate import generate
 from mixgrpo.plan import ode_plan
+from mixgrpo.rundir import append_record
+from mixgrpo.train.weights import EMA, swapped_weights
 from mixgrpo.world.scene import load_prompts, parse_prompt, render_batch
 
 
@@ -128,6 +130,84 @@ def _eval_subset(prompts: list[str], n: int) -> list[str]:
     return [prompts[int(i * len(prompts) / n)] for i in range(n)]
 
 
+class _Data:
+    """The shapes world's train prompts (parsed once), and the held-out prompts of the evaluations."""
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.train_prompts = load_prompts("train")
+        self.train_scenes = [parse_prompt(p) for p in self.train_prompts]
+        self.eval_prompts = _eval_subset(load_prompts("heldout"), cfg.eval_prompts)
+
+    def batch(self, model: FlowModel, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        """(x0 [B, 3, H, W] in [-1, 1], cond): `batch_size` prompts drawn uniformly, each rendered as a fresh random
+        layout, each prompt replaced by "" with probability `prompt_dropout`."""
+        cfg = self.cfg
+        idx = rng.integers(len(self.train_prompts), size=cfg.batch_size)
+        images = render_batch([self.train_scenes[i] for i in idx], rng, cfg.model.image_size)      # [B, 3, H, W]
+        drop = rng.random(cfg.batch_size) < cfg.prompt_dropout
+        cond = model.encode_prompts(["" if d else self.train_prompts[i] for i, d in zip(idx, drop)])
+        return images * 2 - 1, cond
+
+
+class _Evaluation:
+    """The held-out evaluation of the EMA weights: verifier accuracy without and with guidance, a sample grid
+    (out/samples/step_N.png) and the checkpoint (out/model), each time; a line of metrics.jsonl."""
+
+    def __init__(self, cfg: PretrainConfig, out: Path, prompts: list[str], log: Callable[[str], None]):
+        self.cfg, self.out, self.prompts, self.log = cfg, out, prompts, log
+        self.history: dict[str, list[tuple[float, float]]] = {"strict": [], f"strict_g{cfg.eval_guidance:g}": []}
+        self.seconds = 0.0
+
+    def __call__(self, model: FluxAdapter, step: int, minutes: Callable[[], float]) -> None:
+        """Evaluate and save `model` (the EMA weights in place) at `step`."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        plain = heldout_accuracy(model, self.prompts, 1, 1.0, cfg.seed, cfg.sample_steps, cfg.sample_shift)
+        guided = heldout_accuracy(model, self.prompts, 1, cfg.eval_guidance, cfg.seed, cfg.sample_steps,
+                                  cfg.sample_shift)
+        grid = generate(model, self.prompts[:32], ode_plan(cfg.sample_steps, cfg.sample_shift), 1, cfg.seed,
+                        cfg.eval_guidance)[:, 0]
+        save_grid(grid, self.out / "samples" / f"step_{step:06d}.png", nrow=8, scale=2)
+        save_tiny(model, self.out / "model")
+        self.seconds += time.perf_counter() - t0
+        append_record(self.out / "metrics.jsonl", {
+            "step": step, "minutes": minutes(), "eval_strict": plain["strict"], "eval_dense": plain["dense"],
+            "eval_strict_guided": guided["strict"], "eval_dense_guided": guided["dense"],
+            "guidance": cfg.eval_guidance, "eval_prompts": len(self.prompts)})
+        self.history["strict"].append((step, plain["strict"]))
+        self.history[f"strict_g{cfg.eval_guidance:g}"].append((step, guided["strict"]))
+        self.log(f"eval step {step}: held-out strict {plain['strict']:.3f} (guidance {cfg.eval_guidance:g}: "
+                 f"{guided['strict']:.3f}), dense {plain['dense']:.3f} / {guided['dense']:.3f} "
+                 f"[{time.perf_counter() - t0:.0f} s]")
+
+
+def _initial_model(cfg: PretrainConfig) -> FluxAdapter:
+    """A random tiny model of `cfg.model` (torch's global seed set), or the weights of `cfg.init`."""
+    model: FluxAdapter = build_tiny(cfg.model)
+    if cfg.init:
+        start_from = load_tiny(cfg.init, model.text_encoder)
+        if start_from.config != cfg.model:
+            raise ConfigError(f"PretrainConfig.init: {cfg.init} has config {start_from.config}, the run has "
+                              f"{cfg.model}; pre-train with the checkpoint's model config")
+        model.transformer.load_state_dict(start_from.transformer.state_dict())
+    return model
+
+
+def _train_step(cfg: PretrainConfig, model: FluxAdapter, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                x0: torch.Tensor, cond: dict, lr: float) -> float:
+    """One AdamW step on the rectified-flow loss at logit-normal t; returns the loss."""
+    t = torch.sigmoid(torch.randn(cfg.batch_size))                                       # logit-normal
+    loss = rectified_flow_loss(model, x0, cond, t, torch.randn_like(x0))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return loss.item()
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
     """Pre-train a tiny model from scratch; returns the checkpoint directory out_dir/model (EMA weights)."""
     out = Path(out_dir)
@@ -139,108 +219,69 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
     rng = np.random.default_rng(cfg.seed)
     if cfg.eval_every:
         import mixgrpo.world.verifier  # noqa: F401  (fail now, not after the first eval_every steps)
-    model: FluxAdapter = build_tiny(cfg.model)
-    if cfg.init:
-        start_from = load_tiny(cfg.init, model.text_encoder)
-        if start_from.config != cfg.model:
-            raise ConfigError(f"PretrainConfig.init: {cfg.init} has config {start_from.config}, the run has "
-                              f"{cfg.model}; pre-train with the checkpoint's model config")
-        model.transformer.load_state_dict(start_from.transformer.state_dict())
-    ema: FluxAdapter = build_tiny(cfg.model, model.text_encoder)
-    ema.transformer.load_state_dict(model.transformer.state_dict())
+    model = _initial_model(cfg)
+    # Draws what building a second model as the EMA copy drew before the EMA became `EMA` (trainable weights only), so
+    # that the seed gives the same random stream as before: a fixed `--steps` budget reproduces the shipped checkpoint.
+    build_tiny(cfg.model, model.text_encoder)
     net = model.transformer.train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    ema_params = list(ema.transformer.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_params = sum(p.numel() for p in params)
-
-    train_prompts = load_prompts("train")
-    train_scenes = [parse_prompt(p) for p in train_prompts]
-    eval_prompts = _eval_subset(load_prompts("heldout"), cfg.eval_prompts)
-    log(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(train_prompts)} train prompts, budget "
-        f"{cfg.steps} steps or {cfg.minutes:g} min, out {out}")
-
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
-    history: dict[str, list[tuple[float, float]]] = {"loss": [], "strict": [], f"strict_g{cfg.eval_guidance:g}": []}
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    ema = EMA(params, cfg.ema_decay)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    data = _Data(cfg)
+    log(f"pretrain: {sum(p.numel() for p in params.values()) / 1e6:.2f}M parameters, {len(data.train_prompts)} "
+        f"train prompts, budget {cfg.steps} steps or {cfg.minutes:g} min, out {out}")
+    evaluation = _Evaluation(cfg, out, data.eval_prompts, log)
     start = time.perf_counter()
-    eval_time = 0.0
-    loss_sum, loss_n, last_log = 0.0, 0, start
+    minutes = lambda: (time.perf_counter() - start) / 60  # noqa: E731
 
-    def evaluate(step: int) -> None:
-        nonlocal eval_time
-        t0 = time.perf_counter()
-        ema.eval()
-        plain = heldout_accuracy(ema, eval_prompts, 1, 1.0, cfg.seed, cfg.sample_steps, cfg.sample_shift)
-        guided = heldout_accuracy(ema, eval_prompts, 1, cfg.eval_guidance, cfg.seed, cfg.sample_steps,
-                                  cfg.sample_shift)
-        grid = generate(ema, eval_prompts[:32], ode_plan(cfg.sample_steps, cfg.sample_shift), 1, cfg.seed,
-                        cfg.eval_guidance)[:, 0]
-        save_grid(grid, out / "samples" / f"step_{step:06d}.png", nrow=8, scale=2)
-        save_tiny(ema, out / "model")
-        eval_time += time.perf_counter() - t0
-        minutes = (time.perf_counter() - start) / 60
-        row = {"step": step, "minutes": minutes, "eval_strict": plain["strict"], "eval_dense": plain["dense"],
-               "eval_strict_guided": guided["strict"], "eval_dense_guided": guided["dense"],
-               "guidance": cfg.eval_guidance, "eval_prompts": len(eval_prompts)}
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        history["strict"].append((step, plain["strict"]))
-        history[f"strict_g{cfg.eval_guidance:g}"].append((step, guided["strict"]))
-        log(f"eval step {step}: held-out strict {plain['strict']:.3f} (guidance {cfg.eval_guidance:g}: "
-            f"{guided['strict']:.3f}), dense {plain['dense']:.3f} / {guided['dense']:.3f} "
-            f"[{time.perf_counter() - t0:.0f} s]")
+    def evaluate_ema(step: int) -> None:
+        with swapped_weights(net, ema.shadow):
+            evaluation(model.eval(), step, minutes)
+        net.train()
 
-    step = 0
+    step, losses = _train(cfg, model, opt, params, ema, data, rng, evaluate_ema, out, log, start)
+    log(f"pretrain: {step} steps in {minutes():.1f} min ({evaluation.seconds / 60:.1f} min evaluating)")
+    if cfg.eval_every:
+        evaluate_ema(step)
+    else:
+        with swapped_weights(net, ema.shadow):
+            save_tiny(model, out / "model")
+    plot_lines({"loss": losses}, out / "curve_loss.png", title="rectified-flow loss", xlabel="step")
+    if cfg.eval_every:
+        plot_lines(evaluation.history, out / "curve_accuracy.png",
+                   title="held-out strict accuracy (EMA, 25-step ODE)", xlabel="step")
+    return out / "model"
+
+
+def _train(cfg: PretrainConfig, model: FluxAdapter, opt: torch.optim.Optimizer, params: dict, ema: EMA, data: _Data,
+           rng: np.random.Generator, evaluate: Callable[[int], None], out: Path, log: Callable[[str], None],
+           start: float) -> tuple[int, list[tuple[float, float]]]:
+    """The steps until the budget (`steps` or `minutes`) runs out, with the EMA, the logged loss (every `log_every`
+    steps: a line of metrics.jsonl and of the log) and the evaluations (every `eval_every`); returns the steps
+    taken and the logged (step, mean loss) points."""
+    step, loss_sum, loss_n, last_log, losses = 0, 0.0, 0, start, []
     while True:
         progress = max(step / cfg.steps, (time.perf_counter() - start) / (60 * cfg.minutes))
         if progress >= 1:
             break
-        idx = rng.integers(len(train_prompts), size=cfg.batch_size)
-        images = render_batch([train_scenes[i] for i in idx], rng, cfg.model.image_size)      # [B, 3, H, W]
-        drop = rng.random(cfg.batch_size) < cfg.prompt_dropout
-        cond = model.encode_prompts(["" if d else train_prompts[i] for i, d in zip(idx, drop)])
-        x0 = images * 2 - 1
-        t = torch.sigmoid(torch.randn(cfg.batch_size))                                       # logit-normal
-        loss = rectified_flow_loss(model, x0, cond, t, torch.randn_like(x0))
         lr = learning_rate(cfg, step, progress)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        loss_sum += _train_step(cfg, model, opt, list(params.values()), *data.batch(model, rng), lr)
         # EMA with a warm-up (decay (1 + k) / (10 + k) early on), so early evaluations are not the random init.
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        ema.update(params, decay=min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
-        loss_sum += loss.item()
         loss_n += 1
         if step % cfg.log_every == 0:
             now = time.perf_counter()
-            mean_loss = loss_sum / loss_n
-            history["loss"].append((step, mean_loss))
-            metrics.write(json.dumps({"step": step, "minutes": (now - start) / 60, "loss": mean_loss, "lr": lr})
-                          + "\n")
-            metrics.flush()
-            log(f"step {step} loss {mean_loss:.4f} lr {lr:.2e} {cfg.log_every / (now - last_log):.2f} steps/s "
-                f"{(now - start) / 60:.1f} min")
+            losses.append((step, loss_sum / loss_n))
+            append_record(out / "metrics.jsonl", {"step": step, "minutes": (now - start) / 60,
+                                                  "loss": loss_sum / loss_n, "lr": lr})
+            log(f"step {step} loss {loss_sum / loss_n:.4f} lr {lr:.2e} {cfg.log_every / (now - last_log):.2f} "
+                f"steps/s {(now - start) / 60:.1f} min")
             loss_sum, loss_n, last_log = 0.0, 0, now
         if cfg.eval_every and step % cfg.eval_every == 0:
             evaluate(step)
             last_log = time.perf_counter()
-    total = (time.perf_counter() - start) / 60
-    log(f"pretrain: {step} steps in {total:.1f} min ({eval_time / 60:.1f} min evaluating)")
-    if cfg.eval_every:
-        evaluate(step)
-    else:
-        save_tiny(ema, out / "model")
-    metrics.close()
-    plot_lines({"loss": history["loss"]}, out / "curve_loss.png", title="rectified-flow loss", xlabel="step")
-    if cfg.eval_every:
-        plot_lines({k: v for k, v in history.items() if k != "loss"}, out / "curve_accuracy.png",
-                   title="held-out strict accuracy (EMA, 25-step ODE)", xlabel="step")
-    return out / "model"
+    return step, losses
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
