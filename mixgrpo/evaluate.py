@@ -16,7 +16,7 @@ import torch
 
 from mixgrpo.errors import UserError
 from mixgrpo.fileio import writing
-from mixgrpo.models.base import FlowModel, cond_to
+from mixgrpo.models.base import FlowModel, cond_expand, cond_to
 from mixgrpo.plan import Plan
 from mixgrpo.progress import bar
 from mixgrpo.rollout import sample
@@ -67,8 +67,7 @@ def generate(model: FlowModel, prompts: Sequence[str], plan: Plan, images_per_pr
                 return None
             chunk = jobs[start:start + batch_size]
             cond = cond_to(model.encode_prompts([prompts[i] for i, _ in chunk]), device)
-            uncond = None if uncond_row is None else {k: v.expand(len(chunk), *v.shape[1:])
-                                                      for k, v in uncond_row.items()}
+            uncond = None if uncond_row is None else cond_expand(uncond_row, len(chunk))
             seeds = image_seeds(seed, chunk)
             latents = sample(model, plan, cond, seeds, uncond, guidance_scale, switch_model, switch_at)
             images = model.decode(latents).float().cpu()

@@ -27,7 +27,7 @@ from mixgrpo.checkpoint import (MARKER, CheckpointError, dcp_load, describe_chec
                                  latest_checkpoint, read_weights)
 from mixgrpo.errors import ConfigError
 from mixgrpo.fileio import atomic_directory, writing
-from mixgrpo.models.base import FlowModel, build_model
+from mixgrpo.models.base import FlowModel, build_model, copy_weights
 from mixgrpo.rundir import CONFIG, FINAL
 
 
@@ -42,10 +42,7 @@ def export_model(model: FlowModel, path: str | Path, ema: dict[str, torch.Tensor
     from mixgrpo.models.lora import has_lora, lora_parameters, save_full, save_lora
 
     if ema is not None:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in ema:
-                    param.copy_(ema[name])
+        copy_weights(model, ema)
     lora = has_lora(model.denoiser)
     if lora:  # the gather selects the adapter by requires_grad (a model loaded for inference has it off)
         for param in lora_parameters(model.denoiser, trainable_only=False):
@@ -115,7 +112,7 @@ def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: st
         if cfg.lora.rank > 0:
             from mixgrpo.models.lora import apply_lora
 
-            apply_lora(model.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha or cfg.lora.rank,
+            apply_lora(model.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                        target_modules=list(cfg.lora.target_modules))
         load_checkpoint_weights(model, source, ema=ema, weights=read)
     elif source is not None:

@@ -50,6 +50,11 @@ class ModelSpec:
     text_tokens: max_sequence_length -> the text tokens the transformer sees (SD3: CLIP's 77 before T5's), and
     joint_attention: whether they run through every block beside the image tokens (False: cross-attention, Wan);
         both for the memory estimate (`mixgrpo.memory`).
+    token_patch: latents per token side that the adapter packs into one token itself (FLUX.1, FLUX.2: 2 x 2), on top
+        of the transformer config's own patch_size: a token's side in pixels is the VAE factor x patch_size x
+        token_patch (`mixgrpo.models._diffusers.latent_grid`: the size checks, the memory estimate, the grid's shift).
+    pipeline_sigmas: whether the stock pipeline hands its scheduler sigmas = linspace(1, 1/N, N) (FLUX.1, FLUX.2,
+        Qwen-Image) rather than asking it for N steps (SD3, Wan): the pipeline's own grid (`mixgrpo.pipeline_grid`).
     """
 
     name: str
@@ -61,6 +66,8 @@ class ModelSpec:
     modules: tuple[str, ...] = ()
     text_tokens: Callable[[int], int] = lambda n: n
     joint_attention: bool = True
+    token_patch: int = 1
+    pipeline_sigmas: bool = False
 
 
 class ModelRegistry(Registry["FlowModel"]):
@@ -72,7 +79,7 @@ class ModelRegistry(Registry["FlowModel"]):
         self._specs: dict[str, ModelSpec] = {}
 
     def add(self, spec: ModelSpec) -> ModelSpec:
-        self.register(spec.name)(spec.factory)
+        self.register(spec.name, spec.modules)(spec.factory)
         self._specs[spec.name] = spec
         return spec
 
@@ -200,9 +207,24 @@ def build_model(name: str, args: dict[str, Any], device: str | None = None, dtyp
     return model.eval()
 
 
+@torch.no_grad()
+def copy_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` (parameter name -> tensor) into the parameters of `module` that have those names, in place:
+    the EMA weights into the live model for an export or an evaluation, and the live ones back."""
+    for name, param in module.named_parameters():
+        if name in weights:
+            param.copy_(weights[name])
+
+
 def cond_index(cond: Cond, index: torch.Tensor | slice) -> Cond:
     """Select rows of every tensor of `cond`."""
     return {k: v[index] for k, v in cond.items()}
+
+
+def cond_expand(row: Cond, n: int) -> Cond:
+    """[1, ...] -> [n, ...]: one conditioning row (CFG's unconditional one) for every sample of a batch, as views
+    (no copy)."""
+    return {k: v.expand(n, *v.shape[1:]) for k, v in row.items()}
 
 
 def cond_repeat_interleave(cond: Cond, repeats: int) -> Cond:

@@ -18,7 +18,9 @@ A reward that draws random numbers (a VLM judge sampling its answer) says so wit
 is called as `reward(images, prompts, seeds=...)`, one integer per image derived from (seed, iteration, image index)
 (`mixgrpo.seeding.reward_seeds`), so that a rerun asks the same questions with the same seeds; `call_reward` does it.
 
-Factories are registered by name in `REWARDS`; configs name them, with keyword arguments. A user reward is
+Factories are registered by name in `REWARDS` (`@REWARDS.register("name", modules=(...))`: modules names the Python
+packages beyond the core that the reward imports, which the pre-flight checks before a run loads anything); configs
+name them, with keyword arguments. A user reward is
 named "package.module:function": that function is the reward itself, called as
 `function(images, prompts, **args)`. `build_reward` resolves both kinds.
 """

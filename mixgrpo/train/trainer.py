@@ -38,7 +38,7 @@ from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_pr
 from mixgrpo.evaluate import evaluate
 from mixgrpo.export import export_model
 from mixgrpo.images import media_name, save_grid
-from mixgrpo.models import Cond, FlowModel, cond_index, cond_repeat_interleave, cond_to
+from mixgrpo.models import Cond, FlowModel, cond_expand, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model, guided_velocity
 from mixgrpo.models.text import take_truncations, truncation_lines
 from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, micro_batches
@@ -243,7 +243,7 @@ class Trainer:
         drawn = prompt_indices(it, len(self.train_prompts), P * dist.world_size(), self.cfg.seed)
         prompts = [self.train_prompts[i] for i in drawn[rank * P:(rank + 1) * P]]
         cond = cond_to(self.model.encode_prompts(prompts), self.device)
-        uncond = None if self.uncond_row is None else {k: v.expand(P, *v.shape[1:]) for k, v in self.uncond_row.items()}
+        uncond = None if self.uncond_row is None else cond_expand(self.uncond_row, P)
         return Groups(prompts, cond, uncond, first=rank * P)
 
     def rollout(self, plan: Plan, groups: Groups, it: int) -> Trajectory:
@@ -452,7 +452,7 @@ def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], con
     g = torch.Generator().manual_seed(0)
     x = torch.randn((B, *model.latent_shape), generator=g).to(device)
     sigma = torch.full((B,), 0.5, device=device)
-    rows = lambda c: {k: v.expand(B, *v.shape[1:]).contiguous() for k, v in c.items()}  # noqa: E731
+    rows = lambda c: {k: v.contiguous() for k, v in cond_expand(c, B).items()}  # noqa: E731
     cond = rows(cond_to(model.encode_prompts([""]), device))  # "" is in every embedding cache
     uncond = None if uncond_row is None else rows(uncond_row)
     training = model.training
