@@ -16,6 +16,9 @@ all of them are reported together:
 - the model: its name, arguments that fit its factory, and its own checks (`ModelSpec.check`): the pipeline
   directory, the embedding cache's coverage of the train and eval prompts, its widths and token length
   against the transformer and model.args, prompt lengths against the text encoders.
+- the teachers of on-policy distillation (`distill.teachers`): each path holds a model (a run, a checkpoint, an
+  export), a run's model is the student's, each teacher's prompts are read and hold training prompts, and every
+  training prompt has a teacher unless a reward term trains it too;
 - the trained steps: every sigma a GRPO run's plans train, over all its iterations, lies in the range the model
   can train (`ModelSpec.trained_sigma_check`; Wan 2.2 A14B trains one expert).
 
@@ -25,6 +28,7 @@ Rank 0 checks and broadcasts what it found, so every rank stops together.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
 
@@ -63,6 +67,7 @@ def problems_of(cfg: TrainConfig) -> list[str]:
         except ValueError as e:
             problems.append(f"{split}_prompts: {e}")
     problems += _model_problems(cfg, prompts)
+    problems += _teacher_problems(cfg, prompts["train"][1] if "train" in prompts else None)
     return problems + _trained_sigma_problems(cfg)
 
 
@@ -187,6 +192,67 @@ def _model_problems(cfg: TrainConfig, prompts: dict[str, tuple[str, list[str]]])
     except ValueError:  # a callable without a signature: nothing to check
         pass
     return spec.check(cfg.model.args, prompts) if spec.check is not None else []
+
+
+MACHINE_ARGS = ("device", "dtype", "embedding_cache")
+"""model.args that say where and how a model runs, not what it is: a teacher may differ from the student in them."""
+
+
+def _teacher_problems(cfg: TrainConfig, train_prompts: list[str] | None) -> list[str]:
+    """One line per problem of `cfg.distill.teachers` (module docstring). train_prompts: the run's training prompts
+    (None when they cannot be read: said already)."""
+    from mixgrpo.config import load_config
+    from mixgrpo.rundir import CONFIG
+
+    problems: list[str] = []
+    taught: set[str] = set()
+    teaches_all = False
+    for i, spec in enumerate(cfg.distill.teachers):
+        where = f"distill.teachers[{i}]"
+        path = Path(spec.path).expanduser()
+        # its run: the run directory, the run of an export in it (RUN/final), or of a checkpoint (RUN/checkpoints/N)
+        run = next((p for p in (path, path.parent, path.parent.parent) if (p / CONFIG).is_file()), None)
+        if not path.exists():
+            problems.append(f"{where}.path: {spec.path} does not exist: give a run directory, a checkpoint of a run "
+                            f"or an exported model directory (RUN/final)")
+        elif run is not None:
+            theirs, ours = _model_identity(load_config(run / CONFIG).model), _model_identity(cfg.model)
+            if theirs != ours:
+                problems.append(f"{where}.path: run {run} trains {_describe(*theirs)} and the student is "
+                                f"{_describe(*ours)}: a teacher must be the student's own model, since it reads the "
+                                f"student's states and conditioning")
+        elif not any(path.glob("*.safetensors")):
+            problems.append(f"{where}.path: {spec.path} holds no model (no run's config.yaml, no exported weights): "
+                            f"give a run directory, a checkpoint of a run or an exported model directory (RUN/final)")
+        if not spec.prompts:
+            teaches_all = True
+            continue
+        try:
+            prompts = set(read_prompts(spec.prompts))
+        except ValueError as e:
+            problems.append(f"{where}.prompts: {e}")
+            continue
+        if train_prompts is not None and not prompts & set(train_prompts):
+            problems.append(f"{where}.prompts: {spec.prompts} holds none of the training prompts "
+                            f"({cfg.train_prompts}), so this teacher would teach nothing: give the prompts it teaches "
+                            f"as train_prompts writes them")
+        taught |= prompts
+    if train_prompts is not None and cfg.distill.teachers and not teaches_all and cfg.distill.reward_weight == 0:
+        untaught = [p for p in train_prompts if p not in taught]
+        if untaught:
+            problems.append(f"distill.teachers: {len(untaught)} of the {len(train_prompts)} training prompts (e.g. "
+                            f"{untaught[0]!r}) have no teacher and no reward term: add them to a teacher's prompts, "
+                            f"add a teacher with prompts '' (every prompt), or set distill.reward_weight > 0")
+    return problems
+
+
+def _model_identity(model) -> tuple[str, dict]:
+    """(name, args without MACHINE_ARGS) of a ModelConfig: what a teacher must share with the student."""
+    return model.name, {k: v for k, v in model.args.items() if k not in MACHINE_ARGS}
+
+
+def _describe(name: str, args: dict) -> str:
+    return f"model {name!r}" + (f" ({', '.join(f'{k}={v}' for k, v in args.items())})" if args else "")
 
 
 def _trained_sigma_problems(cfg: TrainConfig) -> list[str]:

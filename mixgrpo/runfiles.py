@@ -42,6 +42,11 @@ def path_fields(data: dict[str, Any]) -> dict[str, str]:
 
     fields = {key: data[key] for key in PROMPT_FIELDS
               if isinstance(data.get(key), str) and not is_builtin_source(data[key])}
+    for i, teacher in enumerate((data.get("distill") or {}).get("teachers") or []):
+        for key in ("path", "prompts"):  # on-policy distillation's teachers: a model, a prompt source
+            value = teacher.get(key) if isinstance(teacher, dict) else None
+            if isinstance(value, str) and value and not (key == "prompts" and is_builtin_source(value)):
+                fields[f"distill.teachers[{i}].{key}"] = value
     args_of = [("model.args", (data.get("model") or {}).get("args"))]
     args_of += [(f"rewards[{i}].args", r.get("args")) for i, r in enumerate(data.get("rewards") or [])
                 if isinstance(r, dict)]

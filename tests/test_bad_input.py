@@ -331,12 +331,12 @@ def test_the_catalogue_in_the_docs_is_the_real_messages(files, tmp_path, capsys)
 
 def test_every_numeric_config_field_has_a_range_check():
     """One place checks every value of train's config (`TrainConfig.checks`, `MatchingConfig.checks`,
-    `VGRPOConfig.checks`; the sampler's in `SamplerConfig`): a numeric field added without a range would take any
+    `VGRPOConfig.checks`, `DistillConfig.checks`; the sampler's in `SamplerConfig`): a numeric field added without a range would take any
     value."""
     import dataclasses
     import typing
 
-    from mixgrpo.config import MatchingConfig, TrainConfig, VGRPOConfig
+    from mixgrpo.config import DistillConfig, MatchingConfig, TrainConfig, VGRPOConfig
 
     def numeric(cls, prefix=""):
         hints = typing.get_type_hints(cls)
@@ -347,7 +347,8 @@ def test_every_numeric_config_field_has_a_range_check():
             elif tp in (int, float) or typing.get_origin(tp) is tuple:
                 yield prefix + f.name
 
-    checked = {name for _, name, _, _ in TrainConfig().checks() + MatchingConfig().checks() + VGRPOConfig().checks()}
+    checked = {name for _, name, _, _ in TrainConfig().checks() + MatchingConfig().checks() + VGRPOConfig().checks()
+               + DistillConfig().checks()}
     unchecked = sorted(set(numeric(TrainConfig)) - checked)
     assert unchecked == [], f"no range check for {unchecked}"
 

@@ -138,3 +138,10 @@ def test_exports_load_into_the_stock_pipeline_and_reproduce_our_samples(kontext_
     torch.testing.assert_close(after, pack(latents, 2), rtol=1e-5, atol=1e-5)
     assert (after - before).abs().max() > 1e-3  # the export changed the samples
     assert unpack(after, model.latent_shape, 2).shape == latents.shape
+
+
+def test_preflight_names_a_size_that_does_not_fit(kontext_dir):
+    args = {"path": str(kontext_dir), "height": 42, "width": SIZE}
+    (problem,) = MODELS.spec("flux_kontext").check(args, {})
+    assert "multiples of 4 for flux_kontext" in problem and "height=40" in problem  # the nearest fit
+    assert MODELS.spec("flux_kontext").check({**args, "height": SIZE}, {}) == []

@@ -159,3 +159,16 @@ def test_exports_load_into_the_stock_pipeline_and_reproduce_our_samples(dirs, tm
     after = run_stock(pipe, examples, noise_of(model, seeds), sigmas_of(3))
     torch.testing.assert_close(after, pack(latents, 2), rtol=1e-5, atol=1e-5)
     assert (after - before).abs().max() > 1e-3  # the export changed the samples
+
+
+def test_preflight_refuses_an_embedding_cache_and_names_a_missing_processor(dirs, tmp_path):
+    import shutil
+
+    check = MODELS.spec("qwen_image_edit").check
+    args = {"path": str(dirs["2511"]), "height": SIZE, "width": SIZE}
+    assert check(args, {}) == []
+    (problem,) = check({**args, "embedding_cache": "cache"}, {})
+    assert "sees the input images" in problem and "drop embedding_cache" in problem
+    shutil.copytree(dirs["2511"], tmp_path / "copy", ignore=shutil.ignore_patterns("processor"))
+    (problem,) = check({**args, "path": str(tmp_path / "copy")}, {})
+    assert "lacks the component folders ['processor']" in problem

@@ -240,7 +240,7 @@ def save_tiny_wan(directory: str | Path, seed: int = 0, variant: str = "2.1") ->
     return Path(directory)
 
 
-WAN_I2V_VARIANTS = ("2.1", "2.2-ti2v")
+WAN_I2V_VARIANTS = ("2.1", "2.2-ti2v", "2.2-a14b")
 
 
 def tiny_wan_i2v_pipeline(seed: int = 0, variant: str = "2.1"):
@@ -248,13 +248,20 @@ def tiny_wan_i2v_pipeline(seed: int = 0, variant: str = "2.1"):
     on 32 x 32 crops, whose penultimate states the transformer cross-attends to; the transformer takes the 16 noisy
     channels, 4 mask channels and the first frame's 16 latent channels: in_channels 36), or "2.2-ti2v" in
     Wan2.2-TI2V-5B's (no image encoder; the first frame's latents replace the first latent frame, per-token
-    timesteps). The text encoder, VAE and scheduler are `tiny_wan_pipeline`'s."""
+    timesteps), or "2.2-a14b" in Wan2.2-I2V-A14B's (2.1's conditioning channels without the image encoder, two
+    experts split at boundary_ratio 0.875). The text encoder, VAE and scheduler are `tiny_wan_pipeline`'s."""
     from diffusers import WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     if variant not in WAN_I2V_VARIANTS:
         raise ValueError(f"variant {variant!r}: one of {WAN_I2V_VARIANTS}")
-    parts = tiny_wan_pipeline(seed, variant).components
+    parts = tiny_wan_pipeline(seed, "2.1" if variant == "2.2-a14b" else variant).components
+    if variant == "2.2-a14b":
+        return WanImageToVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"],
+                                       vae=parts["vae"], scheduler=parts["scheduler"],
+                                       transformer=_wan_transformer(36, seed, out_channels=16),
+                                       transformer_2=_wan_transformer(36, seed + 3, out_channels=16),
+                                       boundary_ratio=0.875)
     if variant == "2.2-ti2v":
         return WanImageToVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"],
                                        vae=parts["vae"], scheduler=parts["scheduler"],

@@ -11,7 +11,8 @@ steps are SDE, ODE or DPM-Solver++, and which are trained. Each iteration (`Trai
                (`mixgrpo.train.overlap`), so the update waits only for what is missing
 4. advantages  the rewards fused into group-normalised advantages; failed groups get 0
 5. update      the objective (`mixgrpo.objectives`): GRPO re-scores the stored transitions under the
-               clipped policy loss; DiffusionNFT / AWM train on the final samples. `updates_per_iteration`
+               clipped policy loss; on-policy distillation pulls them toward frozen teachers' transitions;
+               DiffusionNFT / AWM / V-GRPO train on the final samples. `updates_per_iteration`
                optimizer steps per pass; step u sees the u-th share of every group
 6. log         one line of metrics.jsonl; a checkpoint every `checkpoint_every` iterations
 
@@ -36,12 +37,12 @@ from mixgrpo.checkpoint import latest_checkpoint, read_state
 from mixgrpo.config import TrainConfig, build_config, to_dict
 from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_precision, resolve_precision
 from mixgrpo.evaluate import evaluate
-from mixgrpo.export import export_model
+from mixgrpo.export import export_model, load_export, load_run, model_source
 from mixgrpo.images import media_name, save_grid
 from mixgrpo.models import Cond, FlowModel, cond_expand, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model, guided_velocity
 from mixgrpo.models.text import take_truncations, truncation_lines
-from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, micro_batches
+from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, Teacher, micro_batches
 from mixgrpo.pipeline_grid import grid_of
 from mixgrpo.plan import Plan, build_plan, ode_plan
 from mixgrpo.preflight import check_run
@@ -179,7 +180,8 @@ class Trainer:
             "size)" if self.rescore_old else ""))
         # the objective samples through `sampling`, which reads self.sampler when called (after it is set below)
         policy = Policy(self.model, model_with(self.model, base), self.autocast,
-                        sampling=lambda: swapped_weights(self.model, shadow_of(self.sampler)))
+                        sampling=lambda: swapped_weights(self.model, shadow_of(self.sampler)),
+                        teachers=load_teachers(cfg, self.device))
         self.objective: Objective = objective.from_config(cfg, policy, self.rescore_old)
         # the weights the rollout samples from: a soft copy of the live ones (forward-process objectives), or None
         decay = self.objective.sampler_decay
@@ -290,7 +292,8 @@ class Trainer:
         samples = Samples(plan, traj, advantages.flatten().to(self.device), cond_repeat_interleave(groups.cond, G),
                           None if groups.uncond is None else cond_repeat_interleave(groups.uncond, G),
                           update_shares(cfg.seed, it, groups.first, P, G, cfg.updates_per_iteration, cfg.update_epochs),
-                          sample_seeds(cfg.seed, it, groups.first * G, P * G))
+                          sample_seeds(cfg.seed, it, groups.first * G, P * G),
+                          [p for p in groups.prompts for _ in range(G)])
         stats = self.objective.update(self.loop, samples)
         if self.sampler is not None:
             self.sampler.update(self.params)
@@ -317,7 +320,8 @@ class Trainer:
                  "zero_advantage_groups": float((advantages.abs().sum(1) == 0).float().mean()), **stats.means()}
         record.update(dist.mean_over_ranks(local))  # every rank holds the same number of samples
         record.update(stats.replicas)  # equal on every rank
-        warn_without_signal(record)
+        if not self.objective.distills:  # a distilling objective learns from its teachers, advantages or not
+            warn_without_signal(record)
         record.update({**watch.metrics(), **resource_metrics(self.device)})
         if self.clock is not None:
             record.update(self.clock.metrics())
@@ -376,7 +380,7 @@ class Trainer:
         self.tracker.close()
         dist.print0(f"run directory: {self.run_dir}" if finished else
                     f"stopped after iteration {end}; continue with --resume")
-        if finished:
+        if finished and not self.objective.distills:
             require_learning_signal(self.run_dir, cfg.prompts_per_iteration * dist.world_size())
         return self.run_dir
 
@@ -435,6 +439,24 @@ class Trainer:
                 self.tracker.log_image("samples", grid, iteration)
                 dist.print0(f"{tag} training: " + ", ".join(f"{k} {v:.4f}" for k, v in self.held_out.items()))
         return True
+
+
+def load_teachers(cfg: TrainConfig, device: torch.device) -> list[Teacher]:
+    """On-policy distillation's teachers (`distill.teachers`; none for the other objectives), as the objective takes
+    them: each a frozen model of the student's architecture in eval mode (`mixgrpo.export.model_source`: a run's
+    final/ or latest checkpoint, a checkpoint, or an export put into the student's base model), the training prompts
+    it teaches (None: every one) and its weight. Nothing of a teacher is checkpointed: a resume loads it again, and
+    the checkpoint's record of its files (`mixgrpo.runfiles`) refuses a teacher that changed."""
+    teachers = []
+    for spec in cfg.distill.teachers:
+        run, weights = model_source(spec.path)
+        if run is not None:
+            model = load_run(run, weights, device=str(device))
+        else:
+            model = load_export(build_model(cfg.model.name, cfg.model.args).to(device), weights)
+        teachers.append(Teacher(model.eval().requires_grad_(False),
+                                frozenset(read_prompts(spec.prompts)) if spec.prompts else None, spec.weight))
+    return teachers
 
 
 @torch.no_grad()
