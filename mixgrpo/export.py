@@ -76,18 +76,28 @@ def is_checkpoint_dir(path: str | Path) -> bool:
     return (path / MARKER).is_file() and (path / "state.json").is_file() and is_run_dir(path.parent.parent)
 
 
+def run_of(path: str | Path | None) -> Path | None:
+    """The run directory a model path belongs to: the run itself, one of its checkpoints, or an export inside it
+    (RUN/final); None for "base" and for a directory outside any run."""
+    if not path or str(path) == "base":
+        return None
+    p = Path(path).expanduser()
+    if is_run_dir(p):
+        return p
+    if is_checkpoint_dir(p):
+        return p.parent.parent
+    if p.is_dir() and is_run_dir(p.parent):
+        return p.parent
+    return None
+
+
 def model_source(path: str | Path) -> tuple[Path | None, Path]:
     """(the run directory or None, the fine-tuned weights) a model path names: a run directory (its final/, else its
     latest checkpoint: `final_or_latest`), a checkpoint of a run, an export inside a run (RUN/final), or an export
     directory outside any run (run None)."""
     path = Path(path).expanduser()
-    if is_run_dir(path):
-        return path, final_or_latest(path)
-    if is_checkpoint_dir(path):
-        return path.parent.parent, path
-    if path.is_dir() and is_run_dir(path.parent):
-        return path.parent, path
-    return None, path
+    run = run_of(path)
+    return run, (final_or_latest(run) if run == path else path)
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()):

@@ -22,23 +22,8 @@ from typing import Callable, Sequence
 
 from mixgrpo.checkpoint import CheckpointRotated
 from mixgrpo.errors import UsageError
-from mixgrpo.export import final_or_latest, is_checkpoint_dir, is_run_dir, load_run, run_config
+from mixgrpo.export import final_or_latest, load_run, run_config, run_of
 from mixgrpo.models.base import FlowModel, build_model
-
-
-def run_of(path: str | Path | None) -> Path | None:
-    """The run directory a model path belongs to: the run itself, one of its checkpoints, or an export inside it
-    (RUN/final); None for "base" and for a plain model directory."""
-    if not path or str(path) == "base":
-        return None
-    p = Path(path)
-    if is_run_dir(p):
-        return p
-    if is_checkpoint_dir(p):
-        return p.parent.parent
-    if p.is_dir() and is_run_dir(p.parent):
-        return p.parent
-    return None
 
 
 def default_device() -> str:
@@ -81,8 +66,8 @@ class ModelLoader:
             if self.run is not None:
                 return self._load_run(self.run, None, prompts, guidance)
             return self._base()
-        p = Path(path)
-        run = run_of(path)
+        p = Path(path).expanduser()
+        run = run_of(p)
         if run is not None and p != run:
             return self._load_run(run, p, prompts, guidance)
         if run is not None:

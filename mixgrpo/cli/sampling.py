@@ -88,8 +88,7 @@ def check_sampling_args(args: argparse.Namespace, paths: dict[str, str | None]) 
 def _check_model_path(what: str, path: str | None) -> None:
     """A model path of a sample / eval command, before any model loads: given, existing, and, for a run
     directory, holding a fine-tuned model (final/ or a complete checkpoint)."""
-    from mixgrpo.export import final_or_latest
-    from mixgrpo.loading import run_of
+    from mixgrpo.export import final_or_latest, run_of
 
     if path is None or path == "base":
         return
@@ -98,7 +97,7 @@ def _check_model_path(what: str, path: str | None) -> None:
     if not Path(path).exists():
         raise UsageError(f"{what}: model path {path!r} does not exist: give a model directory or a run directory")
     run = run_of(path)
-    if run is not None and Path(path) == run:
+    if run is not None and Path(path).expanduser() == run:
         final_or_latest(run)  # a run that has no model yet says so now, not after the other models were sampled
 
 
