@@ -90,7 +90,7 @@ def sigmas_of(steps=4):
 def test_registered_and_the_encoding_equals_the_pipeline(dirs):
     assert MODELS.get("qwen_image_edit") is load_qwen_image_edit
     model = load(dirs["2511"])
-    assert isinstance(model, QwenImageEditAdapter) and model.image_inputs == 1 and model.latent_shape == (16, 8, 8)
+    assert isinstance(model, QwenImageEditAdapter) and model.image_inputs == 3 and model.latent_shape == (16, 8, 8)
     pipe = stock(dirs["2511"])
     for images in ([inputs()[0]], inputs()):  # one input, two inputs ("Picture 1: ... Picture 2: ...")
         from diffusers.image_processor import VaeImageProcessor

@@ -58,6 +58,10 @@ class FluxKontextAdapter(FluxAdapter):
         ids[:, 0] = 1  # the input's tokens: the target's grid on another first coordinate
         self.register_buffer("input_ids", ids, persistent=False)
 
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the inputs and outputs: the model's resolution."""
+        return self.pixels
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None = None) -> Cond:
         """Text conditioning of `prompts` plus "image_latents" [B, N, 4 C]: the packed latents of each example's input
@@ -122,4 +126,4 @@ def _check_flux_kontext_run(args: dict, prompts: PromptSets) -> list[str]:
 
 MODELS.add(ModelSpec("flux_kontext", load_flux_kontext, text_encoder=load_flux_text_encoder,
                      check=_check_flux_kontext_run, lora_format=flux_lora_format, modules=PIPELINE_MODULES,
-                     token_patch=2, pipeline_sigmas=True))
+                     token_patch=2, pipeline_sigmas=True, image_inputs=FluxKontextAdapter.image_inputs))

@@ -144,7 +144,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
     docstring). encoder: `CausalVaeEncoder`; pixels: (H, W) of the target and the inputs; reference: (height, width)
     the inputs are resized to before the VAE (the pipeline's VAE_IMAGE_SIZE area)."""
 
-    image_inputs = 1
+    image_inputs = MAX_INPUTS
 
     def __init__(self, transformer: nn.Module, text_encoder: TextEncoder, latent_shape: tuple[int, int, int],
                  decoder: nn.Module, encoder: nn.Module, pixels: tuple[int, int], reference: tuple[int, int],
@@ -153,6 +153,10 @@ class QwenImageEditAdapter(QwenImageAdapter):
         self.encoder = encoder
         self.pixels, self.reference = tuple(pixels), tuple(reference)
         self.reference_grid = (1, reference[0] // factor // 2, reference[1] // factor // 2)  # (1, rows, cols) tokens
+
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the inputs and outputs: the model's resolution."""
+        return self.pixels
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None = None) -> Cond:
@@ -225,4 +229,5 @@ def _check_qwen_image_edit_run(args: dict, prompts: PromptSets) -> list[str]:
 
 
 MODELS.add(ModelSpec("qwen_image_edit", load_qwen_image_edit, check=_check_qwen_image_edit_run,
-                     lora_format=_qwen_image_lora_format, modules=PIPELINE_MODULES, pipeline_sigmas=True))
+                     lora_format=_qwen_image_lora_format, modules=PIPELINE_MODULES, pipeline_sigmas=True,
+                     image_inputs=MAX_INPUTS))
