@@ -114,13 +114,12 @@ def input_problems(model: str, examples: dict[str, tuple[str, list[Example]]], s
 
 
 def _takes_inputs(spec) -> bool:
-    """Whether a reward's config names one that compares with input images (built lazily; False when it cannot be
-    built: `_reward_problems` says why)."""
+    """Whether a reward's config names one that compares with input images (built lazily: it reads no file and
+    loads no model, so a served reward is built here too; False when it cannot be built: `_reward_problems` says why,
+    or, served, the server's /health)."""
     import mixgrpo.rewards  # noqa: F401  (registers the rewards)
     from mixgrpo.rewards import build_reward
 
-    if spec.servers:
-        return False  # the server says what it takes (checked by the server's own pre-flight)
     try:
         return bool(getattr(build_reward(spec.name, spec.args, spec.frames), "takes_inputs", False))
     except ValueError:

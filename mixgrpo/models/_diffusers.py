@@ -15,7 +15,7 @@ from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.errors import ConfigError
-from mixgrpo.models.base import MODELS, Frozen, PromptSets, TextEncoder
+from mixgrpo.models.base import MODELS, Frozen, Images, PromptSets, TextEncoder, check_images
 from mixgrpo.models.text import note_truncations
 
 PIPELINE_MODULES = ("diffusers", "transformers")
@@ -295,33 +295,26 @@ class CausalVaeEncoder(Frozen):
         return (z - self.mean.to(dtype)) / self.std.to(dtype)
 
 
-def input_images(name: str, prompts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None,
-                 size: tuple[int, int], counts: tuple[int, int] = (1, 1)) -> torch.Tensor:
+def input_images(model: nn.Module, prompts: Sequence[str], images: Images | None,
+                 size: tuple[int, int]) -> torch.Tensor:
     """The input images of an image-conditioned model's examples, checked and stacked: [B, k, 3, H, W] float32.
 
-    images: one tuple per prompt of k tensors [3, H, W] in [0, 1] (`FlowModel.encode_prompts`), k within `counts`
-    (min, max) and the same for every example of a batch; size: (H, W) the model's resolution, which every input
-    must have (the data pipeline resizes them)."""
-    if images is None:
-        raise ConfigError(f"{name} edits an input image: every example needs one (give the prompt file's image "
-                          f"column, or `--image` to sample / eval)")
-    if len(images) != len(prompts):
-        raise ValueError(f"{name}: {len(images)} input image tuples for {len(prompts)} prompts")
-    lo, hi = counts
-    numbers = {len(tuple(example)) for example in images}
-    if len(numbers) != 1 or not lo <= min(numbers) <= max(numbers) <= hi:
-        want = f"{lo}" if lo == hi else f"{lo} to {hi}"
-        raise ConfigError(f"{name} takes {want} input images per example, the same number in a batch; got "
-                          f"{sorted(numbers)}")
-    stacked = []
+    images: one tuple per prompt of k tensors [3, H, W] in [0, 1] (`FlowModel.encode_prompts`; k checked by
+    `check_images` against the model's `image_inputs`, and the same for every example of a batch); size: (H, W) the
+    model's resolution, which every input must have (`mixgrpo.images.load_inputs` loads them so)."""
+    check_images(model, prompts, images)
+    name = type(model).__name__
+    counts = sorted({len(example) for example in images})
+    if len(counts) > 1:
+        raise ConfigError(f"{name}: the examples of a batch have {counts} input images; give every example of a "
+                          f"prompt file the same number")
     for example in images:
         for image in example:
             if image.dim() != 3 or image.shape[0] != 3 or tuple(image.shape[1:]) != tuple(size):
                 raise ConfigError(f"{name}: an input image of shape {list(image.shape)}, but the model takes "
                                   f"[3, {size[0]}, {size[1]}] (its height and width): resize the inputs to the "
                                   f"model's resolution")
-        stacked.append(torch.stack([image.float() for image in example]))
-    return torch.stack(stacked)
+    return torch.stack([torch.stack([image.float() for image in example]) for example in images])
 
 
 def to_pil(image: torch.Tensor):
