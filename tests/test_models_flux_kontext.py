@@ -166,3 +166,23 @@ def test_an_iteration_exports_what_the_stock_pipeline_reproduces(kontext_dir, tm
                         latents=pack(noise(latents.shape[1:], seeds), 2), max_sequence_length=MAX_SEQ,
                         output_type="latent", max_area=SIZE * SIZE, _auto_resize=False).images
     torch.testing.assert_close(expected, pack(latents, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_preprocess_of_an_example_file_caches_the_instructions(kontext_dir, model, tmp_path):
+    """Kontext's text encoders see no image: `mixgrpo preprocess` on an example file (instruction + input image)
+    writes a cache keyed by prompt, and the model with it conditions exactly as without (the VAE encodes the images)."""
+    from mixgrpo import cli
+    from mixgrpo.models.text import EmbeddingCache
+    from model_runs import PROMPTS, example_file, inputs_of
+
+    examples = example_file(tmp_path / "run_examples", (SIZE, SIZE))
+    assert cli.main(["preprocess", "--model", "flux_kontext", "--path", str(kontext_dir), "--prompts", str(examples),
+                     "--out", str(tmp_path / "cache"), "--dtype", "float32", "--device", "cpu",
+                     "--max-sequence-length", str(MAX_SEQ)]) == 0
+    assert EmbeddingCache(tmp_path / "cache").keyed_by == "prompt"
+    cached = load(kontext_dir, embedding_cache=str(tmp_path / "cache"))
+    images = inputs_of(tmp_path / "run", 2, (SIZE, SIZE))
+    with torch.no_grad():
+        for prompts in (PROMPTS[:2], ["", PROMPTS[1]]):
+            torch.testing.assert_close(cached.encode_prompts(prompts, images), model.encode_prompts(prompts, images),
+                                       rtol=0, atol=0)
