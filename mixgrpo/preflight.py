@@ -126,25 +126,21 @@ def _takes_inputs(spec) -> bool:
         return False
 
 
-REWARD_MODULES = {name: ("transformers",) for name in ("hps", "imagereward", "pickscore", "clipscore", "aesthetic")}
-"""The Python modules a registered reward imports (the others need nothing beyond the core)."""
-
-
 def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, str]]:
     """(import name, what needs it) for every package beyond the core that a run of `cfg` imports (training
     False: only what loading its model needs, for sample / eval / export); a user's own model or reward
     ("package.module:factory") names no package here."""
     from mixgrpo.models import MODELS
 
-    model = cfg.model.name
-    modules = MODELS.spec(model).modules if model in MODELS else ()  # the model's description names them
-    needs = [(m, f"model {model!r}") for m in modules]
+    needs = [(m, f"model {cfg.model.name!r}") for m in MODELS.modules(cfg.model.name)]  # its description names them
     if cfg.lora.rank > 0:
         needs.append(("peft", f"LoRA (lora.rank = {cfg.lora.rank})"))
     if not training:
         return needs
+    from mixgrpo.rewards import REWARDS
+
     for reward in cfg.rewards:
-        needs += [(m, f"reward {reward.name!r}") for m in REWARD_MODULES.get(reward.name, ())]
+        needs += [(m, f"reward {reward.name!r}") for m in REWARDS.modules(reward.name)]
     if cfg.tensorboard:
         needs.append(("tensorboard", "tensorboard: true (set tensorboard=false to go without)"))
     if cfg.wandb_project:

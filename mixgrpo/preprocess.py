@@ -29,6 +29,7 @@ import torch
 
 from mixgrpo.dtypes import cpu_bf16_instructions, parse_dtype
 from mixgrpo.errors import ConfigError
+from mixgrpo.keyvalue import parse_pair
 from mixgrpo.models.base import Cond
 from mixgrpo.models.text import EmbeddingCache, example_key, write_cache
 from mixgrpo.progress import bar
@@ -159,8 +160,6 @@ def _check_args(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import yaml
-
     parser = argparse.ArgumentParser(prog="mixgrpo preprocess", description=__doc__.split("\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("--model", required=True, help="base-model name: flux, sd3, qwen_image, flux2, wan (text "
@@ -182,12 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra keyword argument of the loader (YAML value), e.g. --arg use_t5=false")
     args = parser.parse_args(argv)
-    extra = {}
-    for item in args.arg:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--arg {item!r}: expected KEY=VALUE")
-        extra[key.strip()] = yaml.safe_load(value)
+    extra = dict(parse_pair(item, "--arg", example="--arg use_t5=false") for item in args.arg)
     _check_args(args)
 
     start = time.perf_counter()

@@ -15,7 +15,7 @@ from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.errors import ConfigError
-from mixgrpo.models.base import Frozen, Images, PromptSets, TextEncoder, check_images
+from mixgrpo.models.base import MODELS, Frozen, Images, PromptSets, TextEncoder, check_images
 from mixgrpo.models.text import note_truncations
 
 PIPELINE_MODULES = ("diffusers", "transformers")
@@ -102,14 +102,14 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
     return problems
 
 
-def latent_grid(transformer: dict, vae: dict) -> tuple[int, int, int | None]:
+def latent_grid(transformer: dict, vae: dict, token_patch: int = 1) -> tuple[int, int, int | None]:
     """(spatial factor, patch, temporal factor or None) of a pipeline, from its transformer's and VAE's config.json:
-    pixels per latent (the VAE's), latents per token side (every adapter here patchifies at least 2 x 2: FLUX.1
-    and FLUX.2 pack 2 x 2 latents into a token themselves), and a video VAE's frames per latent frame."""
+    pixels per latent (the VAE's), latents per token side (the transformer's patch_size x the latents the adapter
+    packs into a token itself, `ModelSpec.token_patch`), and a video VAE's frames per latent frame."""
     spatial = vae.get("scale_factor_spatial") or (2 ** len(vae["temperal_downsample"]) if vae.get("temperal_downsample")
                                                   else 2 ** (len(vae["block_out_channels"]) - 1))
     patch = transformer.get("patch_size") or 1
-    patch = max(patch[-1] if isinstance(patch, list) else patch, 2)
+    patch = (patch[-1] if isinstance(patch, list) else patch) * token_patch
     temporal = vae.get("scale_factor_temporal") or (2 ** sum(vae["temperal_downsample"])
                                                     if vae.get("temperal_downsample") else None)
     return spatial, patch, temporal
@@ -119,7 +119,7 @@ def size_problems(name: str, args: dict, transformer: dict, vae: dict) -> list[s
     """model.args height and width (and a video's num_frames) against the factors of the pipeline's config files
     (`latent_grid`), before anything loads: pixels a multiple of the spatial factor x the patch, frames 1 + (the
     temporal factor) k. The loaders check the same on the loaded modules."""
-    spatial, patch, temporal = latent_grid(transformer, vae)
+    spatial, patch, temporal = latent_grid(transformer, vae, MODELS.spec(name).token_patch)
     problems = []
     height, width = args.get("height"), args.get("width")
     multiple = spatial * patch

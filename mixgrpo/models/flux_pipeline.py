@@ -108,4 +108,4 @@ def _check_flux_run(args: dict, prompts: PromptSets) -> list[str]:
 
 
 MODELS.add(ModelSpec("flux", load_flux, text_encoder=load_flux_text_encoder, check=_check_flux_run,
-                     lora_format=flux_lora_format, modules=PIPELINE_MODULES))
+                     lora_format=flux_lora_format, modules=PIPELINE_MODULES, token_patch=2, pipeline_sigmas=True))

@@ -229,4 +229,5 @@ def _check_qwen_image_edit_run(args: dict, prompts: PromptSets) -> list[str]:
 
 
 MODELS.add(ModelSpec("qwen_image_edit", load_qwen_image_edit, check=_check_qwen_image_edit_run,
-                     lora_format=_qwen_image_lora_format, modules=PIPELINE_MODULES, image_inputs=MAX_INPUTS))
+                     lora_format=_qwen_image_lora_format, modules=PIPELINE_MODULES, pipeline_sigmas=True,
+                     image_inputs=MAX_INPUTS))
