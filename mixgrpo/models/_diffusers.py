@@ -1,7 +1,7 @@
 """Loading helpers shared by the diffusers-pipeline models (FLUX.1, SD3, Qwen-Image, FLUX.2, Wan): directory checks
 and pre-flight, the components (transformer, VAE, the text encoder or its embedding cache) behind one loading bar,
-tokenisation with a truncation record, and the VAE decoders (FLUX.1 / SD3's, and the causal video VAE's of Wan and
-Qwen-Image)."""
+tokenisation with a truncation record, the VAE decoders and encoders (FLUX.1 / SD3's, and the causal video VAE's of
+Wan and Qwen-Image), and the input images of the editing and image-to-video models (checks, PIL round trips)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ What the adapter adds to FLUX.1's (`mixgrpo.models.flux.FluxAdapter`), as `FluxK
 - the guidance embedding takes Kontext-dev's distilled guidance (2.5 in its model card's example); true CFG, when a
   run asks for it, is the rollout's, the unconditional rows encoding "" with the same input image, as the pipeline
   encodes its negative prompt (the image tokens are the same in both branches).
-The text encoders see no image, so an embedding cache written by `mixgrpo preprocess` serves Kontext as it serves
-FLUX.1; the image latents are always computed.
+The text encoders see no image, so an embedding cache written by `mixgrpo preprocess` (keyed by prompt, also from
+an example file) serves Kontext as it serves FLUX.1; the image latents are always computed.
 
 What the stock pipeline does and the adapter does not: it snaps the output size to max_area (1024^2 by default) and
 the input to the preferred Kontext resolution nearest its aspect ratio (PREFERRED_KONTEXT_RESOLUTIONS, e.g.
