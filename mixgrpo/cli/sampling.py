@@ -13,9 +13,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixgrpo.cli.common import add_set_arg, check_out_dir
 from mixgrpo.errors import UsageError
+
+if TYPE_CHECKING:
+    from mixgrpo.config import RewardConfig
+    from mixgrpo.loading import ModelLoader
+    from mixgrpo.plan import Plan
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -101,7 +107,7 @@ def _check_model_path(what: str, path: str | None) -> None:
         final_or_latest(run)  # a run that has no model yet says so now, not after the other models were sampled
 
 
-def model_loader(args: argparse.Namespace, paths: list[str | None]):
+def model_loader(args: argparse.Namespace, paths: list[str | None]) -> ModelLoader:
     """The `mixgrpo.loading.ModelLoader` of a sample / eval command's model paths and options."""
     from mixgrpo.loading import ModelLoader
 
@@ -135,11 +141,11 @@ class Settings:
     num_images: int
     seed: int
     guidance: float
-    plan: object  # mixgrpo.plan.Plan
-    rewards: list | None  # eval without --reward: the run's RewardConfigs; else None
+    plan: Plan
+    rewards: list[RewardConfig] | None  # eval without --reward: the run's; else None
 
 
-def settings(args: argparse.Namespace, loader) -> Settings:
+def settings(args: argparse.Namespace, loader: ModelLoader) -> Settings:
     """The command's settings, the run's where the command gives none (named in one printed line)."""
     cfg = loader.cfg
     grid = _pipeline_grid(args, loader)
@@ -165,7 +171,7 @@ def settings(args: argparse.Namespace, loader) -> Settings:
     return Settings(prompts, value["num_images"], value["seed"], value["guidance"], plan, rewards)
 
 
-def _pipeline_grid(args: argparse.Namespace, loader):
+def _pipeline_grid(args: argparse.Namespace, loader: ModelLoader):
     """The base model's own pipeline grid (`mixgrpo.pipeline_grid`), unless --shift or a --plan other than
     ode asks for this engine's static grid; None for a model without a pipeline directory (tiny)."""
     if args.shift is not None or args.plan != "ode":
@@ -198,7 +204,7 @@ def _prompts(args: argparse.Namespace, cfg, taken: list[str]) -> list[str]:
     return prompts
 
 
-def _static_plan(args: argparse.Namespace, steps: int, shift: float, seed: int):
+def _static_plan(args: argparse.Namespace, steps: int, shift: float, seed: int) -> Plan:
     """The preset --plan on the static grid of `steps` and `shift`."""
     import dataclasses
 
