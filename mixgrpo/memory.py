@@ -121,14 +121,14 @@ def _activations(cfg: TrainConfig, root: Path, transformer: Any, get) -> dict[st
     from mixgrpo.models._diffusers import latent_grid
 
     vae = json.loads((root / "vae" / "config.json").read_text())
-    spatial, patch, temporal = latent_grid(dict(transformer), vae)
+    spec = MODELS.spec(cfg.model.name)
+    spatial, patch, temporal = latent_grid(dict(transformer), vae, spec.token_patch)
     height, width = get("height"), get("width")
     if height is None or width is None:
         return {}
     frames = get("num_frames")
     latent_frames = (frames - 1) // temporal + 1 if frames and temporal else 1
     tokens = (height // (spatial * patch)) * (width // (spatial * patch)) * latent_frames
-    spec = MODELS.spec(cfg.model.name)
     text = spec.text_tokens(get("max_sequence_length") or 0)  # SD3: CLIP's tokens before T5's
     if spec.joint_attention:  # text tokens run through every block (Wan: cross-attention)
         tokens += text

@@ -162,7 +162,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
     def encode_prompts(self, prompts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None = None) -> Cond:
         """Conditioning of (instruction, 1 to 3 input images [3, H, W] in [0, 1] at the model's height and width):
         the VL encoder's states and mask, and "image_latents" [B, k M, 4 C], the inputs' packed VAE latents."""
-        stacked = input_images("qwen_image_edit", prompts, images, self.pixels, counts=(1, MAX_INPUTS))
+        stacked = input_images(self, prompts, images, self.pixels)
         cond = dict(self.text_encoder.encode(list(prompts), [tuple(example) for example in stacked]))
         device = next(self.encoder.parameters()).device
         latents = []
@@ -229,4 +229,5 @@ def _check_qwen_image_edit_run(args: dict, prompts: PromptSets) -> list[str]:
 
 
 MODELS.add(ModelSpec("qwen_image_edit", load_qwen_image_edit, check=_check_qwen_image_edit_run,
-                     lora_format=_qwen_image_lora_format, modules=PIPELINE_MODULES, image_inputs=MAX_INPUTS))
+                     lora_format=_qwen_image_lora_format, modules=PIPELINE_MODULES, pipeline_sigmas=True,
+                     image_inputs=MAX_INPUTS))
