@@ -88,16 +88,17 @@ class ModelLoader:
         """(model, weights): the run's model with the weights `pick(run)` names (RUN/final or a checkpoint). A run
         still training rotates its old checkpoints away, maybe during the read: then (retry) `pick` is asked
         again, up to three times."""
-        for attempt in range(3):
+        tries = 0
+        while True:
             weights = pick(run)
             try:
                 return self._load_run(run, weights, prompts, guidance), weights
             except CheckpointRotated:
-                if not retry or attempt == 2:
+                tries += 1
+                if not retry or tries == 3:
                     raise
                 print(f"{weights.name} was rotated away by the run training into {run} while it was read: "
                       f"loading the newest checkpoint instead", flush=True)
-        raise AssertionError("unreachable")
 
     def _base(self) -> FlowModel:
         """--model's registered default, for "base" without a run."""

@@ -186,3 +186,14 @@ def test_preprocess_of_an_example_file_caches_the_instructions(kontext_dir, mode
         for prompts in (PROMPTS[:2], ["", PROMPTS[1]]):
             torch.testing.assert_close(cached.encode_prompts(prompts, images), model.encode_prompts(prompts, images),
                                        rtol=0, atol=0)
+
+
+def test_the_memory_estimate_counts_the_input_tokens(kontext_dir):
+    """The activations of the estimate count the input image's tokens beside the target's (64 + 64) and the text."""
+    from mixgrpo.config import build_config
+    from mixgrpo.memory import estimate
+
+    args = {"path": str(kontext_dir), "dtype": "float32", "height": SIZE, "width": SIZE, "max_sequence_length": MAX_SEQ}
+    (key,) = [k for k in estimate(build_config({"model": {"name": "flux_kontext", "args": args}})).parts
+              if k.startswith("activations")]
+    assert f" x {64 + 64 + MAX_SEQ} tokens x " in key

@@ -197,3 +197,20 @@ def test_an_iteration_exports_what_the_stock_pipeline_reproduces(dirs, tmp_path,
                                    output_type="latent").images
                               for prompt, example, seed in zip(PROMPTS, images, seeds)])
     torch.testing.assert_close(expected, pack(latents, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_the_memory_estimate_counts_the_reference_tokens(dirs):
+    """The activations of the estimate count the target's tokens and one input's at the reference area: at 64 x 64
+    with a 128^2 reference area, 16 + 64 image tokens beside the text."""
+    from mixgrpo.config import build_config
+    from mixgrpo.memory import estimate
+
+    def tokens(**over):
+        args = {"path": str(dirs["2511"]), "dtype": "float32", "height": SIZE, "width": SIZE,
+                "max_sequence_length": MAX_SEQ, **over}
+        (key,) = [k for k in estimate(build_config({"model": {"name": "qwen_image_edit", "args": args}})).parts
+                  if k.startswith("activations")]
+        return int(key.split(" rows x ")[1].split(" tokens")[0])
+
+    assert tokens(reference_area=REFERENCE_AREA) == 16 + 16 + MAX_SEQ
+    assert tokens(reference_area=128 * 128) == 16 + 64 + MAX_SEQ

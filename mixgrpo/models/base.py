@@ -65,6 +65,9 @@ class ModelSpec:
         Qwen-Image) rather than asking it for N steps (SD3, Wan): the pipeline's own grid (`mixgrpo.pipeline_grid`).
     image_inputs: how many input images an example of this model takes (0: text-to-image; 1: FLUX.1-Kontext, Wan
         I2V's first frame; Qwen-Image-Edit takes up to 3); the built model's `image_inputs` says the same.
+    input_tokens: (model.args with the factory's defaults, the target's tokens) -> the tokens one input image adds
+        beside the target's in every block (FLUX.1-Kontext: as many; Qwen-Image-Edit: its reference area's; 0 where
+        the input enters otherwise, e.g. Wan I2V's channels), for the memory estimate.
     """
 
     name: str
@@ -79,6 +82,7 @@ class ModelSpec:
     token_patch: int = 1
     pipeline_sigmas: bool = False
     image_inputs: int = 0
+    input_tokens: Callable[[dict, int], int] = lambda args, tokens: 0
 
 
 class ModelRegistry(Registry["FlowModel"]):

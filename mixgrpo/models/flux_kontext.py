@@ -86,4 +86,5 @@ def _check_flux_kontext_run(args: dict, prompts: PromptSets) -> list[str]:
 
 MODELS.add(ModelSpec("flux_kontext", load_flux_kontext, text_encoder=load_flux_text_encoder,
                      check=_check_flux_kontext_run, lora_format=flux_lora_format, modules=PIPELINE_MODULES,
-                     token_patch=2, pipeline_sigmas=True, image_inputs=1))
+                     token_patch=2, pipeline_sigmas=True, image_inputs=1,
+                     input_tokens=lambda args, tokens: tokens))  # the input at the target's size
