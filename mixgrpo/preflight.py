@@ -12,7 +12,9 @@ all of them are reported together:
 - rewards: registered names, arguments that fit the factory, and their files (paths, checkpoint keys and
   shapes, checked on the meta device by `reward.check()`, before any reward model is built); a reward with
   `server:` instead: each of its servers answers /health and hosts it with the config's arguments;
-- prompts: the train and eval prompt files read;
+- prompts: the train and eval prompt files read; their input images (editing, image-to-video) exist and are images,
+  and they fit the model: images exactly when it is image-conditioned (`ModelSpec.image_inputs`), no more per
+  example than it takes, and a reward that compares with the inputs (`takes_inputs`) only where there are some;
 - the model: its name, arguments that fit its factory, and its own checks (`ModelSpec.check`): the pipeline
   directory, the embedding cache's coverage of the train and eval prompts, its widths and token length
   against the transformer and model.args, prompt lengths against the text encoders.
@@ -34,7 +36,7 @@ import torch
 
 from mixgrpo import dist, packages
 from mixgrpo.config import ConfigError, TrainConfig
-from mixgrpo.prompts import read_prompts
+from mixgrpo.prompts import Example, read_examples, read_prompts
 
 
 class PreflightError(ConfigError):
@@ -58,21 +60,70 @@ def problems_of(cfg: TrainConfig) -> list[str]:
         if not spec.servers:  # a served reward's device is the server's
             problems += device_problems(f"rewards[{i}].args.device", spec.args.get("device"))
     problems += _reward_problems(cfg)
-    prompts: dict[str, tuple[str, list[str]]] = {}
+    examples: dict[str, tuple[str, list[Example]]] = {}
     for split, source, count in (("train", cfg.train_prompts, None), ("eval", cfg.eval_prompts, cfg.eval_num_prompts)):
         if count == 0:
             continue  # no evaluation: the eval prompts are never read
         try:
-            prompts[split] = (source, read_prompts(source)[:count])
+            examples[split] = (source, read_examples(source)[:count])
         except ValueError as e:
             problems.append(f"{split}_prompts: {e}")
+    prompts = {k: (src, [e.prompt for e in ex]) for k, (src, ex) in examples.items()}
+    problems += input_problems(cfg.model.name, examples, cfg.rewards)
     problems += _model_problems(cfg, prompts)
     problems += _teacher_problems(cfg, prompts["train"][1] if "train" in prompts else None)
     return problems + _trained_sigma_problems(cfg)
 
 
-REWARD_MODULES = {name: ("transformers",) for name in ("hps", "imagereward", "pickscore", "clipscore", "aesthetic")}
-"""The Python modules a registered reward imports (the others need nothing beyond the core)."""
+def input_problems(model: str, examples: dict[str, tuple[str, list[Example]]], specs: list = ()) -> list[str]:
+    """The examples' input images against the model and the rewards: each file opens as an image, an
+    image-conditioned model gets images and a text-to-image model none, no example has more than the model takes,
+    and a reward that compares with the inputs (`takes_inputs`) has some (specs: the rewards' configs)."""
+    from PIL import Image
+
+    from mixgrpo.models import MODELS
+
+    wanted = MODELS.spec(model).image_inputs if model in MODELS.names() else None
+    problems = []
+    for split, (source, items) in examples.items():
+        most = max((len(e.images) for e in items), default=0)
+        if wanted is not None and wanted and not most:
+            problems.append(f"{split}_prompts: model {model!r} edits input images ({wanted} per example) but {source} "
+                            f"gives none: give an example file with images (docs/prompts.md), e.g. world:edit_{split}")
+        elif wanted is not None and not wanted and most:
+            problems.append(f"{split}_prompts: {source} gives input images but model {model!r} is text-to-image: "
+                            f"use an editing model (e.g. tiny_edit), or a prompt file without images")
+        elif wanted and most > wanted:
+            problems.append(f"{split}_prompts: an example of {source} has {most} input images, model {model!r} takes "
+                            f"at most {wanted}: give each example at most {wanted}")
+        for path in dict.fromkeys(p for e in items for p in e.images):
+            try:
+                with Image.open(path) as img:
+                    img.size  # noqa: B018  (the header parses)
+            except (OSError, ValueError) as e:
+                problems.append(f"{split}_prompts: input image {path!r} of {source} is not an image Pillow can read "
+                                f"({type(e).__name__}): give PNG, JPEG or WebP files")
+                break
+        if not most:
+            for i, spec in enumerate(specs):
+                if _takes_inputs(spec):
+                    problems.append(f"rewards[{i}] ({spec.name}) compares each result with its example's input "
+                                    f"image, but the {split} prompts ({source}) have none: drop it, or train an "
+                                    f"editing model on examples with images")
+    return problems
+
+
+def _takes_inputs(spec) -> bool:
+    """Whether a reward's config names one that compares with input images (built lazily: it reads no file and
+    loads no model, so a served reward is built here too; False when it cannot be built: `_reward_problems` says why,
+    or, served, the server's /health)."""
+    import mixgrpo.rewards  # noqa: F401  (registers the rewards)
+    from mixgrpo.rewards import build_reward
+
+    try:
+        return bool(getattr(build_reward(spec.name, spec.args, spec.frames), "takes_inputs", False))
+    except ValueError:
+        return False
 
 
 def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, str]]:
@@ -81,15 +132,15 @@ def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, st
     ("package.module:factory") names no package here."""
     from mixgrpo.models import MODELS
 
-    model = cfg.model.name
-    modules = MODELS.spec(model).modules if model in MODELS else ()  # the model's description names them
-    needs = [(m, f"model {model!r}") for m in modules]
+    needs = [(m, f"model {cfg.model.name!r}") for m in MODELS.modules(cfg.model.name)]  # its description names them
     if cfg.lora.rank > 0:
         needs.append(("peft", f"LoRA (lora.rank = {cfg.lora.rank})"))
     if not training:
         return needs
+    from mixgrpo.rewards import REWARDS
+
     for reward in cfg.rewards:
-        needs += [(m, f"reward {reward.name!r}") for m in REWARD_MODULES.get(reward.name, ())]
+        needs += [(m, f"reward {reward.name!r}") for m in REWARDS.modules(reward.name)]
     if cfg.tensorboard:
         needs.append(("tensorboard", "tensorboard: true (set tensorboard=false to go without)"))
     if cfg.wandb_project:

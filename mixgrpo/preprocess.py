@@ -29,10 +29,11 @@ import torch
 
 from mixgrpo.dtypes import cpu_bf16_instructions, parse_dtype
 from mixgrpo.errors import ConfigError
+from mixgrpo.keyvalue import parse_pair
 from mixgrpo.models.base import Cond
-from mixgrpo.models.text import EmbeddingCache, write_cache
+from mixgrpo.models.text import EmbeddingCache, example_key, write_cache
 from mixgrpo.progress import bar
-from mixgrpo.prompts import read_prompts
+from mixgrpo.prompts import Example, read_examples
 
 def _encode_fn(model: Any) -> Callable[[list[str]], Cond]:
     """`encode_prompts` of a FlowModel, or `encode` of a text encoder (or of an EmbeddingCache)."""
@@ -59,13 +60,23 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
     source: free-form description stored in the index (model name, path, ...). dtype: what floating-point
     embeddings are stored as (None: as encoded). Prints what `write_cache` reports (a resume, the prompts the
     text encoders truncated). Returns `out_dir`.
+    Examples with input images (an image-conditioned model) are cached by example (`example_key`): each (prompt,
+    images) and CFG's ("", images), the images read at the model's `image_size()`; given a text encoder alone (a
+    pipeline model whose text encoders see no image: FLUX.1-Kontext, Wan I2V), by prompt, the adapter encoding the
+    images itself.
     Raises ValueError for a missing, empty, non-UTF-8 or malformed prompt file.
     """
     if shard_size < 1 or batch_size < 1:
         raise ConfigError(f"preprocess: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
     files = [str(prompt_files)] if isinstance(prompt_files, (str, Path)) else [str(f) for f in prompt_files]
-    prompts = unique_prompts([p for f in files for p in read_prompts(f)])
+    examples = [e for f in files for e in read_examples(f)]
     encode = _encode_fn(model)
+    keyed_by = "prompt"
+    if any(e.images for e in examples) and callable(getattr(model, "image_size", None)):
+        prompts, encode = _example_rows(examples, model, encode)
+        keyed_by = "example"
+    else:
+        prompts = unique_prompts([e.prompt for e in examples])
     if dtype is not None:
         encode_as = encode
         store = parse_dtype(dtype)
@@ -75,10 +86,30 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
 
     with bar(total=len(prompts), desc="encoding prompts", unit="prompt") as progress:
         notes = write_cache(prompts, encode, out_dir, {"prompt_file": " ".join(files), **(source or {})}, shard_size,
-                            batch_size, progress)
+                            batch_size, progress, keyed_by)
     for line in notes:
         print(line, flush=True)
     return Path(out_dir)
+
+
+def _example_rows(examples: list[Example], model: Any,
+                  encode: Callable) -> tuple[list[str], Callable[[list[str]], Cond]]:
+    """(the distinct `example_key`s of `examples` and of their CFG rows ("" with the same images), an encoder of a
+    batch of them): the images are read again for each batch, so that they are never all in memory."""
+    from mixgrpo.images import load_inputs
+
+    size = model.image_size()
+    rows: dict[str, tuple[str, Example]] = {}
+    for e in examples:
+        images = load_inputs([e], size)[0]
+        for prompt in (e.prompt, ""):
+            rows.setdefault(example_key(prompt, images), (prompt, e))
+
+    def encode_rows(keys: list[str]) -> Cond:
+        prompts, chosen = zip(*(rows[k] for k in keys))
+        return encode(list(prompts), load_inputs(chosen, size))
+
+    return list(rows), encode_rows
 
 
 def encode_dtype(requested: str, dtype: str, device: str) -> tuple[str, str]:
@@ -129,8 +160,6 @@ def _check_args(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import yaml
-
     parser = argparse.ArgumentParser(prog="mixgrpo preprocess", description=__doc__.split("\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("--model", required=True, help="base-model name: flux, sd3, qwen_image, flux2, wan (text "
@@ -152,12 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra keyword argument of the loader (YAML value), e.g. --arg use_t5=false")
     args = parser.parse_args(argv)
-    extra = {}
-    for item in args.arg:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--arg {item!r}: expected KEY=VALUE")
-        extra[key.strip()] = yaml.safe_load(value)
+    extra = dict(parse_pair(item, "--arg", example="--arg use_t5=false") for item in args.arg)
     _check_args(args)
 
     start = time.perf_counter()

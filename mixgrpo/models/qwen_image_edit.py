@@ -144,7 +144,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
     docstring). encoder: `CausalVaeEncoder`; pixels: (H, W) of the target and the inputs; reference: (height, width)
     the inputs are resized to before the VAE (the pipeline's VAE_IMAGE_SIZE area)."""
 
-    image_inputs = 1
+    image_inputs = MAX_INPUTS
 
     def __init__(self, transformer: nn.Module, text_encoder: TextEncoder, latent_shape: tuple[int, int, int],
                  decoder: nn.Module, encoder: nn.Module, pixels: tuple[int, int], reference: tuple[int, int],
@@ -154,11 +154,15 @@ class QwenImageEditAdapter(QwenImageAdapter):
         self.pixels, self.reference = tuple(pixels), tuple(reference)
         self.reference_grid = (1, reference[0] // factor // 2, reference[1] // factor // 2)  # (1, rows, cols) tokens
 
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the inputs and outputs: the model's resolution."""
+        return self.pixels
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None = None) -> Cond:
         """Conditioning of (instruction, 1 to 3 input images [3, H, W] in [0, 1] at the model's height and width):
         the VL encoder's states and mask, and "image_latents" [B, k M, 4 C], the inputs' packed VAE latents."""
-        stacked = input_images("qwen_image_edit", prompts, images, self.pixels, counts=(1, MAX_INPUTS))
+        stacked = input_images(self, prompts, images, self.pixels)
         cond = dict(self.text_encoder.encode(list(prompts), [tuple(example) for example in stacked]))
         device = next(self.encoder.parameters()).device
         latents = []
@@ -224,5 +228,15 @@ def _check_qwen_image_edit_run(args: dict, prompts: PromptSets) -> list[str]:
                               t5_tokenizer=None, max_sequence_length=1024, text_length=lambda n: n, example=EXAMPLE)
 
 
+def _reference_tokens(args: dict, tokens: int) -> int:
+    """The tokens of one input image at the reference area, from the target's `tokens` (`ModelSpec.input_tokens`)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE
+
+    height, width = args["height"], args["width"]
+    rows, cols = edit_dimensions(args.get("reference_area") or VAE_IMAGE_SIZE, height, width)
+    return tokens * rows * cols // (height * width)
+
+
 MODELS.add(ModelSpec("qwen_image_edit", load_qwen_image_edit, check=_check_qwen_image_edit_run,
-                     lora_format=_qwen_image_lora_format, modules=PIPELINE_MODULES))
+                     lora_format=_qwen_image_lora_format, modules=PIPELINE_MODULES, pipeline_sigmas=True,
+                     image_inputs=MAX_INPUTS, input_tokens=_reference_tokens))

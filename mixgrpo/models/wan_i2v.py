@@ -71,12 +71,16 @@ class WanI2VAdapter(WanAdapter):
         self.num_frames = num_frames
         self.pixels = tuple(pixels)
 
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the inputs and outputs: the model's resolution."""
+        return self.pixels
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None = None) -> Cond:
         """Text conditioning of `prompts`, plus "image_condition" and (Wan 2.1) "image_embeds" of each example's first
         frame (one [3, H, W] tensor in [0, 1] per prompt, at the model's height and width)."""
-        frames = input_images("wan_i2v", prompts, images, self.pixels)[:, 0]            # [B, 3, H, W]
-        cond = dict(self.text_encoder.encode(list(prompts)))
+        frames = input_images(self, prompts, images, self.pixels)[:, 0]                 # [B, 3, H, W]
+        cond = dict(self.text_encoder.encode(list(prompts), images))  # an embedding cache may be keyed by example
         device = next(self.encoder.parameters()).device
         frames = frames.to(device)
         if self.expand_timesteps:
@@ -158,4 +162,4 @@ def _check_wan_i2v_run(args: dict, prompts: PromptSets) -> list[str]:
 
 MODELS.add(ModelSpec("wan_i2v", load_wan_i2v, text_encoder=load_wan_text_encoder, check=_check_wan_i2v_run,
                      trained_sigma_check=_trained_sigma_problems, lora_format=_wan_lora_format,
-                     modules=PIPELINE_MODULES, joint_attention=False))
+                     modules=PIPELINE_MODULES, joint_attention=False, image_inputs=1))

@@ -23,7 +23,9 @@ model's conditioning frame) says so with a true `takes_inputs` attribute and is 
 `reward(images, prompts, inputs=...)`, inputs [B, 3, H, W] in [0, 1]: each sample's first input image at the result's
 size (`call_reward` does it; a video reward that scores frames gets the input beside every frame).
 
-Factories are registered by name in `REWARDS`; configs name them, with keyword arguments. A user reward is
+Factories are registered by name in `REWARDS` (`@REWARDS.register("name", modules=(...))`: modules names the Python
+packages beyond the core that the reward imports, which the pre-flight checks before a run loads anything); configs
+name them, with keyword arguments. A user reward is
 named "package.module:function": that function is the reward itself, called as
 `function(images, prompts, **args)`. `build_reward` resolves both kinds.
 """
@@ -77,17 +79,20 @@ class UserReward:
             signature = None
         if signature is not None:
             try:
-                signature.bind(None, None, **args)
+                signature.bind(None, None, **args, **({"inputs": None} if getattr(fn, "takes_inputs", False) else {}))
             except TypeError as e:
                 raise ConfigError(f"reward {name!r}: arguments {args} do not fit {fn.__name__}{signature}: {e}; "
-                                  f"a user reward is called as f(images, prompts, **args)") from None
+                                  f"a user reward is called as f(images, prompts, **args) (and inputs= when it says "
+                                  f"takes_inputs)") from None
         self.name, self.fn, self.args = name, fn, args
         self.scores_videos = bool(getattr(fn, "scores_videos", False))  # a user video reward gets videos whole
         self.takes_seeds = bool(getattr(fn, "takes_seeds", False))
+        self.takes_inputs = bool(getattr(fn, "takes_inputs", False))
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
-                 seeds: Sequence[int] | None = None) -> torch.Tensor:
-        out = self.fn(images, prompts, **self.args, **({"seeds": seeds} if seeds is not None else {}))
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int] | None = None,
+                 inputs: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {k: v for k, v in (("seeds", seeds), ("inputs", inputs)) if v is not None}
+        out = self.fn(images, prompts, **self.args, **extra)
         try:
             return torch.as_tensor(out, dtype=torch.float32).flatten()
         except (TypeError, ValueError, RuntimeError):

@@ -16,6 +16,11 @@ steps are SDE, ODE or DPM-Solver++, and which are trained. Each iteration (`Trai
                optimizer steps per pass; step u sees the u-th share of every group
 6. log         one line of metrics.jsonl; a checkpoint every `checkpoint_every` iterations
 
+Image-conditioned models (editing, image-to-video): a prompt is an example (instruction, input images,
+`mixgrpo.prompts.Example`); the images are encoded into the conditioning with the text, CFG's unconditional rows are
+the empty prompt with each example's own images, a group is G images of one example, and the rewards that compare a
+result with its input (`takes_inputs`) get it.
+
 All randomness derives from (seed, iteration, global prompt index) (`mixgrpo.seeding`), so a resumed run
 reproduces the uninterrupted one and the result does not depend on how prompts are spread over ranks.
 
@@ -36,18 +41,18 @@ from mixgrpo import dist, memory
 from mixgrpo.checkpoint import latest_checkpoint, read_state
 from mixgrpo.config import TrainConfig, build_config, to_dict
 from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_precision, resolve_precision
-from mixgrpo.evaluate import evaluate
+from mixgrpo.evaluate import evaluate, save_sample_grid
 from mixgrpo.export import export_model, load_export, load_run, model_source
-from mixgrpo.images import media_name, save_grid
-from mixgrpo.models import Cond, FlowModel, cond_index, cond_repeat_interleave, cond_to
-from mixgrpo.models.base import build_model, guided_velocity
+from mixgrpo.images import first_inputs, load_inputs, media_name
+from mixgrpo.models import Cond, FlowModel, cond_expand, cond_index, cond_repeat_interleave, cond_to
+from mixgrpo.models.base import blank_inputs, build_model, encode_examples, guided_velocity, uncond_rows
 from mixgrpo.models.text import take_truncations, truncation_lines
 from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, Teacher, micro_batches
 from mixgrpo.pipeline_grid import grid_of
 from mixgrpo.plan import Plan, build_plan, ode_plan
 from mixgrpo.preflight import check_run
 from mixgrpo.progress import PhaseProgress
-from mixgrpo.prompts import read_prompts
+from mixgrpo.prompts import Example, read_examples, read_prompts
 from mixgrpo.reference import end_of_run_line
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
 from mixgrpo.rollout import Trajectory, rollout
@@ -90,12 +95,14 @@ EVAL_PENDING = "eval_pending"
 @dataclass
 class Groups:
     """This rank's prompts of one iteration: P prompts, their conditioning and CFG's empty prompt ([P, ...]),
-    and the index of its first prompt among every rank's."""
+    the index of its first prompt among every rank's, and (image-conditioned models) each example's first input
+    image [P, 3, H, W] at the decoded images' size, for the rewards that compare with it."""
 
     prompts: list[str]
     cond: Cond
     uncond: Cond | None
     first: int
+    inputs: torch.Tensor | None = None
 
 
 class Trainer:
@@ -153,8 +160,19 @@ class Trainer:
         self.rewards = RewardSet(cfg.rewards, cfg.reward_policy.retries, cfg.parallel.rewards_on == "rank0",
                                  cfg.reward_servers)
         self.scoring = ChunkScoring(self.rewards, cfg.group_size, cfg.reward_overlap and cfg.rollout_chunks > 1)
-        self.train_prompts = read_prompts(cfg.train_prompts)
-        self.eval_prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
+        self.train_examples = read_examples(cfg.train_prompts)
+        self.eval_examples = read_examples(cfg.eval_prompts)[: cfg.eval_num_prompts]
+        self.train_prompts = [e.prompt for e in self.train_examples]
+        self.eval_prompts = [e.prompt for e in self.eval_examples]
+        # the size input images are given at: the model's own (an image of another size is resized, `load_input`)
+        self.input_size = self.model.image_size() if getattr(self.model, "image_inputs", 0) else None
+        self.eval_inputs = self.inputs_of(self.eval_examples)
+
+    def inputs_of(self, examples: list[Example]) -> list[tuple[torch.Tensor, ...]] | None:
+        """The input images of `examples` at the model's size (`FlowModel.encode_prompts`), None without any."""
+        if self.input_size is None:
+            return None
+        return load_inputs(examples, self.input_size)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """After the wrap (they hold the wrapped parameters): AdamW, the warm-up schedule and the EMA copy."""
@@ -166,11 +184,13 @@ class Trainer:
         return optimizer
 
     def _build_objective(self, base: dict[str, torch.Tensor] | None) -> None:
-        """After the precision and the wrap: CFG's empty prompt ([1, ...]); whether the rollout's log-probs are the
-        update's (`layouts_agree`, which needs the precision, the wrapped model and that row); the objective and the
-        sampling copy it asks for (of the wrapped parameters)."""
+        """After the precision and the wrap: CFG's empty prompt ([1, ...]; an image-conditioned model's is per example,
+        `groups`); whether the rollout's log-probs are the update's (`layouts_agree`, which needs the precision, the
+        wrapped model and that row); the objective and the sampling copy it asks for (of the wrapped parameters)."""
         cfg = self.cfg
-        self.uncond_row = cond_to(self.model.encode_prompts([""]), self.device) if cfg.guidance_scale != 1.0 else None
+        guided = cfg.guidance_scale != 1.0
+        self.uncond_row = cond_to(encode_examples(self.model, [""], blank_inputs(self.model, 1)), self.device) \
+            if guided else None
         # GRPO's old log-probs are the rollout's only if a row's velocity does not depend on the batch it is in
         objective = OBJECTIVES.get(cfg.objective)
         self.rescore_old = objective.stores_transitions and not layouts_agree(self.model, cfg, self.autocast,
@@ -243,10 +263,14 @@ class Trainer:
         """This rank's slice of the iteration's prompts (the same global order at any world size)."""
         P, rank = self.cfg.prompts_per_iteration, dist.rank()
         drawn = prompt_indices(it, len(self.train_prompts), P * dist.world_size(), self.cfg.seed)
-        prompts = [self.train_prompts[i] for i in drawn[rank * P:(rank + 1) * P]]
-        cond = cond_to(self.model.encode_prompts(prompts), self.device)
-        uncond = None if self.uncond_row is None else {k: v.expand(P, *v.shape[1:]) for k, v in self.uncond_row.items()}
-        return Groups(prompts, cond, uncond, first=rank * P)
+        examples = [self.train_examples[i] for i in drawn[rank * P:(rank + 1) * P]]
+        prompts = [e.prompt for e in examples]
+        images = self.inputs_of(examples)
+        cond = cond_to(encode_examples(self.model, prompts, images), self.device)
+        uncond = None if self.uncond_row is None else cond_to(uncond_rows(self.model, P, images, self.uncond_row),
+                                                              self.device)
+        return Groups(prompts, cond, uncond, first=rank * P, inputs=None if images is None else first_inputs(
+            images, self.input_size))
 
     def rollout(self, plan: Plan, groups: Groups, it: int) -> Trajectory:
         """G images per prompt along `plan`, with the weights the objective samples from; stores what it trains.
@@ -269,7 +293,8 @@ class Trainer:
                 images = self.model.decode(parts[-1].final).float()
             require_finite_images(images, it)
             self.scoring.submit(images, [p for p in groups.prompts[a:b] for _ in range(G)],
-                                reward_seeds(cfg.seed, it, (groups.first + a) * G, (b - a) * G))
+                                reward_seeds(cfg.seed, it, (groups.first + a) * G, (b - a) * G),
+                                None if groups.inputs is None else groups.inputs[a:b].repeat_interleave(G, dim=0))
         if self.clock is not None:
             self.clock.lap("rollout")
         return Trajectory.cat(parts)
@@ -424,13 +449,14 @@ class Trainer:
                 res = evaluate(self.model, self.eval_prompts, self.rewards.functions(), self.eval_plan,
                                cfg.eval_images_per_prompt, seed=held_out_seed(cfg.seed),
                                guidance_scale=cfg.eval_guidance,
-                               stop=None if stop is None else lambda: stop.signal is not None)
+                               stop=None if stop is None else lambda: stop.signal is not None,
+                               inputs=self.eval_inputs)
             if res is None:
                 return False
             samples = res.images[:64, 0]  # the first image (or video) of each of the first 64 prompts
             grid = self.run_dir / media_name(f"samples_{tag}", samples)  # .png, or .gif for videos
             if tag is not None:
-                save_grid(samples, grid, nrow=8, scale=2, captions=res.prompts[:64])
+                save_sample_grid(res, grid)
             self.held_out.update({f"eval/{k}": v["mean"] for k, v in res.summary().items()})
             self.records.evaluation(iteration, self.held_out)
             write_curves(self.run_dir)
@@ -474,8 +500,8 @@ def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], con
     g = torch.Generator().manual_seed(0)
     x = torch.randn((B, *model.latent_shape), generator=g).to(device)
     sigma = torch.full((B,), 0.5, device=device)
-    rows = lambda c: {k: v.expand(B, *v.shape[1:]).contiguous() for k, v in c.items()}  # noqa: E731
-    cond = rows(cond_to(model.encode_prompts([""]), device))  # "" is in every embedding cache
+    rows = lambda c: {k: v.contiguous() for k, v in cond_expand(c, B).items()}  # noqa: E731
+    cond = rows(cond_to(encode_examples(model, [""], blank_inputs(model, 1)), device))  # "" is in every embedding cache
     uncond = None if uncond_row is None else rows(uncond_row)
     training = model.training
     model.eval()
