@@ -166,6 +166,8 @@ CASES = [
     Case("user reward returns text", train_args("rewards=[{name: 'toy_rewards:strings'}]"),
          ["'toy_rewards:strings' returned list of str", "one float score per image"]),
     Case("LoRA on a model without adapters", train_args("lora.rank=4"), ["does not support LoRA", "use lora.rank=0"]),
+    Case("missing distillation teacher", train_args("objective=opd", "distill.teachers=[{path: '{d}/no_teacher'}]"),
+         ["distill.teachers[0].path", "does not exist", "a run directory"]),
     # prompt files
     Case("empty prompt file", train_args("train_prompts={d}/empty.txt"), ["holds no prompts", "add at least one"]),
     Case("non-UTF-8 prompt file", train_args("train_prompts={d}/latin1.txt"), ["is not UTF-8", "re-save it as UTF-8"]),
