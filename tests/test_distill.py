@@ -191,6 +191,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, reward_weight):
     assert [drop(m) for m in read_metrics(full)] == [drop(m) for m in read_metrics(resumed)]
 
 
+def test_a_resume_refuses_a_teacher_that_changed(tmp_path):
+    """Nothing of a teacher is checkpointed: the checkpoint records its files, and a resume with other weights at the
+    teacher's path stops, naming the field."""
+    from mixgrpo.checkpoint import CheckpointError
+
+    teacher = _teacher(tmp_path / "teacher", 0.3)
+    cfg = _cfg(tmp_path, [{"path": teacher}], iterations=2, eval_num_prompts=0)
+    train(cfg, progress=False, stop_after=1)
+    _teacher(tmp_path / "teacher", -0.3)
+    with pytest.raises(CheckpointError, match=r"distill.teachers\[0\].path"):
+        train(cfg, resume=True, progress=False)
+
+
 def test_objective_and_teachers_go_together():
     with pytest.raises(ConfigError, match="distill.teachers"):
         build_config(gaussian_run(objective="opd"))
