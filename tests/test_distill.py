@@ -191,6 +191,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, reward_weight):
     assert [drop(m) for m in read_metrics(full)] == [drop(m) for m in read_metrics(resumed)]
 
 
+def test_a_resume_refuses_a_teacher_that_changed(tmp_path):
+    """Nothing of a teacher is checkpointed: the checkpoint records its files, and a resume with other weights at the
+    teacher's path stops, naming the field."""
+    from mixgrpo.checkpoint import CheckpointError
+
+    teacher = _teacher(tmp_path / "teacher", 0.3)
+    cfg = _cfg(tmp_path, [{"path": teacher}], iterations=2, eval_num_prompts=0)
+    train(cfg, progress=False, stop_after=1)
+    _teacher(tmp_path / "teacher", -0.3)
+    with pytest.raises(CheckpointError, match=r"distill.teachers\[0\].path"):
+        train(cfg, resume=True, progress=False)
+
+
 def test_objective_and_teachers_go_together():
     with pytest.raises(ConfigError, match="distill.teachers"):
         build_config(gaussian_run(objective="opd"))
@@ -228,6 +241,27 @@ def test_preflight_names_each_teacher_problem_in_one_line(tmp_path):
     check_run(_cfg(tmp_path, [{"path": teacher, "prompts": str(tmp_path / "a.txt")}], train_prompts=train_file,
                    distill={"teachers": [{"path": teacher, "prompts": str(tmp_path / "a.txt")}],
                             "reward_weight": 0.5}))
+
+
+def test_a_teacher_trained_from_a_copy_of_the_base_elsewhere_is_the_students_model(tmp_path):
+    """The teacher's run names its base at another place (a copy, or the base moved): the same files, one model."""
+    import shutil
+
+    base = GaussianFlow(size=SIZE, init_mean=0.1)
+    base.save_pretrained(tmp_path / "base")
+    shutil.copytree(tmp_path / "base", tmp_path / "base_copy")
+    run = tmp_path / "teacher_run"
+    (run / "final").mkdir(parents=True)
+    save_config(build_config(gaussian_run(model={"name": "gaussian", "args": {"size": SIZE,
+                                                                               "path": str(tmp_path / "base_copy")}})),
+                run / "config.yaml")
+    base.save_pretrained(run / "final")
+    cfg = _cfg(tmp_path, [{"path": str(run)}], model={"name": "gaussian", "args": {"size": SIZE,
+                                                                                    "path": str(tmp_path / "base")}})
+    check_run(cfg)
+    GaussianFlow(size=SIZE, init_mean=0.2).save_pretrained(tmp_path / "base_copy")  # now other weights
+    with pytest.raises(PreflightError, match="a teacher must be the student's own model"):
+        check_run(cfg)
 
 
 def test_the_memory_estimate_counts_the_teachers(tmp_path):
