@@ -40,13 +40,13 @@ def _train(args: argparse.Namespace) -> None:
     if args.out is not None:
         if not args.out.strip():  # else the recipe's out_dir would take the run, or --resume continue another
             raise UsageError("--out is empty (an unset shell variable?): give the run directory")
-        overrides.append(f"out_dir={args.out}")
+        overrides.append(f"run.out_dir={args.out}")
     config = args.config
     own = config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file()
     if own:
         config = str(Path(args.out) / CONFIG)
-    cfg = load_config(recipe_path(config or DEFAULT_RECIPE), overrides)
-    args.run_dir = Path(cfg.out_dir)  # for the message of an error that stops the run (`_error_line`)
+    cfg = load_config(recipe_path(config or DEFAULT_RECIPE), overrides, saved=bool(own))
+    args.run_dir = Path(cfg.run.out_dir)  # for the message of an error that stops the run (`_error_line`)
     if own:  # a run copied from another machine or directory: name the files it lacks here, and the fix
         from mixgrpo.config import to_dict
         from mixgrpo.runfiles import missing
@@ -64,7 +64,7 @@ def _train(args: argparse.Namespace) -> None:
         check_run(cfg)
         if memory.report(cfg, int(os.environ.get("WORLD_SIZE", "1"))) is None:
             print(f"no memory estimate for model {cfg.model.name!r} (only for a local diffusers pipeline directory)")
-        print(f"dry run: the pre-flight found nothing; the run would write {cfg.out_dir}")
+        print(f"dry run: the pre-flight found nothing; the run would write {cfg.run.out_dir}")
         return
     from mixgrpo import dist
     from mixgrpo.preflight import PreflightError
@@ -127,8 +127,8 @@ class ModelLoader:
         grid = {} if self.grid else {"steps": cfg.sampler.num_steps if cfg else 25,
                                      "shift": cfg.sampler.shift if cfg else 3.0}
         defaults = {**grid, "guidance": cfg.eval_guidance if cfg else 1.0,
-                    "num_images": cfg.eval_images_per_prompt if cfg else 1,
-                    "seed": held_out_seed(cfg.seed) if cfg else 0}
+                    "num_images": cfg.eval.images_per_prompt if cfg else 1,
+                    "seed": held_out_seed(cfg.run.seed) if cfg else 0}
         taken = [f"{k.replace('_', ' ')} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
         for key, value in defaults.items():
             if getattr(args, key) is None:
@@ -139,7 +139,7 @@ class ModelLoader:
                   f"shift-S grid instead)", flush=True)
         self.prompts = self._prompts(taken)
         self.reward_specs = None  # eval: RewardConfigs of the run when --reward is not given
-        self.reward_servers = cfg.reward_servers if cfg is not None else None  # how the run reached its servers
+        self.scoring = cfg.scoring if cfg is not None else None  # how the run reached its servers
         if cfg is not None and getattr(args, "reward", "given") is None:
             self.reward_specs = cfg.rewards
             taken.append(f"rewards {', '.join(r.name for r in cfg.rewards)}")
@@ -169,11 +169,11 @@ class ModelLoader:
         from mixgrpo.prompts import read_prompts
 
         try:
-            prompts = read_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts or None]
+            prompts = read_prompts(cfg.eval.prompts)[: cfg.eval.num_prompts or None]
         except ValueError as e:
-            raise UsageError(f"the run's eval_prompts: {e}; or give --prompts FILE / --prompt TEXT (a run that moved: "
-                             f"--set eval_prompts=PATH)") from None
-        taken.insert(0, f"the first {len(prompts)} prompts of {cfg.eval_prompts}")
+            raise UsageError(f"the run's eval.prompts: {e}; or give --prompts FILE / --prompt TEXT (a run that moved: "
+                             f"--set eval.prompts=PATH)") from None
+        taken.insert(0, f"the first {len(prompts)} prompts of {cfg.eval.prompts}")
         return prompts
 
     def load(self, path: str | None):
@@ -338,7 +338,7 @@ def _eval(args: argparse.Namespace) -> None:
     loader = ModelLoader(args, [path for _, path in entries] + ([hybrid[1]] if hybrid else []))
     prompts = loader.prompts
     specs = loader.reward_specs or [_reward_spec(r) for r in args.reward or DEFAULT_EVAL_REWARDS]
-    rewards = [(r.label, r.fn) for r in build_rewards(specs, servers=loader.reward_servers)]
+    rewards = [(r.label, r.fn) for r in build_rewards(specs, servers=loader.scoring)]
     plan = _sampling_plan(args, loader)
     out = Path(args.out)
     results = {}
@@ -597,7 +597,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                                                    "(default: tiny; a run directory knows its own model)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv) or world:train / world:heldout (default: a run's "
-                                     "held-out prompts, the first eval_num_prompts of its eval_prompts)")
+                                     "held-out prompts, the first eval.num_prompts of its eval.prompts)")
     p.add_argument("--num-images", type=int, help="images per prompt (default: the run's eval_images_per_prompt, "
                                                   "else 1)")
     p.add_argument("--steps", type=int, help="sampling steps (default: a real model's pipeline default, e.g. 28 for "

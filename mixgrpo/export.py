@@ -80,11 +80,11 @@ def is_checkpoint_dir(path: str | Path) -> bool:
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()):
-    """The TrainConfig a run was trained with (its config.yaml), with `key.sub=value` overrides (a moved run's
+    """The TrainConfig a run was trained with (its config.yaml, of any mixgrpo version), with `key.sub=value` overrides (a moved run's
     files: model.args.path=/new/place)."""
     from mixgrpo.config import load_config
 
-    return load_config(Path(run_dir) / CONFIG, overrides)
+    return load_config(Path(run_dir) / CONFIG, overrides, saved=True)
 
 
 def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: str | None = None,

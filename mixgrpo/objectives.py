@@ -153,7 +153,7 @@ class GRPO:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> GRPO:
-        return cls(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale, rescore_old, cfg.grpo_guard)
+        return cls(policy, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.rollout.guidance_scale, rescore_old, cfg.loss.grpo_guard)
 
     @staticmethod
     def forwards_per_backward(cfg: TrainConfig) -> int:
@@ -306,8 +306,8 @@ class ForwardProcess:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> ForwardProcess:
-        return cls(policy, cfg.matching, cfg.clip_range, cfg.kl_beta, cfg.micro_batch_size,
-                   cfg.updates_per_iteration, cfg.update_epochs, cfg.grpo_guard)
+        return cls(policy, cfg.matching, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.update.micro_batch_size,
+                   cfg.update.steps_per_epoch, cfg.update.epochs, cfg.loss.grpo_guard)
 
     @staticmethod
     def forwards_per_backward(cfg: TrainConfig) -> int:
@@ -440,8 +440,8 @@ class VGRPO(ForwardProcess):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> VGRPO:
-        return cls(policy, cfg.matching, cfg.clip_range, cfg.kl_beta, cfg.micro_batch_size, cfg.updates_per_iteration,
-                   cfg.update_epochs, cfg.v_grpo, cfg.group_size)
+        return cls(policy, cfg.matching, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.update.micro_batch_size, cfg.update.steps_per_epoch,
+                   cfg.update.epochs, cfg.v_grpo, cfg.rollout.group_size)
 
     @staticmethod
     def forwards_per_backward(cfg: TrainConfig) -> int:

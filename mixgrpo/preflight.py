@@ -55,7 +55,7 @@ def problems_of(cfg: TrainConfig) -> list[str]:
             problems += device_problems(f"rewards[{i}].args.device", spec.args.get("device"))
     problems += _reward_problems(cfg)
     prompts: dict[str, tuple[str, list[str]]] = {}
-    for split, source, count in (("train", cfg.train_prompts, None), ("eval", cfg.eval_prompts, cfg.eval_num_prompts)):
+    for split, source, count in (("train", cfg.rollout.prompts, None), ("eval", cfg.eval.prompts, cfg.eval.num_prompts)):
         if count == 0:
             continue  # no evaluation: the eval prompts are never read
         try:
@@ -85,10 +85,10 @@ def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, st
         return needs
     for reward in cfg.rewards:
         needs += [(m, f"reward {reward.name!r}") for m in REWARD_MODULES.get(reward.name, ())]
-    if cfg.tensorboard:
+    if cfg.run.tensorboard:
         needs.append(("tensorboard", "tensorboard: true (set tensorboard=false to go without)"))
-    if cfg.wandb_project:
-        needs.append(("wandb", f"wandb_project = {cfg.wandb_project!r}"))
+    if cfg.run.wandb_project:
+        needs.append(("wandb", f"wandb_project = {cfg.run.wandb_project!r}"))
     return needs
 
 
@@ -156,13 +156,13 @@ def _server_problems(cfg: TrainConfig) -> list[str]:
     if not urls:
         return []
     try:
-        token = token_from(cfg.reward_servers.token_env)
+        token = token_from(cfg.scoring.server_token_env)
     except ValueError as e:
         return [str(e)]
     problems, hosted = [], {}
     for url in urls:
         try:
-            hosted[url] = ServerClient(url, cfg.reward_servers.timeout, token).health()["rewards"]
+            hosted[url] = ServerClient(url, cfg.scoring.server_timeout, token).health()["rewards"]
         except (RewardError, ServerSetupError, TimeoutError, ConnectionError) as e:
             problems.append(f"{e}; start it (mixgrpo serve-rewards, docs/rewards.md) or fix the reward's server:")
     for i, spec in enumerate(cfg.rewards):
@@ -207,8 +207,8 @@ def _trained_sigma_problems(cfg: TrainConfig) -> list[str]:
     if check is None or not OBJECTIVES.get(cfg.objective).stores_transitions:
         return []
     trained: dict[float, int] = {}
-    for iteration in range(cfg.iterations):
-        for step in build_plan(cfg.sampler, iteration=iteration, seed=cfg.seed).steps:
+    for iteration in range(cfg.run.iterations):
+        for step in build_plan(cfg.sampler, iteration=iteration, seed=cfg.run.seed).steps:
             if step.train:
                 trained.setdefault(step.sigma, iteration)
     return check(cfg.model.args, trained)

@@ -30,14 +30,8 @@ def grpo_run(out: Path, name: str, args: dict, lora: int, guidance_scale: float,
     base = MODELS.get(name)(**args)
     prompts = out.parent / f"{out.name}_prompts.txt"
     prompts.write_text("a red cube on a table\ntwo blue spheres\na green cone\n")
-    cfg = build_config({
-        "algorithm": "mixgrpo", "sampler": {"num_steps": STEPS, "window": {"size": 1}},
-        "model": {"name": name, "args": args}, "rewards": [{"name": "toy_rewards:brightness"}],
-        "train_prompts": str(prompts), "guidance_scale": guidance_scale, "iterations": 1, "prompts_per_iteration": 2, "group_size": 2,
-        "updates_per_iteration": 1, "micro_batch_size": 4, "lr": 1.0e-2, "clip_range": 0.2, "eval_num_prompts": 0,
-        "lora": {"rank": lora, "alpha": 2 * lora, **({"target_modules": over.pop("targets")} if "targets" in over
-                                                     else {})},
-        "out_dir": str(out), **over})
+    cfg = build_config({"algorithm": "mixgrpo", "sampler": {"num_steps": STEPS, "window": {"size": 1}}, "model": {"name": name, "args": args}, "rewards": [{"name": "toy_rewards:brightness"}], "rollout": {"prompts": str(prompts), "guidance_scale": guidance_scale, "prompts_per_iteration": 2, "group_size": 2}, "run": {"iterations": 1, "out_dir": str(out)}, "update": {"steps_per_epoch": 1, "micro_batch_size": 4}, "optim": {"lr": 1.0e-2}, "loss": {"clip_range": 0.2}, "eval": {"num_prompts": 0}, "lora": {"rank": lora, "alpha": 2 * lora, **({"target_modules": over.pop("targets")} if "targets" in over
+                                                     else {})}, **over})
     run = train(cfg, progress=False)
     (record,) = read_metrics(run)
     assert record["onpolicy_ratio_error"] < 1e-4 and record["grad_norm"] > 0

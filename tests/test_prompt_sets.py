@@ -38,7 +38,7 @@ def test_every_prompt_source_of_a_shipped_recipe_is_a_known_set(monkeypatch, tmp
     named = set()
     for recipe, path in recipes().items():
         cfg = load_config(path)
-        for source in (cfg.train_prompts, cfg.eval_prompts):
+        for source in (cfg.rollout.prompts, cfg.eval.prompts):
             if source.startswith("world:"):
                 continue
             assert prompt_sets.is_named(source), f"{recipe}: {source} is not a shipped or fetchable prompt set"
@@ -54,7 +54,7 @@ def test_every_prompt_source_of_a_shipped_recipe_is_a_known_set(monkeypatch, tmp
 
 
 def test_named_sets_are_not_paths():
-    data = {"train_prompts": "pickscore:train", "eval_prompts": "ocr:test", "model": {"args": {}}}
+    data = {"rollout": {"prompts": "pickscore:train"}, "eval": {"prompts": "ocr:test"}, "model": {"args": {}}}
     assert resolve_paths(data) == data
 
 

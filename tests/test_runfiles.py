@@ -35,14 +35,8 @@ def _machine(root, seed=0):
 
 
 def _recipe(out: str) -> dict:
-    return {
-        "algorithm": "mixgrpo", "sampler": {"num_steps": 4, "window": {"size": 1}},
-        "model": {"name": "flux", "args": {"path": "ckpt/flux", "dtype": "float32", "height": SIZE, "width": SIZE,
-                                           "max_sequence_length": MAX_SEQ, "embedding_cache": "cache/flux"}},
-        "rewards": [{"name": "toy_rewards:brightness"}], "train_prompts": "prompts/train.txt",
-        "eval_prompts": "prompts/test.txt", "iterations": 3, "prompts_per_iteration": 2, "group_size": 2,
-        "updates_per_iteration": 1, "micro_batch_size": 4, "lr": 1.0e-2, "clip_range": 0.2, "eval_num_prompts": 2,
-        "checkpoint_every": 1, "lora": {"rank": 2}, "out_dir": out}
+    return {"algorithm": "mixgrpo", "sampler": {"num_steps": 4, "window": {"size": 1}}, "model": {"name": "flux", "args": {"path": "ckpt/flux", "dtype": "float32", "height": SIZE, "width": SIZE,
+                                           "max_sequence_length": MAX_SEQ, "embedding_cache": "cache/flux"}}, "rewards": [{"name": "toy_rewards:brightness"}], "rollout": {"prompts": "prompts/train.txt", "prompts_per_iteration": 2, "group_size": 2}, "eval": {"prompts": "prompts/test.txt", "num_prompts": 2}, "run": {"iterations": 3, "checkpoint_every": 1, "out_dir": out}, "update": {"steps_per_epoch": 1, "micro_batch_size": 4}, "optim": {"lr": 1.0e-2}, "loss": {"clip_range": 0.2}, "lora": {"rank": 2}}
 
 
 def _preprocess(root):
@@ -93,7 +87,7 @@ def test_a_moved_run_resumes_bit_exactly_samples_and_evaluates(machine_a, tmp_pa
         for field in ("model.args.path", "model.args.embedding_cache", "train_prompts", "eval_prompts"):
             assert f"{field}=PATH" in err
         tell = ["model.args.path=models/flux", "model.args.embedding_cache=caches/flux-prompts",
-                "train_prompts=data/train.txt", "eval_prompts=data/test.txt"]
+                "rollout.prompts=data/train.txt", "eval.prompts=data/test.txt"]
         assert main(["train", "--out", "runs/moved", "--resume", "--quiet", *tell]) == 0
         moved = elsewhere / "runs" / "moved"
         for name, tensor in _weights(reference).items():
@@ -135,7 +129,7 @@ def test_a_run_pointed_at_another_model_is_refused(machine_a, tmp_path, monkeypa
     edited = tmp_path / "train.txt"
     edited.write_text("\n".join(TRAIN[::-1]) + "\n")
     with pytest.raises(CheckpointError, match="train_prompts"):
-        train(build_config({**_recipe(str(run)), "train_prompts": str(edited)}), resume=True, progress=False)
+        train(build_config({**_recipe(str(run)), "rollout": {"prompts": str(edited)}}), resume=True, progress=False)
 
 
 def test_a_checkpoint_from_before_file_identities_still_resumes(tmp_path, capsys):
@@ -144,8 +138,7 @@ def test_a_checkpoint_from_before_file_identities_still_resumes(tmp_path, capsys
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\nb\nc\n")
-    cfg = build_config(gaussian_run(iterations=3, out_dir=str(tmp_path / "run"), train_prompts=str(prompts),
-                                    eval_num_prompts=0))
+    cfg = build_config(gaussian_run(run={"iterations": 3, "out_dir": str(tmp_path / "run")}, rollout={"prompts": str(prompts)}, eval={"num_prompts": 0}))
     run = train(cfg, progress=False, stop_after=1)
     state_file = latest_checkpoint(run) / "state.json"
     state = json.loads(state_file.read_text())
@@ -178,11 +171,8 @@ def test_identity_is_the_content_not_the_place(tmp_path):
 
 
 def test_path_fields_and_list_overrides():
-    data = {"train_prompts": "world:train", "eval_prompts": "p/test.txt",
-            "model": {"name": "flux", "args": {"path": "/m", "height": 64, "embedding_cache": None}},
-            "rewards": [{"name": "hps", "args": {"path": "/h.pt", "tokenizer": "/tok"}}, {"name": "jpeg"}]}
-    assert path_fields(data) == {"eval_prompts": "p/test.txt", "model.args.path": "/m",
-                                 "rewards[0].args.path": "/h.pt", "rewards[0].args.tokenizer": "/tok"}
+    data = {"rollout": {"prompts": "world:train"}, "eval": {"prompts": "p/test.txt"}, "model": {"name": "flux", "args": {"path": "/m", "height": 64, "embedding_cache": None}}, "rewards": [{"name": "hps", "args": {"path": "/h.pt", "tokenizer": "/tok"}}, {"name": "jpeg"}]}
+    assert path_fields(data) == {"eval": {"prompts": "p/test.txt"}, "model.args.path": "/m", "rewards[0].args.path": "/h.pt", "rewards[0].args.tokenizer": "/tok"}
     assert without_paths(data)["rewards"][0]["args"] == {} and without_paths(data)["model"]["args"]["height"] == 64
     apply_override(data, "rewards[0].args.path=/new/h.pt")
     apply_override(data, "rewards[1].weight=0.5")

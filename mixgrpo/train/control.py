@@ -262,7 +262,7 @@ def no_signal_message(metrics: list[dict[str, Any]], groups: int | None = None) 
         return None
     failed = sum(m.get("failed_groups", 0) for m in metrics)
     if groups is not None and failed == groups * len(metrics):
-        why = ("every group of every iteration failed to get rewards (reward_policy.max_failed_groups let the run go "
+        why = ("every group of every iteration failed to get rewards (scoring.max_failed_groups let the run go "
                "on), so the policy gradient was always 0")
         fix = "fix the reward: the warnings of the run name its errors"
     else:
