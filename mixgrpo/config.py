@@ -608,8 +608,11 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     for key, value in data.items():
         full = f"{where}.{key}" if where else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            # at the top: a setting's name in its section (num_prompts -> eval.num_prompts) or a misspelt old key
+            within = {k.rpartition(".")[2]: k for k in MOVED_KEYS.values()} | MOVED_KEYS if cls is TrainConfig else {}
+            close = difflib.get_close_matches(str(key), [*names, *within], n=1)
+            hint = (f"; did you mean {within.get(close[0], close[0])!r}?" if close
+                    else f"; valid keys: {', '.join(names)}")
             raise ConfigError(f"unknown config key {full!r}{hint}")
         kwargs[key] = _convert(value, hints[key], full)
     try:

@@ -29,7 +29,7 @@ import inspect
 import torch
 
 from mixgrpo import dist, packages
-from mixgrpo.config import ConfigError, TrainConfig
+from mixgrpo.config import ConfigError, TrainConfig, getattr_path
 from mixgrpo.prompts import read_prompts
 
 
@@ -55,13 +55,14 @@ def problems_of(cfg: TrainConfig) -> list[str]:
             problems += device_problems(f"rewards[{i}].args.device", spec.args.get("device"))
     problems += _reward_problems(cfg)
     prompts: dict[str, tuple[str, list[str]]] = {}
-    for split, source, count in (("train", cfg.rollout.prompts, None), ("eval", cfg.eval.prompts, cfg.eval.num_prompts)):
+    for split, field, count in (("train", "rollout.prompts", None), ("eval", "eval.prompts", cfg.eval.num_prompts)):
+        source = getattr_path(cfg, field)
         if count == 0:
             continue  # no evaluation: the eval prompts are never read
         try:
             prompts[split] = (source, read_prompts(source)[:count])
         except ValueError as e:
-            problems.append(f"{split}_prompts: {e}")
+            problems.append(f"{field}: {e}")
     problems += _model_problems(cfg, prompts)
     return problems + _trained_sigma_problems(cfg)
 

@@ -90,38 +90,38 @@ CASES = [
     Case("config is not a mapping", ["train", "--config", "{d}/list.yaml"], ["must hold a mapping", "got list"]),
     Case("non-UTF-8 config", ["train", "--config", "{d}/latin1.yaml"], ["not UTF-8", "save it as UTF-8"]),
     Case("unknown config key", train_args("iteratons=3"),
-         ["unknown config key 'iteratons'", "did you mean 'iterations'"]),
+         ["unknown config key 'iteratons'", "did you mean 'run.iterations'"]),
     Case("unknown nested key", train_args("sampler.windw.size=3"), ["'sampler.windw'", "did you mean 'window'"]),
     Case("wrong type (int)", train_args("run.iterations=abc"), ["iterations must be an integer", "'abc'"]),
     Case("wrong type (bool)", train_args("rollout.shared_noise=maybe"), ["shared_noise must be true or false"]),
     Case("wrong type (section)", train_args("rewards=verifier"), ["rewards must be a list"]),
     Case("tuple of wrong length", train_args("optim.betas=[0.9]"), ["betas must be a list of 2 values"]),
     Case("bad override syntax", train_args("iterations"), ["'iterations' is not of the form key.sub=value"]),
-    Case("override into a value", train_args("lr.x=3"), ["'lr' is not a section"]),
+    Case("override into a value", train_args("optim.lr.x=3"), ["'lr' is not a section"]),
     # values out of range
     Case("window larger than the steps", train_args("sampler.window.size=20"),
          ["window.size = 20 exceeds the 8 steps", "lower window.size or raise num_steps"]),
     Case("group size below 2", train_args("rollout.group_size=1", "update.steps_per_epoch=1"),
-         ["group_size = 1 is invalid", "integer >= 2"]),
+         ["rollout.group_size = 1 is invalid", "integer >= 2"]),
     Case("group not divisible by updates", train_args("update.steps_per_epoch=3"),
-         ["not a multiple of updates_per_iteration", "choose updates_per_iteration among [1, 2, 4]"]),
-    Case("negative lr", train_args("optim.lr=-1"), ["lr = -1.0 is invalid", "positive finite number"]),
+         ["not a multiple of update.steps_per_epoch", "choose update.steps_per_epoch among [1, 2, 4]"]),
+    Case("negative lr", train_args("optim.lr=-1"), ["optim.lr = -1.0 is invalid", "positive finite number"]),
     Case("infinite lr", train_args("optim.lr=.inf", "update.steps_per_epoch=1"), ["lr must be a finite number", "got inf"]),
-    Case("betas out of range", train_args("optim.betas=[1.5, 0.999]"), ["betas = (1.5, 0.999) is invalid", "[0, 1)"]),
-    Case("negative weight_decay", train_args("optim.weight_decay=-1"), ["weight_decay = -1.0 is invalid", ">= 0"]),
+    Case("betas out of range", train_args("optim.betas=[1.5, 0.999]"), ["optim.betas = (1.5, 0.999) is invalid", "[0, 1)"]),
+    Case("negative weight_decay", train_args("optim.weight_decay=-1"), ["optim.weight_decay = -1.0 is invalid", ">= 0"]),
     Case("negative eval_num_prompts", train_args("eval.num_prompts=-1"),
-         ["eval_num_prompts = -1 is invalid", "0 = no evaluation"]),
+         ["eval.num_prompts = -1 is invalid", "0 = no evaluation"]),
     Case("zero eval images per prompt", train_args("eval.images_per_prompt=0"),
-         ["eval_images_per_prompt = 0 is invalid", "integer >= 1"]),
+         ["eval.images_per_prompt = 0 is invalid", "integer >= 1"]),
     Case("NaN reward weight", train_args("rewards=[{name: 'toy_rewards:brightness', weight: .nan}]"),
          ["rewards[0].weight must be a finite number", "got nan"]),
     Case("infinite reward weight", train_args("rewards=[{name: 'toy_rewards:brightness', weight: .inf}]"),
          ["rewards[0].weight must be a finite number", "got inf"]),
     Case("negative advantage_clip", train_args("advantage.clip=-1"),
-         ["advantage_clip = -1.0 is invalid", "positive finite number"]),
-    Case("zero advantage_clip", train_args("advantage.clip=0"), ["advantage_clip = 0.0 is invalid"]),
+         ["advantage.clip = -1.0 is invalid", "positive finite number"]),
+    Case("zero advantage_clip", train_args("advantage.clip=0"), ["advantage.clip = 0.0 is invalid"]),
     Case("eval guidance below 1", train_args("eval.guidance_scale=0.5"),
-         ["eval_guidance_scale = 0.5 is invalid", "-1 (the same as guidance_scale)", ">= 1"]),
+         ["eval.guidance_scale = 0.5 is invalid", "-1 (the same as rollout.guidance_scale)", ">= 1"]),
     Case("infinite sigma_std", train_args("objective=diffusion_nft", "matching.sigma_std=.inf"),
          ["matching.sigma_std must be a finite number", "got inf"]),
     Case("infinite NFT beta", train_args("objective=diffusion_nft", "matching.beta=.inf"),
@@ -135,7 +135,7 @@ CASES = [
     Case("empty --out", ["train", "--config", "{d}/base.yaml", "--out", "", "--resume"],
          ["--out is empty", "unset shell variable"]),
     Case("zero steps", train_args("sampler.num_steps=0"), ["num_steps = 0", "at least one step"]),
-    Case("unknown precision", train_args("run.precision=fp16"), ["precision = 'fp16' is invalid", "'auto', 'fp32' or 'bf16'"]),
+    Case("unknown precision", train_args("run.precision=fp16"), ["run.precision = 'fp16' is invalid", "'auto', 'fp32' or 'bf16'"]),
     Case("every reward weight 0", train_args("rewards=[{name: 'toy_rewards:brightness', weight: 0}]"),
          ["every reward has weight 0", "non-zero weight"]),
     # names
@@ -330,13 +330,12 @@ def test_the_catalogue_in_the_docs_is_the_real_messages(files, tmp_path, capsys)
 
 
 def test_every_numeric_config_field_has_a_range_check():
-    """One place checks every value of train's config (`TrainConfig.checks`, `MatchingConfig.checks`,
-    `VGRPOConfig.checks`; the sampler's in `SamplerConfig`): a numeric field added without a range would take any
-    value."""
+    """One place checks every value of train's config (`TrainConfig.checks` and each section's `checks`; the
+    sampler's in `SamplerConfig`): a numeric field added without a range would take any value."""
     import dataclasses
     import typing
 
-    from mixgrpo.config import MatchingConfig, TrainConfig, VGRPOConfig
+    from mixgrpo.config import TrainConfig
 
     def numeric(cls, prefix=""):
         hints = typing.get_type_hints(cls)
@@ -347,7 +346,9 @@ def test_every_numeric_config_field_has_a_range_check():
             elif tp in (int, float) or typing.get_origin(tp) is tuple:
                 yield prefix + f.name
 
-    checked = {name for _, name, _, _ in TrainConfig().checks() + MatchingConfig().checks() + VGRPOConfig().checks()}
+    cfg = TrainConfig()
+    sections = [cfg, *(getattr(cfg, f.name) for f in dataclasses.fields(cfg))]
+    checked = {name for section in sections if hasattr(section, "checks") for _, name, _, _ in section.checks()}
     unchecked = sorted(set(numeric(TrainConfig)) - checked)
     assert unchecked == [], f"no range check for {unchecked}"
 
@@ -359,7 +360,7 @@ def test_catalogue_has_at_least_20_kinds():
 def test_debug_shows_the_traceback(files):
     from mixgrpo.config import ConfigError
 
-    with pytest.raises(ConfigError, match="did you mean 'iterations'"):
+    with pytest.raises(ConfigError, match="did you mean 'run.iterations'"):
         main(["--debug", *_fill(train_args("iteratons=3"), files, files / "unused")])
 
 

@@ -318,7 +318,7 @@ def _main(configs_file: str) -> None:
                 _train_here(data)
             except TrainingError as e:
                 if dist.is_main():
-                    (Path(data["out_dir"]) / "error.txt").write_text(str(e))
+                    (Path(data["run"]["out_dir"]) / "error.txt").write_text(str(e))
             finally:
                 dist.average_gradients = average
             continue

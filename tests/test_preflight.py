@@ -38,7 +38,7 @@ def test_every_problem_is_reported_at_once_one_line_each(tmp_path):
     assert len(lines) == 4
     assert "did you mean 'jpeg_compressibility'" in lines[0].lower()  # the registry's name, as the docs now use
     assert "no.pt" in lines[1] and "does not exist" in lines[1]
-    assert lines[2].startswith("eval_prompts:") and "does not exist" in lines[2]
+    assert lines[2].startswith("eval.prompts:") and "does not exist" in lines[2]
     assert "model.args do not fit model 'gaussian'" in lines[3] and "colour" in lines[3]
 
 

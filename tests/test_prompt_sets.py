@@ -49,7 +49,7 @@ def test_every_prompt_source_of_a_shipped_recipe_is_a_known_set(monkeypatch, tmp
             else:  # not shipped: the error names the fetch command and the licence
                 with pytest.raises(PromptSetError, match=f"mixgrpo prompts fetch {source}.*licence"):
                     read_prompts(source)
-        assert not {"train_prompts", "eval_prompts"} & set(path_fields(to_dict(cfg)))
+        assert not {"rollout.prompts", "eval.prompts"} & set(path_fields(to_dict(cfg)))
     assert {"hpdv2:train", "pickscore:train", "ocr:train", "video:train"} <= named
 
 

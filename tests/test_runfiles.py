@@ -16,6 +16,7 @@ from mixgrpo.rundir import read_metrics
 from mixgrpo.runfiles import identity, path_fields, without_paths
 from mixgrpo.train import train
 
+from gaussian_run import merged
 from tiny_pipelines import save_tiny_flux
 
 SIZE, MAX_SEQ = 32, 24
@@ -68,7 +69,7 @@ def test_a_moved_run_resumes_bit_exactly_samples_and_evaluates(machine_a, tmp_pa
     train(build_config(_recipe("runs/moving")), progress=False, stop_after=1)
     stored = yaml.safe_load((machine_a / "runs" / "moving" / "config.yaml").read_text())
     assert stored["model"]["args"]["path"] == str(machine_a / "ckpt" / "flux")  # absolute in config.yaml
-    assert stored["train_prompts"] == str(machine_a / "prompts" / "train.txt")
+    assert stored["rollout"]["prompts"] == str(machine_a / "prompts" / "train.txt")
 
     # the move: the run, the model, the cache and the prompts each to another place; nothing is left where it was
     elsewhere = tmp_path / "b"
@@ -84,7 +85,7 @@ def test_a_moved_run_resumes_bit_exactly_samples_and_evaluates(machine_a, tmp_pa
         # a plain resume names every file it lacks and the command that tells it where they are
         assert main(["train", "--out", "runs/moved", "--resume"]) == 2
         err = capsys.readouterr().err
-        for field in ("model.args.path", "model.args.embedding_cache", "train_prompts", "eval_prompts"):
+        for field in ("model.args.path", "model.args.embedding_cache", "rollout.prompts", "eval.prompts"):
             assert f"{field}=PATH" in err
         tell = ["model.args.path=models/flux", "model.args.embedding_cache=caches/flux-prompts",
                 "rollout.prompts=data/train.txt", "eval.prompts=data/test.txt"]
@@ -128,8 +129,9 @@ def test_a_run_pointed_at_another_model_is_refused(machine_a, tmp_path, monkeypa
     # other prompts are another run too
     edited = tmp_path / "train.txt"
     edited.write_text("\n".join(TRAIN[::-1]) + "\n")
-    with pytest.raises(CheckpointError, match="train_prompts"):
-        train(build_config({**_recipe(str(run)), "rollout": {"prompts": str(edited)}}), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="rollout.prompts"):
+        train(build_config(merged(_recipe(str(run)), {"rollout": {"prompts": str(edited)}})), resume=True,
+              progress=False)
 
 
 def test_a_checkpoint_from_before_file_identities_still_resumes(tmp_path, capsys):
@@ -165,14 +167,17 @@ def test_identity_is_the_content_not_the_place(tmp_path):
     # prompt sources: the prompts, whatever file or format holds them
     (tmp_path / "p.txt").write_text("one\ntwo\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
-    assert identity("train_prompts", str(tmp_path / "p.txt"))["sha256"] == \
-        identity("train_prompts", str(tmp_path / "p.jsonl"))["sha256"]
+    assert identity("rollout.prompts", str(tmp_path / "p.txt"))["sha256"] == \
+        identity("rollout.prompts", str(tmp_path / "p.jsonl"))["sha256"]
     assert "sha256" not in identity("model.args.path", str(tmp_path / "nowhere"))
 
 
 def test_path_fields_and_list_overrides():
-    data = {"rollout": {"prompts": "world:train"}, "eval": {"prompts": "p/test.txt"}, "model": {"name": "flux", "args": {"path": "/m", "height": 64, "embedding_cache": None}}, "rewards": [{"name": "hps", "args": {"path": "/h.pt", "tokenizer": "/tok"}}, {"name": "jpeg"}]}
-    assert path_fields(data) == {"eval": {"prompts": "p/test.txt"}, "model.args.path": "/m", "rewards[0].args.path": "/h.pt", "rewards[0].args.tokenizer": "/tok"}
+    data = {"rollout": {"prompts": "world:train"}, "eval": {"prompts": "p/test.txt"},
+            "model": {"name": "flux", "args": {"path": "/m", "height": 64, "embedding_cache": None}},
+            "rewards": [{"name": "hps", "args": {"path": "/h.pt", "tokenizer": "/tok"}}, {"name": "jpeg"}]}
+    assert path_fields(data) == {"eval.prompts": "p/test.txt", "model.args.path": "/m", "rewards[0].args.path": "/h.pt",
+                                 "rewards[0].args.tokenizer": "/tok"}
     assert without_paths(data)["rewards"][0]["args"] == {} and without_paths(data)["model"]["args"]["height"] == 64
     apply_override(data, "rewards[0].args.path=/new/h.pt")
     apply_override(data, "rewards[1].weight=0.5")
