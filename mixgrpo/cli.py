@@ -106,7 +106,7 @@ class ModelLoader:
     --model's registered default). --device, --dtype and --resolution apply to every model.
 
     With a run among the paths, what the command does not give follows the run's own held-out evaluation: its
-    eval prompts (the first eval_num_prompts), images per prompt, evaluation seed, sampling steps, shift and
+    eval prompts (the first eval.num_prompts), images per prompt, evaluation seed, sampling steps, shift and
     guidance, and (eval) its rewards; so `mixgrpo eval RUN` redraws the images the run evaluated."""
 
     def __init__(self, args: argparse.Namespace, paths: list[str | None]):
@@ -598,7 +598,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv) or world:train / world:heldout (default: a run's "
                                      "held-out prompts, the first eval.num_prompts of its eval.prompts)")
-    p.add_argument("--num-images", type=int, help="images per prompt (default: the run's eval_images_per_prompt, "
+    p.add_argument("--num-images", type=int, help="images per prompt (default: the run's eval.images_per_prompt, "
                                                   "else 1)")
     p.add_argument("--steps", type=int, help="sampling steps (default: a real model's pipeline default, e.g. 28 for "
                                              "FLUX.1; the tiny model: the run's sampler.num_steps, else 25)")
@@ -726,12 +726,12 @@ def build_parser() -> argparse.ArgumentParser:
                        allow_abbrev=False)
     p.add_argument("--config", help="a YAML file, or the name of a shipped recipe (configs/NAME.yaml: mixgrpo, "
                                     "flow_grpo, dance_grpo, ...); default: mixgrpo")
-    p.add_argument("--out", help="run directory (same as out_dir=...)")
+    p.add_argument("--out", help="run directory (same as run.out_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--dry-run", action="store_true", help="run the pre-flight and print the memory estimate, then "
                                                           "stop: no model loads, no run directory is written")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. iterations=10 sampler.window.size=2")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.iterations=10 sampler.window.size=2")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sample", help="prompts in, images out (any plan, hybrid inference)", allow_abbrev=False)
@@ -831,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting positionals at the first option: take key=value overrides placed after
-    # options too ("train --config C --out D lr=1e-4"); anything else is still an error.
+    # options too ("train --config C --out D optim.lr=1e-4"); anything else is still an error.
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:

@@ -33,17 +33,19 @@ from mixgrpo.plan import ALGORITHMS, SamplerConfig
 
 
 def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, was: str = "",
-           resumable: bool = False, compared: bool = True) -> Any:
-    """A config field with its facts as metadata (the lists below are derived from them):
+           resumable: bool = False, compared: bool | None = None) -> Any:
+    """A config field with its facts as metadata (`MOVED_KEYS`, `RESUMABLE_CHANGES` and `REFERENCE_IGNORED` are
+    derived from them). Its meaning is the comment on its line (`mixgrpo.configdoc`).
 
     was:       its key before the config had sections (a flat `lr`, now `optim.lr`): a run directory's saved
                config.yaml or a checkpoint with it still loads (`migrate`); a recipe or override with it is refused
-               with a message that names the new key (`MOVED_KEYS`).
-    resumable: a resume may change it (`RESUMABLE_CHANGES`): the run's length, where and how it logs, not what it
-               computes.
-    compared:  false: it does not change what a run computes at an evaluated iteration (or by float summation order
-               only), so a run is compared with a recipe's reference without it (`REFERENCE_IGNORED`).
+               with a message that names the new key.
+    resumable: a resume may change it: the run's length, where and how it logs, not what it computes.
+    compared:  whether a run is compared with a recipe's reference with it; false for what does not change what a
+               run computes at an evaluated iteration (or changes it by float summation order only). Default: not
+               for the resumable ones, else yes.
     """
+    compared = not resumable if compared is None else compared
     return field(default=default, default_factory=factory,
                  metadata={"was": was, "resumable": resumable, "compared": compared})
 
@@ -160,15 +162,15 @@ class ScoringConfig:
     """How the rewards are called: what a failed call costs (a reward that raises, times out or returns NaN/inf), and
     how the run talks to its reward servers (rewards with `server:`; docs/rewards.md)."""
 
-    retries: int = option(2, was="reward_policy.retries", resumable=True, compared=False)  # extra attempts per
-                                                                                            # reward call before the failure counts
-    max_failed_groups: float = option(0.25, was="reward_policy.max_failed_groups", resumable=True,
-                                      compared=False)  # abort when more than this fraction of an iteration's groups fail
-    server_timeout: float = option(120.0, was="reward_servers.timeout")  # seconds one /score request may take; then it
-                                                                         # fails and is retried (retries)
-    server_images: str = option("float32", was="reward_servers.images")  # how images travel: "float32" (exact: scores
-                                                                         # equal in-process ones bit for bit), "uint8"
-                                                                         # (4x smaller, quantised as a PNG would be) or "png"
+    retries: int = option(2, was="reward_policy.retries", resumable=True)  # extra attempts per reward call before
+                                                                           # the failure counts
+    max_failed_groups: float = option(0.25, was="reward_policy.max_failed_groups", resumable=True)  # abort when more
+                                                  # than this fraction of an iteration's groups fail
+    server_timeout: float = option(120.0, was="reward_servers.timeout")  # seconds one /score request may take; then
+                                                                         # it fails and is retried (retries)
+    server_images: str = option("float32", was="reward_servers.images")  # how images travel: "float32" (exact:
+                                                  # scores equal in-process ones bit for bit), "uint8" (4x smaller,
+                                                  # quantised as a PNG would be) or "png"
     server_token_env: str = option("", was="reward_servers.token_env")  # environment variable holding the servers'
                                                                         # bearer token; "" = send none
 
@@ -275,7 +277,8 @@ class OptimConfig:
     weight_decay: float = option(1e-4, was="weight_decay")  # AdamW weight decay
     betas: tuple[float, float] = option((0.9, 0.999), was="betas")  # AdamW betas
     grad_clip: float = option(1.0, was="grad_clip")  # gradient-norm clip per optimizer step; 0 = none
-    warmup_iterations: int = option(0, was="warmup_iterations")  # linear learning-rate warm-up over this many iterations
+    warmup_iterations: int = option(0, was="warmup_iterations")  # linear learning-rate warm-up over this many
+                                                                 # iterations
     ema_decay: float = option(0.0, was="ema_decay")  # 0 = no EMA; > 0: the held-out evaluations and final/ use the EMA
                                                      # weights (`mixgrpo export --no-ema` writes the trained ones from
                                                      # a checkpoint)
@@ -285,8 +288,10 @@ class OptimConfig:
         return [
             (0 < self.lr < math.inf, "optim.lr", self.lr, "a positive finite number"),
             (0 <= self.weight_decay < math.inf, "optim.weight_decay", self.weight_decay, "a finite number >= 0"),
-            (all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]"),
-            (0 <= self.grad_clip < math.inf, "optim.grad_clip", self.grad_clip, "a finite number >= 0 (0 = no clipping)"),
+            (all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+             "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+            (0 <= self.grad_clip < math.inf, "optim.grad_clip", self.grad_clip,
+             "a finite number >= 0 (0 = no clipping)"),
             (self.warmup_iterations >= 0, "optim.warmup_iterations", self.warmup_iterations,
              "an integer >= 0 (0 = no warm-up)"),
             (0 <= self.ema_decay < 1, "optim.ema_decay", self.ema_decay, "a number in [0, 1)"),
@@ -306,10 +311,10 @@ class UpdateConfig:
     epochs: int = option(1, was="update_epochs")  # passes over the iteration's samples, each of steps_per_epoch
                                                   # optimizer steps (forward-process objectives draw fresh training
                                                   # sigmas for every pass)
-    micro_batch_size: int = option(32, was="micro_batch_size", compared=False)  # samples per forward/backward (memory
-                                                                                # only: the update does not depend on it)
+    micro_batch_size: int = option(32, was="micro_batch_size", compared=False)  # samples per forward/backward
+                                                  # (memory only: the update does not depend on it)
     grad_checkpointing: bool = option(False, was="grad_checkpointing", compared=False)  # recompute the denoiser's
-                                                                                        # activations in backward (less memory)
+                                                  # activations in backward (less memory)
 
     def checks(self) -> list[tuple[bool, str, Any, str]]:
         """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
@@ -352,31 +357,31 @@ class EvalConfig:
 class RunConfig:
     """The run as a job: its length, seed, numeric precision, directory, checkpoints and logging."""
 
-    iterations: int = option(60, was="iterations", resumable=True, compared=False)  # rollout + update rounds
-    time_limit_minutes: float = option(0.0, was="time_limit_minutes", resumable=True, compared=False)  # > 0: end
-                               # (checkpoint, evaluate, export) after the iteration that reaches this many minutes of
-                               # training in this launch; 0 = no limit
-    seed: int = option(0, was="seed", compared=False)  # every random draw of the run derives from it (prompts, noise,
-                                                       # trained steps)
-    deterministic: bool = option(False, was="deterministic", resumable=True, compared=False)  # deterministic GPU
-                               # kernels: two runs of a config on one GPU are bit-equal (slower;
-                               # docs/reproducibility.md); CPU runs are bit-equal without it
-    precision: str = option("auto", was="precision", resumable=True, compared=False)  # "bf16" (autocast; fp32 master
-                               # weights), "fp32", or "auto": bf16 where the hardware multiplies bf16 matrices (CPU with
-                               # AMX, CUDA >= 8.0), else fp32 (mixgrpo.dtypes); a resume may change it (auto resolves
-                               # by the machine)
-    out_dir: str = option("runs/mixgrpo", was="out_dir", resumable=True, compared=False)  # the run directory
-    checkpoint_every: int = option(20, was="checkpoint_every", resumable=True, compared=False)  # iterations between
-                               # checkpoints (the last iteration is always checkpointed)
-    keep_checkpoints: int = option(2, was="keep_checkpoints", resumable=True, compared=False)  # complete checkpoints
-                               # kept; older ones are deleted
-    tensorboard: bool = option(True, was="tensorboard", resumable=True, compared=False)  # event files in
-                               # OUT/tensorboard (the package is in the tiny and models extras; the pre-flight names the
-                               # pip command when it is missing)
-    wandb_project: str = option("", was="wandb_project", resumable=True, compared=False)  # log to this Weights &
-                               # Biases project (needs the wandb package); "" = off
+    iterations: int = option(60, was="iterations", resumable=True)  # rollout + update rounds
+    time_limit_minutes: float = option(0.0, was="time_limit_minutes", resumable=True)  # > 0: end (checkpoint,
+                                                  # evaluate, export) after the iteration that reaches this many
+                                                  # minutes of training in this launch; 0 = no limit
+    seed: int = option(0, was="seed", compared=False)  # every random draw of the run derives from it (prompts,
+                                                  # noise, trained steps)
+    deterministic: bool = option(False, was="deterministic", resumable=True)  # deterministic GPU kernels: two runs
+                                                  # of a config on one GPU are bit-equal (slower;
+                                                  # docs/reproducibility.md); CPU runs are bit-equal without it
+    precision: str = option("auto", was="precision", resumable=True)  # "bf16" (autocast; fp32 master weights),
+                                                  # "fp32", or "auto": bf16 where the hardware multiplies bf16
+                                                  # matrices (CPU with AMX, CUDA >= 8.0), else fp32 (mixgrpo.dtypes);
+                                                  # a resume may change it (auto resolves by the machine)
+    out_dir: str = option("runs/mixgrpo", was="out_dir", resumable=True)  # the run directory
+    checkpoint_every: int = option(20, was="checkpoint_every", resumable=True)  # iterations between checkpoints
+                                                  # (the last iteration is always checkpointed)
+    keep_checkpoints: int = option(2, was="keep_checkpoints", resumable=True)  # complete checkpoints kept; older
+                                                  # ones are deleted
+    tensorboard: bool = option(True, was="tensorboard", resumable=True)  # event files in OUT/tensorboard (the
+                                                  # package is in the tiny and models extras; the pre-flight names
+                                                  # the pip command when it is missing)
+    wandb_project: str = option("", was="wandb_project", resumable=True)  # log to this Weights & Biases project
+                                                  # (needs the wandb package); "" = off
     profile: bool = option(False, was="profile", compared=False)  # count model calls and time spent inside them
-                               # (metrics model_calls/*, time/model_*)
+                                                  # (metrics model_calls/*, time/model_*)
 
     def checks(self) -> list[tuple[bool, str, Any, str]]:
         """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
@@ -485,8 +490,8 @@ class TrainConfig:
                               f"loss.grpo_guard: false")
         if objective.stores_transitions and self.sampler.train_steps == "none":
             final_samples = " / ".join(repr(n) for n in OBJECTIVES if not OBJECTIVES.get(n).stores_transitions)
-            raise ConfigError(f"algorithm {self.algorithm!r} trains no step (sampler.train_steps = 'none'), so GRPO has "
-                              f"nothing to re-score: use a GRPO algorithm, or objective {final_samples}, which "
+            raise ConfigError(f"algorithm {self.algorithm!r} trains no step (sampler.train_steps = 'none'), so GRPO "
+                              f"has nothing to re-score: use a GRPO algorithm, or objective {final_samples}, which "
                               f"train on the final samples of any plan")
         if not objective.stores_transitions:
             if self.sampler.sde_steps == "none" and self.rollout.shared_noise:

@@ -80,8 +80,8 @@ def is_checkpoint_dir(path: str | Path) -> bool:
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()):
-    """The TrainConfig a run was trained with (its config.yaml, of any mixgrpo version), with `key.sub=value` overrides (a moved run's
-    files: model.args.path=/new/place)."""
+    """The TrainConfig a run was trained with (its config.yaml, written by any mixgrpo version), with `key.sub=value`
+    overrides (a moved run's files: model.args.path=/new/place)."""
     from mixgrpo.config import load_config
 
     return load_config(Path(run_dir) / CONFIG, overrides, saved=True)
@@ -152,7 +152,7 @@ def final_or_latest(run_dir: str | Path) -> Path:
     latest = latest_checkpoint(run_dir)
     if latest is None:
         raise ConfigError(f"run {run_dir} has no final/ and {describe_checkpoints(run_dir)}: it has no fine-tuned "
-                          f"model yet; wait for its first checkpoint (checkpoint_every)")
+                          f"model yet; wait for its first checkpoint (run.checkpoint_every)")
     return latest
 
 

@@ -133,7 +133,8 @@ def _activations(cfg: TrainConfig, root: Path, transformer: Any, get) -> dict[st
     rows = cfg.update.micro_batch_size * (2 if guided else 1) * objective.forwards_per_backward(cfg)
     scale = (2 if cfg.run.precision in ("bf16", "auto") else 4) / 2  # the formula's bytes are 16-bit
     per_layer = 34 * tokens * rows * hidden * scale
-    stored = (2 * tokens * rows * hidden * scale * layers + per_layer) if cfg.update.grad_checkpointing else per_layer * layers
+    checkpointed = cfg.update.grad_checkpointing
+    stored = (2 * tokens * rows * hidden * scale * layers + per_layer) if checkpointed else per_layer * layers
     how = "gradient checkpointing" if cfg.update.grad_checkpointing else "no checkpointing"
     return {f"activations ({rows} rows x {tokens} tokens x {hidden} wide x {layers} layers, {how})": stored}
 

@@ -11,7 +11,7 @@
 An objective (`Objective`) tells the config, the pre-flight, the memory estimate and the trainer what it needs
 (`stores_transitions`, `guided_update`, `sampler_decay`), which steps the rollout stores (`train_mask`), how many loss terms a sample has (`terms`), and
 runs the update (`update`) through the shared update loop (`mixgrpo.train.update.UpdateLoop`) over the micro-batches
-of `micro_batches`. Each takes an optional KL term to the frozen base (`kl_beta`).
+of `micro_batches`. Each takes an optional KL term to the frozen base (`loss.kl_beta`).
 
 Adding an objective: one class with the protocol's members, registered with `@OBJECTIVES.register("name")`.
 """
@@ -153,7 +153,8 @@ class GRPO:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> GRPO:
-        return cls(policy, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.rollout.guidance_scale, rescore_old, cfg.loss.grpo_guard)
+        return cls(policy, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.rollout.guidance_scale, rescore_old,
+                   cfg.loss.grpo_guard)
 
     @staticmethod
     def forwards_per_backward(cfg: TrainConfig) -> int:
@@ -378,7 +379,7 @@ class DiffusionNFT(ForwardProcess):
 class AWM(ForwardProcess):
     """AWM, Advantage Weighted Matching (arXiv 2509.25050): the clipped policy loss with the flow-matching surrogate
     log p = -w(sigma) ||v - u||^2 (`mixgrpo.flow_matching.awm_log_prob`) as the log-probability, the sampling
-    policy's as the old one. With the guard (`grpo_guard`), the ratio is re-centred as GRPO-Guard's
+    policy's as the old one. With the guard (`loss.grpo_guard`), the ratio is re-centred as GRPO-Guard's
     (`mixgrpo.grpo.guard_log_ratio`): the surrogate is log N(u | v, 1 / (2 w)), the mean v, the std 1 / sqrt(2 w)."""
 
     supports_guard = True
@@ -431,7 +432,7 @@ class VGRPO(ForwardProcess):
     negative flow-matching loss of the final sample over M = v_grpo.pairs timestep-noise pairs (`vgrpo_pairs`), in
     GRPO's clipped loss with one ratio per sample against the sampling policy (`mixgrpo.flow_matching.vgrpo_loss`).
     An optimizer step's micro-batch runs M trained forwards before its backward (M times the activations of the
-    other forward-process objectives). The stabilisers are options of `v_grpo:` (and `clip_range`, `kl_beta`)."""
+    other forward-process objectives). The stabilisers are options of `v_grpo:` (and `loss.clip_range`, `loss.kl_beta`)."""
 
     def __init__(self, policy: Policy, matching: MatchingConfig, clip_range: float, kl_beta: float,
                  micro_batch_size: int, updates: int, epochs: int, v_grpo: VGRPOConfig, group_size: int):
@@ -440,8 +441,8 @@ class VGRPO(ForwardProcess):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> VGRPO:
-        return cls(policy, cfg.matching, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.update.micro_batch_size, cfg.update.steps_per_epoch,
-                   cfg.update.epochs, cfg.v_grpo, cfg.rollout.group_size)
+        return cls(policy, cfg.matching, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.update.micro_batch_size,
+                   cfg.update.steps_per_epoch, cfg.update.epochs, cfg.v_grpo, cfg.rollout.group_size)
 
     @staticmethod
     def forwards_per_backward(cfg: TrainConfig) -> int:

@@ -5,7 +5,7 @@ first evaluation, or every iteration since the last checkpoint. Each problem is 
 all of them are reported together:
 
 - packages: every Python package the run imports beyond the core (the model's, LoRA's peft, the reward models'
-  transformers, tensorboard when `tensorboard: true`, wandb when `wandb_project` is set), each missing one named
+  transformers, tensorboard when `run.tensorboard: true`, wandb when `run.wandb_project` is set), each missing one named
   with the pip command that installs it (`package_problems`); programs a reward runs (OCR's tesseract) are
   checked by the reward's own `check()`;
 - devices: model.args.device and every reward's args.device exist in this torch build and machine;
@@ -87,9 +87,9 @@ def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, st
     for reward in cfg.rewards:
         needs += [(m, f"reward {reward.name!r}") for m in REWARD_MODULES.get(reward.name, ())]
     if cfg.run.tensorboard:
-        needs.append(("tensorboard", "tensorboard: true (set tensorboard=false to go without)"))
+        needs.append(("tensorboard", "run.tensorboard: true (set run.tensorboard=false to go without)"))
     if cfg.run.wandb_project:
-        needs.append(("wandb", f"wandb_project = {cfg.run.wandb_project!r}"))
+        needs.append(("wandb", f"run.wandb_project = {cfg.run.wandb_project!r}"))
     return needs
 
 

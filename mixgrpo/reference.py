@@ -264,8 +264,8 @@ def build_reference(run_dirs: list[str | Path], machine: str, note: str = "") ->
     for run in runs[1:]:
         changed = config_diff(mine, comparable(run.config))
         if changed:
-            raise ConfigError(f"the runs differ in more than their seed ({run.path}: {'; '.join(changed)}): a reference "
-                              f"is one recipe over seeds")
+            raise ConfigError(f"the runs differ in more than their seed ({run.path}: {'; '.join(changed)}): a "
+                              f"reference is one recipe over seeds")
     seeds = [str(r.config["run"]["seed"]) for r in runs]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"two runs share a seed ({seeds}): give one run per seed")

@@ -143,10 +143,10 @@ def test_missing_packages_are_named_with_their_pip_command_before_any_model_load
     code = cli.main(["train", "--config", "sd35_mixgrpo", "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "peft (LoRA (lora.rank = 32))" in err[0] and "tensorboard (tensorboard: true" in err[0]
+    assert "peft (LoRA (lora.rank = 32))" in err[0] and "tensorboard (run.tensorboard: true" in err[0]
     assert re.search(r": pip install 'peft[>=<~!.0-9]*' 'tensorboard[>=<~!.0-9]*'$", err[0]), err[0]
     assert not (tmp_path / "run").exists()
-    # tensorboard=false goes without it; full fine-tuning (rank 0) needs no peft
+    # run.tensorboard=false goes without it; full fine-tuning (rank 0) needs no peft
     assert problems_of(_cfg(run={"tensorboard": False})) == []
     assert not any("peft" in p for p in problems_of(_cfg(run={"tensorboard": False}, lora={"rank": 0})))
 
@@ -157,7 +157,7 @@ def test_a_reward_model_and_wandb_name_their_packages(monkeypatch):
     _without(monkeypatch, "transformers", "wandb")
     cfg = _cfg(rewards=[{"name": "pickscore", "args": {"path": "x"}}], run={"wandb_project": "p"})
     (line,) = package_problems(cfg)
-    assert "transformers (reward 'pickscore')" in line and "wandb (wandb_project = 'p')" in line
+    assert "transformers (reward 'pickscore')" in line and "wandb (run.wandb_project = 'p')" in line
     assert package_problems(_cfg()) == []  # the gaussian model and the jpeg reward import nothing more
 
 

@@ -668,7 +668,7 @@ def test_non_finite_loss_stops_before_touching_the_weights(kind, message, faults
     run = tmp_path / "run"
     assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and message in err and "lower lr" in err
+    assert err.count("\n") == 0 and message in err and "lower optim.lr" in err
     latest = load_checkpoint(latest_checkpoint(run))
     assert latest["state"]["iteration"] == 2 and torch.isfinite(latest["model"]["mu"]).all()
     assert len(read_metrics(run)) == 2
@@ -700,7 +700,7 @@ def test_a_diverged_update_is_never_logged_or_checkpointed(faults_dir, tmp_path,
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0, err
     assert err.startswith("error: the update of iteration 3 made 24 of 48 trainable weights NaN or inf") and \
-        "not logged or saved" in err and "lower lr" in err, err
+        "not logged or saved" in err and "lower optim.lr" in err, err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
     assert all(torch.isfinite(load_checkpoint(p)["model"]["mu"]).all() for p in (run / "checkpoints").iterdir())
     assert [m["iteration"] for m in read_metrics(run)] == [1, 2]
@@ -722,7 +722,7 @@ def test_non_finite_images_stop_the_run_before_they_are_scored(faults_dir, tmp_p
                  "eval.num_prompts=0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: the rollout of iteration 3 gave 8 of 8 images with NaN")
-    assert "lower lr" in err
+    assert "lower optim.lr" in err
     assert latest_checkpoint(run).name == "iter_000002" and len(read_metrics(run)) == 2
 
 
@@ -784,7 +784,7 @@ def live_run(faults_dir, tmp_path) -> Path:
 
 
 def test_export_of_a_checkpoint_rotated_away_while_the_base_loads_succeeds(live_run, tmp_path, monkeypatch, capsys):
-    """The trainer deletes the chosen checkpoint (keep_checkpoints) while the base model loads, minutes for
+    """The trainer deletes the chosen checkpoint (run.keep_checkpoints) while the base model loads, minutes for
     FLUX: its weights were read before, so the export succeeds (it failed 4 of 4 times)."""
     import mixgrpo.export as export
 

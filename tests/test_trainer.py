@@ -210,7 +210,7 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
     assert grids == [(0, *sizes["before"][::-1]), (3, *sizes["after"][::-1])]
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "iterations: 3" in config_text
-    assert inits[0]["project"] == "proj" and inits[0]["config"]["iterations"] == 3
+    assert inits[0]["project"] == "proj" and inits[0]["config"]["run"]["iterations"] == 3
     steps = [s for s, v in logged[:-1] if "reward/brightness" in v]
     assert steps == [1, 2, 3] and logged[-1] == "finished"
     assert [s for s, v in logged[:-1] if "samples" in v] == [0, 3]

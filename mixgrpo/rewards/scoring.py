@@ -59,7 +59,8 @@ def server_scorers(specs: list[RewardConfig], labels: list[str],
         if spec.servers:
             grouped.setdefault(tuple(spec.servers), {})[label] = (spec.name, spec.args, spec.frames)
     token = token_from(servers.server_token_env) if grouped else None
-    return [ServerScorer(urls, group, servers.server_timeout, token, servers.server_images) for urls, group in grouped.items()]
+    return [ServerScorer(urls, group, servers.server_timeout, token, servers.server_images)
+            for urls, group in grouped.items()]
 
 
 def build_rewards(specs: list[RewardConfig], build: bool = True,

@@ -46,7 +46,7 @@ def recorded_fingerprint(recorded: dict[str, Any]) -> dict[str, Any]:
 def check_resumable(checkpoint: Path, recorded: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
     """Refuse to resume from a checkpoint of another configuration or other files (`fingerprint`s: the recorded
     one of `checkpoint`'s state.json and this launch's), naming the differences and the fix. A different global
-    batch alone (another world size) gets the prompts_per_iteration that restores it. A checkpoint written before
+    batch alone (another world size) gets the rollout.prompts_per_iteration that restores it. A checkpoint written before
     files were identified (it records their paths as config values) is compared without its paths."""
     recorded = recorded_fingerprint(recorded)
     old, new = without_paths(recorded["config"]), current["config"]

@@ -5,15 +5,15 @@ steps are SDE, ODE or DPM-Solver++, and which are trained. Each iteration (`Trai
 
 1. plan        build_plan(sampler, iteration, seed): the window position is a pure function of both
 2. rollout     P prompts x G images, shared initial noise per group, old log-probs from the rollout itself; in
-               `rollout_chunks` chunks of whole groups, each decoded and handed to the rewards when it is done
+               `rollout.chunks` chunks of whole groups, each decoded and handed to the rewards when it is done
 3. rewards     scored on the decoded images under the failure policy (`mixgrpo.rewards.scoring`), in-process or by
-               reward servers; with `reward_overlap`, in the background while the next chunk rolls out
+               reward servers; with `rollout.reward_overlap`, in the background while the next chunk rolls out
                (`mixgrpo.train.overlap`), so the update waits only for what is missing
 4. advantages  the rewards fused into group-normalised advantages; failed groups get 0
 5. update      the objective (`mixgrpo.objectives`): GRPO re-scores the stored transitions under the
-               clipped policy loss; DiffusionNFT / AWM train on the final samples. `updates_per_iteration`
+               clipped policy loss; DiffusionNFT / AWM train on the final samples. `update.steps_per_epoch`
                optimizer steps per pass; step u sees the u-th share of every group
-6. log         one line of metrics.jsonl; a checkpoint every `checkpoint_every` iterations
+6. log         one line of metrics.jsonl; a checkpoint every `run.checkpoint_every` iterations
 
 All randomness derives from (seed, iteration, global prompt index) (`mixgrpo.seeding`), so a resumed run
 reproduces the uninterrupted one and the result does not depend on how prompts are spread over ranks.
@@ -74,7 +74,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     memory.report(cfg, dist.world_size())
     # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
     attention = contextlib.nullcontext() if cfg.update.grad_checkpointing else CpuAttentionBackward()
-    with claim(cfg.run.out_dir, resume), attention, deterministic_kernels(cfg.run.deterministic):  # claimed before any model loads
+    # the run directory is claimed before any model loads
+    with claim(cfg.run.out_dir, resume), attention, deterministic_kernels(cfg.run.deterministic):
         trainer = Trainer(cfg, resume)
         try:
             return trainer.run(progress, stop_after)
@@ -113,7 +114,8 @@ class Trainer:
         self._open_records()
         self.clock = ModelClock(self.model, sync=self.device.type == "cuda") if cfg.run.profile else None
         self.phases = PhaseProgress(self.model)  # bars inside an iteration that takes long (rank 0)
-        self.loop = UpdateLoop(self.params, optimizer, cfg.update.micro_batch_size, cfg.optim.grad_clip, self.ema, self.clock)
+        self.loop = UpdateLoop(self.params, optimizer, cfg.update.micro_batch_size, cfg.optim.grad_clip, self.ema,
+                               self.clock)
         self.held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
         # held-out evaluations on the model's own pipeline grid (a real model), else the training grid's ODE plan
         grid = grid_of(cfg.model.name, cfg.model.args)
@@ -151,14 +153,16 @@ class Trainer:
         cfg = self.cfg
         self.rewards = RewardSet(cfg.rewards, cfg.scoring.retries, cfg.parallel.rewards_on == "rank0",
                                  cfg.scoring)
-        self.scoring = ChunkScoring(self.rewards, cfg.rollout.group_size, cfg.rollout.reward_overlap and cfg.rollout.chunks > 1)
+        self.scoring = ChunkScoring(self.rewards, cfg.rollout.group_size,
+                                    cfg.rollout.reward_overlap and cfg.rollout.chunks > 1)
         self.train_prompts = read_prompts(cfg.rollout.prompts)
         self.eval_prompts = read_prompts(cfg.eval.prompts)[: cfg.eval.num_prompts]
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """After the wrap (they hold the wrapped parameters): AdamW, the warm-up schedule and the EMA copy."""
         cfg = self.cfg
-        optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+        optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                      weight_decay=cfg.optim.weight_decay)
         warmup = max(cfg.optim.warmup_iterations, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
         self.ema = EMA(self.params, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
@@ -169,7 +173,8 @@ class Trainer:
         update's (`layouts_agree`, which needs the precision, the wrapped model and that row); the objective and the
         sampling copy it asks for (of the wrapped parameters)."""
         cfg = self.cfg
-        self.uncond_row = cond_to(self.model.encode_prompts([""]), self.device) if cfg.rollout.guidance_scale != 1.0 else None
+        guided = cfg.rollout.guidance_scale != 1.0
+        self.uncond_row = cond_to(self.model.encode_prompts([""]), self.device) if guided else None
         # GRPO's old log-probs are the rollout's only if a row's velocity does not depend on the batch it is in
         objective = OBJECTIVES.get(cfg.objective)
         self.rescore_old = objective.stores_transitions and not layouts_agree(self.model, cfg, self.autocast,
@@ -222,7 +227,8 @@ class Trainer:
         watch.lap("rollout")
         with self.phases.phase(f"it {it + 1} scoring", total=chunks, unit="chunk"):
             scores, failed, failed_all, scoring_seconds = self.score(it)
-        advantages = self.rewards.advantages(scores, failed, cfg.advantage.reward_mode, cfg.advantage.std, cfg.advantage.clip)
+        advantages = self.rewards.advantages(scores, failed, cfg.advantage.reward_mode, cfg.advantage.std,
+                                             cfg.advantage.clip)
         watch.lap("reward")
         if stop_signalled(stop):
             return None
@@ -248,7 +254,7 @@ class Trainer:
 
     def rollout(self, plan: Plan, groups: Groups, it: int) -> Trajectory:
         """G images per prompt along `plan`, with the weights the objective samples from; stores what it trains.
-        In `rollout_chunks` chunks of whole groups: each chunk's decoded images go to `self.scoring` at once."""
+        In `rollout.chunks` chunks of whole groups: each chunk's decoded images go to `self.scoring` at once."""
         cfg, G, P = self.cfg, self.cfg.rollout.group_size, len(groups.prompts)
         mask = self.objective.train_mask(plan, P * G, cfg.run.seed, it, groups.first * G)
         seeds = group_seeds(cfg.run.seed, it, groups.first, P)
@@ -262,7 +268,8 @@ class Trainer:
                     swapped_weights(self.model, shadow_of(self.sampler)):
                 parts.append(rollout(self.model, plan, cond_index(groups.cond, rows), G, seeds[rows],
                                      mask[a * G:b * G], None if groups.uncond is None else
-                                     cond_index(groups.uncond, rows), cfg.rollout.guidance_scale, cfg.rollout.shared_noise))
+                                     cond_index(groups.uncond, rows), cfg.rollout.guidance_scale,
+                                     cfg.rollout.shared_noise))
             with torch.no_grad():
                 images = self.model.decode(parts[-1].final).float()
             require_finite_images(images, it)
@@ -289,7 +296,8 @@ class Trainer:
         self.model.train()
         samples = Samples(plan, traj, advantages.flatten().to(self.device), cond_repeat_interleave(groups.cond, G),
                           None if groups.uncond is None else cond_repeat_interleave(groups.uncond, G),
-                          update_shares(cfg.run.seed, it, groups.first, P, G, cfg.update.steps_per_epoch, cfg.update.epochs),
+                          update_shares(cfg.run.seed, it, groups.first, P, G, cfg.update.steps_per_epoch,
+                                        cfg.update.epochs),
                           sample_seeds(cfg.run.seed, it, groups.first * G, P * G))
         stats = self.objective.update(self.loop, samples)
         if self.sampler is not None:
@@ -331,7 +339,7 @@ class Trainer:
         this launch): evaluations, checkpoints, the export and the summary. A signal raises TrainingStopped after
         its checkpoint; every other end of a launch leaves by the one return at the bottom."""
         cfg = self.cfg
-        if self.start == 0 and self.eval_prompts:  # eval_num_prompts = 0 skips evaluation
+        if self.start == 0 and self.eval_prompts:  # eval.num_prompts = 0 skips evaluation
             self.evaluate(0, "before")
         limit, done, end = TimeLimit(cfg.run.time_limit_minutes), 0, self.start
         finished = True  # the run's last iteration or the time limit reached (False: `stop_after` ended the launch)
@@ -457,7 +465,7 @@ def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], con
     uncond = None if uncond_row is None else rows(uncond_row)
     training = model.training
     model.eval()
-    with autocast(), dist.unsharded(model, cfg.parallel):  # in the rollout's chunks (rollout_chunks)
+    with autocast(), dist.unsharded(model, cfg.parallel):  # in the rollout's chunks (rollout.chunks)
         v_rollout = torch.cat([guided_velocity(model, x[a * G:b * G], sigma[a * G:b * G], cond_index(cond, rows),
                                                None if uncond is None else cond_index(uncond, rows),
                                                cfg.rollout.guidance_scale)
