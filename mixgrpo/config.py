@@ -1,12 +1,16 @@
 """Typed configuration: dataclasses are the source of truth, YAML files hold recipes, and
 `key.sub=value` overrides come from the command line.
 
-    cfg = load_config("configs/mixgrpo.yaml", ["iterations=10", "sampler.window.size=2"])
+    cfg = load_config("configs/mixgrpo.yaml", ["run.iterations=10", "sampler.window.size=2"])
     cfg = load_config(recipe_path("mixgrpo"))  # a shipped recipe by name, from a checkout or an installed package
+    cfg = load_config("runs/x/config.yaml", saved=True)  # a run's own config, written by any mixgrpo version
 
-Unknown keys and values of the wrong type are errors that name the field and suggest the fix.
-`algorithm: NAME` selects a sampler preset from `mixgrpo.plan.ALGORITHMS`; `sampler.*` keys then
-override single fields of that preset.
+`TrainConfig` is in sections (rollout, advantage, loss, optim, update, eval, run, ...; docs/design.md). Unknown keys
+and values of the wrong type are errors that name the field and suggest the fix; a key of the flat layout before
+the sections (`lr`) is refused with its new place (`optim.lr`), except in what a run stored (`migrate`).
+`algorithm: NAME` selects a sampler preset from `mixgrpo.plan.ALGORITHMS`; `sampler.*` keys then override single
+fields of that preset. A recipe may start from another (`base: NAME` or `base: path/relative/to/it.yaml`,
+`read_recipe`).
 """
 
 from __future__ import annotations

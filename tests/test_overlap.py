@@ -69,10 +69,10 @@ def test_an_overlapped_run_resumed_ends_equal_to_the_uninterrupted_one(tmp_path)
     assert torch.equal(w, w2) and m == m2
 
 
-@pytest.mark.parametrize("over, field", [({"rollout": {"chunks": 4}}, "rollout_chunks"),
-                                         ({"rollout": {"chunks": 0}}, "rollout_chunks"),
+@pytest.mark.parametrize("over, field", [({"rollout": {"chunks": 4}}, "rollout.chunks"),
+                                         ({"rollout": {"chunks": 0}}, "rollout.chunks"),
                                          ({"rollout": {"chunks": 2}, "parallel": {"rewards_on": "rank0"}},
-                                          "reward_overlap")])
+                                          "rollout.reward_overlap")])
 def test_bad_chunking_is_refused_naming_the_field(over, field):
     with pytest.raises(ConfigError, match=field):
         build_config(gaussian_run(**merged({"rollout": {"prompts_per_iteration": 3}}, over)))
