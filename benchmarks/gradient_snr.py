@@ -92,7 +92,7 @@ def main() -> None:
         for target, a in ((real, adv), (shuffled, adv_shuffled)):
             grpo.update(loop, Samples(plan, traj, a.flatten(), cond_repeat_interleave(cond, G),
                                       None if uncond is None else cond_repeat_interleave(uncond, G),
-                                      [torch.arange(P * G)], seeds=[]))
+                                      [torch.arange(P * G)], seeds=[], prompts=[p for p in prompts for _ in range(G)]))
             target.append(torch.cat([p.grad.flatten() for p in params.values()]).clone())
         print(f"batch {b + 1}/{args.batches}: " + ", ".join(f"{k} {float(v.mean()):.3f}" for k, v in scores.items()),
               flush=True)

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py --minutes 6 --seeds 0 1 2 --algorithms dance_grpo mixgrpo mixgrpo_flash_star
     python benchmarks/quality.py --algorithms mixgrpo diffusion_nft \
-        --variant nft_flash_star diffusion_nft algorithm=mixgrpo_flash_star shared_noise=true
+        --variant nft_flash_star diffusion_nft algorithm=mixgrpo_flash_star rollout.shared_noise=true
 
 Each (algorithm, seed) run is the algorithm's recipe from configs/ with `time_limit_minutes` set to the
 budget (a run also ends at the recipe's iteration count, or --max-iterations) and a checkpoint every

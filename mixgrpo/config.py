@@ -162,6 +162,40 @@ class VGRPOConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """One frozen teacher of on-policy distillation (`distill.teachers`)."""
+
+    path: str = ""  # a run directory (its final/, else its latest checkpoint), a checkpoint of a run, or an exported
+                    # model directory (RUN/final, mixgrpo export --out) of the student's own model
+    prompts: str = ""  # the prompts it teaches, a prompt source as rollout.prompts (file, world:SPLIT, NAME:SPLIT):
+                       # the training prompts it holds are routed to this teacher; "" = every training prompt
+    weight: float = 1.0  # weight of its KL term
+
+
+@dataclass
+class DistillConfig:
+    """On-policy distillation (objective: opd; Flow-OPD, arXiv 2605.08063; docs/notation.md): the student rolls out
+    on its own, and at every trained SDE step the KL between its Gaussian transition and each routed teacher's at the
+    same state is minimised; a training prompt is routed to every teacher whose `prompts` hold it."""
+
+    teachers: list[TeacherConfig] = field(default_factory=list)  # the frozen teachers, each with the prompts it teaches
+    reward_weight: float = 0.0  # weight of GRPO's clipped loss on the rewards' advantages beside the KL; 0 = the
+                                # teachers alone (the rewards are still scored and logged)
+
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [(0 <= self.reward_weight < math.inf, "distill.reward_weight", self.reward_weight,
+                 "a finite number >= 0 (0 = the teachers alone)")] + [
+            check for i, t in enumerate(self.teachers) for check in (
+                (bool(t.path), f"distill.teachers[{i}].path", t.path,
+                 "a run directory, a checkpoint of a run or an exported model directory"),
+                (0 < t.weight < math.inf, f"distill.teachers[{i}].weight", t.weight, "a finite number > 0"))]
+
+    def __post_init__(self):
+        check_values(self.checks())
+
+
+@dataclass
 class ScoringConfig:
     """How the rewards are called: what a failed call costs (a reward that raises, times out or returns NaN/inf), and
     how the run talks to its reward servers (rewards with `server:`; docs/rewards.md)."""
@@ -407,14 +441,15 @@ class RunConfig:
 
 @dataclass
 class TrainConfig:
-    """A training run. `algorithm` and `sampler` decide the rollout's steps, `objective` (with `matching` or `v_grpo`)
-    what is trained on them; the other sections are shared by every objective."""
+    """A training run. `algorithm` and `sampler` decide the rollout's steps, `objective` (with `matching`, `v_grpo` or
+    `distill`) what is trained on them; the other sections are shared by every objective."""
 
     algorithm: str = option("mixgrpo", was="algorithm")  # sampler preset: a key of mixgrpo.plan.ALGORITHMS
     sampler: SamplerConfig = option(factory=SamplerConfig, was="sampler")
     objective: str = option("grpo", was="objective")  # one of OBJECTIVES: what the rollout trains
     matching: MatchingConfig = option(factory=MatchingConfig, was="matching")
     v_grpo: VGRPOConfig = option(factory=VGRPOConfig, was="v_grpo")
+    distill: DistillConfig = option(factory=DistillConfig, was="distill")
     model: ModelConfig = option(factory=ModelConfig, was="model")
     lora: LoraConfig = option(factory=LoraConfig, was="lora")
     rewards: list[RewardConfig] = option(factory=lambda: [RewardConfig()], was="rewards")
@@ -492,6 +527,12 @@ class TrainConfig:
             raise ConfigError(f"loss.grpo_guard re-centres the ratio of a Gaussian density with one std per sample, "
                               f"which objective {self.objective!r} does not clip: use objective {with_guard}, or "
                               f"loss.grpo_guard: false")
+        if objective.distills != bool(self.distill.teachers):
+            distilling = " / ".join(repr(n) for n in OBJECTIVES if OBJECTIVES.get(n).distills)
+            raise ConfigError(f"objective {self.objective!r} distills frozen teachers: give distill.teachers (each a "
+                              f"run directory or exported model, with the prompts it teaches)" if objective.distills
+                              else f"distill.teachers are read by objective {distilling} only: set objective: "
+                                   f"{distilling}, or remove distill.teachers")
         if objective.stores_transitions and self.sampler.train_steps == "none":
             final_samples = " / ".join(repr(n) for n in OBJECTIVES if not OBJECTIVES.get(n).stores_transitions)
             raise ConfigError(f"algorithm {self.algorithm!r} trains no step (sampler.train_steps = 'none'), so GRPO "

@@ -2,6 +2,10 @@
 
 Used by `mixgrpo eval` and by the trainer's before/after evaluation. Seeds depend only on (seed, prompt
 index, image index), so base, fine-tuned and hybrid models are compared on the same initial noise.
+
+An image-conditioned model is evaluated on examples: `inputs` gives each prompt's input images (as
+`FlowModel.encode_prompts` takes them); its unconditional rows are the empty prompt with the same images, and
+the rewards that compare a result with its input (`takes_inputs`) get the first input image of each.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import torch
 
 from mixgrpo.errors import UserError
 from mixgrpo.fileio import writing
-from mixgrpo.models.base import FlowModel, cond_to
+from mixgrpo.images import first_inputs
+from mixgrpo.models.base import FlowModel, Images, cond_to, encode_examples
 from mixgrpo.plan import Plan
 from mixgrpo.progress import bar
 from mixgrpo.rollout import sample
@@ -34,6 +39,7 @@ class EvalResult:
     prompts: list[str]  # N prompts
     images: torch.Tensor  # [N, n, 3, H, W]
     scores: dict[str, torch.Tensor]  # reward name -> [N, n]
+    inputs: torch.Tensor | None = None  # [N, 3, H, W]: each prompt's first input image (image-conditioned models)
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per reward: mean, 95% confidence half-width over images, mean of per-prompt best (best-of-n)."""
@@ -51,24 +57,30 @@ class EvalResult:
 def generate(model: FlowModel, prompts: Sequence[str], plan: Plan, images_per_prompt: int = 1, seed: int = 0,
              guidance_scale: float = 1.0, batch_size: int = 64, switch_model: FlowModel | None = None,
              switch_at: int | None = None, desc: str = "sampling",
-             stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
+             stop: Callable[[], bool] | None = None, inputs: Images | None = None) -> torch.Tensor | None:
     """[N, n, 3, H, W] images in [0, 1]: image j of prompt i starts from the noise of `image_seeds(seed, [(i, j)])`.
     Batches of `batch_size` images (memory only: an image does not depend on its batch); a progress bar `desc`.
     A batch with a NaN or inf latent or pixel raises NonFiniteImages at once, as the trainer's rollout check does
     (`mixgrpo.train.control.require_finite_images`): saved, such an image is black; scored, a wrong number.
-    stop: checked before every batch; None is returned as soon as it is true (a training run told to stop)."""
+    stop: checked before every batch; None is returned as soon as it is true (a training run told to stop).
+    inputs: each prompt's input images (an image-conditioned model), else None."""
     device = next(model.parameters()).device
     jobs = [(i, j) for i in range(len(prompts)) for j in range(images_per_prompt)]
-    uncond_row = cond_to(model.encode_prompts([""]), device) if guidance_scale != 1.0 else None
+    guided = guidance_scale != 1.0
+    uncond_row = cond_to(model.encode_prompts([""]), device) if guided and inputs is None else None
     out = []
     with bar(total=len(jobs), desc=desc, unit="image") as progress:
         for start in range(0, len(jobs), batch_size):
             if stop is not None and stop():
                 return None
             chunk = jobs[start:start + batch_size]
-            cond = cond_to(model.encode_prompts([prompts[i] for i, _ in chunk]), device)
-            uncond = None if uncond_row is None else {k: v.expand(len(chunk), *v.shape[1:])
-                                                      for k, v in uncond_row.items()}
+            images_in = None if inputs is None else [inputs[i] for i, _ in chunk]
+            cond = cond_to(encode_examples(model, [prompts[i] for i, _ in chunk], images_in), device)
+            if images_in is not None and guided:  # the empty prompt with each example's own images
+                uncond = cond_to(model.encode_prompts([""] * len(chunk), images_in), device)
+            else:
+                uncond = None if uncond_row is None else {k: v.expand(len(chunk), *v.shape[1:])
+                                                          for k, v in uncond_row.items()}
             seeds = image_seeds(seed, chunk)
             latents = sample(model, plan, cond, seeds, uncond, guidance_scale, switch_model, switch_at)
             images = model.decode(latents).float().cpu()
@@ -86,26 +98,48 @@ def generate(model: FlowModel, prompts: Sequence[str], plan: Plan, images_per_pr
     return images.view(len(prompts), images_per_prompt, *images.shape[1:])
 
 
-def score_images(rewards: RewardFns, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """images [N, n, 3, H, W] -> reward name -> [N, n] scores."""
+def score_images(rewards: RewardFns, images: torch.Tensor, prompts: Sequence[str],
+                 inputs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """images [N, n, 3, H, W] -> reward name -> [N, n] scores; inputs [N, 3, H, W]: each prompt's first input image,
+    for the rewards that take them."""
     n_prompts, n = images.shape[:2]
     flat_prompts = [p for p in prompts for _ in range(n)]
     flat = images.flatten(0, 1)
-    return {name: fn(flat, flat_prompts).float().view(n_prompts, n)
-            for name, fn in bar(iterable=rewards, desc="scoring", unit="reward")}
+    flat_inputs = None if inputs is None else inputs.repeat_interleave(n, dim=0)
+
+    def score(fn: Callable) -> torch.Tensor:  # a reward that compares with the inputs gets them (rewards.base)
+        takes = flat_inputs is not None and getattr(fn, "takes_inputs", False)
+        return torch.as_tensor(fn(flat, flat_prompts, inputs=flat_inputs) if takes else fn(flat, flat_prompts))
+
+    return {name: score(fn).float().view(n_prompts, n) for name, fn in bar(iterable=rewards, desc="scoring",
+                                                                            unit="reward")}
 
 
 def evaluate(model: FlowModel, prompts: Sequence[str], rewards: RewardFns, plan: Plan, images_per_prompt: int = 1,
              seed: int = 0, guidance_scale: float = 1.0, switch_model: FlowModel | None = None,
              switch_at: int | None = None, batch_size: int = 64, desc: str = "evaluation",
-             stop: Callable[[], bool] | None = None) -> EvalResult | None:
+             stop: Callable[[], bool] | None = None, inputs: Images | None = None) -> EvalResult | None:
     """Images of `generate` and their scores; None when `stop` became true (checked before every batch and
-    before the scoring)."""
+    before the scoring). inputs: each prompt's input images (an image-conditioned model)."""
     images = generate(model, prompts, plan, images_per_prompt, seed, guidance_scale, batch_size=batch_size,
-                      switch_model=switch_model, switch_at=switch_at, desc=desc, stop=stop)
+                      switch_model=switch_model, switch_at=switch_at, desc=desc, stop=stop, inputs=inputs)
     if images is None or (stop is not None and stop()):
         return None
-    return EvalResult(list(prompts), images, score_images(rewards, images, prompts))
+    first = None if inputs is None else first_inputs(inputs, tuple(images.shape[-2:]))
+    return EvalResult(list(prompts), images, score_images(rewards, images, prompts, first), first)
+
+
+def save_sample_grid(res: EvalResult, path: str | Path, count: int = 64) -> None:
+    """The grid of the first image of each of the first `count` prompts, captioned with its prompt; for an
+    image-conditioned model each result follows its input image (captioned "input"), so the grid reads input,
+    instruction, result."""
+    from mixgrpo.images import is_video, save_grid
+
+    samples, captions = res.images[:count, 0], list(res.prompts[:count])
+    if res.inputs is not None and not is_video(samples):
+        pairs = torch.stack([res.inputs[: len(samples)].to(samples.dtype), samples], dim=1)  # [n, 2, 3, H, W]
+        samples, captions = pairs.flatten(0, 1), [c for p in captions for c in ("input", p)]
+    save_grid(samples, path, nrow=8, scale=2, captions=captions)
 
 
 def write_report(results: dict[str, EvalResult], out_dir: str | Path) -> Path:

@@ -79,6 +79,20 @@ def is_checkpoint_dir(path: str | Path) -> bool:
     return (path / MARKER).is_file() and (path / "state.json").is_file() and is_run_dir(path.parent.parent)
 
 
+def model_source(path: str | Path) -> tuple[Path | None, Path]:
+    """(the run directory or None, the fine-tuned weights) a model path names: a run directory (its final/, else its
+    latest checkpoint: `final_or_latest`), a checkpoint of a run, an export inside a run (RUN/final), or an export
+    directory outside any run (run None)."""
+    path = Path(path).expanduser()
+    if is_run_dir(path):
+        return path, final_or_latest(path)
+    if is_checkpoint_dir(path):
+        return path.parent.parent, path
+    if path.is_dir() and is_run_dir(path.parent):
+        return path.parent, path
+    return None, path
+
+
 def run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()):
     """The TrainConfig a run was trained with (its config.yaml, written by any mixgrpo version), with `key.sub=value`
     overrides (a moved run's files: model.args.path=/new/place)."""

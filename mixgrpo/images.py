@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from mixgrpo.errors import ConfigError
 from mixgrpo.fileio import atomic_file
 
 VIDEO_FPS = 16  # the frame rate diffusers' Wan examples export at (export_to_video(frames, fps=16))
@@ -26,6 +27,54 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     """[3, H, W] float in [0, 1] -> RGB PIL image."""
     array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array, "RGB")
+
+
+class InputImageError(ConfigError):
+    """An input image (of an editing or image-to-video example) cannot be used; the message names the fix."""
+
+
+def load_input(path: str | Path, size: tuple[int, int]) -> torch.Tensor:
+    """An example's input image as [3, H, W] float in [0, 1] at `size` = (H, W), the size the model takes
+    (`FlowModel.image_size`). An image of another size with the same aspect ratio (within 1%) is resized (Lanczos);
+    another aspect ratio is refused: cropping or padding is the user's choice, not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputImageError(f"input image {str(path)!r} does not exist: fix the path (relative paths in a prompt "
+                              f"file are relative to its directory)")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise InputImageError(f"input image {str(path)!r} is not an image Pillow can read ({type(e).__name__}): give "
+                              f"a PNG, JPEG or WebP file") from None
+    h, w = size
+    if (img.height, img.width) != (h, w):
+        if abs(img.width / img.height - w / h) > 0.01 * (w / h):
+            raise InputImageError(f"input image {str(path)!r} is {img.width}x{img.height} but the model takes "
+                                  f"{w}x{h} (another aspect ratio): crop or pad it to {w}:{h}, or set the model's "
+                                  f"resolution to its aspect ratio")
+        img = img.resize((w, h), Image.Resampling.LANCZOS)
+    array = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
+    return array.permute(2, 0, 1).float() / 255
+
+
+def load_inputs(examples: Sequence, size: tuple[int, int]) -> list[tuple[torch.Tensor, ...]] | None:
+    """The input images of `examples` (`mixgrpo.prompts.Example`) at `size`, one tuple per example (the `images`
+    argument of `FlowModel.encode_prompts`), or None when they have none (text-to-image)."""
+    if not any(e.images for e in examples):
+        return None
+    # read at every use, not kept: a PNG decodes in milliseconds, a cache of 1024^2 inputs would take gigabytes
+    return [tuple(load_input(p, tuple(size)) for p in e.images) for e in examples]
+
+
+def first_inputs(images: Sequence[tuple[torch.Tensor, ...]], size: tuple[int, int]) -> torch.Tensor:
+    """[B, 3, H, W]: the first input image of each example, resized (bilinear) to `size` = (H, W) when it differs:
+    what a reward that compares a result with its input (`takes_inputs`) gets."""
+    first = torch.stack([t[0] for t in images])
+    if tuple(first.shape[-2:]) != tuple(size):
+        first = torch.nn.functional.interpolate(first, size=tuple(size), mode="bilinear", antialias=True,
+                                                align_corners=False).clamp(0, 1)
+    return first
 
 
 def is_video(samples: torch.Tensor, batched: bool = True) -> bool:

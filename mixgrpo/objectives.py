@@ -3,13 +3,16 @@
 - `GRPO` ("grpo"): the clipped policy loss (`mixgrpo.grpo.policy_loss`) over the rollout's stored SDE transitions,
   each re-scored with the current weights (`mixgrpo.sampling.transition_log_prob`); every algorithm of
   `mixgrpo.plan.ALGORITHMS` that trains steps.
+- `OnPolicyDistillation` ("opd"): Flow-OPD (arXiv 2605.08063): the same stored transitions, trained toward the
+  transitions of frozen teachers at the same states (the closed-form Gaussian KL, `mixgrpo.grpo.kl_to_reference`), each
+  sample routed to its prompt's teachers (`route`); optionally GRPO's loss on the rewards beside it.
 - `DiffusionNFT` ("diffusion_nft"), `AWM` ("awm") and `VGRPO` ("v_grpo"): forward-process objectives
   (`mixgrpo.flow_matching`) on the rollout's final samples only, noised again by the forward process (their shared
   core: `ForwardProcess`); any plan feeds them. The rollout runs a soft copy of the weights (the sampling copy,
   `matching.sampler_decay`), which the trainer keeps and updates after every iteration.
 
 An objective (`Objective`) tells the config, the pre-flight, the memory estimate and the trainer what it needs
-(`stores_transitions`, `guided_update`, `sampler_decay`), which steps the rollout stores (`train_mask`), how many loss terms a sample has (`terms`), and
+(`stores_transitions`, `guided_update`, `sampler_decay`, `distills`), which steps the rollout stores (`train_mask`), how many loss terms a sample has (`terms`), and
 runs the update (`update`) through the shared update loop (`mixgrpo.train.update.UpdateLoop`) over the micro-batches
 of `micro_batches`. Each takes an optional KL term to the frozen base (`loss.kl_beta`).
 
@@ -31,7 +34,7 @@ from mixgrpo.models.base import Cond, cond_index, guided_velocity
 from mixgrpo.plan import Plan, train_mask
 from mixgrpo.registry import Registry
 from mixgrpo.rollout import Trajectory
-from mixgrpo.sampling import transition_log_prob
+from mixgrpo.sampling import sde_mean_std, transition_log_prob
 
 if TYPE_CHECKING:
     from mixgrpo.config import MatchingConfig, TrainConfig, VGRPOConfig
@@ -48,16 +51,35 @@ def micro_batches(indices: torch.Tensor, size: int) -> tuple[torch.Tensor, ...]:
 
 
 @dataclass
+class Teacher:
+    """A frozen teacher of on-policy distillation: its velocity (x, sigma, cond) -> v (a model of the student's own
+    architecture, so that the student's conditioning rows are its too), the training prompts it teaches (None: every
+    one) and the weight of its KL term."""
+
+    velocity: Velocity
+    prompts: frozenset[str] | None
+    weight: float
+
+
+def route(prompts: list[str], teachers: list[Teacher]) -> torch.Tensor:
+    """[B, T] weights: w_k where teacher k teaches sample b's prompt (its `prompts` hold it, or it teaches every
+    prompt), else 0. prompts: the prompt of each of the B samples."""
+    return torch.tensor([[t.weight if t.prompts is None or p in t.prompts else 0.0 for t in teachers]
+                         for p in prompts], dtype=torch.float32).view(len(prompts), len(teachers))
+
+
+@dataclass
 class Policy:
     """The trained model as an objective sees it: `model` (the live weights), `reference` (the frozen base as a
-    velocity callable, for the KL term), `autocast` (the compute-precision context of the forward passes) and
+    velocity callable, for the KL term), `autocast` (the compute-precision context of the forward passes),
     `sampling` (a context in which `model` carries the weights the rollout sampled with: the sampling copy of the
-    forward-process objectives; the live weights by default)."""
+    forward-process objectives; the live weights by default) and `teachers` (on-policy distillation's)."""
 
     model: torch.nn.Module
     reference: Velocity
     autocast: Callable[[], Any]
     sampling: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
+    teachers: list[Teacher] = field(default_factory=list)
 
 
 @dataclass
@@ -66,7 +88,7 @@ class Samples:
 
     traj: the rollout (stored transitions [B, K, ...] and final samples [B, *latent]); advantages: [B];
     cond, uncond: [B, ...] rows (uncond None without CFG); shares: sample indices of each optimizer step;
-    seeds: [B] the samples' own seeds (the forward-process draws).
+    seeds: [B] the samples' own seeds (the forward-process draws); prompts: [B] each sample's prompt.
     """
 
     plan: Plan
@@ -76,6 +98,7 @@ class Samples:
     uncond: Cond | None
     shares: list[torch.Tensor]
     seeds: list[int]
+    prompts: list[str]
 
 
 class Objective(Protocol):
@@ -93,6 +116,10 @@ class Objective(Protocol):
     supports_guard: ClassVar[bool]
     """Whether `grpo_guard` applies: the loss clips the importance ratio of a Gaussian density (transition or
     surrogate) with one std per sample."""
+
+    distills: ClassVar[bool]
+    """Whether the loss distills frozen teachers (`distill.teachers`, `Policy.teachers`); every other objective
+    refuses them."""
 
     sampler_decay: float
     """> 0: the rollout samples from a soft copy of the weights, theta_old <- d theta_old + (1 - d) theta after every
@@ -144,6 +171,7 @@ class GRPO:
     stores_transitions = True
     guided_update = True
     supports_guard = True
+    distills = False
     sampler_decay = 0.0  # the rollout runs the live weights
 
     def __init__(self, policy: Policy, clip_range: float, kl_beta: float, guidance_scale: float,
@@ -200,7 +228,7 @@ class GRPO:
         return old, old_mean
 
     def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
-        traj, plan, policy = s.traj, s.plan, self.policy
+        traj, plan = s.traj, s.plan
         # the guard needs the old transition means, which the rollout does not store: it always re-scores
         if self.rescore_old or self.guard:
             old_log_prob, old_mean = self._rescored(s, loop.micro_batch_size)  # [B, K], [B, K, *latent] or None
@@ -211,28 +239,106 @@ class GRPO:
         def loss_of(u: int, mb: torch.Tensor, k: int, stats: UpdateStats):
             cond = cond_index(s.cond, mb)
             uncond = None if s.uncond is None else cond_index(s.uncond, mb)
-            x, x_next = traj.x[mb, k], traj.x_next[mb, k]                   # [N, *latent]
-            sigma, sigma_next = traj.sigma[mb, k], traj.sigma_next[mb, k]   # [N] float64
             logp, mean, std = self._log_prob(s, mb, k, cond, uncond)
             if self.guard:
                 log_ratio = guard_log_ratio(logp - old_log_prob[mb, k], mean, old_mean[mb, k], std)
-                weight = guard_step_weight(sigma, sigma_next, mean_step)
+                weight = guard_step_weight(traj.sigma[mb, k], traj.sigma_next[mb, k], mean_step)
                 loss, step_stats = ratio_loss(log_ratio, s.advantages[mb], self.clip_range, weight)
             else:
                 loss, step_stats = policy_loss(logp, old_log_prob[mb, k], s.advantages[mb], self.clip_range)
-            if self.kl_beta > 0:
-                with torch.no_grad(), policy.autocast():
-                    v_ref = guided_velocity(policy.reference, x, sigma.float(), cond, uncond, self.guidance_scale)
-                mean_ref = transition_log_prob(x, v_ref, x_next, sigma, sigma_next, plan.sde_form, plan.eta).mean
-                kl = kl_to_reference(mean, mean_ref, std).mean()
-                loss = loss + self.kl_beta * kl
-                step_stats = {**step_stats, "kl_to_base": kl.detach()}
+            loss, step_stats = self._with_base_kl(loss, step_stats, s, mb, k, mean, std, cond, uncond)
             if u == 0:
                 if self.guard:
                     stats.note_ratio(log_ratio, torch.zeros_like(log_ratio))
                 else:
                     stats.note_ratio(logp, old_log_prob[mb, k])
             return loss, step_stats
+
+        return loop.run(s.shares, traj.x.shape[1], loss_of, traj.x.device)
+
+    def _transition_mean(self, velocity: Velocity, s: Samples, rows: torch.Tensor, k: int, cond: Cond,
+                         uncond: Cond | None) -> torch.Tensor:
+        """[N, *latent]: the transition mean of a frozen `velocity` (the base, a teacher) at the stored states of
+        samples `rows`, slot k (cond, uncond: those rows'), as the rollout's guidance computes it."""
+        traj = s.traj
+        x, sigma = traj.x[rows, k], traj.sigma[rows, k]
+        with torch.no_grad(), self.policy.autocast():
+            v = guided_velocity(velocity, x, sigma.float(), cond, uncond, self.guidance_scale)
+        return sde_mean_std(x, v, sigma, traj.sigma_next[rows, k], s.plan.sde_form, s.plan.eta)[0]
+
+    def _with_base_kl(self, loss: torch.Tensor, step_stats: dict[str, torch.Tensor], s: Samples, mb: torch.Tensor,
+                      k: int, mean: torch.Tensor, std: torch.Tensor, cond: Cond,
+                      uncond: Cond | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss plus kl_beta times the KL of the live transitions (mean [N, *latent], std) to the frozen base's."""
+        if self.kl_beta <= 0:
+            return loss, step_stats
+        kl = kl_to_reference(mean, self._transition_mean(self.policy.reference, s, mb, k, cond, uncond), std).mean()
+        return loss + self.kl_beta * kl, {**step_stats, "kl_to_base": kl.detach()}
+
+
+@OBJECTIVES.register("opd")
+class OnPolicyDistillation(GRPO):
+    """On-policy distillation, Flow-OPD (arXiv 2605.08063, sec. 4): the student rolls out on its own (the plan's SDE
+    steps, stored as GRPO stores them), and at every stored transition x -> x' the loss is the closed-form KL between
+    the student's Gaussian transition N(mu_theta(x), s^2) and each routed teacher's N(mu_k(x), s^2) at the same state,
+    with the same std s:
+
+        L = mean over samples and trained steps of  sum_k w_k ||mu_theta - mu_k||^2 / (2 s^2)
+
+    (`mixgrpo.grpo.kl_to_reference`: a mean over latent elements, as the log-probs; w_k from `route`). Its gradient
+    pulls the student's transition mean toward its teachers' weighted mean (the paper's "mode blending" of the
+    routed teachers). The paper writes this KL as a detached per-step reward inside the clipped ratio; a reward that
+    depends on the state only has a ratio gradient of zero in expectation, and the official script keeps the
+    reward's gradient (at ratio 1: this KL's), so the KL is minimised directly here. reward_weight > 0 adds GRPO's
+    clipped loss on the rewards' advantages (the official script's "mixed" mode); kl_beta the KL to the frozen base
+    (an anchor on every prompt, as the paper's Manifold Anchor Regularization, whose anchor is a teacher instead: a
+    teacher with `prompts: ""` is that)."""
+
+    supports_guard = False
+    distills = True
+
+    def __init__(self, policy: Policy, clip_range: float, kl_beta: float, guidance_scale: float,
+                 rescore_old: bool = False, reward_weight: float = 0.0):
+        super().__init__(policy, clip_range, kl_beta, guidance_scale, rescore_old)
+        self.reward_weight = reward_weight
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> OnPolicyDistillation:
+        return cls(policy, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.rollout.guidance_scale, rescore_old,
+                   cfg.distill.reward_weight)
+
+    def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
+        traj, teachers = s.traj, self.policy.teachers
+        weights = route(s.prompts, teachers).to(traj.x.device)  # [B, T]
+        old_log_prob = None
+        if self.reward_weight > 0:
+            old_log_prob = self._rescored(s, loop.micro_batch_size)[0] if self.rescore_old else traj.log_prob
+
+        def loss_of(u: int, mb: torch.Tensor, k: int, stats: UpdateStats):
+            cond = cond_index(s.cond, mb)
+            uncond = None if s.uncond is None else cond_index(s.uncond, mb)
+            logp, mean, std = self._log_prob(s, mb, k, cond, uncond)  # mean [N, *latent], std [N, 1, ...]
+            kl = torch.zeros(len(mb), dtype=torch.float32, device=mean.device)  # [N] sum_k w_k KL_k
+            step_stats = {}
+            for t, teacher in enumerate(teachers):
+                w = weights[mb, t]                                               # [N]
+                rows = w.nonzero().flatten()                                     # the samples it teaches
+                kl_t = torch.zeros_like(kl)
+                if len(rows):
+                    mean_t = self._transition_mean(teacher.velocity, s, mb[rows], k, cond_index(cond, rows),
+                                                   None if uncond is None else cond_index(uncond, rows))
+                    kl_t = kl_t.index_put((rows,), kl_to_reference(mean[rows], mean_t, std[rows]).float())
+                kl = kl + w * kl_t
+                step_stats[f"kl_to_teacher{t}"] = kl_t.detach().mean()  # over all samples, 0 where it does not teach
+            loss = kl.mean()
+            step_stats["kl_to_teachers"] = loss.detach()
+            if self.reward_weight > 0:
+                policy, policy_stats = policy_loss(logp, old_log_prob[mb, k], s.advantages[mb], self.clip_range)
+                loss = loss + self.reward_weight * policy
+                step_stats.update(policy_stats)
+                if u == 0:
+                    stats.note_ratio(logp, old_log_prob[mb, k])
+            return self._with_base_kl(loss, step_stats, s, mb, k, mean, std, cond, uncond)
 
         return loop.run(s.shares, traj.x.shape[1], loss_of, traj.x.device)
 
@@ -297,6 +403,7 @@ class ForwardProcess:
     stores_transitions = False
     guided_update = False
     supports_guard = False
+    distills = False
 
     def __init__(self, policy: Policy, matching: MatchingConfig, clip_range: float, kl_beta: float,
                  micro_batch_size: int, updates: int, epochs: int, guard: bool = False):

@@ -12,10 +12,15 @@ all of them are reported together:
 - rewards: registered names, arguments that fit the factory, and their files (paths, checkpoint keys and
   shapes, checked on the meta device by `reward.check()`, before any reward model is built); a reward with
   `server:` instead: each of its servers answers /health and hosts it with the config's arguments;
-- prompts: the train and eval prompt files read;
+- prompts: the train and eval prompt files read; their input images (editing, image-to-video) exist and are images,
+  and they fit the model: images exactly when it is image-conditioned (`ModelSpec.image_inputs`), no more per
+  example than it takes, and a reward that compares with the inputs (`takes_inputs`) only where there are some;
 - the model: its name, arguments that fit its factory, and its own checks (`ModelSpec.check`): the pipeline
   directory, the embedding cache's coverage of the train and eval prompts, its widths and token length
   against the transformer and model.args, prompt lengths against the text encoders.
+- the teachers of on-policy distillation (`distill.teachers`): each path holds a model (a run, a checkpoint, an
+  export), a run's model is the student's, each teacher's prompts are read and hold training prompts, and every
+  training prompt has a teacher unless a reward term trains it too;
 - the trained steps: every sigma a GRPO run's plans train, over all its iterations, lies in the range the model
   can train (`ModelSpec.trained_sigma_check`; Wan 2.2 A14B trains one expert).
 
@@ -25,12 +30,13 @@ Rank 0 checks and broadcasts what it found, so every rank stops together.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
 
 from mixgrpo import dist, packages
 from mixgrpo.config import ConfigError, TrainConfig, getattr_path
-from mixgrpo.prompts import read_prompts
+from mixgrpo.prompts import Example, read_examples, read_prompts
 
 
 class PreflightError(ConfigError):
@@ -54,17 +60,72 @@ def problems_of(cfg: TrainConfig) -> list[str]:
         if not spec.servers:  # a served reward's device is the server's
             problems += device_problems(f"rewards[{i}].args.device", spec.args.get("device"))
     problems += _reward_problems(cfg)
-    prompts: dict[str, tuple[str, list[str]]] = {}
+    examples: dict[str, tuple[str, list[Example]]] = {}
     for split, field, count in (("train", "rollout.prompts", None), ("eval", "eval.prompts", cfg.eval.num_prompts)):
         source = getattr_path(cfg, field)
         if count == 0:
             continue  # no evaluation: the eval prompts are never read
         try:
-            prompts[split] = (source, read_prompts(source)[:count])
+            examples[split] = (source, read_examples(source)[:count])
         except ValueError as e:
             problems.append(f"{field}: {e}")
+    prompts = {k: (src, [e.prompt for e in ex]) for k, (src, ex) in examples.items()}
+    problems += input_problems(cfg.model.name, examples, cfg.rewards)
     problems += _model_problems(cfg, prompts)
+    problems += _teacher_problems(cfg, prompts["train"][1] if "train" in prompts else None)
     return problems + _trained_sigma_problems(cfg)
+
+
+def input_problems(model: str, examples: dict[str, tuple[str, list[Example]]], specs: list = ()) -> list[str]:
+    """The examples' input images against the model and the rewards: each file opens as an image, an
+    image-conditioned model gets images and a text-to-image model none, no example has more than the model takes,
+    and a reward that compares with the inputs (`takes_inputs`) has some (specs: the rewards' configs)."""
+    from PIL import Image
+
+    from mixgrpo.models import MODELS
+
+    wanted = MODELS.spec(model).image_inputs if model in MODELS.names() else None
+    problems = []
+    for split, (source, items) in examples.items():
+        most = max((len(e.images) for e in items), default=0)
+        if wanted is not None and wanted and not most:
+            problems.append(f"{split}_prompts: model {model!r} edits input images ({wanted} per example) but {source} "
+                            f"gives none: give an example file with images (docs/prompts.md), e.g. world:edit_{split}")
+        elif wanted is not None and not wanted and most:
+            problems.append(f"{split}_prompts: {source} gives input images but model {model!r} is text-to-image: "
+                            f"use an editing model (e.g. tiny_edit), or a prompt file without images")
+        elif wanted and most > wanted:
+            problems.append(f"{split}_prompts: an example of {source} has {most} input images, model {model!r} takes "
+                            f"at most {wanted}: give each example at most {wanted}")
+        for path in dict.fromkeys(p for e in items for p in e.images):
+            try:
+                with Image.open(path) as img:
+                    img.size  # noqa: B018  (the header parses)
+            except (OSError, ValueError) as e:
+                problems.append(f"{split}_prompts: input image {path!r} of {source} is not an image Pillow can read "
+                                f"({type(e).__name__}): give PNG, JPEG or WebP files")
+                break
+        if not most:
+            for i, spec in enumerate(specs):
+                if _takes_inputs(spec):
+                    problems.append(f"rewards[{i}] ({spec.name}) compares each result with its example's input "
+                                    f"image, but the {split} prompts ({source}) have none: drop it, or train an "
+                                    f"editing model on examples with images")
+    return problems
+
+
+def _takes_inputs(spec) -> bool:
+    """Whether a reward's config names one that compares with input images (built lazily; False when it cannot be
+    built: `_reward_problems` says why)."""
+    import mixgrpo.rewards  # noqa: F401  (registers the rewards)
+    from mixgrpo.rewards import build_reward
+
+    if spec.servers:
+        return False  # the server says what it takes (checked by the server's own pre-flight)
+    try:
+        return bool(getattr(build_reward(spec.name, spec.args, spec.frames), "takes_inputs", False))
+    except ValueError:
+        return False
 
 
 REWARD_MODULES = {name: ("transformers",) for name in ("hps", "imagereward", "pickscore", "clipscore", "aesthetic")}
@@ -192,6 +253,67 @@ def _model_problems(cfg: TrainConfig, prompts: dict[str, tuple[str, list[str]]])
     except ValueError:  # a callable without a signature: nothing to check
         pass
     return spec.check(cfg.model.args, prompts) if spec.check is not None else []
+
+
+MACHINE_ARGS = ("device", "dtype", "embedding_cache")
+"""model.args that say where and how a model runs, not what it is: a teacher may differ from the student in them."""
+
+
+def _teacher_problems(cfg: TrainConfig, train_prompts: list[str] | None) -> list[str]:
+    """One line per problem of `cfg.distill.teachers` (module docstring). train_prompts: the run's training prompts
+    (None when they cannot be read: said already)."""
+    from mixgrpo.config import load_config
+    from mixgrpo.rundir import CONFIG
+
+    problems: list[str] = []
+    taught: set[str] = set()
+    teaches_all = False
+    for i, spec in enumerate(cfg.distill.teachers):
+        where = f"distill.teachers[{i}]"
+        path = Path(spec.path).expanduser()
+        # its run: the run directory, the run of an export in it (RUN/final), or of a checkpoint (RUN/checkpoints/N)
+        run = next((p for p in (path, path.parent, path.parent.parent) if (p / CONFIG).is_file()), None)
+        if not path.exists():
+            problems.append(f"{where}.path: {spec.path} does not exist: give a run directory, a checkpoint of a run "
+                            f"or an exported model directory (RUN/final)")
+        elif run is not None:
+            theirs, ours = _model_identity(load_config(run / CONFIG).model), _model_identity(cfg.model)
+            if theirs != ours:
+                problems.append(f"{where}.path: run {run} trains {_describe(*theirs)} and the student is "
+                                f"{_describe(*ours)}: a teacher must be the student's own model, since it reads the "
+                                f"student's states and conditioning")
+        elif not any(path.glob("*.safetensors")):
+            problems.append(f"{where}.path: {spec.path} holds no model (no run's config.yaml, no exported weights): "
+                            f"give a run directory, a checkpoint of a run or an exported model directory (RUN/final)")
+        if not spec.prompts:
+            teaches_all = True
+            continue
+        try:
+            prompts = set(read_prompts(spec.prompts))
+        except ValueError as e:
+            problems.append(f"{where}.prompts: {e}")
+            continue
+        if train_prompts is not None and not prompts & set(train_prompts):
+            problems.append(f"{where}.prompts: {spec.prompts} holds none of the training prompts "
+                            f"({cfg.rollout.prompts}), so this teacher would teach nothing: give the prompts it teaches "
+                            f"as rollout.prompts writes them")
+        taught |= prompts
+    if train_prompts is not None and cfg.distill.teachers and not teaches_all and cfg.distill.reward_weight == 0:
+        untaught = [p for p in train_prompts if p not in taught]
+        if untaught:
+            problems.append(f"distill.teachers: {len(untaught)} of the {len(train_prompts)} training prompts (e.g. "
+                            f"{untaught[0]!r}) have no teacher and no reward term: add them to a teacher's prompts, "
+                            f"add a teacher with prompts '' (every prompt), or set distill.reward_weight > 0")
+    return problems
+
+
+def _model_identity(model) -> tuple[str, dict]:
+    """(name, args without MACHINE_ARGS) of a ModelConfig: what a teacher must share with the student."""
+    return model.name, {k: v for k, v in model.args.items() if k not in MACHINE_ARGS}
+
+
+def _describe(name: str, args: dict) -> str:
+    return f"model {name!r}" + (f" ({', '.join(f'{k}={v}' for k, v in args.items())})" if args else "")
 
 
 def _trained_sigma_problems(cfg: TrainConfig) -> list[str]:

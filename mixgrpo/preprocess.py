@@ -30,9 +30,9 @@ import torch
 from mixgrpo.dtypes import cpu_bf16_instructions, parse_dtype
 from mixgrpo.errors import ConfigError
 from mixgrpo.models.base import Cond
-from mixgrpo.models.text import EmbeddingCache, write_cache
+from mixgrpo.models.text import EmbeddingCache, example_key, write_cache
 from mixgrpo.progress import bar
-from mixgrpo.prompts import read_prompts
+from mixgrpo.prompts import Example, read_examples
 
 def _encode_fn(model: Any) -> Callable[[list[str]], Cond]:
     """`encode_prompts` of a FlowModel, or `encode` of a text encoder (or of an EmbeddingCache)."""
@@ -59,13 +59,21 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
     source: free-form description stored in the index (model name, path, ...). dtype: what floating-point
     embeddings are stored as (None: as encoded). Prints what `write_cache` reports (a resume, the prompts the
     text encoders truncated). Returns `out_dir`.
+    Examples with input images (an image-conditioned model) are cached by example (`example_key`): each (prompt,
+    images) and CFG's ("", images), the images read at the model's `image_size()`.
     Raises ValueError for a missing, empty, non-UTF-8 or malformed prompt file.
     """
     if shard_size < 1 or batch_size < 1:
         raise ConfigError(f"preprocess: shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
     files = [str(prompt_files)] if isinstance(prompt_files, (str, Path)) else [str(f) for f in prompt_files]
-    prompts = unique_prompts([p for f in files for p in read_prompts(f)])
+    examples = [e for f in files for e in read_examples(f)]
     encode = _encode_fn(model)
+    keyed_by = "prompt"
+    if any(e.images for e in examples):
+        prompts, encode = _example_rows(examples, model, encode)
+        keyed_by = "example"
+    else:
+        prompts = unique_prompts([e.prompt for e in examples])
     if dtype is not None:
         encode_as = encode
         store = parse_dtype(dtype)
@@ -75,10 +83,33 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
 
     with bar(total=len(prompts), desc="encoding prompts", unit="prompt") as progress:
         notes = write_cache(prompts, encode, out_dir, {"prompt_file": " ".join(files), **(source or {})}, shard_size,
-                            batch_size, progress)
+                            batch_size, progress, keyed_by)
     for line in notes:
         print(line, flush=True)
     return Path(out_dir)
+
+
+def _example_rows(examples: list[Example], model: Any,
+                  encode: Callable) -> tuple[list[str], Callable[[list[str]], Cond]]:
+    """(the distinct `example_key`s of `examples` and of their CFG rows ("" with the same images), an encoder of a
+    batch of them): the images are read again for each batch, so that they are never all in memory."""
+    from mixgrpo.images import load_inputs
+
+    if not callable(getattr(model, "image_size", None)):
+        raise ConfigError("preprocess: these prompts have input images, which only the whole model encodes (at its "
+                          "image size); preprocess them with a model whose description has no separate text encoder")
+    size = model.image_size()
+    rows: dict[str, tuple[str, Example]] = {}
+    for e in examples:
+        images = load_inputs([e], size)[0]
+        for prompt in (e.prompt, ""):
+            rows.setdefault(example_key(prompt, images), (prompt, e))
+
+    def encode_rows(keys: list[str]) -> Cond:
+        prompts, chosen = zip(*(rows[k] for k in keys))
+        return encode(list(prompts), load_inputs(chosen, size))
+
+    return list(rows), encode_rows
 
 
 def encode_dtype(requested: str, dtype: str, device: str) -> tuple[str, str]:

@@ -13,6 +13,13 @@ The learning rate warms up linearly, stays constant, and decays linearly to 0 ov
 of the budget; the budget is `steps` or `minutes`, whichever runs out first (progress = the larger of the two
 fractions). An exponential moving average (EMA) of the weights is what gets evaluated and saved.
 
+With task = "edit" it pre-trains the editing base (`tiny_edit`) instead: each step renders `batch_size` fresh
+(input, instruction, target) triples of the editing world's train split (`mixgrpo.world.edits.edit_pairs`), the
+input image's tokens beside the target's (Kontext-style), x0 = the target, and the instruction (not the input) is
+dropped with probability `prompt_dropout`; `init` may then name a text-to-image checkpoint of the same architecture
+(the shipped base) to warm-start from. Its evaluation is the held-out edit success (`mixgrpo.world.edit_verifier`:
+the edit made and everything else kept) on world:edit_heldout examples.
+
 Every `eval_every` steps the EMA model samples one image per held-out prompt (a fixed subset) with the
 default 25-step Euler ODE grid (shift 3), with and without guidance, and the shapes-world verifier scores
 them; a sample grid is written to out/samples/. Output: out/model (the checkpoint, `load_tiny(out/model)`),
@@ -58,6 +65,8 @@ class PretrainConfig:
     seed: int = 0
     init: str = ""                     # start from this tiny checkpoint (its weights; config must match) instead of
                                        # a random init: continues a run under a fresh schedule
+    task: str = "text"                 # "text": text-to-image on world:train; "edit": the editing base on
+                                       # (input, instruction, target) triples of mixgrpo.world.edits
     threads: int = 0                   # torch intra-op threads; 0 = torch's default. 1 is faster when other
                                        # jobs share the cores (2 threads on a busy 2-core machine spin-wait)
     log_every: int = 50
@@ -80,6 +89,10 @@ class PretrainConfig:
             raise ConfigError(f"PretrainConfig.prompt_dropout = {self.prompt_dropout} must be in [0, 1)")
         if not 0 <= self.decay_fraction <= 1:
             raise ConfigError(f"PretrainConfig.decay_fraction = {self.decay_fraction} must be in [0, 1]")
+        if self.task not in ("text", "edit"):
+            raise ConfigError(f"PretrainConfig.task = {self.task!r} must be 'text' (text-to-image) or 'edit' (the "
+                              f"editing base)")
+        self.model = dataclasses.replace(self.model, image_inputs=int(self.task == "edit"))
 
 
 def rectified_flow_loss(model: FlowModel, x0: torch.Tensor, cond: dict, t: torch.Tensor,
@@ -121,6 +134,22 @@ def heldout_accuracy(model: FlowModel, prompts: Sequence[str], images_per_prompt
             "mixed": mixed.mean().item(), "scores": s}
 
 
+def heldout_edit_success(model: FlowModel, examples: Sequence, guidance: float = 1.0, seed: int = 0,
+                         num_steps: int = 25, shift: float = 3.0, batch_size: int = 128) -> dict:
+    """Edit verifier figures of one sample per held-out editing example (`mixgrpo.prompts.Example`): success (the
+    edit made and everything else kept), made, kept, dense; and `images` [N, 3, H, W], `inputs` [N, 3, H, W]."""
+    from mixgrpo.images import load_inputs
+    from mixgrpo.world.edit_verifier import verify_edit
+
+    inputs = load_inputs(examples, model.image_size())
+    prompts = [e.prompt for e in examples]
+    images = generate(model, prompts, ode_plan(num_steps, shift), 1, seed, guidance, batch_size, inputs=inputs)[:, 0]
+    first = torch.stack([t[0] for t in inputs])
+    result = verify_edit(images, first, prompts)
+    return {"success": result.success.mean().item(), "made": result.made.mean().item(),
+            "kept": result.kept.mean().item(), "dense": result.dense.mean().item(), "images": images, "inputs": first}
+
+
 def _eval_subset(prompts: list[str], n: int) -> list[str]:
     """`n` evenly spaced prompts (deterministic, covers the whole file, which is ordered by composition)."""
     if n >= len(prompts):
@@ -139,10 +168,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
     rng = np.random.default_rng(cfg.seed)
     if cfg.eval_every:
         import mixgrpo.world.verifier  # noqa: F401  (fail now, not after the first eval_every steps)
+        if cfg.task == "edit":
+            import mixgrpo.world.edit_verifier  # noqa: F401
     model: FluxAdapter = build_tiny(cfg.model)
     if cfg.init:
         start_from = load_tiny(cfg.init, model.text_encoder)
-        if start_from.config != cfg.model:
+        # the editing base has the text-to-image one's architecture: it may start from it
+        if dataclasses.replace(start_from.config, image_inputs=cfg.model.image_inputs) != cfg.model:
             raise ConfigError(f"PretrainConfig.init: {cfg.init} has config {start_from.config}, the run has "
                               f"{cfg.model}; pre-train with the checkpoint's model config")
         model.transformer.load_state_dict(start_from.transformer.state_dict())
@@ -154,11 +186,22 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_params = sum(p.numel() for p in params)
 
-    train_prompts = load_prompts("train")
-    train_scenes = [parse_prompt(p) for p in train_prompts]
-    eval_prompts = _eval_subset(load_prompts("heldout"), cfg.eval_prompts)
-    log(f"pretrain: {n_params / 1e6:.2f}M parameters, {len(train_prompts)} train prompts, budget "
-        f"{cfg.steps} steps or {cfg.minutes:g} min, out {out}")
+    editing = cfg.task == "edit"
+    if editing:
+        from mixgrpo.prompts import read_examples
+        from mixgrpo.world.edits import edit_pairs
+
+        train_prompts, train_scenes = [], []  # drawn fresh every step
+        heldout = read_examples("world:edit_heldout")
+        eval_examples = [heldout[int(i * len(heldout) / cfg.eval_prompts)]
+                         for i in range(min(cfg.eval_prompts, len(heldout)))]
+        eval_prompts = [e.prompt for e in eval_examples]
+    else:
+        train_prompts = load_prompts("train")
+        train_scenes = [parse_prompt(p) for p in train_prompts]
+        eval_prompts = _eval_subset(load_prompts("heldout"), cfg.eval_prompts)
+    log(f"pretrain: {n_params / 1e6:.2f}M parameters, " + ("editing triples of world:edit_train" if editing else
+        f"{len(train_prompts)} train prompts") + f", budget {cfg.steps} steps or {cfg.minutes:g} min, out {out}")
 
     metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
     history: dict[str, list[tuple[float, float]]] = {"loss": [], "strict": [], f"strict_g{cfg.eval_guidance:g}": []}
@@ -166,8 +209,34 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
     eval_time = 0.0
     loss_sum, loss_n, last_log = 0.0, 0, start
 
+    def evaluate_edits(step: int) -> None:
+        nonlocal eval_time
+        t0 = time.perf_counter()
+        ema.eval()
+        plain = heldout_edit_success(ema, eval_examples, 1.0, cfg.seed, cfg.sample_steps, cfg.sample_shift)
+        guided = heldout_edit_success(ema, eval_examples, cfg.eval_guidance, cfg.seed, cfg.sample_steps,
+                                      cfg.sample_shift)
+        pairs = torch.stack([guided["inputs"][:16], guided["images"][:16]], dim=1).flatten(0, 1)  # input, result
+        save_grid(pairs, out / "samples" / f"step_{step:06d}.png", nrow=8, scale=2,
+                  captions=[c for p in eval_prompts[:16] for c in ("input", p)])
+        save_tiny(ema, out / "model")
+        eval_time += time.perf_counter() - t0
+        row = {"step": step, "minutes": (time.perf_counter() - start) / 60, "guidance": cfg.eval_guidance,
+               "eval_prompts": len(eval_examples),
+               **{f"eval_{k}": plain[k] for k in ("success", "made", "kept", "dense")},
+               **{f"eval_{k}_guided": guided[k] for k in ("success", "made", "kept", "dense")}}
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+        history["strict"].append((step, plain["success"]))
+        history[f"strict_g{cfg.eval_guidance:g}"].append((step, guided["success"]))
+        log(f"eval step {step}: held-out edit success {plain['success']:.3f} (made {plain['made']:.3f}, kept "
+            f"{plain['kept']:.3f}); guidance {cfg.eval_guidance:g}: {guided['success']:.3f} (made "
+            f"{guided['made']:.3f}, kept {guided['kept']:.3f}) [{time.perf_counter() - t0:.0f} s]")
+
     def evaluate(step: int) -> None:
         nonlocal eval_time
+        if editing:
+            return evaluate_edits(step)
         t0 = time.perf_counter()
         ema.eval()
         plain = heldout_accuracy(ema, eval_prompts, 1, 1.0, cfg.seed, cfg.sample_steps, cfg.sample_shift)
@@ -195,10 +264,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
         progress = max(step / cfg.steps, (time.perf_counter() - start) / (60 * cfg.minutes))
         if progress >= 1:
             break
-        idx = rng.integers(len(train_prompts), size=cfg.batch_size)
-        images = render_batch([train_scenes[i] for i in idx], rng, cfg.model.image_size)      # [B, 3, H, W]
-        drop = rng.random(cfg.batch_size) < cfg.prompt_dropout
-        cond = model.encode_prompts(["" if d else train_prompts[i] for i, d in zip(idx, drop)])
+        if editing:  # inputs, targets [B, 3, H, W]; the instruction dropped, never the input image
+            inputs, prompts, images = edit_pairs(int(rng.integers(2**31)), cfg.batch_size, "train",
+                                                 cfg.model.image_size)
+            drop = rng.random(cfg.batch_size) < cfg.prompt_dropout
+            cond = model.encode_prompts(["" if d else p for p, d in zip(prompts, drop)], [(x,) for x in inputs])
+        else:
+            idx = rng.integers(len(train_prompts), size=cfg.batch_size)
+            images = render_batch([train_scenes[i] for i in idx], rng, cfg.model.image_size)  # [B, 3, H, W]
+            drop = rng.random(cfg.batch_size) < cfg.prompt_dropout
+            cond = model.encode_prompts(["" if d else train_prompts[i] for i, d in zip(idx, drop)])
         x0 = images * 2 - 1
         t = torch.sigmoid(torch.randn(cfg.batch_size))                                       # logit-normal
         loss = rectified_flow_loss(model, x0, cond, t, torch.randn_like(x0))
@@ -239,7 +314,8 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
     plot_lines({"loss": history["loss"]}, out / "curve_loss.png", title="rectified-flow loss", xlabel="step")
     if cfg.eval_every:
         plot_lines({k: v for k, v in history.items() if k != "loss"}, out / "curve_accuracy.png",
-                   title="held-out strict accuracy (EMA, 25-step ODE)", xlabel="step")
+                   title=("held-out edit success" if editing else "held-out strict accuracy") + " (EMA, 25-step ODE)",
+                   xlabel="step")
     return out / "model"
 
 

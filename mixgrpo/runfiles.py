@@ -8,7 +8,8 @@ where its files now are (`mixgrpo train --out RUN --resume model.args.path=NEW`,
 --set model.args.path=NEW`; docs/reliability.md). The identity of
 
 - a prompt source: the sha256 of its prompts, one per line (the same prompts in another file or format are the
-  same prompts);
+  same prompts); for examples with input images, each line also holds the sha256 of each image file's bytes (the
+  same images elsewhere are the same examples; an image edited in place is not);
 - a file: its size and the sha256 of its bytes (of its first and last MiB when it is larger than 64 MiB: a
   reward checkpoint of GB is read in milliseconds);
 - a directory (a diffusers pipeline, an embedding cache): its files' relative names and sizes and the sha256 of
@@ -42,6 +43,11 @@ def path_fields(data: dict[str, Any]) -> dict[str, str]:
     from mixgrpo.prompts import is_builtin_source
 
     fields = {key: value for key, value in prompt_sources(data).items() if not is_builtin_source(value)}
+    for i, teacher in enumerate((data.get("distill") or {}).get("teachers") or []):
+        for key in ("path", "prompts"):  # on-policy distillation's teachers: a model, a prompt source
+            value = teacher.get(key) if isinstance(teacher, dict) else None
+            if isinstance(value, str) and value and not (key == "prompts" and is_builtin_source(value)):
+                fields[f"distill.teachers[{i}].{key}"] = value
     args_of = [("model.args", (data.get("model") or {}).get("args"))]
     args_of += [(f"rewards[{i}].args", r.get("args")) for i, r in enumerate(data.get("rewards") or [])
                 if isinstance(r, dict)]
@@ -105,14 +111,17 @@ def identity(field: str, value: str) -> dict[str, Any]:
     """What the file or directory `value` of `field` is: {"path", "sha256", and "files", "bytes" for files on
     disk}; a missing path has no sha256."""
     if field in PROMPT_FIELDS:
-        from mixgrpo.prompts import read_prompts
+        from mixgrpo.prompts import read_examples
 
         try:
-            prompts = read_prompts(value)
+            examples = read_examples(value)
         except ValueError:
             return {"path": value}
-        return {"path": value, "prompts": len(prompts),
-                "sha256": hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()}
+        digests = {p: _file_digest(Path(p), Path(p).stat().st_size, _WHOLE_FILE)
+                   for p in dict.fromkeys(i for e in examples for i in e.images)}
+        lines = ["\0".join([e.prompt, *(digests[i] for i in e.images)]) for e in examples]
+        return {"path": value, "prompts": len(examples), **({"images": len(digests)} if digests else {}),
+                "sha256": hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()}
     path = Path(value).expanduser()
     if path.is_file():
         size = path.stat().st_size

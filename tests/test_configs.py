@@ -199,6 +199,7 @@ def test_an_installed_package_ships_every_package_and_the_recipes(tmp_path):
     assert {f"mixgrpo/configs/{c.name}" for c in CONFIGS} <= set(names)
     shipped = [e["file"] for s in manifest().values() for e in s["splits"].values() if e["shipped"]]
     assert {f"mixgrpo/assets/prompts/{f}" for f in [*shipped, "manifest.json", "LICENSE.flow_grpo"]} <= set(names)
+    assert {"mixgrpo/world/edit_examples/train.jsonl", "mixgrpo/world/edit_examples/heldout/0000.png"} <= set(names)
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = "from mixgrpo.config import recipes; print(sorted(str(p) for p in recipes().values()))"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,

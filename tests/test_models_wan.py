@@ -113,7 +113,7 @@ def test_wan22_experts_split_at_the_boundary_and_a_frozen_expert_is_never_traine
         mixed = model(x, sigma, cond)
         for i in range(3):
             expert = model.transformer if sigma[i] >= 0.875 else model.transformer_2
-            alone = model._call(expert, x[i:i + 1], sigma[i:i + 1], cond["prompt_embeds"][i:i + 1])
+            alone = model._call(expert, x[i:i + 1], sigma[i:i + 1], {k: v[i:i + 1] for k, v in cond.items()})
             torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-6, atol=1e-6)
     model.requires_grad_(False)
     model.denoiser.requires_grad_(True)

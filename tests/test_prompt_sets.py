@@ -3,6 +3,7 @@ owners publish (git object id at the pinned commit, sha256, sizes and counts as 
 command that fetches them, and the fetch checks what it downloads before keeping it."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,8 @@ from mixgrpo.config import load_config, recipes, to_dict
 from mixgrpo.prompt_sets import PromptSetError, git_blob, manifest
 from mixgrpo.prompts import read_prompts
 from mixgrpo.runfiles import path_fields, resolve_paths
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SHIPPED = [(name, split, e) for name, s in manifest().items() for split, e in s["splits"].items() if e["shipped"]]
 
@@ -33,11 +36,20 @@ def test_train_and_test_splits_do_not_share_prompts():
             assert not train & test, name
 
 
+EDIT_FILES = ("data/edits/train.jsonl", "data/edits/test.jsonl")
+"""What the editing recipes read: the user's examples, since no editing set can be a named one (docs/prompts.md,
+"Editing examples", which names each such recipe)."""
+
+
 def test_every_prompt_source_of_a_shipped_recipe_is_a_known_set(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXGRPO_PROMPTS", str(tmp_path))  # an empty store: nothing fetched
     named = set()
+    editing = (ROOT / "docs" / "prompts.md").read_text(encoding="utf-8").split("## Editing examples")[1]
     for recipe, path in recipes().items():
         cfg = load_config(path)
+        if (cfg.rollout.prompts, cfg.eval.prompts) == EDIT_FILES:
+            assert f"`{recipe}`" in editing, f"{recipe} reads the user's editing examples: name it in docs/prompts.md"
+            continue
         for source in (cfg.rollout.prompts, cfg.eval.prompts):
             if source.startswith("world:"):
                 continue

@@ -146,7 +146,22 @@ def test_images_travel_exactly_as_float32_and_as_a_png_would_as_uint8_or_png():
     assert torch.equal(decode_images(encode_images(videos, "float32")), videos)
 
 
+def test_input_images_travel_beside_the_images_exactly_as_float32():
+    inputs = torch.rand(4, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    body = json.loads(json.dumps(score_request(["keep"], IMAGES, PROMPTS, None, "float32", inputs)))
+    request = read_request(body, ["keep"], takes_inputs=["keep"])
+    assert torch.equal(request.images, IMAGES) and torch.equal(request.inputs, inputs) and request.seeds is None
+    assert read_request(json.loads(json.dumps(score_request(["keep"], IMAGES, PROMPTS, None, "float32"))),
+                        ["keep"]).inputs is None  # a reward that does not take inputs needs none
+    with pytest.raises(WireError, match="'keep' compares each image with its input image") as e:
+        read_request(json.loads(json.dumps(score_request(["keep"], IMAGES, PROMPTS, None, "float32"))), ["keep"],
+                     takes_inputs=["keep"])
+    assert e.value.field == "inputs"
+
+
 @pytest.mark.parametrize("change, field", [
+    (lambda b: b.update(inputs=encode_images(IMAGES[:3])), "inputs"),
+    (lambda b: b.update(inputs={"format": "raw"}), "inputs.dtype"),
     (lambda b: b.update(rewards=["nope"]), "rewards"),
     (lambda b: b.update(prompts=["a"]), "prompts"),
     (lambda b: b.update(seeds=[1, 2]), "seeds"),
@@ -227,6 +242,39 @@ def test_concurrent_requests_are_scored_in_one_batch_and_a_token_is_required(ser
     assert get(server.url + "/health", token="s3cret")["batches_scored"] == 2
     server.stop()
     assert "batch 2: 3 request(s), 6 images" in "".join(server.output)
+
+
+def test_rewards_that_take_inputs_score_through_a_server_bit_for_bit_as_in_process(served):
+    """An editing run's rewards on a server: the input images travel beside the images (float32: exact), the server
+    says which rewards take them, and the scores equal the in-process ones bit for bit, for images and for videos
+    scored frame by frame against their conditioning frame. With a tolerance of 1e-6, input_consistency keeps only
+    the cells equal to the input's to 1e-6, so inputs that changed on the way would show."""
+    from mixgrpo.rewards.base import build_reward, call_reward
+
+    server = served("--reward", "input_consistency:grid=4,tolerance=0.000001", "--reward", "toy_rewards:brightness")
+    health = get(server.url + "/health")
+    assert [(r["label"], r["takes_inputs"]) for r in health["rewards"]] == [("input_consistency", True),
+                                                                           ("brightness", False)]
+    specs = {"input_consistency": ("input_consistency", {"grid": 4, "tolerance": 1e-6}, "mean"),
+             "brightness": ("toy_rewards:brightness", {}, "mean")}
+    scorer = ServerScorer([server.url, server.url], specs, timeout=30, token=None, encoding="float32")  # 2 shares
+    reward = build_reward("input_consistency", {"grid": 4, "tolerance": 1e-6})
+    gen = torch.Generator().manual_seed(3)
+    inputs = torch.rand(4, 3, 8, 8, generator=gen)
+    images = inputs.clone()
+    images[:, :, :4] = torch.rand(4, 3, 4, 8, generator=gen)       # the top half edited, the bottom half kept
+    videos = torch.stack([inputs, images, torch.rand(4, 3, 8, 8, generator=gen)], 1)  # [B, F, 3, H, W]
+    for x in (images, videos):
+        local = call_reward(reward, x, PROMPTS, inputs=inputs)
+        scores, notes = scorer(x, PROMPTS, inputs=inputs)
+        assert notes == {"input_consistency": None, "brightness": None}
+        assert torch.equal(scores["input_consistency"], local)
+        assert torch.equal(scores["brightness"], build_reward("toy_rewards:brightness")(x, PROMPTS))
+        assert local.tolist() == [0.5] * 4  # the videos: frames that kept 1, 1/2 and 0 of the input
+    assert call_reward(reward, images, PROMPTS, inputs=inputs + 1e-5).tolist() == [0.0] * 4  # it would show
+    assert scorer(images, PROMPTS, only=["brightness"])[0]["brightness"].shape == (4,)  # no inputs needed for it
+    with pytest.raises(ServerSetupError, match="'input_consistency' compares each image with its input image"):
+        scorer(images, PROMPTS)  # a run without input images
 
 
 @pytest.fixture

@@ -36,7 +36,8 @@ def server():
             with state.lock:
                 state.requests.append(SimpleNamespace(path=self.path, headers=dict(self.headers), body=body))
                 n = len(state.requests)
-            status, text, delay = state.respond(body["messages"][0]["content"][1]["text"], n)
+            text_parts = [p["text"] for p in body["messages"][0]["content"] if p["type"] == "text"]
+            status, text, delay = state.respond("".join(text_parts), n)
             if state.score_of_seed is not None:  # a sampling judge: its verdict follows the request's seed
                 text = f"Final Score: {state.score_of_seed(body.get('seed'))}"
             time.sleep(delay)
@@ -163,6 +164,72 @@ def test_each_image_is_asked_with_its_seed_and_without_seeds_none_is_sent(server
     server.requests.clear()
     call_reward(reward, IMAGES, ["a", "b", "c"])
     assert all("seed" not in r.body for r in server.requests)
+
+
+def _sent_image(part) -> np.ndarray:
+    header, _, data = part["image_url"]["url"].partition(",")
+    assert header == "data:image/png;base64"
+    return np.array(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
+def _as_png(image: torch.Tensor) -> np.ndarray:
+    return (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def test_the_edit_template_shows_the_input_then_the_result_in_one_request(server):
+    """`template: edit`: each request holds the sample's input image and its result, in that order, labelled in the
+    text, with the instruction; the judge takes inputs and the plain judge does not."""
+    from mixgrpo.rewards.base import build_reward, call_reward
+    from mixgrpo.rewards.vlm import EDIT_TEMPLATE
+
+    server.respond = lambda prompt, n: (200, "The cube is red now; nothing else moved.\nFinal Score: 4", 0.0)
+    inputs = torch.rand(3, 3, 16, 24, generator=torch.Generator().manual_seed(1))
+    reward = build_reward("vlm", {"base_url": server.base_url, "model": "judge-model", "template": "edit"})
+    assert reward.takes_inputs and not build_reward("vlm", {"base_url": "http://h/v1", "model": "m"}).takes_inputs
+    prompts = ["make the cube red", "remove the ball", "add a hat"]
+    assert call_reward(reward, IMAGES, prompts, inputs=inputs).tolist() == [4.0] * 3
+    assert len(server.requests) == 3
+    for request in server.requests:
+        parts = request.body["messages"][0]["content"]
+        assert [p["type"] for p in parts] == ["text", "image_url", "text", "image_url", "text"]
+        assert parts[0]["text"].endswith("Input image:\n") and parts[2]["text"] == "\nEdited image:\n"
+        i = next(k for k, p in enumerate(prompts) if f"Instruction: {p}\n" in parts[4]["text"])
+        np.testing.assert_array_equal(_sent_image(parts[1]), _as_png(inputs[i]))
+        np.testing.assert_array_equal(_sent_image(parts[3]), _as_png(IMAGES[i]))
+        assert "".join(p.get("text", "") for p in parts) == EDIT_TEMPLATE.replace("{prompt}", prompts[i]).replace(
+            "{input_image}", "").replace("{image}", "")
+
+
+def test_an_edit_judge_scores_video_frames_against_the_conditioning_frame(server):
+    """I2V: a per-frame judge sees the conditioning frame beside every frame of the video."""
+    from mixgrpo.rewards.base import build_reward
+
+    server.respond = lambda prompt, n: (200, "Final Score: 2", 0.0)
+    videos = torch.rand(2, 3, 3, 16, 24, generator=torch.Generator().manual_seed(2))  # [B, F, 3, H, W]
+    frames0 = videos[:, 0]
+    reward = build_reward("vlm", {"base_url": server.base_url, "model": "judge-model", "template": "edit"})
+    assert reward(videos, ["walk", "run"], inputs=frames0).tolist() == [2.0, 2.0]
+    assert len(server.requests) == 6
+    for request in server.requests:
+        parts = request.body["messages"][0]["content"]
+        b = 0 if "Instruction: walk" in parts[4]["text"] else 1
+        np.testing.assert_array_equal(_sent_image(parts[1]), _as_png(frames0[b]))
+        assert any(np.array_equal(_sent_image(parts[3]), _as_png(frame)) for frame in videos[b])
+
+
+def test_an_edit_template_without_an_input_or_the_image_is_refused():
+    from mixgrpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="this run gives none"):
+        REWARDS.get("vlm")(base_url="http://127.0.0.1:1/v1", model="m", template="edit")(IMAGES[:1], ["p"])
+    with pytest.raises(ConfigError, match="add \\{image\\}"):
+        REWARDS.get("vlm")(base_url="http://h/v1", model="m", template="{input_image} {prompt}")
+    with pytest.raises(ConfigError, match="built-in template"):
+        REWARDS.get("vlm")(base_url="http://h/v1", model="m", template="edits")
+    # a template may place the judged image itself, with no input
+    judge_ = REWARDS.get("vlm")(base_url="http://h/v1", model="m", template="Prompt: {prompt}\n{image}\nRate it.")
+    assert not judge_.takes_inputs
+    assert [p["type"] for p in judge_.content("data:x", "a cat")] == ["text", "image_url", "text"]
 
 
 def test_a_run_asks_the_judge_the_same_questions_with_the_same_seeds_overlapped_or_not(server, tmp_path):

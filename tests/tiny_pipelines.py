@@ -16,6 +16,7 @@ by accident.
 
 from __future__ import annotations
 
+import functools
 import string
 from pathlib import Path
 
@@ -159,6 +160,20 @@ def save_tiny_flux(directory: str | Path, seed: int = 0, guidance_embeds: bool =
     return Path(directory)
 
 
+def tiny_flux_kontext_pipeline(seed: int = 0):
+    """A random `FluxKontextPipeline` at toy size: `tiny_flux_pipeline`'s components (FLUX.1-Kontext-dev has FLUX.1's
+    layout and architecture; it differs in weights and in the input image's tokens)."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**tiny_flux_pipeline(seed).components)
+
+
+def save_tiny_flux_kontext(directory: str | Path, seed: int = 0) -> Path:
+    """Build `tiny_flux_kontext_pipeline` and save it as a diffusers pipeline directory."""
+    tiny_flux_kontext_pipeline(seed).save_pretrained(directory)
+    return Path(directory)
+
+
 def save_tiny_sd3(directory: str | Path, seed: int = 0) -> Path:
     """Build `tiny_sd3_pipeline` and save it as a diffusers pipeline directory (model_index.json + folders)."""
     tiny_sd3_pipeline(seed).save_pretrained(directory)
@@ -171,13 +186,15 @@ def save_tiny_sd3(directory: str | Path, seed: int = 0) -> Path:
 WAN_VARIANTS = ("2.1", "2.2-ti2v", "2.2-a14b")
 
 
-def _wan_transformer(in_channels: int, seed: int):
+def _wan_transformer(in_channels: int, seed: int, out_channels: int | None = None, image_dim: int | None = None):
+    """A 2-block WanTransformer3DModel of width 24; with image_dim, Wan 2.1 I2V's image cross-attention."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                 in_channels=in_channels, out_channels=in_channels, text_dim=32, freq_dim=16,
-                                 ffn_dim=32, num_layers=2, rope_max_seq_len=32).eval()
+                                 in_channels=in_channels, out_channels=out_channels or in_channels, text_dim=32,
+                                 freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32, image_dim=image_dim,
+                                 added_kv_proj_dim=24 if image_dim else None).eval()
 
 
 def tiny_wan_pipeline(seed: int = 0, variant: str = "2.1"):
@@ -223,6 +240,48 @@ def save_tiny_wan(directory: str | Path, seed: int = 0, variant: str = "2.1") ->
     return Path(directory)
 
 
+WAN_I2V_VARIANTS = ("2.1", "2.2-ti2v", "2.2-a14b")
+
+
+def tiny_wan_i2v_pipeline(seed: int = 0, variant: str = "2.1"):
+    """A random `WanImageToVideoPipeline` at toy size: "2.1" in Wan2.1-I2V's layout (a CLIP vision encoder of width 16
+    on 32 x 32 crops, whose penultimate states the transformer cross-attends to; the transformer takes the 16 noisy
+    channels, 4 mask channels and the first frame's 16 latent channels: in_channels 36), or "2.2-ti2v" in
+    Wan2.2-TI2V-5B's (no image encoder; the first frame's latents replace the first latent frame, per-token
+    timesteps), or "2.2-a14b" in Wan2.2-I2V-A14B's (2.1's conditioning channels without the image encoder, two
+    experts split at boundary_ratio 0.875). The text encoder, VAE and scheduler are `tiny_wan_pipeline`'s."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    if variant not in WAN_I2V_VARIANTS:
+        raise ValueError(f"variant {variant!r}: one of {WAN_I2V_VARIANTS}")
+    parts = tiny_wan_pipeline(seed, "2.1" if variant == "2.2-a14b" else variant).components
+    if variant == "2.2-a14b":
+        return WanImageToVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"],
+                                       vae=parts["vae"], scheduler=parts["scheduler"],
+                                       transformer=_wan_transformer(36, seed, out_channels=16),
+                                       transformer_2=_wan_transformer(36, seed + 3, out_channels=16),
+                                       boundary_ratio=0.875)
+    if variant == "2.2-ti2v":
+        return WanImageToVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"],
+                                       vae=parts["vae"], scheduler=parts["scheduler"],
+                                       transformer=_wan_transformer(16, seed), expand_timesteps=True)
+    torch.manual_seed(seed + 4)
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return WanImageToVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"], vae=parts["vae"],
+                                   scheduler=parts["scheduler"], image_processor=image_processor,
+                                   image_encoder=image_encoder,
+                                   transformer=_wan_transformer(36, seed, out_channels=16, image_dim=16))
+
+
+def save_tiny_wan_i2v(directory: str | Path, seed: int = 0, variant: str = "2.1") -> Path:
+    """Build `tiny_wan_i2v_pipeline` and save it as a diffusers pipeline directory."""
+    tiny_wan_i2v_pipeline(seed, variant).save_pretrained(directory)
+    return Path(directory)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Qwen-Image, FLUX.2: chat-template text encoders (Qwen2.5-VL, Qwen3, Mistral 3) over byte-level vocabularies
 
@@ -233,13 +292,18 @@ QWEN3_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['con
                   "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
-def tiny_qwen_tokenizer(chat_template: str | None = None):
-    """A Qwen2 tokenizer (byte-level BPE, no merges: one token per byte) with Qwen's special tokens."""
+QWEN_VISION = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def tiny_qwen_tokenizer(chat_template: str | None = None, vision: bool = False):
+    """A Qwen2 tokenizer (byte-level BPE, no merges: one token per byte) with Qwen's special tokens (and with
+    `vision`, Qwen2.5-VL's image tokens)."""
     from transformers import Qwen2Tokenizer
 
-    vocab = {t: i for i, t in enumerate(_byte_alphabet() + QWEN_SPECIAL)}
+    special = QWEN_SPECIAL + (QWEN_VISION if vision else [])
+    vocab = {t: i for i, t in enumerate(_byte_alphabet() + special)}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=chat_template)
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[1:]})
+    tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
     return tokenizer
 
 
@@ -282,6 +346,97 @@ def save_tiny_qwen_image(directory: str | Path, seed: int = 0) -> Path:
     """Build `tiny_qwen_image_pipeline` and save it as a diffusers pipeline directory."""
     tiny_qwen_image_pipeline(seed).save_pretrained(directory)
     return Path(directory)
+
+
+QWEN_EDIT_VARIANTS = ("2509", "2511")
+
+
+def tiny_qwen_image_edit_pipeline(seed: int = 0, variant: str = "2511"):
+    """A random `QwenImageEditPlusPipeline` at toy size, in Qwen-Image-Edit-2509's layout ("2509") or 2511's (the
+    transformer's zero_cond_t: the input images' tokens modulated at timestep 0): `tiny_qwen_image_pipeline`'s
+    transformer, VAE and scheduler, and a Qwen2.5-VL whose vision tower (1 block of width 16, the real patch 14 and
+    2 x 2 merge) sees the input images. Its processor is a `TinyQwenVLProcessor` (see there)."""
+    from diffusers import QwenImageEditPlusPipeline
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if variant not in QWEN_EDIT_VARIANTS:
+        raise ValueError(f"variant {variant!r}: one of {QWEN_EDIT_VARIANTS}")
+    parts = tiny_qwen_image_pipeline(seed).components
+    tokenizer = tiny_qwen_tokenizer(vision=True)
+    special = tokenizer.convert_tokens_to_ids(QWEN_SPECIAL + QWEN_VISION)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+                         bos_token_id=special[0], eos_token_id=special[2], pad_token_id=special[0]),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[0], patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        vision_start_token_id=special[3], vision_end_token_id=special[4], image_token_id=special[5],
+        video_token_id=special[6])
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    transformer = parts["transformer"]
+    if variant == "2511":
+        from diffusers import QwenImageTransformer2DModel
+
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel.from_config(transformer.config, zero_cond_t=True).eval()
+    processor = _qwen_vl_processor_class()(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tokenizer)
+    return QwenImageEditPlusPipeline(scheduler=parts["scheduler"], vae=parts["vae"], text_encoder=text_encoder,
+                                     tokenizer=tokenizer, processor=processor, transformer=transformer)
+
+
+@functools.cache
+def _qwen_vl_processor_class():
+    """TinyQwenVLProcessor, defined when first used (it subclasses a transformers class)."""
+    from transformers import Qwen2VLProcessor
+
+    class TinyQwenVLProcessor(Qwen2VLProcessor):
+        """transformers 5 builds a `Qwen2VLProcessor` only with a video processor, whose class needs torchvision (which
+        the tests must not need): this one skips that class check and has none (the edit pipelines never pass a
+        video). Saved, it is a Qwen2VLProcessor directory (the tokenizer and the image processor's config)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, video_processor=None, **kwargs):
+            super().__init__(image_processor, tokenizer, video_processor, **kwargs)
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            return type(argument)
+
+        def save_pretrained(self, save_directory, **kwargs):
+            self.tokenizer.save_pretrained(save_directory)
+            self.image_processor.save_pretrained(save_directory)
+
+        @classmethod
+        def from_pretrained(cls, directory, **kwargs):
+            from transformers import AutoImageProcessor, AutoTokenizer
+
+            return cls(AutoImageProcessor.from_pretrained(directory, **kwargs),
+                       AutoTokenizer.from_pretrained(directory, **kwargs))
+
+    return TinyQwenVLProcessor
+
+
+def save_tiny_qwen_image_edit(directory: str | Path, seed: int = 0, variant: str = "2511") -> Path:
+    """Build `tiny_qwen_image_edit_pipeline` and save it as a diffusers pipeline directory, its processor/ in the
+    official layout (model_index.json names Qwen2VLProcessor, as the hub's Qwen-Image-Edit repositories do)."""
+    import json
+
+    pipe = tiny_qwen_image_edit_pipeline(seed, variant)
+    processor = pipe.processor
+    pipe.register_modules(processor=None)
+    pipe.save_pretrained(directory)
+    processor.save_pretrained(Path(directory) / "processor")
+    index = Path(directory) / "model_index.json"
+    config = json.loads(index.read_text())
+    config["processor"] = ["transformers", "Qwen2VLProcessor"]
+    index.write_text(json.dumps(config, indent=2) + "\n")
+    return Path(directory)
+
+
+def load_tiny_qwen_vl_processor(directory: str | Path):
+    """The processor/ of a `save_tiny_qwen_image_edit` directory, as a `TinyQwenVLProcessor` for the stock pipeline."""
+    return _qwen_vl_processor_class().from_pretrained(Path(directory) / "processor", local_files_only=True)
 
 
 MISTRAL_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]"]

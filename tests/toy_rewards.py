@@ -31,3 +31,11 @@ def strings(images, prompts):
 
 
 NOT_A_FUNCTION = 3  # named as a reward by mistake
+
+
+def keep_input(images, prompts, inputs):
+    """Higher the closer each image is to its example's input image (a reward that takes inputs)."""
+    return -(images - inputs.to(images.device)).abs().mean(dim=(1, 2, 3))
+
+
+keep_input.takes_inputs = True

@@ -259,3 +259,81 @@ class CausalVaeDecoder(Frozen):
         z = latents.to(dtype) / (1.0 / self.std.to(dtype)) + self.mean.to(dtype)
         video = self.vae.decode(z, return_dict=False)[0]                          # [B, 3, F', H, W] in [-1, 1]
         return (video.float().transpose(1, 2) / 2 + 0.5).clamp(0, 1)
+
+
+class VaeEncoder(Frozen):
+    """Images [B, 3, H, W] in [0, 1] -> latents [B, C, H/f, W/f], as FluxKontextPipeline encodes its reference image:
+    latents = (mode(vae.encode(2 images - 1)) - shift_factor) * scaling_factor (the distribution's mode, no noise),
+    in the VAE's dtype."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(vae.config.shift_factor or 0.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mode()
+        return (z - self.shift_factor) * self.scaling_factor
+
+
+class CausalVaeEncoder(Frozen):
+    """Videos [B, 3, F', H, W] in [0, 1] -> latents [B, C, F, H/f, W/f] normalised as the Wan and Qwen-Image pipelines
+    normalise theirs: (mode(vae.encode(2 videos - 1)) - latents_mean) / latents_std (the inverse of
+    `CausalVaeDecoder`), in the VAE's dtype."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        self.register_buffer("mean", torch.tensor(vae.config.latents_mean).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(vae.config.latents_std).view(shape), persistent=False)
+
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        dtype = self.vae.dtype
+        z = self.vae.encode((videos * 2 - 1).to(dtype)).latent_dist.mode()
+        return (z - self.mean.to(dtype)) / self.std.to(dtype)
+
+
+def input_images(name: str, prompts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None,
+                 size: tuple[int, int], counts: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """The input images of an image-conditioned model's examples, checked and stacked: [B, k, 3, H, W] float32.
+
+    images: one tuple per prompt of k tensors [3, H, W] in [0, 1] (`FlowModel.encode_prompts`), k within `counts`
+    (min, max) and the same for every example of a batch; size: (H, W) the model's resolution, which every input
+    must have (the data pipeline resizes them)."""
+    if images is None:
+        raise ConfigError(f"{name} edits an input image: every example needs one (give the prompt file's image "
+                          f"column, or `--image` to sample / eval)")
+    if len(images) != len(prompts):
+        raise ValueError(f"{name}: {len(images)} input image tuples for {len(prompts)} prompts")
+    lo, hi = counts
+    numbers = {len(tuple(example)) for example in images}
+    if len(numbers) != 1 or not lo <= min(numbers) <= max(numbers) <= hi:
+        want = f"{lo}" if lo == hi else f"{lo} to {hi}"
+        raise ConfigError(f"{name} takes {want} input images per example, the same number in a batch; got "
+                          f"{sorted(numbers)}")
+    stacked = []
+    for example in images:
+        for image in example:
+            if image.dim() != 3 or image.shape[0] != 3 or tuple(image.shape[1:]) != tuple(size):
+                raise ConfigError(f"{name}: an input image of shape {list(image.shape)}, but the model takes "
+                                  f"[3, {size[0]}, {size[1]}] (its height and width): resize the inputs to the "
+                                  f"model's resolution")
+        stacked.append(torch.stack([image.float() for image in example]))
+    return torch.stack(stacked)
+
+
+def to_pil(image: torch.Tensor):
+    """[3, H, W] float in [0, 1] -> an 8-bit RGB PIL image (rounded), what the stock pipelines' image processors take:
+    exact for an image read from a file (values k / 255)."""
+    from PIL import Image
+
+    return Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def from_pil(image) -> torch.Tensor:
+    """An RGB PIL image -> [3, H, W] float32 in [0, 1], as diffusers' image processors read one (uint8 / 255)."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)

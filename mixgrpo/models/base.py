@@ -8,6 +8,11 @@ Shapes: B = batch, latent_shape = the per-sample shape the rollout integrates: (
 [B, 3, H, W] or videos [B, F', 3, H, W] (F' decoded frames), which rewards score frame by frame.
 Conditioning (`Cond`) is a dict of batch-first tensors, so it can be indexed, repeated and concatenated
 generically with the helpers below.
+
+Image-conditioned models (editing, image-to-video) set `image_inputs` > 0: an example is (instruction, input images),
+and `encode_prompts(prompts, images)` encodes the images INTO the Cond (VAE latents, vision-language states), so the
+rollout, both objectives, CFG and the update carry them as they carry the text. The unconditional (CFG) rows of such
+a model are `encode_prompts([""] * n, images)`: the stock pipelines encode the negative prompt with the same images.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from mixgrpo.errors import ConfigError
 from mixgrpo.registry import Registry
 
 Cond = dict[str, torch.Tensor]
+
+Images = Sequence[tuple[torch.Tensor, ...]]
+"""Input images of a batch of examples: one tuple per example of `image_inputs` tensors [3, H, W], float in [0, 1]."""
 
 PromptSets = dict[str, tuple[str, list[str]]]
 """Prompts a run will encode: {"train": (source, prompts), "eval": (source, prompts)}."""
@@ -50,6 +58,8 @@ class ModelSpec:
     text_tokens: max_sequence_length -> the text tokens the transformer sees (SD3: CLIP's 77 before T5's), and
     joint_attention: whether they run through every block beside the image tokens (False: cross-attention, Wan);
         both for the memory estimate (`mixgrpo.memory`).
+    image_inputs: how many input images an example of this model takes (0: text-to-image; 1: FLUX.1-Kontext, Wan
+        I2V's first frame; Qwen-Image-Edit takes up to 3); the built model's `image_inputs` says the same.
     """
 
     name: str
@@ -61,6 +71,7 @@ class ModelSpec:
     modules: tuple[str, ...] = ()
     text_tokens: Callable[[int], int] = lambda n: n
     joint_attention: bool = True
+    image_inputs: int = 0
 
 
 class ModelRegistry(Registry["FlowModel"]):
@@ -102,17 +113,31 @@ class FlowModel(nn.Module):
 
     Subclasses set `latent_shape` and implement `forward`, `encode_prompts` and `decode`.
     `denoiser` is the network that is trained (LoRA or full); text encoders and VAEs stay frozen.
+    image_inputs: input images per example (0: text-to-image; see the module docstring).
     """
 
     latent_shape: tuple[int, ...]
+    image_inputs: int = 0
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Velocity. x: [B, *latent_shape]; sigma: [B] in [0, 1] (1 = noise); returns [B, *latent_shape]."""
         raise NotImplementedError
 
-    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        """Text conditioning for a list of prompts; "" is the unconditional (empty) prompt."""
+    def encode_prompts(self, prompts: Sequence[str], images: Images | None = None) -> Cond:
+        """Conditioning of a list of prompts; "" is the unconditional (empty) prompt. images: None for a
+        text-to-image model, else one tuple of `image_inputs` tensors [3, H, W] in [0, 1] per prompt, at
+        `image_size()` (`mixgrpo.images.load_inputs` loads them so)."""
         raise NotImplementedError
+
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images `decode` gives, which is the size input images are given at. Default: decode one
+        zero latent (once); adapters that know it override."""
+        if getattr(self, "_image_size", None) is None:
+            param = next(self.parameters())
+            with torch.no_grad():
+                out = self.decode(torch.zeros(1, *self.latent_shape, device=param.device, dtype=param.dtype))
+            self._image_size = tuple(out.shape[-2:])
+        return self._image_size
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents [B, *latent_shape] -> images [B, 3, H, W] (or videos [B, F, 3, H, W]), float in [0, 1]."""
@@ -135,7 +160,31 @@ def classifier_free_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale
 
 
 class TextEncoder(Protocol):
-    def encode(self, prompts: Sequence[str]) -> Cond: ...
+    """encode(prompts, images=None) -> Cond; images as in `FlowModel.encode_prompts` (a vision-language encoder
+    reads them; a text-only encoder ignores them)."""
+
+    def encode(self, prompts: Sequence[str], images: Images | None = None) -> Cond: ...
+
+
+def check_images(model: FlowModel, prompts: Sequence[str], images: Images | None) -> None:
+    """Raise ConfigError unless `images` fits `model` (`image_inputs`): None for a text-to-image model, one tuple of
+    image_inputs tensors per prompt for an image-conditioned one."""
+    wanted = getattr(model, "image_inputs", 0)
+    name = type(model).__name__
+    if images is None:
+        if wanted:
+            raise ConfigError(f"{name} edits an input image ({wanted} per example) but was given none: give prompts "
+                              f"with images (a .jsonl prompt file with an \"images\" list, or --image PATH)")
+        return
+    if not wanted:
+        raise ConfigError(f"{name} is a text-to-image model but was given input images: drop them (--image, the "
+                          f"prompt file's images), or use an editing model (e.g. tiny_edit)")
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} image tuples for {len(prompts)} prompts")
+    counts = sorted({len(t) for t in images})
+    if counts[0] < 1 or counts[-1] > wanted:
+        raise ConfigError(f"{name} takes 1 to {wanted} input images per example, but an example has "
+                          f"{counts[0] if counts[0] < 1 else counts[-1]}: give each example 1 to {wanted} images")
 
 
 class TransformerAdapter(FlowModel):
@@ -155,8 +204,11 @@ class TransformerAdapter(FlowModel):
     def denoiser(self) -> nn.Module:
         return self.transformer
 
-    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        return self.text_encoder.encode(list(prompts))
+    def encode_prompts(self, prompts: Sequence[str], images: Images | None = None) -> Cond:
+        check_images(self, prompts, images)
+        if images is None:
+            return self.text_encoder.encode(list(prompts))
+        return self.text_encoder.encode(list(prompts), images)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(x)
@@ -198,6 +250,21 @@ def build_model(name: str, args: dict[str, Any], device: str | None = None, dtyp
     if dtype is not None and not accepts(factory, "dtype"):
         model = model.to(parse_dtype(dtype))
     return model.eval()
+
+
+def encode_examples(model: FlowModel, prompts: Sequence[str], images: Images | None) -> Cond:
+    """model.encode_prompts(prompts, images), or (prompts) alone when there are no images, so that a text-to-image
+    model written before image inputs (a user's) still works."""
+    return model.encode_prompts(prompts) if images is None else model.encode_prompts(prompts, images)
+
+
+def blank_inputs(model: FlowModel, n: int) -> list[tuple[torch.Tensor, ...]] | None:
+    """n examples of mid-grey input images for an image-conditioned model (None for a text-to-image one): what
+    conditioning built without a real example uses (a probe of the model's kernels)."""
+    if not getattr(model, "image_inputs", 0):
+        return None
+    h, w = model.image_size()
+    return [(torch.full((3, h, w), 0.5),) for _ in range(n)]
 
 
 def cond_index(cond: Cond, index: torch.Tensor | slice) -> Cond:

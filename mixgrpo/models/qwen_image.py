@@ -123,21 +123,30 @@ class QwenImageAdapter(TransformerAdapter):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Velocity. x: [B, C, h, w]; sigma: [B] (or a scalar) in [0, 1]; returns [B, C, h, w] in x's dtype."""
+        return self.velocity(x, sigma, cond)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, extra: torch.Tensor | None = None,
+                 extra_shapes: Sequence[tuple[int, int, int]] = ()) -> torch.Tensor:
+        """`forward`, with the tokens `extra` [B, M, 4 C] (e.g. an edit's input images, grids `extra_shapes` of
+        (1, rows, cols) each) after the target's, their outputs dropped."""
         dtype = self.transformer.dtype
         b, _, h, w = x.shape
         sigma = torch.as_tensor(sigma, device=x.device).expand(b)
         mask = cond["prompt_mask"].to(x.device)
         used = max(int(mask.sum(1).max()), 1)  # the padding after the longest prompt is masked anyway: trim it
         mask = mask[:, :used]
+        tokens = pack(x.to(dtype), 2)                                                     # [B, h w / 4, 4 C]
+        if extra is not None:
+            tokens = torch.cat([tokens, extra.to(dtype)], dim=1)
         out = self.transformer(
-            hidden_states=pack(x.to(dtype), 2),                                           # [B, h w / 4, 4 C]
+            hidden_states=tokens,
             encoder_hidden_states=cond["prompt_embeds"][:, :used].to(dtype),              # [B, L', D]
             encoder_hidden_states_mask=None if bool(mask.all()) else mask,  # the pipeline's None when all real
             timestep=(sigma.float() * 1000 / 1000).to(dtype),  # the scheduler's t / 1000, as the pipeline divides
-            img_shapes=[[(1, h // 2, w // 2)]] * b,
+            img_shapes=[[(1, h // 2, w // 2), *extra_shapes]] * b,
             return_dict=False,
         )[0]
-        return unpack(out, self.latent_shape, 2).to(x.dtype)
+        return unpack(out[:, :h * w // 4], self.latent_shape, 2).to(x.dtype)
 
     def guide(self, v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
         """The pipeline's true CFG: v = v_u + s (v_c - v_u), then each token (2 x 2 patch, all channels) rescaled to

@@ -10,6 +10,7 @@ prompt embeddings that `mixgrpo preprocess` wrote once, offline (`write_cache`).
 (written atomically):
   index.json            {"format", "version", "keys": {name: {"shape": per-prompt shape, "dtype"}},
                          "shards": [file names], "prompts": {prompt: [shard, row]}, "source": {...},
+                         "keyed_by": "prompt", or "example" (rows of (prompt, input images): `example_key`),
                          "truncated": {tokenizer: {"max_length", "prompts": {prompt: tokens}}}}
   shard-00000.safetensors  one tensor per conditioning key, [rows, *shape]; rows are prompts
   truncated.txt         the prompts the text encoders truncated (tokenizer, tokens, prompt), when any were
@@ -30,11 +31,23 @@ import torch
 
 from mixgrpo.errors import ConfigError, UserError
 from mixgrpo.fileio import atomic_directory, atomic_file, dead_temporaries, remove_dead_temporaries
-from mixgrpo.models.base import Cond, Frozen, PromptSets
+from mixgrpo.models.base import Cond, Frozen, Images, PromptSets
 
 INDEX = "index.json"
 FORMAT = "mixgrpo-embedding-cache"
 VERSION = 1
+
+
+def example_key(prompt: str, images: tuple[torch.Tensor, ...] | None) -> str:
+    """The row name of an example in a cache keyed by example: its prompt and a digest of its input images as the
+    model sees them ([3, H, W] in [0, 1] at its size, quantised to 8 bits); the prompt alone without images."""
+    if not images:
+        return prompt
+    h = hashlib.sha256()
+    for image in images:
+        h.update(str(tuple(image.shape)).encode())
+        h.update((image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().tobytes())
+    return f"{prompt}\x00{h.hexdigest()[:32]}"
 
 
 class MissingPromptError(UserError, LookupError):
@@ -92,7 +105,8 @@ class MiniLMEncoder(Frozen):
         for prompt, s, p in zip(prompts, states, pooled):
             self.cache[prompt] = (s, p)
 
-    def encode(self, prompts: Sequence[str]) -> Cond:
+    def encode(self, prompts: Sequence[str], images: Images | None = None) -> Cond:
+        """images: ignored (a text-only encoder; an editing model encodes its input images itself)."""
         missing = sorted({p for p in prompts if p not in self.cache})
         if missing:
             self._encode_uncached(missing)
@@ -110,7 +124,7 @@ TRUNCATED_LIST = "truncated.txt"
 
 
 def write_cache(prompts: list[str], encode: Callable[[list[str]], Cond], out_dir: str | Path, source: dict[str, Any],
-                shard_size: int, batch_size: int, progress) -> list[str]:
+                shard_size: int, batch_size: int, progress, keyed_by: str = "prompt") -> list[str]:
     """Write the cache of `prompts` (distinct, "" included) to `out_dir`, atomically: `encode` is called on
     batches of `batch_size` prompts, `shard_size` prompts go in each shard, `source` describes the encoder in the
     index; `progress` (a bar) advances by the prompts encoded.
@@ -118,13 +132,14 @@ def write_cache(prompts: list[str], encode: Callable[[list[str]], Cond], out_dir
     The temporaries of a dead writer of `out_dir` are deleted (`remove_dead_temporaries`); the finished shards of
     one that wrote the same prompts with the same `source` and `shard_size` are taken over first (a resume).
     Returns what happened, one line each: the resume, and per text encoder the prompts it truncated
-    (`truncation_lines`, listed in TRUNCATED_LIST)."""
+    (`truncation_lines`, listed in TRUNCATED_LIST). keyed_by "example": `prompts` are `example_key`s, whose
+    conditioning depends on the examples' input images too."""
     from safetensors.torch import save_file
 
     identity = json.loads(json.dumps({"prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
                                       "shard_size": shard_size, "source": source}))  # as PARTIAL reads back
     index: dict[str, Any] = {"format": FORMAT, "version": VERSION, "keys": {}, "shards": [], "prompts": {},
-                             "source": source, "truncated": {}}
+                             "source": source, "truncated": {}, "keyed_by": keyed_by}
     notes = []
     with atomic_directory(out_dir) as tmp:
         for dead in dead_temporaries(out_dir):
@@ -265,6 +280,7 @@ class EmbeddingCache:
         self.rows: dict[str, tuple[int, int]] = {p: (s, r) for p, (s, r) in index["prompts"].items()}
         self.shapes = {k: tuple(v["shape"]) for k, v in index["keys"].items()}
         self.source: dict = index.get("source", {})
+        self.keyed_by: str = index.get("keyed_by", "prompt")
         self._shard_names: list[str] = index["shards"]
         self._shards: dict[int, Any] = {}  # shard number -> open safetensors handle (memory-mapped)
 
@@ -281,11 +297,15 @@ class EmbeddingCache:
             self._shards[n] = safe_open(str(self.directory / self._shard_names[n]), framework="pt", device="cpu")
         return self._shards[n]
 
-    def encode(self, prompts: Sequence[str]) -> Cond:
+    def encode(self, prompts: Sequence[str], images: Images | None = None) -> Cond:
+        """The cached conditioning of `prompts`; in a cache keyed by example, of (prompt, input images) pairs
+        (images ignored by a cache keyed by prompt: the adapter encodes them itself)."""
+        if self.keyed_by == "example":
+            prompts = [example_key(p, None if images is None else images[i]) for i, p in enumerate(prompts)]
         missing = [p for p in dict.fromkeys(prompts) if p not in self.rows]
         if missing:
-            shown = ", ".join(repr(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
-                                                                else "")
+            shown = ", ".join(repr(p.partition("\x00")[0]) + (" (with its input images)" if "\x00" in p else "")
+                              for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             raise MissingPromptError(f"prompt {shown} not in the embedding cache {self.directory} ({len(self)} prompts "
                            f"from {self.source.get('prompt_file', '?')}); encode a prompt file that contains it with "
                            f"mixgrpo preprocess, or go without the cache")
@@ -309,6 +329,8 @@ def coverage_problems(directory: str | Path, prompts: PromptSets, fix: str) -> l
         cache = EmbeddingCache(directory)
     except (OSError, ValueError) as e:
         return [f"{e}: {fix}"]
+    if cache.keyed_by == "example":  # its rows name input images at the model's size: checked at their first use
+        return []
     gaps = []
     for split, (source, texts) in prompts.items():
         distinct = list(dict.fromkeys(texts))

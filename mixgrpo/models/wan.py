@@ -35,7 +35,8 @@ from mixgrpo.dtypes import parse_dtype
 from mixgrpo.errors import ConfigError
 from mixgrpo.models._diffusers import (PIPELINE_MODULES, CausalVaeDecoder, check_pipeline_dir, check_pipeline_run,
                                        check_size, load_components, module_device, tokenize)
-from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter
+from mixgrpo.models.base import (MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter,
+                                 cond_index)
 
 EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 NUM_TRAIN_TIMESTEPS = 1000  # the transformer takes timestep = 1000 sigma
@@ -104,9 +105,9 @@ class WanAdapter(TransformerAdapter):
                  trained_expert: str = "high_noise", expand_timesteps: bool = False):
         c, _, h, w = latent_shape
         _, ph, pw = transformer.config.patch_size
-        if c != transformer.config.in_channels:
-            raise ConfigError(f"latent_shape {latent_shape}: C must equal the transformer's in_channels "
-                              f"{transformer.config.in_channels}")
+        if c != transformer.config.out_channels:
+            raise ConfigError(f"latent_shape {latent_shape}: C must equal the transformer's out_channels "
+                              f"{transformer.config.out_channels}")
         if h % ph or w % pw:
             raise ConfigError(f"latent_shape {latent_shape}: h and w must be divisible by the patch {ph} x {pw}")
         if (transformer_2 is None) != (boundary is None):
@@ -124,23 +125,28 @@ class WanAdapter(TransformerAdapter):
     def denoiser(self) -> nn.Module:
         return self.transformer_2 if self.trained_expert == "low_noise" else self.transformer
 
-    def _call(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        timestep = sigma.float() * NUM_TRAIN_TIMESTEPS                                 # [B], as the scheduler's
-        if self.expand_timesteps:  # [B, F (h/2) (w/2)]: one per token, as the pipeline's mask[:, ::2, ::2] * t
+    def _timesteps(self, transformer: nn.Module, sigma: torch.Tensor) -> torch.Tensor:
+        """[B] sigma -> the transformer's timestep: [B] 1000 sigma, as the scheduler's; with `expand_timesteps`
+        [B, F (h/2) (w/2)], one per token (the pipeline's mask[:, ::2, ::2] * t)."""
+        timestep = sigma.float() * NUM_TRAIN_TIMESTEPS
+        if self.expand_timesteps:
             _, f, h, w = self.latent_shape
             _, ph, pw = transformer.config.patch_size
             timestep = timestep[:, None].expand(-1, f * (h // ph) * (w // pw))
+        return timestep
+
+    def _call(self, transformer: nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """One transformer's velocity on rows x [N, C, F, h, w], sigma [N], cond [N, ...]."""
         dtype = transformer.dtype
-        out = transformer(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=text.to(dtype),
-                          return_dict=False)[0]
+        out = transformer(hidden_states=x.to(dtype), timestep=self._timesteps(transformer, sigma),
+                          encoder_hidden_states=cond["prompt_embeds"].to(dtype), return_dict=False)[0]
         return out.to(x.dtype)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         """Velocity. x: [B, C, F, h, w]; sigma: [B] (or a scalar) in [0, 1]; returns [B, C, F, h, w] in x's dtype."""
         sigma = torch.as_tensor(sigma, device=x.device).expand(x.shape[0])
-        text = cond["prompt_embeds"]                                                 # [B, L, D]
         if self.transformer_2 is None:
-            return self._call(self.transformer, x, sigma, text)
+            return self._call(self.transformer, x, sigma, cond)
         high = high_noise(sigma, self.boundary)
         frozen = ~high if self.trained_expert == "high_noise" else high
         if torch.is_grad_enabled() and bool(frozen.any()) and any(p.requires_grad for p in self.denoiser.parameters()):
@@ -153,7 +159,7 @@ class WanAdapter(TransformerAdapter):
         out = torch.empty_like(x)
         for rows, transformer in ((high, self.transformer), (~high, self.transformer_2)):
             if rows.any():
-                out[rows] = self._call(transformer, x[rows], sigma[rows], text[rows])
+                out[rows] = self._call(transformer, x[rows], sigma[rows], cond_index(cond, rows))
         return out
 
 
@@ -176,40 +182,55 @@ def load_wan(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cp
     embedding_cache: a directory written by `mixgrpo preprocess`; when given, UMT5 is not loaded.
     text_encoder: an already loaded text encoder to share (e.g. with a frozen reference copy).
     """
+    components, text_encoder, parts = load_wan_components(
+        "wan", path, example=EXAMPLE, dtype=dtype, device=device, height=height, width=width, num_frames=num_frames,
+        max_sequence_length=max_sequence_length, embedding_cache=embedding_cache, text_encoder=text_encoder)
+    return WanAdapter(components["transformer"], text_encoder, trained_expert=trained_expert, **parts).eval()
+
+
+def load_wan_components(name: str, path: str, *, example: str, dtype: str | torch.dtype, device: str, height: int,
+                        width: int, num_frames: int, max_sequence_length: int, embedding_cache: str | None,
+                        text_encoder: TextEncoder | None, extra: dict[str, type] | None = None,
+                        ) -> tuple[dict[str, nn.Module], TextEncoder, dict]:
+    """What every Wan pipeline directory holds, loaded and checked (`load_wan`'s arguments): ({folder: component},
+    text encoder, the `WanAdapter` keyword arguments latent_shape, decoder, transformer_2, boundary and
+    expand_timesteps). extra: further optional folders -> classes (the image-to-video pipeline's image_encoder)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
-    root = check_pipeline_dir(path, "wan", components=["transformer", "vae"], example=EXAMPLE)
+    root = check_pipeline_dir(path, name, components=["transformer", "vae"], example=example)
     config = _pipeline_config(root)
     vae_config = json.loads((root / "vae" / "config.json").read_text())
     temporal = vae_config.get("scale_factor_temporal") or 4
     if num_frames < 1 or (num_frames - 1) % temporal:
-        example = (max(num_frames - 1, 0) // temporal) * temporal + 1
-        raise ConfigError(f"wan: num_frames = {num_frames} must be 1 + {temporal} k (the VAE compresses {temporal} "
-                          f"frames into one after the first), e.g. {example}")
+        fit = (max(num_frames - 1, 0) // temporal) * temporal + 1
+        raise ConfigError(f"{name}: num_frames = {num_frames} must be 1 + {temporal} k (the VAE compresses {temporal} "
+                          f"frames into one after the first), e.g. {fit}")
 
     def check(c: dict[str, nn.Module]) -> None:
         spatial = c["vae"].config.scale_factor_spatial
         _, ph, pw = c["transformer"].config.patch_size
-        check_size("wan", (height, width), spatial * ph, f"VAE factor {spatial} x patch {ph}")
+        check_size(name, (height, width), spatial * ph, f"VAE factor {spatial} x patch {ph}")
 
     components, text_encoder = load_components(
-        "wan", root, example=EXAMPLE, classes={"transformer": WanTransformer3DModel,
-                                               "transformer_2": WanTransformer3DModel, "vae": AutoencoderKLWan},
+        name, root, example=example, classes={"transformer": WanTransformer3DModel,
+                                              "transformer_2": WanTransformer3DModel, "vae": AutoencoderKLWan,
+                                              **(extra or {})},
         dtype=dtype, device=device, text_encoder=text_encoder, embedding_cache=embedding_cache,
         load_text_encoder=lambda r, torch_dtype: load_wan_text_encoder(
             r, dtype=torch_dtype, device=device, max_sequence_length=max_sequence_length),
         cache_widths=lambda c: {"prompt_embeds": c["transformer"].config.text_dim}, check=check,
-        optional=["transformer_2"])
+        optional=["transformer_2", *(extra or {})])
     vae, transformer = components["vae"], components["transformer"]
     transformer_2 = components.get("transformer_2")
     boundary = config.get("boundary_ratio") if transformer_2 is not None else None
     if transformer_2 is not None and boundary is None:
-        raise ConfigError(f"wan: {root} has a transformer_2 but model_index.json has no boundary_ratio")
+        raise ConfigError(f"{name}: {root} has a transformer_2 but model_index.json has no boundary_ratio")
     spatial = vae.config.scale_factor_spatial
-    latent_shape = (transformer.config.in_channels, (num_frames - 1) // temporal + 1, height // spatial,
+    latent_shape = (transformer.config.out_channels, (num_frames - 1) // temporal + 1, height // spatial,
                     width // spatial)
-    return WanAdapter(transformer, text_encoder, latent_shape, CausalVaeDecoder(vae), transformer_2, boundary,
-                      trained_expert, bool(config.get("expand_timesteps", False))).eval()
+    return components, text_encoder, dict(latent_shape=latent_shape, decoder=CausalVaeDecoder(vae),
+                                          transformer_2=transformer_2, boundary=boundary,
+                                          expand_timesteps=bool(config.get("expand_timesteps", False)))
 
 
 def _check_wan_run(args: dict, prompts: PromptSets) -> list[str]:

@@ -18,6 +18,11 @@ A reward that draws random numbers (a VLM judge sampling its answer) says so wit
 is called as `reward(images, prompts, seeds=...)`, one integer per image derived from (seed, iteration, image index)
 (`mixgrpo.seeding.reward_seeds`), so that a rerun asks the same questions with the same seeds; `call_reward` does it.
 
+A reward that compares the result with the example's input image (an editing model's source image, an image-to-video
+model's conditioning frame) says so with a true `takes_inputs` attribute and is called as
+`reward(images, prompts, inputs=...)`, inputs [B, 3, H, W] in [0, 1]: each sample's first input image at the result's
+size (`call_reward` does it; a video reward that scores frames gets the input beside every frame).
+
 Factories are registered by name in `REWARDS`; configs name them, with keyword arguments. A user reward is
 named "package.module:function": that function is the reward itself, called as
 `function(images, prompts, **args)`. `build_reward` resolves both kinds.
@@ -47,11 +52,15 @@ REWARDS: Registry[RewardFn] = Registry("reward")
 
 
 def call_reward(fn: RewardFn, images: torch.Tensor, prompts: Sequence[str],
-                seeds: Sequence[int] | None = None) -> torch.Tensor:
-    """fn(images, prompts), with `seeds` (one per image) passed on to a reward that takes them."""
+                seeds: Sequence[int] | None = None, inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """fn(images, prompts), with `seeds` (one per image) passed on to a reward that takes them, and `inputs`
+    ([B, 3, H, W], each sample's input image) to a reward that compares with them (`takes_inputs`)."""
+    kwargs = {}
     if seeds is not None and getattr(fn, "takes_seeds", False):
-        return fn(images, prompts, seeds=seeds)
-    return fn(images, prompts)
+        kwargs["seeds"] = seeds
+    if getattr(fn, "takes_inputs", False):
+        kwargs["inputs"] = inputs
+    return fn(images, prompts, **kwargs)
 
 
 class UserReward:
@@ -68,17 +77,20 @@ class UserReward:
             signature = None
         if signature is not None:
             try:
-                signature.bind(None, None, **args)
+                signature.bind(None, None, **args, **({"inputs": None} if getattr(fn, "takes_inputs", False) else {}))
             except TypeError as e:
                 raise ConfigError(f"reward {name!r}: arguments {args} do not fit {fn.__name__}{signature}: {e}; "
-                                  f"a user reward is called as f(images, prompts, **args)") from None
+                                  f"a user reward is called as f(images, prompts, **args) (and inputs= when it says "
+                                  f"takes_inputs)") from None
         self.name, self.fn, self.args = name, fn, args
         self.scores_videos = bool(getattr(fn, "scores_videos", False))  # a user video reward gets videos whole
         self.takes_seeds = bool(getattr(fn, "takes_seeds", False))
+        self.takes_inputs = bool(getattr(fn, "takes_inputs", False))
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
-                 seeds: Sequence[int] | None = None) -> torch.Tensor:
-        out = self.fn(images, prompts, **self.args, **({"seeds": seeds} if seeds is not None else {}))
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int] | None = None,
+                 inputs: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {k: v for k, v in (("seeds", seeds), ("inputs", inputs)) if v is not None}
+        out = self.fn(images, prompts, **self.args, **extra)
         try:
             return torch.as_tensor(out, dtype=torch.float32).flatten()
         except (TypeError, ValueError, RuntimeError):
@@ -111,8 +123,9 @@ be scored) makes the video's score NaN under each of them, so a failed frame is 
 
 
 class PerFrame:
-    """An image reward applied to videos: each of the F frames of a video is scored with the video's prompt, the F
-    scores are aggregated by FRAME_AGGREGATIONS[frames]. Images [B, 3, H, W] go to the reward unchanged."""
+    """An image reward applied to videos: each of the F frames of a video is scored with the video's prompt (and,
+    for a reward that takes inputs, the video's input image: its conditioning frame), the F scores are aggregated by
+    FRAME_AGGREGATIONS[frames]. Images [B, 3, H, W] go to the reward unchanged."""
 
     def __init__(self, fn: RewardFn, frames: str = "mean"):
         if frames not in FRAME_AGGREGATIONS:
@@ -123,14 +136,15 @@ class PerFrame:
     def __getattr__(self, name: str):  # the wrapped reward's own attributes (check(), ...) stay reachable
         return getattr(self.__dict__["fn"], name) if "fn" in self.__dict__ else super().__getattribute__(name)
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
-                 seeds: Sequence[int] | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int] | None = None,
+                 inputs: torch.Tensor | None = None) -> torch.Tensor:
         if images.dim() != 5:
-            return call_reward(self.fn, images, prompts, seeds)
+            return call_reward(self.fn, images, prompts, seeds, inputs)
         b, f = images.shape[:2]
         frame_seeds = None if seeds is None else [s for s in seeds for _ in range(f)]  # a video's frames share its seed
+        frame_inputs = None if inputs is None else inputs.repeat_interleave(f, dim=0)  # [B * F, 3, H, W]
         scores = torch.as_tensor(call_reward(self.fn, images.flatten(0, 1), [p for p in prompts for _ in range(f)],
-                                             frame_seeds), dtype=torch.float32).flatten().cpu()
+                                             frame_seeds, frame_inputs), dtype=torch.float32).flatten().cpu()
         if scores.numel() != b * f:
             raise RewardError(f"returned {scores.numel()} scores for the {b * f} frames of {b} videos")
         return FRAME_AGGREGATIONS[self.frames](scores.view(b, f))

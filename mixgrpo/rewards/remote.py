@@ -1,8 +1,9 @@
 """The trainer's side of a reward server (`mixgrpo serve-rewards`): rewards with `server: URL` in a run's config.
 
 One `ServerScorer` per server (a URL, or a list of replicas' URLs) scores every reward of the run that server hosts
-with one POST /score per replica and scoring call: the images travel once for all of them, and replicas get equal
-contiguous shares of the images. A share whose replica fails is sent to the next replica; when every replica fails,
+with one POST /score per replica and scoring call: the images travel once for all of them (with each image's input
+image when one of them takes inputs: an editing or image-to-video run), and replicas get equal contiguous shares of
+the images. A share whose replica fails is sent to the next replica; when every replica fails,
 the call raises `RewardError` naming the server, which the failure policy (`mixgrpo.rewards.scoring`) retries with
 backoff and then scores NaN, never 0. An answer with another number of scores, or not of the wire format
 (`mixgrpo.rewards.wire`), is such a failure too; a 4xx answer (a missing token, a request the server refuses) is an
@@ -123,9 +124,12 @@ class ServerScorer:
     """Scores the rewards `specs` ({run label: (name, args, frames)}) on one server: its replicas `urls` share the
     images (equal contiguous shares, one request each, concurrently).
 
-    __call__(images [B, ...] in [0, 1], prompts, seeds) -> ({label: [B] float32, NaN where unscored},
-                                                              {label: why some images are NaN, or None})
+    __call__(images [B, ...] in [0, 1], prompts, seeds, inputs [B, 3, H, W] or None)
+        -> ({label: [B] float32, NaN where unscored}, {label: why some images are NaN, or None})
+    The inputs travel (in the images' encoding) when a reward asked for takes them (GET /health says which).
     `served` counts the images each URL scored (the run's metrics record it)."""
+
+    takes_inputs = True  # passes the inputs on to the hosted rewards that take them (`mixgrpo.rewards.base.call_reward`)
 
     def __init__(self, urls: Sequence[str], specs: dict[str, tuple[str, dict[str, Any], str]], timeout: float,
                  token: str | None, encoding: str):
@@ -134,6 +138,7 @@ class ServerScorer:
         self.labels = list(specs)
         self.where = ", ".join(c.url for c in self.clients)
         self._hosted: dict[str, str] | None = None  # run label -> the server's label
+        self._needs_inputs: set[str] = set()  # the server's labels of the rewards that take inputs
         self.served: Counter = Counter()
         self._lock = threading.Lock()
 
@@ -154,17 +159,18 @@ class ServerScorer:
                 if match is None:
                     raise ServerSetupError(f"reward server {self.where} cannot score {label!r}: {why}")
                 labels[label] = match
+            self._needs_inputs = {h["label"] for h in hosted if h.get("takes_inputs")}
             self._hosted = labels
         return self._hosted
 
-    def _share(self, i: int, labels: list[str], images: torch.Tensor, prompts: list[str],
-               seeds: list[int] | None) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
+    def _share(self, i: int, labels: list[str], images: torch.Tensor, prompts: list[str], seeds: list[int] | None,
+               inputs: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
         """Share i of the images on its replica, else on the next ones in turn."""
         errors = []
         for k in range(len(self.clients)):
             client = self.clients[(i + k) % len(self.clients)]
             try:
-                answer = client.call("/score", score_request(labels, images, prompts, seeds, self.encoding))
+                answer = client.call("/score", score_request(labels, images, prompts, seeds, self.encoding, inputs))
                 scores, notes = read_answer(answer, labels, len(prompts))
             except WireError as e:
                 errors.append(f"{client.url} answered malformed scores: {e}")
@@ -178,18 +184,23 @@ class ServerScorer:
         raise RewardError("; ".join(errors))
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int] | None = None,
-                 only: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
+                 inputs: torch.Tensor | None = None, only: Sequence[str] | None = None,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
         """Every reward of the scorer, or those of `only` (run labels)."""
         hosted = self._server_labels()
         wanted = list(only or self.labels)
         labels = [hosted[label] for label in wanted]
+        if not self._needs_inputs.intersection(labels):
+            inputs = None  # no reward asked for compares with them: they need not travel
         bounds = torch.linspace(0, len(prompts), len(self.clients) + 1).round().long().tolist()
         parts = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+        def share(i: int, a: int, b: int) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
+            return self._share(i, labels, images[a:b], list(prompts[a:b]), None if seeds is None else list(seeds[a:b]),
+                               None if inputs is None else inputs[a:b])
+
         with ThreadPoolExecutor(max_workers=len(parts)) as pool:
-            results = list(pool.map(lambda ip: self._share(ip[0], labels, images[ip[1][0]:ip[1][1]],
-                                                           list(prompts[ip[1][0]:ip[1][1]]),
-                                                           None if seeds is None else list(seeds[ip[1][0]:ip[1][1]])),
-                                    enumerate(parts)))
+            results = list(pool.map(lambda ip: share(ip[0], *ip[1]), enumerate(parts)))
         scores = {run: torch.cat([r[0][srv] for r in results]) for run, srv in zip(wanted, labels)}
         notes = {run: "; ".join(n for r in results if (n := r[1][srv])) or None for run, srv in zip(wanted, labels)}
         return scores, notes

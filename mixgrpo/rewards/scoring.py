@@ -82,22 +82,25 @@ def build_rewards(specs: list[RewardConfig], build: bool = True,
 def _one_label(scorer: ServerScorer, label: str) -> Callable:
     """reward(images, prompts[, seeds]) -> [B]: the scores of `label` alone from `scorer`; NaN where unscored."""
 
-    def reward(images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None) -> torch.Tensor:
-        return scorer(images, prompts, seeds, only=[label])[0][label]
+    def reward(images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None,
+               inputs: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if inputs is None else {"inputs": inputs}
+        return scorer(images, prompts, seeds, only=[label], **extra)[0][label]
 
     reward.takes_seeds = True
+    reward.takes_inputs = bool(getattr(scorer, "takes_inputs", False))
     return reward
 
 
 class LocalScorer:
-    """An in-process reward as a scorer: __call__(images, prompts, seeds) -> ({label: [B]}, {label: None})."""
+    """An in-process reward as a scorer: __call__(images, prompts, seeds, inputs) -> ({label: [B]}, {label: None})."""
 
     def __init__(self, label: str, fn: Callable):
         self.labels, self.fn, self.where = [label], fn, "in-process"
 
-    def __call__(self, images: torch.Tensor, prompts: list[str],
-                 seeds: list[int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
-        return {self.labels[0]: call_reward(self.fn, images, prompts, seeds)}, {self.labels[0]: None}
+    def __call__(self, images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None,
+                 inputs: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
+        return {self.labels[0]: call_reward(self.fn, images, prompts, seeds, inputs)}, {self.labels[0]: None}
 
 
 class Retrying:
@@ -107,18 +110,20 @@ class Retrying:
     gets NaN for each of its rewards, which the caller counts as failed groups. NaN/inf scores are not retried (the
     reward's verdict on those images).
 
-    __call__(images, prompts, seeds) -> ({label: [B] float32 on the CPU}, {label: why some are NaN, or None})."""
+    __call__(images, prompts, seeds, inputs) -> ({label: [B] float32 on the CPU}, {label: why some are NaN, or None});
+    inputs (the examples' input images, [B, 3, H, W]) go to the scorer only when given."""
 
     def __init__(self, scorer: Callable, retries: int):
         self.scorer, self.retries = scorer, retries
         self.labels, self.where = scorer.labels, scorer.where
 
     def __call__(self, images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None,
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
+                 inputs: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str | None]]:
         error = ""
+        extra = {} if inputs is None else {"inputs": inputs}
         for attempt in range(self.retries + 1):
             try:
-                scores, notes = self.scorer(images, prompts, seeds)
+                scores, notes = self.scorer(images, prompts, seeds, **extra)
                 scores = {label: torch.as_tensor(scores[label], dtype=torch.float32).flatten().cpu()
                           for label in self.labels}
                 for label, s in scores.items():
@@ -142,15 +147,16 @@ class Retrying:
 
 
 class RetryingReward:
-    """One reward under the failure policy (`Retrying`), as reward(images, prompts) -> [B]; `last_error` keeps the
-    reason of the latest call's failure or non-finite scores (None when clean)."""
+    """One reward under the failure policy (`Retrying`), as reward(images, prompts[, inputs=]) -> [B]; `last_error`
+    keeps the reason of the latest call's failure or non-finite scores (None when clean)."""
 
     def __init__(self, label: str, fn: Callable, retries: int):
         self.label, self.retrying = label, Retrying(LocalScorer(label, fn), retries)
         self.last_error: str | None = None
+        self.takes_inputs = bool(getattr(fn, "takes_inputs", False))
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        scores, errors = self.retrying(images, prompts)
+    def __call__(self, images: torch.Tensor, prompts: list[str], inputs: torch.Tensor | None = None) -> torch.Tensor:
+        scores, errors = self.retrying(images, prompts, inputs=inputs)
         self.last_error = errors[self.label]
         return scores[self.label]
 
@@ -208,13 +214,14 @@ class RewardSet:
         return [(r.label, r.fn) for r in self.rewards]
 
     def score(self, images: torch.Tensor, prompts: list[str], group_size: int, seeds: list[int] | None = None,
-              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, str]]:
-        """This rank's images [B, 3, H, W] (seeds: one per image, for rewards that draw) -> ({label: [P, G]},
-        failed [P], {label: why some of its scores are NaN}) (`failed_groups`)."""
+              inputs: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, str]]:
+        """This rank's images [B, 3, H, W] (seeds: one per image, for rewards that draw; inputs [B, 3, H, W]: each
+        sample's input image, for rewards that take them) -> ({label: [P, G]}, failed [P], {label: why some of its
+        scores are NaN}) (`failed_groups`)."""
         num_prompts = len(prompts) // group_size
         scores, errors = {}, {}
         for scorer in self.scorers:
-            got, notes = scorer(images, prompts, seeds)
+            got, notes = scorer(images, prompts, seeds, inputs)
             scores.update({label: s.view(num_prompts, group_size) for label, s in got.items()})
             errors.update({label: e for label, e in notes.items() if e})
         scores = {r.label: scores[r.label] for r in self.rewards}  # config order
@@ -260,14 +267,24 @@ class RewardSet:
 
 
 def _on_rank0(fn: Callable | None) -> Callable:
-    """fn(images, prompts, seeds) gathered to rank 0 (`dist.on_rank0`): the prompts and seeds travel as pairs."""
-    gathered = dist.on_rank0(None if fn is None else lambda x, items: call_reward(
-        fn, x, [p for p, _ in items], None if items[0][1] is None else [s for _, s in items]))
+    """fn(images, prompts, seeds, inputs) gathered to rank 0 (`dist.on_rank0`): each image's prompt, seed and input
+    image (None when there are none) travel beside it."""
 
-    def reward(images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None) -> torch.Tensor:
-        return gathered(images, list(zip(prompts, seeds if seeds is not None else [None] * len(prompts))))
+    def score(x: torch.Tensor, items: list) -> torch.Tensor:
+        prompts, seeds, inputs = zip(*items)
+        return call_reward(fn, x, list(prompts), None if seeds[0] is None else list(seeds),
+                           None if inputs[0] is None else torch.stack(inputs).to(x.device))
+
+    gathered = dist.on_rank0(None if fn is None else score)
+
+    def reward(images: torch.Tensor, prompts: list[str], seeds: list[int] | None = None,
+               inputs: torch.Tensor | None = None) -> torch.Tensor:
+        n = len(prompts)
+        return gathered(images, list(zip(prompts, seeds if seeds is not None else [None] * n,
+                                         inputs.cpu() if inputs is not None else [None] * n)))
 
     reward.takes_seeds = True
+    reward.takes_inputs = True  # passes them on when given; the wrapped reward takes them or not (`call_reward`)
     return reward
 
 

@@ -7,13 +7,15 @@ It hosts registered rewards and user rewards ("package.module:function") with th
 its `device` argument names, labelled as a run labels them (`mixgrpo.rewards.scoring.reward_labels`). Endpoints
 (the wire format: `mixgrpo.rewards.wire`, docs/rewards.md):
 
-- GET /health: the rewards (label, name, args, frames, device), the package versions, the queue and the limits;
-- POST /score: scores for the images of a request with the rewards it names; one score per image and reward, or
-  null and the reason where the reward raised or gave NaN / inf for that image (never 0).
+- GET /health: the rewards (label, name, args, frames, device, takes_inputs), the package versions, the queue and the
+  limits;
+- POST /score: scores for the images of a request with the rewards it names (and each image's input image, for the
+  rewards that take inputs); one score per image and reward, or null and the reason where the reward raised or gave
+  NaN / inf for that image (never 0).
 
 Concurrent requests are batched: whatever is queued while a batch is scored forms the next one, up to
 `batch_size` images (a request is never split: a larger one is scored alone), and each reward runs once on all the images of the batch that
-ask for it (requests of another image size or without seeds run apart). If a reward raises on a batch of several
+ask for it (requests of another image or input size, without seeds or without inputs run apart). If a reward raises on a batch of several
 requests, each request is scored alone, so that one bad request does not fail the others. One worker thread runs
 the rewards, in arrival order. One log line per batch. It binds 127.0.0.1 unless told otherwise, requires a bearer
 token when started with one, refuses bodies over `max_request_bytes` (413) and stops on SIGTERM after answering
@@ -58,10 +60,15 @@ class HostedReward:
     spec: RewardConfig
     fn: Any
 
+    @property
+    def takes_inputs(self) -> bool:
+        """Whether the reward compares each image with its input image (requests must carry `inputs`)."""
+        return bool(getattr(self.fn, "takes_inputs", False))
+
     def describe(self) -> dict[str, Any]:
         module = self.spec.name.partition(":")[0] if ":" in self.spec.name else None
         return {"label": self.label, "name": self.spec.name, "args": self.spec.args, "frames": self.spec.frames,
-                "device": str(self.spec.args.get("device", "cpu")),
+                "device": str(self.spec.args.get("device", "cpu")), "takes_inputs": self.takes_inputs,
                 **({"module": module} if module else {})}
 
 
@@ -73,6 +80,7 @@ class Job:
     images: torch.Tensor
     prompts: list[str]
     seeds: list[int] | None
+    inputs: torch.Tensor | None  # [B, 3, H, W]: each image's input image, or None
     done: asyncio.Future
     scores: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, list[str | None]] = field(default_factory=dict)
@@ -148,7 +156,8 @@ class RewardHost:
             groups: dict[tuple, list[Job]] = defaultdict(list)
             for job in batch:
                 if label in job.labels:
-                    groups[(tuple(job.images.shape[1:]), job.seeds is None)].append(job)
+                    inputs = None if job.inputs is None else tuple(job.inputs.shape[1:])
+                    groups[(tuple(job.images.shape[1:]), job.seeds is None, inputs)].append(job)
             t = time.perf_counter()
             for jobs in groups.values():
                 self._score_jobs(label, reward, jobs)
@@ -162,8 +171,10 @@ class RewardHost:
         images = torch.cat([j.images for j in jobs])
         prompts = [p for j in jobs for p in j.prompts]
         seeds = None if jobs[0].seeds is None else [s for j in jobs for s in j.seeds]
+        inputs = None if jobs[0].inputs is None else torch.cat([j.inputs for j in jobs])
         try:
-            scores = torch.as_tensor(call_reward(reward.fn, images, prompts, seeds), dtype=torch.float32).flatten()
+            scores = torch.as_tensor(call_reward(reward.fn, images, prompts, seeds, inputs),
+                                     dtype=torch.float32).flatten()
             if scores.numel() != len(prompts):
                 raise ValueError(f"returned {scores.numel()} scores for {len(prompts)} images")
         except Exception as e:  # noqa: BLE001  (the reward's failure is the answer, not the server's)
@@ -233,10 +244,11 @@ def build_app(host: RewardHost, token: str | None = None, max_request_bytes: int
         except ValueError:
             return error(400, "the body is not JSON", "body")
         try:
-            labels, images, prompts, seeds = read_request(parsed, list(host.rewards))
-        except WireError as e:
-            return error(422 if e.field.startswith("images") else 400, str(e), e.field)
-        job = Job(labels, images, prompts, seeds, asyncio.get_running_loop().create_future())
+            request = read_request(parsed, list(host.rewards),
+                                   [label for label, r in host.rewards.items() if r.takes_inputs])
+        except WireError as e:  # undecodable images or inputs: 422
+            return error(422 if e.field.startswith(("images", "inputs.")) else 400, str(e), e.field)
+        job = Job(*request, done=asyncio.get_running_loop().create_future())
         await host.submit(job)
         await job.done
         return score_answer(job.scores, job.errors)

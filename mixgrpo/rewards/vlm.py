@@ -5,6 +5,11 @@ Per image: one POST to {base_url}/chat/completions with the image as a base64 PN
 with {prompt} filled in; the score is the number of the last "Final Score: X" in the answer (a regex), which
 must lie in [min_score, max_score]. Calls run concurrently in a thread pool; HTTP uses the standard library.
 
+Edits: a template that holds {input_image} shows the judge the sample's input image too, in one request (the judge
+`takes_inputs`): the message is the template cut at {input_image} and {image}, with the input and the result as
+images at those places (`template: edit` is EDIT_TEMPLATE). A template without these marks sends the image first,
+then the text.
+
 Reproducible questions: in training, each image's request carries a `seed` derived from (the run's seed, the
 iteration, the image's global index) (`mixgrpo.seeding.reward_seeds`, reduced to 31 bits), which vLLM and OpenAI's
 API use to seed the sampling: a rerun (or a resumed run) asks the same questions with the same seeds, whatever the
@@ -48,6 +53,26 @@ DEFAULT_TEMPLATE = (
     "text) and its visual quality (realism, detail, no artifacts). Reason briefly, then end your answer with a "
     "line of the form 'Final Score: X', where X is a number from 1 (poor) to 5 (excellent)."
 )
+EDIT_TEMPLATE = (
+    "You are judging an image edit: an image editing model was given the input image and an instruction, and made "
+    "the edited image.\n"
+    "Input image:\n{input_image}\n"
+    "Edited image:\n{image}\n"
+    "Instruction: {prompt}\n\n"
+    "Judge two things together. Instruction following: is the requested change made, completely and correctly (the "
+    "right object, attribute, count, position, text or style)? Consistency: is everything the instruction does not "
+    "ask to change kept as it is in the input image (layout, background, the other objects, identities, style), with "
+    "no unrequested changes and no artifacts? An edit that ignores the instruction, or that redraws the image instead "
+    "of editing it, scores low however good it looks. Reason briefly, then end your answer with a line of the form "
+    "'Final Score: X', where X is a number from 1 (the edit failed) to 5 (the edit is made and nothing else changed)."
+)
+"""The edit judge's question: instruction following and consistency with the input in one 1-5 score (after the
+semantic-consistency question of VIEScore / GEdit-Bench and the two questions of Flow-Factory's consistent-editing
+reward; docs/rewards.md)."""
+TEMPLATES = {"default": DEFAULT_TEMPLATE, "edit": EDIT_TEMPLATE}
+"""Templates by name: `template: edit` in a config is EDIT_TEMPLATE; any other value is the template's text."""
+IMAGE_MARK, INPUT_MARK = "{image}", "{input_image}"
+"""Where a template places the judged image and the sample's input image."""
 DEFAULT_PATTERN = r"final\s*score\s*[:=]?\s*\**\s*([0-9]+(?:\.[0-9]+)?)"
 """Matches 'Final Score: 4.5' (also 'final score = 4', '**Final Score:** 3'), case-insensitive."""
 
@@ -103,10 +128,21 @@ class VlmJudge:
 
     name = "vlm"
     takes_seeds = True  # `mixgrpo.rewards.base.call_reward` passes one seed per image
+    takes_inputs = False  # True for a template with {input_image}: it also gets each sample's input image
 
     def __post_init__(self) -> None:
+        self.template = TEMPLATES.get(self.template, self.template)
         if "{prompt}" not in self.template:
-            raise ConfigError("vlm: the template must contain {prompt}, where the image's prompt is inserted")
+            raise ConfigError("vlm: the template must contain {prompt}, where the image's prompt is inserted (or be "
+                              f"the name of a built-in template: {sorted(TEMPLATES)})")
+        for mark in (IMAGE_MARK, INPUT_MARK):
+            if self.template.count(mark) > 1:
+                raise ConfigError(f"vlm: the template holds {mark} {self.template.count(mark)} times: each image is "
+                                  f"shown once")
+        self.takes_inputs = INPUT_MARK in self.template
+        if self.takes_inputs and IMAGE_MARK not in self.template:
+            raise ConfigError("vlm: the template shows the input image ({input_image}) but not the image to judge: "
+                              "add {image} where the judged image goes")
         if self.on_failure not in ("raise", "nan"):
             raise ConfigError(f"vlm: on_failure must be 'raise' or 'nan', got {self.on_failure!r}")
         if self.retries < 0 or self.concurrency < 1:
@@ -120,12 +156,21 @@ class VlmJudge:
                                   f"the API key there, or leave api_key_env unset for a server without keys")
         self.url = self.base_url.rstrip("/") + "/chat/completions"
 
-    def request(self, image_url: str, prompt: str, seed: int | None = None) -> str:
+    def content(self, image_url: str, prompt: str, input_url: str | None = None) -> list[dict[str, Any]]:
+        """The user message's parts: the template cut at its image marks, each mark replaced by its image, {prompt}
+        by the prompt; a template without marks: the image, then the text."""
+        if IMAGE_MARK not in self.template:
+            return [{"type": "image_url", "image_url": {"url": image_url}},
+                    {"type": "text", "text": self.template.replace("{prompt}", prompt)}]
+        urls = {IMAGE_MARK: image_url, INPUT_MARK: input_url}
+        return [{"type": "image_url", "image_url": {"url": urls[piece]}} if piece in urls
+                else {"type": "text", "text": piece.replace("{prompt}", prompt)}
+                for piece in re.split(r"(\{image\}|\{input_image\})", self.template) if piece]
+
+    def request(self, image_url: str, prompt: str, seed: int | None = None, input_url: str | None = None) -> str:
         """One chat completion: the answer's text. Raises _CallFailed."""
         body = {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
-                "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": image_url}},
-                    {"type": "text", "text": self.template.replace("{prompt}", prompt)}]}]}
+                "messages": [{"role": "user", "content": self.content(image_url, prompt, input_url)}]}
         if seed is not None:
             body["seed"] = int(seed) % 2**31  # servers take a 32-bit signed seed
         headers = {"Content-Type": "application/json"}
@@ -156,7 +201,8 @@ class VlmJudge:
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
         return str(content)
 
-    def score_one(self, image_url: str, prompt: str, seed: int | None = None) -> tuple[float, str]:
+    def score_one(self, image_url: str, prompt: str, seed: int | None = None,
+                  input_url: str | None = None) -> tuple[float, str]:
         """(score, '') or (nan, reason of the last failed attempt), after up to 1 + retries attempts (the same seed
         each time)."""
         reason = ""
@@ -164,7 +210,7 @@ class VlmJudge:
             if attempt > 0:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                answer = self.request(image_url, prompt, seed)
+                answer = self.request(image_url, prompt, seed, input_url)
             except _CallFailed as e:
                 reason = str(e)
                 if not e.retry:
@@ -177,12 +223,28 @@ class VlmJudge:
                       f"{answer[:200]!r}")
         return math.nan, reason
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
-                 seeds: Sequence[int] | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int] | None = None,
+                 inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """images [B, 3, H, W] in [0, 1]; seeds: one per image, or None; inputs [B, 3, H', W'] in [0, 1], each image's
+        input image (for a template with {input_image}) -> [B] float32."""
         check_batch("vlm", images, prompts)
         urls = [png_data_url(image) for image in images]
+        input_urls = [None] * len(urls)
+        if self.takes_inputs:
+            if inputs is None:
+                raise ConfigError("vlm: the template shows the judge the input image ({input_image}), and this run "
+                                  "gives none: use it with an image-conditioned model, or a template without "
+                                  "{input_image}")
+            check_batch("vlm (inputs)", inputs)
+            if inputs.shape[0] != len(urls):
+                raise ValueError(f"vlm: {len(urls)} images but {inputs.shape[0]} input images")
+            input_urls = []
+            for i, image in enumerate(inputs):  # the images of a group share their input: encode it once
+                same = i > 0 and torch.equal(image, inputs[i - 1])
+                input_urls.append(input_urls[-1] if same else png_data_url(image))
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(pool.map(self.score_one, urls, prompts, seeds if seeds is not None else [None] * len(urls)))
+            results = list(pool.map(self.score_one, urls, prompts, seeds if seeds is not None else [None] * len(urls),
+                                    input_urls))
         failures = [reason for _, reason in results if reason]
         if failures and (self.on_failure == "raise" or len(failures) == len(results)):
             raise RewardError(f"vlm: {len(failures)} of {len(results)} judge calls failed after "
@@ -194,6 +256,7 @@ class VlmJudge:
 def vlm(base_url: str, model: str, **kwargs: Any) -> VlmJudge:
     """A VLM judge over an OpenAI-compatible API; keyword args are the fields of `VlmJudge`.
 
-    score = the number after 'Final Score:' in the answer, in [min_score, max_score] (1-5 by default).
+    score = the number after 'Final Score:' in the answer, in [min_score, max_score] (1-5 by default); `template:
+    edit` judges an edit from the input image and the result.
     """
     return VlmJudge(base_url=base_url, model=model, **kwargs)

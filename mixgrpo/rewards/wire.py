@@ -7,7 +7,10 @@ POST /score, body:
     {"rewards": [LABEL, ...],                 the hosted rewards to apply (labels of GET /health)
      "prompts": [TEXT, ...],                  one per image (B)
      "images": IMAGES,                        B images (or videos)
-     "seeds": [INT, ...]}                     optional, one per image: for rewards that draw (a VLM judge's sampling)
+     "seeds": [INT, ...],                     optional, one per image: for rewards that draw (a VLM judge's sampling)
+     "inputs": IMAGES}                        optional, B images [B, 3, H, W]: each image's input image (an edit's
+                                              source, an image-to-video conditioning frame), for rewards that take
+                                              inputs (GET /health says which: "takes_inputs")
 IMAGES is either raw pixels
     {"format": "raw", "dtype": "uint8" | "float32", "shape": [B, 3, H, W] or [B, F, 3, H, W],
      "data": base64 of the C-order little-endian array}     uint8: 0..255; float32: 0..1
@@ -26,7 +29,7 @@ import base64
 import binascii
 import io
 import math
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +37,10 @@ import torch
 PROTOCOL = 1
 IMAGE_DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}
 ENCODINGS = ("float32", "uint8", "png")
-"""How a client can send images: raw float32 (exact: a remote score equals the in-process one bit for bit), raw
-uint8 (4x smaller, quantised like a PNG) or PNG files (smallest for smooth images; images only)."""
+"""How a client can send images (and input images): raw float32 (exact: a remote score equals the in-process one bit
+for bit), raw uint8 (4x smaller, quantised like a PNG) or PNG files (smallest for smooth images; images only)."""
+FIELDS = ("rewards", "prompts", "images", "seeds", "inputs")
+"""The fields of a score request."""
 
 
 class WireError(ValueError):
@@ -125,23 +130,35 @@ def _b64(text: Any, field: str) -> bytes:
 # requests and answers
 
 
+class ScoreRequest(NamedTuple):
+    """A checked POST /score body."""
+
+    labels: list[str]
+    images: torch.Tensor  # [B, 3, H, W] or [B, F, 3, H, W], float32 in [0, 1]
+    prompts: list[str]
+    seeds: list[int] | None
+    inputs: torch.Tensor | None  # [B, 3, H', W'], float32 in [0, 1]
+
+
 def score_request(labels: list[str], images: torch.Tensor, prompts: list[str], seeds: list[int] | None,
-                  encoding: str) -> dict[str, Any]:
-    """The body of POST /score."""
+                  encoding: str, inputs: torch.Tensor | None = None) -> dict[str, Any]:
+    """The body of POST /score; `inputs` [B, 3, H, W] travel in the images' encoding."""
     body = {"rewards": list(labels), "prompts": list(prompts), "images": encode_images(images, encoding)}
     if seeds is not None:
         body["seeds"] = [int(s) for s in seeds]
+    if inputs is not None:
+        body["inputs"] = encode_images(inputs, encoding)
     return body
 
 
-def read_request(body: Any, hosted: list[str]) -> tuple[list[str], torch.Tensor, list[str], list[int] | None]:
-    """A POST /score body -> (labels, images [B, ...], prompts, seeds or None), every field checked against the
-    labels the server hosts. Raises WireError naming the field."""
+def read_request(body: Any, hosted: list[str], takes_inputs: Sequence[str] = ()) -> ScoreRequest:
+    """A POST /score body -> ScoreRequest, every field checked against the labels the server hosts (`takes_inputs`:
+    those that need the inputs). Raises WireError naming the field."""
     if not isinstance(body, dict):
-        raise WireError("body", "must be a JSON object {rewards, prompts, images[, seeds]}")
-    unknown = sorted(set(body) - {"rewards", "prompts", "images", "seeds"})
+        raise WireError("body", "must be a JSON object {rewards, prompts, images[, seeds][, inputs]}")
+    unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise WireError(unknown[0], "is not a field of a score request (rewards, prompts, images, seeds)")
+        raise WireError(unknown[0], f"is not a field of a score request ({', '.join(FIELDS)})")
     labels = body.get("rewards")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise WireError("rewards", f"must be a non-empty list of reward labels; this server hosts {hosted}")
@@ -160,7 +177,19 @@ def read_request(body: Any, hosted: list[str]) -> tuple[list[str], torch.Tensor,
     if seeds is not None and (not isinstance(seeds, list) or len(seeds) != len(prompts) or
                               not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise WireError("seeds", f"must be a list of {len(prompts)} integers, one per image")
-    return labels, images, prompts, seeds
+    inputs = None
+    if body.get("inputs") is not None:
+        inputs = decode_images(body["inputs"], "inputs")
+        if inputs.dim() != 4 or inputs.shape[0] != len(prompts):
+            raise WireError("inputs", f"must be {len(prompts)} input images [B, 3, H, W], one per image; got shape "
+                                      f"{list(inputs.shape)}")
+    else:
+        needing = [label for label in labels if label in takes_inputs]
+        if needing:
+            raise WireError("inputs", f"is missing: {needing[0]!r} compares each image with its input image (an edit's "
+                                      f"source, a video's first frame); send the input images, or ask for other "
+                                      f"rewards")
+    return ScoreRequest(labels, images, prompts, seeds, inputs)
 
 
 def score_answer(scores: dict[str, list[float]], errors: dict[str, list[str | None]]) -> dict[str, Any]:

@@ -44,14 +44,17 @@ class ChunkScoring:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring") if overlap else None
         self._parts: list[Future | tuple] = []
 
-    def _score(self, images: torch.Tensor, prompts: list[str], seeds: list[int]) -> Scored:
+    def _score(self, images: torch.Tensor, prompts: list[str], seeds: list[int],
+               inputs: torch.Tensor | None) -> Scored:
         start = time.perf_counter()
-        scores, failed, errors = self.rewards.score(images, prompts, self.group_size, seeds)
+        scores, failed, errors = self.rewards.score(images, prompts, self.group_size, seeds, inputs)
         return scores, failed, errors, time.perf_counter() - start
 
-    def submit(self, images: torch.Tensor, prompts: list[str], seeds: list[int]) -> None:
-        """A chunk's decoded images [b, 3, H, W] (b = p G, group order), their prompts and reward seeds."""
-        job = (images, prompts, seeds)
+    def submit(self, images: torch.Tensor, prompts: list[str], seeds: list[int],
+               inputs: torch.Tensor | None = None) -> None:
+        """A chunk's decoded images [b, 3, H, W] (b = p G, group order), their prompts and reward seeds, and
+        (image-conditioned models) each image's input image [b, 3, H, W]."""
+        job = (images, prompts, seeds, inputs)
         self._parts.append(self._pool.submit(self._score, *job) if self._pool is not None else job)
 
     def collect(self, on_chunk: Callable[[], None] | None = None) -> Scored:

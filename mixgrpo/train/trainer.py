@@ -11,9 +11,15 @@ steps are SDE, ODE or DPM-Solver++, and which are trained. Each iteration (`Trai
                (`mixgrpo.train.overlap`), so the update waits only for what is missing
 4. advantages  the rewards fused into group-normalised advantages; failed groups get 0
 5. update      the objective (`mixgrpo.objectives`): GRPO re-scores the stored transitions under the
-               clipped policy loss; DiffusionNFT / AWM train on the final samples. `update.steps_per_epoch`
+               clipped policy loss; on-policy distillation pulls them toward frozen teachers' transitions;
+               DiffusionNFT / AWM / V-GRPO train on the final samples. `update.steps_per_epoch`
                optimizer steps per pass; step u sees the u-th share of every group
 6. log         one line of metrics.jsonl; a checkpoint every `run.checkpoint_every` iterations
+
+Image-conditioned models (editing, image-to-video): a prompt is an example (instruction, input images,
+`mixgrpo.prompts.Example`); the images are encoded into the conditioning with the text, CFG's unconditional rows are
+the empty prompt with each example's own images, a group is G images of one example, and the rewards that compare a
+result with its input (`takes_inputs`) get it.
 
 All randomness derives from (seed, iteration, global prompt index) (`mixgrpo.seeding`), so a resumed run
 reproduces the uninterrupted one and the result does not depend on how prompts are spread over ranks.
@@ -35,18 +41,18 @@ from mixgrpo import dist, memory
 from mixgrpo.checkpoint import latest_checkpoint, read_state
 from mixgrpo.config import TrainConfig, build_config, to_dict
 from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_precision, resolve_precision
-from mixgrpo.evaluate import evaluate
-from mixgrpo.export import export_model
-from mixgrpo.images import media_name, save_grid
+from mixgrpo.evaluate import evaluate, save_sample_grid
+from mixgrpo.export import export_model, load_export, load_run, model_source
+from mixgrpo.images import first_inputs, load_inputs, media_name
 from mixgrpo.models import Cond, FlowModel, cond_index, cond_repeat_interleave, cond_to
-from mixgrpo.models.base import build_model, guided_velocity
+from mixgrpo.models.base import blank_inputs, build_model, encode_examples, guided_velocity
 from mixgrpo.models.text import take_truncations, truncation_lines
-from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, micro_batches
+from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, Teacher, micro_batches
 from mixgrpo.pipeline_grid import grid_of
 from mixgrpo.plan import Plan, build_plan, ode_plan
 from mixgrpo.preflight import check_run
 from mixgrpo.progress import PhaseProgress
-from mixgrpo.prompts import read_prompts
+from mixgrpo.prompts import Example, read_examples, read_prompts
 from mixgrpo.reference import end_of_run_line
 from mixgrpo.rewards.scoring import RewardSet, score_metrics
 from mixgrpo.rollout import Trajectory, rollout
@@ -90,12 +96,14 @@ EVAL_PENDING = "eval_pending"
 @dataclass
 class Groups:
     """This rank's prompts of one iteration: P prompts, their conditioning and CFG's empty prompt ([P, ...]),
-    and the index of its first prompt among every rank's."""
+    the index of its first prompt among every rank's, and (image-conditioned models) each example's first input
+    image [P, 3, H, W] at the decoded images' size, for the rewards that compare with it."""
 
     prompts: list[str]
     cond: Cond
     uncond: Cond | None
     first: int
+    inputs: torch.Tensor | None = None
 
 
 class Trainer:
@@ -155,8 +163,19 @@ class Trainer:
                                  cfg.scoring)
         self.scoring = ChunkScoring(self.rewards, cfg.rollout.group_size,
                                     cfg.rollout.reward_overlap and cfg.rollout.chunks > 1)
-        self.train_prompts = read_prompts(cfg.rollout.prompts)
-        self.eval_prompts = read_prompts(cfg.eval.prompts)[: cfg.eval.num_prompts]
+        self.train_examples = read_examples(cfg.rollout.prompts)
+        self.eval_examples = read_examples(cfg.eval.prompts)[: cfg.eval.num_prompts]
+        self.train_prompts = [e.prompt for e in self.train_examples]
+        self.eval_prompts = [e.prompt for e in self.eval_examples]
+        # the size input images are given at: the model's own (an image of another size is resized, `load_input`)
+        self.input_size = self.model.image_size() if getattr(self.model, "image_inputs", 0) else None
+        self.eval_inputs = self.inputs_of(self.eval_examples)
+
+    def inputs_of(self, examples: list[Example]) -> list[tuple[torch.Tensor, ...]] | None:
+        """The input images of `examples` at the model's size (`FlowModel.encode_prompts`), None without any."""
+        if self.input_size is None:
+            return None
+        return load_inputs(examples, self.input_size)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """After the wrap (they hold the wrapped parameters): AdamW, the warm-up schedule and the EMA copy."""
@@ -169,12 +188,13 @@ class Trainer:
         return optimizer
 
     def _build_objective(self, base: dict[str, torch.Tensor] | None) -> None:
-        """After the precision and the wrap: CFG's empty prompt ([1, ...]); whether the rollout's log-probs are the
-        update's (`layouts_agree`, which needs the precision, the wrapped model and that row); the objective and the
-        sampling copy it asks for (of the wrapped parameters)."""
+        """After the precision and the wrap: CFG's empty prompt ([1, ...]; an image-conditioned model's is per example,
+        `groups`); whether the rollout's log-probs are the update's (`layouts_agree`, which needs the precision, the
+        wrapped model and that row); the objective and the sampling copy it asks for (of the wrapped parameters)."""
         cfg = self.cfg
         guided = cfg.rollout.guidance_scale != 1.0
-        self.uncond_row = cond_to(self.model.encode_prompts([""]), self.device) if guided else None
+        self.uncond_row = cond_to(encode_examples(self.model, [""], blank_inputs(self.model, 1)), self.device) \
+            if guided else None
         # GRPO's old log-probs are the rollout's only if a row's velocity does not depend on the batch it is in
         objective = OBJECTIVES.get(cfg.objective)
         self.rescore_old = objective.stores_transitions and not layouts_agree(self.model, cfg, self.autocast,
@@ -184,7 +204,8 @@ class Trainer:
             "size)" if self.rescore_old else ""))
         # the objective samples through `sampling`, which reads self.sampler when called (after it is set below)
         policy = Policy(self.model, model_with(self.model, base), self.autocast,
-                        sampling=lambda: swapped_weights(self.model, shadow_of(self.sampler)))
+                        sampling=lambda: swapped_weights(self.model, shadow_of(self.sampler)),
+                        teachers=load_teachers(cfg, self.device))
         self.objective: Objective = objective.from_config(cfg, policy, self.rescore_old)
         # the weights the rollout samples from: a soft copy of the live ones (forward-process objectives), or None
         decay = self.objective.sampler_decay
@@ -247,10 +268,18 @@ class Trainer:
         """This rank's slice of the iteration's prompts (the same global order at any world size)."""
         P, rank = self.cfg.rollout.prompts_per_iteration, dist.rank()
         drawn = prompt_indices(it, len(self.train_prompts), P * dist.world_size(), self.cfg.run.seed)
-        prompts = [self.train_prompts[i] for i in drawn[rank * P:(rank + 1) * P]]
-        cond = cond_to(self.model.encode_prompts(prompts), self.device)
-        uncond = None if self.uncond_row is None else {k: v.expand(P, *v.shape[1:]) for k, v in self.uncond_row.items()}
-        return Groups(prompts, cond, uncond, first=rank * P)
+        examples = [self.train_examples[i] for i in drawn[rank * P:(rank + 1) * P]]
+        prompts = [e.prompt for e in examples]
+        images = self.inputs_of(examples)
+        cond = cond_to(encode_examples(self.model, prompts, images), self.device)
+        if self.uncond_row is None:
+            uncond = None
+        elif images is not None:  # the empty prompt with each example's own images, as the stock pipelines do
+            uncond = cond_to(self.model.encode_prompts([""] * P, images), self.device)
+        else:
+            uncond = {k: v.expand(P, *v.shape[1:]) for k, v in self.uncond_row.items()}
+        return Groups(prompts, cond, uncond, first=rank * P, inputs=None if images is None else first_inputs(
+            images, self.input_size))
 
     def rollout(self, plan: Plan, groups: Groups, it: int) -> Trajectory:
         """G images per prompt along `plan`, with the weights the objective samples from; stores what it trains.
@@ -274,7 +303,8 @@ class Trainer:
                 images = self.model.decode(parts[-1].final).float()
             require_finite_images(images, it)
             self.scoring.submit(images, [p for p in groups.prompts[a:b] for _ in range(G)],
-                                reward_seeds(cfg.run.seed, it, (groups.first + a) * G, (b - a) * G))
+                                reward_seeds(cfg.run.seed, it, (groups.first + a) * G, (b - a) * G),
+                                None if groups.inputs is None else groups.inputs[a:b].repeat_interleave(G, dim=0))
         if self.clock is not None:
             self.clock.lap("rollout")
         return Trajectory.cat(parts)
@@ -298,7 +328,8 @@ class Trainer:
                           None if groups.uncond is None else cond_repeat_interleave(groups.uncond, G),
                           update_shares(cfg.run.seed, it, groups.first, P, G, cfg.update.steps_per_epoch,
                                         cfg.update.epochs),
-                          sample_seeds(cfg.run.seed, it, groups.first * G, P * G))
+                          sample_seeds(cfg.run.seed, it, groups.first * G, P * G),
+                          [p for p in groups.prompts for _ in range(G)])
         stats = self.objective.update(self.loop, samples)
         if self.sampler is not None:
             self.sampler.update(self.params)
@@ -325,7 +356,8 @@ class Trainer:
                  "zero_advantage_groups": float((advantages.abs().sum(1) == 0).float().mean()), **stats.means()}
         record.update(dist.mean_over_ranks(local))  # every rank holds the same number of samples
         record.update(stats.replicas)  # equal on every rank
-        warn_without_signal(record)
+        if not self.objective.distills:  # a distilling objective learns from its teachers, advantages or not
+            warn_without_signal(record)
         record.update({**watch.metrics(), **resource_metrics(self.device)})
         if self.clock is not None:
             record.update(self.clock.metrics())
@@ -384,7 +416,7 @@ class Trainer:
         self.tracker.close()
         dist.print0(f"run directory: {self.run_dir}" if finished else
                     f"stopped after iteration {end}; continue with --resume")
-        if finished:
+        if finished and not self.objective.distills:
             require_learning_signal(self.run_dir, cfg.rollout.prompts_per_iteration * dist.world_size())
         return self.run_dir
 
@@ -428,13 +460,14 @@ class Trainer:
                 res = evaluate(self.model, self.eval_prompts, self.rewards.functions(), self.eval_plan,
                                cfg.eval.images_per_prompt, seed=held_out_seed(cfg.run.seed),
                                guidance_scale=cfg.eval_guidance,
-                               stop=None if stop is None else lambda: stop.signal is not None)
+                               stop=None if stop is None else lambda: stop.signal is not None,
+                               inputs=self.eval_inputs)
             if res is None:
                 return False
             samples = res.images[:64, 0]  # the first image (or video) of each of the first 64 prompts
             grid = self.run_dir / media_name(f"samples_{tag}", samples)  # .png, or .gif for videos
             if tag is not None:
-                save_grid(samples, grid, nrow=8, scale=2, captions=res.prompts[:64])
+                save_sample_grid(res, grid)
             self.held_out.update({f"eval/{k}": v["mean"] for k, v in res.summary().items()})
             self.records.evaluation(iteration, self.held_out)
             write_curves(self.run_dir)
@@ -443,6 +476,24 @@ class Trainer:
                 self.tracker.log_image("samples", grid, iteration)
                 dist.print0(f"{tag} training: " + ", ".join(f"{k} {v:.4f}" for k, v in self.held_out.items()))
         return True
+
+
+def load_teachers(cfg: TrainConfig, device: torch.device) -> list[Teacher]:
+    """On-policy distillation's teachers (`distill.teachers`; none for the other objectives), as the objective takes
+    them: each a frozen model of the student's architecture in eval mode (`mixgrpo.export.model_source`: a run's
+    final/ or latest checkpoint, a checkpoint, or an export put into the student's base model), the training prompts
+    it teaches (None: every one) and its weight. Nothing of a teacher is checkpointed: a resume loads it again, and
+    the checkpoint's record of its files (`mixgrpo.runfiles`) refuses a teacher that changed."""
+    teachers = []
+    for spec in cfg.distill.teachers:
+        run, weights = model_source(spec.path)
+        if run is not None:
+            model = load_run(run, weights, device=str(device))
+        else:
+            model = load_export(build_model(cfg.model.name, cfg.model.args).to(device), weights)
+        teachers.append(Teacher(model.eval().requires_grad_(False),
+                                frozenset(read_prompts(spec.prompts)) if spec.prompts else None, spec.weight))
+    return teachers
 
 
 @torch.no_grad()
@@ -461,7 +512,7 @@ def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], con
     x = torch.randn((B, *model.latent_shape), generator=g).to(device)
     sigma = torch.full((B,), 0.5, device=device)
     rows = lambda c: {k: v.expand(B, *v.shape[1:]).contiguous() for k, v in c.items()}  # noqa: E731
-    cond = rows(cond_to(model.encode_prompts([""]), device))  # "" is in every embedding cache
+    cond = rows(cond_to(encode_examples(model, [""], blank_inputs(model, 1)), device))  # "" is in every embedding cache
     uncond = None if uncond_row is None else rows(uncond_row)
     training = model.training
     model.eval()

@@ -1,4 +1,6 @@
-"""The embedded shapes world: prompt grammar and renderer (`scene`), programmatic verifier (`verifier`)."""
+"""The embedded shapes world: prompt grammar and renderer (`scene`), programmatic verifier (`verifier`), and the
+editing world on top of them: instruction grammar and (input, target) pairs (`edits`), edit verifier
+(`edit_verifier`)."""
 
 from mixgrpo.world.scene import (
     BACKGROUND,

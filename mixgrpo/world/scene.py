@@ -10,10 +10,10 @@ optional spatial relation between the first two objects when both are single:
     "a red circle, a blue square and a green triangle"
 
 `render` draws a random layout satisfying the spec (objects never overlap; a relation holds with a clear
-margin along its axis); `mixgrpo.world.verifier` checks images against the same spec. Held-out
-compositions (`is_heldout`) are object pairs and count-colour-shape triples that no train prompt contains;
-`split_prompts` enumerates the two prompt files shipped in `mixgrpo/world/prompts/` (regenerate them with
-`python -m mixgrpo.world.scene`).
+margin along its axis; `layout_batch` and `draw` are its two halves); `mixgrpo.world.verifier` checks images
+against the same spec. Held-out compositions (`is_heldout`) are object pairs and count-colour-shape triples
+that no train prompt contains; `split_prompts` enumerates the two prompt files shipped in
+`mixgrpo/world/prompts/` (regenerate them with `python -m mixgrpo.world.scene`).
 """
 
 from __future__ import annotations
@@ -224,11 +224,11 @@ def relation_holds(relation: str, a_xy: Sequence[float], b_xy: Sequence[float], 
     The relation's axis must dominate: "A left of B" iff (x_B - x_A) - |y_B - y_A| > margin, and likewise
     for the other three, so at most one relation holds for a pair of centres.
     """
-    margins = _relation_margins(np.asarray(a_xy, dtype=float), np.asarray(b_xy, dtype=float))
+    margins = relation_margins(np.asarray(a_xy, dtype=float), np.asarray(b_xy, dtype=float))
     return bool(margins[RELATIONS.index(relation)] > margin)
 
 
-def _relation_margins(a_xy: np.ndarray, b_xy: np.ndarray) -> np.ndarray:
+def relation_margins(a_xy: np.ndarray, b_xy: np.ndarray) -> np.ndarray:
     """(offset along each relation's axis) - |offset across it| for centres [..., 2]: [..., 4] in RELATIONS
     order; a relation holds iff its entry is > 0."""
     dx, dy = b_xy[..., 0] - a_xy[..., 0], b_xy[..., 1] - a_xy[..., 1]
@@ -274,7 +274,7 @@ def _layout(scenes: Sequence[Scene], rng: np.random.Generator, size: int,
         # cand [P, tries, 2 instances, (x, y)]; Chebyshev distance between the two boxes' centres.
         ok = ~pair[pending, None] | (np.abs(cand[:, :, 0] - cand[:, :, 1]).max(-1) >= r.sum(1)[:, None] + gap)
         rel = relation[pending]
-        margins = _relation_margins(cand[:, :, 0], cand[:, :, 1])  # [P, tries, 4]
+        margins = relation_margins(cand[:, :, 0], cand[:, :, 1])  # [P, tries, 4]
         held = np.take_along_axis(margins, np.maximum(rel, 0)[:, None, None], 2)[..., 0] > margin  # [P, tries]
         ok &= (rel[:, None] < 0) | held
         found = ok.any(1)
@@ -320,17 +320,60 @@ def _rasterise(batch_index: np.ndarray, centres: np.ndarray, radii: np.ndarray, 
 _COLOR_TABLE = {name: np.array(rgb, dtype=np.float32) / 255.0 for name, rgb in COLORS.items()}
 
 
-def render_batch(scenes: Sequence[Scene], seed: int | np.random.Generator, size: int = 32) -> torch.Tensor:
-    """Render scenes with random layouts: [B, 3, size, size] float32 in [0, 1]; deterministic in `seed`."""
+@dataclass(frozen=True)
+class Instance:
+    """One drawn object of a layout: colour, shape, centre (x, y) and half-size r in pixels (y grows downward)."""
+
+    color: str
+    shape: str
+    x: float
+    y: float
+    r: float
+
+
+def layout_batch(scenes: Sequence[Scene], seed: int | np.random.Generator, size: int = 32) -> list[list[Instance]]:
+    """Random layouts of scenes (see `render_batch`): one list of instances per scene, its objects in order, each
+    object's `count` instances in a row. Deterministic in `seed`; `draw(layout_batch(s, seed))` is
+    `render_batch(s, seed)`."""
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     if not scenes:
-        return torch.zeros(0, 3, size, size)
+        return []
     centres, radii = _layout(scenes, rng, size)
-    instances = [(b, o) for b, scene in enumerate(scenes) for o in scene.objects for _ in range(o.count)]
+    out: list[list[Instance]] = []
+    i = 0
+    for scene in scenes:
+        out.append([])
+        for o in scene.objects:
+            for _ in range(o.count):
+                out[-1].append(Instance(o.color, o.shape, float(centres[i, 0]), float(centres[i, 1]), float(radii[i])))
+                i += 1
+    return out
+
+
+def draw(layouts: Sequence[Sequence[Instance]], size: int = 32) -> torch.Tensor:
+    """Draw layouts: [B, 3, size, size] float32 in [0, 1]. Instances of one layout must not overlap (the layouts
+    of `layout_batch`, or ones edited keeping boxes GAP apart), at most MAX_INSTANCES per layout."""
+    if not layouts:
+        return torch.zeros(0, 3, size, size)
+    if max(len(lay) for lay in layouts) > MAX_INSTANCES:
+        raise ValueError(f"a layout draws at most {MAX_INSTANCES} instances")
+    instances = [(b, inst) for b, lay in enumerate(layouts) for inst in lay]
+    if not instances:
+        return torch.from_numpy(np.broadcast_to(np.array(BACKGROUND, dtype=np.float32)[None, :, None, None] / 255.0,
+                                                (len(layouts), 3, size, size)).copy())
     batch_index = np.array([b for b, _ in instances])
-    shapes = np.array([SHAPES.index(o.shape) for _, o in instances])
-    colors = np.stack([_COLOR_TABLE[o.color] for _, o in instances])
-    return _rasterise(batch_index, centres, radii, shapes, colors, len(scenes), size)
+    centres = np.array([(inst.x, inst.y) for _, inst in instances], dtype=np.float64)
+    radii = np.array([inst.r for _, inst in instances], dtype=np.float64)
+    shapes = np.array([SHAPES.index(inst.shape) for _, inst in instances])
+    colors = np.stack([_COLOR_TABLE[inst.color] for _, inst in instances])
+    return _rasterise(batch_index, centres, radii, shapes, colors, len(layouts), size)
+
+
+def render_batch(scenes: Sequence[Scene], seed: int | np.random.Generator, size: int = 32) -> torch.Tensor:
+    """Render scenes with random layouts: [B, 3, size, size] float32 in [0, 1]; deterministic in `seed`."""
+    if not scenes:
+        return torch.zeros(0, 3, size, size)
+    return draw(layout_batch(scenes, seed, size), size)
 
 
 def render(scene: Scene, rng: np.random.Generator, size: int = 32) -> torch.Tensor:
