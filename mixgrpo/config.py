@@ -41,9 +41,9 @@ def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MIS
     """A config field with its facts as metadata (`MOVED_KEYS`, `RESUMABLE_CHANGES` and `REFERENCE_IGNORED` are
     derived from them). Its meaning is the comment on its line (`mixgrpo.configdoc`).
 
-    was:       its key before the config had sections (a flat `lr`, now `optim.lr`): a run directory's saved
-               config.yaml or a checkpoint with it still loads (`migrate`); a recipe or override with it is refused
-               with a message that names the new key.
+    was:       its key before the config had sections (a flat `lr`, now `optim.lr`; "" = the same): a run
+               directory's saved config.yaml or a checkpoint with it still loads (`migrate`); a recipe or override with
+               it is refused with a message that names the new key.
     resumable: a resume may change it: the run's length, where and how it logs, not what it computes.
     compared:  whether a run is compared with a recipe's reference with it; false for what does not change what a
                run computes at an evaluated iteration (or changes it by float summation order only). Default: not
@@ -52,6 +52,12 @@ def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MIS
     compared = not resumable if compared is None else compared
     return field(default=default, default_factory=factory,
                  metadata={"was": was, "resumable": resumable, "compared": compared})
+
+
+def settings(section: type) -> Any:
+    """A TrainConfig field holding a section whose fields are settings one by one, each with its own facts (`option`;
+    `CONFIG_FIELDS`). Any other field (a plain `field`, or `option`) is one setting as a whole."""
+    return field(default_factory=section, metadata={"settings": True})
 
 
 @dataclass
@@ -444,24 +450,24 @@ class TrainConfig:
     """A training run. `algorithm` and `sampler` decide the rollout's steps, `objective` (with `matching`, `v_grpo` or
     `distill`) what is trained on them; the other sections are shared by every objective."""
 
-    algorithm: str = option("mixgrpo", was="algorithm")  # sampler preset: a key of mixgrpo.plan.ALGORITHMS
-    sampler: SamplerConfig = option(factory=SamplerConfig, was="sampler")
-    objective: str = option("grpo", was="objective")  # one of OBJECTIVES: what the rollout trains
-    matching: MatchingConfig = option(factory=MatchingConfig, was="matching")
-    v_grpo: VGRPOConfig = option(factory=VGRPOConfig, was="v_grpo")
-    distill: DistillConfig = option(factory=DistillConfig, was="distill")
-    model: ModelConfig = option(factory=ModelConfig, was="model")
-    lora: LoraConfig = option(factory=LoraConfig, was="lora")
-    rewards: list[RewardConfig] = option(factory=lambda: [RewardConfig()], was="rewards")
-    scoring: ScoringConfig = option(factory=ScoringConfig)
-    rollout: RolloutConfig = option(factory=RolloutConfig)
-    advantage: AdvantageConfig = option(factory=AdvantageConfig)
-    loss: LossConfig = option(factory=LossConfig)
-    optim: OptimConfig = option(factory=OptimConfig)
-    update: UpdateConfig = option(factory=UpdateConfig)
-    eval: EvalConfig = option(factory=EvalConfig)
-    run: RunConfig = option(factory=RunConfig)
-    parallel: ParallelConfig = option(factory=ParallelConfig, was="parallel", resumable=True, compared=False)
+    algorithm: str = "mixgrpo"  # sampler preset: a key of mixgrpo.plan.ALGORITHMS
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    objective: str = "grpo"  # one of OBJECTIVES: what the rollout trains
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+    v_grpo: VGRPOConfig = field(default_factory=VGRPOConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    scoring: ScoringConfig = settings(ScoringConfig)
+    rollout: RolloutConfig = settings(RolloutConfig)
+    advantage: AdvantageConfig = settings(AdvantageConfig)
+    loss: LossConfig = settings(LossConfig)
+    optim: OptimConfig = settings(OptimConfig)
+    update: UpdateConfig = settings(UpdateConfig)
+    eval: EvalConfig = settings(EvalConfig)
+    run: RunConfig = settings(RunConfig)
+    parallel: ParallelConfig = option(factory=ParallelConfig, resumable=True)
 
     @property
     def eval_guidance(self) -> float:
@@ -555,29 +561,30 @@ def getattr_path(obj: Any, path: str) -> Any:
 
 
 def _settings() -> dict[str, dataclasses.Field]:
-    """Dotted key -> field of every setting: the fields of the sections that group formerly flat keys (rollout,
-    optim, run, ...: their TrainConfig field has no `was`) one by one, the other top-level fields (sampler, model,
-    parallel, ...) as a whole."""
+    """Dotted key -> field of every setting: the fields of the `settings` sections (rollout, optim, run, ...) one by
+    one, the other top-level fields (sampler, model, parallel, ...) as a whole."""
     hints = typing.get_type_hints(TrainConfig)
     out = {}
     for f in dataclasses.fields(TrainConfig):
-        if f.metadata["was"]:
-            out[f.name] = f
-        else:
+        if f.metadata.get("settings"):
             out.update({f"{f.name}.{g.name}": g for g in dataclasses.fields(hints[f.name])})
+        else:
+            out[f.name] = f
     return out
 
 
 CONFIG_FIELDS: dict[str, dataclasses.Field] = _settings()
 """Every setting of TrainConfig with its facts (`option`), by dotted key."""
 
-MOVED_KEYS: dict[str, str] = {f.metadata["was"]: key for key, f in CONFIG_FIELDS.items() if f.metadata["was"] != key}
+MOVED_KEYS: dict[str, str] = {f.metadata["was"]: key for key, f in CONFIG_FIELDS.items()
+                              if f.metadata.get("was", key) not in ("", key)}
 """Old key -> new key of every setting that moved into a section."""
 
-RESUMABLE_CHANGES: tuple[str, ...] = tuple(key for key, f in CONFIG_FIELDS.items() if f.metadata["resumable"])
+RESUMABLE_CHANGES: tuple[str, ...] = tuple(key for key, f in CONFIG_FIELDS.items() if f.metadata.get("resumable"))
 """The settings a resume may change (`option`'s resumable)."""
 
-REFERENCE_IGNORED: tuple[str, ...] = tuple(key for key, f in CONFIG_FIELDS.items() if not f.metadata["compared"])
+REFERENCE_IGNORED: tuple[str, ...] = tuple(key for key, f in CONFIG_FIELDS.items()
+                                           if not f.metadata.get("compared", True))
 """The settings a comparison with a recipe's reference leaves out (`option`'s compared)."""
 
 
