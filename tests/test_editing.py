@@ -240,13 +240,13 @@ def test_the_runs_identity_covers_the_content_of_the_input_images(tmp_path):
 
     _png(tmp_path / "a.png", (1, 2, 3))
     (tmp_path / "ex.jsonl").write_text(json.dumps({"prompt": "make it blue", "images": ["a.png"]}) + "\n")
-    before = identity("train_prompts", str(tmp_path / "ex.jsonl"))
+    before = identity("rollout.prompts", str(tmp_path / "ex.jsonl"))
     assert before["images"] == 1
     _png(tmp_path / "a.png", (1, 2, 4))  # the same path, another image
-    assert identity("train_prompts", str(tmp_path / "ex.jsonl"))["sha256"] != before["sha256"]
+    assert identity("rollout.prompts", str(tmp_path / "ex.jsonl"))["sha256"] != before["sha256"]
     (tmp_path / "plain.txt").write_text("make it blue\n")  # text-only sources keep their identity
     import hashlib
-    assert identity("train_prompts", str(tmp_path / "plain.txt"))["sha256"] == hashlib.sha256(b"make it blue").hexdigest()
+    assert identity("rollout.prompts", str(tmp_path / "plain.txt"))["sha256"] == hashlib.sha256(b"make it blue").hexdigest()
 
 
 def test_an_embedding_cache_of_examples_is_keyed_by_prompt_and_image_content(edit_dir, tmp_path):
