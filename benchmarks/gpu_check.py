@@ -11,7 +11,8 @@ too large to carry, and its outputs for a fixed prompt set never change; `mixgrp
 The check writes one JSON (--out; default $OUT/gpu_check.json, else .gpu_check/gpu_check.json), rewritten
 after every section so that a run cut short keeps what it measured; `--sections` runs some of them. In order:
 - `device`: GPU name, torch version, bf16 and fp32 matrix-product peaks (8192^3, TFLOP/s).
-- `adapters`: every model adapter (FLUX.1, SD3.5, FLUX.2, Qwen-Image, Wan) on its tiny random pipeline
+- `adapters`: every model adapter (FLUX.1, SD3.5, FLUX.2, Qwen-Image, Wan, and the editing / image-to-video
+  FLUX.1-Kontext, Qwen-Image-Edit, Wan I2V) on its tiny random pipeline
   (tests/tiny_pipelines.py) rebuilt at 2 heads of the real model's head size x MixGRPO, Flash* and
   DiffusionNFT x LoRA and full, one iteration each: ok, s/iteration, peak memory, or the error.
 - `determinism`: `deterministic: true` twice (bit-equal?) and the default twice, with the cost in s/iteration.
@@ -269,6 +270,11 @@ ADAPTERS = {
     "flux2": ("save_tiny_flux2", {"height": 32, "width": 32, "max_sequence_length": 160}, 4.0, 128),
     "qwen_image": ("save_tiny_qwen_image", {"height": 64, "width": 64, "max_sequence_length": 200}, 4.0, 128),
     "wan": ("save_tiny_wan", {"height": 64, "width": 64, "num_frames": 5, "max_sequence_length": 24}, 5.0, 128),
+    "flux_kontext": ("save_tiny_flux_kontext", {"height": 32, "width": 32, "max_sequence_length": 24}, 1.0, 128),
+    "qwen_image_edit": ("save_tiny_qwen_image_edit", {"height": 64, "width": 64, "max_sequence_length": 512,
+                                                      "condition_area": 56 * 56, "reference_area": 64 * 64}, 4.0, 128),
+    "wan_i2v": ("save_tiny_wan_i2v", {"height": 64, "width": 64, "num_frames": 5, "max_sequence_length": 24}, 5.0,
+                128),
 }
 # algorithm preset, objective
 ADAPTER_ALGORITHMS = {"mixgrpo": ("mixgrpo", "grpo"), "flash_star": ("mixgrpo_flash_star", "grpo"),
@@ -288,10 +294,33 @@ def with_head_size(pipeline_dir: Path, head_dim: int, heads: int = 2) -> dict:
         config["axes_dims_rope"] = [a * scale for a in config["axes_dims_rope"]]
     if "caption_projection_dim" in config:
         config["caption_projection_dim"] = heads * head_dim
+    if config.get("added_kv_proj_dim"):  # Wan 2.1 I2V's image cross-attention takes the inner width
+        config["added_kv_proj_dim"] = heads * head_dim
     cls = getattr(diffusers, config["_class_name"])
     torch.manual_seed(0)
     cls.from_config({k: v for k, v in config.items() if not k.startswith("_")}).save_pretrained(path)
     return config
+
+
+def adapter_prompts(work: Path, name: str, model_args: dict) -> Path:
+    """The prompt file of an adapter's runs: two prompts, each with a random input image of the model's size for an
+    editing / image-to-video model (a JSONL example file)."""
+    from PIL import Image
+
+    from mixgrpo.models import MODELS
+
+    prompts = ["a red cube on a table", "two blue spheres"]
+    if not MODELS.spec(name).image_inputs:
+        (work / "adapter_prompts.txt").write_text("\n".join(prompts) + "\n")
+        return work / "adapter_prompts.txt"
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i, prompt in enumerate(prompts):
+        pixels = torch.randint(0, 256, (model_args["height"], model_args["width"], 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(work / f"adapter_input_{i}.png")
+        lines.append(json.dumps({"prompt": prompt, "images": [f"adapter_input_{i}.png"]}))
+    (work / "adapter_examples.jsonl").write_text("\n".join(lines) + "\n")
+    return work / "adapter_examples.jsonl"
 
 
 def adapter_runs(args, device: torch.device, work: Path, result: dict, save) -> None:
@@ -312,8 +341,7 @@ def adapter_runs(args, device: torch.device, work: Path, result: dict, save) -> 
         except Exception as e:  # noqa: BLE001  (one adapter's failure is a finding, not the end of the check)
             section[name] = {"error": f"building the pipeline: {type(e).__name__}: {e}"}
             continue
-        prompts = work / "adapter_prompts.txt"
-        prompts.write_text("a red cube on a table\ntwo blue spheres\n")
+        prompts = adapter_prompts(work, name, model_args)
         for label, (algorithm, objective) in ADAPTER_ALGORITHMS.items():
             for lora in (4, 0):
                 if args.smoke and not ((label == "mixgrpo" and lora == 0) or (name == "flux" and lora)):

@@ -26,7 +26,7 @@ import torch
 
 from mixgrpo.config import load_config
 from mixgrpo.grpo import combine_rewards
-from mixgrpo.models import cond_repeat_interleave, cond_to
+from mixgrpo.models import cond_expand, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import build_model
 from mixgrpo.plan import build_plan, train_mask
 from mixgrpo.prompts import read_prompts
@@ -76,7 +76,7 @@ def main() -> None:
     for b in range(args.batches):
         prompts = [prompts_all[i] for i in random.Random(b).sample(range(len(prompts_all)), P)]
         cond = cond_to(model.encode_prompts(prompts), device)
-        uncond = None if uncond_row is None else {k: v.expand(P, *v.shape[1:]) for k, v in uncond_row.items()}
+        uncond = None if uncond_row is None else cond_expand(uncond_row, P)
         model.eval()
         traj = rollout(model, plan, cond, G, [derive_seed(1000 + b, args.iteration, i) for i in range(P)],
                        train_mask(plan, P * G, cfg.run.seed, args.iteration), uncond, cfg.rollout.guidance_scale,

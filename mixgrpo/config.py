@@ -31,6 +31,7 @@ import yaml
 from mixgrpo.dtypes import PRECISIONS
 from mixgrpo.errors import ConfigError, check_values
 from mixgrpo.fileio import atomic_file
+from mixgrpo.keyvalue import parse_pair
 from mixgrpo.flow_matching import AWM_WEIGHTINGS, NFT_WEIGHTINGS, SIGMA_SAMPLERS
 from mixgrpo.objectives import OBJECTIVES
 from mixgrpo.plan import ALGORITHMS, SamplerConfig
@@ -761,14 +762,8 @@ _INDEXED = re.compile(r"(\w+)\[(\d+)\]")
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply one `key.sub=value` override in place; the value is parsed as YAML ("3" -> 3, "[a, b]"). A part
     `name[i]` steps into element i of a list: rewards[0].args.path=/data/hps.pt."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    parts = key.strip().split(".")
+    key, value = parse_pair(override, "override", "key.sub=value")
+    parts = key.split(".")
     node = data
     for i, part in enumerate(parts):
         indexed = _INDEXED.fullmatch(part)

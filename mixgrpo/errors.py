@@ -23,6 +23,11 @@ class ConfigError(UserError, ValueError):
     directory); the message names the field and the fix. A ValueError too, for callers that catch those."""
 
 
+class UsageError(ConfigError):
+    """A command-line argument is wrong (a flag's value, a path, a combination of flags); the message names the
+    flag and the fix."""
+
+
 def check_values(checks: Iterable[tuple[bool, str, Any, str]]) -> None:
     """Raise ConfigError for the first failed check (ok, name, value, want): "NAME = VALUE is invalid: use WANT".
 

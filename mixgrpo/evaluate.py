@@ -21,7 +21,7 @@ import torch
 from mixgrpo.errors import UserError
 from mixgrpo.fileio import writing
 from mixgrpo.images import first_inputs
-from mixgrpo.models.base import FlowModel, Images, cond_to, encode_examples
+from mixgrpo.models.base import FlowModel, Images, cond_to, encode_examples, uncond_rows
 from mixgrpo.plan import Plan
 from mixgrpo.progress import bar
 from mixgrpo.rollout import sample
@@ -76,11 +76,7 @@ def generate(model: FlowModel, prompts: Sequence[str], plan: Plan, images_per_pr
             chunk = jobs[start:start + batch_size]
             images_in = None if inputs is None else [inputs[i] for i, _ in chunk]
             cond = cond_to(encode_examples(model, [prompts[i] for i, _ in chunk], images_in), device)
-            if images_in is not None and guided:  # the empty prompt with each example's own images
-                uncond = cond_to(model.encode_prompts([""] * len(chunk), images_in), device)
-            else:
-                uncond = None if uncond_row is None else {k: v.expand(len(chunk), *v.shape[1:])
-                                                          for k, v in uncond_row.items()}
+            uncond = cond_to(uncond_rows(model, len(chunk), images_in, uncond_row), device) if guided else None
             seeds = image_seeds(seed, chunk)
             latents = sample(model, plan, cond, seeds, uncond, guidance_scale, switch_model, switch_at)
             images = model.decode(latents).float().cpu()

@@ -27,7 +27,7 @@ from mixgrpo.checkpoint import (MARKER, CheckpointError, dcp_load, describe_chec
                                  latest_checkpoint, read_weights)
 from mixgrpo.errors import ConfigError
 from mixgrpo.fileio import atomic_directory, writing
-from mixgrpo.models.base import FlowModel, build_model
+from mixgrpo.models.base import FlowModel, build_model, copy_weights
 from mixgrpo.rundir import CONFIG, FINAL
 
 
@@ -42,10 +42,7 @@ def export_model(model: FlowModel, path: str | Path, ema: dict[str, torch.Tensor
     from mixgrpo.models.lora import has_lora, lora_parameters, save_full, save_lora
 
     if ema is not None:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in ema:
-                    param.copy_(ema[name])
+        copy_weights(model, ema)
     lora = has_lora(model.denoiser)
     if lora:  # the gather selects the adapter by requires_grad (a model loaded for inference has it off)
         for param in lora_parameters(model.denoiser, trainable_only=False):
@@ -79,18 +76,28 @@ def is_checkpoint_dir(path: str | Path) -> bool:
     return (path / MARKER).is_file() and (path / "state.json").is_file() and is_run_dir(path.parent.parent)
 
 
+def run_of(path: str | Path | None) -> Path | None:
+    """The run directory a model path belongs to: the run itself, one of its checkpoints, or an export inside it
+    (RUN/final); None for "base" and for a directory outside any run."""
+    if not path or str(path) == "base":
+        return None
+    p = Path(path).expanduser()
+    if is_run_dir(p):
+        return p
+    if is_checkpoint_dir(p):
+        return p.parent.parent
+    if p.is_dir() and is_run_dir(p.parent):
+        return p.parent
+    return None
+
+
 def model_source(path: str | Path) -> tuple[Path | None, Path]:
     """(the run directory or None, the fine-tuned weights) a model path names: a run directory (its final/, else its
     latest checkpoint: `final_or_latest`), a checkpoint of a run, an export inside a run (RUN/final), or an export
     directory outside any run (run None)."""
     path = Path(path).expanduser()
-    if is_run_dir(path):
-        return path, final_or_latest(path)
-    if is_checkpoint_dir(path):
-        return path.parent.parent, path
-    if path.is_dir() and is_run_dir(path.parent):
-        return path.parent, path
-    return None, path
+    run = run_of(path)
+    return run, (final_or_latest(run) if run == path else path)
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()):
@@ -129,7 +136,7 @@ def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: st
         if cfg.lora.rank > 0:
             from mixgrpo.models.lora import apply_lora
 
-            apply_lora(model.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha or cfg.lora.rank,
+            apply_lora(model.denoiser, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                        target_modules=list(cfg.lora.target_modules))
         load_checkpoint_weights(model, source, ema=ema, weights=read)
     elif source is not None:

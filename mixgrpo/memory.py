@@ -72,7 +72,8 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
     from mixgrpo.dtypes import parse_dtype
     from mixgrpo.pipeline_grid import model_args
 
-    get = model_args(cfg.model.name, args).get
+    resolved = model_args(cfg.model.name, args)
+    get = resolved.get
     modules = meta_components(root, text=not args.get("embedding_cache"))
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
     trained_name = "transformer_2" if get("trained_expert") == "low_noise" and "transformer_2" in modules \
@@ -105,7 +106,7 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
     if teachers:  # each a whole frozen model of the student's architecture, in its run's dtype (taken as the student's)
         est.parts[f"{teachers} teacher{'s' * (teachers > 1)} (whole models, frozen)"] = \
             teachers * sum(params.values()) * weight_bytes
-    est.parts.update(_activations(cfg, root, denoiser.config, get))
+    est.parts.update(_activations(cfg, root, denoiser.config, resolved))
     if fsdp:
         est.notes.append(f"fsdp over {world_size} process(es): the denoiser's weights and training state divided "
                          f"by {world_size}" + (" (WORLD_SIZE unset: run under mixgrpo launch for the per-rank share)"
@@ -115,20 +116,23 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
     return est
 
 
-def _activations(cfg: TrainConfig, root: Path, transformer: Any, get) -> dict[str, float]:
-    """The training forward's stored activations at the micro-batch (module docstring)."""
+def _activations(cfg: TrainConfig, root: Path, transformer: Any, args: dict[str, Any]) -> dict[str, float]:
+    """The training forward's stored activations at the micro-batch (module docstring); args: the model's arguments
+    with the factory's defaults."""
     from mixgrpo.models import MODELS
     from mixgrpo.models._diffusers import latent_grid
 
     vae = json.loads((root / "vae" / "config.json").read_text())
-    spatial, patch, temporal = latent_grid(dict(transformer), vae)
+    get = args.get
+    spec = MODELS.spec(cfg.model.name)
+    spatial, patch, temporal = latent_grid(dict(transformer), vae, spec.token_patch)
     height, width = get("height"), get("width")
     if height is None or width is None:
         return {}
     frames = get("num_frames")
     latent_frames = (frames - 1) // temporal + 1 if frames and temporal else 1
     tokens = (height // (spatial * patch)) * (width // (spatial * patch)) * latent_frames
-    spec = MODELS.spec(cfg.model.name)
+    tokens += spec.input_tokens(args, tokens)  # an editing model's input images beside the target (Kontext)
     text = spec.text_tokens(get("max_sequence_length") or 0)  # SD3: CLIP's tokens before T5's
     if spec.joint_attention:  # text tokens run through every block (Wan: cross-attention)
         tokens += text

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mixgrpo.models.base import ModelSpec
 from mixgrpo.plan import Plan, Step
 
-SIGMAS_GIVEN = ("FluxPipeline", "QwenImagePipeline", "Flux2Pipeline", "Flux2KleinPipeline")
-"""Pipelines whose __call__ passes sigmas = linspace(1, 1/N, N) to the scheduler (the others pass N)."""
 EULER = ("FlowMatchEulerDiscreteScheduler",)
 """Schedulers whose step is the engine's Euler step."""
 
@@ -61,9 +60,11 @@ class PipelineGrid:
         return f"{self.pipeline}'s default grid: {self.num_steps} steps{shift}; {solver}"
 
 
-def pipeline_grid(path: str | Path, height: int, width: int, num_steps: int | None = None) -> PipelineGrid | None:
-    """The default sampling grid of the pipeline in directory `path` at `height` x `width` pixels (num_steps: the
-    pipeline's default unless given); None when `path` is not a diffusers pipeline this module knows."""
+def pipeline_grid(path: str | Path, spec: ModelSpec, height: int, width: int,
+                  num_steps: int | None = None) -> PipelineGrid | None:
+    """The default sampling grid of the pipeline in directory `path`, of the model `spec` describes, at `height` x
+    `width` pixels (num_steps: the pipeline's default unless given); None when `path` is not a diffusers pipeline
+    this module can read."""
     import diffusers
 
     from mixgrpo.models._diffusers import latent_grid
@@ -81,7 +82,8 @@ def pipeline_grid(path: str | Path, height: int, width: int, num_steps: int | No
     scheduler = sched_cls.from_pretrained(root, subfolder="scheduler", local_files_only=True)
     config = scheduler.config
     transformer = json.loads((root / "transformer" / "config.json").read_text())
-    spatial, patch, _ = latent_grid(transformer, json.loads((root / "vae" / "config.json").read_text()))
+    spatial, patch, _ = latent_grid(transformer, json.loads((root / "vae" / "config.json").read_text()),
+                                    spec.token_patch)
     tokens = (height // (spatial * patch)) * (width // (spatial * patch))  # the pipeline's image_seq_len
     module = sys.modules[pipe_cls.__module__]
     mu = None
@@ -92,7 +94,7 @@ def pipeline_grid(path: str | Path, height: int, width: int, num_steps: int | No
                                     config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                     config.get("max_shift", 1.15))
     kwargs = {} if mu is None else {"mu": mu}
-    if pipe_cls.__name__ in SIGMAS_GIVEN and not config.get("use_flow_sigmas", False):
+    if spec.pipeline_sigmas and not config.get("use_flow_sigmas", False):
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), **kwargs)
     else:
         scheduler.set_timesteps(steps, **kwargs)
@@ -121,4 +123,6 @@ def grid_of(name: str, args: dict, resolution: tuple[int, int] | None = None,
     height, width = resolution or (full.get("height"), full.get("width"))
     if height is None or width is None:
         return None
-    return pipeline_grid(full["path"], height, width, num_steps)
+    from mixgrpo.models import MODELS
+
+    return pipeline_grid(full["path"], MODELS.spec(name), height, width, num_steps)

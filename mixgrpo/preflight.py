@@ -115,21 +115,16 @@ def input_problems(model: str, examples: dict[str, tuple[str, list[Example]]], s
 
 
 def _takes_inputs(spec) -> bool:
-    """Whether a reward's config names one that compares with input images (built lazily; False when it cannot be
-    built: `_reward_problems` says why)."""
+    """Whether a reward's config names one that compares with input images (built lazily: it reads no file and
+    loads no model, so a served reward is built here too; False when it cannot be built: `_reward_problems` says why,
+    or, served, the server's /health)."""
     import mixgrpo.rewards  # noqa: F401  (registers the rewards)
     from mixgrpo.rewards import build_reward
 
-    if spec.servers:
-        return False  # the server says what it takes (checked by the server's own pre-flight)
     try:
         return bool(getattr(build_reward(spec.name, spec.args, spec.frames), "takes_inputs", False))
     except ValueError:
         return False
-
-
-REWARD_MODULES = {name: ("transformers",) for name in ("hps", "imagereward", "pickscore", "clipscore", "aesthetic")}
-"""The Python modules a registered reward imports (the others need nothing beyond the core)."""
 
 
 def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, str]]:
@@ -138,15 +133,15 @@ def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, st
     ("package.module:factory") names no package here."""
     from mixgrpo.models import MODELS
 
-    model = cfg.model.name
-    modules = MODELS.spec(model).modules if model in MODELS else ()  # the model's description names them
-    needs = [(m, f"model {model!r}") for m in modules]
+    needs = [(m, f"model {cfg.model.name!r}") for m in MODELS.modules(cfg.model.name)]  # its description names them
     if cfg.lora.rank > 0:
         needs.append(("peft", f"LoRA (lora.rank = {cfg.lora.rank})"))
     if not training:
         return needs
+    from mixgrpo.rewards import REWARDS
+
     for reward in cfg.rewards:
-        needs += [(m, f"reward {reward.name!r}") for m in REWARD_MODULES.get(reward.name, ())]
+        needs += [(m, f"reward {reward.name!r}") for m in REWARDS.modules(reward.name)]
     if cfg.run.tensorboard:
         needs.append(("tensorboard", "run.tensorboard: true (set run.tensorboard=false to go without)"))
     if cfg.run.wandb_project:

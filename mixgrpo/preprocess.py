@@ -29,6 +29,7 @@ import torch
 
 from mixgrpo.dtypes import cpu_bf16_instructions, parse_dtype
 from mixgrpo.errors import ConfigError
+from mixgrpo.keyvalue import parse_pair
 from mixgrpo.models.base import Cond
 from mixgrpo.models.text import EmbeddingCache, example_key, write_cache
 from mixgrpo.progress import bar
@@ -60,7 +61,9 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
     embeddings are stored as (None: as encoded). Prints what `write_cache` reports (a resume, the prompts the
     text encoders truncated). Returns `out_dir`.
     Examples with input images (an image-conditioned model) are cached by example (`example_key`): each (prompt,
-    images) and CFG's ("", images), the images read at the model's `image_size()`.
+    images) and CFG's ("", images), the images read at the model's `image_size()`; given a text encoder alone (a
+    pipeline model whose text encoders see no image: FLUX.1-Kontext, Wan I2V), by prompt, the adapter encoding the
+    images itself.
     Raises ValueError for a missing, empty, non-UTF-8 or malformed prompt file.
     """
     if shard_size < 1 or batch_size < 1:
@@ -69,7 +72,7 @@ def preprocess(prompt_files: str | Path | Sequence[str | Path], model: Any, out_
     examples = [e for f in files for e in read_examples(f)]
     encode = _encode_fn(model)
     keyed_by = "prompt"
-    if any(e.images for e in examples):
+    if any(e.images for e in examples) and callable(getattr(model, "image_size", None)):
         prompts, encode = _example_rows(examples, model, encode)
         keyed_by = "example"
     else:
@@ -95,9 +98,6 @@ def _example_rows(examples: list[Example], model: Any,
     batch of them): the images are read again for each batch, so that they are never all in memory."""
     from mixgrpo.images import load_inputs
 
-    if not callable(getattr(model, "image_size", None)):
-        raise ConfigError("preprocess: these prompts have input images, which only the whole model encodes (at its "
-                          "image size); preprocess them with a model whose description has no separate text encoder")
     size = model.image_size()
     rows: dict[str, tuple[str, Example]] = {}
     for e in examples:
@@ -160,8 +160,6 @@ def _check_args(args) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import yaml
-
     parser = argparse.ArgumentParser(prog="mixgrpo preprocess", description=__doc__.split("\n")[0],
                                      allow_abbrev=False)
     parser.add_argument("--model", required=True, help="base-model name: flux, sd3, qwen_image, flux2, wan (text "
@@ -183,12 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra keyword argument of the loader (YAML value), e.g. --arg use_t5=false")
     args = parser.parse_args(argv)
-    extra = {}
-    for item in args.arg:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--arg {item!r}: expected KEY=VALUE")
-        extra[key.strip()] = yaml.safe_load(value)
+    extra = dict(parse_pair(item, "--arg", example="--arg use_t5=false") for item in args.arg)
     _check_args(args)
 
     start = time.perf_counter()

@@ -41,12 +41,14 @@ import numpy as np
 import torch
 
 from mixgrpo.errors import ConfigError
+from mixgrpo.evaluate import generate
 from mixgrpo.images import plot_lines, save_grid
 from mixgrpo.models.base import FlowModel
 from mixgrpo.models.flux import FluxAdapter
 from mixgrpo.models.tiny import TinyConfig, build_tiny, load_tiny, save_tiny
-from mixgrpo.evaluate import generate
 from mixgrpo.plan import ode_plan
+from mixgrpo.rundir import append_record
+from mixgrpo.train.weights import EMA, swapped_weights
 from mixgrpo.world.scene import load_prompts, parse_prompt, render_batch
 
 
@@ -157,6 +159,138 @@ def _eval_subset(prompts: list[str], n: int) -> list[str]:
     return [prompts[int(i * len(prompts) / n)] for i in range(n)]
 
 
+class _Data:
+    """Text-to-image: the shapes world's train prompts (parsed once), and the held-out prompts of the evaluations."""
+
+    def __init__(self, cfg: PretrainConfig):
+        self.cfg = cfg
+        self.train_prompts = load_prompts("train")
+        self.train_scenes = [parse_prompt(p) for p in self.train_prompts]
+        self.eval_prompts = _eval_subset(load_prompts("heldout"), cfg.eval_prompts)
+        self.describe = f"{len(self.train_prompts)} train prompts"
+
+    def batch(self, model: FlowModel, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        """(x0 [B, 3, H, W] in [-1, 1], cond): `batch_size` prompts drawn uniformly, each rendered as a fresh random
+        layout, each prompt replaced by "" with probability `prompt_dropout`."""
+        cfg = self.cfg
+        idx = rng.integers(len(self.train_prompts), size=cfg.batch_size)
+        images = render_batch([self.train_scenes[i] for i in idx], rng, cfg.model.image_size)      # [B, 3, H, W]
+        drop = rng.random(cfg.batch_size) < cfg.prompt_dropout
+        cond = model.encode_prompts(["" if d else self.train_prompts[i] for i, d in zip(idx, drop)])
+        return images * 2 - 1, cond
+
+
+class _EditData:
+    """Editing (task = "edit"): (input, instruction, target) triples of the editing world's train split, drawn fresh
+    every step, and an evenly spaced subset of its held-out examples for the evaluations."""
+
+    def __init__(self, cfg: PretrainConfig):
+        from mixgrpo.prompts import read_examples
+
+        self.cfg = cfg
+        heldout = read_examples("world:edit_heldout")
+        self.eval_examples = [heldout[int(i * len(heldout) / cfg.eval_prompts)]
+                              for i in range(min(cfg.eval_prompts, len(heldout)))]
+        self.eval_prompts = [e.prompt for e in self.eval_examples]
+        self.describe = "editing triples of world:edit_train"
+
+    def batch(self, model: FlowModel, rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
+        """(x0 = the targets [B, 3, H, W] in [-1, 1], cond of the instructions and the input images): the
+        instruction dropped with probability `prompt_dropout`, never the input image."""
+        from mixgrpo.world.edits import edit_pairs
+
+        cfg = self.cfg
+        inputs, prompts, images = edit_pairs(int(rng.integers(2**31)), cfg.batch_size, "train", cfg.model.image_size)
+        drop = rng.random(cfg.batch_size) < cfg.prompt_dropout
+        cond = model.encode_prompts(["" if d else p for p, d in zip(prompts, drop)], [(x,) for x in inputs])
+        return images * 2 - 1, cond
+
+
+class _Evaluation:
+    """The held-out evaluation of the EMA weights, each time: verifier accuracy without and with guidance, a sample
+    grid (out/samples/step_N.png), the checkpoint (out/model) and a line of metrics.jsonl."""
+
+    title = "held-out strict accuracy"
+
+    def __init__(self, cfg: PretrainConfig, out: Path, data, log: Callable[[str], None]):
+        self.cfg, self.out, self.data, self.log = cfg, out, data, log
+        self.history: dict[str, list[tuple[float, float]]] = {"strict": [], f"strict_g{cfg.eval_guidance:g}": []}
+        self.seconds = 0.0
+
+    def __call__(self, model: FluxAdapter, step: int, minutes: Callable[[], float]) -> None:
+        """Evaluate and save `model` (the EMA weights in place) at `step`."""
+        t0 = time.perf_counter()
+        fields, plain, guided, line = self.measure(model, self.out / "samples" / f"step_{step:06d}.png")
+        save_tiny(model, self.out / "model")
+        self.seconds += time.perf_counter() - t0
+        append_record(self.out / "metrics.jsonl", {"step": step, "minutes": minutes(), **fields})
+        self.history["strict"].append((step, plain))
+        self.history[f"strict_g{self.cfg.eval_guidance:g}"].append((step, guided))
+        self.log(f"eval step {step}: {line} [{time.perf_counter() - t0:.0f} s]")
+
+    def measure(self, model: FluxAdapter, grid: Path) -> tuple[dict, float, float, str]:
+        """(metrics.jsonl fields, the curve's value without and with guidance, the log line); writes `grid`."""
+        cfg, prompts = self.cfg, self.data.eval_prompts
+        plain = heldout_accuracy(model, prompts, 1, 1.0, cfg.seed, cfg.sample_steps, cfg.sample_shift)
+        guided = heldout_accuracy(model, prompts, 1, cfg.eval_guidance, cfg.seed, cfg.sample_steps, cfg.sample_shift)
+        images = generate(model, prompts[:32], ode_plan(cfg.sample_steps, cfg.sample_shift), 1, cfg.seed,
+                          cfg.eval_guidance)[:, 0]
+        save_grid(images, grid, nrow=8, scale=2)
+        fields = {"eval_strict": plain["strict"], "eval_dense": plain["dense"], "eval_strict_guided": guided["strict"],
+                  "eval_dense_guided": guided["dense"], "guidance": cfg.eval_guidance, "eval_prompts": len(prompts)}
+        line = (f"held-out strict {plain['strict']:.3f} (guidance {cfg.eval_guidance:g}: {guided['strict']:.3f}), "
+                f"dense {plain['dense']:.3f} / {guided['dense']:.3f}")
+        return fields, plain["strict"], guided["strict"], line
+
+
+class _EditEvaluation(_Evaluation):
+    """The editing base's evaluation: held-out edit success (`heldout_edit_success`) without and with guidance, and a
+    grid of input / result pairs."""
+
+    title = "held-out edit success"
+
+    def measure(self, model: FluxAdapter, grid: Path) -> tuple[dict, float, float, str]:
+        cfg, examples = self.cfg, self.data.eval_examples
+        plain = heldout_edit_success(model, examples, 1.0, cfg.seed, cfg.sample_steps, cfg.sample_shift)
+        guided = heldout_edit_success(model, examples, cfg.eval_guidance, cfg.seed, cfg.sample_steps, cfg.sample_shift)
+        pairs = torch.stack([guided["inputs"][:16], guided["images"][:16]], dim=1).flatten(0, 1)  # input, result
+        save_grid(pairs, grid, nrow=8, scale=2, captions=[c for p in self.data.eval_prompts[:16] for c in ("input", p)])
+        figures = ("success", "made", "kept", "dense")
+        fields = {"guidance": cfg.eval_guidance, "eval_prompts": len(examples),
+                  **{f"eval_{k}": plain[k] for k in figures}, **{f"eval_{k}_guided": guided[k] for k in figures}}
+        line = (f"held-out edit success {plain['success']:.3f} (made {plain['made']:.3f}, kept {plain['kept']:.3f}); "
+                f"guidance {cfg.eval_guidance:g}: {guided['success']:.3f} (made {guided['made']:.3f}, kept "
+                f"{guided['kept']:.3f})")
+        return fields, plain["success"], guided["success"], line
+
+
+def _initial_model(cfg: PretrainConfig) -> FluxAdapter:
+    """A random tiny model of `cfg.model` (torch's global seed set), or the weights of `cfg.init` (the editing base
+    may start from a text-to-image checkpoint: it has the same architecture)."""
+    model: FluxAdapter = build_tiny(cfg.model)
+    if cfg.init:
+        start_from = load_tiny(cfg.init, model.text_encoder)
+        if dataclasses.replace(start_from.config, image_inputs=cfg.model.image_inputs) != cfg.model:
+            raise ConfigError(f"PretrainConfig.init: {cfg.init} has config {start_from.config}, the run has "
+                              f"{cfg.model}; pre-train with the checkpoint's model config")
+        model.transformer.load_state_dict(start_from.transformer.state_dict())
+    return model
+
+
+def _train_step(cfg: PretrainConfig, model: FluxAdapter, opt: torch.optim.Optimizer, params: list[torch.Tensor],
+                x0: torch.Tensor, cond: dict, lr: float) -> float:
+    """One AdamW step on the rectified-flow loss at logit-normal t; returns the loss."""
+    t = torch.sigmoid(torch.randn(cfg.batch_size))                                       # logit-normal
+    loss = rectified_flow_loss(model, x0, cond, t, torch.randn_like(x0))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return loss.item()
+
+
 def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None] = print) -> Path:
     """Pre-train a tiny model from scratch; returns the checkpoint directory out_dir/model (EMA weights)."""
     out = Path(out_dir)
@@ -166,157 +300,74 @@ def pretrain(cfg: PretrainConfig, out_dir: str | Path, log: Callable[[str], None
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    editing = cfg.task == "edit"
     if cfg.eval_every:
         import mixgrpo.world.verifier  # noqa: F401  (fail now, not after the first eval_every steps)
-        if cfg.task == "edit":
-            import mixgrpo.world.edit_verifier  # noqa: F401
-    model: FluxAdapter = build_tiny(cfg.model)
-    if cfg.init:
-        start_from = load_tiny(cfg.init, model.text_encoder)
-        # the editing base has the text-to-image one's architecture: it may start from it
-        if dataclasses.replace(start_from.config, image_inputs=cfg.model.image_inputs) != cfg.model:
-            raise ConfigError(f"PretrainConfig.init: {cfg.init} has config {start_from.config}, the run has "
-                              f"{cfg.model}; pre-train with the checkpoint's model config")
-        model.transformer.load_state_dict(start_from.transformer.state_dict())
-    ema: FluxAdapter = build_tiny(cfg.model, model.text_encoder)
-    ema.transformer.load_state_dict(model.transformer.state_dict())
-    net = model.transformer.train()
-    params = [p for p in net.parameters() if p.requires_grad]
-    ema_params = list(ema.transformer.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_params = sum(p.numel() for p in params)
-
-    editing = cfg.task == "edit"
-    if editing:
-        from mixgrpo.prompts import read_examples
-        from mixgrpo.world.edits import edit_pairs
-
-        train_prompts, train_scenes = [], []  # drawn fresh every step
-        heldout = read_examples("world:edit_heldout")
-        eval_examples = [heldout[int(i * len(heldout) / cfg.eval_prompts)]
-                         for i in range(min(cfg.eval_prompts, len(heldout)))]
-        eval_prompts = [e.prompt for e in eval_examples]
-    else:
-        train_prompts = load_prompts("train")
-        train_scenes = [parse_prompt(p) for p in train_prompts]
-        eval_prompts = _eval_subset(load_prompts("heldout"), cfg.eval_prompts)
-    log(f"pretrain: {n_params / 1e6:.2f}M parameters, " + ("editing triples of world:edit_train" if editing else
-        f"{len(train_prompts)} train prompts") + f", budget {cfg.steps} steps or {cfg.minutes:g} min, out {out}")
-
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
-    history: dict[str, list[tuple[float, float]]] = {"loss": [], "strict": [], f"strict_g{cfg.eval_guidance:g}": []}
-    start = time.perf_counter()
-    eval_time = 0.0
-    loss_sum, loss_n, last_log = 0.0, 0, start
-
-    def evaluate_edits(step: int) -> None:
-        nonlocal eval_time
-        t0 = time.perf_counter()
-        ema.eval()
-        plain = heldout_edit_success(ema, eval_examples, 1.0, cfg.seed, cfg.sample_steps, cfg.sample_shift)
-        guided = heldout_edit_success(ema, eval_examples, cfg.eval_guidance, cfg.seed, cfg.sample_steps,
-                                      cfg.sample_shift)
-        pairs = torch.stack([guided["inputs"][:16], guided["images"][:16]], dim=1).flatten(0, 1)  # input, result
-        save_grid(pairs, out / "samples" / f"step_{step:06d}.png", nrow=8, scale=2,
-                  captions=[c for p in eval_prompts[:16] for c in ("input", p)])
-        save_tiny(ema, out / "model")
-        eval_time += time.perf_counter() - t0
-        row = {"step": step, "minutes": (time.perf_counter() - start) / 60, "guidance": cfg.eval_guidance,
-               "eval_prompts": len(eval_examples),
-               **{f"eval_{k}": plain[k] for k in ("success", "made", "kept", "dense")},
-               **{f"eval_{k}_guided": guided[k] for k in ("success", "made", "kept", "dense")}}
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        history["strict"].append((step, plain["success"]))
-        history[f"strict_g{cfg.eval_guidance:g}"].append((step, guided["success"]))
-        log(f"eval step {step}: held-out edit success {plain['success']:.3f} (made {plain['made']:.3f}, kept "
-            f"{plain['kept']:.3f}); guidance {cfg.eval_guidance:g}: {guided['success']:.3f} (made "
-            f"{guided['made']:.3f}, kept {guided['kept']:.3f}) [{time.perf_counter() - t0:.0f} s]")
-
-    def evaluate(step: int) -> None:
-        nonlocal eval_time
         if editing:
-            return evaluate_edits(step)
-        t0 = time.perf_counter()
-        ema.eval()
-        plain = heldout_accuracy(ema, eval_prompts, 1, 1.0, cfg.seed, cfg.sample_steps, cfg.sample_shift)
-        guided = heldout_accuracy(ema, eval_prompts, 1, cfg.eval_guidance, cfg.seed, cfg.sample_steps,
-                                  cfg.sample_shift)
-        grid = generate(ema, eval_prompts[:32], ode_plan(cfg.sample_steps, cfg.sample_shift), 1, cfg.seed,
-                        cfg.eval_guidance)[:, 0]
-        save_grid(grid, out / "samples" / f"step_{step:06d}.png", nrow=8, scale=2)
-        save_tiny(ema, out / "model")
-        eval_time += time.perf_counter() - t0
-        minutes = (time.perf_counter() - start) / 60
-        row = {"step": step, "minutes": minutes, "eval_strict": plain["strict"], "eval_dense": plain["dense"],
-               "eval_strict_guided": guided["strict"], "eval_dense_guided": guided["dense"],
-               "guidance": cfg.eval_guidance, "eval_prompts": len(eval_prompts)}
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        history["strict"].append((step, plain["strict"]))
-        history[f"strict_g{cfg.eval_guidance:g}"].append((step, guided["strict"]))
-        log(f"eval step {step}: held-out strict {plain['strict']:.3f} (guidance {cfg.eval_guidance:g}: "
-            f"{guided['strict']:.3f}), dense {plain['dense']:.3f} / {guided['dense']:.3f} "
-            f"[{time.perf_counter() - t0:.0f} s]")
+            import mixgrpo.world.edit_verifier  # noqa: F401
+    model = _initial_model(cfg)
+    # Draws what building a second model as the EMA copy drew before the EMA became `EMA` (trainable weights only), so
+    # that the seed gives the same random stream as before: a fixed `--steps` budget reproduces the shipped checkpoint.
+    build_tiny(cfg.model, model.text_encoder)
+    net = model.transformer.train()
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    ema = EMA(params, cfg.ema_decay)
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    data = _EditData(cfg) if editing else _Data(cfg)
+    log(f"pretrain: {sum(p.numel() for p in params.values()) / 1e6:.2f}M parameters, {data.describe}, budget "
+        f"{cfg.steps} steps or {cfg.minutes:g} min, out {out}")
+    evaluation = (_EditEvaluation if editing else _Evaluation)(cfg, out, data, log)
+    start = time.perf_counter()
+    minutes = lambda: (time.perf_counter() - start) / 60  # noqa: E731
 
-    step = 0
+    def evaluate_ema(step: int) -> None:
+        with swapped_weights(net, ema.shadow):
+            evaluation(model.eval(), step, minutes)
+        net.train()
+
+    step, losses = _train(cfg, model, opt, params, ema, data, rng, evaluate_ema, out, log, start)
+    log(f"pretrain: {step} steps in {minutes():.1f} min ({evaluation.seconds / 60:.1f} min evaluating)")
+    if cfg.eval_every:
+        evaluate_ema(step)
+    else:
+        with swapped_weights(net, ema.shadow):
+            save_tiny(model, out / "model")
+    plot_lines({"loss": losses}, out / "curve_loss.png", title="rectified-flow loss", xlabel="step")
+    if cfg.eval_every:
+        plot_lines(evaluation.history, out / "curve_accuracy.png", title=f"{evaluation.title} (EMA, 25-step ODE)",
+                   xlabel="step")
+    return out / "model"
+
+
+def _train(cfg: PretrainConfig, model: FluxAdapter, opt: torch.optim.Optimizer, params: dict, ema: EMA,
+           data: _Data | _EditData, rng: np.random.Generator, evaluate: Callable[[int], None], out: Path,
+           log: Callable[[str], None], start: float) -> tuple[int, list[tuple[float, float]]]:
+    """The steps until the budget (`steps` or `minutes`) runs out, with the EMA, the logged loss (every `log_every`
+    steps: a line of metrics.jsonl and of the log) and the evaluations (every `eval_every`); returns the steps
+    taken and the logged (step, mean loss) points."""
+    step, loss_sum, loss_n, last_log, losses = 0, 0.0, 0, start, []
     while True:
         progress = max(step / cfg.steps, (time.perf_counter() - start) / (60 * cfg.minutes))
         if progress >= 1:
             break
-        if editing:  # inputs, targets [B, 3, H, W]; the instruction dropped, never the input image
-            inputs, prompts, images = edit_pairs(int(rng.integers(2**31)), cfg.batch_size, "train",
-                                                 cfg.model.image_size)
-            drop = rng.random(cfg.batch_size) < cfg.prompt_dropout
-            cond = model.encode_prompts(["" if d else p for p, d in zip(prompts, drop)], [(x,) for x in inputs])
-        else:
-            idx = rng.integers(len(train_prompts), size=cfg.batch_size)
-            images = render_batch([train_scenes[i] for i in idx], rng, cfg.model.image_size)  # [B, 3, H, W]
-            drop = rng.random(cfg.batch_size) < cfg.prompt_dropout
-            cond = model.encode_prompts(["" if d else train_prompts[i] for i, d in zip(idx, drop)])
-        x0 = images * 2 - 1
-        t = torch.sigmoid(torch.randn(cfg.batch_size))                                       # logit-normal
-        loss = rectified_flow_loss(model, x0, cond, t, torch.randn_like(x0))
         lr = learning_rate(cfg, step, progress)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        loss_sum += _train_step(cfg, model, opt, list(params.values()), *data.batch(model, rng), lr)
         # EMA with a warm-up (decay (1 + k) / (10 + k) early on), so early evaluations are not the random init.
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        ema.update(params, decay=min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
-        loss_sum += loss.item()
         loss_n += 1
         if step % cfg.log_every == 0:
             now = time.perf_counter()
-            mean_loss = loss_sum / loss_n
-            history["loss"].append((step, mean_loss))
-            metrics.write(json.dumps({"step": step, "minutes": (now - start) / 60, "loss": mean_loss, "lr": lr})
-                          + "\n")
-            metrics.flush()
-            log(f"step {step} loss {mean_loss:.4f} lr {lr:.2e} {cfg.log_every / (now - last_log):.2f} steps/s "
-                f"{(now - start) / 60:.1f} min")
+            losses.append((step, loss_sum / loss_n))
+            append_record(out / "metrics.jsonl", {"step": step, "minutes": (now - start) / 60,
+                                                  "loss": loss_sum / loss_n, "lr": lr})
+            log(f"step {step} loss {loss_sum / loss_n:.4f} lr {lr:.2e} {cfg.log_every / (now - last_log):.2f} "
+                f"steps/s {(now - start) / 60:.1f} min")
             loss_sum, loss_n, last_log = 0.0, 0, now
         if cfg.eval_every and step % cfg.eval_every == 0:
             evaluate(step)
             last_log = time.perf_counter()
-    total = (time.perf_counter() - start) / 60
-    log(f"pretrain: {step} steps in {total:.1f} min ({eval_time / 60:.1f} min evaluating)")
-    if cfg.eval_every:
-        evaluate(step)
-    else:
-        save_tiny(ema, out / "model")
-    metrics.close()
-    plot_lines({"loss": history["loss"]}, out / "curve_loss.png", title="rectified-flow loss", xlabel="step")
-    if cfg.eval_every:
-        plot_lines({k: v for k, v in history.items() if k != "loss"}, out / "curve_accuracy.png",
-                   title=("held-out edit success" if editing else "held-out strict accuracy") + " (EMA, 25-step ODE)",
-                   xlabel="step")
-    return out / "model"
+    return step, losses
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

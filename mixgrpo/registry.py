@@ -19,15 +19,23 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._factories: dict[str, Callable[..., T]] = {}
+        self._modules: dict[str, tuple[str, ...]] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    def register(self, name: str, modules: tuple[str, ...] = ()) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """A decorator registering `factory` as `name`. modules: the Python modules beyond the core that the factory's
+        object imports when built or called, which the pre-flight names with their pip command (`modules`)."""
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._factories[name] = factory
+            self._modules[name] = tuple(modules)
             return factory
 
         return decorator
+
+    def modules(self, name: str) -> tuple[str, ...]:
+        """The Python modules beyond the core that `name` needs (none for a user's "package.module:attribute")."""
+        return self._modules.get(name, ())
 
     def names(self) -> list[str]:
         return sorted(self._factories)

@@ -269,7 +269,7 @@ CASES = [
     Case("eval label given twice", ["eval", "--model", "gaussian", "--prompt", "a red circle", "a=base",
                                     "a={d}/run", "--out", "{out}"], ["label 'a' is given twice", "its own label"]),
     Case("bad --reward spec", ["eval", "--model", "gaussian", "--prompt", "a red circle", "--reward", "verifier:score",
-                               "base=base", "--out", "{out}"], ["'score' is not key=value", "verifier:score=strict"]),
+                               "base=base", "--out", "{out}"], ["'score' is not of the form key=value", "verifier:score=strict"]),
 ]
 
 

@@ -269,3 +269,32 @@ def test_an_embedding_cache_of_examples_is_keyed_by_prompt_and_image_content(edi
     other = [(torch.full((3, SIZE, SIZE), 0.3),)]
     with pytest.raises(LookupError, match=r"'make it blue' \(with its input images\) not in the embedding cache"):
         cache.encode(["make it blue"], other)
+
+
+# --------------------------------------------------------------------------------------------------
+# the shipped editing base and its recipes
+
+
+def test_the_shipped_editing_base_loads_as_tiny_edit_and_conditions_on_its_input():
+    model = MODELS.get("tiny_edit")()
+    assert model.config.image_inputs == 1 and model.image_size() == (32, 32)
+    x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.5, 0.5])
+    grey, red = torch.full((3, 32, 32), 0.5), torch.zeros(3, 32, 32)
+    red[0] = 1
+    with torch.no_grad():
+        a = model(x, sigma, model.encode_prompts(["remove the red circle"] * 2, [(grey,), (red,)]))
+    assert torch.isfinite(a).all() and (a[0] - a[1]).abs().mean() > 1e-3
+
+
+def test_the_editing_recipes_differ_only_in_the_algorithm():
+    from pathlib import Path
+
+    from mixgrpo.config import load_config, to_dict
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    grpo, nft = (to_dict(load_config(root / f"edit_{n}.yaml")) for n in ("mixgrpo", "diffusion_nft"))
+    algorithm = {"algorithm", "objective", "shared_noise", "sampler", "updates_per_iteration", "update_epochs",
+                 "matching", "out_dir"}
+    assert {k for k in grpo if grpo[k] != nft[k]} <= algorithm
+    assert grpo["model"]["name"] == "tiny_edit" and grpo["eval_prompts"] == "world:edit_heldout"
+    assert grpo["sampler"]["num_steps"] == nft["sampler"]["num_steps"]

@@ -24,7 +24,8 @@ def test_the_gpu_check_runs_its_sections_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert result["errors"] == {}
     adapters = result["adapters"]
-    assert adapters["head_dims"] == {"flux": 128, "sd3": 64, "flux2": 128, "qwen_image": 128, "wan": 128}
+    assert adapters["head_dims"] == {"flux": 128, "sd3": 64, "flux2": 128, "qwen_image": 128, "wan": 128,
+                                     "flux_kontext": 128, "qwen_image_edit": 128, "wan_i2v": 128}
     runs = {(name, key): run for name in adapters["head_dims"] for key, run in adapters[name].items()}
     assert {key for name, key in runs if name == "flux"} >= {"mixgrpo_lora", "flash_star_lora", "diffusion_nft_lora",
                                                            "mixgrpo_full"}

@@ -11,8 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "mixgrpo"
 
 MATH = {"mixgrpo.sampling", "mixgrpo.plan", "mixgrpo.grpo", "mixgrpo.flow_matching", "mixgrpo.seeding"}
-COMMANDS = {"mixgrpo.__main__", "mixgrpo.cli", "mixgrpo.preprocess", "mixgrpo.pretrain", "mixgrpo.configdoc",
-            "mixgrpo.launch"}
+COMMANDS = {"mixgrpo.__main__", "mixgrpo.preprocess", "mixgrpo.pretrain", "mixgrpo.configdoc", "mixgrpo.launch"}
 BELOW_MODELS = {"mixgrpo.registry", "mixgrpo.dtypes", "mixgrpo.fileio", "mixgrpo.progress", "mixgrpo.dist",
                 "mixgrpo.packages", "mixgrpo.errors"}
 
@@ -23,6 +22,7 @@ def _module_name(path: Path) -> str:
 
 
 MODULES = {_module_name(f): f for f in PACKAGE.rglob("*.py")}
+COMMANDS |= {m for m in MODULES if m == "mixgrpo.cli" or m.startswith("mixgrpo.cli.")}  # the CLI package
 
 
 def _statements(tree: ast.AST, top_level_only: bool = False):

@@ -4,7 +4,8 @@ counts are the published sizes, and the adapters' LoRA targets match layers of e
 Configs: the transformer/config.json values of the released checkpoints. Qwen-Image, FLUX.2-dev and Wan 14B are the
 diffusers classes' defaults (which are those releases' configs); FLUX.2-klein 4B / 9B, Wan2.1 1.3B and Wan2.2 TI2V-5B
 set the fields in which they differ, as written from their hub configs (not readable on this offline machine); the
-published sizes (from the model cards: "20B", "32B", "4B", "9B", "1.3B", "14B", "5B") are what checks them.
+published sizes (from the model cards: "20B", "32B", "4B", "9B", "1.3B", "14B", "5B"; FLUX.1-Kontext-dev "12B",
+FLUX.1-dev's architecture; Qwen-Image-Edit-2511 "20B", Qwen-Image's with zero_cond_t) are what checks them.
 """
 
 import pytest
@@ -24,11 +25,13 @@ REAL = {  # name -> (diffusers class, config fields that differ from the class d
     "Wan2.1-T2V-14B": ("WanTransformer3DModel", {}, 14),
     "Wan2.2-TI2V-5B": ("WanTransformer3DModel", dict(num_attention_heads=24, ffn_dim=14336, num_layers=30,
                                                      in_channels=48, out_channels=48), 5),
+    "FLUX.1-Kontext-dev": ("FluxTransformer2DModel", dict(guidance_embeds=True), 12),
+    "Qwen-Image-Edit-2511": ("QwenImageTransformer2DModel", dict(zero_cond_t=True), 20),
 }
 # The counts these configs give (exact; a change in diffusers' classes would show here first).
 COUNTS = {"Qwen-Image": 20_430_401_088, "FLUX.2-dev": 32_223_281_152, "FLUX.2-klein-4B": 3_875_544_576,
           "FLUX.2-klein-9B": 9_078_581_248, "Wan2.1-T2V-1.3B": 1_418_996_800, "Wan2.1-T2V-14B": 14_288_491_584,
-          "Wan2.2-TI2V-5B": 4_999_787_712}
+          "Wan2.2-TI2V-5B": 4_999_787_712, "FLUX.1-Kontext-dev": 11_901_408_320, "Qwen-Image-Edit-2511": 20_430_401_088}
 TARGETS = {"Qwen-Image": qwen_image.LORA_TARGETS, "FLUX.2-dev": flux2.LORA_TARGETS, "Wan2.1-T2V-14B": wan.LORA_TARGETS}
 
 

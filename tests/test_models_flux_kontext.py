@@ -77,13 +77,12 @@ def test_registered_and_conditioning(model):
     assert MODELS.get("flux_kontext") is load_flux_kontext
     assert isinstance(model, FluxKontextAdapter) and model.image_inputs == 1
     assert model.latent_shape == (16, 16, 16)
+    assert model.image_size() == (SIZE, SIZE) and MODELS.spec("flux_kontext").image_inputs == 1
     cond = model.encode_prompts(PROMPTS, [(image,) for image in inputs()])
-    assert cond["prompt_embeds"].shape == (2, MAX_SEQ, 32) and cond["image_latents"].shape == (2, 64, 64)
-    with pytest.raises(ValueError, match="edits an input image: every example needs one"):
+    assert cond["prompt_embeds"].shape == (2, MAX_SEQ, 32) and cond["image_latents"].shape == (2, 16, 16, 16)
+    with pytest.raises(ValueError, match="was given none: give prompts with images"):
         model.encode_prompts(PROMPTS)
-    with pytest.raises(ValueError, match=r"takes \[3, 32, 32\] .* resize the inputs"):
-        model.encode_prompts(PROMPTS[:1], [(torch.zeros(3, 16, 32),)])
-    with pytest.raises(ValueError, match="takes 1 input images per example"):
+    with pytest.raises(ValueError, match="takes 1 to 1 input images per example"):
         model.encode_prompts(PROMPTS[:1], [tuple(inputs())])
 
 
@@ -145,3 +144,56 @@ def test_preflight_names_a_size_that_does_not_fit(kontext_dir):
     (problem,) = MODELS.spec("flux_kontext").check(args, {})
     assert "multiples of 4 for flux_kontext" in problem and "height=40" in problem  # the nearest fit
     assert MODELS.spec("flux_kontext").check({**args, "height": SIZE}, {}) == []
+
+
+@pytest.mark.parametrize("objective,lora", [("grpo", 4), ("diffusion_nft", 0)])
+def test_an_iteration_exports_what_the_stock_pipeline_reproduces(kontext_dir, tmp_path, objective, lora):
+    """One MixGRPO (LoRA) or DiffusionNFT (full) iteration through the trainer on examples with input images, rewarded
+    for keeping the input; then the stock FluxKontextPipeline with final/ loaded by diffusers alone samples what
+    mixgrpo samples."""
+    from model_runs import PROMPTS, grpo_run, inputs_of, noise, our_samples, sigmas, with_final
+
+    args = {"path": str(kontext_dir), "dtype": "float32", "height": SIZE, "width": SIZE, "guidance": GUIDANCE,
+            "max_sequence_length": MAX_SEQ}
+    run = grpo_run(tmp_path / "run", "flux_kontext", args, lora, 1.0, inputs=(SIZE, SIZE), objective=objective,
+                   reward="toy_rewards:keep_input")
+    images, seeds = inputs_of(run, 2, (SIZE, SIZE)), [3, 4]
+    latents = our_samples(run, PROMPTS[:2], seeds, 1.0, images)
+    pipe = with_final(stock(kontext_dir, sigmas()), run, lora)
+    with torch.no_grad():
+        expected = pipe(image=torch.stack([i[0] for i in images]), prompt=PROMPTS[:2], height=SIZE, width=SIZE,
+                        num_inference_steps=len(sigmas()), sigmas=sigmas(), guidance_scale=GUIDANCE,
+                        latents=pack(noise(latents.shape[1:], seeds), 2), max_sequence_length=MAX_SEQ,
+                        output_type="latent", max_area=SIZE * SIZE, _auto_resize=False).images
+    torch.testing.assert_close(expected, pack(latents, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_preprocess_of_an_example_file_caches_the_instructions(kontext_dir, model, tmp_path):
+    """Kontext's text encoders see no image: `mixgrpo preprocess` on an example file (instruction + input image)
+    writes a cache keyed by prompt, and the model with it conditions exactly as without (the VAE encodes the images)."""
+    from mixgrpo import cli
+    from mixgrpo.models.text import EmbeddingCache
+    from model_runs import PROMPTS, example_file, inputs_of
+
+    examples = example_file(tmp_path / "run_examples", (SIZE, SIZE))
+    assert cli.main(["preprocess", "--model", "flux_kontext", "--path", str(kontext_dir), "--prompts", str(examples),
+                     "--out", str(tmp_path / "cache"), "--dtype", "float32", "--device", "cpu",
+                     "--max-sequence-length", str(MAX_SEQ)]) == 0
+    assert EmbeddingCache(tmp_path / "cache").keyed_by == "prompt"
+    cached = load(kontext_dir, embedding_cache=str(tmp_path / "cache"))
+    images = inputs_of(tmp_path / "run", 2, (SIZE, SIZE))
+    with torch.no_grad():
+        for prompts in (PROMPTS[:2], ["", PROMPTS[1]]):
+            torch.testing.assert_close(cached.encode_prompts(prompts, images), model.encode_prompts(prompts, images),
+                                       rtol=0, atol=0)
+
+
+def test_the_memory_estimate_counts_the_input_tokens(kontext_dir):
+    """The activations of the estimate count the input image's tokens beside the target's (64 + 64) and the text."""
+    from mixgrpo.config import build_config
+    from mixgrpo.memory import estimate
+
+    args = {"path": str(kontext_dir), "dtype": "float32", "height": SIZE, "width": SIZE, "max_sequence_length": MAX_SEQ}
+    (key,) = [k for k in estimate(build_config({"model": {"name": "flux_kontext", "args": args}})).parts
+              if k.startswith("activations")]
+    assert f" x {64 + 64 + MAX_SEQ} tokens x " in key

@@ -106,6 +106,8 @@ def test_registered_and_the_encoding_equals_the_pipeline(dirs):
     assert (without_image - model.encode_prompts(PROMPTS[:1], [(inputs()[0],)])["prompt_embeds"]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="takes 1 to 3 input images per example"):
         model.encode_prompts(PROMPTS[:1], [tuple(inputs(n=4))])
+    with pytest.raises(ValueError, match=r"have \[1, 2\] input images; give every example .* the same number"):
+        model.encode_prompts(PROMPTS, [tuple(inputs(n=1)), tuple(inputs(n=2))])
 
 
 @pytest.mark.parametrize("variant,count", [("2511", 1), ("2511", 2), ("2509", 1)])
@@ -172,3 +174,43 @@ def test_preflight_refuses_an_embedding_cache_and_names_a_missing_processor(dirs
     shutil.copytree(dirs["2511"], tmp_path / "copy", ignore=shutil.ignore_patterns("processor"))
     (problem,) = check({**args, "path": str(tmp_path / "copy")}, {})
     assert "lacks the component folders ['processor']" in problem
+
+
+@pytest.mark.parametrize("objective,lora", [("grpo", 4), ("diffusion_nft", 0)])
+def test_an_iteration_exports_what_the_stock_pipeline_reproduces(dirs, tmp_path, objective, lora):
+    """One MixGRPO (LoRA) or DiffusionNFT (full) iteration through the trainer on examples with input images (true
+    CFG 4), rewarded for keeping the input; then the stock QwenImageEditPlusPipeline with final/ loaded by diffusers
+    alone samples what mixgrpo samples."""
+    from model_runs import PROMPTS, grpo_run, inputs_of, noise, our_samples, sigmas, with_final
+
+    args = {"path": str(dirs["2511"]), "dtype": "float32", "height": SIZE, "width": SIZE,
+            "max_sequence_length": MAX_SEQ, "condition_area": CONDITION_AREA, "reference_area": REFERENCE_AREA}
+    run = grpo_run(tmp_path / "run", "qwen_image_edit", args, lora, SCALE, inputs=(SIZE, SIZE), objective=objective,
+                   reward="toy_rewards:keep_input", targets=list(LORA_TARGETS))
+    images, seeds = inputs_of(run, 2, (SIZE, SIZE)), [3, 4]
+    latents = our_samples(run, PROMPTS[:2], seeds, SCALE, images)
+    pipe = with_final(stock(dirs["2511"]), run, lora)
+    with torch.no_grad():
+        expected = torch.cat([pipe(image=[to_pil(i) for i in example], prompt=prompt, negative_prompt="",
+                                   true_cfg_scale=SCALE, height=SIZE, width=SIZE, num_inference_steps=len(sigmas()),
+                                   sigmas=sigmas(), latents=pack(noise(latents.shape[1:], [seed]), 2),
+                                   output_type="latent").images
+                              for prompt, example, seed in zip(PROMPTS, images, seeds)])
+    torch.testing.assert_close(expected, pack(latents, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_the_memory_estimate_counts_the_reference_tokens(dirs):
+    """The activations of the estimate count the target's tokens and one input's at the reference area: at 64 x 64
+    with a 128^2 reference area, 16 + 64 image tokens beside the text."""
+    from mixgrpo.config import build_config
+    from mixgrpo.memory import estimate
+
+    def tokens(**over):
+        args = {"path": str(dirs["2511"]), "dtype": "float32", "height": SIZE, "width": SIZE,
+                "max_sequence_length": MAX_SEQ, **over}
+        (key,) = [k for k in estimate(build_config({"model": {"name": "qwen_image_edit", "args": args}})).parts
+                  if k.startswith("activations")]
+        return int(key.split(" rows x ")[1].split(" tokens")[0])
+
+    assert tokens(reference_area=REFERENCE_AREA) == 16 + 16 + MAX_SEQ
+    assert tokens(reference_area=128 * 128) == 16 + 64 + MAX_SEQ

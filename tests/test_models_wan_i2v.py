@@ -90,8 +90,11 @@ def test_registered_and_conditioning(dirs):
     ti2v = load(dirs["2.2-ti2v"])
     assert ti2v.image_encoder is None and ti2v.latent_shape == (16, 2, 4, 4)
     assert set(ti2v.encode_prompts(PROMPTS, [(f,) for f in frames()])) == {"prompt_embeds", "image_condition"}
-    with pytest.raises(ValueError, match="every example needs one"):
+    assert model.image_size() == (SIZE, SIZE) and MODELS.spec("wan_i2v").image_inputs == 1
+    with pytest.raises(ValueError, match="was given none: give prompts with images"):
         model.encode_prompts(PROMPTS)
+    with pytest.raises(ValueError, match=r"takes \[3, 64, 64\] .* resize the inputs"):
+        model.encode_prompts(PROMPTS[:1], [(torch.zeros(3, 32, 64),)])
 
 
 def test_a_text_to_video_checkpoint_is_named(tmp_path):
@@ -166,3 +169,27 @@ def test_preflight_names_a_missing_image_encoder(dirs, tmp_path):
     shutil.copytree(dirs["2.1"], tmp_path / "copy", ignore=shutil.ignore_patterns("image_encoder"))
     (problem,) = check({**args, "path": str(tmp_path / "copy")}, {})
     assert "lacks ['image_encoder']" in problem
+
+
+@pytest.mark.filterwarnings("ignore:While injecting the PEFT adapters")  # as above
+@pytest.mark.parametrize("objective,lora", [("grpo", 4), ("diffusion_nft", 0)])
+def test_an_iteration_exports_what_the_stock_pipeline_reproduces(dirs, tmp_path, objective, lora):
+    """Wan 2.1 I2V: one MixGRPO (LoRA) or DiffusionNFT (full) iteration through the trainer on prompts with first
+    frames (CFG 5); then the stock WanImageToVideoPipeline with final/ loaded by diffusers alone samples what mixgrpo
+    samples."""
+    from model_runs import PROMPTS, grpo_run, inputs_of, noise, our_samples, sigmas, with_final
+
+    args = {"path": str(dirs["2.1"]), "dtype": "float32", "height": SIZE, "width": SIZE, "num_frames": FRAMES,
+            "max_sequence_length": MAX_SEQ}
+    run = grpo_run(tmp_path / "run", "wan_i2v", args, lora, SCALE, inputs=(SIZE, SIZE), objective=objective,
+                   targets=list(LORA_TARGETS))
+    images, seeds = inputs_of(run, 2, (SIZE, SIZE)), [3, 4]
+    latents = our_samples(run, PROMPTS[:2], seeds, SCALE, images)
+    pipe = with_final(stock(dirs["2.1"], sigmas()), run, lora)
+    with torch.no_grad():
+        expected = torch.cat([pipe(image=to_pil(example[0]), prompt=[prompt], height=SIZE, width=SIZE,
+                                   num_frames=FRAMES, num_inference_steps=len(sigmas()), guidance_scale=SCALE,
+                                   max_sequence_length=MAX_SEQ, latents=noise(latents.shape[1:], [seed]),
+                                   output_type="latent").frames
+                              for prompt, example, seed in zip(PROMPTS, images, seeds)])
+    torch.testing.assert_close(expected, latents, rtol=1e-5, atol=1e-5)

@@ -122,13 +122,13 @@ def brightness(images, target=1.0):
 
 def _end_state(run: Path) -> dict:
     drop = lambda m: {k: v for k, v in m.items() if not k.startswith(("time/", "memory/")) and k != "reward_servers"}  # noqa: E731
-    return {"weights": load_file(run / "final" / "model.safetensors")["mu"],
-            "metrics": [drop(m) for m in read_metrics(run)]}
+    return {"weights": load_file(run / "final" / "model.safetensors"), "metrics": [drop(m) for m in read_metrics(run)]}
 
 
 def _assert_same_run(run: Path, reference: Path) -> None:
     got, want = _end_state(run), _end_state(reference)
-    assert torch.equal(got["weights"], want["weights"])
+    assert got["weights"].keys() == want["weights"].keys()
+    assert all(torch.equal(got["weights"][k], want["weights"][k]) for k in want["weights"])
     assert got["metrics"] == want["metrics"]
 
 
@@ -309,6 +309,41 @@ def test_a_run_scored_by_two_servers_and_in_process_equals_the_in_process_run(se
     summary = (runs["remote"] / "summary.md").read_text()
     assert f"reward server {a.url} scored brightness, brightness_2: 24 training images" in summary
     assert f"reward server {b.url} scored brightness: 8 training images" in summary
+
+
+def test_an_editing_run_scored_by_a_server_equals_the_in_process_run(served, tmp_path):
+    """An editing run (the tiny editing model, examples with input images): input_consistency and a user reward that
+    compares with the inputs, served, end bit for bit as in-process (weights and metrics): the input images reach
+    the server exactly. The same served reward in a run without input images stops in the pre-flight."""
+    pytest.importorskip("diffusers")
+    from PIL import Image
+
+    from mixgrpo.models.tiny import TinyConfig, build_tiny, save_tiny
+
+    torch.manual_seed(0)
+    save_tiny(build_tiny(TinyConfig(image_size=16, num_layers=1, num_single_layers=1, image_inputs=1)),
+              tmp_path / "model")
+    lines = []
+    for i, (colour, prompt) in enumerate(zip([(255, 0, 0), (0, 200, 0)], ["make it blue", "add a circle"])):
+        (tmp_path / "inputs").mkdir(exist_ok=True)
+        Image.new("RGB", (16, 16), colour).save(tmp_path / "inputs" / f"{i}.png")
+        lines.append(json.dumps({"prompt": prompt, "images": [f"inputs/{i}.png"]}))
+    (tmp_path / "examples.jsonl").write_text("\n".join(lines) + "\n")
+    server = served("--reward", "input_consistency:grid=4", "--reward", "toy_rewards:keep_input")
+    local = [{"name": "input_consistency", "args": {"grid": 4}}, {"name": "toy_rewards:keep_input"}]
+    runs = {}
+    for name, rewards in (("local", local), ("remote", [{**r, "server": server.url} for r in local])):
+        cfg = build_config(gaussian_run(
+            model={"name": "tiny_edit", "args": {"path": str(tmp_path / "model")}},
+            sampler={"num_steps": 4, "window": {"size": 1}}, rewards=rewards, optim={"lr": 1e-3},
+            rollout={"prompts": str(tmp_path / "examples.jsonl"), "group_size": 2},
+            eval={"prompts": str(tmp_path / "examples.jsonl"), "num_prompts": 2},
+            run={"iterations": 2, "out_dir": str(tmp_path / name)}))
+        runs[name] = train(cfg, progress=False)
+    _assert_same_run(runs["remote"], runs["local"])
+    assert all(m["reward_servers"] == {server.url: 4} for m in read_metrics(runs["remote"]))
+    with pytest.raises(PreflightError, match=r"rewards\[0\] \(input_consistency\) compares each result with"):
+        check_run(build_config(gaussian_run(rewards=[{**local[0], "server": server.url}])))
 
 
 def test_preflight_names_an_unreachable_server_a_missing_reward_other_args_and_a_missing_token(served, monkeypatch):

@@ -422,11 +422,7 @@ def save_tiny_qwen_image_edit(directory: str | Path, seed: int = 0, variant: str
     official layout (model_index.json names Qwen2VLProcessor, as the hub's Qwen-Image-Edit repositories do)."""
     import json
 
-    pipe = tiny_qwen_image_edit_pipeline(seed, variant)
-    processor = pipe.processor
-    pipe.register_modules(processor=None)
-    pipe.save_pretrained(directory)
-    processor.save_pretrained(Path(directory) / "processor")
+    tiny_qwen_image_edit_pipeline(seed, variant).save_pretrained(directory)
     index = Path(directory) / "model_index.json"
     config = json.loads(index.read_text())
     config["processor"] = ["transformers", "Qwen2VLProcessor"]

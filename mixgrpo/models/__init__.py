@@ -1,9 +1,10 @@
 """Base-model adapters (see `mixgrpo.models.base.FlowModel`)."""
 
-from mixgrpo.models.base import (MODELS, Cond, FlowModel, ModelSpec, cond_cat, cond_index, cond_repeat_interleave,
-                                 cond_to)
+from mixgrpo.models.base import (MODELS, Cond, FlowModel, ModelSpec, cond_cat, cond_expand, cond_index,
+                                 cond_repeat_interleave, cond_to)
 
-__all__ = ["MODELS", "Cond", "FlowModel", "ModelSpec", "cond_cat", "cond_index", "cond_repeat_interleave", "cond_to"]
+__all__ = ["MODELS", "Cond", "FlowModel", "ModelSpec", "cond_cat", "cond_expand", "cond_index", "cond_repeat_interleave",
+           "cond_to"]
 
 # Each base model is one file that registers its description (`ModelSpec`: factory, text encoder, pre-flight
 # checks, LoRA format) at its foot; importing it registers it. diffusers and transformers load only when one is

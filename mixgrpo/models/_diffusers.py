@@ -1,7 +1,7 @@
 """Loading helpers shared by the diffusers-pipeline models (FLUX.1, SD3, Qwen-Image, FLUX.2, Wan): directory checks
 and pre-flight, the components (transformer, VAE, the text encoder or its embedding cache) behind one loading bar,
-tokenisation with a truncation record, and the VAE decoders (FLUX.1 / SD3's, and the causal video VAE's of Wan and
-Qwen-Image)."""
+tokenisation with a truncation record, the VAE decoders and encoders (FLUX.1 / SD3's, and the causal video VAE's of
+Wan and Qwen-Image), and the input images of the editing and image-to-video models (checks, PIL round trips)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.errors import ConfigError
-from mixgrpo.models.base import Frozen, PromptSets, TextEncoder
+from mixgrpo.models.base import MODELS, Frozen, Images, PromptSets, TextEncoder, check_images
 from mixgrpo.models.text import note_truncations
 
 PIPELINE_MODULES = ("diffusers", "transformers")
@@ -102,14 +102,14 @@ def check_pipeline_run(name: str, args: dict, prompts: PromptSets, *, text_folde
     return problems
 
 
-def latent_grid(transformer: dict, vae: dict) -> tuple[int, int, int | None]:
+def latent_grid(transformer: dict, vae: dict, token_patch: int = 1) -> tuple[int, int, int | None]:
     """(spatial factor, patch, temporal factor or None) of a pipeline, from its transformer's and VAE's config.json:
-    pixels per latent (the VAE's), latents per token side (every adapter here patchifies at least 2 x 2: FLUX.1
-    and FLUX.2 pack 2 x 2 latents into a token themselves), and a video VAE's frames per latent frame."""
+    pixels per latent (the VAE's), latents per token side (the transformer's patch_size x the latents the adapter
+    packs into a token itself, `ModelSpec.token_patch`), and a video VAE's frames per latent frame."""
     spatial = vae.get("scale_factor_spatial") or (2 ** len(vae["temperal_downsample"]) if vae.get("temperal_downsample")
                                                   else 2 ** (len(vae["block_out_channels"]) - 1))
     patch = transformer.get("patch_size") or 1
-    patch = max(patch[-1] if isinstance(patch, list) else patch, 2)
+    patch = (patch[-1] if isinstance(patch, list) else patch) * token_patch
     temporal = vae.get("scale_factor_temporal") or (2 ** sum(vae["temperal_downsample"])
                                                     if vae.get("temperal_downsample") else None)
     return spatial, patch, temporal
@@ -119,7 +119,7 @@ def size_problems(name: str, args: dict, transformer: dict, vae: dict) -> list[s
     """model.args height and width (and a video's num_frames) against the factors of the pipeline's config files
     (`latent_grid`), before anything loads: pixels a multiple of the spatial factor x the patch, frames 1 + (the
     temporal factor) k. The loaders check the same on the loaded modules."""
-    spatial, patch, temporal = latent_grid(transformer, vae)
+    spatial, patch, temporal = latent_grid(transformer, vae, MODELS.spec(name).token_patch)
     problems = []
     height, width = args.get("height"), args.get("width")
     multiple = spatial * patch
@@ -295,33 +295,26 @@ class CausalVaeEncoder(Frozen):
         return (z - self.mean.to(dtype)) / self.std.to(dtype)
 
 
-def input_images(name: str, prompts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None,
-                 size: tuple[int, int], counts: tuple[int, int] = (1, 1)) -> torch.Tensor:
+def input_images(model: nn.Module, prompts: Sequence[str], images: Images | None,
+                 size: tuple[int, int]) -> torch.Tensor:
     """The input images of an image-conditioned model's examples, checked and stacked: [B, k, 3, H, W] float32.
 
-    images: one tuple per prompt of k tensors [3, H, W] in [0, 1] (`FlowModel.encode_prompts`), k within `counts`
-    (min, max) and the same for every example of a batch; size: (H, W) the model's resolution, which every input
-    must have (the data pipeline resizes them)."""
-    if images is None:
-        raise ConfigError(f"{name} edits an input image: every example needs one (give the prompt file's image "
-                          f"column, or `--image` to sample / eval)")
-    if len(images) != len(prompts):
-        raise ValueError(f"{name}: {len(images)} input image tuples for {len(prompts)} prompts")
-    lo, hi = counts
-    numbers = {len(tuple(example)) for example in images}
-    if len(numbers) != 1 or not lo <= min(numbers) <= max(numbers) <= hi:
-        want = f"{lo}" if lo == hi else f"{lo} to {hi}"
-        raise ConfigError(f"{name} takes {want} input images per example, the same number in a batch; got "
-                          f"{sorted(numbers)}")
-    stacked = []
+    images: one tuple per prompt of k tensors [3, H, W] in [0, 1] (`FlowModel.encode_prompts`; k checked by
+    `check_images` against the model's `image_inputs`, and the same for every example of a batch); size: (H, W) the
+    model's resolution, which every input must have (`mixgrpo.images.load_inputs` loads them so)."""
+    check_images(model, prompts, images)
+    name = type(model).__name__
+    counts = sorted({len(example) for example in images})
+    if len(counts) > 1:
+        raise ConfigError(f"{name}: the examples of a batch have {counts} input images; give every example of a "
+                          f"prompt file the same number")
     for example in images:
         for image in example:
             if image.dim() != 3 or image.shape[0] != 3 or tuple(image.shape[1:]) != tuple(size):
                 raise ConfigError(f"{name}: an input image of shape {list(image.shape)}, but the model takes "
                                   f"[3, {size[0]}, {size[1]}] (its height and width): resize the inputs to the "
                                   f"model's resolution")
-        stacked.append(torch.stack([image.float() for image in example]))
-    return torch.stack(stacked)
+    return torch.stack([torch.stack([image.float() for image in example]) for example in images])
 
 
 def to_pil(image: torch.Tensor):

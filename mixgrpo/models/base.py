@@ -58,8 +58,16 @@ class ModelSpec:
     text_tokens: max_sequence_length -> the text tokens the transformer sees (SD3: CLIP's 77 before T5's), and
     joint_attention: whether they run through every block beside the image tokens (False: cross-attention, Wan);
         both for the memory estimate (`mixgrpo.memory`).
+    token_patch: latents per token side that the adapter packs into one token itself (FLUX.1, FLUX.2: 2 x 2), on top
+        of the transformer config's own patch_size: a token's side in pixels is the VAE factor x patch_size x
+        token_patch (`mixgrpo.models._diffusers.latent_grid`: the size checks, the memory estimate, the grid's shift).
+    pipeline_sigmas: whether the stock pipeline hands its scheduler sigmas = linspace(1, 1/N, N) (FLUX.1, FLUX.2,
+        Qwen-Image) rather than asking it for N steps (SD3, Wan): the pipeline's own grid (`mixgrpo.pipeline_grid`).
     image_inputs: how many input images an example of this model takes (0: text-to-image; 1: FLUX.1-Kontext, Wan
         I2V's first frame; Qwen-Image-Edit takes up to 3); the built model's `image_inputs` says the same.
+    input_tokens: (model.args with the factory's defaults, the target's tokens) -> the tokens one input image adds
+        beside the target's in every block (FLUX.1-Kontext: as many; Qwen-Image-Edit: its reference area's; 0 where
+        the input enters otherwise, e.g. Wan I2V's channels), for the memory estimate.
     """
 
     name: str
@@ -71,7 +79,10 @@ class ModelSpec:
     modules: tuple[str, ...] = ()
     text_tokens: Callable[[int], int] = lambda n: n
     joint_attention: bool = True
+    token_patch: int = 1
+    pipeline_sigmas: bool = False
     image_inputs: int = 0
+    input_tokens: Callable[[dict, int], int] = lambda args, tokens: 0
 
 
 class ModelRegistry(Registry["FlowModel"]):
@@ -83,7 +94,7 @@ class ModelRegistry(Registry["FlowModel"]):
         self._specs: dict[str, ModelSpec] = {}
 
     def add(self, spec: ModelSpec) -> ModelSpec:
-        self.register(spec.name)(spec.factory)
+        self.register(spec.name, spec.modules)(spec.factory)
         self._specs[spec.name] = spec
         return spec
 
@@ -252,6 +263,15 @@ def build_model(name: str, args: dict[str, Any], device: str | None = None, dtyp
     return model.eval()
 
 
+@torch.no_grad()
+def copy_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy `weights` (parameter name -> tensor) into the parameters of `module` that have those names, in place:
+    the EMA weights into the live model for an export or an evaluation, and the live ones back."""
+    for name, param in module.named_parameters():
+        if name in weights:
+            param.copy_(weights[name])
+
+
 def encode_examples(model: FlowModel, prompts: Sequence[str], images: Images | None) -> Cond:
     """model.encode_prompts(prompts, images), or (prompts) alone when there are no images, so that a text-to-image
     model written before image inputs (a user's) still works."""
@@ -270,6 +290,21 @@ def blank_inputs(model: FlowModel, n: int) -> list[tuple[torch.Tensor, ...]] | N
 def cond_index(cond: Cond, index: torch.Tensor | slice) -> Cond:
     """Select rows of every tensor of `cond`."""
     return {k: v[index] for k, v in cond.items()}
+
+
+def cond_expand(row: Cond, n: int) -> Cond:
+    """[1, ...] -> [n, ...]: one conditioning row (CFG's unconditional one) for every sample of a batch, as views
+    (no copy)."""
+    return {k: v.expand(n, *v.shape[1:]) for k, v in row.items()}
+
+
+def uncond_rows(model: FlowModel, n: int, images: Images | None, row: Cond | None) -> Cond:
+    """CFG's unconditional rows of n examples ([n, ...]): the empty prompt with each example's own input images for
+    an image-conditioned model (`images`: n tuples, as the stock pipelines encode their negative prompt), else `row`,
+    the empty prompt's one row, for every example (`cond_expand`)."""
+    if images is not None:
+        return model.encode_prompts([""] * n, images)
+    return cond_expand(row, n)
 
 
 def cond_repeat_interleave(cond: Cond, repeats: int) -> Cond:

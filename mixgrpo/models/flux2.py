@@ -252,4 +252,4 @@ def _flux2_lora_format() -> tuple[type, type]:
 
 
 MODELS.add(ModelSpec("flux2", load_flux2, text_encoder=load_flux2_text_encoder, check=_check_flux2_run,
-                     lora_format=_flux2_lora_format, modules=PIPELINE_MODULES))
+                     lora_format=_flux2_lora_format, modules=PIPELINE_MODULES, token_patch=2, pipeline_sigmas=True))

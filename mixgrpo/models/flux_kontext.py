@@ -6,15 +6,16 @@ text_encoder_2/ + tokenizer_2/ (T5-XXL)); nothing is downloaded. Each example is
 
 What the adapter adds to FLUX.1's (`mixgrpo.models.flux.FluxAdapter`), as `FluxKontextPipeline.__call__` does it:
 - the input image, [3, H, W] in [0, 1] at the model's resolution, is encoded by the VAE (the distribution's mode,
-  then (z - shift_factor) * scaling_factor) into latents [16, H/8, W/8] and packed into 2 x 2 tokens, once per
-  example, into the conditioning ("image_latents" [B, N, 64]);
-- every transformer call sees the target's N tokens followed by the input's N tokens; the input's position ids are
-  the target's with the first coordinate 1 instead of 0, and only the target's N output tokens are the velocity;
+  then (z - shift_factor) * scaling_factor) into latents [16, H/8, W/8], once per example, into the conditioning
+  ("image_latents");
+- every transformer call sees the target's N tokens followed by the input's 2 x 2 tokens; the input's position ids
+  are the target's with the first coordinate 1 instead of 0, and only the target's N output tokens are the velocity
+  (`FluxAdapter`'s reference tokens, `mixgrpo.models.flux.with_references`);
 - the guidance embedding takes Kontext-dev's distilled guidance (2.5 in its model card's example); true CFG, when a
   run asks for it, is the rollout's, the unconditional rows encoding "" with the same input image, as the pipeline
   encodes its negative prompt (the image tokens are the same in both branches).
-The text encoders see no image, so an embedding cache written by `mixgrpo preprocess` serves Kontext as it serves
-FLUX.1; the image latents are always computed.
+The text encoders see no image, so an embedding cache written by `mixgrpo preprocess` (keyed by prompt, also from
+an example file) serves Kontext as it serves FLUX.1; the image latents are always computed.
 
 What the stock pipeline does and the adapter does not: it snaps the output size to max_area (1024^2 by default) and
 the input to the preferred Kontext resolution nearest its aspect ratio (PREFERRED_KONTEXT_RESOLUTIONS, e.g.
@@ -25,14 +26,12 @@ _auto_resize=False and max_area = H W, which makes any size behave so).
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
-from mixgrpo.models._diffusers import (PIPELINE_MODULES, VaeEncoder, check_pipeline_run, input_images, load_pipeline)
-from mixgrpo.models.base import MODELS, Cond, ModelSpec, PromptSets, TextEncoder
-from mixgrpo.models.flux import FluxAdapter, flux_lora_format, pack, unpack
+from mixgrpo.models._diffusers import PIPELINE_MODULES, VaeEncoder, check_pipeline_run, load_pipeline
+from mixgrpo.models.base import MODELS, ModelSpec, PromptSets, TextEncoder
+from mixgrpo.models.flux import FluxAdapter, flux_lora_format
 from mixgrpo.models.flux_pipeline import TEXT_FOLDERS, load_flux_text_encoder
 
 EXAMPLE = "black-forest-labs/FLUX.1-Kontext-dev"
@@ -40,58 +39,19 @@ GUIDANCE = 2.5  # Kontext-dev's distilled guidance in its model card's example (
 
 
 class FluxKontextAdapter(FluxAdapter):
-    """FLUX.1-Kontext: `FluxAdapter` with the input image's latent tokens beside the target's.
-
-    encoder: images [B, 3, H, W] in [0, 1] -> latents [B, C, H/f, W/f] (`VaeEncoder`), the same size as the target.
-    Other arguments as `FluxAdapter`'s (patch 2 on FLUX latents).
-    """
-
-    image_inputs = 1
+    """FLUX.1-Kontext: a `FluxAdapter` (patch 2 on FLUX latents) whose image encoder is the VAE (`VaeEncoder`), so that
+    each example's input image conditions it Kontext-style ("image_latents", `mixgrpo.models.flux.with_references`).
+    pixels: (H, W) of the outputs and of the inputs, the model's resolution."""
 
     def __init__(self, transformer: nn.Module, text_encoder: TextEncoder, latent_shape: tuple[int, int, int],
                  decoder: nn.Module, encoder: nn.Module, guidance: float | None, pixels: tuple[int, int]):
         super().__init__(transformer, text_encoder, patch_size=2, latent_shape=latent_shape, decoder=decoder,
-                         guidance=guidance)
-        self.encoder = encoder
+                         guidance=guidance, image_encoder=encoder)
         self.pixels = tuple(pixels)
-        ids = self.img_ids.clone()
-        ids[:, 0] = 1  # the input's tokens: the target's grid on another first coordinate
-        self.register_buffer("input_ids", ids, persistent=False)
 
     def image_size(self) -> tuple[int, int]:
         """(H, W) of the inputs and outputs: the model's resolution."""
         return self.pixels
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None = None) -> Cond:
-        """Text conditioning of `prompts` plus "image_latents" [B, N, 4 C]: the packed latents of each example's input
-        image (one [3, H, W] tensor in [0, 1] per prompt, at the model's height and width)."""
-        inputs = input_images("flux_kontext", prompts, images, self.pixels)[:, 0]        # [B, 3, H, W]
-        cond = dict(self.text_encoder.encode(list(prompts)))
-        device = next(self.encoder.parameters()).device
-        cond["image_latents"] = pack(self.encoder(inputs.to(device)), self.patch_size)
-        return cond
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Velocity. x: [B, C, H, W]; sigma: [B] (or a scalar) in [0, 1]; returns [B, C, H, W] in x's dtype."""
-        dtype = self.transformer.dtype
-        b = x.shape[0]
-        n = self.img_ids.shape[0]
-        text = cond["prompt_embeds"].to(dtype)                                         # [B, L, D]
-        guidance = None if self.guidance is None else torch.full((b,), float(self.guidance), device=x.device,
-                                                                 dtype=dtype)
-        tokens = torch.cat([pack(x.to(dtype), 2), cond["image_latents"].to(dtype)], dim=1)  # [B, 2 N, 4 C]
-        out = self.transformer(
-            hidden_states=tokens,
-            encoder_hidden_states=text,
-            pooled_projections=cond["pooled"].to(dtype),
-            timestep=torch.as_tensor(sigma, device=x.device).expand(b).to(dtype),
-            img_ids=torch.cat([self.img_ids, self.input_ids]),                          # [2 N, 3]
-            txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=self.img_ids.dtype),
-            guidance=guidance,
-            return_dict=False,
-        )[0]
-        return unpack(out[:, :n], self.latent_shape, 2).to(x.dtype)               # the target's tokens only
 
 
 def load_flux_kontext(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu", height: int = 1024,
@@ -126,4 +86,5 @@ def _check_flux_kontext_run(args: dict, prompts: PromptSets) -> list[str]:
 
 MODELS.add(ModelSpec("flux_kontext", load_flux_kontext, text_encoder=load_flux_text_encoder,
                      check=_check_flux_kontext_run, lora_format=flux_lora_format, modules=PIPELINE_MODULES,
-                     image_inputs=FluxKontextAdapter.image_inputs))
+                     token_patch=2, pipeline_sigmas=True, image_inputs=1,
+                     input_tokens=lambda args, tokens: tokens))  # the input at the target's size

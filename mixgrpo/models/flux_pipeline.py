@@ -22,7 +22,7 @@ from torch import nn
 from mixgrpo.dtypes import parse_dtype
 from mixgrpo.models._diffusers import (PIPELINE_MODULES, check_pipeline_dir, check_pipeline_run, load_pipeline,
                                        module_device, tokenize)
-from mixgrpo.models.base import MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder
+from mixgrpo.models.base import MODELS, Cond, Frozen, Images, ModelSpec, PromptSets, TextEncoder
 from mixgrpo.models.flux import FluxAdapter, flux_lora_format
 
 EXAMPLE = "black-forest-labs/FLUX.1-dev"  # the checkpoint the error messages name
@@ -45,7 +45,8 @@ class FluxTextEncoder(Frozen):
         self.max_sequence_length = max_sequence_length
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> Cond:
+    def encode(self, prompts: Sequence[str], images: Images | None = None) -> Cond:
+        """images: ignored (CLIP and T5 see no image; FLUX.1-Kontext's adapter encodes its input images itself)."""
         prompts = list(prompts)
         clip_ids = tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length)
         pooled = self.clip(clip_ids.to(module_device(self.clip)), output_hidden_states=False).pooler_output
@@ -107,4 +108,4 @@ def _check_flux_run(args: dict, prompts: PromptSets) -> list[str]:
 
 
 MODELS.add(ModelSpec("flux", load_flux, text_encoder=load_flux_text_encoder, check=_check_flux_run,
-                     lora_format=flux_lora_format, modules=PIPELINE_MODULES))
+                     lora_format=flux_lora_format, modules=PIPELINE_MODULES, token_patch=2, pipeline_sigmas=True))

@@ -212,4 +212,4 @@ def _qwen_image_lora_format() -> tuple[type, type]:
 
 MODELS.add(ModelSpec("qwen_image", load_qwen_image, text_encoder=load_qwen_image_text_encoder,
                      check=_check_qwen_image_run, lora_format=_qwen_image_lora_format,
-                     modules=PIPELINE_MODULES))
+                     modules=PIPELINE_MODULES, pipeline_sigmas=True))

@@ -162,7 +162,7 @@ class QwenImageEditAdapter(QwenImageAdapter):
     def encode_prompts(self, prompts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None = None) -> Cond:
         """Conditioning of (instruction, 1 to 3 input images [3, H, W] in [0, 1] at the model's height and width):
         the VL encoder's states and mask, and "image_latents" [B, k M, 4 C], the inputs' packed VAE latents."""
-        stacked = input_images("qwen_image_edit", prompts, images, self.pixels, counts=(1, MAX_INPUTS))
+        stacked = input_images(self, prompts, images, self.pixels)
         cond = dict(self.text_encoder.encode(list(prompts), [tuple(example) for example in stacked]))
         device = next(self.encoder.parameters()).device
         latents = []
@@ -228,5 +228,15 @@ def _check_qwen_image_edit_run(args: dict, prompts: PromptSets) -> list[str]:
                               t5_tokenizer=None, max_sequence_length=1024, text_length=lambda n: n, example=EXAMPLE)
 
 
+def _reference_tokens(args: dict, tokens: int) -> int:
+    """The tokens of one input image at the reference area, from the target's `tokens` (`ModelSpec.input_tokens`)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE
+
+    height, width = args["height"], args["width"]
+    rows, cols = edit_dimensions(args.get("reference_area") or VAE_IMAGE_SIZE, height, width)
+    return tokens * rows * cols // (height * width)
+
+
 MODELS.add(ModelSpec("qwen_image_edit", load_qwen_image_edit, check=_check_qwen_image_edit_run,
-                     lora_format=_qwen_image_lora_format, modules=PIPELINE_MODULES, image_inputs=MAX_INPUTS))
+                     lora_format=_qwen_image_lora_format, modules=PIPELINE_MODULES, pipeline_sigmas=True,
+                     image_inputs=MAX_INPUTS, input_tokens=_reference_tokens))

@@ -35,8 +35,8 @@ from mixgrpo.dtypes import parse_dtype
 from mixgrpo.errors import ConfigError
 from mixgrpo.models._diffusers import (PIPELINE_MODULES, CausalVaeDecoder, check_pipeline_dir, check_pipeline_run,
                                        check_size, load_components, module_device, tokenize)
-from mixgrpo.models.base import (MODELS, Cond, Frozen, ModelSpec, PromptSets, TextEncoder, TransformerAdapter,
-                                 cond_index)
+from mixgrpo.models.base import (MODELS, Cond, Frozen, Images, ModelSpec, PromptSets, TextEncoder,
+                                 TransformerAdapter, cond_index)
 
 EXAMPLE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 NUM_TRAIN_TIMESTEPS = 1000  # the transformer takes timestep = 1000 sigma
@@ -59,7 +59,8 @@ class WanTextEncoder(Frozen):
         self.max_sequence_length = max_sequence_length
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> Cond:
+    def encode(self, prompts: Sequence[str], images: Images | None = None) -> Cond:
+        """images: ignored (UMT5 sees no image; the image-to-video adapter encodes the first frame itself)."""
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # the pipeline's own cleaning
 
         prompts = [prompt_clean(p) for p in prompts]

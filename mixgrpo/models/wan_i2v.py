@@ -79,8 +79,8 @@ class WanI2VAdapter(WanAdapter):
     def encode_prompts(self, prompts: Sequence[str], images: Sequence[Sequence[torch.Tensor]] | None = None) -> Cond:
         """Text conditioning of `prompts`, plus "image_condition" and (Wan 2.1) "image_embeds" of each example's first
         frame (one [3, H, W] tensor in [0, 1] per prompt, at the model's height and width)."""
-        frames = input_images("wan_i2v", prompts, images, self.pixels)[:, 0]            # [B, 3, H, W]
-        cond = dict(self.text_encoder.encode(list(prompts)))
+        frames = input_images(self, prompts, images, self.pixels)[:, 0]                 # [B, 3, H, W]
+        cond = dict(self.text_encoder.encode(list(prompts), images))  # an embedding cache may be keyed by example
         device = next(self.encoder.parameters()).device
         frames = frames.to(device)
         if self.expand_timesteps:

@@ -89,7 +89,7 @@ class AestheticReward(LazyModelReward):
         return self.mlp(F.normalize(embedding, dim=-1))
 
 
-@REWARDS.register("aesthetic")
+@REWARDS.register("aesthetic", modules=("transformers",))
 def aesthetic(path: str, clip: str, device: str = "cpu", dtype: str = "float32",
               batch_size: int = 16) -> AestheticReward:
     """LAION aesthetic predictor v2: `path` = the MLP .pth, `clip` = a CLIP ViT-L/14 transformers directory.

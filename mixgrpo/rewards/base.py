@@ -23,7 +23,9 @@ model's conditioning frame) says so with a true `takes_inputs` attribute and is 
 `reward(images, prompts, inputs=...)`, inputs [B, 3, H, W] in [0, 1]: each sample's first input image at the result's
 size (`call_reward` does it; a video reward that scores frames gets the input beside every frame).
 
-Factories are registered by name in `REWARDS`; configs name them, with keyword arguments. A user reward is
+Factories are registered by name in `REWARDS` (`@REWARDS.register("name", modules=(...))`: modules names the Python
+packages beyond the core that the reward imports, which the pre-flight checks before a run loads anything); configs
+name them, with keyword arguments. A user reward is
 named "package.module:function": that function is the reward itself, called as
 `function(images, prompts, **args)`. `build_reward` resolves both kinds.
 """

@@ -247,7 +247,7 @@ class ClipSimilarityReward(LazyModelReward):
         return self._transform(clip_cosine(self.model, self.tokenizer, pixels, prompts), self.model)
 
 
-@REWARDS.register("clipscore")
+@REWARDS.register("clipscore", modules=("transformers",))
 def clipscore(path: str, tokenizer: str | None = None, mode: str = "cosine", device: str = "cpu",
               dtype: str = "float32", batch_size: int = 16) -> ClipSimilarityReward:
     """CLIP score of any transformers CLIP directory (e.g. openai/clip-vit-large-patch14).

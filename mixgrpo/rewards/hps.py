@@ -123,7 +123,7 @@ def load_hps_model(path: str, config: dict[str, Any] | None, device: torch.devic
     return model.to(device=device, dtype=dtype).eval()
 
 
-@REWARDS.register("hps")
+@REWARDS.register("hps", modules=("transformers",))
 def hps(path: str, tokenizer: str, config: dict[str, Any] | None = None, device: str = "cpu",
         dtype: str = "float32", batch_size: int = 16) -> ClipSimilarityReward:
     """HPS-v2.1: `path` = HPS_v2.1_compressed.pt, `tokenizer` = a CLIP tokenizer directory.

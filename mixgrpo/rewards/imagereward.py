@@ -149,7 +149,7 @@ class ImageRewardReward(LazyModelReward):
         return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
 
-@REWARDS.register("imagereward")
+@REWARDS.register("imagereward", modules=("transformers",))
 def imagereward(path: str, tokenizer: str, config: dict[str, Any] | None = None, device: str = "cpu",
                 dtype: str = "float32", batch_size: int = 16) -> ImageRewardReward:
     """ImageReward: `path` = ImageReward.pt, `tokenizer` = a bert-base-uncased tokenizer directory.

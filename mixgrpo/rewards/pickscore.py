@@ -14,7 +14,7 @@ from mixgrpo.rewards.base import REWARDS
 from mixgrpo.rewards.clip import ClipSimilarityReward, check_model_dir, load_clip_model, parse_dtype
 
 
-@REWARDS.register("pickscore")
+@REWARDS.register("pickscore", modules=("transformers",))
 def pickscore(path: str, tokenizer: str | None = None, device: str = "cpu", dtype: str = "float32",
               batch_size: int = 16) -> ClipSimilarityReward:
     """PickScore: `path` = the PickScore_v1 directory, `tokenizer` = a CLIP tokenizer directory (default: `path`).

@@ -165,7 +165,7 @@ class VlmJudge:
         urls = {IMAGE_MARK: image_url, INPUT_MARK: input_url}
         return [{"type": "image_url", "image_url": {"url": urls[piece]}} if piece in urls
                 else {"type": "text", "text": piece.replace("{prompt}", prompt)}
-                for piece in re.split(r"(\{image\}|\{input_image\})", self.template) if piece]
+                for piece in re.split(f"({re.escape(IMAGE_MARK)}|{re.escape(INPUT_MARK)})", self.template) if piece]
 
     def request(self, image_url: str, prompt: str, seed: int | None = None, input_url: str | None = None) -> str:
         """One chat completion: the answer's text. Raises _CallFailed."""

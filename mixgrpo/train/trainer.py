@@ -44,8 +44,8 @@ from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_pr
 from mixgrpo.evaluate import evaluate, save_sample_grid
 from mixgrpo.export import export_model, load_export, load_run, model_source
 from mixgrpo.images import first_inputs, load_inputs, media_name
-from mixgrpo.models import Cond, FlowModel, cond_index, cond_repeat_interleave, cond_to
-from mixgrpo.models.base import blank_inputs, build_model, encode_examples, guided_velocity
+from mixgrpo.models import Cond, FlowModel, cond_expand, cond_index, cond_repeat_interleave, cond_to
+from mixgrpo.models.base import blank_inputs, build_model, encode_examples, guided_velocity, uncond_rows
 from mixgrpo.models.text import take_truncations, truncation_lines
 from mixgrpo.objectives import OBJECTIVES, Objective, Policy, Samples, Teacher, micro_batches
 from mixgrpo.pipeline_grid import grid_of
@@ -272,12 +272,8 @@ class Trainer:
         prompts = [e.prompt for e in examples]
         images = self.inputs_of(examples)
         cond = cond_to(encode_examples(self.model, prompts, images), self.device)
-        if self.uncond_row is None:
-            uncond = None
-        elif images is not None:  # the empty prompt with each example's own images, as the stock pipelines do
-            uncond = cond_to(self.model.encode_prompts([""] * P, images), self.device)
-        else:
-            uncond = {k: v.expand(P, *v.shape[1:]) for k, v in self.uncond_row.items()}
+        uncond = None if self.uncond_row is None else cond_to(uncond_rows(self.model, P, images, self.uncond_row),
+                                                              self.device)
         return Groups(prompts, cond, uncond, first=rank * P, inputs=None if images is None else first_inputs(
             images, self.input_size))
 
@@ -511,7 +507,7 @@ def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], con
     g = torch.Generator().manual_seed(0)
     x = torch.randn((B, *model.latent_shape), generator=g).to(device)
     sigma = torch.full((B,), 0.5, device=device)
-    rows = lambda c: {k: v.expand(B, *v.shape[1:]).contiguous() for k, v in c.items()}  # noqa: E731
+    rows = lambda c: {k: v.contiguous() for k, v in cond_expand(c, B).items()}  # noqa: E731
     cond = rows(cond_to(encode_examples(model, [""], blank_inputs(model, 1)), device))  # "" is in every embedding cache
     uncond = None if uncond_row is None else rows(uncond_row)
     training = model.training

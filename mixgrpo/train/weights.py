@@ -15,6 +15,7 @@ from torch.func import functional_call
 
 from mixgrpo.config import ConfigError
 from mixgrpo.models import Cond, FlowModel
+from mixgrpo.models.base import copy_weights
 
 
 def trainable_parameters(model: FlowModel, model_name: str, lora_rank: int, lora_alpha: float,
@@ -28,7 +29,7 @@ def trainable_parameters(model: FlowModel, model_name: str, lora_rank: int, lora
         if not hasattr(model.denoiser, "add_adapter"):  # LoRA goes through diffusers' peft integration
             raise ConfigError(f"lora.rank = {lora_rank}: model {model_name!r} does not support LoRA "
                               f"adapters (its denoiser is not a diffusers model): use lora.rank=0")
-        apply_lora(model.denoiser, rank=lora_rank, alpha=lora_alpha or lora_rank, target_modules=list(lora_targets))
+        apply_lora(model.denoiser, rank=lora_rank, alpha=lora_alpha, target_modules=list(lora_targets))
     else:
         model.denoiser.requires_grad_(True)
     if grad_checkpointing and hasattr(model.denoiser, "enable_gradient_checkpointing"):
@@ -48,9 +49,11 @@ class EMA:
         self.shadow = {n: p.detach().float().clone() for n, p in params.items()}
 
     @torch.no_grad()
-    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
+    def update(self, params: dict[str, torch.nn.Parameter], decay: float | None = None) -> None:
+        """One step towards the live weights; decay: this step's, instead of the constant one (a warm-up)."""
+        decay = self.decay if decay is None else decay
         for n, p in params.items():
-            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+            self.shadow[n].lerp_(p.detach().float(), 1 - decay)
 
 
 def shadow_of(copy: EMA | None) -> dict[str, torch.Tensor] | None:
@@ -66,17 +69,11 @@ def swapped_weights(model: FlowModel, weights: dict[str, torch.Tensor] | None):
         yield
         return
     backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in weights}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in weights:
-                p.copy_(weights[n])
+    copy_weights(model, weights)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in backup:
-                    p.copy_(backup[n])
+        copy_weights(model, backup)
 
 
 def model_with(model: FlowModel,
