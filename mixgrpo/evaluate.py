@@ -20,7 +20,8 @@ import torch
 
 from mixgrpo.errors import UserError
 from mixgrpo.fileio import writing
-from mixgrpo.images import first_inputs
+from mixgrpo.errors import ConfigError
+from mixgrpo.images import first_inputs, load_inputs
 from mixgrpo.models.base import FlowModel, Images, cond_to, encode_examples, uncond_rows
 from mixgrpo.plan import Plan
 from mixgrpo.progress import bar
@@ -92,6 +93,21 @@ def generate(model: FlowModel, prompts: Sequence[str], plan: Plan, images_per_pr
             progress.update(len(chunk))
     images = torch.cat(out)
     return images.view(len(prompts), images_per_prompt, *images.shape[1:])
+
+
+def example_inputs(model: FlowModel, examples: Sequence) -> Images | None:
+    """The input images of `examples` (`mixgrpo.prompts.Example`) at the model's size (`load_inputs`), or None for
+    examples without; ConfigError when they do not fit the model (`image_inputs`): an image-conditioned model given
+    none, or a text-to-image model given some."""
+    wanted, given = getattr(model, "image_inputs", 0), any(e.images for e in examples)
+    if wanted and not given:
+        raise ConfigError(f"this model edits an input image ({wanted} per example at most) but the prompts have none: "
+                          f"give --image PATH with --prompt, or an example file with images (--prompts, "
+                          f"docs/prompts.md)")
+    if given and not wanted:
+        raise ConfigError("the prompts have input images but this model is text-to-image: drop --image (or use a "
+                          "prompt file without images), or sample an editing model (e.g. --model tiny_edit)")
+    return load_inputs(examples, model.image_size()) if given else None
 
 
 def score_images(rewards: RewardFns, images: torch.Tensor, prompts: Sequence[str],

@@ -91,15 +91,6 @@ def run_of(path: str | Path | None) -> Path | None:
     return None
 
 
-def model_source(path: str | Path) -> tuple[Path | None, Path]:
-    """(the run directory or None, the fine-tuned weights) a model path names: a run directory (its final/, else its
-    latest checkpoint: `final_or_latest`), a checkpoint of a run, an export inside a run (RUN/final), or an export
-    directory outside any run (run None)."""
-    path = Path(path).expanduser()
-    run = run_of(path)
-    return run, (final_or_latest(run) if run == path else path)
-
-
 def run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()):
     """The TrainConfig a run was trained with (its config.yaml, written by any mixgrpo version), with `key.sub=value`
     overrides (a moved run's files: model.args.path=/new/place)."""

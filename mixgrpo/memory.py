@@ -11,8 +11,8 @@ parameter counts, no memory, no weights read. The estimate then adds, per proces
   (LoRA), their gradients, AdamW's two moments, and the copies the config keeps (EMA and the forward-process
   objectives' sampling copy in float32, the KL reference in the weights' dtype); under FSDP the denoiser's share
   is divided by the world size (WORLD_SIZE of the launch, else 1: then it is the whole);
-- on-policy distillation's teachers (`distill.teachers`): each a whole model of the student's architecture (every
-  loaded component, in model.args.dtype), unsharded;
+- on-policy distillation's teachers (`distill.teachers`): each a model of the student's architecture without its
+  text encoders (a teacher reads the student's conditioning), in model.args.dtype, unsharded;
 - activations of one training forward at the micro-batch, after Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models", arXiv 2205.05198, sec. 4): 34 s b h bytes per layer in 16-bit with
   attention that stores no score matrix (SDPA / flash), s tokens, b sequences, h hidden; with gradient
@@ -103,9 +103,9 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
         if on:
             est.parts[f"{name} of the trained weights"] = est.trained * nbytes
     teachers = len(cfg.distill.teachers)
-    if teachers:  # each a whole frozen model of the student's architecture, in its run's dtype (taken as the student's)
-        est.parts[f"{teachers} teacher{'s' * (teachers > 1)} (whole models, frozen)"] = \
-            teachers * sum(params.values()) * weight_bytes
+    if teachers:  # frozen models of the student's architecture without text encoders, in the student's dtype
+        est.parts[f"{teachers} teacher{'s' * (teachers > 1)} (frozen, without text encoders)"] = \
+            teachers * sum(n for name, n in params.items() if not name.startswith("text_encoder")) * weight_bytes
     est.parts.update(_activations(cfg, root, denoiser.config, resolved))
     if fsdp:
         est.notes.append(f"fsdp over {world_size} process(es): the denoiser's weights and training state divided "

@@ -333,9 +333,9 @@ class OnPolicyDistillation(GRPO):
             loss = kl.mean()
             step_stats["kl_to_teachers"] = loss.detach()
             if self.reward_weight > 0:
-                policy, policy_stats = policy_loss(logp, old_log_prob[mb, k], s.advantages[mb], self.clip_range)
-                loss = loss + self.reward_weight * policy
-                step_stats.update(policy_stats)
+                grpo, grpo_stats = policy_loss(logp, old_log_prob[mb, k], s.advantages[mb], self.clip_range)
+                loss = loss + self.reward_weight * grpo
+                step_stats.update(grpo_stats)
                 if u == 0:
                     stats.note_ratio(logp, old_log_prob[mb, k])
             return self._with_base_kl(loss, step_stats, s, mb, k, mean, std, cond, uncond)

@@ -41,6 +41,12 @@ def files(tmp_path_factory) -> Path:
     (d / "bad.jsonl").write_text('{"prompt": "a red circle"}\n{prompt: oops}\n')
     (d / "bad.csv").write_text("text\na red circle\n")
     (d / "a_file").write_text("not a directory\n")
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(d / "input.png")  # an editing example's input image
+    Image.new("RGB", (64, 32), (255, 0, 0)).save(d / "wide.png")
+    (d / "mixed.jsonl").write_text('{"prompt": "make the red square blue", "images": ["input.png"]}\n'
+                                   '{"prompt": "a red circle"}\n')
     cfg = load_config(d / "base.yaml", [f"run.out_dir={d / 'run'}"])
     train(cfg, progress=False)
     shutil.copytree(d / "run", d / "corrupt")
@@ -160,6 +166,8 @@ CASES = [
     Case("user reward returns text", train_args("rewards=[{name: 'toy_rewards:strings'}]"),
          ["'toy_rewards:strings' returned list of str", "one float score per image"]),
     Case("LoRA on a model without adapters", train_args("lora.rank=4"), ["does not support LoRA", "use lora.rank=0"]),
+    Case("missing distillation teacher", train_args("objective=opd", "distill.teachers=[{path: '{d}/no_teacher'}]"),
+         ["distill.teachers[0].path", "does not exist", "a run directory"]),
     # prompt files
     Case("empty prompt file", train_args("rollout.prompts={d}/empty.txt"), ["holds no prompts", "add at least one"]),
     Case("non-UTF-8 prompt file", train_args("rollout.prompts={d}/latin1.txt"), ["is not UTF-8", "re-save it as UTF-8"]),
@@ -270,6 +278,21 @@ CASES = [
                                     "a={d}/run", "--out", "{out}"], ["label 'a' is given twice", "its own label"]),
     Case("bad --reward spec", ["eval", "--model", "gaussian", "--prompt", "a red circle", "--reward", "verifier:score",
                                "base=base", "--out", "{out}"], ["'score' is not of the form key=value", "verifier:score=strict"]),
+    # input images of editing models
+    Case("edit example file mixing prompts without images", train_args("rollout.prompts={d}/mixed.jsonl"),
+         ["mixes 1 prompts with input images and 1 without", "give every prompt its images"]),
+    Case("input image missing", ["sample", "--model", "tiny_edit", "--prompt", "make the red square blue", "--image",
+                                 "{d}/nope.png", "--out", "{out}"], ["--image", "nope.png' does not exist"]),
+    Case("input image not an image", ["sample", "--model", "tiny_edit", "--prompt", "make the red square blue",
+                                      "--image", "{d}/empty.txt", "--steps", "2", "--out", "{out}"],
+         ["is not an image Pillow can read", "PNG, JPEG or WebP"]),
+    Case("input image of another aspect ratio", ["sample", "--model", "tiny_edit", "--prompt",
+                                                 "make the red square blue", "--image", "{d}/wide.png", "--steps", "2",
+                                                 "--out", "{out}"], ["is 64x32 but the model takes 32x32", "crop or pad"]),
+    Case("editing model given no image", ["sample", "--model", "tiny_edit", "--prompt", "make the red square blue",
+                                          "--steps", "2", "--out", "{out}"], ["edits an input image", "--image PATH"]),
+    Case("text-to-image model given an image", sample_args("--image", "{d}/input.png"),
+         ["input images but this model is text-to-image", "drop --image"]),
 ]
 
 

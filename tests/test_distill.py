@@ -189,6 +189,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, reward_weight):
     assert [drop(m) for m in read_metrics(full)] == [drop(m) for m in read_metrics(resumed)]
 
 
+def test_a_resume_refuses_a_teacher_that_changed(tmp_path):
+    """Nothing of a teacher is checkpointed: the checkpoint records its files, and a resume with other weights at the
+    teacher's path stops, naming the field."""
+    from mixgrpo.checkpoint import CheckpointError
+
+    teacher = _teacher(tmp_path / "teacher", 0.3)
+    cfg = _cfg(tmp_path, [{"path": teacher}], iterations=2, eval_num_prompts=0)
+    train(cfg, progress=False, stop_after=1)
+    _teacher(tmp_path / "teacher", -0.3)
+    with pytest.raises(CheckpointError, match=r"distill.teachers\[0\].path"):
+        train(cfg, resume=True, progress=False)
+
+
 def test_objective_and_teachers_go_together():
     with pytest.raises(ConfigError, match="distill.teachers"):
         build_config(gaussian_run(objective="opd"))
@@ -237,5 +250,28 @@ def test_the_memory_estimate_counts_the_teachers(tmp_path):
     alone = estimate(build_config({"model": {"name": "sd3", "args": args}}))
     two = estimate(build_config({"model": {"name": "sd3", "args": args}, "objective": "opd",
                                  "distill": {"teachers": [{"path": "a"}, {"path": "b"}]}}))
-    assert two.parts["2 teachers (whole models, frozen)"] == 2 * alone.parts["weights"]
-    assert two.total == alone.total + 2 * alone.parts["weights"]
+    loaded = sum(n for name, n in alone.params.items() if not name.startswith("text_encoder"))  # transformer, VAE
+    assert loaded < sum(alone.params.values())
+    assert two.parts["2 teachers (frozen, without text encoders)"] == 2 * 4 * loaded  # float32
+    assert two.total == alone.total + 2 * 4 * loaded
+
+
+@pytest.mark.filterwarnings("ignore:prompt .* was truncated")
+def test_a_real_model_teacher_exported_outside_a_run_loads_without_text_encoders(tmp_path):
+    """SD3 (tiny pipeline) with CFG: a full fine-tune's export (a transformer directory) outside any run is put into
+    the student's base without loading its text encoders, and a teacher equal to the base is a KL of exactly 0."""
+    import tiny_pipelines
+    from mixgrpo.export import export_model
+    from mixgrpo.models.base import build_model
+
+    args = {"path": str(tiny_pipelines.save_tiny_sd3(tmp_path / "pipe")), "dtype": "float32", "height": 32,
+            "width": 32, "max_sequence_length": 24}
+    export_model(build_model("sd3", args), tmp_path / "teacher")
+    cfg = build_config({
+        "algorithm": "flow_grpo", "sampler": {"num_steps": 3}, "objective": "opd", "model": {"name": "sd3", "args": args},
+        "distill": {"teachers": [{"path": str(tmp_path / "teacher")}]}, "rewards": [{"name": "toy_rewards:brightness"}],
+        "train_prompts": _prompts(tmp_path / "p.txt", ["a red cube", "two blue spheres"]), "guidance_scale": 3.0,
+        "iterations": 1, "prompts_per_iteration": 1, "group_size": 2, "updates_per_iteration": 1,
+        "eval_num_prompts": 0, "out_dir": str(tmp_path / "run")})
+    (record,) = read_metrics(train(cfg, progress=False))
+    assert record["kl_to_teachers"] == 0 and record["grad_norm"] == 0

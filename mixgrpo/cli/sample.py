@@ -41,7 +41,8 @@ def add_parsers(sub) -> None:
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from mixgrpo.evaluate import generate
+    from mixgrpo.evaluate import example_inputs, generate
+    from mixgrpo.images import first_inputs
 
     check_sampling_args(args, {"--path": args.path, "--base-path": args.base_path})
     loader = model_loader(args, [args.path, args.base_path])
@@ -49,10 +50,12 @@ def run_sample(args: argparse.Namespace) -> None:
     model = loader.load(args.path, s.prompts, s.guidance)
     base = loader.load(args.base_path, s.prompts, s.guidance) if args.base_path else None  # hybrid: the last steps
     switch_at = round(args.p_mix * len(s.plan.steps)) if base is not None else None
+    inputs = example_inputs(model, s.examples)
     images = generate(model, s.prompts, s.plan, s.num_images, s.seed, s.guidance, batch_size=args.batch_size,
-                      switch_model=base, switch_at=switch_at)
+                      switch_model=base, switch_at=switch_at, inputs=inputs)
     out = Path(args.out)
-    grid = save_images(images, s.prompts, out, f".{args.video_format}")
+    grid = save_images(images, s.prompts, out, f".{args.video_format}",
+                       None if inputs is None else first_inputs(inputs, tuple(images.shape[-2:])))
     (out / "prompts.txt").write_text("\n".join(s.prompts) + "\n", encoding="utf-8")
     what = "videos" if images.dim() == 6 else "images"
     print(f"wrote {images.shape[0] * images.shape[1]} {what} and {grid} to {out}"
@@ -61,7 +64,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
 def run_eval(args: argparse.Namespace) -> None:
     from mixgrpo.cli.rewards import reward_spec
-    from mixgrpo.evaluate import evaluate, write_report
+    from mixgrpo.evaluate import evaluate, example_inputs, write_report
     from mixgrpo.rewards.scoring import build_rewards
 
     entries, hybrid = _check_eval_args(args)
@@ -77,7 +80,8 @@ def run_eval(args: argparse.Namespace) -> None:
         if label == "base" or path == "base":
             base = model
         results[label] = evaluate(model, s.prompts, rewards, s.plan, s.num_images, s.seed, s.guidance,
-                                  batch_size=args.batch_size, desc=f"{label}: sampling")
+                                  batch_size=args.batch_size, desc=f"{label}: sampling",
+                                  inputs=example_inputs(model, s.examples))
         print(f"{label}: " + ", ".join(f"{k} {v['mean']:.4f} ± {v['ci95']:.4f}"
                                         for k, v in results[label].summary().items()), flush=True)
     if hybrid is not None:  # base is among the entries (`_check_eval_args`)
@@ -86,13 +90,13 @@ def run_eval(args: argparse.Namespace) -> None:
         label = f"hybrid p_mix={args.p_mix}"
         results[label] = evaluate(tuned, s.prompts, rewards, s.plan, s.num_images, s.seed, s.guidance,
                                   switch_model=base, switch_at=switch_at, batch_size=args.batch_size,
-                                  desc="hybrid: sampling")
+                                  desc="hybrid: sampling", inputs=example_inputs(tuned, s.examples))
         print("hybrid: " + ", ".join(f"{k} {v['mean']:.4f}" for k, v in results[label].summary().items()), flush=True)
     report = write_report(results, out)
     if args.save_images:
         for i, (label, res) in enumerate(results.items()):
             save_images(res.images, res.prompts, out / "images" / f"{i:02d}_{_safe_name(label)}",
-                        f".{args.video_format}")
+                        f".{args.video_format}", res.inputs)
     print(report.read_text())
     print(f"per-image scores: {out / 'scores.jsonl'}"
           + (f"; images and captioned grids: {out / 'images'}" if args.save_images else ""))
@@ -127,10 +131,13 @@ def _model_entries(specs: list[str]) -> list[tuple[str, str]]:
     return list(entries.items())
 
 
-def save_images(images, prompts: list[str], out: Path, video: str = ".gif") -> str:
+def save_images(images, prompts: list[str], out: Path, video: str = ".gif", inputs=None) -> str:
     """images [N, n, 3, H, W] (or videos [N, n, F, 3, H, W]): OUT/NNNN_JJ.png (or `video`: .gif, .mp4) per sample and
-    a grid captioned with the prompts; returns the grid's file name."""
-    from mixgrpo.images import media_name, save_grid, save_media
+    a grid captioned with the prompts; returns the grid's file name. inputs [N, 3, H, W] (an editing model's): each
+    prompt's row of the grid starts with its input image, captioned "input"."""
+    import torch
+
+    from mixgrpo.images import is_video, media_name, save_grid, save_media
 
     out.mkdir(parents=True, exist_ok=True)
     for i in range(images.shape[0]):
@@ -138,8 +145,13 @@ def save_images(images, prompts: list[str], out: Path, video: str = ".gif") -> s
             save_media(images[i, j], out / media_name(f"{i:04d}_{j:02d}", images[i, j], batched=False, video=video))
     n = images.shape[1]
     grid = media_name("grid", images.flatten(0, 1), video=video)
-    save_grid(images.flatten(0, 1), out / grid, nrow=n if n > 1 else 8, scale=max(1, 128 // images.shape[-1]),
-              captions=[p for p in prompts for _ in range(n)])
+    cells, captions = images, [[p] * n for p in prompts]
+    if inputs is not None and not is_video(images.flatten(0, 1)):
+        cells = torch.cat([inputs[:, None].to(images.dtype), images], dim=1)  # [N, 1 + n, 3, H, W]
+        captions = [["input", *c] for c in captions]
+    per_row = cells.shape[1]
+    save_grid(cells.flatten(0, 1), out / grid, nrow=per_row if n > 1 else 8,
+              scale=max(1, 128 // images.shape[-1]), captions=[c for row in captions for c in row])
     return grid
 
 

@@ -20,6 +20,7 @@ from mixgrpo.errors import UsageError
 
 if TYPE_CHECKING:
     from mixgrpo.config import RewardConfig
+    from mixgrpo.prompts import Example
     from mixgrpo.loading import ModelLoader
     from mixgrpo.plan import Plan
 
@@ -28,6 +29,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny", help="registered base-model name for model directories and 'base' "
                                                    "(default: tiny; a run directory knows its own model)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--image", action="append", help="an input image of every --prompt, for an editing or "
+                                                    "image-to-video model (repeatable: several inputs of one example); "
+                                                    "an example file (--prompts) names its own")
     p.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv) or world:train / world:heldout (default: a run's "
                                      "held-out prompts, the first eval.num_prompts of its eval.prompts)")
     p.add_argument("--num-images", type=int, help="images per prompt (default: the run's eval.images_per_prompt, "
@@ -82,6 +86,12 @@ def check_sampling_args(args: argparse.Namespace, paths: dict[str, str | None]) 
          "a fraction in [0, 1] (the share of the steps the fine-tuned model runs)")])
     for problem in device_problems("--device", args.device):
         raise UsageError(problem)
+    for image in args.image or []:
+        if not Path(image).expanduser().is_file():
+            raise UsageError(f"--image {image!r} does not exist: give the path of an input image (PNG, JPEG, WebP)")
+    if args.image and not args.prompt:
+        raise UsageError("--image is the input of the --prompt examples: give --prompt TEXT with it (an example file "
+                         "given by --prompts names its own images)")
     from mixgrpo.images import mp4_problem
 
     if args.video_format == "mp4" and mp4_problem():  # no sampled video lost to a missing writer
@@ -135,9 +145,11 @@ def _parse_resolution(text: str | None) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class Settings:
-    """What a sample / eval command samples: the command's options, else its run's (module docstring)."""
+    """What a sample / eval command samples: the command's options, else its run's (module docstring). examples:
+    the prompts with their input images (an editing or image-to-video model; `example_inputs` loads them)."""
 
     prompts: list[str]
+    examples: list[Example]
     num_images: int
     seed: int
     guidance: float
@@ -159,7 +171,7 @@ def settings(args: argparse.Namespace, loader: ModelLoader) -> Settings:
     if grid is not None:
         print(f"sampling: {grid.describe()} (--steps N: the same schedule at N steps; --shift S: the static "
               f"shift-S grid instead)", flush=True)
-    prompts = _prompts(args, cfg, taken)
+    examples = _examples(args, cfg, taken)
     rewards = None
     if cfg is not None and getattr(args, "reward", "given") is None:
         rewards = cfg.rewards
@@ -168,7 +180,8 @@ def settings(args: argparse.Namespace, loader: ModelLoader) -> Settings:
         print(f"settings of run {loader.run}: {'; '.join(taken)} (override with --prompt/--prompts, --num-images, "
               f"--seed, --steps, --shift, --guidance{', --reward' if hasattr(args, 'reward') else ''})", flush=True)
     plan = grid.plan() if grid is not None else _static_plan(args, value["steps"], value["shift"], value["seed"])
-    return Settings(prompts, value["num_images"], value["seed"], value["guidance"], plan, rewards)
+    return Settings([e.prompt for e in examples], examples, value["num_images"], value["seed"], value["guidance"], plan,
+                    rewards)
 
 
 def _pipeline_grid(args: argparse.Namespace, loader: ModelLoader):
@@ -184,19 +197,23 @@ def _pipeline_grid(args: argparse.Namespace, loader: ModelLoader):
     return grid_of(args.model, {"path": path} if path else {}, loader.resolution, args.steps)
 
 
-def _prompts(args: argparse.Namespace, cfg, taken: list[str]) -> list[str]:
-    """--prompt / --prompts, else the run's held-out prompts (as its evaluation reads them)."""
-    from mixgrpo.prompts import read_prompts
+def _examples(args: argparse.Namespace, cfg, taken: list[str]) -> list[Example]:
+    """--prompt (with --image) / --prompts, else the run's held-out examples (as its evaluation reads them)."""
+    from mixgrpo.prompts import Example, read_examples
 
     if args.prompt or args.prompts or cfg is None:
-        prompts = list(args.prompt or [])
+        images = tuple(str(Path(i).expanduser().resolve()) for i in args.image or [])
+        examples = [Example(p, images) for p in args.prompt or []]
         if args.prompts:
-            prompts += read_prompts(args.prompts)
-        if not prompts:
+            examples += read_examples(args.prompts)
+        if not examples:
             raise UsageError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
-        return prompts
+        if len({bool(e.images) for e in examples}) > 1:
+            raise UsageError("some prompts have input images and some none (--prompt without --image beside an "
+                             "example file, or the reverse): give every prompt its images, or none")
+        return examples
     try:
-        prompts = read_prompts(cfg.eval.prompts)[: cfg.eval.num_prompts or None]
+        prompts = read_examples(cfg.eval.prompts)[: cfg.eval.num_prompts or None]
     except ValueError as e:
         raise UsageError(f"the run's eval.prompts: {e}; or give --prompts FILE / --prompt TEXT (a run that moved: "
                          f"--set eval.prompts=PATH)") from None

@@ -42,8 +42,9 @@ from mixgrpo.checkpoint import latest_checkpoint, read_state
 from mixgrpo.config import TrainConfig, build_config, to_dict
 from mixgrpo.dtypes import CpuAttentionBackward, deterministic_kernels, model_precision, resolve_precision
 from mixgrpo.evaluate import evaluate, save_sample_grid
-from mixgrpo.export import export_model, load_export, load_run, model_source
+from mixgrpo.export import export_model, load_export, run_of
 from mixgrpo.images import first_inputs, load_inputs, media_name
+from mixgrpo.loading import ModelLoader, NoTextEncoder
 from mixgrpo.models import Cond, FlowModel, cond_expand, cond_index, cond_repeat_interleave, cond_to
 from mixgrpo.models.base import blank_inputs, build_model, encode_examples, guided_velocity, uncond_rows
 from mixgrpo.models.text import take_truncations, truncation_lines
@@ -476,17 +477,19 @@ class Trainer:
 
 def load_teachers(cfg: TrainConfig, device: torch.device) -> list[Teacher]:
     """On-policy distillation's teachers (`distill.teachers`; none for the other objectives), as the objective takes
-    them: each a frozen model of the student's architecture in eval mode (`mixgrpo.export.model_source`: a run's
-    final/ or latest checkpoint, a checkpoint, or an export put into the student's base model), the training prompts
-    it teaches (None: every one) and its weight. Nothing of a teacher is checkpointed: a resume loads it again, and
-    the checkpoint's record of its files (`mixgrpo.runfiles`) refuses a teacher that changed."""
+    them: each a frozen model of the student's architecture in eval mode, the training prompts it teaches (None:
+    every one) and its weight. A path in a run (the run: its final/ or newest checkpoint; a checkpoint; RUN/final)
+    loads as `mixgrpo sample` loads it (`mixgrpo.loading.ModelLoader`), an export outside any run is put into the
+    student's base model. A teacher reads the student's conditioning rows, so its text encoders are not loaded
+    (where the model's factory takes a text encoder). Nothing of a teacher is checkpointed: a resume loads it again,
+    and the checkpoint's record of its files (`mixgrpo.runfiles`) refuses a teacher that changed."""
     teachers = []
     for spec in cfg.distill.teachers:
-        run, weights = model_source(spec.path)
-        if run is not None:
-            model = load_run(run, weights, device=str(device))
+        if run_of(spec.path) is not None:
+            model = ModelLoader([spec.path], cfg.model.name, device=str(device), text_encoders=False).load(spec.path)
         else:
-            model = load_export(build_model(cfg.model.name, cfg.model.args).to(device), weights)
+            model = load_export(build_model(cfg.model.name, cfg.model.args, str(device), text_encoder=NoTextEncoder()),
+                                spec.path)
         teachers.append(Teacher(model.eval().requires_grad_(False),
                                 frozenset(read_prompts(spec.prompts)) if spec.prompts else None, spec.weight))
     return teachers
