@@ -273,7 +273,7 @@ def _teacher_problems(cfg: TrainConfig, train_prompts: list[str] | None) -> list
                             f"or an exported model directory (RUN/final)")
         elif run is not None:
             theirs, ours = _model_identity(load_config(run / CONFIG).model), _model_identity(cfg.model)
-            if theirs != ours:
+            if not _same_model(theirs, ours):
                 problems.append(f"{where}.path: run {run} trains {_describe(*theirs)} and the student is "
                                 f"{_describe(*ours)}: a teacher must be the student's own model, since it reads the "
                                 f"student's states and conditioning")
@@ -305,6 +305,20 @@ def _teacher_problems(cfg: TrainConfig, train_prompts: list[str] | None) -> list
 def _model_identity(model) -> tuple[str, dict]:
     """(name, args without MACHINE_ARGS) of a ModelConfig: what a teacher must share with the student."""
     return model.name, {k: v for k, v in model.args.items() if k not in MACHINE_ARGS}
+
+
+def _same_model(a: tuple[str, dict], b: tuple[str, dict]) -> bool:
+    """Whether two `_model_identity`s name one model: the same name and arguments, where a file argument (the base's
+    pipeline directory) may name the same files at another place (`mixgrpo.runfiles.identity`)."""
+    from mixgrpo.runfiles import PATH_ARGS, identity
+
+    (name_a, args_a), (name_b, args_b) = a, b
+    if name_a != name_b or args_a.keys() != args_b.keys():
+        return False
+    return all(args_a[k] == args_b[k] or (k in PATH_ARGS and isinstance(args_a[k], str) and isinstance(args_b[k], str)
+                                          and identity(k, args_a[k]).get("sha256") is not None
+                                          and identity(k, args_a[k]).get("sha256") == identity(k, args_b[k]).get("sha256"))
+               for k in args_a)
 
 
 def _describe(name: str, args: dict) -> str:

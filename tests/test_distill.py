@@ -241,6 +241,27 @@ def test_preflight_names_each_teacher_problem_in_one_line(tmp_path):
                             "reward_weight": 0.5}))
 
 
+def test_a_teacher_trained_from_a_copy_of_the_base_elsewhere_is_the_students_model(tmp_path):
+    """The teacher's run names its base at another place (a copy, or the base moved): the same files, one model."""
+    import shutil
+
+    base = GaussianFlow(size=SIZE, init_mean=0.1)
+    base.save_pretrained(tmp_path / "base")
+    shutil.copytree(tmp_path / "base", tmp_path / "base_copy")
+    run = tmp_path / "teacher_run"
+    (run / "final").mkdir(parents=True)
+    save_config(build_config(gaussian_run(model={"name": "gaussian", "args": {"size": SIZE,
+                                                                               "path": str(tmp_path / "base_copy")}})),
+                run / "config.yaml")
+    base.save_pretrained(run / "final")
+    cfg = _cfg(tmp_path, [{"path": str(run)}], model={"name": "gaussian", "args": {"size": SIZE,
+                                                                                    "path": str(tmp_path / "base")}})
+    check_run(cfg)
+    GaussianFlow(size=SIZE, init_mean=0.2).save_pretrained(tmp_path / "base_copy")  # now other weights
+    with pytest.raises(PreflightError, match="a teacher must be the student's own model"):
+        check_run(cfg)
+
+
 def test_the_memory_estimate_counts_the_teachers(tmp_path):
     import tiny_pipelines
     from mixgrpo.memory import estimate
