@@ -272,7 +272,7 @@ def _teacher_problems(cfg: TrainConfig, train_prompts: list[str] | None) -> list
             problems.append(f"{where}.path: {spec.path} does not exist: give a run directory, a checkpoint of a run "
                             f"or an exported model directory (RUN/final)")
         elif run is not None:
-            theirs, ours = _model_identity(load_config(run / CONFIG).model), _model_identity(cfg.model)
+            theirs, ours = _model_identity(load_config(run / CONFIG, saved=True).model), _model_identity(cfg.model)
             if not _same_model(theirs, ours):
                 problems.append(f"{where}.path: run {run} trains {_describe(*theirs)} and the student is "
                                 f"{_describe(*ours)}: a teacher must be the student's own model, since it reads the "

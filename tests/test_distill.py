@@ -195,7 +195,7 @@ def test_a_resume_refuses_a_teacher_that_changed(tmp_path):
     from mixgrpo.checkpoint import CheckpointError
 
     teacher = _teacher(tmp_path / "teacher", 0.3)
-    cfg = _cfg(tmp_path, [{"path": teacher}], iterations=2, eval_num_prompts=0)
+    cfg = _cfg(tmp_path, [{"path": teacher}], run={"iterations": 2}, eval={"num_prompts": 0})
     train(cfg, progress=False, stop_after=1)
     _teacher(tmp_path / "teacher", -0.3)
     with pytest.raises(CheckpointError, match=r"distill.teachers\[0\].path"):
@@ -291,8 +291,8 @@ def test_a_real_model_teacher_exported_outside_a_run_loads_without_text_encoders
     cfg = build_config({
         "algorithm": "flow_grpo", "sampler": {"num_steps": 3}, "objective": "opd", "model": {"name": "sd3", "args": args},
         "distill": {"teachers": [{"path": str(tmp_path / "teacher")}]}, "rewards": [{"name": "toy_rewards:brightness"}],
-        "train_prompts": _prompts(tmp_path / "p.txt", ["a red cube", "two blue spheres"]), "guidance_scale": 3.0,
-        "iterations": 1, "prompts_per_iteration": 1, "group_size": 2, "updates_per_iteration": 1,
-        "eval_num_prompts": 0, "out_dir": str(tmp_path / "run")})
+        "rollout": {"prompts": _prompts(tmp_path / "p.txt", ["a red cube", "two blue spheres"]), "guidance_scale": 3.0,
+                    "prompts_per_iteration": 1, "group_size": 2},
+        "update": {"steps_per_epoch": 1}, "eval": {"num_prompts": 0}, "run": {"iterations": 1, "out_dir": str(tmp_path / "run")}})
     (record,) = read_metrics(train(cfg, progress=False))
     assert record["kl_to_teachers"] == 0 and record["grad_norm"] == 0
