@@ -45,7 +45,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def table(root: Path) -> dict:
     out = {}
     for recipe in RECIPES:
-        runs = sorted(root.glob(f"{recipe}_s*"))
+        runs = sorted(p for p in root.glob(f"{recipe}_s*") if p.is_dir())
         if not runs:
             continue
         per_seed = {}
