@@ -1,7 +1,7 @@
 """Ablations of MixGRPO's knobs at small scale: every variant is the main job's recipe plus a few overrides.
 
     python benchmarks/ablations.py --out runs/ablations --iterations 24 --seeds 0 \
-        --override 'rewards=[{name: jpeg_compressibility}]' lr=1.0e-4 [--variants progressive frozen ...]
+        --override 'rewards=[{name: jpeg_compressibility}]' optim.lr=1.0e-4 [--variants progressive frozen ...]
 
 Each (variant, seed) trains in turn in this process with `configs/mixgrpo.yaml` (or --config), the common
 --override list and the variant's own overrides (VARIANTS below); a finished run is reused and an
@@ -42,7 +42,7 @@ VARIANTS: dict[str, list[str]] = {
     "w8": ["sampler.window.size=8"],
     "tau2": ["sampler.window.tau=2"],
     "tau8": ["sampler.window.tau=8"],
-    "independent_noise": ["shared_noise=false"],
+    "independent_noise": ["rollout.shared_noise=false"],
     "flash_0.2": ["sampler.flash.enabled=true", "sampler.flash.ratio=0.2"],
     "flash_0.4": ["sampler.flash.enabled=true", "sampler.flash.ratio=0.4"],
     "flash_0.6": ["sampler.flash.enabled=true", "sampler.flash.ratio=0.6"],
@@ -50,8 +50,8 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def train_variant(name: str, seed: int, args: argparse.Namespace) -> Path:
-    overrides = [*args.override, *VARIANTS[name], f"seed={seed}", f"iterations={args.iterations}",
-                 "eval_num_prompts=0"]
+    overrides = [*args.override, *VARIANTS[name], f"run.seed={seed}", f"run.iterations={args.iterations}",
+                 "eval.num_prompts=0"]
     return train_or_reuse(args.config, overrides, args.out / f"{name}_s{seed}",
                           f"{name} seed {seed}: {' '.join(VARIANTS[name]) or '(the recipe)'}", args.quiet)
 
@@ -63,7 +63,7 @@ def evaluate_runs(runs: dict[str, list[Path]], args: argparse.Namespace) -> dict
     from mixgrpo.prompts import read_prompts
 
     cfg = load_config(args.config, args.override)
-    prompts, rewards = read_prompts(cfg.eval_prompts), recipe_rewards(cfg)
+    prompts, rewards = read_prompts(cfg.eval.prompts), recipe_rewards(cfg)
     base = load_tiny(cfg.model.args.get("path")).eval()
 
     def score(model, cache: Path, **switch) -> dict[str, float]:

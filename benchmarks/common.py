@@ -16,7 +16,7 @@ def train_or_reuse(config: Path, overrides: list[str], run_dir: Path, title: str
     from mixgrpo.config import load_config
     from mixgrpo.train import train
 
-    cfg = load_config(config, [*overrides, f"out_dir={run_dir}"])  # bad overrides fail even for a finished run
+    cfg = load_config(config, [*overrides, f"run.out_dir={run_dir}"])  # bad overrides fail even for a finished run
     if (run_dir / "final").is_dir():
         print(f"{run_dir}: done already, reusing it", flush=True)
         return run_dir
@@ -72,8 +72,8 @@ def theory_seconds(plan, costs: dict[str, float], cfg) -> float:
     """Model seconds of one iteration predicted from the per-call costs: shared-noise prefix calls at batch P,
     the other rollout calls at batch P*G, and K trained steps per micro-batch in the update."""
     first_sde = next((i for i, s in enumerate(plan.steps) if s.kind == "sde"), len(plan.steps))
-    prefix = first_sde if cfg.shared_noise else 0
-    batch = cfg.prompts_per_iteration * cfg.group_size
-    micro_batches = -(-batch // cfg.micro_batch_size)
+    prefix = first_sde if cfg.rollout.shared_noise else 0
+    batch = cfg.rollout.prompts_per_iteration * cfg.rollout.group_size
+    micro_batches = -(-batch // cfg.update.micro_batch_size)
     return (prefix * costs["forward_prefix"] + (plan.nfe - prefix) * costs["forward_batch"]
             + plan.num_trained * micro_batches * costs["forward_backward"])

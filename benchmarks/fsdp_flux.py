@@ -160,20 +160,8 @@ def main() -> None:
     out_dirs = [str(out_dir)]
     if dist.is_distributed():
         torch.distributed.broadcast_object_list(out_dirs, src=0)
-    cfg = build_config({
-        "algorithm": "mixgrpo",
-        "sampler": {"num_steps": args.steps, "window": {"size": args.window}},
-        "model": {"name": model_name, "args": model_args},
-        "rewards": [{"name": "fsdp_flux:brightness"}],
-        "iterations": args.iterations, "prompts_per_iteration": args.prompts, "group_size": args.group,
-        "updates_per_iteration": 1, "micro_batch_size": args.micro_batch,
-        "lora": {"rank": args.lora, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
-        "grad_checkpointing": args.grad_checkpointing,
-        "parallel": {"strategy": "fsdp", "param_dtype": args.param_dtype,
-                     "reshard_after_forward": not args.no_reshard},
-        "out_dir": out_dirs[0], "checkpoint_every": 10**6, "eval_num_prompts": 0,
-        "profile": True,
-    })
+    cfg = build_config({"algorithm": "mixgrpo", "sampler": {"num_steps": args.steps, "window": {"size": args.window}}, "model": {"name": model_name, "args": model_args}, "rewards": [{"name": "fsdp_flux:brightness"}], "run": {"iterations": args.iterations, "out_dir": out_dirs[0], "checkpoint_every": 10**6, "profile": True}, "rollout": {"prompts_per_iteration": args.prompts, "group_size": args.group}, "update": {"steps_per_epoch": 1, "micro_batch_size": args.micro_batch, "grad_checkpointing": args.grad_checkpointing}, "lora": {"rank": args.lora, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}, "parallel": {"strategy": "fsdp", "param_dtype": args.param_dtype,
+                     "reshard_after_forward": not args.no_reshard}, "eval": {"num_prompts": 0}})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train(cfg, progress=dist.is_main())

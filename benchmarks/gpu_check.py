@@ -123,7 +123,7 @@ def _train(cfg, device: torch.device, warmup: bool = True, export: bool = False)
         torch.cuda.reset_peak_memory_stats()
     with contextlib.nullcontext() if export else _no_saving():
         train(cfg, progress=False)
-    metrics = read_metrics(cfg.out_dir)
+    metrics = read_metrics(cfg.run.out_dir)
     measured = metrics[1:] if warmup and len(metrics) > 1 else metrics
     med = lambda k: statistics.median(m[k] for m in measured)  # noqa: E731
     first = metrics[0]
@@ -146,12 +146,12 @@ def main_job(args, device: torch.device, work: Path) -> dict:
 
     out = {}
     for precision in ("auto", "fp32"):
-        overrides = [f"iterations={args.iterations}", "eval_num_prompts=0", "profile=true", f"precision={precision}",
+        overrides = [f"run.iterations={args.iterations}", "eval.num_prompts=0", "run.profile=true", f"run.precision={precision}",
                      "model.name=gpu_check:tiny_cached", f"model.args={{cache: {args.cache}}}",
-                     f"out_dir={work / f'main_{precision}'}", "checkpoint_every=1000000", "tensorboard=false"]
+                     f"run.out_dir={work / f'main_{precision}'}", "run.checkpoint_every=1000000", "run.tensorboard=false"]
         if args.smoke:
-            overrides += ["prompts_per_iteration=2", "group_size=4", "sampler.num_steps=6",
-                          "sampler.window.size=2", "micro_batch_size=4"]
+            overrides += ["rollout.prompts_per_iteration=2", "rollout.group_size=4", "sampler.num_steps=6",
+                          "sampler.window.size=2", "update.micro_batch_size=4"]
         out[precision] = _train(load_config(ROOT / "configs" / "mixgrpo.yaml", overrides), device)
     return out
 
@@ -163,15 +163,7 @@ def _flux_cfg(algorithm: str, args, out_dir: Path, parallel: dict | None = None)
     sampler = {"num_steps": args.steps}
     if ALGORITHMS[algorithm].uses_window:
         sampler["window"] = {"strategy": "frozen", "start": 0, "size": args.window}
-    return build_config({
-        "algorithm": algorithm, "sampler": sampler,
-        "model": {"name": "gpu_check:flux_cached", "args": {"preset": args.preset}},
-        "rewards": [{"name": "fsdp_flux:brightness"}],
-        "iterations": args.iterations, "prompts_per_iteration": args.prompts, "group_size": args.group,
-        "updates_per_iteration": 1, "micro_batch_size": args.micro_batch, "precision": "auto",
-        "parallel": parallel or {}, "out_dir": str(out_dir), "checkpoint_every": 10**6, "eval_num_prompts": 0,
-        "profile": True, "tensorboard": False,
-    })
+    return build_config({"algorithm": algorithm, "sampler": sampler, "model": {"name": "gpu_check:flux_cached", "args": {"preset": args.preset}}, "rewards": [{"name": "fsdp_flux:brightness"}], "run": {"iterations": args.iterations, "precision": "auto", "out_dir": str(out_dir), "checkpoint_every": 10**6, "profile": True, "tensorboard": False}, "rollout": {"prompts_per_iteration": args.prompts, "group_size": args.group}, "update": {"steps_per_epoch": 1, "micro_batch_size": args.micro_batch}, "parallel": parallel or {}, "eval": {"num_prompts": 0}})
 
 
 def call_costs(cfg, device: torch.device, repeats: int = 5) -> dict[str, float]:
@@ -181,8 +173,8 @@ def call_costs(cfg, device: torch.device, repeats: int = 5) -> dict[str, float]:
 
     model = flux_cached(cfg.model.args["preset"]).to(device)
     model.requires_grad_(True)
-    precision = resolve_precision(cfg.precision, device)[0]
-    B, mb = cfg.prompts_per_iteration * cfg.group_size, cfg.micro_batch_size
+    precision = resolve_precision(cfg.run.precision, device)[0]
+    B, mb = cfg.rollout.prompts_per_iteration * cfg.rollout.group_size, cfg.update.micro_batch_size
     cond = cond_to(model.encode_prompts(["a photo of a cat"] * B), device)
 
     def timed(n: int, grad: bool) -> float:
@@ -202,7 +194,7 @@ def call_costs(cfg, device: torch.device, repeats: int = 5) -> dict[str, float]:
             times.append(time.perf_counter() - t)
         return statistics.median(times[1:])
 
-    costs = {"forward_batch": timed(B, False), "forward_prefix": timed(cfg.prompts_per_iteration, False),
+    costs = {"forward_batch": timed(B, False), "forward_prefix": timed(cfg.rollout.prompts_per_iteration, False),
              "forward_backward": timed(mb, True)}
     model = None  # frees the weights (timed's closure holds the name) before the cache is emptied
     if device.type == "cuda":
@@ -229,10 +221,10 @@ def flux(args, device: torch.device, work: Path, peak_tflops: float | None, resu
             section["skipped"] = section.get("skipped", []) + [a]
             continue
         run = _train(cfg, device)
-        transitions = cfg.prompts_per_iteration * cfg.group_size * run["nfe_trained"]
+        transitions = cfg.rollout.prompts_per_iteration * cfg.rollout.group_size * run["nfe_trained"]
         run["update_tflops"] = flops * 3 * transitions / run["update_s"] / 1e12
         run["update_share_of_bf16_peak"] = run["update_tflops"] / peak_tflops if peak_tflops else None
-        run["theory_seconds"] = theory_seconds(build_plan(cfg.sampler, 1, cfg.seed), costs, cfg)
+        run["theory_seconds"] = theory_seconds(build_plan(cfg.sampler, 1, cfg.run.seed), costs, cfg)
         section["runs"][a] = run
         save()
     base = section["runs"].get("dance_grpo")
@@ -355,15 +347,7 @@ def adapter_runs(args, device: torch.device, work: Path, result: dict, save) -> 
                 if args.smoke and not ((label == "mixgrpo" and lora == 0) or (name == "flux" and lora)):
                     continue
                 key = f"{label}_{'lora' if lora else 'full'}"
-                cfg = build_config({
-                    "algorithm": algorithm, "objective": objective, "shared_noise": objective == "grpo",
-                    "sampler": {"num_steps": 6, **({"window": {"size": 2}} if algorithm == "mixgrpo" else {})},
-                    "model": {"name": name, "args": {"path": str(directory), "dtype": "float32", **model_args}},
-                    "rewards": [{"name": "fsdp_flux:brightness"}], "train_prompts": str(prompts),
-                    "guidance_scale": scale, "iterations": 1, "prompts_per_iteration": 2, "group_size": 2,
-                    "updates_per_iteration": 1, "micro_batch_size": 4, "lr": 1e-3, "eval_num_prompts": 0,
-                    "precision": "auto", "lora": {"rank": lora}, "out_dir": str(work / f"adapter_{name}_{key}"),
-                    "checkpoint_every": 10**6, "tensorboard": False})
+                cfg = build_config({"algorithm": algorithm, "objective": objective, "rollout": {"shared_noise": objective == "grpo", "prompts": str(prompts), "guidance_scale": scale, "prompts_per_iteration": 2, "group_size": 2}, "sampler": {"num_steps": 6, **({"window": {"size": 2}} if algorithm == "mixgrpo" else {})}, "model": {"name": name, "args": {"path": str(directory), "dtype": "float32", **model_args}}, "rewards": [{"name": "fsdp_flux:brightness"}], "run": {"iterations": 1, "precision": "auto", "out_dir": str(work / f"adapter_{name}_{key}"), "checkpoint_every": 10**6, "tensorboard": False}, "update": {"steps_per_epoch": 1, "micro_batch_size": 4}, "optim": {"lr": 1e-3}, "eval": {"num_prompts": 0}, "lora": {"rank": lora}})
                 try:
                     run = _train(cfg, device, warmup=False)
                     section.setdefault(name, {})[key] = {
@@ -395,18 +379,11 @@ def determinism(args, device: torch.device, work: Path) -> dict:
     for deterministic in (True, False):
         weights, seconds = [], []
         for i in range(2):
-            cfg = build_config({
-                "algorithm": "mixgrpo", "sampler": {"num_steps": 6, "window": {"size": 2}},
-                "model": {"name": "flux", "args": {"path": str(directory), "dtype": "float32",
-                                                   **ADAPTERS["flux"][1]}},
-                "rewards": [{"name": "fsdp_flux:brightness"}], "train_prompts": str(prompts), "iterations": 3,
-                "prompts_per_iteration": 2, "group_size": 4, "updates_per_iteration": 2, "micro_batch_size": 4,
-                "lr": 1e-3, "eval_num_prompts": 0, "precision": "fp32" if args.smoke else "bf16",
-                "deterministic": deterministic, "out_dir": str(work / f"determinism_{deterministic}_{i}"),
-                "checkpoint_every": 10**6, "tensorboard": False})
+            cfg = build_config({"algorithm": "mixgrpo", "sampler": {"num_steps": 6, "window": {"size": 2}}, "model": {"name": "flux", "args": {"path": str(directory), "dtype": "float32",
+                                                   **ADAPTERS["flux"][1]}}, "rewards": [{"name": "fsdp_flux:brightness"}], "rollout": {"prompts": str(prompts), "prompts_per_iteration": 2, "group_size": 4}, "run": {"iterations": 3, "precision": "fp32" if args.smoke else "bf16", "deterministic": deterministic, "out_dir": str(work / f"determinism_{deterministic}_{i}"), "checkpoint_every": 10**6, "tensorboard": False}, "update": {"steps_per_epoch": 2, "micro_batch_size": 4}, "optim": {"lr": 1e-3}, "eval": {"num_prompts": 0}})
             run = _train(cfg, device, export=True)
             seconds.append(run["seconds_per_iteration"])
-            weights.append({f"{f.name}/{k}": v for f in sorted((Path(cfg.out_dir) / "final").rglob("*.safetensors"))
+            weights.append({f"{f.name}/{k}": v for f in sorted((Path(cfg.run.out_dir) / "final").rglob("*.safetensors"))
                             for k, v in load_file(str(f)).items()})
         a, b = weights
         out["deterministic" if deterministic else "default"] = {

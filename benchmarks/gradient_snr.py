@@ -57,21 +57,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     # One optimizer step over the whole batch, no clipping of the gradient we want to measure.
-    cfg = load_config(args.config, [*args.overrides, "grad_clip=0", "updates_per_iteration=1"])
+    cfg = load_config(args.config, [*args.overrides, "optim.grad_clip=0", "update.steps_per_epoch=1"])
     device = torch.device("cpu")
     model = build_model(cfg.model.name, cfg.model.args).to(device)
     params = trainable_parameters(model, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
-                                  cfg.grad_checkpointing)
+                                  cfg.update.grad_checkpointing)
     rewards = build_rewards(cfg.rewards)
     weights = {r.label: r.weight for r in rewards if r.weight != 0}
     frozen = torch.optim.SGD(list(params.values()), lr=0.0)  # the update steps it: lr 0 keeps the base weights
-    loop = UpdateLoop(params, frozen, cfg.micro_batch_size, cfg.grad_clip, ema=None, clock=None)
-    grpo = GRPO(Policy(model, model, contextlib.nullcontext), cfg.clip_range, kl_beta=0.0,
-                guidance_scale=cfg.guidance_scale)
-    prompts_all = read_prompts(cfg.train_prompts)
-    P, G = cfg.prompts_per_iteration, cfg.group_size
-    uncond_row = cond_to(model.encode_prompts([""]), device) if cfg.guidance_scale != 1.0 else None
-    plan = build_plan(cfg.sampler, args.iteration, cfg.seed)
+    loop = UpdateLoop(params, frozen, cfg.update.micro_batch_size, cfg.optim.grad_clip, ema=None, clock=None)
+    grpo = GRPO(Policy(model, model, contextlib.nullcontext), cfg.loss.clip_range, kl_beta=0.0,
+                guidance_scale=cfg.rollout.guidance_scale)
+    prompts_all = read_prompts(cfg.rollout.prompts)
+    P, G = cfg.rollout.prompts_per_iteration, cfg.rollout.group_size
+    uncond_row = cond_to(model.encode_prompts([""]), device) if cfg.rollout.guidance_scale != 1.0 else None
+    plan = build_plan(cfg.sampler, args.iteration, cfg.run.seed)
     real, shuffled = [], []
     for b in range(args.batches):
         prompts = [prompts_all[i] for i in random.Random(b).sample(range(len(prompts_all)), P)]
@@ -79,13 +79,13 @@ def main() -> None:
         uncond = None if uncond_row is None else cond_expand(uncond_row, P)
         model.eval()
         traj = rollout(model, plan, cond, G, [derive_seed(1000 + b, args.iteration, i) for i in range(P)],
-                       train_mask(plan, P * G, cfg.seed, args.iteration), uncond, cfg.guidance_scale,
-                       cfg.shared_noise)
+                       train_mask(plan, P * G, cfg.run.seed, args.iteration), uncond, cfg.rollout.guidance_scale,
+                       cfg.rollout.shared_noise)
         with torch.no_grad():
             images = model.decode(traj.final).float()
         scores, _ = score_groups(rewards, images, [p for p in prompts for _ in range(G)], G)
-        adv = combine_rewards({k: v for k, v in scores.items() if k in weights}, weights, cfg.reward_mode,
-                              clip=cfg.advantage_clip)
+        adv = combine_rewards({k: v for k, v in scores.items() if k in weights}, weights, cfg.advantage.reward_mode,
+                              clip=cfg.advantage.clip)
         perm = torch.Generator().manual_seed(b)
         adv_shuffled = torch.stack([row[torch.randperm(G, generator=perm)] for row in adv])
         model.train()

@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "identical_runs.json"
 
-SMALL = ["iterations=2", "prompts_per_iteration=2", "group_size=4", "micro_batch_size=4", "eval_num_prompts=2",
-         "eval_every=1", "checkpoint_every=1", "keep_checkpoints=2", "precision=fp32", "tensorboard=false"]
+SMALL = ["run.iterations=2", "rollout.prompts_per_iteration=2", "rollout.group_size=4", "update.micro_batch_size=4", "eval.num_prompts=2",
+         "eval.every=1", "run.checkpoint_every=1", "run.keep_checkpoints=2", "run.precision=fp32", "run.tensorboard=false"]
 """A 2-iteration run of 2 prompts x 4 images, evaluated and checkpointed after each iteration, in fp32."""
 
 RUNS: dict[str, tuple[str, list[str]]] = {
@@ -44,10 +44,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "dance_grpo": ("dance_grpo", []),
     "diffusion_nft": ("diffusion_nft", []),
     "awm": ("awm", []),
-    "awm_flash_star": ("awm", ["algorithm=mixgrpo_flash_star", "shared_noise=true", "matching.sampler_decay=0.5"]),
-    "mixgrpo_kl_ema_lora": ("mixgrpo", ["kl_beta=0.01", "ema_decay=0.9", "lora.rank=4"]),
-    "flow_grpo_micro1": ("flow_grpo", ["micro_batch_size=1"]),
-    "nft_micro1_k2": ("diffusion_nft", ["micro_batch_size=1", "matching.sigmas_per_sample=2"]),
+    "awm_flash_star": ("awm", ["algorithm=mixgrpo_flash_star", "rollout.shared_noise=true", "matching.sampler_decay=0.5"]),
+    "mixgrpo_kl_ema_lora": ("mixgrpo", ["loss.kl_beta=0.01", "optim.ema_decay=0.9", "lora.rank=4"]),
+    "flow_grpo_micro1": ("flow_grpo", ["update.micro_batch_size=1"]),
+    "nft_micro1_k2": ("diffusion_nft", ["update.micro_batch_size=1", "matching.sigmas_per_sample=2"]),
 }
 """name -> (shipped recipe, overrides on top of SMALL)."""
 
@@ -101,7 +101,7 @@ def hash_run(run_dir: Path) -> dict[str, str]:
 
 def _train(workdir: Path, recipe: str, overrides: list[str], out: str, resume: bool = False) -> None:
     cmd = [sys.executable, "-m", "mixgrpo", "train", "--config", recipe, "--quiet", *(["--resume"] if resume else []),
-           *SMALL, *overrides, f"out_dir={out}"]
+           *SMALL, *overrides, f"run.out_dir={out}"]
     # the package of this checkout, whatever is installed: run this file from another checkout to hash its code
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONHASHSEED="0", PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
@@ -123,7 +123,7 @@ def run_all(workdir: Path, only: list[str] | None = None) -> dict[str, dict[str,
         print(f"{RESUMED}: mixgrpo, stopped after iteration 1 and resumed", flush=True)
         # the same out_dir string as the uninterrupted run, so that config.yaml and state.json compare equal
         (workdir / "resumed").mkdir()
-        _train(workdir / "resumed", "mixgrpo", ["iterations=1"], "runs/mixgrpo")
+        _train(workdir / "resumed", "mixgrpo", ["run.iterations=1"], "runs/mixgrpo")
         _train(workdir / "resumed", "mixgrpo", [], "runs/mixgrpo", resume=True)
         out[RESUMED] = hash_run(workdir / "resumed" / "runs" / "mixgrpo")
     return out

@@ -50,11 +50,11 @@ def _config(algorithm: str, args: argparse.Namespace, out_dir: Path, precision: 
     from mixgrpo.config import load_config
 
     overrides = [
-        f"iterations={args.iterations + 1}", f"prompts_per_iteration={args.prompts}", f"group_size={args.group}",
-        f"micro_batch_size={args.micro_batch}", "updates_per_iteration=1", f"guidance_scale={args.guidance}",
-        "eval_num_prompts=0", "checkpoint_every=1", "keep_checkpoints=1", "profile=true", f"seed={args.seed}",
-        f"out_dir={out_dir}", f"sampler.num_steps={args.steps}", f"precision={precision}",
-        f"shared_noise={str(shared).lower()}",
+        f"run.iterations={args.iterations + 1}", f"rollout.prompts_per_iteration={args.prompts}", f"rollout.group_size={args.group}",
+        f"update.micro_batch_size={args.micro_batch}", "update.steps_per_epoch=1", f"rollout.guidance_scale={args.guidance}",
+        "eval.num_prompts=0", "run.checkpoint_every=1", "run.keep_checkpoints=1", "run.profile=true", f"run.seed={args.seed}",
+        f"run.out_dir={out_dir}", f"sampler.num_steps={args.steps}", f"run.precision={precision}",
+        f"rollout.shared_noise={str(shared).lower()}",
     ]
     if position is not None:
         overrides += ["sampler.window.strategy=frozen", f"sampler.window.start={position}"]
@@ -79,11 +79,11 @@ def _call_costs(cfg, repeats: int = 5) -> dict[str, float]:
     from mixgrpo.models.base import build_model, guided_velocity
 
     model = build_model(cfg.model.name, cfg.model.args)
-    precision = resolve_precision(cfg.precision, "cpu")[0]
-    P, G, mb = cfg.prompts_per_iteration, cfg.group_size, min(cfg.micro_batch_size, cfg.prompts_per_iteration * cfg.group_size)
+    precision = resolve_precision(cfg.run.precision, "cpu")[0]
+    P, G, mb = cfg.rollout.prompts_per_iteration, cfg.rollout.group_size, min(cfg.update.micro_batch_size, cfg.rollout.prompts_per_iteration * cfg.rollout.group_size)
     prompts = ["a red circle"] * (P * G)
     cond = cond_to(model.encode_prompts(prompts), "cpu")
-    uncond = model.encode_prompts([""] * (P * G)) if cfg.guidance_scale != 1 else None
+    uncond = model.encode_prompts([""] * (P * G)) if cfg.rollout.guidance_scale != 1 else None
 
     def call(n: int, grad: bool) -> float:
         x = torch.randn(n, *model.latent_shape)
@@ -96,11 +96,11 @@ def _call_costs(cfg, repeats: int = 5) -> dict[str, float]:
             with CpuAttentionBackward():
                 if grad:
                     with model_precision("cpu", precision):
-                        v = guided_velocity(model, x, sigma, c, u, cfg.guidance_scale)
+                        v = guided_velocity(model, x, sigma, c, u, cfg.rollout.guidance_scale)
                     v.square().mean().backward()
                 else:
                     with torch.no_grad(), model_precision("cpu", precision):
-                        guided_velocity(model, x, sigma, c, u, cfg.guidance_scale)
+                        guided_velocity(model, x, sigma, c, u, cfg.rollout.guidance_scale)
             times.append(time.perf_counter() - t)
         return statistics.median(times[1:])
 
@@ -180,12 +180,12 @@ def _report(args, runs: dict, costs: dict) -> dict:
 
     measured = {}
     for label, (a, position, shared, cfg) in runs.items():
-        metrics = read_metrics(cfg.out_dir)[1:]  # drop the warm-up iteration
+        metrics = read_metrics(cfg.run.out_dir)[1:]  # drop the warm-up iteration
         for m in metrics:  # per-iteration derived values, so that their medians are medians of real iterations
             m["time/other"] = m["time/iteration"] - m["time/rollout"] - m["time/reward"] - m["time/update"]
             m["model_share"] = (m["time/model_rollout"] + m["time/model_update"]) / m["time/iteration"]
         med = lambda k: statistics.median(m[k] for m in metrics)  # noqa: E731
-        plan = build_plan(cfg.sampler, 1, cfg.seed)
+        plan = build_plan(cfg.sampler, 1, cfg.run.seed)
         measured[label] = {
             "algorithm": a, "position": position, "shared_noise": shared,
             "seconds_per_iteration": med("time/iteration"), "rollout": med("time/rollout"), "reward": med("time/reward"),
@@ -225,7 +225,7 @@ def _path_summary(args, runs, measured, costs, base) -> dict:
         cfg = runs[a][3]
         theory_all = []
         for position in schedule:  # theory at every iteration of the schedule, measured or not
-            plan = build_plan(_frozen(cfg.sampler, position), 1, cfg.seed)
+            plan = build_plan(_frozen(cfg.sampler, position), 1, cfg.run.seed)
             theory_all.append(theory_seconds(plan, costs, cfg))
         mean = lambda key: sum(r[key] * r["weight"] for r in rows) / sum(r["weight"] for r in rows)  # noqa: E731
         summary = {"rows": rows, "positions_measured": [r["position"] for r in rows],
@@ -262,7 +262,7 @@ def _frozen(sampler, position: int):
 def _with_iterations(cfg, n: int):
     import dataclasses
 
-    return dataclasses.replace(cfg, iterations=n)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, iterations=n))
 
 
 def _max_rss_mb() -> float:

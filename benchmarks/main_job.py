@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "auto"])
     parser.add_argument("--threads", type=int, default=1)
     add_clock_argument(parser, default="cpu")
-    parser.add_argument("--override", nargs="*", default=[], help="key=value for both runs (e.g. iterations=8)")
+    parser.add_argument("--override", nargs="*", default=[], help="key=value for both runs (e.g. run.iterations=8)")
     parser.add_argument("--json", default="benchmarks/results/main_job.json")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,8 +54,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mixgrpo-mainjob-"))
     cfgs = {p: load_config(ROOT / "configs" / f"{args.recipe}.yaml",
-                           [*args.override, f"precision={p}", "eval_num_prompts=0", "checkpoint_every=1",
-                            "keep_checkpoints=1", "tensorboard=false", f"out_dir={work / p}"]) for p in args.precisions}
+                           [*args.override, f"run.precision={p}", "eval.num_prompts=0", "run.checkpoint_every=1",
+                            "run.keep_checkpoints=1", "run.tensorboard=false", f"run.out_dir={work / p}"]) for p in args.precisions}
     recipe = load_config(ROOT / "configs" / f"{args.recipe}.yaml", args.override)
     evaluation = {p: [] for p in args.precisions}
     held_out = {}
@@ -64,14 +64,14 @@ def main() -> None:
     n = next(iter(cfgs.values())).iterations
     for r in range(1, n + 1):
         for cfg in cfgs.values():
-            train(dataclasses.replace(cfg, iterations=r), resume=r > 1, progress=False)
+            train(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, iterations=r)), resume=r > 1, progress=False)
         print(f"iteration {r}/{n} done ({time.strftime('%H:%M:%S')}, load {os.getloadavg()[0]:.1f})", flush=True)
     for p, cfg in cfgs.items():  # the trained model's ("after")
-        evaluation[p].append(_evaluate(cfg, recipe, Path(cfg.out_dir) / "final", held_out, p + "/after"))
+        evaluation[p].append(_evaluate(cfg, recipe, Path(cfg.run.out_dir) / "final", held_out, p + "/after"))
 
     results = {}
     for p, cfg in cfgs.items():
-        metrics = read_metrics(cfg.out_dir)
+        metrics = read_metrics(cfg.run.out_dir)
         iterations = sum(m["time/iteration"] for m in metrics)
         results[p] = {
             "precision": metrics[0]["precision"], "iterations": len(metrics), "iteration_seconds": iterations,
@@ -105,12 +105,12 @@ def _evaluate(cfg, recipe, path: Path | None, held_out: dict, key: str) -> float
 
     model = build_model(cfg.model.name, cfg.model.args if path is None else {**cfg.model.args, "path": str(path)})
     rewards = recipe_rewards(recipe)
-    prompts = read_prompts(recipe.eval_prompts)[: recipe.eval_num_prompts]
+    prompts = read_prompts(recipe.eval.prompts)[: recipe.eval.num_prompts]
     guidance = recipe.eval_guidance
     start = time.perf_counter()
-    with model_precision("cpu", resolve_precision(cfg.precision, "cpu")[0]):
+    with model_precision("cpu", resolve_precision(cfg.run.precision, "cpu")[0]):
         res = evaluate(model, prompts, rewards, ode_plan(recipe.sampler.num_steps, recipe.sampler.shift),
-                       recipe.eval_images_per_prompt, seed=recipe.seed + 1, guidance_scale=guidance)
+                       recipe.eval.images_per_prompt, seed=recipe.run.seed + 1, guidance_scale=guidance)
     seconds = time.perf_counter() - start
     held_out[key] = {k: v["mean"] for k, v in res.summary().items()}
     return seconds

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py --minutes 6 --seeds 0 1 2 --algorithms dance_grpo mixgrpo mixgrpo_flash_star
     python benchmarks/quality.py --algorithms mixgrpo diffusion_nft \
-        --variant nft_flash_star diffusion_nft algorithm=mixgrpo_flash_star shared_noise=true
+        --variant nft_flash_star diffusion_nft algorithm=mixgrpo_flash_star rollout.shared_noise=true
 
 Each (algorithm, seed) run is the algorithm's recipe from configs/ with `time_limit_minutes` set to the
 budget (a run also ends at the recipe's iteration count, or --max-iterations) and a checkpoint every
@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def run(label: str, recipe: str, extra: list[str], seed: int, args: argparse.Namespace, out: Path) -> Path:
     run_dir = out / f"{label}_s{seed}"
     left = args.minutes - trained_minutes(run_dir)  # time_limit_minutes counts per launch: a resumed run gets the rest
-    overrides = [f"seed={seed}", f"time_limit_minutes={max(left, 1e-9)}", f"checkpoint_every={args.checkpoint_every}",
-                 "keep_checkpoints=100000", "eval_num_prompts=0", *args.override, *extra]
+    overrides = [f"run.seed={seed}", f"run.time_limit_minutes={max(left, 1e-9)}", f"run.checkpoint_every={args.checkpoint_every}",
+                 "run.keep_checkpoints=100000", "eval.num_prompts=0", *args.override, *extra]
     if args.max_iterations:
-        overrides.append(f"iterations={args.max_iterations}")
+        overrides.append(f"run.iterations={args.max_iterations}")
     return train_or_reuse(ROOT / "configs" / f"{recipe}.yaml", overrides, run_dir,
                           f"{label} seed {seed}: {args.minutes:g} min ({left:.2f} left)", args.quiet)
 
@@ -182,7 +182,7 @@ def main() -> None:
             for label, (recipe, extra) in variants.items()}
     if args.train_only:
         return
-    prompts, rewards = read_prompts(cfg.eval_prompts), recipe_rewards(cfg)
+    prompts, rewards = read_prompts(cfg.eval.prompts), recipe_rewards(cfg)
     with torch.no_grad():
         base = held_out_rewards(load_tiny().eval(), cfg, rewards, prompts, args.eval_images)
         results = {alg: {s: evaluate_run(d, cfg, rewards, prompts, args) for s, d in seeds.items()}

@@ -52,9 +52,9 @@ def run(config: Path, out: Path, iterations: int, chunks: int, overlap: bool, se
     from mixgrpo.rundir import read_metrics
     from mixgrpo.train import train
 
-    cfg = load_config(config, [f"iterations={iterations}", "eval_num_prompts=0", f"checkpoint_every={iterations}",
-                               "tensorboard=false", f"rollout_chunks={chunks}", f"reward_overlap={str(overlap).lower()}",
-                               f"out_dir={out}",
+    cfg = load_config(config, [f"run.iterations={iterations}", "eval.num_prompts=0", f"run.checkpoint_every={iterations}",
+                               "run.tensorboard=false", f"rollout.chunks={chunks}", f"rollout.reward_overlap={str(overlap).lower()}",
+                               f"run.out_dir={out}",
                                f"rewards=[{{name: 'reward_overlap:slowed', args: {{seconds_per_image: "
                                f"{seconds_per_image}}}}}]", *extra])
     train(cfg, progress=False)
@@ -81,7 +81,7 @@ def main() -> None:
         from mixgrpo.config import load_config
 
         cfg = load_config(args.config, args.overrides)
-        images = cfg.prompts_per_iteration * cfg.group_size
+        images = cfg.rollout.prompts_per_iteration * cfg.rollout.group_size
         print(f"calibration: rollout {base['rollout']:.2f} s, scorer {base['reward_total']:.2f} s, update "
               f"{base['update']:.2f} s for {images} images", flush=True)
         rows = []

@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 QUALITY = ROOT / "benchmarks" / "quality.py"
-FLASH_STAR = ["algorithm=mixgrpo_flash_star", "shared_noise=true"]
+FLASH_STAR = ["algorithm=mixgrpo_flash_star", "rollout.shared_noise=true"]
 METHODS: dict[str, tuple[str, list[str]]] = {
     "dance_grpo": ("dance_grpo", []),
     "flow_grpo": ("flow_grpo", []),
@@ -68,7 +68,7 @@ def main() -> None:
     args = p.parse_args()
     common = ["--minutes", str(args.minutes), "--checkpoint-every", str(args.checkpoint_every), "--metric",
               args.metric, "--eval-images", str(args.eval_images), "--out", args.out, "--threads", "1", "--quiet",
-              "--override", "profile=true", "tensorboard=false"]
+              "--override", "run.profile=true", "run.tensorboard=false"]
     runs = [(m, s) for m in args.methods for s in args.seeds]
     chains = [runs[j::args.jobs] for j in range(args.jobs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -2,16 +2,16 @@
 # Multi-node MixGRPO training under SLURM: one launcher (`mixgrpo launch`: torchrun with mixgrpo's exit statuses) per
 # node, c10d rendezvous on the first node.
 #
-#   sbatch --nodes 4 examples/slurm.sh configs/flux_mixgrpo.yaml out_dir=/shared/runs/flux parallel.strategy=fsdp
+#   sbatch --nodes 4 examples/slurm.sh configs/flux_mixgrpo.yaml run.out_dir=/shared/runs/flux parallel.strategy=fsdp
 #
 # Every node runs `mixgrpo launch ... train` with the same arguments; it starts one process per GPU
 # and finds the other nodes through the rendezvous endpoint, so no address is written anywhere. The run
-# directory (out_dir) must be on a filesystem all nodes share. `--resume` makes a requeued or resubmitted job
+# directory (run.out_dir) must be on a filesystem all nodes share. `--resume` makes a requeued or resubmitted job
 # continue from the last complete checkpoint (a fresh run starts normally). SLURM sends SIGTERM 5 minutes
 # before the time limit (--signal below); the launcher passes it to the trainers, which finish the iteration and
 # checkpoint (it waits up to 900 s, --shutdown-timeout; plain torchrun kills them after 30 s), and the job step ends
 # with status 143, not a success. If SLURM's own limit comes first, the next job resumes from the previous
-# checkpoint, so keep checkpoint_every small enough to lose little.
+# checkpoint, so keep run.checkpoint_every small enough to lose little.
 #
 #SBATCH --job-name=mixgrpo
 #SBATCH --nodes=2

@@ -156,7 +156,7 @@ def read_state(path: str | Path) -> dict[str, Any]:
 def _require_complete(path: Path) -> None:
     if not path.is_dir():
         raise CheckpointRotated(f"checkpoint {path} no longer exists: the run training into {path.parent.parent} "
-                                f"keeps only its newest checkpoints (keep_checkpoints) and rotated this one away; "
+                                f"keeps only its newest checkpoints (run.keep_checkpoints) and rotated this one away; "
                                 f"name a newer one, or leave out the checkpoint to take the newest")
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker): its save was interrupted, "
@@ -170,13 +170,13 @@ def _newest_name(path: Path) -> str:
 
 class CheckpointRotated(CheckpointError):
     """A checkpoint was deleted while it was read: the run still training into its directory rotated it away
-    (keep_checkpoints)."""
+    (run.keep_checkpoints)."""
 
 
 def read_weights(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
     """The trainable weights of a full checkpoint (its EMA weights when it has them and `ema`), read into memory
     at once, without the optimizer state. A reader (export, sample) reads them before it builds the base model, so
-    that a run still training into the directory, which deletes all but its newest `keep_checkpoints`, can only
+    that a run still training into the directory, which deletes all but its newest `run.keep_checkpoints`, can only
     take the checkpoint away during this read, and that is then said (CheckpointRotated)."""
     path = Path(path)
     _require_complete(path)
@@ -186,7 +186,7 @@ def read_weights(path: str | Path, ema: bool = True) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001  (any read failure: a deletion under way, or corruption)
         if not (path / MARKER).is_file():  # deleted marker first (`_remove`): rotated away while read
             raise CheckpointRotated(f"checkpoint {path} was deleted while it was read: the run training into "
-                                    f"{path.parent.parent} keeps only its newest checkpoints (keep_checkpoints) and "
+                                    f"{path.parent.parent} keeps only its newest checkpoints (run.keep_checkpoints) and "
                                     f"rotated this one away; name a newer one, or leave out the checkpoint to take "
                                     f"the newest") from None
         raise CheckpointError(f"checkpoint {path} is corrupted ({type(e).__name__}: {e}); delete it and use the "

@@ -1,16 +1,21 @@
 """Typed configuration: dataclasses are the source of truth, YAML files hold recipes, and
 `key.sub=value` overrides come from the command line.
 
-    cfg = load_config("configs/mixgrpo.yaml", ["iterations=10", "sampler.window.size=2"])
+    cfg = load_config("configs/mixgrpo.yaml", ["run.iterations=10", "sampler.window.size=2"])
     cfg = load_config(recipe_path("mixgrpo"))  # a shipped recipe by name, from a checkout or an installed package
+    cfg = load_config("runs/x/config.yaml", saved=True)  # a run's own config, written by any mixgrpo version
 
-Unknown keys and values of the wrong type are errors that name the field and suggest the fix.
-`algorithm: NAME` selects a sampler preset from `mixgrpo.plan.ALGORITHMS`; `sampler.*` keys then
-override single fields of that preset.
+`TrainConfig` is in sections (rollout, advantage, loss, optim, update, eval, run, ...; docs/design.md). Unknown keys
+and values of the wrong type are errors that name the field and suggest the fix; a key of the flat layout before
+the sections (`lr`) is refused with its new place (`optim.lr`), except in what a run stored (`migrate`).
+`algorithm: NAME` selects a sampler preset from `mixgrpo.plan.ALGORITHMS`; `sampler.*` keys then override single
+fields of that preset. A recipe may start from another (`base: NAME` or `base: path/relative/to/it.yaml`,
+`read_recipe`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -30,6 +35,30 @@ from mixgrpo.keyvalue import parse_pair
 from mixgrpo.flow_matching import AWM_WEIGHTINGS, NFT_WEIGHTINGS, SIGMA_SAMPLERS
 from mixgrpo.objectives import OBJECTIVES
 from mixgrpo.plan import ALGORITHMS, SamplerConfig
+
+
+def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, was: str = "",
+           resumable: bool = False, compared: bool | None = None) -> Any:
+    """A config field with its facts as metadata (`MOVED_KEYS`, `RESUMABLE_CHANGES` and `REFERENCE_IGNORED` are
+    derived from them). Its meaning is the comment on its line (`mixgrpo.configdoc`).
+
+    was:       its key before the config had sections (a flat `lr`, now `optim.lr`; "" = the same): a run
+               directory's saved config.yaml or a checkpoint with it still loads (`migrate`); a recipe or override with
+               it is refused with a message that names the new key.
+    resumable: a resume may change it: the run's length, where and how it logs, not what it computes.
+    compared:  whether a run is compared with a recipe's reference with it; false for what does not change what a
+               run computes at an evaluated iteration (or changes it by float summation order only). Default: not
+               for the resumable ones, else yes.
+    """
+    compared = not resumable if compared is None else compared
+    return field(default=default, default_factory=factory,
+                 metadata={"was": was, "resumable": resumable, "compared": compared})
+
+
+def settings(section: type) -> Any:
+    """A TrainConfig field holding a section whose fields are settings one by one, each with its own facts (`option`;
+    `CONFIG_FIELDS`). Any other field (a plain `field`, or `option`) is one setting as a whole."""
+    return field(default_factory=section, metadata={"settings": True})
 
 
 @dataclass
@@ -58,24 +87,6 @@ class LoraConfig:
     rank: int = 0  # 0 = full fine-tuning of the denoiser
     alpha: float = 0.0  # 0 = same as rank
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # layer names
-
-
-@dataclass
-class RewardPolicyConfig:
-    """What to do when a reward fails (raises, times out, or returns NaN/inf)."""
-
-    retries: int = 2  # extra attempts per reward call before the failure counts
-    max_failed_groups: float = 0.25  # abort when more than this fraction of an iteration's groups fail
-
-
-@dataclass
-class RewardServersConfig:
-    """How the run talks to its reward servers (rewards with `server:`; docs/rewards.md)."""
-
-    timeout: float = 120.0  # seconds one /score request may take; then it fails and is retried (reward_policy.retries)
-    images: str = "float32"  # how images travel: "float32" (exact: scores equal in-process ones bit for bit),
-                             # "uint8" (4x smaller, quantised as a PNG would be) or "png"
-    token_env: str = ""  # environment variable holding the servers' bearer token; "" = send none
 
 
 @dataclass
@@ -163,8 +174,8 @@ class TeacherConfig:
 
     path: str = ""  # a run directory (its final/, else its latest checkpoint), a checkpoint of a run, or an exported
                     # model directory (RUN/final, mixgrpo export --out) of the student's own model
-    prompts: str = ""  # the prompts it teaches, a prompt source as train_prompts (file, world:SPLIT, NAME:SPLIT): the
-                       # training prompts it holds are routed to this teacher; "" = every training prompt
+    prompts: str = ""  # the prompts it teaches, a prompt source as rollout.prompts (file, world:SPLIT, NAME:SPLIT):
+                       # the training prompts it holds are routed to this teacher; "" = every training prompt
     weight: float = 1.0  # weight of its KL term
 
 
@@ -192,7 +203,254 @@ class DistillConfig:
 
 
 @dataclass
+class ScoringConfig:
+    """How the rewards are called: what a failed call costs (a reward that raises, times out or returns NaN/inf), and
+    how the run talks to its reward servers (rewards with `server:`; docs/rewards.md)."""
+
+    retries: int = option(2, was="reward_policy.retries", resumable=True)  # extra attempts per reward call before
+                                                                           # the failure counts
+    max_failed_groups: float = option(0.25, was="reward_policy.max_failed_groups", resumable=True)  # abort when more
+                                                  # than this fraction of an iteration's groups fail
+    server_timeout: float = option(120.0, was="reward_servers.timeout")  # seconds one /score request may take; then
+                                                                         # it fails and is retried (retries)
+    server_images: str = option("float32", was="reward_servers.images")  # how images travel: "float32" (exact:
+                                                  # scores equal in-process ones bit for bit), "uint8" (4x smaller,
+                                                  # quantised as a PNG would be) or "png"
+    server_token_env: str = option("", was="reward_servers.token_env")  # environment variable holding the servers'
+                                                                        # bearer token; "" = send none
+
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (self.retries >= 0, "scoring.retries", self.retries, "an integer >= 0 (0 = no retry)"),
+            (0 <= self.max_failed_groups <= 1, "scoring.max_failed_groups", self.max_failed_groups,
+             "a fraction in [0, 1] (0 = stop at the first failed group, 1 = never stop)"),
+            (self.server_timeout > 0, "scoring.server_timeout", self.server_timeout, "a positive number of seconds"),
+            (self.server_images in ("float32", "uint8", "png"), "scoring.server_images", self.server_images,
+             "'float32', 'uint8' or 'png'"),
+        ]
+
+    def __post_init__(self):
+        check_values(self.checks())
+
+
+@dataclass
+class RolloutConfig:
+    """What an iteration samples: P prompts x G images per rank, drawn from `prompts`."""
+
+    prompts: str = option("world:train", was="train_prompts")  # a prompt file (txt/jsonl/csv) or world:SPLIT
+    prompts_per_iteration: int = option(8, was="prompts_per_iteration")  # P, per rank
+    group_size: int = option(8, was="group_size")  # G
+    shared_noise: bool = option(True, was="shared_noise")  # one initial noise per group (paper: +0.18 ImageReward)
+    guidance_scale: float = option(1.0, was="guidance_scale")  # classifier-free guidance in rollout and update; 1 = off
+    chunks: int = option(1, was="rollout_chunks")  # the rollout runs in this many parts of whole groups; each part is
+                                                   # decoded and scored while the next one rolls out (reward_overlap);
+                                                   # 1 = one rollout, then the rewards
+    reward_overlap: bool = option(True, was="reward_overlap")  # chunks > 1: score each part in a background thread
+                                                               # during the rollout; false: score every part after the
+                                                               # rollout (the same numbers, not overlapped)
+
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (self.prompts_per_iteration >= 1, "rollout.prompts_per_iteration", self.prompts_per_iteration,
+             "an integer >= 1"),
+            (self.group_size >= 2, "rollout.group_size", self.group_size,
+             "an integer >= 2 (GRPO compares images within a group)"),
+            (1 <= self.guidance_scale < math.inf, "rollout.guidance_scale", self.guidance_scale,
+             "a finite number >= 1 (1 = no guidance)"),
+            (1 <= self.chunks <= self.prompts_per_iteration, "rollout.chunks", self.chunks,
+             f"an integer in [1, rollout.prompts_per_iteration = {self.prompts_per_iteration}] (each part holds "
+             f"whole groups)"),
+        ]
+
+    def __post_init__(self):
+        check_values(self.checks())
+
+
+@dataclass
+class AdvantageConfig:
+    """How the rewards of a group become advantages (`mixgrpo.grpo`)."""
+
+    reward_mode: str = option("advantage", was="reward_mode")  # "advantage": normalise each reward then sum;
+                                                               # "reward": sum then normalise
+    std: str = option("group", was="advantage_std")  # normalise by the std of the "group" or the "global" batch
+    clip: float = option(5.0, was="advantage_clip")  # advantages clipped to [-clip, clip]
+
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (self.reward_mode in ("advantage", "reward"), "advantage.reward_mode", self.reward_mode,
+             "'advantage' or 'reward'"),
+            (self.std in ("group", "global"), "advantage.std", self.std, "'group' or 'global'"),
+            (0 < self.clip < math.inf, "advantage.clip", self.clip,
+             "a positive finite number (advantages are clipped to [-clip, clip])"),
+        ]
+
+    def __post_init__(self):
+        check_values(self.checks())
+
+
+@dataclass
+class LossConfig:
+    """The terms of the loss besides the objective's own (`objective:`, `matching:`, `v_grpo:`)."""
+
+    clip_range: float = option(1e-4, was="clip_range")  # ratio clip of the objectives with a ratio (grpo, awm, v_grpo):
+                                                        # ratios outside [1 - clip_range, 1 + clip_range] are clipped
+    kl_beta: float = option(0.0, was="kl_beta")  # weight of the KL term to the frozen base model; 0 = none
+    grpo_guard: bool = option(False, was="grpo_guard")  # GRPO-Guard (arXiv 2510.22319): re-centre the log importance
+                                                        # ratio by the policy's drift so that the clip binds as
+                                                        # intended, and weight steps by 1/|dt| (docs/notation.md);
+                                                        # objectives with a ratio only
+
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (0 < self.clip_range < math.inf, "loss.clip_range", self.clip_range, "a positive finite number"),
+            (0 <= self.kl_beta < math.inf, "loss.kl_beta", self.kl_beta, "a finite number >= 0"),
+        ]
+
+    def __post_init__(self):
+        check_values(self.checks())
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer (AdamW), its learning-rate schedule and the EMA of the trained weights."""
+
+    lr: float = option(1e-4, was="lr")  # AdamW learning rate
+    weight_decay: float = option(1e-4, was="weight_decay")  # AdamW weight decay
+    betas: tuple[float, float] = option((0.9, 0.999), was="betas")  # AdamW betas
+    grad_clip: float = option(1.0, was="grad_clip")  # gradient-norm clip per optimizer step; 0 = none
+    warmup_iterations: int = option(0, was="warmup_iterations")  # linear learning-rate warm-up over this many
+                                                                 # iterations
+    ema_decay: float = option(0.0, was="ema_decay")  # 0 = no EMA; > 0: the held-out evaluations and final/ use the EMA
+                                                     # weights (`mixgrpo export --no-ema` writes the trained ones from
+                                                     # a checkpoint)
+
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (0 < self.lr < math.inf, "optim.lr", self.lr, "a positive finite number"),
+            (0 <= self.weight_decay < math.inf, "optim.weight_decay", self.weight_decay, "a finite number >= 0"),
+            (all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+             "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+            (0 <= self.grad_clip < math.inf, "optim.grad_clip", self.grad_clip,
+             "a finite number >= 0 (0 = no clipping)"),
+            (self.warmup_iterations >= 0, "optim.warmup_iterations", self.warmup_iterations,
+             "an integer >= 0 (0 = no warm-up)"),
+            (0 <= self.ema_decay < 1, "optim.ema_decay", self.ema_decay, "a number in [0, 1)"),
+        ]
+
+    def __post_init__(self):
+        check_values(self.checks())
+
+
+@dataclass
+class UpdateConfig:
+    """How an iteration's samples are trained on: passes, optimizer steps, and the memory of each step."""
+
+    steps_per_epoch: int = option(2, was="updates_per_iteration")  # optimizer steps per pass over the iteration's
+                                                                   # samples; each sees G / steps_per_epoch images of
+                                                                   # every group
+    epochs: int = option(1, was="update_epochs")  # passes over the iteration's samples, each of steps_per_epoch
+                                                  # optimizer steps (forward-process objectives draw fresh training
+                                                  # sigmas for every pass)
+    micro_batch_size: int = option(32, was="micro_batch_size", compared=False)  # samples per forward/backward
+                                                  # (memory only: the update does not depend on it)
+    grad_checkpointing: bool = option(False, was="grad_checkpointing", compared=False)  # recompute the denoiser's
+                                                  # activations in backward (less memory)
+
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (self.steps_per_epoch >= 1, "update.steps_per_epoch", self.steps_per_epoch, "an integer >= 1"),
+            (self.epochs >= 1, "update.epochs", self.epochs, "an integer >= 1"),
+            (self.micro_batch_size >= 1, "update.micro_batch_size", self.micro_batch_size, "an integer >= 1"),
+        ]
+
+    def __post_init__(self):
+        check_values(self.checks())
+
+
+@dataclass
+class EvalConfig:
+    """The held-out evaluation: before and after training (and every `every` iterations), with the same noise."""
+
+    prompts: str = option("world:heldout", was="eval_prompts")  # held-out prompts (the formats of rollout.prompts)
+    num_prompts: int = option(64, was="eval_num_prompts")  # held-out prompts evaluated; 0 = no evaluation
+    every: int = option(0, was="eval_every", compared=False)  # also evaluate every N iterations; 0 = before and after
+                                                              # only
+    images_per_prompt: int = option(1, was="eval_images_per_prompt")  # images per held-out prompt
+    guidance_scale: float = option(-1.0, was="eval_guidance_scale")  # -1 = same as rollout.guidance_scale
+
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (self.num_prompts >= 0, "eval.num_prompts", self.num_prompts, "an integer >= 0 (0 = no evaluation)"),
+            (self.every >= 0, "eval.every", self.every, "an integer >= 0 (0 = before and after training only)"),
+            (self.images_per_prompt >= 1, "eval.images_per_prompt", self.images_per_prompt, "an integer >= 1"),
+            (self.guidance_scale == -1 or 1 <= self.guidance_scale < math.inf, "eval.guidance_scale",
+             self.guidance_scale, "-1 (the same as rollout.guidance_scale) or a finite number >= 1 (1 = no guidance)"),
+        ]
+
+    def __post_init__(self):
+        check_values(self.checks())
+
+
+@dataclass
+class RunConfig:
+    """The run as a job: its length, seed, numeric precision, directory, checkpoints and logging."""
+
+    iterations: int = option(60, was="iterations", resumable=True)  # rollout + update rounds
+    time_limit_minutes: float = option(0.0, was="time_limit_minutes", resumable=True)  # > 0: end (checkpoint,
+                                                  # evaluate, export) after the iteration that reaches this many
+                                                  # minutes of training in this launch; 0 = no limit
+    seed: int = option(0, was="seed", compared=False)  # every random draw of the run derives from it (prompts,
+                                                  # noise, trained steps)
+    deterministic: bool = option(False, was="deterministic", resumable=True)  # deterministic GPU kernels: two runs
+                                                  # of a config on one GPU are bit-equal (slower;
+                                                  # docs/reproducibility.md); CPU runs are bit-equal without it
+    precision: str = option("auto", was="precision", resumable=True)  # "bf16" (autocast; fp32 master weights),
+                                                  # "fp32", or "auto": bf16 where the hardware multiplies bf16
+                                                  # matrices (CPU with AMX, CUDA >= 8.0), else fp32 (mixgrpo.dtypes);
+                                                  # a resume may change it (auto resolves by the machine)
+    out_dir: str = option("runs/mixgrpo", was="out_dir", resumable=True)  # the run directory
+    checkpoint_every: int = option(20, was="checkpoint_every", resumable=True)  # iterations between checkpoints
+                                                  # (the last iteration is always checkpointed)
+    keep_checkpoints: int = option(2, was="keep_checkpoints", resumable=True)  # complete checkpoints kept; older
+                                                  # ones are deleted
+    tensorboard: bool = option(True, was="tensorboard", resumable=True)  # event files in OUT/tensorboard (the
+                                                  # package is in the tiny and models extras; the pre-flight names
+                                                  # the pip command when it is missing)
+    wandb_project: str = option("", was="wandb_project", resumable=True)  # log to this Weights & Biases project
+                                                  # (needs the wandb package); "" = off
+    profile: bool = option(False, was="profile", compared=False)  # count model calls and time spent inside them
+                                                  # (metrics model_calls/*, time/model_*)
+
+    def checks(self) -> list[tuple[bool, str, Any, str]]:
+        """(ok, field, value, what to use) of every field (`mixgrpo.errors.check_values`)."""
+        return [
+            (self.iterations >= 1, "run.iterations", self.iterations, "an integer >= 1"),
+            (self.time_limit_minutes >= 0, "run.time_limit_minutes", self.time_limit_minutes,
+             "a number >= 0 (0 = no limit)"),
+            (self.seed >= 0, "run.seed", self.seed, "an integer >= 0"),
+            (self.precision in PRECISIONS, "run.precision", self.precision, "'auto', 'fp32' or 'bf16'"),
+            (bool(self.out_dir.strip()), "run.out_dir", self.out_dir,
+             "a directory path (an empty one is an unset shell variable?)"),
+            (self.checkpoint_every >= 1, "run.checkpoint_every", self.checkpoint_every, "an integer >= 1"),
+            (self.keep_checkpoints >= 1, "run.keep_checkpoints", self.keep_checkpoints, "an integer >= 1"),
+        ]
+
+    def __post_init__(self):
+        check_values(self.checks())
+
+
+@dataclass
 class TrainConfig:
+    """A training run. `algorithm` and `sampler` decide the rollout's steps, `objective` (with `matching`, `v_grpo` or
+    `distill`) what is trained on them; the other sections are shared by every objective."""
+
     algorithm: str = "mixgrpo"  # sampler preset: a key of mixgrpo.plan.ALGORITHMS
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     objective: str = "grpo"  # one of OBJECTIVES: what the rollout trains
@@ -200,123 +458,39 @@ class TrainConfig:
     v_grpo: VGRPOConfig = field(default_factory=VGRPOConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
-    reward_mode: str = "advantage"  # "advantage": normalise each reward then sum; "reward": sum then normalise
-    advantage_std: str = "group"  # "group" or "global"
-    advantage_clip: float = 5.0  # advantages clipped to [-advantage_clip, advantage_clip]
-    train_prompts: str = "world:train"  # a prompt file (txt/jsonl/csv) or world:SPLIT
-    eval_prompts: str = "world:heldout"  # held-out prompts of the evaluation (same formats)
-
-    iterations: int = 60  # rollout + update rounds
-    time_limit_minutes: float = 0.0  # > 0: end (checkpoint, evaluate, export) after the iteration that reaches
-                                     # this many minutes of training in this launch; 0 = no limit
-    prompts_per_iteration: int = 8  # P, per rank
-    group_size: int = 8  # G
-    shared_noise: bool = True  # one initial noise per group (paper: +0.18 ImageReward)
-    guidance_scale: float = 1.0  # classifier-free guidance in rollout and update; 1 = off
-
-    lr: float = 1e-4  # AdamW learning rate
-    weight_decay: float = 1e-4  # AdamW weight decay
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    grad_clip: float = 1.0  # gradient-norm clip per optimizer step; 0 = none
-    warmup_iterations: int = 0  # linear learning-rate warm-up over this many iterations
-    updates_per_iteration: int = 2  # optimizer steps per iteration; each sees G / updates images of every group
-    update_epochs: int = 1  # passes over the iteration's samples, each of updates_per_iteration optimizer steps
-                            # (forward-process objectives draw fresh training sigmas for every pass)
-    micro_batch_size: int = 32  # samples per forward/backward (memory only: the update does not depend on it)
-    clip_range: float = 1e-4  # GRPO ratio clip: ratios outside [1 - clip_range, 1 + clip_range] are clipped
-    kl_beta: float = 0.0  # weight of the KL term to the frozen base model; 0 = none
-    grpo_guard: bool = False  # GRPO-Guard (arXiv 2510.22319): re-centre the log importance ratio by the policy's
-                              # drift so that the clip binds as intended, and weight steps by 1/|dt|
-                              # (docs/notation.md); objectives with a ratio only
-    ema_decay: float = 0.0  # 0 = no EMA; > 0: the held-out evaluations and final/ use the EMA weights
-                            # (`mixgrpo export --no-ema` writes the trained ones from a checkpoint)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    precision: str = "auto"  # "bf16" (autocast; fp32 master weights), "fp32", or "auto": bf16 where the hardware
-                             # multiplies bf16 matrices (CPU with AMX, CUDA >= 8.0), else fp32 (mixgrpo.dtypes)
-    grad_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory)
-
-    seed: int = 0  # every random draw of the run derives from it (prompts, noise, trained steps)
-    deterministic: bool = False  # deterministic GPU kernels: two runs of a config on one GPU are bit-equal (slower;
-                                 # docs/reproducibility.md); CPU runs are bit-equal without it
-    out_dir: str = "runs/mixgrpo"  # the run directory
-    checkpoint_every: int = 20  # iterations between checkpoints (the last iteration is always checkpointed)
-    keep_checkpoints: int = 2  # complete checkpoints kept; older ones are deleted
-    eval_num_prompts: int = 64  # held-out prompts evaluated before and after training; 0 = no evaluation
-    eval_every: int = 0  # also evaluate every N iterations (same noise each time); 0 = before and after only
-    eval_images_per_prompt: int = 1  # images per held-out prompt in the evaluation
-    eval_guidance_scale: float = -1.0  # -1 = same as guidance_scale
-    reward_policy: RewardPolicyConfig = field(default_factory=RewardPolicyConfig)
-    reward_servers: RewardServersConfig = field(default_factory=RewardServersConfig)
-    rollout_chunks: int = 1  # the rollout runs in this many parts of whole groups; each part is decoded and scored
-                             # while the next one rolls out (reward_overlap); 1 = one rollout, then the rewards
-    reward_overlap: bool = True  # rollout_chunks > 1: score each part in a background thread during the rollout;
-                                 # false: score every part after the rollout (the same numbers, not overlapped)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    tensorboard: bool = True  # event files in OUT/tensorboard (the package is in the tiny and models extras; the
-                              # pre-flight names the pip command when it is missing)
-    wandb_project: str = ""  # log to this Weights & Biases project (needs the wandb package); "" = off
-    profile: bool = False  # count model calls and time spent inside them (metrics model_calls/*, time/model_*)
+    rewards: list[RewardConfig] = field(default_factory=lambda: [RewardConfig()])
+    scoring: ScoringConfig = settings(ScoringConfig)
+    rollout: RolloutConfig = settings(RolloutConfig)
+    advantage: AdvantageConfig = settings(AdvantageConfig)
+    loss: LossConfig = settings(LossConfig)
+    optim: OptimConfig = settings(OptimConfig)
+    update: UpdateConfig = settings(UpdateConfig)
+    eval: EvalConfig = settings(EvalConfig)
+    run: RunConfig = settings(RunConfig)
+    parallel: ParallelConfig = option(factory=ParallelConfig, resumable=True)
 
     @property
     def eval_guidance(self) -> float:
-        """The guidance scale of held-out evaluations: eval_guidance_scale, or guidance_scale when it is -1."""
-        return self.guidance_scale if self.eval_guidance_scale < 0 else self.eval_guidance_scale
+        """The guidance scale of held-out evaluations: eval.guidance_scale, or rollout.guidance_scale when it is -1."""
+        return self.rollout.guidance_scale if self.eval.guidance_scale < 0 else self.eval.guidance_scale
 
     def checks(self) -> list[tuple[bool, str, Any, str]]:
-        """(ok, field, value, what to use) of every top-level, lora, reward_policy and parallel field
-        (`mixgrpo.errors.check_values`); the sampler and matching sections check their own. Written so that NaN
-        fails (floats are finite already: `_convert` refuses NaN and inf)."""
+        """(ok, field, value, what to use) of the top-level, lora, rewards and parallel fields
+        (`mixgrpo.errors.check_values`); the other sections check their own. Written so that NaN fails (floats are
+        finite already: `_convert` refuses NaN and inf)."""
         checks = [
             (self.algorithm in ALGORITHMS, "algorithm", f"one of {sorted(ALGORITHMS)}"),
             (self.objective in OBJECTIVES, "objective", f"one of {tuple(OBJECTIVES)}"),
-            (self.reward_mode in ("advantage", "reward"), "reward_mode", "'advantage' or 'reward'"),
-            (self.advantage_std in ("group", "global"), "advantage_std", "'group' or 'global'"),
-            (0 < self.advantage_clip < math.inf, "advantage_clip",
-             "a positive finite number (advantages are clipped to [-advantage_clip, advantage_clip])"),
-            (self.iterations >= 1, "iterations", "an integer >= 1"),
-            (self.time_limit_minutes >= 0, "time_limit_minutes", "a number >= 0 (0 = no limit)"),
-            (self.prompts_per_iteration >= 1, "prompts_per_iteration", "an integer >= 1"),
-            (self.group_size >= 2, "group_size", "an integer >= 2 (GRPO compares images within a group)"),
-            (self.micro_batch_size >= 1, "micro_batch_size", "an integer >= 1"),
-            (self.updates_per_iteration >= 1, "updates_per_iteration", "an integer >= 1"),
-            (self.update_epochs >= 1, "update_epochs", "an integer >= 1"),
-            (0 < self.lr < math.inf, "lr", "a positive finite number"),
-            (0 <= self.weight_decay < math.inf, "weight_decay", "a finite number >= 0"),
-            (all(0 <= b < 1 for b in self.betas), "betas", "two numbers in [0, 1), e.g. [0.9, 0.999]"),
-            (0 < self.clip_range < math.inf, "clip_range", "a positive finite number"),
-            (0 <= self.grad_clip < math.inf, "grad_clip", "a finite number >= 0 (0 = no clipping)"),
-            (self.warmup_iterations >= 0, "warmup_iterations", "an integer >= 0 (0 = no warm-up)"),
-            (0 <= self.kl_beta < math.inf, "kl_beta", "a finite number >= 0"),
-            (0 <= self.ema_decay < 1, "ema_decay", "a number in [0, 1)"),
-            (self.precision in PRECISIONS, "precision", "'auto', 'fp32' or 'bf16'"),
-            (1 <= self.guidance_scale < math.inf, "guidance_scale", "a finite number >= 1 (1 = no guidance)"),
-            (self.eval_guidance_scale == -1 or 1 <= self.eval_guidance_scale < math.inf, "eval_guidance_scale",
-             "-1 (the same as guidance_scale) or a finite number >= 1 (1 = no guidance)"),
-            (self.seed >= 0, "seed", "an integer >= 0"),
-            (bool(self.out_dir.strip()), "out_dir", "a directory path (an empty one is an unset shell variable?)"),
             (len(self.rewards) >= 1, "rewards", "a list with at least one reward"),
-            (self.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1"),
-            (self.eval_every >= 0, "eval_every", "an integer >= 0 (0 = before and after training only)"),
-            (self.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1"),
-            (self.eval_num_prompts >= 0, "eval_num_prompts", "an integer >= 0 (0 = no evaluation)"),
-            (self.eval_images_per_prompt >= 1, "eval_images_per_prompt", "an integer >= 1"),
             (self.lora.rank >= 0, "lora.rank", "an integer >= 0 (0 = full fine-tuning)"),
             (self.lora.alpha >= 0, "lora.alpha", "a number >= 0 (0 = the same as lora.rank)"),
-            (self.reward_policy.retries >= 0, "reward_policy.retries", "an integer >= 0 (0 = no retry)"),
-            (0 <= self.reward_policy.max_failed_groups <= 1, "reward_policy.max_failed_groups",
-             "a fraction in [0, 1] (0 = stop at the first failed group, 1 = never stop)"),
             (self.parallel.strategy in ("ddp", "fsdp"), "parallel.strategy", "'ddp' or 'fsdp'"),
             (self.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "'fp32' or 'bf16'"),
             (self.parallel.reduce_dtype in ("fp32", "bf16"), "parallel.reduce_dtype", "'fp32' or 'bf16'"),
             (self.parallel.checkpoint_format in ("full", "sharded"), "parallel.checkpoint_format",
              "'full' or 'sharded'"),
             (self.parallel.rewards_on in ("every_rank", "rank0"), "parallel.rewards_on", "'every_rank' or 'rank0'"),
-            (1 <= self.rollout_chunks <= self.prompts_per_iteration, "rollout_chunks",
-             f"an integer in [1, prompts_per_iteration = {self.prompts_per_iteration}] (each part holds whole groups)"),
-            (self.reward_servers.timeout > 0, "reward_servers.timeout", "a positive number of seconds"),
-            (self.reward_servers.images in ("float32", "uint8", "png"), "reward_servers.images",
-             "'float32', 'uint8' or 'png'"),
         ]
         return [(ok, name, getattr_path(self, name), want) for ok, name, want in checks] + [
             (math.isfinite(r.weight), f"rewards[{i}].weight", r.weight, "a finite number (0 = logged only)")
@@ -329,22 +503,37 @@ class TrainConfig:
                 if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
                     raise ConfigError(f"rewards[{i}].server = {url!r} is invalid: use a URL such as "
                                       f"http://127.0.0.1:8601 (a reward server of mixgrpo serve-rewards)")
-        if self.rollout_chunks > 1 and self.reward_overlap and self.parallel.rewards_on == "rank0":
-            raise ConfigError("reward_overlap with parallel.rewards_on 'rank0' would gather images across ranks from a "
-                              "background thread: use rewards_on 'every_rank' (or a reward server), or "
-                              "reward_overlap: false")
+        self._check_parallel()
+        self._check_objective()
+        steps, group = self.update.steps_per_epoch, self.rollout.group_size
+        if group % steps:
+            raise ConfigError(
+                f"rollout.group_size = {group} is not a multiple of update.steps_per_epoch = {steps}: every optimizer "
+                f"step takes the same share of each group; choose update.steps_per_epoch among "
+                f"{[d for d in range(1, group + 1) if group % d == 0]}")
+
+    def _check_parallel(self) -> None:
+        """The settings that ranks, sharding and the reward threads do not support together."""
+        if self.rollout.chunks > 1 and self.rollout.reward_overlap and self.parallel.rewards_on == "rank0":
+            raise ConfigError("rollout.reward_overlap with parallel.rewards_on 'rank0' would gather images across "
+                              "ranks from a background thread: use rewards_on 'every_rank' (or a reward server), or "
+                              "rollout.reward_overlap: false")
         if self.parallel.strategy == "ddp" and (self.parallel.param_dtype, self.parallel.reduce_dtype) != ("fp32",) * 2:
             raise ConfigError("parallel.param_dtype / reduce_dtype apply to parallel.strategy 'fsdp' only: with 'ddp' "
-                              "use precision: bf16 for bf16 compute, or set parallel.strategy: fsdp")
-        if self.parallel.strategy == "fsdp" and (self.kl_beta > 0 or self.ema_decay > 0):
-            raise ConfigError("kl_beta > 0 and ema_decay > 0 are not supported with parallel.strategy 'fsdp' yet (the "
-                              "reference and EMA copies are not sharded): use strategy 'ddp', or set them to 0")
+                              "use run.precision: bf16 for bf16 compute, or set parallel.strategy: fsdp")
+        if self.parallel.strategy == "fsdp" and (self.loss.kl_beta > 0 or self.optim.ema_decay > 0):
+            raise ConfigError("loss.kl_beta > 0 and optim.ema_decay > 0 are not supported with parallel.strategy "
+                              "'fsdp' yet (the reference and EMA copies are not sharded): use strategy 'ddp', or set "
+                              "them to 0")
+
+    def _check_objective(self) -> None:
+        """What the objective needs of the plan and the rollout (it says so itself: `mixgrpo.objectives`)."""
         objective = OBJECTIVES.get(self.objective)
-        if self.grpo_guard and not objective.supports_guard:
+        if self.loss.grpo_guard and not objective.supports_guard:
             with_guard = " / ".join(repr(n) for n in OBJECTIVES if OBJECTIVES.get(n).supports_guard)
-            raise ConfigError(f"grpo_guard re-centres the ratio of a Gaussian density with one std per sample, which "
-                              f"objective {self.objective!r} does not clip: use objective {with_guard}, or "
-                              f"grpo_guard: false")
+            raise ConfigError(f"loss.grpo_guard re-centres the ratio of a Gaussian density with one std per sample, "
+                              f"which objective {self.objective!r} does not clip: use objective {with_guard}, or "
+                              f"loss.grpo_guard: false")
         if objective.distills != bool(self.distill.teachers):
             distilling = " / ".join(repr(n) for n in OBJECTIVES if OBJECTIVES.get(n).distills)
             raise ConfigError(f"objective {self.objective!r} distills frozen teachers: give distill.teachers (each a "
@@ -353,28 +542,51 @@ class TrainConfig:
                                    f"{distilling}, or remove distill.teachers")
         if objective.stores_transitions and self.sampler.train_steps == "none":
             final_samples = " / ".join(repr(n) for n in OBJECTIVES if not OBJECTIVES.get(n).stores_transitions)
-            raise ConfigError(f"algorithm {self.algorithm!r} trains no step (sampler.train_steps = 'none'), so GRPO has "
-                              f"nothing to re-score: use a GRPO algorithm, or objective {final_samples}, which "
+            raise ConfigError(f"algorithm {self.algorithm!r} trains no step (sampler.train_steps = 'none'), so GRPO "
+                              f"has nothing to re-score: use a GRPO algorithm, or objective {final_samples}, which "
                               f"train on the final samples of any plan")
         if not objective.stores_transitions:
-            if self.sampler.sde_steps == "none" and self.shared_noise:
-                raise ConfigError(f"shared_noise with a deterministic plan (sampler.sde_steps = 'none') makes the "
-                                  f"{self.group_size} images of a group identical, so no group has a preference: set "
-                                  f"shared_noise: false, or use a plan with SDE steps")
+            if self.sampler.sde_steps == "none" and self.rollout.shared_noise:
+                raise ConfigError(f"rollout.shared_noise with a deterministic plan (sampler.sde_steps = 'none') makes "
+                                  f"the {self.rollout.group_size} images of a group identical, so no group has a "
+                                  f"preference: set rollout.shared_noise: false, or use a plan with SDE steps")
             if self.parallel.strategy == "fsdp" and self.matching.sampler_decay > 0:
                 raise ConfigError("matching.sampler_decay > 0 is not supported with parallel.strategy 'fsdp' yet (the "
                                   "sampling copy is not sharded): use strategy 'ddp', or sampler_decay: 0")
-        if self.group_size % self.updates_per_iteration:
-            raise ConfigError(
-                f"group_size = {self.group_size} is not a multiple of updates_per_iteration = "
-                f"{self.updates_per_iteration}: every optimizer step takes the same share of each group; "
-                f"choose updates_per_iteration among {[d for d in range(1, self.group_size + 1) if self.group_size % d == 0]}")
 
 
 def getattr_path(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _settings() -> dict[str, dataclasses.Field]:
+    """Dotted key -> field of every setting: the fields of the `settings` sections (rollout, optim, run, ...) one by
+    one, the other top-level fields (sampler, model, parallel, ...) as a whole."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("settings"):
+            out.update({f"{f.name}.{g.name}": g for g in dataclasses.fields(hints[f.name])})
+        else:
+            out[f.name] = f
+    return out
+
+
+CONFIG_FIELDS: dict[str, dataclasses.Field] = _settings()
+"""Every setting of TrainConfig with its facts (`option`), by dotted key."""
+
+MOVED_KEYS: dict[str, str] = {f.metadata["was"]: key for key, f in CONFIG_FIELDS.items()
+                              if f.metadata.get("was", key) not in ("", key)}
+"""Old key -> new key of every setting that moved into a section."""
+
+RESUMABLE_CHANGES: tuple[str, ...] = tuple(key for key, f in CONFIG_FIELDS.items() if f.metadata.get("resumable"))
+"""The settings a resume may change (`option`'s resumable)."""
+
+REFERENCE_IGNORED: tuple[str, ...] = tuple(key for key, f in CONFIG_FIELDS.items()
+                                           if not f.metadata.get("compared", True))
+"""The settings a comparison with a recipe's reference leaves out (`option`'s compared)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,8 +666,11 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     for key, value in data.items():
         full = f"{where}.{key}" if where else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            # at the top: a setting's name in its section (num_prompts -> eval.num_prompts) or a misspelt old key
+            within = {k.rpartition(".")[2]: k for k in MOVED_KEYS.values()} | MOVED_KEYS if cls is TrainConfig else {}
+            close = difflib.get_close_matches(str(key), [*names, *within], n=1)
+            hint = (f"; did you mean {within.get(close[0], close[0])!r}?" if close
+                    else f"; valid keys: {', '.join(names)}")
             raise ConfigError(f"unknown config key {full!r}{hint}")
         kwargs[key] = _convert(value, hints[key], full)
     try:
@@ -591,13 +806,100 @@ REMOVED_KEYS = {
 silently, so old runs still resume and sample) and why any other value is refused."""
 
 
+def _pop(data: dict[str, Any], key: str) -> tuple[bool, Any]:
+    """Remove dotted `key` from a nested mapping: (whether it was there, its value); a section it empties goes too."""
+    section, _, leaf = key.rpartition(".")
+    node = data.get(section) if section else data
+    if not isinstance(node, dict) or leaf not in node:
+        return False, None
+    value = node.pop(leaf)
+    if section and not node:
+        del data[section]
+    return True, value
+
+
+def without_keys(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of a config mapping without the settings or sections `keys` (dotted: "run.seed", "parallel")."""
+    data = copy.deepcopy(data)
+    for key in keys:
+        _pop(data, key)
+    return data
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping written by any mixgrpo version, in today's layout: every key of MOVED_KEYS moved to its
+    section (`lr` -> `optim.lr`). For what a run directory or a checkpoint stored (config.yaml, a fingerprint, a
+    reference), never for a user's recipe or overrides, which name today's keys (`refuse_moved`)."""
+    data = copy.deepcopy(data)
+    for old, new in MOVED_KEYS.items():
+        found, value = _pop(data, old)
+        if found:
+            section, leaf = new.split(".")
+            data.setdefault(section, {}).setdefault(leaf, value)
+    return data
+
+
+def refuse_moved(data: dict[str, Any]) -> None:
+    """ConfigError for the first key of a recipe or override that moved into a section, naming where it is now."""
+    for key in data:
+        moved = {old: new for old, new in MOVED_KEYS.items() if old == key or old.startswith(f"{key}.")}
+        if key in moved:
+            raise ConfigError(f"config key {key!r} moved to {moved[key]!r}: write it as {moved[key]} (the config "
+                              f"is in sections now: docs/config.md)")
+        if moved:
+            keys = ", ".join(f"{old} -> {new}" for old, new in moved.items())
+            raise ConfigError(f"config section {key!r} moved: its keys are now {keys} (docs/config.md)")
+
+
+def _base_path(base: Any, child: Path) -> Path:
+    """The file of a recipe's `base:`: a shipped recipe by name, or a path relative to the recipe's own file."""
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config file {str(child)!r}: base must be a recipe name or a YAML path, got {base!r}")
+    path = Path(base).expanduser()
+    if len(path.parts) == 1 and not path.suffix:
+        known = recipes()
+        if base not in known:
+            close = difflib.get_close_matches(base, list(known), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"config file {str(child)!r}: base {base!r} is not a shipped recipe: {hint}give one of "
+                              f"{sorted(known)} or a YAML path relative to the file")
+        return known[base]
+    path = path if path.is_absolute() else child.parent / path
+    if not path.is_file():
+        raise ConfigError(f"config file {str(child)!r}: base {base!r} does not exist ({path}): give a YAML path "
+                          f"relative to the file, or a shipped recipe's name")
+    return path
+
+
+def read_recipe(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's mapping with its `base:` merged in, recursively: the base's keys, then the recipe's on top (mappings
+    merged key by key, lists and values replaced). `sampler:` keys refine the `algorithm` preset, so a recipe that
+    names another algorithm than its base does not inherit the base's sampler keys."""
+    path = Path(path)
+    data = read_yaml(path)
+    if "base" not in data:
+        return data
+    base_path = _base_path(data.pop("base"), path)
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        cycle = " -> ".join(p.name for p in (*chain, base_path.resolve()))
+        raise ConfigError(f"config file {str(path)!r}: its bases make a cycle ({cycle}): remove one base")
+    parent = read_recipe(base_path, chain)
+    algorithm = parent.get("algorithm", TrainConfig.algorithm)
+    if data.get("algorithm", algorithm) != algorithm:
+        parent.pop("sampler", None)
+    return _deep_merge(parent, data)
+
+
 def build_config(data: dict[str, Any]) -> TrainConfig:
-    """A TrainConfig from a raw mapping: the algorithm preset, then `sampler` overrides on top."""
+    """A TrainConfig from a raw mapping in today's layout (`migrate` converts an older one): the algorithm preset,
+    then `sampler` overrides on top."""
     data = dict(data)
     for key, (written, why) in REMOVED_KEYS.items():
         if key in data:
             if data.pop(key) != written:
                 raise ConfigError(f"config key {key!r} was removed: {why}; delete it")
+    refuse_moved(data)
     algorithm = data.get("algorithm", TrainConfig.algorithm)
     if algorithm not in ALGORITHMS:
         close = difflib.get_close_matches(str(algorithm), list(ALGORITHMS), n=1)
@@ -610,8 +912,11 @@ def build_config(data: dict[str, Any]) -> TrainConfig:
     return from_dict(TrainConfig, data)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    data = read_yaml(path) if path else {}
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                saved: bool = False) -> TrainConfig:
+    """The TrainConfig of a recipe file (with its `base:` chain) and `key.sub=value` overrides. saved: the file is a
+    run directory's config.yaml, written by any mixgrpo version (`migrate`); the overrides name today's keys."""
+    data = (migrate(read_yaml(path)) if saved else read_recipe(path)) if path else {}
     for override in overrides:
         apply_override(data, override)
     return build_config(data)

@@ -92,11 +92,11 @@ def run_of(path: str | Path | None) -> Path | None:
 
 
 def run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()):
-    """The TrainConfig a run was trained with (its config.yaml), with `key.sub=value` overrides (a moved run's
-    files: model.args.path=/new/place)."""
+    """The TrainConfig a run was trained with (its config.yaml, written by any mixgrpo version), with `key.sub=value`
+    overrides (a moved run's files: model.args.path=/new/place)."""
     from mixgrpo.config import load_config
 
-    return load_config(Path(run_dir) / CONFIG, overrides)
+    return load_config(Path(run_dir) / CONFIG, overrides, saved=True)
 
 
 def load_run(run_dir: str | Path, weights: str | Path | None = FINAL, device: str | None = None,
@@ -164,7 +164,7 @@ def final_or_latest(run_dir: str | Path) -> Path:
     latest = latest_checkpoint(run_dir)
     if latest is None:
         raise ConfigError(f"run {run_dir} has no final/ and {describe_checkpoints(run_dir)}: it has no fine-tuned "
-                          f"model yet; wait for its first checkpoint (checkpoint_every)")
+                          f"model yet; wait for its first checkpoint (run.checkpoint_every)")
     return latest
 
 

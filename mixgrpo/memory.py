@@ -96,7 +96,7 @@ def estimate(cfg: TrainConfig, world_size: int = 1) -> Estimate | None:
             3 * est.trained * weight_bytes * share
         if fsdp:  # the denoiser's weights are sharded too
             est.parts["weights"] -= params[trained_name] * weight_bytes * (1 - share)
-    copies = [("EMA", cfg.ema_decay > 0, 4), ("KL reference", cfg.kl_beta > 0, state_bytes),
+    copies = [("EMA", cfg.optim.ema_decay > 0, 4), ("KL reference", cfg.loss.kl_beta > 0, state_bytes),
               ("sampling copy", not OBJECTIVES.get(cfg.objective).stores_transitions and cfg.matching.sampler_decay > 0,
                4)]
     for name, on, nbytes in copies:
@@ -139,12 +139,13 @@ def _activations(cfg: TrainConfig, root: Path, transformer: Any, args: dict[str,
     hidden = transformer.get("num_attention_heads", 0) * transformer.get("attention_head_dim", 0)
     layers = transformer.get("num_layers", 0) + transformer.get("num_single_layers", 0)
     objective = OBJECTIVES.get(cfg.objective)
-    guided = objective.guided_update and cfg.guidance_scale != 1  # cond and uncond rows
-    rows = cfg.micro_batch_size * (2 if guided else 1) * objective.forwards_per_backward(cfg)
-    scale = (2 if cfg.precision in ("bf16", "auto") else 4) / 2  # the formula's bytes are 16-bit
+    guided = objective.guided_update and cfg.rollout.guidance_scale != 1  # cond and uncond rows
+    rows = cfg.update.micro_batch_size * (2 if guided else 1) * objective.forwards_per_backward(cfg)
+    scale = (2 if cfg.run.precision in ("bf16", "auto") else 4) / 2  # the formula's bytes are 16-bit
     per_layer = 34 * tokens * rows * hidden * scale
-    stored = (2 * tokens * rows * hidden * scale * layers + per_layer) if cfg.grad_checkpointing else per_layer * layers
-    how = "gradient checkpointing" if cfg.grad_checkpointing else "no checkpointing"
+    checkpointed = cfg.update.grad_checkpointing
+    stored = (2 * tokens * rows * hidden * scale * layers + per_layer) if checkpointed else per_layer * layers
+    how = "gradient checkpointing" if cfg.update.grad_checkpointing else "no checkpointing"
     return {f"activations ({rows} rows x {tokens} tokens x {hidden} wide x {layers} layers, {how})": stored}
 
 

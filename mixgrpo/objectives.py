@@ -14,7 +14,7 @@
 An objective (`Objective`) tells the config, the pre-flight, the memory estimate and the trainer what it needs
 (`stores_transitions`, `guided_update`, `sampler_decay`, `distills`), which steps the rollout stores (`train_mask`), how many loss terms a sample has (`terms`), and
 runs the update (`update`) through the shared update loop (`mixgrpo.train.update.UpdateLoop`) over the micro-batches
-of `micro_batches`. Each takes an optional KL term to the frozen base (`kl_beta`).
+of `micro_batches`. Each takes an optional KL term to the frozen base (`loss.kl_beta`).
 
 Adding an objective: one class with the protocol's members, registered with `@OBJECTIVES.register("name")`.
 """
@@ -181,7 +181,8 @@ class GRPO:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> GRPO:
-        return cls(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale, rescore_old, cfg.grpo_guard)
+        return cls(policy, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.rollout.guidance_scale, rescore_old,
+                   cfg.loss.grpo_guard)
 
     @staticmethod
     def forwards_per_backward(cfg: TrainConfig) -> int:
@@ -303,7 +304,8 @@ class OnPolicyDistillation(GRPO):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> OnPolicyDistillation:
-        return cls(policy, cfg.clip_range, cfg.kl_beta, cfg.guidance_scale, rescore_old, cfg.distill.reward_weight)
+        return cls(policy, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.rollout.guidance_scale, rescore_old,
+                   cfg.distill.reward_weight)
 
     def update(self, loop: UpdateLoop, s: Samples) -> UpdateStats:
         traj, teachers = s.traj, self.policy.teachers
@@ -412,8 +414,8 @@ class ForwardProcess:
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> ForwardProcess:
-        return cls(policy, cfg.matching, cfg.clip_range, cfg.kl_beta, cfg.micro_batch_size,
-                   cfg.updates_per_iteration, cfg.update_epochs, cfg.grpo_guard)
+        return cls(policy, cfg.matching, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.update.micro_batch_size,
+                   cfg.update.steps_per_epoch, cfg.update.epochs, cfg.loss.grpo_guard)
 
     @staticmethod
     def forwards_per_backward(cfg: TrainConfig) -> int:
@@ -484,7 +486,7 @@ class DiffusionNFT(ForwardProcess):
 class AWM(ForwardProcess):
     """AWM, Advantage Weighted Matching (arXiv 2509.25050): the clipped policy loss with the flow-matching surrogate
     log p = -w(sigma) ||v - u||^2 (`mixgrpo.flow_matching.awm_log_prob`) as the log-probability, the sampling
-    policy's as the old one. With the guard (`grpo_guard`), the ratio is re-centred as GRPO-Guard's
+    policy's as the old one. With the guard (`loss.grpo_guard`), the ratio is re-centred as GRPO-Guard's
     (`mixgrpo.grpo.guard_log_ratio`): the surrogate is log N(u | v, 1 / (2 w)), the mean v, the std 1 / sqrt(2 w)."""
 
     supports_guard = True
@@ -537,7 +539,7 @@ class VGRPO(ForwardProcess):
     negative flow-matching loss of the final sample over M = v_grpo.pairs timestep-noise pairs (`vgrpo_pairs`), in
     GRPO's clipped loss with one ratio per sample against the sampling policy (`mixgrpo.flow_matching.vgrpo_loss`).
     An optimizer step's micro-batch runs M trained forwards before its backward (M times the activations of the
-    other forward-process objectives). The stabilisers are options of `v_grpo:` (and `clip_range`, `kl_beta`)."""
+    other forward-process objectives). The stabilisers are options of `v_grpo:` (and `loss.clip_range`, `loss.kl_beta`)."""
 
     def __init__(self, policy: Policy, matching: MatchingConfig, clip_range: float, kl_beta: float,
                  micro_batch_size: int, updates: int, epochs: int, v_grpo: VGRPOConfig, group_size: int):
@@ -546,8 +548,8 @@ class VGRPO(ForwardProcess):
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, policy: Policy, rescore_old: bool) -> VGRPO:
-        return cls(policy, cfg.matching, cfg.clip_range, cfg.kl_beta, cfg.micro_batch_size, cfg.updates_per_iteration,
-                   cfg.update_epochs, cfg.v_grpo, cfg.group_size)
+        return cls(policy, cfg.matching, cfg.loss.clip_range, cfg.loss.kl_beta, cfg.update.micro_batch_size,
+                   cfg.update.steps_per_epoch, cfg.update.epochs, cfg.v_grpo, cfg.rollout.group_size)
 
     @staticmethod
     def forwards_per_backward(cfg: TrainConfig) -> int:

@@ -5,7 +5,7 @@ first evaluation, or every iteration since the last checkpoint. Each problem is 
 all of them are reported together:
 
 - packages: every Python package the run imports beyond the core (the model's, LoRA's peft, the reward models'
-  transformers, tensorboard when `tensorboard: true`, wandb when `wandb_project` is set), each missing one named
+  transformers, tensorboard when `run.tensorboard: true`, wandb when `run.wandb_project` is set), each missing one named
   with the pip command that installs it (`package_problems`); programs a reward runs (OCR's tesseract) are
   checked by the reward's own `check()`;
 - devices: model.args.device and every reward's args.device exist in this torch build and machine;
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from mixgrpo import dist, packages
-from mixgrpo.config import ConfigError, TrainConfig
+from mixgrpo.config import ConfigError, TrainConfig, getattr_path
 from mixgrpo.prompts import Example, read_examples, read_prompts
 
 
@@ -61,13 +61,14 @@ def problems_of(cfg: TrainConfig) -> list[str]:
             problems += device_problems(f"rewards[{i}].args.device", spec.args.get("device"))
     problems += _reward_problems(cfg)
     examples: dict[str, tuple[str, list[Example]]] = {}
-    for split, source, count in (("train", cfg.train_prompts, None), ("eval", cfg.eval_prompts, cfg.eval_num_prompts)):
+    for split, field, count in (("train", "rollout.prompts", None), ("eval", "eval.prompts", cfg.eval.num_prompts)):
+        source = getattr_path(cfg, field)
         if count == 0:
             continue  # no evaluation: the eval prompts are never read
         try:
             examples[split] = (source, read_examples(source)[:count])
         except ValueError as e:
-            problems.append(f"{split}_prompts: {e}")
+            problems.append(f"{field}: {e}")
     prompts = {k: (src, [e.prompt for e in ex]) for k, (src, ex) in examples.items()}
     problems += input_problems(cfg.model.name, examples, cfg.rewards)
     problems += _model_problems(cfg, prompts)
@@ -141,10 +142,10 @@ def package_needs(cfg: TrainConfig, training: bool = True) -> list[tuple[str, st
 
     for reward in cfg.rewards:
         needs += [(m, f"reward {reward.name!r}") for m in REWARDS.modules(reward.name)]
-    if cfg.tensorboard:
-        needs.append(("tensorboard", "tensorboard: true (set tensorboard=false to go without)"))
-    if cfg.wandb_project:
-        needs.append(("wandb", f"wandb_project = {cfg.wandb_project!r}"))
+    if cfg.run.tensorboard:
+        needs.append(("tensorboard", "run.tensorboard: true (set run.tensorboard=false to go without)"))
+    if cfg.run.wandb_project:
+        needs.append(("wandb", f"run.wandb_project = {cfg.run.wandb_project!r}"))
     return needs
 
 
@@ -212,13 +213,13 @@ def _server_problems(cfg: TrainConfig) -> list[str]:
     if not urls:
         return []
     try:
-        token = token_from(cfg.reward_servers.token_env)
+        token = token_from(cfg.scoring.server_token_env)
     except ValueError as e:
         return [str(e)]
     problems, hosted = [], {}
     for url in urls:
         try:
-            hosted[url] = ServerClient(url, cfg.reward_servers.timeout, token).health()["rewards"]
+            hosted[url] = ServerClient(url, cfg.scoring.server_timeout, token).health()["rewards"]
         except (RewardError, ServerSetupError, TimeoutError, ConnectionError) as e:
             problems.append(f"{e}; start it (mixgrpo serve-rewards, docs/rewards.md) or fix the reward's server:")
     for i, spec in enumerate(cfg.rewards):
@@ -271,7 +272,7 @@ def _teacher_problems(cfg: TrainConfig, train_prompts: list[str] | None) -> list
             problems.append(f"{where}.path: {spec.path} does not exist: give a run directory, a checkpoint of a run "
                             f"or an exported model directory (RUN/final)")
         elif run is not None:
-            theirs, ours = _model_identity(load_config(run / CONFIG).model), _model_identity(cfg.model)
+            theirs, ours = _model_identity(load_config(run / CONFIG, saved=True).model), _model_identity(cfg.model)
             if not _same_model(theirs, ours):
                 problems.append(f"{where}.path: run {run} trains {_describe(*theirs)} and the student is "
                                 f"{_describe(*ours)}: a teacher must be the student's own model, since it reads the "
@@ -289,8 +290,8 @@ def _teacher_problems(cfg: TrainConfig, train_prompts: list[str] | None) -> list
             continue
         if train_prompts is not None and not prompts & set(train_prompts):
             problems.append(f"{where}.prompts: {spec.prompts} holds none of the training prompts "
-                            f"({cfg.train_prompts}), so this teacher would teach nothing: give the prompts it teaches "
-                            f"as train_prompts writes them")
+                            f"({cfg.rollout.prompts}), so this teacher would teach nothing: give the prompts it teaches "
+                            f"as rollout.prompts writes them")
         taught |= prompts
     if train_prompts is not None and cfg.distill.teachers and not teaches_all and cfg.distill.reward_weight == 0:
         untaught = [p for p in train_prompts if p not in taught]
@@ -338,8 +339,8 @@ def _trained_sigma_problems(cfg: TrainConfig) -> list[str]:
     if check is None or not OBJECTIVES.get(cfg.objective).stores_transitions:
         return []
     trained: dict[float, int] = {}
-    for iteration in range(cfg.iterations):
-        for step in build_plan(cfg.sampler, iteration=iteration, seed=cfg.seed).steps:
+    for iteration in range(cfg.run.iterations):
+        for step in build_plan(cfg.sampler, iteration=iteration, seed=cfg.run.seed).steps:
             if step.train:
                 trained.setdefault(step.sigma, iteration)
     return check(cfg.model.args, trained)

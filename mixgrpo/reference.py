@@ -30,24 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mixgrpo.config import ConfigError, config_diff, load_config, read_yaml, recipes, to_dict
+from mixgrpo.config import (REFERENCE_IGNORED, ConfigError, config_diff, load_config, migrate, read_yaml, recipes,
+                            to_dict, without_keys)
 from mixgrpo.fileio import writing
 from mixgrpo.rundir import CONFIG, EVALS, read_metrics, read_records
 
-# config fields that do not change what a run computes at an evaluated iteration (or change it by float
-# summation order only: micro_batch_size, parallel); precision is reported instead
-IGNORED = ("seed", "iterations", "time_limit_minutes", "out_dir", "checkpoint_every", "keep_checkpoints",
-           "reward_policy", "parallel", "tensorboard", "wandb_project", "precision", "eval_every", "profile",
-           "micro_batch_size", "grad_checkpointing", "deterministic")
 CONFIDENCE = 0.95
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A resolved config (`to_dict`) without the IGNORED fields and the paths of its files (a run makes them
-    absolute; where the files are is not what is computed): what a run must share with a reference."""
+    """A resolved config (`to_dict`) without the settings that do not change what a run computes at an evaluated
+    iteration (`mixgrpo.config.REFERENCE_IGNORED`; the precision is reported instead) and the paths of its files (a
+    run makes them absolute; where the files are is not what is computed): what a run must share with a
+    reference."""
     from mixgrpo.runfiles import without_paths
 
-    return json.loads(json.dumps({k: v for k, v in without_paths(config).items() if k not in IGNORED}))
+    return json.loads(json.dumps(without_keys(without_paths(config), REFERENCE_IGNORED)))
 
 
 def references_dir() -> Path:
@@ -74,8 +72,9 @@ class Reference:
     def read(cls, path: Path) -> Reference:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**data, path=path)
-        except (json.JSONDecodeError, TypeError) as e:
+            # a reference written before the config had sections: its config in today's layout
+            return cls(**{**data, "config": migrate(data["config"])}, path=path)
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
             raise ConfigError(f"reference file {path} is not a reference ({e}): rewrite it with mixgrpo "
                               f"reference") from None
 
@@ -166,7 +165,7 @@ def read_run(run_dir: str | Path) -> RunCurve:
     minutes = training_minutes(read_metrics(run_dir))
     rows = [{"iteration": e["iteration"], "minutes": minutes.get(e["iteration"], math.nan),
              **{k: v for k, v in e.items() if k.startswith("eval/")}} for e in read_records(run_dir / EVALS)]
-    return RunCurve(run_dir, read_yaml(run_dir / CONFIG), rows)
+    return RunCurve(run_dir, migrate(read_yaml(run_dir / CONFIG)), rows)
 
 
 def reference_of(run: RunCurve, references: dict[str, Reference] | None = None) -> Reference | None:
@@ -214,7 +213,7 @@ def judge(run: RunCurve, ref: Reference) -> list[Verdict]:
 
 def describe(run: RunCurve, ref: Reference) -> str:
     """One line: the run against its recipe's reference, per metric."""
-    precision = run.config.get("precision")
+    precision = run.config.get("run", {}).get("precision")
     other = f"; this run's precision is {precision}" if precision != ref.precision else ""
     return (f"reference {ref.recipe} ({len(ref.seeds)} seeds, {ref.precision}{other}): "
             + "; ".join(v.text() for v in judge(run, ref)))
@@ -265,20 +264,21 @@ def build_reference(run_dirs: list[str | Path], machine: str, note: str = "") ->
     for run in runs[1:]:
         changed = config_diff(mine, comparable(run.config))
         if changed:
-            raise ConfigError(f"the runs differ in more than their seed ({run.path}: {'; '.join(changed)}): a reference "
-                              f"is one recipe over seeds")
-    seeds = [str(r.config["seed"]) for r in runs]
+            raise ConfigError(f"the runs differ in more than their seed ({run.path}: {'; '.join(changed)}): a "
+                              f"reference is one recipe over seeds")
+    seeds = [str(r.config["run"]["seed"]) for r in runs]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"two runs share a seed ({seeds}): give one run per seed")
-    precisions = {r.config["precision"] for r in runs}
+    precisions = {r.config["run"]["precision"] for r in runs}
     if len(precisions) != 1:
-        raise ConfigError(f"the runs differ in precision ({sorted(precisions)}): pin it (precision=fp32)")
+        raise ConfigError(f"the runs differ in precision ({sorted(precisions)}): pin it (run.precision=fp32)")
     name = next((n for n in recipes() if not config_diff(recipe_config(n), mine)), None)
     if name is None:
         raise ConfigError("the runs follow no shipped recipe (configs/*.yaml): a reference belongs to a recipe; "
-                          "run the recipe with only seed, precision and out_dir changed")
-    return Reference(recipe=name, config=mine, precision=precisions.pop(), machine=machine,
-                     command=f"mixgrpo train --config {name} seed={{seed}} precision={runs[0].config['precision']}"
+                          "run the recipe with only run.seed, run.precision and run.out_dir changed")
+    precision = precisions.pop()
+    return Reference(recipe=name, config=mine, precision=precision, machine=machine,
+                     command=f"mixgrpo train --config {name} run.seed={{seed}} run.precision={precision}"
                              f" --out runs/ref/{name}_s{{seed}}",
                      torch=torch.__version__, mixgrpo=_commit(), note=note,
                      seeds={s: r.rows for s, r in sorted(zip(seeds, runs))})

@@ -30,7 +30,8 @@ PATH_ARGS = ("path", "embedding_cache", "tokenizer", "clip")
 """The factory arguments (model.args, rewards[i].args) that name a file or directory: those of the shipped models
 and rewards. A user factory's path arguments of other names are compared as plain values."""
 
-PROMPT_FIELDS = ("train_prompts", "eval_prompts")
+PROMPT_FIELDS = ("rollout.prompts", "eval.prompts")
+"""The config's prompt sources (a file or a named set), as dotted keys."""
 _WHOLE_FILE = 64 << 20  # bytes: larger files are identified by their size, first and last MiB
 _SMALL = 1 << 20  # bytes: directory members up to this size are hashed whole
 _DOCS = (".md", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".pdf")
@@ -38,11 +39,10 @@ _DOCS = (".md", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".pdf")
 
 def path_fields(data: dict[str, Any]) -> dict[str, str]:
     """{field: path} of every path a run's config names (`mixgrpo.config.to_dict` of it, or a stored fingerprint),
-    with fields written as overrides take them: model.args.path, rewards[0].args.tokenizer, train_prompts."""
+    with fields written as overrides take them: model.args.path, rewards[0].args.tokenizer, rollout.prompts."""
     from mixgrpo.prompts import is_builtin_source
 
-    fields = {key: data[key] for key in PROMPT_FIELDS
-              if isinstance(data.get(key), str) and not is_builtin_source(data[key])}
+    fields = {key: value for key, value in prompt_sources(data).items() if not is_builtin_source(value)}
     for i, teacher in enumerate((data.get("distill") or {}).get("teachers") or []):
         for key in ("path", "prompts"):  # on-policy distillation's teachers: a model, a prompt source
             value = teacher.get(key) if isinstance(teacher, dict) else None
@@ -56,6 +56,13 @@ def path_fields(data: dict[str, Any]) -> dict[str, str]:
             if isinstance(args, dict) and isinstance(args.get(key), str) and args[key]:
                 fields[f"{where}.{key}"] = args[key]
     return fields
+
+
+def prompt_sources(data: dict[str, Any]) -> dict[str, str]:
+    """{field: source} of the prompt sources a config mapping names (PROMPT_FIELDS)."""
+    sections = [(key, key.split(".")) for key in PROMPT_FIELDS]
+    values = {key: (data.get(section) or {}).get(leaf) for key, (section, leaf) in sections}
+    return {key: value for key, value in values.items() if isinstance(value, str)}
 
 
 def without_paths(data: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +103,7 @@ def _parts(field: str) -> list[str | int]:
 def identities(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """{field: identity} of every path field of a config mapping and of its prompt sources, named sets included
     (see the module docstring)."""
-    fields = {key: data[key] for key in PROMPT_FIELDS if isinstance(data.get(key), str)} | path_fields(data)
+    fields = prompt_sources(data) | path_fields(data)
     return {field: identity(field, value) for field, value in fields.items()}
 
 

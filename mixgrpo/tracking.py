@@ -5,10 +5,10 @@ every numeric metric of every iteration (step = iteration) and of each evaluatio
 evaluations as images, and the resolved config (TensorBoard: a text entry; W&B: the run's config). Only
 rank 0 tracks.
 
-- TensorBoard (`tensorboard: true`, the default): event files in RUN/tensorboard. The `tensorboard` package is
+- TensorBoard (`run.tensorboard: true`, the default): event files in RUN/tensorboard. The `tensorboard` package is
   in the `tiny` and `models` extras; without it the pre-flight stops the run, naming the pip command (or set
-  tensorboard=false).
-- Weights & Biases (`wandb_project: NAME`): needs the `wandb` package and a login (or WANDB_MODE=offline).
+  run.tensorboard=false).
+- Weights & Biases (`run.wandb_project: NAME`): needs the `wandb` package and a login (or WANDB_MODE=offline).
   The W&B run id is kept in RUN/wandb_id, so a resumed run continues the same W&B run.
 """
 
@@ -55,8 +55,8 @@ class Trackers:
             try:
                 import wandb
             except ImportError:
-                raise TrackingError(f"wandb_project = {wandb_project!r} but the wandb package is not installed: "
-                                    f"pip install wandb, or leave wandb_project empty") from None
+                raise TrackingError(f"run.wandb_project = {wandb_project!r} but the wandb package is not installed: "
+                                    f"pip install wandb, or leave run.wandb_project empty") from None
             id_file = run_dir / "wandb_id"
             run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n")

@@ -6,22 +6,34 @@ import copy
 
 import yaml
 
+from mixgrpo.config import MOVED_KEYS
+
 GAUSSIAN_RUN = {
     "algorithm": "mixgrpo",
     "sampler": {"num_steps": 8, "window": {"size": 2, "tau": 2}},
     "model": {"name": "gaussian", "args": {"size": 4}},
     "rewards": [{"name": "toy_rewards:brightness"}],
-    "prompts_per_iteration": 2,
-    "group_size": 4,
-    "updates_per_iteration": 2,
-    "micro_batch_size": 4,
-    "lr": 0.05,
+    "rollout": {"prompts_per_iteration": 2, "group_size": 4},
+    "update": {"steps_per_epoch": 2, "micro_batch_size": 4},
+    "optim": {"lr": 0.05},
 }
+
+SETTING_SECTIONS = {key.split(".")[0] for key in MOVED_KEYS.values()}
+"""The sections that group single settings (run, optim, rollout, ...): `merged` merges them key by key."""
+
+
+def merged(data: dict, over: dict) -> dict:
+    """A copy of a raw config with the top-level keys of `over` replaced (sampler, model, rewards, ... as a whole),
+    except that a section of settings (run, optim, ...) in `over` sets only the keys it names."""
+    out = {**copy.deepcopy(data), **copy.deepcopy(over)}
+    for key in SETTING_SECTIONS & set(over) & set(data):
+        out[key] = {**data[key], **over[key]}
+    return out
 
 
 def gaussian_run(**over) -> dict:
-    """The run's raw config (for `mixgrpo.config.build_config`), top-level keys replaced by `over`."""
-    return {**copy.deepcopy(GAUSSIAN_RUN), **over}
+    """The run's raw config (for `mixgrpo.config.build_config`), `over` on top (`merged`)."""
+    return merged(GAUSSIAN_RUN, over)
 
 
 def gaussian_run_yaml(**over) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from gaussian_run import merged
+
 from mixgrpo.config import build_config
 from mixgrpo.export import load_run
 from mixgrpo.models import MODELS
@@ -68,15 +70,15 @@ def grpo_run(out: Path, name: str, args: dict, lora: int, guidance_scale: float,
         prompts = example_file(out.parent / f"{out.name}_examples", inputs)
     algorithm = {"algorithm": "mixgrpo", "sampler": {"num_steps": STEPS, "window": {"size": 1}}}
     if objective == "diffusion_nft":
-        algorithm = {"algorithm": "ode", "objective": "diffusion_nft", "shared_noise": False,
-                     "sampler": {"num_steps": STEPS}}
-    cfg = build_config({
+        algorithm = {"algorithm": "ode", "objective": "diffusion_nft", "sampler": {"num_steps": STEPS}}
+    targets = {"target_modules": over.pop("targets")} if "targets" in over else {}
+    cfg = build_config(merged({
         **algorithm, "model": {"name": name, "args": args}, "rewards": [{"name": reward}],
-        "train_prompts": str(prompts), "guidance_scale": guidance_scale, "iterations": 1, "prompts_per_iteration": 2, "group_size": 2,
-        "updates_per_iteration": 1, "micro_batch_size": 4, "lr": 1.0e-2, "clip_range": 0.2, "eval_num_prompts": 0,
-        "lora": {"rank": lora, "alpha": 2 * lora, **({"target_modules": over.pop("targets")} if "targets" in over
-                                                     else {})},
-        "out_dir": str(out), **over})
+        "rollout": {"prompts": str(prompts), "guidance_scale": guidance_scale, "prompts_per_iteration": 2,
+                    "group_size": 2, "shared_noise": objective != "diffusion_nft"},
+        "update": {"steps_per_epoch": 1, "micro_batch_size": 4}, "optim": {"lr": 1.0e-2},
+        "loss": {"clip_range": 0.2}, "eval": {"num_prompts": 0}, "run": {"iterations": 1, "out_dir": str(out)},
+        "lora": {"rank": lora, "alpha": 2 * lora, **targets}}, over))
     run = train(cfg, progress=False)
     (record,) = read_metrics(run)
     assert record["onpolicy_ratio_error"] < 1e-4 and record["grad_norm"] > 0

@@ -23,7 +23,7 @@ from gaussian_run import gaussian_run_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
-BASE_YAML = gaussian_run_yaml(iterations=2, clip_range=0.2, checkpoint_every=1, eval_num_prompts=0)
+BASE_YAML = gaussian_run_yaml(run={"iterations": 2, "checkpoint_every": 1}, loss={"clip_range": 0.2}, eval={"num_prompts": 0})
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def files(tmp_path_factory) -> Path:
     Image.new("RGB", (64, 32), (255, 0, 0)).save(d / "wide.png")
     (d / "mixed.jsonl").write_text('{"prompt": "make the red square blue", "images": ["input.png"]}\n'
                                    '{"prompt": "a red circle"}\n')
-    cfg = load_config(d / "base.yaml", [f"out_dir={d / 'run'}"])
+    cfg = load_config(d / "base.yaml", [f"run.out_dir={d / 'run'}"])
     train(cfg, progress=False)
     shutil.copytree(d / "run", d / "corrupt")
     shutil.copytree(d / "run" / "final", d / "size4")  # a model directory outside its run: nothing says its size
@@ -96,52 +96,52 @@ CASES = [
     Case("config is not a mapping", ["train", "--config", "{d}/list.yaml"], ["must hold a mapping", "got list"]),
     Case("non-UTF-8 config", ["train", "--config", "{d}/latin1.yaml"], ["not UTF-8", "save it as UTF-8"]),
     Case("unknown config key", train_args("iteratons=3"),
-         ["unknown config key 'iteratons'", "did you mean 'iterations'"]),
+         ["unknown config key 'iteratons'", "did you mean 'run.iterations'"]),
     Case("unknown nested key", train_args("sampler.windw.size=3"), ["'sampler.windw'", "did you mean 'window'"]),
-    Case("wrong type (int)", train_args("iterations=abc"), ["iterations must be an integer", "'abc'"]),
-    Case("wrong type (bool)", train_args("shared_noise=maybe"), ["shared_noise must be true or false"]),
+    Case("wrong type (int)", train_args("run.iterations=abc"), ["iterations must be an integer", "'abc'"]),
+    Case("wrong type (bool)", train_args("rollout.shared_noise=maybe"), ["shared_noise must be true or false"]),
     Case("wrong type (section)", train_args("rewards=verifier"), ["rewards must be a list"]),
-    Case("tuple of wrong length", train_args("betas=[0.9]"), ["betas must be a list of 2 values"]),
+    Case("tuple of wrong length", train_args("optim.betas=[0.9]"), ["betas must be a list of 2 values"]),
     Case("bad override syntax", train_args("iterations"), ["'iterations' is not of the form key.sub=value"]),
-    Case("override into a value", train_args("lr.x=3"), ["'lr' is not a section"]),
+    Case("override into a value", train_args("optim.lr.x=3"), ["'lr' is not a section"]),
     # values out of range
     Case("window larger than the steps", train_args("sampler.window.size=20"),
          ["window.size = 20 exceeds the 8 steps", "lower window.size or raise num_steps"]),
-    Case("group size below 2", train_args("group_size=1", "updates_per_iteration=1"),
-         ["group_size = 1 is invalid", "integer >= 2"]),
-    Case("group not divisible by updates", train_args("updates_per_iteration=3"),
-         ["not a multiple of updates_per_iteration", "choose updates_per_iteration among [1, 2, 4]"]),
-    Case("negative lr", train_args("lr=-1"), ["lr = -1.0 is invalid", "positive finite number"]),
-    Case("infinite lr", train_args("lr=.inf", "updates_per_iteration=1"), ["lr must be a finite number", "got inf"]),
-    Case("betas out of range", train_args("betas=[1.5, 0.999]"), ["betas = (1.5, 0.999) is invalid", "[0, 1)"]),
-    Case("negative weight_decay", train_args("weight_decay=-1"), ["weight_decay = -1.0 is invalid", ">= 0"]),
-    Case("negative eval_num_prompts", train_args("eval_num_prompts=-1"),
-         ["eval_num_prompts = -1 is invalid", "0 = no evaluation"]),
-    Case("zero eval images per prompt", train_args("eval_images_per_prompt=0"),
-         ["eval_images_per_prompt = 0 is invalid", "integer >= 1"]),
+    Case("group size below 2", train_args("rollout.group_size=1", "update.steps_per_epoch=1"),
+         ["rollout.group_size = 1 is invalid", "integer >= 2"]),
+    Case("group not divisible by updates", train_args("update.steps_per_epoch=3"),
+         ["not a multiple of update.steps_per_epoch", "choose update.steps_per_epoch among [1, 2, 4]"]),
+    Case("negative lr", train_args("optim.lr=-1"), ["optim.lr = -1.0 is invalid", "positive finite number"]),
+    Case("infinite lr", train_args("optim.lr=.inf", "update.steps_per_epoch=1"), ["lr must be a finite number", "got inf"]),
+    Case("betas out of range", train_args("optim.betas=[1.5, 0.999]"), ["optim.betas = (1.5, 0.999) is invalid", "[0, 1)"]),
+    Case("negative weight_decay", train_args("optim.weight_decay=-1"), ["optim.weight_decay = -1.0 is invalid", ">= 0"]),
+    Case("negative eval_num_prompts", train_args("eval.num_prompts=-1"),
+         ["eval.num_prompts = -1 is invalid", "0 = no evaluation"]),
+    Case("zero eval images per prompt", train_args("eval.images_per_prompt=0"),
+         ["eval.images_per_prompt = 0 is invalid", "integer >= 1"]),
     Case("NaN reward weight", train_args("rewards=[{name: 'toy_rewards:brightness', weight: .nan}]"),
          ["rewards[0].weight must be a finite number", "got nan"]),
     Case("infinite reward weight", train_args("rewards=[{name: 'toy_rewards:brightness', weight: .inf}]"),
          ["rewards[0].weight must be a finite number", "got inf"]),
-    Case("negative advantage_clip", train_args("advantage_clip=-1"),
-         ["advantage_clip = -1.0 is invalid", "positive finite number"]),
-    Case("zero advantage_clip", train_args("advantage_clip=0"), ["advantage_clip = 0.0 is invalid"]),
-    Case("eval guidance below 1", train_args("eval_guidance_scale=0.5"),
-         ["eval_guidance_scale = 0.5 is invalid", "-1 (the same as guidance_scale)", ">= 1"]),
+    Case("negative advantage_clip", train_args("advantage.clip=-1"),
+         ["advantage.clip = -1.0 is invalid", "positive finite number"]),
+    Case("zero advantage_clip", train_args("advantage.clip=0"), ["advantage.clip = 0.0 is invalid"]),
+    Case("eval guidance below 1", train_args("eval.guidance_scale=0.5"),
+         ["eval.guidance_scale = 0.5 is invalid", "-1 (the same as rollout.guidance_scale)", ">= 1"]),
     Case("infinite sigma_std", train_args("objective=diffusion_nft", "matching.sigma_std=.inf"),
          ["matching.sigma_std must be a finite number", "got inf"]),
     Case("infinite NFT beta", train_args("objective=diffusion_nft", "matching.beta=.inf"),
          ["matching.beta must be a finite number", "got inf"]),
-    Case("negative reward retries", train_args("reward_policy.retries=-1"),
-         ["reward_policy.retries = -1 is invalid", "integer >= 0"]),
-    Case("negative max_failed_groups", train_args("reward_policy.max_failed_groups=-1"),
-         ["reward_policy.max_failed_groups = -1.0 is invalid", "fraction in [0, 1]"]),
+    Case("negative reward retries", train_args("scoring.retries=-1"),
+         ["scoring.retries = -1 is invalid", "integer >= 0"]),
+    Case("negative max_failed_groups", train_args("scoring.max_failed_groups=-1"),
+         ["scoring.max_failed_groups = -1.0 is invalid", "fraction in [0, 1]"]),
     Case("frames on a whole-video reward", train_args("rewards=[{name: temporal_consistency, frames: min}]"),
          ["frames = 'min' does not apply to reward 'temporal_consistency'", "drop frames"]),
     Case("empty --out", ["train", "--config", "{d}/base.yaml", "--out", "", "--resume"],
          ["--out is empty", "unset shell variable"]),
     Case("zero steps", train_args("sampler.num_steps=0"), ["num_steps = 0", "at least one step"]),
-    Case("unknown precision", train_args("precision=fp16"), ["precision = 'fp16' is invalid", "'auto', 'fp32' or 'bf16'"]),
+    Case("unknown precision", train_args("run.precision=fp16"), ["run.precision = 'fp16' is invalid", "'auto', 'fp32' or 'bf16'"]),
     Case("every reward weight 0", train_args("rewards=[{name: 'toy_rewards:brightness', weight: 0}]"),
          ["every reward has weight 0", "non-zero weight"]),
     # names
@@ -169,22 +169,22 @@ CASES = [
     Case("missing distillation teacher", train_args("objective=opd", "distill.teachers=[{path: '{d}/no_teacher'}]"),
          ["distill.teachers[0].path", "does not exist", "a run directory"]),
     # prompt files
-    Case("empty prompt file", train_args("train_prompts={d}/empty.txt"), ["holds no prompts", "add at least one"]),
-    Case("non-UTF-8 prompt file", train_args("train_prompts={d}/latin1.txt"), ["is not UTF-8", "re-save it as UTF-8"]),
-    Case("missing prompt file", train_args("train_prompts={d}/nope.txt"), ["does not exist", "world:train"]),
-    Case("malformed JSONL prompt file", train_args("train_prompts={d}/bad.jsonl"),
+    Case("empty prompt file", train_args("rollout.prompts={d}/empty.txt"), ["holds no prompts", "add at least one"]),
+    Case("non-UTF-8 prompt file", train_args("rollout.prompts={d}/latin1.txt"), ["is not UTF-8", "re-save it as UTF-8"]),
+    Case("missing prompt file", train_args("rollout.prompts={d}/nope.txt"), ["does not exist", "world:train"]),
+    Case("malformed JSONL prompt file", train_args("rollout.prompts={d}/bad.jsonl"),
          ["bad.jsonl:2", "one JSON object per line"]),
-    Case("CSV without a prompt column", train_args("train_prompts={d}/bad.csv"), ["no 'prompt' column", "['text']"]),
-    Case("unknown world split", train_args("train_prompts=world:test"),
+    Case("CSV without a prompt column", train_args("rollout.prompts={d}/bad.csv"), ["no 'prompt' column", "['text']"]),
+    Case("unknown world split", train_args("rollout.prompts=world:test"),
          ["unknown split 'test'", "'train' or 'heldout'"]),
-    Case("prompt the verifier cannot parse", train_args("train_prompts={d}/hexagon.txt", "rewards=[{name: verifier}]"),
+    Case("prompt the verifier cannot parse", train_args("rollout.prompts={d}/hexagon.txt", "rewards=[{name: verifier}]"),
          ["cannot parse prompt 'a purple hexagon'", "use another reward for free text"]),
     # reward back-ends
-    Case("missing OCR binary", train_args("train_prompts={d}/sign.txt", "reward_policy.retries=0",
+    Case("missing OCR binary", train_args("rollout.prompts={d}/sign.txt", "scoring.retries=0",
                                           "rewards=[{name: ocr, args: {binary: /nonexistent}}]"),
          ["rewards[0]: ocr:", "'/nonexistent' is not on PATH", "apt-get install -y tesseract-ocr"]),  # pre-flight
     Case("unreachable VLM endpoint",
-         train_args("reward_policy.retries=0",
+         train_args("scoring.retries=0",
                     "rewards=[{name: vlm, args: {base_url: 'http://127.0.0.1:1', model: judge, retries: 0}}]"),
          ["groups failed to get rewards", "cannot reach http://127.0.0.1:1", "check base_url"]),
     # run directories and checkpoints
@@ -205,7 +205,7 @@ CASES = [
     Case("run directory in use", ["train", "--config", "{d}/base.yaml", "--out", "{d}/busy"],
          [f"in use by pid {os.getpid()} on host", "wait for that run to end", "choose another out_dir"]),
     Case("corrupted checkpoint",
-         ["train", "--config", "{d}/base.yaml", "--out", "{d}/corrupt", "--resume", "iterations=3"],
+         ["train", "--config", "{d}/base.yaml", "--out", "{d}/corrupt", "--resume", "run.iterations=3"],
          ["iter_000002 is corrupted", "delete it"]),
     Case("checkpoint from another model config",
          ["train", "--config", "{d}/base.yaml", "--out", "{d}/run", "--resume", "model.args.size=8"],
@@ -279,7 +279,7 @@ CASES = [
     Case("bad --reward spec", ["eval", "--model", "gaussian", "--prompt", "a red circle", "--reward", "verifier:score",
                                "base=base", "--out", "{out}"], ["'score' is not of the form key=value", "verifier:score=strict"]),
     # input images of editing models
-    Case("edit example file mixing prompts without images", train_args("train_prompts={d}/mixed.jsonl"),
+    Case("edit example file mixing prompts without images", train_args("rollout.prompts={d}/mixed.jsonl"),
          ["mixes 1 prompts with input images and 1 without", "give every prompt its images"]),
     Case("input image missing", ["sample", "--model", "tiny_edit", "--prompt", "make the red square blue", "--image",
                                  "{d}/nope.png", "--out", "{out}"], ["--image", "nope.png' does not exist"]),
@@ -353,13 +353,12 @@ def test_the_catalogue_in_the_docs_is_the_real_messages(files, tmp_path, capsys)
 
 
 def test_every_numeric_config_field_has_a_range_check():
-    """One place checks every value of train's config (`TrainConfig.checks`, `MatchingConfig.checks`,
-    `VGRPOConfig.checks`, `DistillConfig.checks`; the sampler's in `SamplerConfig`): a numeric field added without a range would take any
-    value."""
+    """One place checks every value of train's config (`TrainConfig.checks` and each section's `checks`; the
+    sampler's in `SamplerConfig`): a numeric field added without a range would take any value."""
     import dataclasses
     import typing
 
-    from mixgrpo.config import DistillConfig, MatchingConfig, TrainConfig, VGRPOConfig
+    from mixgrpo.config import TrainConfig
 
     def numeric(cls, prefix=""):
         hints = typing.get_type_hints(cls)
@@ -370,8 +369,9 @@ def test_every_numeric_config_field_has_a_range_check():
             elif tp in (int, float) or typing.get_origin(tp) is tuple:
                 yield prefix + f.name
 
-    checked = {name for _, name, _, _ in TrainConfig().checks() + MatchingConfig().checks() + VGRPOConfig().checks()
-               + DistillConfig().checks()}
+    cfg = TrainConfig()
+    sections = [cfg, *(getattr(cfg, f.name) for f in dataclasses.fields(cfg))]
+    checked = {name for section in sections if hasattr(section, "checks") for _, name, _, _ in section.checks()}
     unchecked = sorted(set(numeric(TrainConfig)) - checked)
     assert unchecked == [], f"no range check for {unchecked}"
 
@@ -383,7 +383,7 @@ def test_catalogue_has_at_least_20_kinds():
 def test_debug_shows_the_traceback(files):
     from mixgrpo.config import ConfigError
 
-    with pytest.raises(ConfigError, match="did you mean 'iterations'"):
+    with pytest.raises(ConfigError, match="did you mean 'run.iterations'"):
         main(["--debug", *_fill(train_args("iteratons=3"), files, files / "unused")])
 
 
@@ -405,7 +405,7 @@ def test_resume_without_checkpoints_starts_a_new_run_and_says_so(files, tmp_path
 
 @pytest.mark.parametrize("argv, expect", [
     (["train", "--config", "{d}/bad.yaml"], "is not valid YAML at line 2"),
-    (["train", "--config", "{d}/base.yaml", "--out", "{d}/corrupt", "--resume", "iterations=3"], "is corrupted"),
+    (["train", "--config", "{d}/base.yaml", "--out", "{d}/corrupt", "--resume", "run.iterations=3"], "is corrupted"),
 ], ids=["malformed YAML", "corrupted checkpoint"])
 def test_bad_input_in_a_real_process(argv, expect, files, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mixgrpo.config import ConfigError, load_config, to_dict
+from mixgrpo.config import ConfigError, load_config, to_dict, without_keys
 from mixgrpo.plan import ALGORITHMS, build_plan
 from mixgrpo.prompt_sets import manifest
 
@@ -16,36 +16,37 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 def test_recipe_loads(path):
     cfg = load_config(path)
     assert cfg.algorithm in ALGORITHMS
-    build_plan(cfg.sampler, iteration=0, seed=cfg.seed)
+    build_plan(cfg.sampler, iteration=0, seed=cfg.run.seed)
 
 
 GRPO_RECIPES = ["mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo"]
 FORWARD_RECIPES = ["diffusion_nft", "awm"]
 # what a forward-process objective changes besides the algorithm: the objective and its settings, the
 # rollout's noise (an ODE rollout needs per-image noise) and the update layout (passes over all samples)
-FORWARD_KEYS = {"objective", "matching", "shared_noise", "updates_per_iteration", "update_epochs", "clip_range"}
+FORWARD_KEYS = ("objective", "matching", "rollout.shared_noise", "update.steps_per_epoch", "update.epochs",
+                "loss.clip_range")
 
 
 def test_embedded_recipes_share_everything_but_the_algorithm():
     """A side-by-side comparison is only fair if model, rewards, batch and optimizer are the same."""
     root = CONFIGS[0].parent
-    ignore = {"algorithm", "sampler", "out_dir"}
-    reference = {k: v for k, v in to_dict(load_config(root / "mixgrpo.yaml")).items() if k not in ignore}
+    ignore = ("algorithm", "sampler", "run.out_dir")
+    reference = to_dict(load_config(root / "mixgrpo.yaml"))
     assert {p.stem for p in CONFIGS} >= set(GRPO_RECIPES + FORWARD_RECIPES)
     for name in GRPO_RECIPES + FORWARD_RECIPES:
-        skip = ignore | (FORWARD_KEYS if name in FORWARD_RECIPES else set())
-        other = {k: v for k, v in to_dict(load_config(root / f"{name}.yaml")).items() if k not in skip}
-        assert other == {k: v for k, v in reference.items() if k not in skip}, name
+        skip = ignore + (FORWARD_KEYS if name in FORWARD_RECIPES else ())
+        other = to_dict(load_config(root / f"{name}.yaml"))
+        assert without_keys(other, skip) == without_keys(reference, skip), name
 
 
 def test_exponent_without_a_dot_is_a_number():
     """PyYAML (YAML 1.1) reads `1e-4` as a string; a float field takes it as the number users mean."""
-    cfg = load_config(CONFIGS[0], ["lr=1e-4", "clip_range=2E-3", "kl_beta=+5e-2"])
-    assert (cfg.lr, cfg.clip_range, cfg.kl_beta) == (1e-4, 2e-3, 5e-2)
-    with pytest.raises(ConfigError, match="lr must be a number, got 'fast'"):
-        load_config(CONFIGS[0], ["lr=fast"])
-    with pytest.raises(ConfigError, match="iterations must be an integer, got '1e3'"):
-        load_config(CONFIGS[0], ["iterations=1e3"])
+    cfg = load_config(CONFIGS[0], ["optim.lr=1e-4", "loss.clip_range=2E-3", "loss.kl_beta=+5e-2"])
+    assert (cfg.optim.lr, cfg.loss.clip_range, cfg.loss.kl_beta) == (1e-4, 2e-3, 5e-2)
+    with pytest.raises(ConfigError, match="optim.lr must be a number, got 'fast'"):
+        load_config(CONFIGS[0], ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="run.iterations must be an integer, got '1e3'"):
+        load_config(CONFIGS[0], ["run.iterations=1e3"])
 
 
 def test_cli_takes_overrides_on_both_sides_of_options(monkeypatch, tmp_path):
@@ -55,8 +56,8 @@ def test_cli_takes_overrides_on_both_sides_of_options(monkeypatch, tmp_path):
 
     seen = []
     monkeypatch.setattr(mixgrpo.train, "train", lambda cfg, **kw: seen.append(cfg))
-    assert cli.main(["train", "--config", str(CONFIGS[0]), "iterations=3", "--out", str(tmp_path), "lr=1e-4"]) == 0
-    assert (seen[0].iterations, seen[0].lr, seen[0].out_dir) == (3, 1e-4, str(tmp_path))
+    assert cli.main(["train", "--config", str(CONFIGS[0]), "run.iterations=3", "--out", str(tmp_path), "optim.lr=1e-4"]) == 0
+    assert (seen[0].run.iterations, seen[0].optim.lr, seen[0].run.out_dir) == (3, 1e-4, str(tmp_path))
     with pytest.raises(SystemExit):  # a stray option is still an error
         cli.main(["train", "--config", str(CONFIGS[0]), "--out", str(tmp_path), "--bogus"])
 
@@ -68,10 +69,11 @@ def test_config_reference_is_current():
 
     docs = CONFIGS[0].parent.parent / "docs" / "config.md"
     assert docs.read_text(encoding="utf-8") == render(), "regenerate it: mixgrpo config-doc --out docs/config.md"
-    from mixgrpo.config import TrainConfig
+    from mixgrpo.config import OptimConfig, RunConfig
 
-    comments = field_comments(TrainConfig)  # a comment continued on the next line is read whole
-    assert comments["time_limit_minutes"].endswith("0 = no limit") and comments["lr"] == "AdamW learning rate"
+    # a comment continued on the next lines is read whole
+    assert field_comments(RunConfig)["time_limit_minutes"].endswith("0 = no limit")
+    assert field_comments(OptimConfig)["lr"] == "AdamW learning rate"
 
 
 def test_removed_image_size_is_dropped_from_old_runs_and_refused_otherwise():
@@ -81,6 +83,69 @@ def test_removed_image_size_is_dropped_from_old_runs_and_refused_otherwise():
     assert not hasattr(cfg, "image_size")
     with pytest.raises(ConfigError, match="image_size.*removed.*model.args.height and width"):
         load_config(CONFIGS[0], ["image_size=512"])
+
+
+def test_old_flat_keys_are_refused_with_their_new_place_and_migrated_from_a_saved_run(tmp_path):
+    """A recipe or override with a key from before the sections is one line naming the new key; a run directory's
+    saved config.yaml of that layout loads as it was (`saved=True`), with today's overrides on top."""
+    import yaml
+
+    from mixgrpo.config import MOVED_KEYS, migrate
+
+    with pytest.raises(ConfigError, match=r"^config key 'lr' moved to 'optim.lr': write it as optim.lr"):
+        load_config(CONFIGS[0], ["lr=1e-3"])
+    (tmp_path / "old.yaml").write_text("clip_range: 0.2\n")
+    with pytest.raises(ConfigError, match="'clip_range' moved to 'loss.clip_range'"):
+        load_config(tmp_path / "old.yaml")
+    with pytest.raises(ConfigError, match="section 'reward_policy' moved: .*reward_policy.retries -> scoring.retries"):
+        load_config(CONFIGS[0], ["reward_policy.retries=1"])
+    new = to_dict(load_config(CONFIGS[0], ["optim.lr=1e-3"]))
+    sections = {key.split(".")[0] for key in MOVED_KEYS.values()}
+    old = {k: v for k, v in new.items() if k not in sections}
+    for was, key in MOVED_KEYS.items():  # the same config as an older mixgrpo wrote it
+        section, leaf = key.split(".")
+        old_section, _, old_leaf = was.rpartition(".")
+        (old.setdefault(old_section, {}) if old_section else old)[old_leaf] = new[section][leaf]
+    assert old["lr"] == 1e-3 and "optim" not in old and migrate(old) == new
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old), encoding="utf-8")
+    assert load_config(tmp_path / "config.yaml", ["run.iterations=5"], saved=True) == load_config(
+        CONFIGS[0], ["optim.lr=1e-3", "run.iterations=5"])
+
+
+def test_a_recipe_starts_from_its_base(tmp_path):
+    """`base:` merges the base recipe (a shipped name or a path beside the file) under the recipe's own keys,
+    section by section; a recipe that changes the algorithm keeps its preset's sampler; cycles and unknown bases
+    are one-line errors."""
+    (tmp_path / "a.yaml").write_text("base: mixgrpo\noptim: {lr: 0.5}\nrun: {out_dir: runs/a}\n")
+    a = load_config(tmp_path / "a.yaml")
+    assert a == load_config(CONFIGS[0].parent / "mixgrpo.yaml", ["optim.lr=0.5", "run.out_dir=runs/a"])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nalgorithm: flow_grpo\n")
+    b = load_config(tmp_path / "sub" / "b.yaml")
+    assert (b.optim.lr, b.run.out_dir, b.rollout.group_size) == (0.5, "runs/a", 8)
+    assert b.sampler == load_config(None, ["algorithm=flow_grpo"]).sampler  # not mixgrpo.yaml's window
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match=r"bases make a cycle \(c.yaml -> d.yaml -> c.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "e.yaml").write_text("base: mixgrp\n")
+    with pytest.raises(ConfigError, match="base 'mixgrp' is not a shipped recipe: did you mean 'mixgrpo'"):
+        load_config(tmp_path / "e.yaml")
+    (tmp_path / "f.yaml").write_text("base: nowhere/g.yaml\n")
+    with pytest.raises(ConfigError, match="base 'nowhere/g.yaml' does not exist"):
+        load_config(tmp_path / "f.yaml")
+
+
+def test_field_facts_give_the_resumable_and_reference_lists():
+    """Which settings a resume may change and which a reference comparison ignores are facts on the fields."""
+    import dataclasses
+
+    from mixgrpo.config import REFERENCE_IGNORED, RESUMABLE_CHANGES, TrainConfig
+
+    assert {"run.iterations", "run.out_dir", "parallel", "scoring.retries"} <= set(RESUMABLE_CHANGES)
+    assert not {"optim.lr", "run.seed", "rollout.prompts_per_iteration"} & set(RESUMABLE_CHANGES)
+    assert set(RESUMABLE_CHANGES) <= set(REFERENCE_IGNORED) and "run.seed" in REFERENCE_IGNORED
+    assert len(dataclasses.fields(TrainConfig)) <= 20
 
 
 def test_help_lists_only_commands_that_exist(capsys):
@@ -108,7 +173,7 @@ def test_a_recipe_is_found_by_name_and_a_wrong_name_is_named(monkeypatch, tmp_pa
     seen = []
     monkeypatch.setattr(mixgrpo.train, "train", lambda cfg, **kw: seen.append(cfg))
     assert cli.main(["train", "--config", "mixgrpo_flash", "--out", str(tmp_path / "run")]) == 0
-    assert seen == [load_config(CONFIGS[0].parent / "mixgrpo_flash.yaml", [f"out_dir={tmp_path / 'run'}"])]
+    assert seen == [load_config(CONFIGS[0].parent / "mixgrpo_flash.yaml", [f"run.out_dir={tmp_path / 'run'}"])]
 
 
 def test_an_installed_package_ships_every_package_and_the_recipes(tmp_path):

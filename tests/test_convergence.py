@@ -29,8 +29,8 @@ def test_the_main_job_learns_as_far_as_its_reference_says(tmp_path):
     gains = ref.gain(METRIC, ITERATIONS)
     assert len(gains) >= 3, f"the reference of {RECIPE} has no evaluation at iteration {ITERATIONS} over 3 seeds"
     margin = 0.5 * min(gains)
-    cfg = load_config(recipes()[RECIPE], [f"iterations={ITERATIONS}", "precision=fp32", "seed=0",
-                                          f"out_dir={tmp_path / 'run'}", "tensorboard=false"])
+    cfg = load_config(recipes()[RECIPE], [f"run.iterations={ITERATIONS}", "run.precision=fp32", "run.seed=0",
+                                          f"run.out_dir={tmp_path / 'run'}", "run.tensorboard=false"])
     run = read_run(train(cfg, progress=False))
     evals = {row["iteration"]: row[METRIC] for row in run.rows}
     gain = evals[ITERATIONS] - evals[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gaussian_run import gaussian_run
+from gaussian_run import gaussian_run, merged
 from mixgrpo.config import build_config
 from mixgrpo.dtypes import deterministic_kernels
 from mixgrpo.models.tiny import TinyConfig, build_tiny, save_tiny
@@ -22,8 +22,9 @@ def _tiny_run(tmp_path, name: str, **over) -> dict:
         torch.manual_seed(0)
         save_tiny(build_tiny(TinyConfig(image_size=16)), tmp_path / "tiny")
     return gaussian_run(model={"name": "tiny", "args": {"path": str(tmp_path / "tiny")}},
-                        sampler={"num_steps": 4, "window": {"size": 1}}, group_size=2, iterations=2, lr=1e-3,
-                        eval_num_prompts=0, out_dir=str(tmp_path / name), **over)
+                        **merged({"sampler": {"num_steps": 4, "window": {"size": 1}}, "rollout": {"group_size": 2},
+                                  "run": {"iterations": 2, "out_dir": str(tmp_path / name)}, "optim": {"lr": 1e-3},
+                                  "eval": {"num_prompts": 0}}, over))
 
 
 def _final(run) -> dict[str, torch.Tensor]:
@@ -48,7 +49,7 @@ def test_on_cpu_a_deterministic_run_is_the_same_run(tmp_path):
     the ones a default run picks: the same weights, bit for bit; and the mode ends with the run."""
     torch.set_num_threads(1)
     plain = train(build_config(_tiny_run(tmp_path, "plain")), progress=False)
-    strict = train(build_config(_tiny_run(tmp_path, "strict", deterministic=True)), progress=False)
+    strict = train(build_config(_tiny_run(tmp_path, "strict", run={"deterministic": True})), progress=False)
     assert not torch.are_deterministic_algorithms_enabled()
     a, b = _final(plain), _final(strict)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -58,7 +59,7 @@ def test_on_cpu_a_deterministic_run_is_the_same_run(tmp_path):
                     reason="needs a CUDA GPU: on CPU every kernel is deterministic already (the test above); "
                            "benchmarks/gpu_check.py runs this check on a lent GPU")
 def test_two_deterministic_runs_on_one_gpu_are_bit_equal(tmp_path):
-    runs = [train(build_config(_tiny_run(tmp_path, f"gpu{i}", deterministic=True, precision="bf16")),
+    runs = [train(build_config(_tiny_run(tmp_path, f"gpu{i}", run={"deterministic": True, "precision": "bf16"})),
                   progress=False) for i in range(2)]
     a, b = _final(runs[0]), _final(runs[1])
     assert all(torch.equal(a[k], b[k]) for k in a)

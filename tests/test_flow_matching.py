@@ -16,7 +16,7 @@ from mixgrpo.flow_matching import (awm_log_prob, forward_noise, nft_loss, optima
 from mixgrpo.rundir import read_metrics
 from mixgrpo.train import train
 
-from gaussian_run import gaussian_run
+from gaussian_run import gaussian_run, merged
 
 F64 = torch.float64
 
@@ -233,24 +233,23 @@ def test_forward_noise_and_sigma_samplers():
 
 
 def _cfg(tmp_path, **over):
-    data = gaussian_run(algorithm="ode", objective="diffusion_nft", shared_noise=False, sampler={"num_steps": 8},
-                        iterations=6, out_dir=str(tmp_path / "run"), checkpoint_every=2, eval_num_prompts=4)
-    return build_config({**data, **over})
+    data = gaussian_run(algorithm="ode", objective="diffusion_nft", rollout={"shared_noise": False}, run={"iterations": 6, "out_dir": str(tmp_path / "run"), "checkpoint_every": 2}, eval={"num_prompts": 4}, sampler={"num_steps": 8})
+    return build_config(merged(data, over))
 
 
 @pytest.mark.parametrize("objective,algorithm,extra", [
     ("diffusion_nft", "ode", {}),
-    ("diffusion_nft", "mixgrpo_flash_star", {"shared_noise": True}),
-    ("diffusion_nft", "mixgrpo", {"shared_noise": True}),
-    ("awm", "ode", {"clip_range": 0.2, "matching": {"sampler_decay": 0.0}}),
-    ("awm", "ode", {"clip_range": 0.2, "grpo_guard": True, "matching": {"sampler_decay": 0.0}}),
-    ("v_grpo", "ode", {"clip_range": 0.2}),
-    ("v_grpo", "mixgrpo_flash_star", {"clip_range": 0.2, "shared_noise": True}),
+    ("diffusion_nft", "mixgrpo_flash_star", {"rollout": {"shared_noise": True}}),
+    ("diffusion_nft", "mixgrpo", {"rollout": {"shared_noise": True}}),
+    ("awm", "ode", {"loss": {"clip_range": 0.2}, "matching": {"sampler_decay": 0.0}}),
+    ("awm", "ode", {"loss": {"clip_range": 0.2, "grpo_guard": True}, "matching": {"sampler_decay": 0.0}}),
+    ("v_grpo", "ode", {"loss": {"clip_range": 0.2}}),
+    ("v_grpo", "mixgrpo_flash_star", {"loss": {"clip_range": 0.2}, "rollout": {"shared_noise": True}}),
 ])
 def test_the_reward_rises_with_any_rollout(tmp_path, objective, algorithm, extra):
     """A brightness reward: the Gaussian model's trainable data mean moves up, from ODE, Flash* and
     MixGRPO (SDE in a window) rollouts alike."""
-    run = train(_cfg(tmp_path, objective=objective, algorithm=algorithm, iterations=16, lr=0.1, **extra),
+    run = train(_cfg(tmp_path, objective=objective, algorithm=algorithm, run={"iterations": 16}, optim={"lr": 0.1}, **extra),
                 progress=False)
     evals = [json.loads(line)["eval/brightness"] for line in (run / "eval.jsonl").read_text().splitlines()]
     assert evals[-1] > evals[0] + 0.02  # the same held-out noise before and after
@@ -262,7 +261,7 @@ def test_the_reward_rises_with_any_rollout(tmp_path, objective, algorithm, extra
 def test_model_calls_are_counted_not_computed(tmp_path, epochs):
     """profile: true counts real forward calls: the rollout's NFE per batch, then per sample, sigma and update
     pass one sampling-policy forward (v_old) and one trained forward."""
-    cfg = _cfg(tmp_path, iterations=1, profile=True, eval_num_prompts=0, micro_batch_size=8, update_epochs=epochs,
+    cfg = _cfg(tmp_path, run={"iterations": 1, "profile": True}, eval={"num_prompts": 0}, update={"micro_batch_size": 8, "epochs": epochs},
                matching={"sigmas_per_sample": 3})
     (m,) = read_metrics(train(cfg, progress=False))
     assert m["model_calls/rollout"] == 8  # 8 steps, one batch of B = 8 (no guidance)
@@ -278,10 +277,10 @@ def test_update_passes_see_every_sample_once_each_with_fresh_sigmas(tmp_path):
     from mixgrpo.objectives import matching_batch
 
     def _update_shares(cfg, iteration, rank):
-        P, G = cfg.prompts_per_iteration, cfg.group_size
-        return update_shares(cfg.seed, iteration, rank * P, P, G, cfg.updates_per_iteration, cfg.update_epochs)
+        P, G = cfg.rollout.prompts_per_iteration, cfg.rollout.group_size
+        return update_shares(cfg.run.seed, iteration, rank * P, P, G, cfg.update.steps_per_epoch, cfg.update.epochs)
 
-    one, two = _cfg(tmp_path), _cfg(tmp_path, update_epochs=2)
+    one, two = _cfg(tmp_path), _cfg(tmp_path, update={"epochs": 2})
     shares = _update_shares(two, iteration=3, rank=0)
     assert len(shares) == 4 and [torch.equal(a, b) for a, b in zip(shares, _update_shares(one, 3, 0))] == [True] * 2
     for epoch in (shares[:2], shares[2:]):
@@ -290,16 +289,16 @@ def test_update_passes_see_every_sample_once_each_with_fresh_sigmas(tmp_path):
     model = MODELS.get("gaussian")(size=4)
     cond = model.encode_prompts(["a red circle"] * 8)
     batch = matching_batch(model, torch.zeros(8, 3, 4, 4), cond, build_plan(two.sampler), list(range(8)), two.matching,
-                           two.update_epochs, two.micro_batch_size)
+                           two.update.epochs, two.update.micro_batch_size)
     assert batch.sigma.shape == (8, 2) and not torch.equal(batch.sigma[:, 0], batch.sigma[:, 1])
 
 
-@pytest.mark.parametrize("over", [{}, {"objective": "v_grpo", "clip_range": 0.2}])
+@pytest.mark.parametrize("over", [{}, {"objective": "v_grpo", "loss": {"clip_range": 0.2}}])
 def test_resume_reproduces_the_uninterrupted_run_with_the_sampling_copy(tmp_path, over):
     full = train(_cfg(tmp_path / "full", **over), progress=False)
     cfg = _cfg(tmp_path / "cut", **over)
     train(cfg, progress=False, stop_after=3)
-    ckpt = load_checkpoint(latest_checkpoint(cfg.out_dir))
+    ckpt = load_checkpoint(latest_checkpoint(cfg.run.out_dir))
     assert ckpt["sampler"] is not None and not torch.equal(ckpt["sampler"]["mu"], ckpt["model"]["mu"])
     resumed = train(cfg, resume=True, progress=False)
     assert torch.equal(load_checkpoint(latest_checkpoint(full))["model"]["mu"],
@@ -311,8 +310,7 @@ def test_resume_reproduces_the_uninterrupted_run_with_the_sampling_copy(tmp_path
 def test_vgrpo_is_on_policy_on_its_first_step_and_counts_its_pairs(tmp_path):
     """sampler_decay 0: the ratio is 1 on the first optimizer step; profile counts M = 3 pairs per sample and pass:
     M old-policy calls per pass, then M trained calls per optimizer step (2 steps per pass, one micro-batch)."""
-    cfg = _cfg(tmp_path, objective="v_grpo", iterations=2, clip_range=0.2, profile=True, update_epochs=2,
-               micro_batch_size=8, matching={"sampler_decay": 0.0}, v_grpo={"pairs": 3})
+    cfg = _cfg(tmp_path, objective="v_grpo", run={"iterations": 2, "profile": True}, loss={"clip_range": 0.2}, update={"epochs": 2, "micro_batch_size": 8}, matching={"sampler_decay": 0.0}, v_grpo={"pairs": 3})
     metrics = read_metrics(train(cfg, progress=False))
     assert all(m["onpolicy_ratio_error"] < 1e-6 for m in metrics)
     assert metrics[0]["model_calls/update"] == 3 * 2 + 2 * 2 * 3 and metrics[0]["nfe_trained"] == 3 * 2
@@ -320,19 +318,19 @@ def test_vgrpo_is_on_policy_on_its_first_step_and_counts_its_pairs(tmp_path):
 
 @pytest.mark.parametrize("guard", [False, True])
 def test_awm_is_on_policy_on_its_first_optimizer_step(tmp_path, guard):
-    run = train(_cfg(tmp_path, objective="awm", iterations=2, clip_range=0.2, grpo_guard=guard,
+    run = train(_cfg(tmp_path, objective="awm", run={"iterations": 2}, loss={"clip_range": 0.2, "grpo_guard": guard},
                      matching={"sampler_decay": 0.0}), progress=False)
     assert all(m["onpolicy_ratio_error"] < 1e-6 for m in read_metrics(run))
 
 
 @pytest.mark.parametrize("over,match", [
-    ({"shared_noise": True}, "shared_noise"),
+    ({"rollout": {"shared_noise": True}}, "shared_noise"),
     ({"matching": {"sigmas": "window"}}, "window"),  # the removed windowed sampler is refused by name
     ({"objective": "grpo"}, "trains no step"),
     ({"matching": {"sampler_decay": 1.0}}, "sampler_decay"),
     ({"objective": "nft"}, "objective"),
-    ({"grpo_guard": True}, "grpo_guard"),  # DiffusionNFT clips no ratio
-    ({"objective": "v_grpo", "grpo_guard": True}, "grpo_guard"),  # its per-pair weights: no one std per sample
+    ({"loss": {"grpo_guard": True}}, "grpo_guard"),  # DiffusionNFT clips no ratio
+    ({"objective": "v_grpo", "loss": {"grpo_guard": True}}, "grpo_guard"),  # its per-pair weights: no one std per sample
     ({"objective": "v_grpo", "v_grpo": {"pairs": 0}}, "v_grpo.pairs"),
     ({"objective": "v_grpo", "v_grpo": {"weighting": "sigma"}}, "v_grpo.weighting"),
 ])
@@ -345,7 +343,6 @@ def test_inconsistent_settings_are_named(tmp_path, over, match):
 def test_the_kl_to_the_base_starts_at_zero_and_is_logged(tmp_path, objective):
     """kl_beta > 0: the KL to the frozen base is logged, and is 0 on the first optimizer step (the trained weights
     are the base's) and > 0 after the model moved."""
-    run = train(_cfg(tmp_path, objective=objective, iterations=2, kl_beta=1.0, clip_range=0.2, lr=0.1,
-                     eval_num_prompts=0, updates_per_iteration=1), progress=False)
+    run = train(_cfg(tmp_path, objective=objective, run={"iterations": 2}, loss={"kl_beta": 1.0, "clip_range": 0.2}, optim={"lr": 0.1}, eval={"num_prompts": 0}, update={"steps_per_epoch": 1}), progress=False)
     first, second = read_metrics(run)
     assert first["kl_to_base"] == 0 and second["kl_to_base"] > 0

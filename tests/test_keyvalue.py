@@ -39,6 +39,6 @@ def test_every_command_refuses_a_pair_without_equals_sign_in_one_line(argv, wher
 
 def test_set_without_a_run_is_refused(tmp_path, capsys):
     """--set overrides a run's config.yaml: with no run among the models it would change nothing."""
-    argv = ["sample", "--model", "gaussian", "--prompt", "a", "--set", "seed=3", "--out", str(tmp_path / "s")]
+    argv = ["sample", "--model", "gaussian", "--prompt", "a", "--set", "run.seed=3", "--out", str(tmp_path / "s")]
     assert main(argv) == 2
     assert "--set overrides the config.yaml of a run" in capsys.readouterr().err

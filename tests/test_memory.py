@@ -5,6 +5,7 @@ peft's, and `mixgrpo train --dry-run` stops after it with no model loaded and no
 import pytest
 
 import tiny_pipelines
+from gaussian_run import merged
 from mixgrpo.config import build_config
 from mixgrpo.memory import estimate
 from mixgrpo.models import MODELS
@@ -27,7 +28,7 @@ def test_the_estimates_parameter_counts_are_the_loaded_models(name, tmp_path):
     path = SAVE[name](tmp_path / "pipe")
     args = _args(name, path)
     lora = {"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
-    est = estimate(build_config({"model": {"name": name, "args": args}, "lora": lora, "ema_decay": 0.9}))
+    est = estimate(build_config({"model": {"name": name, "args": args}, "lora": lora, "optim": {"ema_decay": 0.9}}))
     model = MODELS.get(name)(**args)
     assert est.params["transformer"] == sum(p.numel() for p in model.denoiser.parameters())
     assert sum(est.params.values()) == sum(p.numel() for p in model.parameters())  # text encoders and VAE too
@@ -45,11 +46,11 @@ def test_the_estimates_parameter_counts_are_the_loaded_models(name, tmp_path):
 def test_activations_follow_the_micro_batch_cfg_and_checkpointing(tmp_path):
     path = SAVE["flux"](tmp_path / "pipe")
     act = lambda **over: next(v for k, v in estimate(build_config(  # noqa: E731
-        {"model": {"name": "flux", "args": _args("flux", path)}, **over})).parts.items() if k.startswith("activ"))
-    base = act(micro_batch_size=2)
-    assert act(micro_batch_size=4) == 2 * base
-    assert act(micro_batch_size=2, guidance_scale=3.0) == 2 * base  # GRPO's CFG: both rows in one batch
-    assert act(micro_batch_size=2, grad_checkpointing=True) < base
+        merged({"model": {"name": "flux", "args": _args("flux", path)}}, over))).parts.items() if k.startswith("activ"))
+    base = act(update={"micro_batch_size": 2})
+    assert act(update={"micro_batch_size": 4}) == 2 * base
+    assert act(update={"micro_batch_size": 2}, rollout={"guidance_scale": 3.0}) == 2 * base  # GRPO's CFG: both rows in one batch
+    assert act(update={"micro_batch_size": 2, "grad_checkpointing": True}) < base
 
 
 def test_dry_run_loads_no_model_and_writes_no_run_directory(tmp_path, monkeypatch, capsys):
@@ -60,9 +61,7 @@ def test_dry_run_loads_no_model_and_writes_no_run_directory(tmp_path, monkeypatc
 
     path = SAVE["sd3"](tmp_path / "pipe")
     (tmp_path / "p.txt").write_text("a red cube\n")
-    config = {"model": {"name": "sd3", "args": _args("sd3", path)}, "lora": {"rank": 4},
-              "rewards": [{"name": "jpeg_compressibility"}], "train_prompts": str(tmp_path / "p.txt"),
-              "eval_num_prompts": 0, "out_dir": str(tmp_path / "run")}
+    config = {"model": {"name": "sd3", "args": _args("sd3", path)}, "lora": {"rank": 4}, "rewards": [{"name": "jpeg_compressibility"}], "rollout": {"prompts": str(tmp_path / "p.txt")}, "eval": {"num_prompts": 0}, "run": {"out_dir": str(tmp_path / "run")}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.setattr(base, "build_model", lambda *a, **k: pytest.fail("a model was loaded"))
     assert cli.main(["train", "--config", str(tmp_path / "c.yaml"), "--dry-run"]) == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gaussian_run import gaussian_run
+from gaussian_run import gaussian_run, merged
 from mixgrpo.config import ConfigError, build_config
 from mixgrpo.rundir import read_metrics
 from mixgrpo.train import train
@@ -33,8 +33,9 @@ def _end_state(run):
 
 
 def _run(tmp_path, name, stop_after=None, resume=False, **over):
-    cfg = build_config(gaussian_run(rewards=[{"name": "test_overlap:jittery"}], iterations=3, eval_num_prompts=2,
-                                    prompts_per_iteration=3, out_dir=str(tmp_path / name), **over))
+    cfg = build_config(gaussian_run(**merged({"rewards": [{"name": "test_overlap:jittery"}], "eval": {"num_prompts": 2},
+                                              "run": {"iterations": 3, "out_dir": str(tmp_path / name)},
+                                              "rollout": {"prompts_per_iteration": 3}}, over)))
     return train(cfg, resume=resume, progress=False, stop_after=stop_after)
 
 
@@ -46,10 +47,10 @@ def test_chunks_hold_whole_groups_in_order():
 
 def test_overlapped_scoring_is_bit_identical_to_scoring_after_the_rollout(tmp_path):
     CALLS.clear()
-    overlapped = _run(tmp_path, "overlapped", rollout_chunks=3)
+    overlapped = _run(tmp_path, "overlapped", rollout={"chunks": 3})
     # every training chunk (one group of 4 images) was scored in the background thread
     assert [n for name, n in CALLS if name.startswith("scoring")] == [4] * 9
-    after = _run(tmp_path, "after", rollout_chunks=3, reward_overlap=False)
+    after = _run(tmp_path, "after", rollout={"chunks": 3, "reward_overlap": False})
     whole = _run(tmp_path, "whole")
     w, m = _end_state(overlapped)
     for other in (after, whole):  # the Gaussian model's velocity of a row does not depend on its batch
@@ -60,18 +61,18 @@ def test_overlapped_scoring_is_bit_identical_to_scoring_after_the_rollout(tmp_pa
 
 
 def test_an_overlapped_run_resumed_ends_equal_to_the_uninterrupted_one(tmp_path):
-    reference = _run(tmp_path, "reference", rollout_chunks=2)
-    _run(tmp_path, "resumed", stop_after=1, rollout_chunks=2, checkpoint_every=1)
-    resumed = _run(tmp_path, "resumed", resume=True, rollout_chunks=2, checkpoint_every=1)
+    reference = _run(tmp_path, "reference", rollout={"chunks": 2})
+    _run(tmp_path, "resumed", stop_after=1, rollout={"chunks": 2}, run={"checkpoint_every": 1})
+    resumed = _run(tmp_path, "resumed", resume=True, rollout={"chunks": 2}, run={"checkpoint_every": 1})
     w, m = _end_state(resumed)
     w2, m2 = _end_state(reference)
     assert torch.equal(w, w2) and m == m2
 
 
-@pytest.mark.parametrize("over, field", [({"rollout_chunks": 4}, "rollout_chunks"),
-                                         ({"rollout_chunks": 0}, "rollout_chunks"),
-                                         ({"rollout_chunks": 2, "parallel": {"rewards_on": "rank0"}},
-                                          "reward_overlap")])
+@pytest.mark.parametrize("over, field", [({"rollout": {"chunks": 4}}, "rollout.chunks"),
+                                         ({"rollout": {"chunks": 0}}, "rollout.chunks"),
+                                         ({"rollout": {"chunks": 2}, "parallel": {"rewards_on": "rank0"}},
+                                          "rollout.reward_overlap")])
 def test_bad_chunking_is_refused_naming_the_field(over, field):
     with pytest.raises(ConfigError, match=field):
-        build_config(gaussian_run(prompts_per_iteration=3, **over))
+        build_config(gaussian_run(**merged({"rollout": {"prompts_per_iteration": 3}}, over)))

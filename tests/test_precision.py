@@ -12,7 +12,7 @@ from mixgrpo.config import build_config
 from mixgrpo.rundir import read_metrics
 from mixgrpo.train import train, trainer
 
-from gaussian_run import gaussian_run
+from gaussian_run import gaussian_run, merged
 
 
 def test_auto_is_bf16_only_where_the_hardware_multiplies_bf16(monkeypatch):
@@ -62,15 +62,12 @@ def test_cpu_attention_backward_is_the_fused_kernels_gradient():
 
 
 def _tiny_cfg(tmp_path, **over):
-    data = {"algorithm": "mixgrpo", "sampler": {"num_steps": 6, "window": {"size": 2}}, "model": {"name": "tiny"},
-            "rewards": [{"name": "toy_rewards:brightness"}], "iterations": 1, "prompts_per_iteration": 2,
-            "group_size": 4, "updates_per_iteration": 2, "micro_batch_size": 4, "guidance_scale": 3.0,
-            "lr": 1e-4, "clip_range": 1e-4, "eval_num_prompts": 2, "out_dir": str(tmp_path / "run")}
-    return build_config({**data, **over})
+    data = {"algorithm": "mixgrpo", "sampler": {"num_steps": 6, "window": {"size": 2}}, "model": {"name": "tiny"}, "rewards": [{"name": "toy_rewards:brightness"}], "run": {"iterations": 1, "out_dir": str(tmp_path / "run")}, "rollout": {"prompts_per_iteration": 2, "group_size": 4, "guidance_scale": 3.0}, "update": {"steps_per_epoch": 2, "micro_batch_size": 4}, "optim": {"lr": 1e-4}, "loss": {"clip_range": 1e-4}, "eval": {"num_prompts": 2}}
+    return build_config(merged(data, over))
 
 
-@pytest.mark.parametrize("over", [{"precision": "bf16"}, {"precision": "bf16", "grad_checkpointing": True},
-                                  {"precision": "bf16", "micro_batch_size": 1}])
+@pytest.mark.parametrize("over", [{"run": {"precision": "bf16"}}, {"run": {"precision": "bf16"}, "update": {"grad_checkpointing": True}},
+                                  {"run": {"precision": "bf16"}, "update": {"micro_batch_size": 1}}])
 def test_bf16_training_keeps_the_on_policy_ratio_at_one(tmp_path, over):
     (m,) = read_metrics(train(_tiny_cfg(tmp_path, **over), progress=False))
     assert m["precision"] == "bf16"
@@ -84,9 +81,10 @@ def test_auto_falls_back_to_fp32_without_bf16_units(tmp_path, monkeypatch):
 
 
 def _gaussian_cfg(tmp_path, model="gaussian", **over):
-    return build_config(gaussian_run(**{"model": {"name": model, "args": {"size": 4}}, "iterations": 2,
-                                        "micro_batch_size": 2, "clip_range": 1e-4, "eval_num_prompts": 0,
-                                        "out_dir": str(tmp_path / "run"), **over}))
+    return build_config(gaussian_run(**merged({"model": {"name": model, "args": {"size": 4}},
+                                               "run": {"iterations": 2, "out_dir": str(tmp_path / "run")},
+                                               "update": {"micro_batch_size": 2}, "loss": {"clip_range": 1e-4},
+                                               "eval": {"num_prompts": 0}}, over)))
 
 
 def test_batch_size_dependent_kernels_are_detected_and_re_scored(tmp_path, monkeypatch):
@@ -108,20 +106,19 @@ def test_re_scoring_equals_the_rollouts_log_probs_with_batch_invariant_kernels(t
 
 
 def test_a_run_resumes_under_another_precision(tmp_path):
-    cfg = _gaussian_cfg(tmp_path, iterations=2, precision="fp32")
+    cfg = _gaussian_cfg(tmp_path, run={"iterations": 2, "precision": "fp32"})
     train(cfg, progress=False, stop_after=1)
-    train(_gaussian_cfg(tmp_path, iterations=2, precision="auto"), resume=True, progress=False)
-    assert [m["iteration"] for m in read_metrics(cfg.out_dir)] == [1, 2]
+    train(_gaussian_cfg(tmp_path, run={"iterations": 2, "precision": "auto"}), resume=True, progress=False)
+    assert [m["iteration"] for m in read_metrics(cfg.run.out_dir)] == [1, 2]
 
 
 @pytest.mark.parametrize("objective", ["diffusion_nft", "awm"])
 def test_forward_process_objectives_train_under_bf16_as_under_fp32(tmp_path, objective):
     """DiffusionNFT and AWM compute their loss under the run's autocast (float32 targets and old velocities):
     the first iteration's loss and gradient are fp32's up to bf16 rounding, and AWM stays on-policy."""
-    over = {"objective": objective, "algorithm": "ode", "shared_noise": False, "sampler": {"num_steps": 6},
-            "clip_range": 0.2, "matching": {"sampler_decay": 0.0, "sigmas_per_sample": 2}, "eval_num_prompts": 0}
-    (fp32,) = read_metrics(train(_tiny_cfg(tmp_path / "fp32", precision="fp32", **over), progress=False))
-    (bf16,) = read_metrics(train(_tiny_cfg(tmp_path / "bf16", precision="bf16", **over), progress=False))
+    over = {"objective": objective, "algorithm": "ode", "rollout": {"shared_noise": False}, "sampler": {"num_steps": 6}, "loss": {"clip_range": 0.2}, "matching": {"sampler_decay": 0.0, "sigmas_per_sample": 2}, "eval": {"num_prompts": 0}}
+    (fp32,) = read_metrics(train(_tiny_cfg(tmp_path / "fp32", run={"precision": "fp32"}, **over), progress=False))
+    (bf16,) = read_metrics(train(_tiny_cfg(tmp_path / "bf16", run={"precision": "bf16"}, **over), progress=False))
     assert bf16["precision"] == "bf16" and not bf16["rescored_old_log_probs"]
     assert 0.8 < bf16["grad_norm"] / fp32["grad_norm"] < 1.25
     if objective == "diffusion_nft":  # AWM's loss is -mean(A ratio), ~0 for group-normalised advantages

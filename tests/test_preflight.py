@@ -2,14 +2,15 @@
 
 import pytest
 import torch
+from gaussian_run import merged
 
 from mixgrpo.config import build_config
 from mixgrpo.preflight import PreflightError, check_run, problems_of
 
 
 def _cfg(**over):
-    data = {"model": {"name": "gaussian", "args": {"size": 4}}, "rewards": [{"name": "jpeg_compressibility"}],
-            "eval_num_prompts": 2, **over}
+    data = merged({"model": {"name": "gaussian", "args": {"size": 4}}, "rewards": [{"name": "jpeg_compressibility"}],
+                   "eval": {"num_prompts": 2}}, over)
     return build_config(data)
 
 
@@ -30,21 +31,21 @@ def test_every_problem_is_reported_at_once_one_line_each(tmp_path):
     cfg = _cfg(rewards=[{"name": "jpeg"}, {"name": "hps", "args": {"path": str(tmp_path / "no.pt"),
                                                                     "tokenizer": str(tmp_path)}}],
                model={"name": "gaussian", "args": {"size": 4, "colour": "red"}},
-               eval_prompts=str(tmp_path / "missing.txt"))
+               eval={"prompts": str(tmp_path / "missing.txt")})
     with pytest.raises(PreflightError) as e:
         check_run(cfg)
     lines = str(e.value).splitlines()
     assert len(lines) == 4
     assert "did you mean 'jpeg_compressibility'" in lines[0].lower()  # the registry's name, as the docs now use
     assert "no.pt" in lines[1] and "does not exist" in lines[1]
-    assert lines[2].startswith("eval_prompts:") and "does not exist" in lines[2]
+    assert lines[2].startswith("eval.prompts:") and "does not exist" in lines[2]
     assert "model.args do not fit model 'gaussian'" in lines[3] and "colour" in lines[3]
 
 
 def test_tiny_prompts_longer_than_its_text_encoder_are_refused(tmp_path):
     long = "a red circle left of a blue square above a green triangle below two yellow squares"
     (tmp_path / "p.txt").write_text(f"a red circle\n{long}\n")
-    problems = problems_of(build_config({"train_prompts": str(tmp_path / "p.txt"), "eval_num_prompts": 0}))
+    problems = problems_of(build_config({"rollout": {"prompts": str(tmp_path / "p.txt")}, "eval": {"num_prompts": 0}}))
     assert len(problems) == 1 and "1 of the 2 train prompts" in problems[0] and "16 text tokens" in problems[0]
 
 
@@ -73,7 +74,7 @@ def test_the_new_models_runs_are_checked_before_any_model_loads(name, tmp_path):
     (tmp_path / "train.txt").write_text("a red cube\na cat\n")
     args = {"path": str(path), "dtype": "float32", "height": 64, "width": 64, "max_sequence_length": 24}
     cfg = lambda **a: _cfg(model={"name": name, "args": {**args, **a}},  # noqa: E731
-                           train_prompts=str(tmp_path / "train.txt"), eval_num_prompts=0)
+                           rollout={"prompts": str(tmp_path / "train.txt")}, eval={"num_prompts": 0})
     assert problems_of(cfg()) == []
     (tmp_path / "one.txt").write_text("a red cube\n")
     assert cli.main(["preprocess", "--model", name, "--path", str(path), "--prompts", str(tmp_path / "one.txt"),
@@ -104,9 +105,10 @@ def test_a_window_that_leaves_the_trained_wan_expert_stops_the_run_before_it_sta
             "max_sequence_length": 24}
 
     def cfg(iterations, window=None, expert="high_noise", **over):  # 20 steps at shift 3: 0-6 have sigma >= 0.875
-        return _cfg(model={"name": "wan", "args": {**args, "trained_expert": expert}}, iterations=iterations,
-                    sampler={"num_steps": 20, "window": window or {"size": 4, "tau": 2}},
-                    train_prompts=str(tmp_path / "train.txt"), eval_num_prompts=0, **over)
+        return _cfg(**merged({"model": {"name": "wan", "args": {**args, "trained_expert": expert}},
+                              "run": {"iterations": iterations}, "rollout": {"prompts": str(tmp_path / "train.txt")},
+                              "eval": {"num_prompts": 0},
+                              "sampler": {"num_steps": 20, "window": window or {"size": 4, "tau": 2}}}, over))
 
     assert problems_of(cfg(8)) == []  # windows 0-3 .. 3-6
     (problem,) = problems_of(cfg(10))
@@ -115,7 +117,7 @@ def test_a_window_that_leaves_the_trained_wan_expert_stops_the_run_before_it_sta
     assert problems_of(cfg(100, {"size": 4, "strategy": "frozen"})) == []
     (problem,) = problems_of(cfg(1, expert="low_noise"))
     assert problem.startswith("wan: iteration 0 trains sigma 1.000, which Wan 2.2's frozen high_noise expert")
-    assert problems_of(cfg(1, objective="diffusion_nft", algorithm="ode", shared_noise=False)) == []  # drawn later
+    assert problems_of(cfg(1, objective="diffusion_nft", algorithm="ode", rollout={"shared_noise": False})) == []  # drawn later
     args["path"] = str(save_tiny_wan(tmp_path / "wan21", variant="2.1"))
     assert problems_of(cfg(10)) == []  # one transformer: any sigma
 
@@ -141,21 +143,21 @@ def test_missing_packages_are_named_with_their_pip_command_before_any_model_load
     code = cli.main(["train", "--config", "sd35_mixgrpo", "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "peft (LoRA (lora.rank = 32))" in err[0] and "tensorboard (tensorboard: true" in err[0]
+    assert "peft (LoRA (lora.rank = 32))" in err[0] and "tensorboard (run.tensorboard: true" in err[0]
     assert re.search(r": pip install 'peft[>=<~!.0-9]*' 'tensorboard[>=<~!.0-9]*'$", err[0]), err[0]
     assert not (tmp_path / "run").exists()
-    # tensorboard=false goes without it; full fine-tuning (rank 0) needs no peft
-    assert problems_of(_cfg(tensorboard=False)) == []
-    assert not any("peft" in p for p in problems_of(_cfg(tensorboard=False, lora={"rank": 0})))
+    # run.tensorboard=false goes without it; full fine-tuning (rank 0) needs no peft
+    assert problems_of(_cfg(run={"tensorboard": False})) == []
+    assert not any("peft" in p for p in problems_of(_cfg(run={"tensorboard": False}, lora={"rank": 0})))
 
 
 def test_a_reward_model_and_wandb_name_their_packages(monkeypatch):
     from mixgrpo.preflight import package_problems
 
     _without(monkeypatch, "transformers", "wandb")
-    cfg = _cfg(rewards=[{"name": "pickscore", "args": {"path": "x"}}], wandb_project="p")
+    cfg = _cfg(rewards=[{"name": "pickscore", "args": {"path": "x"}}], run={"wandb_project": "p"})
     (line,) = package_problems(cfg)
-    assert "transformers (reward 'pickscore')" in line and "wandb (wandb_project = 'p')" in line
+    assert "transformers (reward 'pickscore')" in line and "wandb (run.wandb_project = 'p')" in line
     assert package_problems(_cfg()) == []  # the gaussian model and the jpeg reward import nothing more
 
 
@@ -216,7 +218,7 @@ def test_every_printed_fix_command_runs_as_printed_and_fixes_the_problem(tmp_pat
     model = {"name": "flux", "args": {"path": str(path), "dtype": "float32", "height": 64, "width": 64,
                                       "max_sequence_length": 24, "embedding_cache": str(tmp_path / "cache")}}
     cfg = lambda **a: _cfg(model={**model, "args": {**model["args"], **a}},  # noqa: E731
-                           train_prompts=str(tmp_path / "train.txt"), eval_prompts=str(tmp_path / "eval.txt"))
+                           rollout={"prompts": str(tmp_path / "train.txt")}, eval={"prompts": str(tmp_path / "eval.txt")})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # preprocess's default device
     (problem,) = problems_of(cfg())  # no cache yet
     assert "no index.json" in problem
@@ -253,7 +255,7 @@ def test_a_size_the_model_cannot_take_is_refused_before_it_loads(name, tmp_path,
     video = {"num_frames": 6} if name == "wan" else {}
     cfg = lambda **a: _cfg(model={"name": name, "args": {"path": str(path), "dtype": "float32",  # noqa: E731
                                                          "max_sequence_length": 24, **a}},
-                           train_prompts=str(tmp_path / "p.txt"), eval_num_prompts=0)
+                           rollout={"prompts": str(tmp_path / "p.txt")}, eval={"num_prompts": 0})
     monkeypatch.setattr(base, "build_model", lambda *a, **k: pytest.fail("a model was loaded"))
     problems = problems_of(cfg(height=66, width=64, **video))
     assert "height 66 and width 64 must be multiples of" in problems[0] and "VAE factor" in problems[0]

@@ -47,10 +47,10 @@ def test_every_prompt_source_of_a_shipped_recipe_is_a_known_set(monkeypatch, tmp
     editing = (ROOT / "docs" / "prompts.md").read_text(encoding="utf-8").split("## Editing examples")[1]
     for recipe, path in recipes().items():
         cfg = load_config(path)
-        if (cfg.train_prompts, cfg.eval_prompts) == EDIT_FILES:
+        if (cfg.rollout.prompts, cfg.eval.prompts) == EDIT_FILES:
             assert f"`{recipe}`" in editing, f"{recipe} reads the user's editing examples: name it in docs/prompts.md"
             continue
-        for source in (cfg.train_prompts, cfg.eval_prompts):
+        for source in (cfg.rollout.prompts, cfg.eval.prompts):
             if source.startswith("world:"):
                 continue
             assert prompt_sets.is_named(source), f"{recipe}: {source} is not a shipped or fetchable prompt set"
@@ -61,12 +61,12 @@ def test_every_prompt_source_of_a_shipped_recipe_is_a_known_set(monkeypatch, tmp
             else:  # not shipped: the error names the fetch command and the licence
                 with pytest.raises(PromptSetError, match=f"mixgrpo prompts fetch {source}.*licence"):
                     read_prompts(source)
-        assert not {"train_prompts", "eval_prompts"} & set(path_fields(to_dict(cfg)))
+        assert not {"rollout.prompts", "eval.prompts"} & set(path_fields(to_dict(cfg)))
     assert {"hpdv2:train", "pickscore:train", "ocr:train", "video:train"} <= named
 
 
 def test_named_sets_are_not_paths():
-    data = {"train_prompts": "pickscore:train", "eval_prompts": "ocr:test", "model": {"args": {}}}
+    data = {"rollout": {"prompts": "pickscore:train"}, "eval": {"prompts": "ocr:test"}, "model": {"args": {}}}
     assert resolve_paths(data) == data
 
 

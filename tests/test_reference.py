@@ -26,7 +26,7 @@ def _fake_run(path: Path, seed: int, evals: dict[int, tuple[float, float]], reci
     """A run directory as `mixgrpo train` leaves it (config.yaml, metrics.jsonl, eval.jsonl), with given
     held-out figures, without training."""
     path.mkdir(parents=True)
-    save_config(load_config(recipes()[recipe], [f"seed={seed}", "precision=fp32", f"out_dir={path}"]),
+    save_config(load_config(recipes()[recipe], [f"run.seed={seed}", "run.precision=fp32", f"run.out_dir={path}"]),
                 path / "config.yaml")
     last = max(evals)
     (path / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "time/iteration": seconds_per_iteration})
@@ -50,7 +50,7 @@ def shipped(tmp_path, monkeypatch) -> Path:
 def test_the_band_is_the_prediction_interval_of_one_more_seed(shipped):
     ref = Reference.read(shipped / "diffusion_nft.json")
     assert ref.recipe == "diffusion_nft" and sorted(ref.seeds) == ["0", "1", "2"]
-    assert ref.precision == "fp32" and ref.machine == "test machine" and "seed={seed}" in ref.command
+    assert ref.precision == "fp32" and ref.machine == "test machine" and "run.seed={seed}" in ref.command
     band = {it: (minutes, mean, lo, hi) for it, minutes, mean, lo, hi in ref.band("eval/shape_quality")}
     assert sorted(band) == [0, 16, 32]
     minutes, mean, lo, hi = band[16]

@@ -132,8 +132,7 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 '''
 
-CONFIG_YAML = gaussian_run_yaml(rewards=[{"name": "faults:brightness"}], iterations=8, clip_range=0.2,
-                                checkpoint_every=1, eval_num_prompts=4)
+CONFIG_YAML = gaussian_run_yaml(rewards=[{"name": "faults:brightness"}], run={"iterations": 8, "checkpoint_every": 1}, loss={"clip_range": 0.2}, eval={"num_prompts": 4})
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +149,7 @@ def faults_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(faults_dir):
     """The uninterrupted run, in-process (the same computation as the CLI in a child process)."""
-    return train(load_config(faults_dir / "config.yaml", [f"out_dir={faults_dir / 'reference'}"]), progress=False)
+    return train(load_config(faults_dir / "config.yaml", [f"run.out_dir={faults_dir / 'reference'}"]), progress=False)
 
 
 def _end_state(run: Path) -> dict:
@@ -254,8 +253,8 @@ def test_a_signal_inside_the_periodic_evaluation_stops_before_another_iteration(
     """SIGTERM while the evaluation of iteration 2 runs (eval_every=2, no checkpoint due): exit 143 before
     iteration 3 starts, a checkpoint at 2 that says its evaluation is pending; the resume evaluates first and
     ends equal to the uninterrupted run (once, the stop waited for one more whole iteration)."""
-    over = ["iterations=4", "checkpoint_every=10", "eval_every=2"]
-    want = train(load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'ref'}", *over]), progress=False)
+    over = ["run.iterations=4", "run.checkpoint_every=10", "eval.every=2"]
+    want = train(load_config(faults_dir / "config.yaml", [f"run.out_dir={tmp_path / 'ref'}", *over]), progress=False)
     run = tmp_path / "run"
     child = Child(faults_dir, _run_args(run, resume=False) + over, FAULT_STALL_EVAL="2")
     assert child.wait_for("FAULT: inside the evaluation"), "".join(child.output)
@@ -275,8 +274,8 @@ def test_a_signal_after_the_rollout_drops_the_iteration_and_checkpoints_the_last
     """SIGTERM during the rollout of iteration 3 (checkpoint_every=10: none is due): the iteration is dropped
     before its update, the weights after iteration 2 are checkpointed, exit 143; the resume equals the
     uninterrupted run."""
-    over = ["iterations=4", "checkpoint_every=10"]
-    want = train(load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'ref'}", *over]), progress=False)
+    over = ["run.iterations=4", "run.checkpoint_every=10"]
+    want = train(load_config(faults_dir / "config.yaml", [f"run.out_dir={tmp_path / 'ref'}", *over]), progress=False)
     run = tmp_path / "run"
     child = Child(faults_dir, _run_args(run, resume=False) + over, FAULT_REWARD_SLEEP="1")
     assert child.wait_for("it    2/"), "".join(child.output)
@@ -313,7 +312,7 @@ def test_kill9_at_random_moments_then_resume_equals_uninterrupted(faults_dir, re
 
 @pytest.mark.slow  # 6-9 s (one child process): slow only to keep the default suite short
 def test_second_signal_stops_a_hung_reward(faults_dir, tmp_path):
-    child = Child(faults_dir, _run_args(tmp_path / "run", resume=False) + ["eval_num_prompts=0"],
+    child = Child(faults_dir, _run_args(tmp_path / "run", resume=False) + ["eval.num_prompts=0"],
                   FAULT_REWARD_SLEEP="3600")
     assert child.wait_for("FAULT: reward hangs"), "".join(child.output)
     child.proc.send_signal(signal.SIGTERM)  # would wait for the iteration to end: never
@@ -341,7 +340,7 @@ def test_a_signal_echoed_within_the_window_is_the_same_stop_and_a_later_one_stop
 
 
 def test_incomplete_and_temporary_checkpoints_are_never_picked_up(faults_dir, reference, tmp_path):
-    cfg = load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'run'}"])
+    cfg = load_config(faults_dir / "config.yaml", [f"run.out_dir={tmp_path / 'run'}"])
     train(cfg, progress=False, stop_after=2)
     ckpts = tmp_path / "run" / "checkpoints"
     (ckpts / "iter_000005").mkdir()  # a newer directory without the COMPLETE marker (cut-short delete or copy)
@@ -489,7 +488,7 @@ def _fill(disk: Path, leave_kib: int | None = None) -> Path:
     return filler
 
 
-BIG = ["model.args.size=128", "iterations=3", "eval_num_prompts=0"]  # 197 KB of weights, 393 KB of optimizer state
+BIG = ["model.args.size=128", "run.iterations=3", "eval.num_prompts=0"]  # 197 KB of weights, 393 KB of optimizer state
 
 
 @pytest.mark.parametrize("where, leave_kib", [
@@ -505,7 +504,7 @@ def test_a_really_full_disk_stops_clearly_and_loses_nothing(where, leave_kib, fa
     """On a 4 MiB tmpfs filled to `leave_kib` KiB free before the run (or, for the export, filled completely
     just before it): exit 2 and one line `No space left on device` naming a path on that disk; after the space
     is freed, --resume ends equal to an uninterrupted run elsewhere."""
-    want = train(load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'ref'}", *BIG]), progress=False)
+    want = train(load_config(faults_dir / "config.yaml", [f"run.out_dir={tmp_path / 'ref'}", *BIG]), progress=False)
     run = small_disk / "run"
     args = ["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet", *BIG]
     seen = []  # what the libraries raised, before mixgrpo named it
@@ -548,7 +547,7 @@ def test_a_really_full_disk_stops_clearly_and_loses_nothing(where, leave_kib, fa
 
 
 def _cfg(faults_dir, tmp_path, *overrides):
-    return load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'run'}", "iterations=3", *overrides])
+    return load_config(faults_dir / "config.yaml", [f"run.out_dir={tmp_path / 'run'}", "run.iterations=3", *overrides])
 
 
 @pytest.mark.parametrize("error", ["RewardError", "TimeoutError", "ConnectionError"])
@@ -569,7 +568,7 @@ def test_a_reward_bug_is_not_retried(faults_dir, tmp_path):
     import faults
 
     faults.CALLS.clear()
-    cfg = _cfg(faults_dir, tmp_path, "rewards=[{name: 'faults:buggy'}]", "eval_num_prompts=0")
+    cfg = _cfg(faults_dir, tmp_path, "rewards=[{name: 'faults:buggy'}]", "eval.num_prompts=0")
     with pytest.raises(TypeError, match="a bug in the reward"):
         train(cfg, progress=False)
     assert len(faults.CALLS) == 1
@@ -577,7 +576,7 @@ def test_a_reward_bug_is_not_retried(faults_dir, tmp_path):
 
 def test_nan_and_inf_scores_skip_their_groups_and_are_counted(faults_dir, tmp_path):
     # 4 prompts x 4 images: NaN on image 0 (group 0) and -inf on image 5 (group 1): 2 of 4 groups fail
-    run = train(_cfg(faults_dir, tmp_path, "prompts_per_iteration=4", "reward_policy.max_failed_groups=0.5",
+    run = train(_cfg(faults_dir, tmp_path, "rollout.prompts_per_iteration=4", "scoring.max_failed_groups=0.5",
                      "rewards=[{name: 'faults:non_finite', args: {nan_at: [0], inf_at: [5]}}]"), progress=False)
     metrics = read_metrics(run)
     assert [m["failed_groups"] for m in metrics] == [2, 2, 2]
@@ -587,11 +586,11 @@ def test_nan_and_inf_scores_skip_their_groups_and_are_counted(faults_dir, tmp_pa
 
 def test_too_many_failed_groups_abort_with_the_reason(faults_dir, tmp_path, capsys):
     rc = main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(tmp_path / "run"), "--quiet",
-               "prompts_per_iteration=4", "rewards=[{name: 'faults:non_finite', args: {nan_at: [0], inf_at: [5]}}]"])
+               "rollout.prompts_per_iteration=4", "rewards=[{name: 'faults:non_finite', args: {nan_at: [0], inf_at: [5]}}]"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0
     assert "2 of 4 groups failed to get rewards" in err
-    assert "reward_policy.max_failed_groups = 0.25" in err and "non_finite: 2 of 16 scores were NaN or inf" in err
+    assert "scoring.max_failed_groups = 0.25" in err and "non_finite: 2 of 16 scores were NaN or inf" in err
 
 
 class _SlowJudge(BaseHTTPRequestHandler):
@@ -632,7 +631,7 @@ def test_reward_timeout_is_retried_then_aborts_with_the_reason(faults_dir, tmp_p
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        cfg = _cfg(faults_dir, tmp_path, "eval_num_prompts=0", "reward_policy.retries=1",
+        cfg = _cfg(faults_dir, tmp_path, "eval.num_prompts=0", "scoring.retries=1",
                    f"rewards=[{{name: vlm, args: {{base_url: '{url}', model: judge, timeout: 0.2, retries: 0}}}}]")
         with pytest.raises(TrainingError, match=r"vlm: RewardError: .*within 0.2 s \(timeout\)"):
             train(cfg, progress=False)
@@ -669,7 +668,7 @@ def test_non_finite_loss_stops_before_touching_the_weights(kind, message, faults
     run = tmp_path / "run"
     assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and message in err and "lower lr" in err
+    assert err.count("\n") == 0 and message in err and "lower optim.lr" in err
     latest = load_checkpoint(latest_checkpoint(run))
     assert latest["state"]["iteration"] == 2 and torch.isfinite(latest["model"]["mu"]).all()
     assert len(read_metrics(run)) == 2
@@ -695,13 +694,13 @@ def test_a_diverged_update_is_never_logged_or_checkpointed(faults_dir, tmp_path,
     try:
         run = tmp_path / "run"
         rc = main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet",
-                   "eval_num_prompts=0", "keep_checkpoints=2"])
+                   "eval.num_prompts=0", "run.keep_checkpoints=2"])
     finally:
         handle.remove()
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0, err
     assert err.startswith("error: the update of iteration 3 made 24 of 48 trainable weights NaN or inf") and \
-        "not logged or saved" in err and "lower lr" in err, err
+        "not logged or saved" in err and "lower optim.lr" in err, err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
     assert all(torch.isfinite(load_checkpoint(p)["model"]["mu"]).all() for p in (run / "checkpoints").iterdir())
     assert [m["iteration"] for m in read_metrics(run)] == [1, 2]
@@ -720,10 +719,10 @@ def test_non_finite_images_stop_the_run_before_they_are_scored(faults_dir, tmp_p
     monkeypatch.setattr(GaussianFlow, "decode", decode)
     run = tmp_path / "run"
     assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet",
-                 "eval_num_prompts=0"]) == 2
+                 "eval.num_prompts=0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: the rollout of iteration 3 gave 8 of 8 images with NaN")
-    assert "lower lr" in err
+    assert "lower optim.lr" in err
     assert latest_checkpoint(run).name == "iter_000002" and len(read_metrics(run)) == 2
 
 
@@ -731,8 +730,8 @@ def test_a_run_without_learning_signal_warns_every_iteration_and_fails_at_the_en
     """The policy (docs/reliability.md): each iteration without learning signal prints a warning; a run in which
     no iteration had any exits 2 with the reason, after writing everything (final/, summary.md)."""
     run = tmp_path / "run"
-    rc = main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet", "iterations=3",
-               "eval_num_prompts=0", "rewards=[{name: 'toy_rewards:constant'}]"])
+    rc = main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet", "run.iterations=3",
+               "eval.num_prompts=0", "rewards=[{name: 'toy_rewards:constant'}]"])
     out, err = capsys.readouterr()
     err = err.strip()
     assert rc == 2 and err.count("\n") == 0, err
@@ -751,7 +750,7 @@ def test_a_run_with_some_learning_signal_warns_only_where_it_had_none(faults_dir
     faults.CALLS.clear()
     run = tmp_path / "run"
     assert main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(run), "--quiet",
-                 "iterations=3", "eval_num_prompts=0", "rewards=[{name: 'faults:late'}]"]) == 0
+                 "run.iterations=3", "eval.num_prompts=0", "rewards=[{name: 'faults:late'}]"]) == 0
     out = capsys.readouterr().out
     assert [line[:33] for line in out.splitlines() if "no learning signal" in line] == [
         "warning: iteration 1: no learning"]
@@ -762,7 +761,7 @@ def test_a_run_whose_every_group_failed_says_so_not_a_constant_reward(faults_dir
     """Every group failed to get rewards (max_failed_groups = 1 let the run go on): the end-of-run message says
     that, not "a constant or saturated reward"."""
     rc = main(["train", "--config", str(faults_dir / "config.yaml"), "--out", str(tmp_path / "run"), "--quiet",
-               "iterations=2", "eval_num_prompts=0", "reward_policy.max_failed_groups=1",
+               "run.iterations=2", "eval.num_prompts=0", "scoring.max_failed_groups=1",
                "rewards=[{name: 'toy_rewards:flaky', args: {fail_every: 1}}]"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0, err
@@ -776,8 +775,8 @@ def test_a_run_whose_every_group_failed_says_so_not_a_constant_reward(faults_dir
 @pytest.fixture
 def live_run(faults_dir, tmp_path) -> Path:
     """A run with checkpoints 1 to 3 and no final/ (it is still training, as far as a reader can tell)."""
-    run = train(load_config(faults_dir / "config.yaml", [f"out_dir={tmp_path / 'live'}", "iterations=3",
-                                                         "keep_checkpoints=3", "eval_num_prompts=0"]), progress=False)
+    run = train(load_config(faults_dir / "config.yaml", [f"run.out_dir={tmp_path / 'live'}", "run.iterations=3",
+                                                         "run.keep_checkpoints=3", "eval.num_prompts=0"]), progress=False)
     import shutil
 
     shutil.rmtree(run / "final")
@@ -785,7 +784,7 @@ def live_run(faults_dir, tmp_path) -> Path:
 
 
 def test_export_of_a_checkpoint_rotated_away_while_the_base_loads_succeeds(live_run, tmp_path, monkeypatch, capsys):
-    """The trainer deletes the chosen checkpoint (keep_checkpoints) while the base model loads, minutes for
+    """The trainer deletes the chosen checkpoint (run.keep_checkpoints) while the base model loads, minutes for
     FLUX: its weights were read before, so the export succeeds (it failed 4 of 4 times)."""
     import mixgrpo.export as export
 

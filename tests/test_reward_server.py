@@ -300,8 +300,7 @@ def test_a_run_scored_by_two_servers_and_in_process_equals_the_in_process_run(se
     remote = [{**local[0], "server": [a.url, b.url]}, {**local[1], "server": a.url}, local[2]]
     runs = {}
     for name, rewards in (("local", local), ("remote", remote)):
-        cfg = build_config(gaussian_run(rewards=rewards, iterations=2, eval_num_prompts=2,
-                                        out_dir=str(tmp_path / name)))
+        cfg = build_config(gaussian_run(rewards=rewards, run={"iterations": 2, "out_dir": str(tmp_path / name)}, eval={"num_prompts": 2}))
         runs[name] = train(cfg, progress=False)
     _assert_same_run(runs["remote"], runs["local"])
     metrics = read_metrics(runs["remote"])
@@ -336,9 +335,10 @@ def test_an_editing_run_scored_by_a_server_equals_the_in_process_run(served, tmp
     for name, rewards in (("local", local), ("remote", [{**r, "server": server.url} for r in local])):
         cfg = build_config(gaussian_run(
             model={"name": "tiny_edit", "args": {"path": str(tmp_path / "model")}},
-            sampler={"num_steps": 4, "window": {"size": 1}}, train_prompts=str(tmp_path / "examples.jsonl"),
-            eval_prompts=str(tmp_path / "examples.jsonl"), eval_num_prompts=2, rewards=rewards, group_size=2,
-            iterations=2, lr=1e-3, out_dir=str(tmp_path / name)))
+            sampler={"num_steps": 4, "window": {"size": 1}}, rewards=rewards, optim={"lr": 1e-3},
+            rollout={"prompts": str(tmp_path / "examples.jsonl"), "group_size": 2},
+            eval={"prompts": str(tmp_path / "examples.jsonl"), "num_prompts": 2},
+            run={"iterations": 2, "out_dir": str(tmp_path / name)}))
         runs[name] = train(cfg, progress=False)
     _assert_same_run(runs["remote"], runs["local"])
     assert all(m["reward_servers"] == {server.url: 4} for m in read_metrics(runs["remote"]))
@@ -356,7 +356,7 @@ def test_preflight_names_an_unreachable_server_a_missing_reward_other_args_and_a
                {"name": "verifier", "server": dead}]
     monkeypatch.setenv("RUN_TOKEN", "s3cret")
     with pytest.raises(PreflightError) as e:
-        check_run(build_config(gaussian_run(rewards=rewards, reward_servers={"token_env": "RUN_TOKEN"})))
+        check_run(build_config(gaussian_run(rewards=rewards, scoring={"server_token_env": "RUN_TOKEN"})))
     lines = str(e.value).splitlines()
     assert len(lines) == 3, lines
     assert f"cannot reach reward server {dead}" in lines[0]
@@ -365,7 +365,7 @@ def test_preflight_names_an_unreachable_server_a_missing_reward_other_args_and_a
 
     with pytest.raises(PreflightError, match="HTTP 401"):
         check_run(build_config(gaussian_run(rewards=rewards[:1])))
-    check_run(build_config(gaussian_run(rewards=rewards[:1], reward_servers={"token_env": "RUN_TOKEN"})))
+    check_run(build_config(gaussian_run(rewards=rewards[:1], scoring={"server_token_env": "RUN_TOKEN"})))
 
 
 @pytest.mark.slow
@@ -375,13 +375,11 @@ def test_a_server_killed_mid_run_stops_the_run_naming_it_and_resume_after_a_rest
     interrupted."""
     from test_reliability import Child
 
-    reference = train(build_config(gaussian_run(iterations=5, checkpoint_every=1, eval_num_prompts=2,
-                                                out_dir=str(tmp_path / "reference"))), progress=False)
+    reference = train(build_config(gaussian_run(run={"iterations": 5, "checkpoint_every": 1, "out_dir": str(tmp_path / "reference")}, eval={"num_prompts": 2})), progress=False)
     server = served("--reward", "toy_rewards:brightness")
     (tmp_path / "faults.py").write_text("import sys\nfrom mixgrpo.cli import main\n\nsys.exit(main(sys.argv[1:]))\n")
     (tmp_path / "config.yaml").write_text(gaussian_run_yaml(
-        rewards=[{"name": "toy_rewards:brightness", "server": server.url}], iterations=5, checkpoint_every=1,
-        eval_num_prompts=2))
+        rewards=[{"name": "toy_rewards:brightness", "server": server.url}], run={"iterations": 5, "checkpoint_every": 1}, eval={"num_prompts": 2}))
     run = tmp_path / "run"
     child = Child(tmp_path, ["--config", "config.yaml", "--out", str(run)])
     assert child.wait_for("it    2/5")
@@ -478,8 +476,7 @@ def test_a_refusing_server_stops_at_once(liar):
 
 def test_a_run_whose_server_answers_garbage_stops_naming_it(liar, tmp_path):
     liar.answer = lambda body: (200, b"garbage")
-    cfg = build_config(gaussian_run(rewards=[{"name": "toy_rewards:brightness", "server": liar.url}], iterations=2,
-                                    eval_num_prompts=0, out_dir=str(tmp_path / "run")))
+    cfg = build_config(gaussian_run(rewards=[{"name": "toy_rewards:brightness", "server": liar.url}], run={"iterations": 2, "out_dir": str(tmp_path / "run")}, eval={"num_prompts": 0}))
     with pytest.raises(TrainingError, match=f"groups failed to get rewards at iteration 1.*{liar.url}"):
         train(cfg, progress=False)
 

@@ -249,8 +249,7 @@ def test_a_run_asks_the_judge_the_same_questions_with_the_same_seeds_overlapped_
     for overlap in (True, False):
         server.requests.clear()
         vlm = {"name": "vlm", "args": {"base_url": server.base_url, "model": "judge", "concurrency": 4}}
-        cfg = build_config(gaussian_run(rewards=[vlm], iterations=2, eval_num_prompts=0, rollout_chunks=2,
-                                        reward_overlap=overlap, out_dir=str(tmp_path / f"overlap_{overlap}")))
+        cfg = build_config(gaussian_run(rewards=[vlm], run={"iterations": 2, "out_dir": str(tmp_path / f"overlap_{overlap}")}, eval={"num_prompts": 0}, rollout={"chunks": 2, "reward_overlap": overlap}))
         runs[overlap] = train(cfg, progress=False)
         sent[overlap] = sorted(r.body["seed"] for r in server.requests)
     assert sent[True] == sent[False]

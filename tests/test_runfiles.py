@@ -16,6 +16,7 @@ from mixgrpo.rundir import read_metrics
 from mixgrpo.runfiles import identity, path_fields, without_paths
 from mixgrpo.train import train
 
+from gaussian_run import merged
 from tiny_pipelines import save_tiny_flux
 
 SIZE, MAX_SEQ = 32, 24
@@ -35,14 +36,8 @@ def _machine(root, seed=0):
 
 
 def _recipe(out: str) -> dict:
-    return {
-        "algorithm": "mixgrpo", "sampler": {"num_steps": 4, "window": {"size": 1}},
-        "model": {"name": "flux", "args": {"path": "ckpt/flux", "dtype": "float32", "height": SIZE, "width": SIZE,
-                                           "max_sequence_length": MAX_SEQ, "embedding_cache": "cache/flux"}},
-        "rewards": [{"name": "toy_rewards:brightness"}], "train_prompts": "prompts/train.txt",
-        "eval_prompts": "prompts/test.txt", "iterations": 3, "prompts_per_iteration": 2, "group_size": 2,
-        "updates_per_iteration": 1, "micro_batch_size": 4, "lr": 1.0e-2, "clip_range": 0.2, "eval_num_prompts": 2,
-        "checkpoint_every": 1, "lora": {"rank": 2}, "out_dir": out}
+    return {"algorithm": "mixgrpo", "sampler": {"num_steps": 4, "window": {"size": 1}}, "model": {"name": "flux", "args": {"path": "ckpt/flux", "dtype": "float32", "height": SIZE, "width": SIZE,
+                                           "max_sequence_length": MAX_SEQ, "embedding_cache": "cache/flux"}}, "rewards": [{"name": "toy_rewards:brightness"}], "rollout": {"prompts": "prompts/train.txt", "prompts_per_iteration": 2, "group_size": 2}, "eval": {"prompts": "prompts/test.txt", "num_prompts": 2}, "run": {"iterations": 3, "checkpoint_every": 1, "out_dir": out}, "update": {"steps_per_epoch": 1, "micro_batch_size": 4}, "optim": {"lr": 1.0e-2}, "loss": {"clip_range": 0.2}, "lora": {"rank": 2}}
 
 
 def _preprocess(root):
@@ -74,7 +69,7 @@ def test_a_moved_run_resumes_bit_exactly_samples_and_evaluates(machine_a, tmp_pa
     train(build_config(_recipe("runs/moving")), progress=False, stop_after=1)
     stored = yaml.safe_load((machine_a / "runs" / "moving" / "config.yaml").read_text())
     assert stored["model"]["args"]["path"] == str(machine_a / "ckpt" / "flux")  # absolute in config.yaml
-    assert stored["train_prompts"] == str(machine_a / "prompts" / "train.txt")
+    assert stored["rollout"]["prompts"] == str(machine_a / "prompts" / "train.txt")
 
     # the move: the run, the model, the cache and the prompts each to another place; nothing is left where it was
     elsewhere = tmp_path / "b"
@@ -90,10 +85,10 @@ def test_a_moved_run_resumes_bit_exactly_samples_and_evaluates(machine_a, tmp_pa
         # a plain resume names every file it lacks and the command that tells it where they are
         assert main(["train", "--out", "runs/moved", "--resume"]) == 2
         err = capsys.readouterr().err
-        for field in ("model.args.path", "model.args.embedding_cache", "train_prompts", "eval_prompts"):
+        for field in ("model.args.path", "model.args.embedding_cache", "rollout.prompts", "eval.prompts"):
             assert f"{field}=PATH" in err
         tell = ["model.args.path=models/flux", "model.args.embedding_cache=caches/flux-prompts",
-                "train_prompts=data/train.txt", "eval_prompts=data/test.txt"]
+                "rollout.prompts=data/train.txt", "eval.prompts=data/test.txt"]
         assert main(["train", "--out", "runs/moved", "--resume", "--quiet", *tell]) == 0
         moved = elsewhere / "runs" / "moved"
         for name, tensor in _weights(reference).items():
@@ -134,8 +129,9 @@ def test_a_run_pointed_at_another_model_is_refused(machine_a, tmp_path, monkeypa
     # other prompts are another run too
     edited = tmp_path / "train.txt"
     edited.write_text("\n".join(TRAIN[::-1]) + "\n")
-    with pytest.raises(CheckpointError, match="train_prompts"):
-        train(build_config({**_recipe(str(run)), "train_prompts": str(edited)}), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="rollout.prompts"):
+        train(build_config(merged(_recipe(str(run)), {"rollout": {"prompts": str(edited)}})), resume=True,
+              progress=False)
 
 
 def test_a_checkpoint_from_before_file_identities_still_resumes(tmp_path, capsys):
@@ -144,8 +140,7 @@ def test_a_checkpoint_from_before_file_identities_still_resumes(tmp_path, capsys
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\nb\nc\n")
-    cfg = build_config(gaussian_run(iterations=3, out_dir=str(tmp_path / "run"), train_prompts=str(prompts),
-                                    eval_num_prompts=0))
+    cfg = build_config(gaussian_run(run={"iterations": 3, "out_dir": str(tmp_path / "run")}, rollout={"prompts": str(prompts)}, eval={"num_prompts": 0}))
     run = train(cfg, progress=False, stop_after=1)
     state_file = latest_checkpoint(run) / "state.json"
     state = json.loads(state_file.read_text())
@@ -172,17 +167,17 @@ def test_identity_is_the_content_not_the_place(tmp_path):
     # prompt sources: the prompts, whatever file or format holds them
     (tmp_path / "p.txt").write_text("one\ntwo\n")
     (tmp_path / "p.jsonl").write_text('{"prompt": "one"}\n{"prompt": "two"}\n')
-    assert identity("train_prompts", str(tmp_path / "p.txt"))["sha256"] == \
-        identity("train_prompts", str(tmp_path / "p.jsonl"))["sha256"]
+    assert identity("rollout.prompts", str(tmp_path / "p.txt"))["sha256"] == \
+        identity("rollout.prompts", str(tmp_path / "p.jsonl"))["sha256"]
     assert "sha256" not in identity("model.args.path", str(tmp_path / "nowhere"))
 
 
 def test_path_fields_and_list_overrides():
-    data = {"train_prompts": "world:train", "eval_prompts": "p/test.txt",
+    data = {"rollout": {"prompts": "world:train"}, "eval": {"prompts": "p/test.txt"},
             "model": {"name": "flux", "args": {"path": "/m", "height": 64, "embedding_cache": None}},
             "rewards": [{"name": "hps", "args": {"path": "/h.pt", "tokenizer": "/tok"}}, {"name": "jpeg"}]}
-    assert path_fields(data) == {"eval_prompts": "p/test.txt", "model.args.path": "/m",
-                                 "rewards[0].args.path": "/h.pt", "rewards[0].args.tokenizer": "/tok"}
+    assert path_fields(data) == {"eval.prompts": "p/test.txt", "model.args.path": "/m", "rewards[0].args.path": "/h.pt",
+                                 "rewards[0].args.tokenizer": "/tok"}
     assert without_paths(data)["rewards"][0]["args"] == {} and without_paths(data)["model"]["args"]["height"] == 64
     apply_override(data, "rewards[0].args.path=/new/h.pt")
     apply_override(data, "rewards[1].weight=0.5")

@@ -20,15 +20,7 @@ def pipelines(tmp_path_factory):
 @pytest.mark.parametrize("name,lora", [("flux", 0), ("sd3", 4)])
 def test_grpo_iteration_on_a_diffusers_model(tmp_path, pipelines, name, lora):
     args = {"path": str(pipelines[name]), "dtype": "float32", "height": 32, "width": 32, "max_sequence_length": 24}
-    cfg = build_config({
-        "algorithm": "mixgrpo", "sampler": {"num_steps": 6, "window": {"size": 2}},
-        "model": {"name": name, "args": args},
-        "rewards": [{"name": "toy_rewards:brightness"}],
-        "guidance_scale": 4.5 if name == "sd3" else 1.0,
-        "iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "updates_per_iteration": 1,
-        "micro_batch_size": 4, "lr": 1.0e-3, "clip_range": 0.2, "eval_num_prompts": 0,
-        "lora": {"rank": lora}, "out_dir": str(tmp_path / "run"),
-    })
+    cfg = build_config({"algorithm": "mixgrpo", "sampler": {"num_steps": 6, "window": {"size": 2}}, "model": {"name": name, "args": args}, "rewards": [{"name": "toy_rewards:brightness"}], "rollout": {"guidance_scale": 4.5 if name == "sd3" else 1.0, "prompts_per_iteration": 2, "group_size": 2}, "run": {"iterations": 2, "out_dir": str(tmp_path / "run")}, "update": {"steps_per_epoch": 1, "micro_batch_size": 4}, "optim": {"lr": 1.0e-3}, "loss": {"clip_range": 0.2}, "eval": {"num_prompts": 0}, "lora": {"rank": lora}})
     run = train(cfg, progress=False)
     metrics = read_metrics(run)
     assert len(metrics) == 2 and metrics[0]["onpolicy_ratio_error"] < 1e-4
@@ -62,15 +54,7 @@ def test_eval_and_sample_of_a_run_follow_its_own_evaluation(tmp_path, pipelines)
     (tmp_path / "train.txt").write_text("a red cube on a table\ntwo blue spheres\n")
     (tmp_path / "eval.txt").write_text("a cat wearing a hat\na yellow dog\na house by a lake\n")
     args = {"path": str(pipelines["flux"]), "dtype": "float32", "height": 32, "width": 32, "max_sequence_length": 24}
-    cfg = build_config({
-        "algorithm": "mixgrpo", "sampler": {"num_steps": 3, "shift": 2.0, "window": {"size": 1}},
-        "model": {"name": "flux", "args": args},
-        "rewards": [{"name": "toy_rewards:brightness"}, {"name": "jpeg_compressibility", "weight": 0.0}],
-        "train_prompts": str(tmp_path / "train.txt"), "eval_prompts": str(tmp_path / "eval.txt"),
-        "eval_num_prompts": 2, "eval_images_per_prompt": 2, "seed": 7,
-        "iterations": 1, "prompts_per_iteration": 1, "group_size": 2, "updates_per_iteration": 1,
-        "micro_batch_size": 2, "lr": 1.0e-2, "clip_range": 0.2, "out_dir": str(tmp_path / "run"),
-    })
+    cfg = build_config({"algorithm": "mixgrpo", "sampler": {"num_steps": 3, "shift": 2.0, "window": {"size": 1}}, "model": {"name": "flux", "args": args}, "rewards": [{"name": "toy_rewards:brightness"}, {"name": "jpeg_compressibility", "weight": 0.0}], "rollout": {"prompts": str(tmp_path / "train.txt"), "prompts_per_iteration": 1, "group_size": 2}, "eval": {"prompts": str(tmp_path / "eval.txt"), "num_prompts": 2, "images_per_prompt": 2}, "run": {"seed": 7, "iterations": 1, "out_dir": str(tmp_path / "run")}, "update": {"steps_per_epoch": 1, "micro_batch_size": 2}, "optim": {"lr": 1.0e-2}, "loss": {"clip_range": 0.2}})
     run = train(cfg, progress=False)
     assert cli.main(["eval", f"tuned={run}", "--out", str(tmp_path / "eval")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "eval" / "scores.jsonl").read_text().splitlines()]

@@ -11,18 +11,17 @@ from mixgrpo.config import ConfigError, build_config
 from mixgrpo.rundir import read_metrics
 from mixgrpo.train import TrainingError, train
 
-from gaussian_run import gaussian_run
+from gaussian_run import gaussian_run, merged
 
 
 def _cfg(tmp_path, **over):
-    data = gaussian_run(iterations=6, clip_range=0.2, out_dir=str(tmp_path / "run"), checkpoint_every=2,
-                        eval_num_prompts=4)
-    return build_config({**data, **over})
+    data = gaussian_run(run={"iterations": 6, "out_dir": str(tmp_path / "run"), "checkpoint_every": 2}, loss={"clip_range": 0.2}, eval={"num_prompts": 4})
+    return build_config(merged(data, over))
 
 
 @pytest.mark.parametrize("algorithm", ["mixgrpo", "mixgrpo_flash_star", "flow_grpo", "dance_grpo"])
 def test_reward_rises_and_only_trainable_weights_change(tmp_path, algorithm):
-    cfg = _cfg(tmp_path, algorithm=algorithm, iterations=16, lr=0.1)  # DanceGRPO's eta 0.3 learns slowest
+    cfg = _cfg(tmp_path, algorithm=algorithm, run={"iterations": 16}, optim={"lr": 0.1})  # DanceGRPO's eta 0.3 learns slowest
     run = train(cfg, progress=False)
     metrics = read_metrics(run)
     rewards = [m["reward/brightness"] for m in metrics]
@@ -38,7 +37,7 @@ def test_reward_rises_and_only_trainable_weights_change(tmp_path, algorithm):
 
 
 def test_on_policy_ratio_is_one_on_the_first_optimizer_step(tmp_path):
-    run = train(_cfg(tmp_path, iterations=2), progress=False)
+    run = train(_cfg(tmp_path, run={"iterations": 2}), progress=False)
     for m in read_metrics(run):
         assert m["onpolicy_ratio_error"] < 1e-5
 
@@ -47,7 +46,7 @@ def test_on_policy_ratio_is_one_on_the_first_optimizer_step(tmp_path):
 def test_grpo_guard_is_on_policy_on_the_first_step_and_the_reward_rises(tmp_path, algorithm):
     """GRPO-Guard: the re-centred ratio is exactly 1 before the first optimizer step (the old means are re-scored
     in the update's own layout), the clip binds, and the brightness reward rises as without the guard."""
-    run = train(_cfg(tmp_path, algorithm=algorithm, iterations=16, lr=0.1, grpo_guard=True), progress=False)
+    run = train(_cfg(tmp_path, algorithm=algorithm, run={"iterations": 16}, optim={"lr": 0.1}, loss={"grpo_guard": True}), progress=False)
     metrics = read_metrics(run)
     assert all(m["onpolicy_ratio_error"] == 0 for m in metrics)
     rewards = [m["reward/brightness"] for m in metrics]
@@ -55,19 +54,19 @@ def test_grpo_guard_is_on_policy_on_the_first_step_and_the_reward_rises(tmp_path
 
 
 def test_micro_batch_size_does_not_change_the_update(tmp_path):
-    a = train(_cfg(tmp_path / "a", iterations=2, micro_batch_size=1), progress=False)
-    b = train(_cfg(tmp_path / "b", iterations=2, micro_batch_size=4), progress=False)
+    a = train(_cfg(tmp_path / "a", run={"iterations": 2}, update={"micro_batch_size": 1}), progress=False)
+    b = train(_cfg(tmp_path / "b", run={"iterations": 2}, update={"micro_batch_size": 4}), progress=False)
     wa = load_checkpoint(latest_checkpoint(a))["model"]["mu"]
     wb = load_checkpoint(latest_checkpoint(b))["model"]["mu"]
     torch.testing.assert_close(wa, wb, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("over", [{}, {"grpo_guard": True}])
+@pytest.mark.parametrize("over", [{}, {"loss": {"grpo_guard": True}}])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, over):
     full = train(_cfg(tmp_path / "full", **over), progress=False)
     cfg = _cfg(tmp_path / "cut", **over)
     train(cfg, progress=False, stop_after=3)  # interrupted after iteration 3 (checkpointed on stop)
-    assert latest_checkpoint(cfg.out_dir).name == "iter_000003"
+    assert latest_checkpoint(cfg.run.out_dir).name == "iter_000003"
     resumed = train(cfg, resume=True, progress=False)
     wf = load_checkpoint(latest_checkpoint(full))["model"]["mu"]
     wr = load_checkpoint(latest_checkpoint(resumed))["model"]["mu"]
@@ -79,46 +78,86 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, over):
 
 def test_time_limit_ends_the_run_like_its_last_iteration(tmp_path):
     # a budget of ~0 minutes: the first iteration reaches it; the run checkpoints, evaluates and exports there
-    run = train(_cfg(tmp_path, iterations=6, time_limit_minutes=1e-9), progress=False)
+    run = train(_cfg(tmp_path, run={"iterations": 6, "time_limit_minutes": 1e-9}), progress=False)
     assert len(read_metrics(run)) == 1 and latest_checkpoint(run).name == "iter_000001"
     evals = [json.loads(line)["iteration"] for line in (run / "eval.jsonl").read_text().splitlines()]
     assert evals == [0, 1] and (run / "final").is_dir()
     # the limit counts per launch and is not part of the run's identity: a resumed run may change it
-    again = train(_cfg(tmp_path, iterations=6, time_limit_minutes=0), resume=True, progress=False)
+    again = train(_cfg(tmp_path, run={"iterations": 6, "time_limit_minutes": 0}), resume=True, progress=False)
     assert len(read_metrics(again)) == 6
 
 
 def test_existing_run_needs_resume(tmp_path):
-    cfg = _cfg(tmp_path, iterations=2)
+    cfg = _cfg(tmp_path, run={"iterations": 2})
     train(cfg, progress=False)
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg, progress=False)
 
 
+def _flat(data: dict) -> dict:
+    """A config mapping as mixgrpo wrote it before the config had sections (`lr`, `reward_policy.retries`)."""
+    from mixgrpo.config import MOVED_KEYS
+
+    out = json.loads(json.dumps(data))
+    for was, key in MOVED_KEYS.items():
+        section, leaf = key.split(".")
+        if leaf in out.get(section, {}):
+            old_section, _, old_leaf = was.rpartition(".")
+            (out.setdefault(old_section, {}) if old_section else out)[old_leaf] = out[section].pop(leaf)
+    return {k: v for k, v in out.items() if v != {}}
+
+
+def test_a_run_directory_of_the_flat_config_layout_resumes(tmp_path):
+    """A run written before the config had sections (flat keys in its config.yaml and in its checkpoints'
+    fingerprints, its prompt files under their old names) resumes from the command line and ends as the
+    uninterrupted run."""
+    import yaml
+
+    from mixgrpo import cli
+
+    full = train(_cfg(tmp_path / "full", run={"iterations": 4}), progress=False)
+    cut = train(_cfg(tmp_path / "cut", run={"iterations": 4}, rollout={"prompts": "world:train"}), progress=False,
+                stop_after=2)
+    config = yaml.safe_load((cut / "config.yaml").read_text())
+    (cut / "config.yaml").write_text(yaml.safe_dump(_flat(config)))
+    assert "lr" in yaml.safe_load((cut / "config.yaml").read_text())
+    for state in cut.glob("checkpoints/*/state.json"):
+        recorded = json.loads(state.read_text())
+        files = {{"rollout.prompts": "train_prompts", "eval.prompts": "eval_prompts"}.get(k, k): v
+                 for k, v in recorded["files"].items()}
+        state.write_text(json.dumps({**recorded, "config": _flat(recorded["config"]), "files": files}))
+    assert cli.main(["train", "--out", str(cut), "--resume"]) == 0
+    wf = load_checkpoint(latest_checkpoint(full))["model"]["mu"]
+    wr = load_checkpoint(latest_checkpoint(cut))["model"]["mu"]
+    assert latest_checkpoint(cut).name == "iter_000004"
+    torch.testing.assert_close(wf, wr, rtol=0, atol=0)
+    assert "optim" in yaml.safe_load((cut / "config.yaml").read_text())  # rewritten in today's layout
+
+
 def test_resume_with_another_config_is_refused(tmp_path):
-    train(_cfg(tmp_path, iterations=2), progress=False)
+    train(_cfg(tmp_path, run={"iterations": 2}), progress=False)
     from mixgrpo.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="different configuration"):
-        train(_cfg(tmp_path, iterations=4, lr=0.01), resume=True, progress=False)
+        train(_cfg(tmp_path, run={"iterations": 4}, optim={"lr": 0.01}), resume=True, progress=False)
 
 
 def test_nan_rewards_skip_their_groups_and_are_counted(tmp_path):
-    cfg = _cfg(tmp_path, iterations=2, rewards=[{"name": "toy_rewards:flaky", "args": {"fail_every": 8}}],
-               reward_policy={"max_failed_groups": 0.5})
+    cfg = _cfg(tmp_path, run={"iterations": 2}, rewards=[{"name": "toy_rewards:flaky", "args": {"fail_every": 8}}],
+               scoring={"max_failed_groups": 0.5})
     run = train(cfg, progress=False)
     assert all(m["failed_groups"] == 1 for m in read_metrics(run))  # image 0 of 8: one group of 2
 
 
 def test_failing_reward_aborts_with_a_clear_message(tmp_path):
-    cfg = _cfg(tmp_path, iterations=2, rewards=[{"name": "toy_rewards:broken"}], reward_policy={"retries": 1})
+    cfg = _cfg(tmp_path, run={"iterations": 2}, rewards=[{"name": "toy_rewards:broken"}], scoring={"retries": 1})
     with pytest.raises(TrainingError, match="failed to get rewards"):
         train(cfg, progress=False)
 
 
 def test_kl_to_the_base_pulls_towards_it(tmp_path):
-    free = train(_cfg(tmp_path / "free", iterations=6), progress=False)
-    tied = train(_cfg(tmp_path / "tied", iterations=6, kl_beta=50.0), progress=False)
+    free = train(_cfg(tmp_path / "free", run={"iterations": 6}), progress=False)
+    tied = train(_cfg(tmp_path / "tied", run={"iterations": 6}, loss={"kl_beta": 50.0}), progress=False)
     wf = load_checkpoint(latest_checkpoint(free))["model"]["mu"].abs().mean()
     wt = load_checkpoint(latest_checkpoint(tied))["model"]["mu"].abs().mean()
     assert "kl_to_base" in read_metrics(tied)[-1]
@@ -130,13 +169,13 @@ def test_counted_model_calls_match_the_plan(tmp_path, algorithm):
     """Calls are counted by hooks on the model; the plan's NFE is what the paper counts."""
     from mixgrpo.plan import build_plan
 
-    cfg = _cfg(tmp_path, algorithm=algorithm, iterations=3, profile=True, sampler={"num_steps": 10})
+    cfg = _cfg(tmp_path, algorithm=algorithm, run={"iterations": 3, "profile": True}, sampler={"num_steps": 10})
     run = train(cfg, progress=False)
     for m in read_metrics(run):
-        plan = build_plan(cfg.sampler, m["iteration"] - 1, cfg.seed)
+        plan = build_plan(cfg.sampler, m["iteration"] - 1, cfg.run.seed)
         assert m["model_calls/rollout"] == plan.nfe == m["nfe_rollout"]
-        micro_batches = cfg.updates_per_iteration * -(-cfg.prompts_per_iteration * cfg.group_size
-                                                      // cfg.updates_per_iteration // cfg.micro_batch_size)
+        micro_batches = cfg.update.steps_per_epoch * -(-cfg.rollout.prompts_per_iteration * cfg.rollout.group_size
+                                                      // cfg.update.steps_per_epoch // cfg.update.micro_batch_size)
         assert m["model_calls/update"] == plan.num_trained * micro_batches
         assert m["time/model_rollout"] <= m["time/rollout"]
 
@@ -158,7 +197,7 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
     fake.init = lambda **kw: inits.append(kw) or FakeRun()
     fake.Image = lambda array: ("image", array.shape)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    run = train(_cfg(tmp_path, iterations=3, wandb_project="proj"), progress=False)
+    run = train(_cfg(tmp_path, run={"iterations": 3, "wandb_project": "proj"}), progress=False)
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     rewards = [(e.step, e.value) for e in events.Scalars("reward/brightness")]
     assert rewards == [(m["iteration"], pytest.approx(m["reward/brightness"])) for m in read_metrics(run)]
@@ -171,7 +210,7 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
     assert grids == [(0, *sizes["before"][::-1]), (3, *sizes["after"][::-1])]
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "iterations: 3" in config_text
-    assert inits[0]["project"] == "proj" and inits[0]["config"]["iterations"] == 3
+    assert inits[0]["project"] == "proj" and inits[0]["config"]["run"]["iterations"] == 3
     steps = [s for s, v in logged[:-1] if "reward/brightness" in v]
     assert steps == [1, 2, 3] and logged[-1] == "finished"
     assert [s for s, v in logged[:-1] if "samples" in v] == [0, 3]
@@ -180,7 +219,7 @@ def test_metrics_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
         assert m["time/unix"] > 1.7e9 and m["memory/peak_rss_gib"] > 0
     assert "time/unix" not in events.Tags()["scalars"] and "memory/peak_rss_gib" in events.Tags()["scalars"]
     # a resumed run continues the same W&B run
-    train(_cfg(tmp_path, iterations=4, wandb_project="proj"), resume=True, progress=False)
+    train(_cfg(tmp_path, run={"iterations": 4, "wandb_project": "proj"}), resume=True, progress=False)
     assert inits[1]["id"] == inits[0]["id"] == (run / "wandb_id").read_text().strip()
 
 
@@ -189,7 +228,7 @@ def test_wandb_without_the_package_is_refused_by_name(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(PreflightError, match="pip install .wandb"):
-        train(_cfg(tmp_path, iterations=1, wandb_project="proj"), progress=False)
+        train(_cfg(tmp_path, run={"iterations": 1, "wandb_project": "proj"}), progress=False)
 
 
 def _eval_rows(run):
@@ -199,7 +238,7 @@ def _eval_rows(run):
 def test_periodic_evaluation_resumes_without_duplicated_or_lost_rows(tmp_path):
     """eval_every: rows at 0, 2, 4, 6 on the same noise; a run interrupted at 3, or resumed from an earlier
     checkpoint than its last evaluation, ends with the uninterrupted run's rows exactly."""
-    over = dict(eval_every=2, checkpoint_every=2, keep_checkpoints=3)
+    over = {"eval": {"every": 2}, "run": {"checkpoint_every": 2, "keep_checkpoints": 3}}
     full = train(_cfg(tmp_path / "full", **over), progress=False)
     rows = _eval_rows(full)
     assert [r["iteration"] for r in rows] == [0, 2, 4, 6]
@@ -254,7 +293,7 @@ def test_final_holds_the_ema_weights_when_ema_decay_is_set(tmp_path):
     from mixgrpo import cli
     from mixgrpo.export import load_run
 
-    run = train(_cfg(tmp_path, iterations=3, ema_decay=0.5, eval_num_prompts=0), progress=False)
+    run = train(_cfg(tmp_path, run={"iterations": 3}, optim={"ema_decay": 0.5}, eval={"num_prompts": 0}), progress=False)
     checkpoint = run / "checkpoints" / "iter_000003"
     ema, live = load_file(str(checkpoint / "ema.safetensors")), load_file(str(checkpoint / "model.safetensors"))
     final = dict(load_run(run).named_parameters())
@@ -273,12 +312,12 @@ def test_the_slow_phases_of_an_iteration_show_their_model_calls(tmp_path, monkey
     from mixgrpo.plan import build_plan
 
     monkeypatch.setenv("TQDM_DISABLE", "0")
-    train(_cfg(tmp_path / "fast", iterations=1, eval_num_prompts=0), progress=False)
+    train(_cfg(tmp_path / "fast", run={"iterations": 1}, eval={"num_prompts": 0}), progress=False)
     assert "rollout" not in capsys.readouterr().err
     monkeypatch.setattr(progress, "SLOW_PHASE_S", 0.0)
-    cfg = _cfg(tmp_path / "slow", iterations=1, eval_num_prompts=0)
+    cfg = _cfg(tmp_path / "slow", run={"iterations": 1}, eval={"num_prompts": 0})
     train(cfg, progress=False)
     err = capsys.readouterr().err
-    nfe = build_plan(cfg.sampler, 0, cfg.seed).nfe
+    nfe = build_plan(cfg.sampler, 0, cfg.run.seed).nfe
     assert "it 1 rollout: 100%" in err and f" {nfe}/{nfe} " in err, err
     assert "it 1 update:" in err and "it 1 scoring: 100%" in err

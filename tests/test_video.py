@@ -174,8 +174,8 @@ def test_a_video_run_from_the_cli_to_mixgrpo_sample(tmp_path):
     export) and sample (animated files), with no video-specific code on the way."""
     run = tmp_path / "run"
     over = ["model.name=gaussian", "model.args={size: 4, frames: 3}", "algorithm=mixgrpo", "sampler.num_steps=4",
-            "sampler.window.size=1", "iterations=2", "prompts_per_iteration=2", "group_size=2",
-            "updates_per_iteration=1", "micro_batch_size=4", "eval_num_prompts=2", "lr=0.05",
+            "sampler.window.size=1", "run.iterations=2", "rollout.prompts_per_iteration=2", "rollout.group_size=2",
+            "update.steps_per_epoch=1", "update.micro_batch_size=4", "eval.num_prompts=2", "optim.lr=0.05",
             "rewards=[{name: jpeg_compressibility, frames: min}, {name: temporal_consistency, weight: 0.5}]"]
     assert cli.main(["train", "--out", str(run), "--quiet", *over]) == 0
     for tag in ("before", "after"):

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse stops collecting positionals at the first option: take key=value overrides placed after
-    # options too ("train --config C --out D lr=1e-4"); anything else is still an error.
+    # options too ("train --config C --out D optim.lr=1e-4"); anything else is still an error.
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = [*args.overrides, *extra]
     elif extra:

@@ -71,7 +71,7 @@ def run_eval(args: argparse.Namespace) -> None:
     loader = model_loader(args, [path for _, path in entries] + ([hybrid[1]] if hybrid else []))
     s = settings(args, loader)
     specs = s.rewards or [reward_spec(r) for r in args.reward or DEFAULT_EVAL_REWARDS]
-    rewards = [(r.label, r.fn) for r in build_rewards(specs, servers=loader.cfg.reward_servers if loader.cfg else None)]
+    rewards = [(r.label, r.fn) for r in build_rewards(specs, servers=loader.cfg.scoring if loader.cfg else None)]
     out = Path(args.out)
     results = {}
     base = None

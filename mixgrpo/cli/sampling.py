@@ -2,7 +2,7 @@
 they take from a run when the command does not say (`Settings`).
 
 With a run among the model paths, what the command does not give follows the run's own held-out evaluation: its
-eval prompts (the first eval_num_prompts), images per prompt, evaluation seed, sampling steps, shift and guidance,
+eval prompts (the first eval.num_prompts), images per prompt, evaluation seed, sampling steps, shift and guidance,
 and (eval) its rewards; so `mixgrpo eval RUN` redraws the images the run evaluated. A real model samples on its
 pipeline's own default grid (`mixgrpo.pipeline_grid`) unless --shift or a --plan other than ode asks for the
 engine's static grid.
@@ -33,8 +33,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                                                     "image-to-video model (repeatable: several inputs of one example); "
                                                     "an example file (--prompts) names its own")
     p.add_argument("--prompts", help="prompt file (.txt/.jsonl/.csv) or world:train / world:heldout (default: a run's "
-                                     "held-out prompts, the first eval_num_prompts of its eval_prompts)")
-    p.add_argument("--num-images", type=int, help="images per prompt (default: the run's eval_images_per_prompt, "
+                                     "held-out prompts, the first eval.num_prompts of its eval.prompts)")
+    p.add_argument("--num-images", type=int, help="images per prompt (default: the run's eval.images_per_prompt, "
                                                   "else 1)")
     p.add_argument("--steps", type=int, help="sampling steps (default: a real model's pipeline default, e.g. 28 for "
                                              "FLUX.1; the tiny model: the run's sampler.num_steps, else 25)")
@@ -165,7 +165,7 @@ def settings(args: argparse.Namespace, loader: ModelLoader) -> Settings:
 
     static = {} if grid else {"steps": cfg.sampler.num_steps if cfg else 25, "shift": cfg.sampler.shift if cfg else 3.0}
     defaults = {**static, "guidance": cfg.eval_guidance if cfg else 1.0,
-                "num_images": cfg.eval_images_per_prompt if cfg else 1, "seed": held_out_seed(cfg.seed) if cfg else 0}
+                "num_images": cfg.eval.images_per_prompt if cfg else 1, "seed": held_out_seed(cfg.run.seed) if cfg else 0}
     taken = [f"{k.replace('_', ' ')} {defaults[k]:g}" for k in defaults if getattr(args, k) is None]
     value = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
     if grid is not None:
@@ -213,11 +213,11 @@ def _examples(args: argparse.Namespace, cfg, taken: list[str]) -> list[Example]:
                              "example file, or the reverse): give every prompt its images, or none")
         return examples
     try:
-        prompts = read_examples(cfg.eval_prompts)[: cfg.eval_num_prompts or None]
+        prompts = read_examples(cfg.eval.prompts)[: cfg.eval.num_prompts or None]
     except ValueError as e:
-        raise UsageError(f"the run's eval_prompts: {e}; or give --prompts FILE / --prompt TEXT (a run that moved: "
-                         f"--set eval_prompts=PATH)") from None
-    taken.insert(0, f"the first {len(prompts)} prompts of {cfg.eval_prompts}")
+        raise UsageError(f"the run's eval.prompts: {e}; or give --prompts FILE / --prompt TEXT (a run that moved: "
+                         f"--set eval.prompts=PATH)") from None
+    taken.insert(0, f"the first {len(prompts)} prompts of {cfg.eval.prompts}")
     return prompts
 
 

@@ -21,12 +21,12 @@ def add_parser(sub) -> None:
                        allow_abbrev=False)
     p.add_argument("--config", help="a YAML file, or the name of a shipped recipe (configs/NAME.yaml: mixgrpo, "
                                     "flow_grpo, dance_grpo, ...); default: mixgrpo")
-    p.add_argument("--out", help="run directory (same as out_dir=...)")
+    p.add_argument("--out", help="run directory (same as run.out_dir=...)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--dry-run", action="store_true", help="run the pre-flight and print the memory estimate, then "
                                                           "stop: no model loads, no run directory is written")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. iterations=10 sampler.window.size=2")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. run.iterations=10 sampler.window.size=2")
     p.set_defaults(func=run)
 
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
         raise
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFull(_disk_full_line(e, Path(cfg.out_dir))) from e
+            raise DiskFull(_disk_full_line(e, Path(cfg.run.out_dir))) from e
         raise
     dist.shutdown()
 
@@ -65,12 +65,12 @@ def _config(args: argparse.Namespace):
     if args.out is not None:
         if not args.out.strip():  # else the recipe's out_dir would take the run, or --resume continue another
             raise UsageError("--out is empty (an unset shell variable?): give the run directory")
-        overrides.append(f"out_dir={args.out}")
+        overrides.append(f"run.out_dir={args.out}")
     config = args.config
     own = config is None and args.resume and args.out and (Path(args.out) / CONFIG).is_file()
     if own:
         config = str(Path(args.out) / CONFIG)
-    cfg = load_config(recipe_path(config or DEFAULT_RECIPE), overrides)
+    cfg = load_config(recipe_path(config or DEFAULT_RECIPE), overrides, saved=bool(own))
     if own:  # a run copied from another machine or directory: name the files it lacks here, and the fix
         from mixgrpo.config import to_dict
         from mixgrpo.runfiles import missing
@@ -92,7 +92,7 @@ def _dry_run(cfg) -> None:
     check_run(cfg)
     if memory.report(cfg, int(os.environ.get("WORLD_SIZE", "1"))) is None:
         print(f"no memory estimate for model {cfg.model.name!r} (only for a local diffusers pipeline directory)")
-    print(f"dry run: the pre-flight found nothing; the run would write {cfg.out_dir}")
+    print(f"dry run: the pre-flight found nothing; the run would write {cfg.run.out_dir}")
 
 
 def _disk_full_line(e: OSError, run: Path) -> str:

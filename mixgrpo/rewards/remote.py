@@ -115,8 +115,8 @@ def token_from(env: str) -> str | None:
         return None
     token = os.environ.get(env)
     if not token:
-        raise ConfigError(f"reward_servers.token_env = {env!r}, but that environment variable is not set: export the "
-                          f"token the servers were started with, or set reward_servers.token_env to ''")
+        raise ConfigError(f"scoring.server_token_env = {env!r}, but that environment variable is not set: export the "
+                          f"token the servers were started with, or set scoring.server_token_env to ''")
     return token
 
 

@@ -5,7 +5,7 @@ scores all the rewards of the run it hosts in one request per batch.
 
 The failure policy (docs/reliability.md): a call that raises a transient error is retried with backoff, then its
 images get NaN; a group with any non-finite score gets zero advantages and counts as failed; more than
-`reward_policy.max_failed_groups` of an iteration's groups failing stops the run. A failure is never scored 0.
+`scoring.max_failed_groups` of an iteration's groups failing stops the run. A failure is never scored 0.
 
 Used by the trainer, by `mixgrpo eval` and by the benchmarks.
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import torch
 
 from mixgrpo import dist
-from mixgrpo.config import ConfigError, RewardConfig, RewardServersConfig
+from mixgrpo.config import ConfigError, RewardConfig, ScoringConfig
 from mixgrpo.grpo import combine_rewards
 from mixgrpo.rewards.base import RewardError, build_reward, call_reward
 
@@ -50,7 +50,7 @@ def reward_labels(specs: list[RewardConfig]) -> list[str]:
 
 
 def server_scorers(specs: list[RewardConfig], labels: list[str],
-                   servers: RewardServersConfig) -> list[ServerScorer]:
+                   servers: ScoringConfig) -> list[ServerScorer]:
     """One scorer per server (a URL or a list of replicas) for the rewards of `specs` that name one."""
     from mixgrpo.rewards.remote import ServerScorer, token_from
 
@@ -58,18 +58,19 @@ def server_scorers(specs: list[RewardConfig], labels: list[str],
     for spec, label in zip(specs, labels):
         if spec.servers:
             grouped.setdefault(tuple(spec.servers), {})[label] = (spec.name, spec.args, spec.frames)
-    token = token_from(servers.token_env) if grouped else None
-    return [ServerScorer(urls, group, servers.timeout, token, servers.images) for urls, group in grouped.items()]
+    token = token_from(servers.server_token_env) if grouped else None
+    return [ServerScorer(urls, group, servers.server_timeout, token, servers.server_images)
+            for urls, group in grouped.items()]
 
 
 def build_rewards(specs: list[RewardConfig], build: bool = True,
-                  servers: RewardServersConfig | None = None) -> list[Reward]:
+                  servers: ScoringConfig | None = None) -> list[Reward]:
     """The rewards of `specs`, labelled by `reward_labels`; a reward with `server:` scores through that server
     (`servers` sets how). build=False gives the labels and weights with fn None (ranks that score nothing)."""
     labels = reward_labels(specs)
     remote = {}
     if build:
-        for scorer in server_scorers(specs, labels, servers or RewardServersConfig()):
+        for scorer in server_scorers(specs, labels, servers or ScoringConfig()):
             remote.update({label: _one_label(scorer, label) for label in scorer.labels})
     out = [Reward(label, spec.weight, (remote.get(label) or build_reward(spec.name, spec.args, spec.frames))
                   if build else None) for spec, label in zip(specs, labels)]
@@ -188,9 +189,9 @@ class RewardSet:
     """
 
     def __init__(self, specs: list[RewardConfig], retries: int, rank0_only: bool,
-                 servers: RewardServersConfig | None = None):
+                 servers: ScoringConfig | None = None):
         labels = reward_labels(specs)
-        servers = servers or RewardServersConfig()
+        servers = servers or ScoringConfig()
         self.scorers = [Retrying(s, retries) for s in server_scorers(specs, labels, servers)]
         # the evaluation's own clients: what they score is not the training's (`served`)
         remote = {label: s for s in server_scorers(specs, labels, servers) for label in s.labels}
@@ -245,7 +246,7 @@ class RewardSet:
             return None
         reasons = "; ".join(f"{label}: {e}" for label, e in errors.items())
         return (f"{int(failed_all.sum())} of {failed_all.numel()} groups failed to get rewards at iteration "
-                f"{iteration + 1} (limit: reward_policy.max_failed_groups = {max_failed}); "
+                f"{iteration + 1} (limit: scoring.max_failed_groups = {max_failed}); "
                 f"{reasons or 'NaN or inf scores'}. Fix the reward (model path, endpoint, binary), then resume")
 
     def advantages(self, scores: dict[str, torch.Tensor], failed: torch.Tensor, mode: str, std: str,

@@ -134,7 +134,7 @@ class ModelClock:
     """Counts model calls and the seconds spent inside them (forward via hooks; the trainer adds backward), per
     phase of an iteration: reset() starts counting, lap(name) ends phase `name`.
 
-    On CUDA each call is synchronised so that the time is the kernel time: enabled by `profile: true` only.
+    On CUDA each call is synchronised so that the time is the kernel time: enabled by `run.profile: true` only.
     """
 
     def __init__(self, model: torch.nn.Module, sync: bool):
@@ -195,8 +195,8 @@ def require_finite_weights(tensors: list[torch.Tensor], iteration: int) -> None:
     if any_rank(bad > 0):
         where = f"{bad:,} of {total:,}" if dist.world_size() == 1 else f"{bad:,} of {total:,} on rank {dist.rank()}"
         raise TrainingError(f"the update of iteration {iteration + 1} made {where} trainable weights NaN or inf; "
-                            f"they were not logged or saved (the last checkpoint holds finite weights): lower lr "
-                            f"or clip_range, or check the rewards for extreme values")
+                            f"they were not logged or saved (the last checkpoint holds finite weights): lower "
+                            f"optim.lr or loss.clip_range, or check the rewards for extreme values")
 
 
 def require_agreeing_replicas(groups: dict[str, list[torch.Tensor]], iteration: int) -> dict[str, float]:
@@ -244,7 +244,7 @@ def require_finite_images(images: torch.Tensor, iteration: int) -> None:
         raise TrainingError(f"the rollout of iteration {iteration + 1} gave {bad} of {images.shape[0]} images with "
                             f"NaN or inf pixels{'' if dist.world_size() == 1 else f' on rank {dist.rank()}'}: the "
                             f"model's outputs overflowed (weights grown by a too high lr, or bf16 range); nothing of "
-                            f"this iteration was saved: lower lr or clip_range, or use precision: fp32")
+                            f"this iteration was saved: lower optim.lr or loss.clip_range, or use run.precision: fp32")
 
 
 def warn_without_signal(record: dict[str, Any]) -> None:
@@ -262,7 +262,7 @@ def no_signal_message(metrics: list[dict[str, Any]], groups: int | None = None) 
         return None
     failed = sum(m.get("failed_groups", 0) for m in metrics)
     if groups is not None and failed == groups * len(metrics):
-        why = ("every group of every iteration failed to get rewards (reward_policy.max_failed_groups let the run go "
+        why = ("every group of every iteration failed to get rewards (scoring.max_failed_groups let the run go "
                "on), so the policy gradient was always 0")
         fix = "fix the reward: the warnings of the run name its errors"
     else:

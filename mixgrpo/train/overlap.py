@@ -1,6 +1,6 @@
-"""Scoring that overlaps the rollout: the rollout runs in chunks of whole groups (`rollout_chunks`), each chunk is
+"""Scoring that overlaps the rollout: the rollout runs in chunks of whole groups (`rollout.chunks`), each chunk is
 decoded and handed to `ChunkScoring` as soon as it is done, which scores it in a background thread while the next
-chunk rolls out (`reward_overlap`); the update waits only for what is still missing.
+chunk rolls out (`rollout.reward_overlap`); the update waits only for what is still missing.
 
 The result does not depend on the timing: a chunk's rollout noise comes from its groups' own generators
 (`mixgrpo.seeding`), every chunk is scored by the same code on the same images whether in the thread or after the

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mixgrpo.config import read_yaml
+from mixgrpo.config import migrate, read_yaml
 from mixgrpo.fileio import writing
 from mixgrpo.images import plot_panels
 from mixgrpo.reference import training_minutes
@@ -46,7 +46,7 @@ def write_curves(run_dir: Path) -> None:
     per reward, held-out evaluations as points; once an iteration is logged) and eval_curve.png (every held-out
     metric against iterations and training minutes). The trainer redraws them at every evaluation, so a long run
     can be watched without TensorBoard."""
-    cfg = read_yaml(run_dir / CONFIG)
+    cfg = migrate(read_yaml(run_dir / CONFIG))
     metrics = read_metrics(run_dir)
     evals = read_records(run_dir / EVALS)
     reward_keys = [k for k in metrics[0] if k.startswith("reward/") and not k.endswith("_std")] if metrics else []
@@ -62,19 +62,19 @@ def write_curves(run_dir: Path) -> None:
                              "held-out@1": [(minutes[e["iteration"]], e[k]) for e in evals
                                             if k in e and e["iteration"] in minutes]} for k in eval_keys},
                     run_dir / "eval_curve.png", xlabels=("iteration", "training minutes"),
-                    title=f"{cfg['algorithm']}: held-out evaluation ({cfg['eval_num_prompts']} prompts x "
-                          f"{cfg['eval_images_per_prompt']} images, the same noise each time)")
+                    title=f"{cfg['algorithm']}: held-out evaluation ({cfg['eval']['num_prompts']} prompts x "
+                          f"{cfg['eval']['images_per_prompt']} images, the same noise each time)")
 
 
 def write_summary(run_dir: Path) -> None:
     """summary.md (before / after table) and the two curves (`write_curves`)."""
     write_curves(run_dir)
-    cfg = read_yaml(run_dir / CONFIG)
+    cfg = migrate(read_yaml(run_dir / CONFIG))
     metrics = read_metrics(run_dir)
     evals = read_records(run_dir / EVALS)
     lines = [f"# Run summary: {cfg['algorithm']} ({cfg['objective']})", "",
-             f"- iterations: {cfg['iterations']}, prompts x group: {cfg['prompts_per_iteration']} x "
-             f"{cfg['group_size']}",
+             f"- iterations: {cfg['run']['iterations']}, prompts x group: "
+             f"{cfg['rollout']['prompts_per_iteration']} x {cfg['rollout']['group_size']}",
              f"- median seconds per iteration: {_median([m['time/iteration'] for m in metrics]):.2f}", ""]
     lines += _server_lines(cfg, metrics)
     no_signal = no_signal_message(metrics)

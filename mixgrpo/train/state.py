@@ -16,43 +16,48 @@ import torch
 from mixgrpo import dist
 from mixgrpo.checkpoint import (CheckpointError, is_sharded_checkpoint, load_checkpoint, load_sharded_checkpoint,
                                 save_checkpoint, save_sharded_checkpoint)
-from mixgrpo.config import TrainConfig, config_diff, to_dict
+from mixgrpo.config import MOVED_KEYS, RESUMABLE_CHANGES, TrainConfig, config_diff, migrate, to_dict, without_keys
 from mixgrpo.rundir import CONFIG
-from mixgrpo.runfiles import identities, mismatches, without_paths
+from mixgrpo.runfiles import PROMPT_FIELDS, identities, mismatches, without_paths
 from mixgrpo.train.weights import EMA
-
-# the config fields a resume may change: the run's length and where and how it logs, not what it computes; and
-# the precision: `auto` resolves by the machine, so a run may continue on one without bf16 matrix units; and
-# `deterministic`, which picks kernels, not what they compute
-RESUMABLE_CHANGES = ("iterations", "time_limit_minutes", "out_dir", "checkpoint_every", "keep_checkpoints",
-                     "reward_policy", "parallel", "tensorboard", "wandb_project", "precision", "deterministic")
 
 
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     """What a resumed run must share with the original, as a checkpoint's state.json records it: "config", the
-    config without its length, logging or paths; "files", the identity of every file it reads (`mixgrpo.runfiles`):
-    a run that moved resumes once told where its files are, a run pointed at other files does not."""
-    d = to_dict(cfg)
-    files = identities(d)
-    for key in RESUMABLE_CHANGES:
-        d.pop(key, None)
-    d["prompts_per_iteration"] *= dist.world_size()  # the global batch: a run may resume on another world size
+    config without the settings a resume may change (`RESUMABLE_CHANGES`: its length, logging, paths, precision),
+    "files", the identity of every file it reads (`mixgrpo.runfiles`): a run that moved resumes once told where its
+    files are, a run pointed at other files does not."""
+    files = identities(to_dict(cfg))
+    d = without_keys(to_dict(cfg), RESUMABLE_CHANGES)
+    d["rollout"]["prompts_per_iteration"] *= dist.world_size()  # the global batch: a resume may change the world size
     return {"config": without_paths(json.loads(json.dumps(d))), "files": files}
+
+
+def recorded_fingerprint(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's fingerprint in today's config layout: one written before the config had sections records flat
+    keys (`mixgrpo.config.migrate`) and its prompt files under their old names."""
+    out = {**recorded, "config": migrate(recorded.get("config") or {})}
+    if "files" in recorded:
+        moved = {old: new for old, new in MOVED_KEYS.items() if new in PROMPT_FIELDS}
+        out["files"] = {moved.get(field, field): value for field, value in recorded["files"].items()}
+    return out
 
 
 def check_resumable(checkpoint: Path, recorded: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
     """Refuse to resume from a checkpoint of another configuration or other files (`fingerprint`s: the recorded
     one of `checkpoint`'s state.json and this launch's), naming the differences and the fix. A different global
-    batch alone (another world size) gets the prompts_per_iteration that restores it. A checkpoint written before
+    batch alone (another world size) gets the rollout.prompts_per_iteration that restores it. A checkpoint written before
     files were identified (it records their paths as config values) is compared without its paths."""
-    old, new = without_paths(recorded.get("config") or {}), current["config"]
+    recorded = recorded_fingerprint(recorded)
+    old, new = without_paths(recorded["config"]), current["config"]
     changed = config_diff(old, new)
-    world, before, now = dist.world_size(), old.get("prompts_per_iteration"), new.get("prompts_per_iteration")
-    if changed and all(c.startswith("prompts_per_iteration:") for c in changed) and isinstance(before, int):
-        fix = (f"resume with prompts_per_iteration={before // world}" if before % world == 0 else
+    world = dist.world_size()
+    before, now = old.get("rollout", {}).get("prompts_per_iteration"), new["rollout"]["prompts_per_iteration"]
+    if changed and all(c.startswith("rollout.prompts_per_iteration:") for c in changed) and isinstance(before, int):
+        fix = (f"resume with rollout.prompts_per_iteration={before // world}" if before % world == 0 else
                f"resume on a number of processes that divides {before}")
         raise CheckpointError(f"checkpoint {checkpoint} was trained with {before} prompts per iteration in all "
-                              f"(prompts_per_iteration x processes), this launch has {now} "
+                              f"(rollout.prompts_per_iteration x processes), this launch has {now} "
                               f"({now // world} x {world} process{'es' if world > 1 else ''}): {fix}")
     if changed:
         raise CheckpointError(f"checkpoint {checkpoint} was written with a different configuration "

@@ -5,16 +5,16 @@ steps are SDE, ODE or DPM-Solver++, and which are trained. Each iteration (`Trai
 
 1. plan        build_plan(sampler, iteration, seed): the window position is a pure function of both
 2. rollout     P prompts x G images, shared initial noise per group, old log-probs from the rollout itself; in
-               `rollout_chunks` chunks of whole groups, each decoded and handed to the rewards when it is done
+               `rollout.chunks` chunks of whole groups, each decoded and handed to the rewards when it is done
 3. rewards     scored on the decoded images under the failure policy (`mixgrpo.rewards.scoring`), in-process or by
-               reward servers; with `reward_overlap`, in the background while the next chunk rolls out
+               reward servers; with `rollout.reward_overlap`, in the background while the next chunk rolls out
                (`mixgrpo.train.overlap`), so the update waits only for what is missing
 4. advantages  the rewards fused into group-normalised advantages; failed groups get 0
 5. update      the objective (`mixgrpo.objectives`): GRPO re-scores the stored transitions under the
                clipped policy loss; on-policy distillation pulls them toward frozen teachers' transitions;
-               DiffusionNFT / AWM / V-GRPO train on the final samples. `updates_per_iteration`
+               DiffusionNFT / AWM / V-GRPO train on the final samples. `update.steps_per_epoch`
                optimizer steps per pass; step u sees the u-th share of every group
-6. log         one line of metrics.jsonl; a checkpoint every `checkpoint_every` iterations
+6. log         one line of metrics.jsonl; a checkpoint every `run.checkpoint_every` iterations
 
 Image-conditioned models (editing, image-to-video): a prompt is an example (instruction, input images,
 `mixgrpo.prompts.Example`); the images are encoded into the conditioning with the text, CFG's unconditional rows are
@@ -80,8 +80,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     check_run(cfg)  # everything the run needs (devices, rewards, prompts, embedding cache), before the run
     memory.report(cfg, dist.world_size())
     # bf16 attention on CPU trains through matrix products (mixgrpo.dtypes); checkpointing's recomputation would not
-    attention = contextlib.nullcontext() if cfg.grad_checkpointing else CpuAttentionBackward()
-    with claim(cfg.out_dir, resume), attention, deterministic_kernels(cfg.deterministic):  # claimed before any model loads
+    attention = contextlib.nullcontext() if cfg.update.grad_checkpointing else CpuAttentionBackward()
+    # the run directory is claimed before any model loads
+    with claim(cfg.run.out_dir, resume), attention, deterministic_kernels(cfg.run.deterministic):
         trainer = Trainer(cfg, resume)
         try:
             return trainer.run(progress, stop_after)
@@ -111,7 +112,7 @@ class Trainer:
     directory, resumed from the latest checkpoint when `resume` is set; `run` trains it to the end."""
 
     def __init__(self, cfg: TrainConfig, resume: bool):
-        self.cfg, self.device, self.run_dir = cfg, dist.device(), Path(cfg.out_dir)
+        self.cfg, self.device, self.run_dir = cfg, dist.device(), Path(cfg.run.out_dir)
         # The setup, in this order (each step's docstring says what it must follow):
         latest = self._check_resume(resume)
         base = self._build_model()
@@ -120,9 +121,10 @@ class Trainer:
         self._build_objective(base)
         self._restore(latest, optimizer)
         self._open_records()
-        self.clock = ModelClock(self.model, sync=self.device.type == "cuda") if cfg.profile else None
+        self.clock = ModelClock(self.model, sync=self.device.type == "cuda") if cfg.run.profile else None
         self.phases = PhaseProgress(self.model)  # bars inside an iteration that takes long (rank 0)
-        self.loop = UpdateLoop(self.params, optimizer, cfg.micro_batch_size, cfg.grad_clip, self.ema, self.clock)
+        self.loop = UpdateLoop(self.params, optimizer, cfg.update.micro_batch_size, cfg.optim.grad_clip, self.ema,
+                               self.clock)
         self.held_out: dict[str, float] = {}  # the latest held-out evaluation, for the progress line
         # held-out evaluations on the model's own pipeline grid (a real model), else the training grid's ODE plan
         grid = grid_of(cfg.model.name, cfg.model.args)
@@ -135,7 +137,7 @@ class Trainer:
         """First, before any model loads: the checkpoint to resume from, checked against the config (a checkpoint of
         another config is named as such, not as a weight-shape error); the precision "auto" resolves to."""
         # "auto" resolves by this machine (bf16 where it multiplies bf16 matrices); logged in every metrics record
-        self.precision, self.precision_why = resolve_precision(self.cfg.precision, self.device)
+        self.precision, self.precision_why = resolve_precision(self.cfg.run.precision, self.device)
         latest = latest_checkpoint(self.run_dir) if resume else None
         self.identity = fingerprint(self.cfg)  # computed once: it reads the run's files
         if latest is not None:
@@ -147,22 +149,23 @@ class Trainer:
         of the KL term (None without one), cloned before FSDP wraps the model, since the wrap replaces the parameters
         by their shards; the parameters are read again after the wrap."""
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.run.seed)
         model = build_model(cfg.model.name, cfg.model.args).to(self.device)
         params = trainable_parameters(model, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
-                                      cfg.grad_checkpointing)
-        base = {n: p.detach().clone() for n, p in params.items()} if cfg.kl_beta > 0 else None
+                                      cfg.update.grad_checkpointing)
+        base = {n: p.detach().clone() for n, p in params.items()} if cfg.loss.kl_beta > 0 else None
         self.model = dist.wrap_model(model, cfg.parallel)
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         return base
 
     def _load_rewards_and_prompts(self) -> None:
         cfg = self.cfg
-        self.rewards = RewardSet(cfg.rewards, cfg.reward_policy.retries, cfg.parallel.rewards_on == "rank0",
-                                 cfg.reward_servers)
-        self.scoring = ChunkScoring(self.rewards, cfg.group_size, cfg.reward_overlap and cfg.rollout_chunks > 1)
-        self.train_examples = read_examples(cfg.train_prompts)
-        self.eval_examples = read_examples(cfg.eval_prompts)[: cfg.eval_num_prompts]
+        self.rewards = RewardSet(cfg.rewards, cfg.scoring.retries, cfg.parallel.rewards_on == "rank0",
+                                 cfg.scoring)
+        self.scoring = ChunkScoring(self.rewards, cfg.rollout.group_size,
+                                    cfg.rollout.reward_overlap and cfg.rollout.chunks > 1)
+        self.train_examples = read_examples(cfg.rollout.prompts)
+        self.eval_examples = read_examples(cfg.eval.prompts)[: cfg.eval.num_prompts]
         self.train_prompts = [e.prompt for e in self.train_examples]
         self.eval_prompts = [e.prompt for e in self.eval_examples]
         # the size input images are given at: the model's own (an image of another size is resized, `load_input`)
@@ -178,10 +181,11 @@ class Trainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """After the wrap (they hold the wrapped parameters): AdamW, the warm-up schedule and the EMA copy."""
         cfg = self.cfg
-        optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        warmup = max(cfg.warmup_iterations, 0)
+        optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                      weight_decay=cfg.optim.weight_decay)
+        warmup = max(cfg.optim.warmup_iterations, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)))
-        self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = EMA(self.params, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         return optimizer
 
     def _build_objective(self, base: dict[str, torch.Tensor] | None) -> None:
@@ -189,7 +193,7 @@ class Trainer:
         `groups`); whether the rollout's log-probs are the update's (`layouts_agree`, which needs the precision, the
         wrapped model and that row); the objective and the sampling copy it asks for (of the wrapped parameters)."""
         cfg = self.cfg
-        guided = cfg.guidance_scale != 1.0
+        guided = cfg.rollout.guidance_scale != 1.0
         self.uncond_row = cond_to(encode_examples(self.model, [""], blank_inputs(self.model, 1)), self.device) \
             if guided else None
         # GRPO's old log-probs are the rollout's only if a row's velocity does not depend on the batch it is in
@@ -223,7 +227,7 @@ class Trainer:
         """After the restore (the records are cut to its iteration): the run directory's records and the trackers,
         which write nothing off rank 0."""
         self.records = RunRecords(self.run_dir, self.cfg, self.start)
-        self.tracker = Trackers(self.run_dir, to_dict(self.cfg), self.cfg.tensorboard, self.cfg.wandb_project)
+        self.tracker = Trackers(self.run_dir, to_dict(self.cfg), self.cfg.run.tensorboard, self.cfg.run.wandb_project)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context of every model call of the run (rollout, update, evaluation) in its resolved precision."""
@@ -237,15 +241,16 @@ class Trainer:
         signalled before the update (during the rollout and its rewards, which overlap): nothing of the iteration
         is kept, the weights are those after iteration `it`."""
         cfg, watch = self.cfg, Stopwatch()
-        plan = build_plan(cfg.sampler, it, cfg.seed)
+        plan = build_plan(cfg.sampler, it, cfg.run.seed)
         groups = self.groups(it)
-        chunks = len(chunk_bounds(len(groups.prompts), cfg.rollout_chunks))
+        chunks = len(chunk_bounds(len(groups.prompts), cfg.rollout.chunks))
         with self.phases.phase(f"it {it + 1} rollout", total=plan.nfe * chunks):
             traj = self.rollout(plan, groups, it)  # each chunk's images go to self.scoring as soon as it is done
         watch.lap("rollout")
         with self.phases.phase(f"it {it + 1} scoring", total=chunks, unit="chunk"):
             scores, failed, failed_all, scoring_seconds = self.score(it)
-        advantages = self.rewards.advantages(scores, failed, cfg.reward_mode, cfg.advantage_std, cfg.advantage_clip)
+        advantages = self.rewards.advantages(scores, failed, cfg.advantage.reward_mode, cfg.advantage.std,
+                                             cfg.advantage.clip)
         watch.lap("reward")
         if stop_signalled(stop):
             return None
@@ -262,8 +267,8 @@ class Trainer:
 
     def groups(self, it: int) -> Groups:
         """This rank's slice of the iteration's prompts (the same global order at any world size)."""
-        P, rank = self.cfg.prompts_per_iteration, dist.rank()
-        drawn = prompt_indices(it, len(self.train_prompts), P * dist.world_size(), self.cfg.seed)
+        P, rank = self.cfg.rollout.prompts_per_iteration, dist.rank()
+        drawn = prompt_indices(it, len(self.train_prompts), P * dist.world_size(), self.cfg.run.seed)
         examples = [self.train_examples[i] for i in drawn[rank * P:(rank + 1) * P]]
         prompts = [e.prompt for e in examples]
         images = self.inputs_of(examples)
@@ -275,26 +280,27 @@ class Trainer:
 
     def rollout(self, plan: Plan, groups: Groups, it: int) -> Trajectory:
         """G images per prompt along `plan`, with the weights the objective samples from; stores what it trains.
-        In `rollout_chunks` chunks of whole groups: each chunk's decoded images go to `self.scoring` at once."""
-        cfg, G, P = self.cfg, self.cfg.group_size, len(groups.prompts)
-        mask = self.objective.train_mask(plan, P * G, cfg.seed, it, groups.first * G)
-        seeds = group_seeds(cfg.seed, it, groups.first, P)
+        In `rollout.chunks` chunks of whole groups: each chunk's decoded images go to `self.scoring` at once."""
+        cfg, G, P = self.cfg, self.cfg.rollout.group_size, len(groups.prompts)
+        mask = self.objective.train_mask(plan, P * G, cfg.run.seed, it, groups.first * G)
+        seeds = group_seeds(cfg.run.seed, it, groups.first, P)
         if self.clock is not None:
             self.clock.reset()
         self.model.eval()
         parts = []
-        for a, b in chunk_bounds(P, cfg.rollout_chunks):
+        for a, b in chunk_bounds(P, cfg.rollout.chunks):
             rows = slice(a, b)
             with self.autocast(), dist.unsharded(self.model, cfg.parallel), \
                     swapped_weights(self.model, shadow_of(self.sampler)):
                 parts.append(rollout(self.model, plan, cond_index(groups.cond, rows), G, seeds[rows],
                                      mask[a * G:b * G], None if groups.uncond is None else
-                                     cond_index(groups.uncond, rows), cfg.guidance_scale, cfg.shared_noise))
+                                     cond_index(groups.uncond, rows), cfg.rollout.guidance_scale,
+                                     cfg.rollout.shared_noise))
             with torch.no_grad():
                 images = self.model.decode(parts[-1].final).float()
             require_finite_images(images, it)
             self.scoring.submit(images, [p for p in groups.prompts[a:b] for _ in range(G)],
-                                reward_seeds(cfg.seed, it, (groups.first + a) * G, (b - a) * G),
+                                reward_seeds(cfg.run.seed, it, (groups.first + a) * G, (b - a) * G),
                                 None if groups.inputs is None else groups.inputs[a:b].repeat_interleave(G, dim=0))
         if self.clock is not None:
             self.clock.lap("rollout")
@@ -305,7 +311,7 @@ class Trainer:
         once every chunk is scored; too many failed groups stop the run."""
         scores, failed, errors, seconds = self.scoring.collect(self.phases.tick)
         failed_all = dist.all_gather_cat(failed)
-        failure = self.rewards.failure(failed_all, self.cfg.reward_policy.max_failed_groups, it, errors)
+        failure = self.rewards.failure(failed_all, self.cfg.scoring.max_failed_groups, it, errors)
         if failure is not None:
             raise TrainingError(failure)
         return scores, failed, failed_all, seconds
@@ -313,12 +319,13 @@ class Trainer:
     def update(self, plan: Plan, traj: Trajectory, advantages: torch.Tensor, groups: Groups, it: int) -> UpdateStats:
         """The objective's optimizer steps on this iteration's samples, then the learning-rate schedule; a weight
         made non-finite, or replicas that disagree (world size > 1), stop the run before anything is saved."""
-        cfg, G, P = self.cfg, self.cfg.group_size, len(groups.prompts)
+        cfg, G, P = self.cfg, self.cfg.rollout.group_size, len(groups.prompts)
         self.model.train()
         samples = Samples(plan, traj, advantages.flatten().to(self.device), cond_repeat_interleave(groups.cond, G),
                           None if groups.uncond is None else cond_repeat_interleave(groups.uncond, G),
-                          update_shares(cfg.seed, it, groups.first, P, G, cfg.updates_per_iteration, cfg.update_epochs),
-                          sample_seeds(cfg.seed, it, groups.first * G, P * G),
+                          update_shares(cfg.run.seed, it, groups.first, P, G, cfg.update.steps_per_epoch,
+                                        cfg.update.epochs),
+                          sample_seeds(cfg.run.seed, it, groups.first * G, P * G),
                           [p for p in groups.prompts for _ in range(G)])
         stats = self.objective.update(self.loop, samples)
         if self.sampler is not None:
@@ -338,7 +345,7 @@ class Trainer:
         signal."""
         record = {"iteration": it + 1, "window_start": plan.window[0] if plan.window else None,
                   "window_end": plan.window[1] if plan.window else None, "nfe_rollout": traj.nfe,
-                  "nfe_trained": self.objective.terms(traj) * self.cfg.update_epochs,
+                  "nfe_trained": self.objective.terms(traj) * self.cfg.update.epochs,
                   "lr": self.state.optimizer.param_groups[0]["lr"], "failed_groups": int(failed_all.sum()),
                   "precision": self.precision, "rescored_old_log_probs": self.rescore_old,
                   **score_metrics(scores)}
@@ -361,16 +368,16 @@ class Trainer:
         this launch): evaluations, checkpoints, the export and the summary. A signal raises TrainingStopped after
         its checkpoint; every other end of a launch leaves by the one return at the bottom."""
         cfg = self.cfg
-        if self.start == 0 and self.eval_prompts:  # eval_num_prompts = 0 skips evaluation
+        if self.start == 0 and self.eval_prompts:  # eval.num_prompts = 0 skips evaluation
             self.evaluate(0, "before")
-        limit, done, end = TimeLimit(cfg.time_limit_minutes), 0, self.start
+        limit, done, end = TimeLimit(cfg.run.time_limit_minutes), 0, self.start
         finished = True  # the run's last iteration or the time limit reached (False: `stop_after` ended the launch)
         with StopRequest() as stop:
             if self.eval_pending and self.eval_prompts and not self.evaluate(self.start, None, stop):
                 raise stop.stopped(f"stopped before iteration {self.start + 1}, in the evaluation of iteration "
                                    f"{self.start} that the last stop left to this launch; nothing was trained: "
                                    f"continue with --resume", saved=False)
-            for it in range(self.start, cfg.iterations):
+            for it in range(self.start, cfg.run.iterations):
                 record = self.iteration(it, stop)
                 if record is None:  # a signal before the update: iteration it + 1 is dropped, checkpoint it
                     self._stop_before(it, stop)
@@ -379,21 +386,21 @@ class Trainer:
                 self.tracker.log(record, it + 1)
                 # every rank stops at the same iteration, even when only some of them got the signal or ran out of time
                 signalled, out_of_time = agreed_stops(stop, limit)
-                last = it + 1 == cfg.iterations or out_of_time
+                last = it + 1 == cfg.run.iterations or out_of_time
                 stopping = signalled or (stop_after is not None and done >= stop_after)
                 evaluated = True
-                if self.eval_prompts and cfg.eval_every and (it + 1) % cfg.eval_every == 0 and not last:
+                if self.eval_prompts and cfg.eval.every and (it + 1) % cfg.eval.every == 0 and not last:
                     # before the checkpoint: a checkpoint at N implies its evaluation, or says it is pending (a
                     # signal before or inside it: the resume evaluates first, so nothing waits for the evaluation)
                     evaluated = not signalled and self.evaluate(it + 1, None, stop)
                     signalled = signalled or agreed_stops(stop, limit)[0]
                     stopping = stopping or signalled
                 if progress:
-                    dist.print0(progress_line(record, list(self.rewards.weights), self.held_out, cfg.iterations,
-                                              limit.eta(done, cfg.iterations - it - 1)))
-                if (it + 1) % cfg.checkpoint_every == 0 or last or stopping:
+                    dist.print0(progress_line(record, list(self.rewards.weights), self.held_out, cfg.run.iterations,
+                                              limit.eta(done, cfg.run.iterations - it - 1)))
+                if (it + 1) % cfg.run.checkpoint_every == 0 or last or stopping:
                     self.state.save(self.run_dir, it + 1, {**self.identity, EVAL_PENDING: not evaluated},
-                                    cfg.parallel.checkpoint_format == "sharded", cfg.keep_checkpoints)
+                                    cfg.parallel.checkpoint_format == "sharded", cfg.run.keep_checkpoints)
                 if last:
                     break
                 if stopping:
@@ -407,7 +414,7 @@ class Trainer:
         dist.print0(f"run directory: {self.run_dir}" if finished else
                     f"stopped after iteration {end}; continue with --resume")
         if finished and not self.objective.distills:
-            require_learning_signal(self.run_dir, cfg.prompts_per_iteration * dist.world_size())
+            require_learning_signal(self.run_dir, cfg.rollout.prompts_per_iteration * dist.world_size())
         return self.run_dir
 
     def _finish(self, end: int) -> None:
@@ -433,7 +440,7 @@ class Trainer:
         latest = latest_checkpoint(self.run_dir)
         if latest is None or read_state(latest)["iteration"] != it:
             self.state.save(self.run_dir, it, {**self.identity, EVAL_PENDING: False},
-                            self.cfg.parallel.checkpoint_format == "sharded", self.cfg.keep_checkpoints)
+                            self.cfg.parallel.checkpoint_format == "sharded", self.cfg.run.keep_checkpoints)
         raise stop.stopped(f"stopped after iteration {it} (iteration {it + 1} was dropped before its update); "
                            f"continue with --resume")
 
@@ -448,7 +455,7 @@ class Trainer:
                 return True
             with swapped_weights(self.model, shadow_of(self.ema)):  # EMA weights, without touching the live ones
                 res = evaluate(self.model, self.eval_prompts, self.rewards.functions(), self.eval_plan,
-                               cfg.eval_images_per_prompt, seed=held_out_seed(cfg.seed),
+                               cfg.eval.images_per_prompt, seed=held_out_seed(cfg.run.seed),
                                guidance_scale=cfg.eval_guidance,
                                stop=None if stop is None else lambda: stop.signal is not None,
                                inputs=self.eval_inputs)
@@ -496,10 +503,10 @@ def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], con
     update's old ones (ratio == 1 on the first step). One call of each on random inputs; kernels that block by
     batch size (fp32 GEMMs at batch 1 on CPU, bf16 GEMMs on some GPUs) fail it, and the update re-scores instead
     (`GRPO(rescore_old=True)`)."""
-    G = cfg.group_size
-    B = cfg.prompts_per_iteration * G
-    share = B // cfg.updates_per_iteration
-    sizes = sorted({len(mb) for mb in micro_batches(torch.arange(share), cfg.micro_batch_size)})
+    G = cfg.rollout.group_size
+    B = cfg.rollout.prompts_per_iteration * G
+    share = B // cfg.update.steps_per_epoch
+    sizes = sorted({len(mb) for mb in micro_batches(torch.arange(share), cfg.update.micro_batch_size)})
     g = torch.Generator().manual_seed(0)
     x = torch.randn((B, *model.latent_shape), generator=g).to(device)
     sigma = torch.full((B,), 0.5, device=device)
@@ -508,11 +515,11 @@ def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], con
     uncond = None if uncond_row is None else rows(uncond_row)
     training = model.training
     model.eval()
-    with autocast(), dist.unsharded(model, cfg.parallel):  # in the rollout's chunks (rollout_chunks)
+    with autocast(), dist.unsharded(model, cfg.parallel):  # in the rollout's chunks (rollout.chunks)
         v_rollout = torch.cat([guided_velocity(model, x[a * G:b * G], sigma[a * G:b * G], cond_index(cond, rows),
                                                None if uncond is None else cond_index(uncond, rows),
-                                               cfg.guidance_scale)
-                               for a, b in chunk_bounds(cfg.prompts_per_iteration, cfg.rollout_chunks)
+                                               cfg.rollout.guidance_scale)
+                               for a, b in chunk_bounds(cfg.rollout.prompts_per_iteration, cfg.rollout.chunks)
                                for rows in [slice(a * G, b * G)]])
     model.train()
     same = True
@@ -520,7 +527,7 @@ def layouts_agree(model: FlowModel, cfg: TrainConfig, autocast: Callable[[], con
         idx = torch.randperm(B, generator=g)[:n].to(device)
         with autocast():
             v = guided_velocity(model, x[idx], sigma[idx], cond_index(cond, idx),
-                                None if uncond is None else cond_index(uncond, idx), cfg.guidance_scale)
+                                None if uncond is None else cond_index(uncond, idx), cfg.rollout.guidance_scale)
         same = same and torch.equal(v, v_rollout[idx])
     model.train(training)
     return not any_rank(not same)

@@ -2,7 +2,7 @@
 
 An objective supplies `loss_of(u, mb, k, stats)`: the mean loss over the micro-batch `mb` (sample indices) at
 term k (a trained step, or a training sigma) for optimizer step u. Within a step the loss is the mean over its
-samples and terms, whatever the micro-batch size, so `micro_batch_size` changes memory only; gradients are
+samples and terms, whatever the micro-batch size, so `update.micro_batch_size` changes memory only; gradients are
 averaged over ranks before clipping.
 """
 
@@ -53,7 +53,7 @@ class UpdateStats:
 
 class UpdateLoop:
     """One optimizer step per share of the trainable `params`, with gradient clipping (grad_clip 0 = none) and
-    the EMA after every step; `clock` (profile: true) times the backward passes."""
+    the EMA after every step; `clock` (run.profile: true) times the backward passes."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
                  micro_batch_size: int, grad_clip: float, ema: EMA | None, clock: ModelClock | None):
@@ -73,7 +73,7 @@ class UpdateLoop:
                     stats.model_calls += 1
                     if not torch.isfinite(loss):
                         raise TrainingError(f"the loss became {loss.item()} at optimizer step {u}, term {k}: lower "
-                                            f"lr or clip_range, or check the rewards for extreme values")
+                                            f"optim.lr or loss.clip_range, or check the rewards for extreme values")
                     weight = len(mb) / (n_share * num_terms)
                     with self.clock.measure() if self.clock is not None else contextlib.nullcontext():
                         (loss * weight * dist.world_size()).backward()
@@ -83,7 +83,7 @@ class UpdateLoop:
             norm = torch.nn.utils.clip_grad_norm_(grads, self.grad_clip if self.grad_clip > 0 else float("inf"))
             if not torch.isfinite(norm):  # stepping would write NaN into the weights (and the next checkpoint)
                 raise TrainingError(f"the gradient norm became {float(norm)} at optimizer step {u}; the weights were "
-                                    f"not updated: lower lr or clip_range, or check the rewards for extreme values")
+                                    f"not updated: lower optim.lr or loss.clip_range, or check the rewards for extreme values")
             stats.grad_norms.append(float(norm))
             self.optimizer.step()
             if self.ema is not None:
