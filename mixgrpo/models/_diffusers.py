@@ -242,10 +242,9 @@ class VaeDecoder(Frozen):
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-class CausalVaeDecoder(Frozen):
-    """Latents [B, C, F, h, w] -> videos [B, F', 3, H, W] in [0, 1] (float32), as the Wan and Qwen-Image pipelines
-    decode with their 3-D causal VAEs (AutoencoderKLWan, AutoencoderKLQwenImage):
-    vae.decode(latents / (1 / latents_std) + latents_mean) (the pipelines' arithmetic), mapped from [-1, 1]."""
+class _CausalVae(Frozen):
+    """A frozen 3-D causal VAE (AutoencoderKLWan, AutoencoderKLQwenImage) with its per-channel latents_mean and
+    latents_std as buffers [1, C, 1, 1, 1]: what its decoder and encoder share."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -253,6 +252,12 @@ class CausalVaeDecoder(Frozen):
         shape = (1, vae.config.z_dim, 1, 1, 1)
         self.register_buffer("mean", torch.tensor(vae.config.latents_mean).view(shape), persistent=False)
         self.register_buffer("std", torch.tensor(vae.config.latents_std).view(shape), persistent=False)
+
+
+class CausalVaeDecoder(_CausalVae):
+    """Latents [B, C, F, h, w] -> videos [B, F', 3, H, W] in [0, 1] (float32), as the Wan and Qwen-Image pipelines
+    decode with their 3-D causal VAEs (AutoencoderKLWan, AutoencoderKLQwenImage):
+    vae.decode(latents / (1 / latents_std) + latents_mean) (the pipelines' arithmetic), mapped from [-1, 1]."""
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         dtype = self.vae.dtype
@@ -277,17 +282,10 @@ class VaeEncoder(Frozen):
         return (z - self.shift_factor) * self.scaling_factor
 
 
-class CausalVaeEncoder(Frozen):
+class CausalVaeEncoder(_CausalVae):
     """Videos [B, 3, F', H, W] in [0, 1] -> latents [B, C, F, H/f, W/f] normalised as the Wan and Qwen-Image pipelines
     normalise theirs: (mode(vae.encode(2 videos - 1)) - latents_mean) / latents_std (the inverse of
     `CausalVaeDecoder`), in the VAE's dtype."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        self.register_buffer("mean", torch.tensor(vae.config.latents_mean).view(shape), persistent=False)
-        self.register_buffer("std", torch.tensor(vae.config.latents_std).view(shape), persistent=False)
 
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
         dtype = self.vae.dtype
